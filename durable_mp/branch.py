@@ -1,0 +1,74 @@
+"""Run one branch body (a parallel function or a map item) and turn its outcome into a record.
+
+Shared by the worker's task loop and the in-worker thread runner for nested batches, so a
+branch is recorded the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from durable_mp import serdes as _serdes
+from durable_mp.exceptions import OrphanedChildException
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
+
+
+
+class BranchSource:
+    """Where a batch's branch bodies come from: one function per branch, or func + inputs."""
+
+    __slots__ = ("funcs", "func", "inputs", "item_serdes", "batch_op_id", "item_sub_type", "names", "execution_id")
+
+    def __init__(self, *, funcs: Sequence[Callable] | None, func: Callable | None, inputs: Sequence | None,
+                 item_serdes: Any, batch_op_id: str, item_sub_type: str, names: Any, execution_id: str) -> None:
+        self.funcs = funcs
+        self.func = func
+        self.inputs = inputs
+        self.item_serdes = item_serdes
+        self.batch_op_id = batch_op_id
+        self.item_sub_type = item_sub_type
+        self.names = names  # list, dict {index: name} or None
+        self.execution_id = execution_id
+
+    def name(self, index: int) -> str:
+        if self.names is not None:
+            got = self.names[index] if not isinstance(self.names, dict) else self.names.get(index)
+            if got is not None:
+                return got
+        return f"map-item-{index}" if self.funcs is None else f"parallel-branch-{index}"
+
+    def call(self, ctx: Any, index: int) -> Any:
+        if self.funcs is not None:
+            return self.funcs[index](ctx)
+        return self.func(ctx, self.inputs[index], index, self.inputs)
+
+
+def run_branch(source: BranchSource, index: int, make_context: Callable[[str], Any]) -> OpRecord:
+    """Execute branch ``index`` and return its terminal record (SUCCEEDED or FAILED)."""
+    op_id = operation_id(source.batch_op_id, index)
+    name = source.name(index)
+    start = time.time()
+    try:
+        value = source.call(make_context(op_id), index)
+        payload = _serdes.serialize(source.item_serdes, value, op_id=op_id, execution_id=source.execution_id,
+                                    what=f"result of branch {index} ({name})")
+    except (KeyboardInterrupt, OrphanedChildException):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
+        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.FAILED,
+                        start, time.time(), None, ErrorObject.from_exception(exc).to_dict(), 1, pid=_pid())
+    return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.SUCCEEDED,
+                    start, time.time(), payload, None, 1, pid=_pid())
+
+
+def started_record(source_op_id: str, item_sub_type: str, name: str, index: int, start: float) -> OpRecord:
+    """Record of a branch that was running when its batch completed early."""
+    return OpRecord(operation_id(source_op_id, index), source_op_id, OpType.CONTEXT, item_sub_type, name,
+                    OpStatus.STARTED, start)
+
+
+def _pid() -> int:
+    return os.getpid()

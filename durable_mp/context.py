@@ -1,0 +1,321 @@
+"""``DurableContext``: the handler's view of a durable execution.
+
+A context owns a position in the operation tree (its own operation id, ``""`` at the
+root) and a per-context counter that names its operations deterministically.  Every
+operation first looks for its checkpoint; a terminal one is returned (or re-raised)
+without running user code.  How work is recorded and where branches run is the job of
+the *state* behind the context: ``DriverState`` (driver process, process pool) or
+``WorkerState`` (inside a worker, threads for nested batches).  The context itself is
+identical in both places, which is what makes replay inside a re-dispatched branch work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from durable_mp import serdes as _serdes
+from durable_mp.batch import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
+from durable_mp.config import (
+    ChildConfig,
+    Duration,
+    MapConfig,
+    ParallelConfig,
+    StepConfig,
+    timeout_seconds,
+)
+from durable_mp.errors_replay import raise_stored
+from durable_mp.exceptions import (
+    ChildContextError,
+    DurableOperationError,
+    NonDeterministicExecutionError,
+    ValidationError,
+)
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.logger import Logger
+from durable_mp.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
+from durable_mp.spec import BatchSpec
+from durable_mp.steps import run_step
+from durable_mp.waits import WaitForConditionConfig
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+SUB_STEP = "Step"
+SUB_WAIT = "Wait"
+SUB_CHILD = "RunInChildContext"
+SUB_PARALLEL = "Parallel"
+SUB_PARALLEL_BRANCH = "ParallelBranch"
+SUB_MAP = "Map"
+SUB_MAP_ITERATION = "MapIteration"
+SUB_WAIT_FOR_CONDITION = "WaitForCondition"
+
+
+def op_name(func: Any, name: str | None) -> str | None:
+    """Explicit name, else a decorator's original name, else the function's ``__name__``.
+
+    The reference stops at the decorator name; durable_mp also uses ``__name__`` (but not
+    ``<lambda>``) so that history and errors say which step it was.
+    """
+    if name is not None:
+        return name
+    original = getattr(func, "_original_name", None)
+    if original:
+        return original
+    fname = getattr(func, "__name__", None)
+    return fname if fname and fname != "<lambda>" else None
+
+
+class DurableContext:
+    """Entry point of every durable operation inside a handler or branch."""
+
+    def __init__(self, state: Any, op_id: str = "", *, logger: Logger | None = None) -> None:
+        self.state = state
+        self._op_id = op_id
+        self._counter = 0
+        self.is_virtual = False
+        self._parent_logger = logger
+        self._logger: Logger | None = None
+
+    @property
+    def logger(self) -> Logger:
+        """Replay-aware logger; built on first use (a map item rarely logs)."""
+        if self._logger is None:
+            base = self._parent_logger or Logger(extra={"executionArn": self.state.execution_id})
+            self._logger = base.with_extra(parentId=self._op_id or None)
+            self._logger._is_replaying = self.is_replaying
+        return self._logger
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def operation_id(self) -> str:
+        return self._op_id
+
+    @property
+    def execution_context(self) -> Any:
+        return _ExecutionContext(self.state.execution_id)
+
+    def _next_id(self) -> str:
+        self._counter += 1
+        return operation_id(self._op_id, self._counter)
+
+    def _checkpoint(self, op_id: str, op_type: str, sub_type: str, name: str | None) -> OpRecord | None:
+        rec = self.state.lookup(self._op_id, op_id)
+        if rec is not None:
+            diff = identity_mismatch(rec, op_type, sub_type, name, self._op_id)
+            if diff:
+                raise NonDeterministicExecutionError(
+                    f"Non-deterministic operation identity at id={op_id!r}: {diff}", step_id=op_id
+                )
+        return rec
+
+    def is_replaying(self) -> bool:
+        """True while the next operation of this context has a terminal checkpoint."""
+        rec = self.state.lookup(self._op_id, operation_id(self._op_id, self._counter + 1))
+        return rec is not None and rec.is_terminal
+
+    def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> "DurableContext":
+        child = DurableContext(self.state, operation_id, logger=self.logger)
+        child.is_virtual = is_virtual
+        return child
+
+    def set_logger(self, new_logger: Any) -> None:
+        self.logger.set_logger(new_logger)
+
+    # -- operations -------------------------------------------------------------------------
+    def step(self, func: Callable[..., T], name: str | None = None, config: StepConfig | None = None) -> T:
+        """Run ``func(StepContext)`` once, checkpoint its result, retry by the strategy."""
+        config = config or StepConfig()
+        name = op_name(func, name)
+        op_id = self._next_id()
+        rec = self._checkpoint(op_id, OpType.STEP, config.sub_type or SUB_STEP, name)
+        if rec is not None and rec.is_terminal:
+            return self._replayed(rec, config.serdes, f"result of step {name!r}", "StepError")
+        return run_step(self, op_id, name, func, config, rec)
+
+    def run_in_child_context(
+        self, func: Callable[["DurableContext"], T], name: str | None = None, config: ChildConfig | None = None
+    ) -> T:
+        """Run ``func(child_context)``; its operations are grouped (and replayed) under one op."""
+        config = config or ChildConfig()
+        name = op_name(func, name) if name is None else name
+        op_id = self._next_id()
+        child = self.create_child_context(op_id, is_virtual=config.is_virtual)
+        if config.is_virtual:
+            return func(child)
+        sub_type = config.sub_type or SUB_CHILD
+        rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
+        what = f"result of child context {name!r}"
+        if rec is not None and rec.is_terminal:
+            return self._replayed(rec, config.serdes, what, "ChildContextError")
+        base = rec or OpRecord(op_id, self._op_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
+        if rec is None:
+            self.state.emit(base)
+        try:
+            value = func(child)
+        except Exception as exc:  # noqa: BLE001 - every user error becomes a FAILED context
+            err = ErrorObject.from_exception(exc)
+            self.state.emit(base._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict()))
+            raise ChildContextError(err.message, err.type, err.data, err.stack_trace) from err.to_exception()
+        payload = _serdes.serialize(config.serdes, value, op_id=op_id, execution_id=self.state.execution_id, what=what)
+        self.state.emit(base._replace(status=OpStatus.SUCCEEDED, end_ts=time.time(), result=payload))
+        return _serdes.deserialize(config.serdes, payload, op_id=op_id, execution_id=self.state.execution_id, what=what)
+
+    def parallel(
+        self,
+        functions: Sequence[Callable[["DurableContext"], T]],
+        name: str | None = None,
+        config: ParallelConfig | None = None,
+    ) -> BatchResult[T]:
+        """Run each function in its own branch (a worker process at the top level)."""
+        config = config or ParallelConfig()
+        funcs, names = [], []
+        for i, f in enumerate(functions):
+            if isinstance(f, ParallelBranch):
+                funcs.append(f.func)
+                names.append(f.name or f"parallel-branch-{i}")
+            elif callable(f):
+                funcs.append(f)
+                names.append(f"parallel-branch-{i}")
+            else:
+                raise ValidationError(f"parallel branch {i} is not callable: {type(f).__name__}")
+        return self._batch(SUB_PARALLEL, SUB_PARALLEL_BRANCH, name, config, len(funcs), names, funcs=funcs)
+
+    def map(
+        self,
+        inputs: Sequence[U],
+        func: Callable[["DurableContext", U, int, Sequence[U]], T],
+        name: str | None = None,
+        config: MapConfig | None = None,
+    ) -> BatchResult[T]:
+        """Call ``func(ctx, item, index, inputs)`` for every item, each checkpointed on its own."""
+        config = config or MapConfig()
+        if not callable(func):
+            raise ValidationError(f"map function is not callable: {type(func).__name__}")
+        inputs = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
+        name = name if name is not None else getattr(func, "_original_name", None)
+        names = None
+        if config.item_namer is not None:
+            names = [config.item_namer(item, i) for i, item in enumerate(inputs)]
+        return self._batch(SUB_MAP, SUB_MAP_ITERATION, name, config, len(inputs), names, func=func, inputs=inputs)
+
+    def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
+        op_id = self._next_id()
+        rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
+        policy = CompletionPolicy(config.completion_config, n)  # ValidationError before any checkpoint
+        if config.max_concurrency is not None and config.max_concurrency < 1:
+            raise ValidationError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
+        item_serdes = config.item_serdes or config.serdes
+        if rec is not None and rec.is_terminal:
+            reason = CompletionReason(rec.extra["completion_reason"])
+            records = self._child_records(op_id, n)
+            return self._batch_result(records, reason, item_serdes)
+        base = rec or OpRecord(op_id, self._op_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
+        if rec is None:
+            self.state.emit(base)
+            done: dict[int, OpRecord] = {}
+        else:
+            done = {i: r for i, r in self._child_records(op_id, n).items() if r.is_terminal}
+        spec = BatchSpec(
+            op_id=op_id,
+            sub_type=sub_type,
+            item_sub_type=item_sub_type,
+            name=name,
+            n=n,
+            names=names,
+            funcs=funcs,
+            func=func,
+            inputs=inputs,
+            item_serdes=item_serdes,
+            max_concurrency=config.max_concurrency,
+            branch_timeout=timeout_seconds(getattr(config, "branch_timeout", None)),
+            policy=policy,
+            done=done,
+            resuming=rec is not None,
+            execution_id=self.state.execution_id,
+        )
+        records, reason = self.state.run_batch(spec)
+        self.state.emit(
+            base._replace(
+                status=OpStatus.SUCCEEDED,
+                end_ts=time.time(),
+                extra={"completion_reason": reason.value, "total": n, "reported": len(records)},
+            )
+        )
+        return self._batch_result(records, reason, item_serdes)
+
+    def _child_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
+        children = self.state.children(batch_op_id)
+        if not children:
+            return {}
+        index_of = {operation_id(batch_op_id, i): i for i in range(n)}
+        return {index_of[r.op_id]: r for r in children if r.op_id in index_of}
+
+    def _batch_result(self, records: dict[int, OpRecord], reason: CompletionReason, item_serdes) -> BatchResult:
+        items = []
+        exec_id = self.state.execution_id
+        for index in sorted(records):
+            r = records[index]
+            if r.status == OpStatus.SUCCEEDED:
+                value = _serdes.deserialize(item_serdes, r.result, op_id=r.op_id, execution_id=exec_id,
+                                            what=f"result of branch {index} ({r.name})")
+                items.append(BatchItem(index, BatchItemStatus.SUCCEEDED, value, None))
+            elif r.status == OpStatus.FAILED:
+                items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(r.error)))
+            else:
+                items.append(BatchItem(index, BatchItemStatus.STARTED, None, None))
+        return BatchResult(items, reason)
+
+    def wait(self, duration: Duration, name: str | None = None) -> None:
+        """Sleep durably: a resumed execution only waits for what is left."""
+        seconds = duration.to_seconds() if isinstance(duration, Duration) else duration
+        if seconds < 1:
+            raise ValidationError(f"wait duration must be at least 1 second, got {seconds}")
+        op_id = self._next_id()
+        rec = self._checkpoint(op_id, OpType.WAIT, SUB_WAIT, name)
+        if rec is not None and rec.is_terminal:
+            return None
+        if rec is None:
+            now = time.time()
+            rec = OpRecord(op_id, self._op_id, OpType.WAIT, SUB_WAIT, name, OpStatus.STARTED, now,
+                           extra={"scheduled_end": now + seconds})
+            self.state.emit(rec)
+        self.state.sleep_until(rec.extra["scheduled_end"])
+        self.state.emit(rec._replace(status=OpStatus.SUCCEEDED, end_ts=time.time()))
+        return None
+
+    def wait_for_condition(
+        self, check: Callable[[T, Any], T], config: WaitForConditionConfig, name: str | None = None
+    ) -> T:
+        """Poll ``check(state, ctx)`` until the wait strategy stops; each poll is checkpointed."""
+        from durable_mp.polling import run_wait_for_condition
+
+        return run_wait_for_condition(self, check, config, name)
+
+    # -- replay helpers ---------------------------------------------------------------------
+    def _replayed(self, rec: OpRecord, serdes: Any, what: str, error_cls: str) -> Any:
+        if rec.status == OpStatus.SUCCEEDED:
+            return _serdes.deserialize(serdes, rec.result, op_id=rec.op_id, execution_id=self.state.execution_id,
+                                       what=what)
+        raise_stored(rec, error_cls)
+
+
+class _ExecutionContext:
+    """``context.execution_context``: the execution's id under the reference's attribute name."""
+
+    def __init__(self, execution_id: str) -> None:
+        self.durable_execution_arn = execution_id
+
+
+class ParallelBranch(Generic[T]):
+    """A parallel branch with an optional name (only affects history)."""
+
+    def __init__(self, func: Callable[[DurableContext], T], name: str | None = None) -> None:
+        self.func = func
+        self.name = name
+
+    def __call__(self, ctx: DurableContext) -> T:
+        return self.func(ctx)
+
+    def __repr__(self) -> str:
+        return f"ParallelBranch({getattr(self.func, '__name__', self.func)!r}, name={self.name!r})"

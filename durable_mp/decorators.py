@@ -1,0 +1,72 @@
+"""``durable_step``, ``durable_with_child_context``, ``durable_parallel_branch``.
+
+The decorated function, called with its arguments, returns a *bound* callable that the
+context runs later.  Bound callables are small module-level classes rather than
+closures so they pickle cheaply (the user function itself goes through cloudpickle) and
+carry ``_original_name``, which the context uses as the operation name.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+from durable_mp.context import DurableContext, ParallelBranch
+
+T = TypeVar("T")
+
+
+class _Bound:
+    """``func`` with its call arguments fixed; called later with a context first."""
+
+    __slots__ = ("func", "args", "kwargs", "_original_name")
+
+    def __init__(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self._original_name = getattr(func, "__name__", None)
+
+    def __call__(self, ctx: Any) -> Any:
+        return self.func(ctx, *self.args, **self.kwargs)
+
+    def __getstate__(self) -> tuple:
+        return (self.func, self.args, self.kwargs)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.__init__(*state)
+
+
+def durable_step(func: Callable[..., T]) -> Callable[..., Callable[[Any], T]]:
+    """``@durable_step def work(step_ctx, x)`` → ``ctx.step(work(x))``, named ``"work"``."""
+
+    @functools.wraps(func)
+    def bind(*args: Any, **kwargs: Any) -> Callable[[Any], T]:
+        return _Bound(func, args, kwargs)
+
+    bind._original_name = func.__name__  # type: ignore[attr-defined]
+    return bind
+
+
+def durable_with_child_context(func: Callable[..., T]) -> Callable[..., Callable[[DurableContext], T]]:
+    """``@durable_with_child_context def f(ctx, x)`` → ``ctx.run_in_child_context(f(x))``."""
+
+    @functools.wraps(func)
+    def bind(*args: Any, **kwargs: Any) -> Callable[[DurableContext], T]:
+        return _Bound(func, args, kwargs)
+
+    bind._original_name = func.__name__  # type: ignore[attr-defined]
+    return bind
+
+
+def durable_parallel_branch(name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., ParallelBranch[T]]]:
+    """Decorator factory: ``@durable_parallel_branch("fetch") def f(ctx, x)``; ``f(x)`` is a branch."""
+
+    def decorate(func: Callable[..., T]) -> Callable[..., ParallelBranch[T]]:
+        @functools.wraps(func)
+        def bind(*args: Any, **kwargs: Any) -> ParallelBranch[T]:
+            return ParallelBranch(_Bound(func, args, kwargs), name)
+
+        return bind
+
+    return decorate

@@ -1,0 +1,521 @@
+"""The driver's scheduler: runs one top-level parallel/map on the worker pool.
+
+One loop per batch: fill idle workers (up to the concurrency limit, in chunks for map),
+wait on the workers' pipes, stage every record they stream into the store's group
+commit, feed item outcomes to the completion policy, and react to deaths, timeouts and
+memory overruns.  Every fault costs only the branch it hit: innocent branches of a dead
+worker's chunk go back to the head of the queue with the checkpoints they streamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections import defaultdict, deque
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+from durable_mp import pickling
+
+from durable_mp import progress as _progress
+from durable_mp.branch import started_record
+from durable_mp.exceptions import (
+    MemoryLimitExceededError,
+    SerDesError,
+    StepTimeoutError,
+    WorkerCrashedError,
+)
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.pool import Death, Worker, WorkerPool
+from durable_mp.records import PICKLE_PROTOCOL, Attempt, OpRecord, OpStatus, OpType, operation_id
+from durable_mp.spec import BatchSpec
+
+log = logging.getLogger("durable_mp.dispatch")
+
+TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
+MAX_CHUNK_ITEMS = 4096
+CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
+CPU_SAMPLE_SECONDS = 0.1  # how often busy workers are checked for sitting idle on the CPU
+CPU_IDLE_FRACTION = 0.3  # below this share of a core, a busy worker counts as waiting on I/O
+GROWTH_CAP_PER_CPU = 8  # without explicit limits, the pool grows to at most this many workers per core
+MEMORY_POLL_SECONDS = 0.1
+MAX_WAIT_SECONDS = 1.0
+DEFAULT_MAX_CRASH_RETRIES = 3
+
+
+class Task:
+    """Work one worker is doing: a chunk of branches of a batch, or one step call."""
+
+    __slots__ = ("id", "batch", "indices", "reported", "deadline", "result", "started")
+
+    def __init__(self, task_id: int, batch: "BatchRun | None", indices: list[int], deadline: float | None) -> None:
+        self.id = task_id
+        self.batch = batch
+        self.indices = indices
+        self.reported: set[int] = set()
+        self.deadline = deadline
+        self.result: Any = None
+        self.started = time.time()
+
+    def unreported(self) -> list[int]:
+        return [i for i in self.indices if i not in self.reported]
+
+
+class BatchRun:
+    """Driver-side state of one batch while it runs."""
+
+    def __init__(self, spec: BatchSpec) -> None:
+        self.spec = spec
+        self.token = f"{spec.op_id}:{uuid.uuid4().hex}"
+        self.payload = b""
+        self.queue: deque[int] = deque()
+        self.needs_ckpt: set[int] = set()
+        self.requeued: set[int] = set()
+        self.records: dict[int, OpRecord] = {}
+        self.crashes: defaultdict[int, int] = defaultdict(int)
+        self.item_seconds: float | None = None
+        self.closed = False
+
+    def observe(self, rec: OpRecord) -> None:
+        if rec.end_ts is not None:
+            took = rec.end_ts - rec.start_ts
+            self.item_seconds = took if self.item_seconds is None else 0.8 * self.item_seconds + 0.2 * took
+
+
+class Dispatcher:
+    """Owns the pool for one execution and runs its top-level batches and watched steps."""
+
+    def __init__(self, store: Any, execution_id: str, pool: WorkerPool, *, max_workers: int | None,
+                 max_worker_memory: int | None, max_crash_retries: int = DEFAULT_MAX_CRASH_RETRIES,
+                 progress: Any = None) -> None:
+        self.store = store
+        self.execution_id = execution_id
+        self.pool = pool
+        self.ncpu = os.cpu_count() or 1
+        self.max_workers = max_workers
+        self.max_worker_memory = max_worker_memory
+        self.max_crash_retries = max_crash_retries
+        self.progress = progress or _progress.NullProgress()
+        self.bar = _progress.NULL_BAR
+        self.next_task_id = 0
+        self.cpu_idle: dict[int, bool] = {}
+        self.last_cpu_sample = 0.0
+        self.last_memory_poll = 0.0
+        self.stats = {"crashes": 0, "timeouts": 0, "memory_kills": 0, "redispatched": 0}
+
+    # -- public -------------------------------------------------------------------------------
+    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
+        batch = BatchRun(spec)
+        policy = spec.policy
+        for index, rec in spec.done.items():
+            policy.on_started(index)
+            policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+            batch.records[index] = rec
+        batch.queue.extend(i for i in range(spec.n) if i not in spec.done)
+        if spec.resuming and batch.queue:
+            parents = self.store.parents_with_children(self.execution_id)
+            batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
+        self._prepare_payload(batch)
+        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done))
+        completed = False
+        try:
+            reason = policy.decision()
+            while reason is None:
+                self._fill(batch)
+                self._pump(batch)
+                reason = policy.decision()
+            completed = True
+            return batch.records, reason
+        finally:
+            self._close_batch(batch, record_started=completed)
+            self.store.flush()
+            self.bar.close()
+            self.bar = _progress.NULL_BAR
+
+    def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
+        """Run one attempt of a driver-level step in a worker so it can be killed on timeout."""
+        payload = pickling.dumps((func, attempt, extra))
+        worker = self._idle_worker() or self.pool.spawn()
+        task = self._new_task(None, [], timeout)
+        worker.task = task
+        worker.send(("C", task.id, payload))
+        while task.result is None:
+            self._pump(None)
+        ok, value = task.result
+        if ok:
+            return pickle.loads(value)
+        if isinstance(value, BaseException):
+            raise value
+        if isinstance(value, bytes):
+            raise pickle.loads(value)
+        err, cls_name = value
+        from durable_mp.errors_replay import build_error
+
+        raise build_error(ErrorObject.from_dict(err), cls_name if cls_name else "DurableOperationError")
+
+    # -- scheduling -----------------------------------------------------------------------------
+    def _prepare_payload(self, batch: BatchRun) -> None:
+        spec = batch.spec
+        meta: dict[str, Any] = {
+            "op_id": spec.op_id,
+            "item_sub_type": spec.item_sub_type,
+            "item_serdes": pickling.dumps(spec.item_serdes),
+            "funcs": None,
+            "func": None,
+            "inputs": None,
+            "names": None,
+        }
+        if spec.funcs is not None:
+            blobs: list[bytes | None] = []
+            for index, func in enumerate(spec.funcs):
+                try:
+                    blobs.append(pickling.dumps(func))
+                except Exception as exc:  # noqa: BLE001
+                    blobs.append(None)
+                    self._fail_unpicklable(batch, index, f"branch {index} ({spec.item_name(index)})", func, exc)
+            meta["funcs"] = blobs
+            meta["names"] = [spec.item_name(i) for i in range(spec.n)]
+        else:
+            try:
+                meta["func"] = pickling.dumps(spec.func)
+            except Exception as exc:  # noqa: BLE001
+                raise SerDesError(f"map function {getattr(spec.func, '__name__', spec.func)!r} cannot be pickled "
+                                  f"for the worker processes: {type(exc).__name__}: {exc}") from exc
+            meta["inputs"] = self._pickle_inputs(batch)
+        batch.payload = pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
+
+    def _pickle_inputs(self, batch: BatchRun) -> bytes:
+        inputs = batch.spec.inputs
+        try:
+            return pickling.dumps(inputs)
+        except Exception:  # noqa: BLE001 - find the culprits, fail only them
+            cleaned = list(inputs)
+            for index, item in enumerate(inputs):
+                try:
+                    pickling.dumps(item)
+                except Exception as exc:  # noqa: BLE001
+                    cleaned[index] = None
+                    self._fail_unpicklable(batch, index, f"map item {index} ({batch.spec.item_name(index)})",
+                                           item, exc)
+            return pickling.dumps(cleaned)
+
+    def _fail_unpicklable(self, batch: BatchRun, index: int, what: str, obj: Any, exc: Exception) -> None:
+        error = SerDesError(f"{what} cannot be pickled for the worker processes "
+                            f"(object of type {type(obj).__name__}): {type(exc).__name__}: {exc}")
+        self._fail_item(batch, index, error)
+        if index in batch.queue:
+            batch.queue.remove(index)
+
+    def _limit(self, batch: BatchRun) -> tuple[int, int]:
+        """(branches allowed to run now, workers the pool may grow to)."""
+        explicit = batch.spec.max_concurrency
+        cap = self.max_workers or (explicit if explicit else self.ncpu * GROWTH_CAP_PER_CPU)
+        if explicit:
+            return explicit, max(cap, 1)
+        busy = [w for w in self.pool.workers if w.task is not None and w.task.batch is batch]
+        waiting = sum(1 for w in busy if self.cpu_idle.get(w.pid))
+        return self.ncpu + waiting, max(cap, 1)
+
+    def _fill(self, batch: BatchRun) -> None:
+        while batch.queue:
+            running = sum(1 for w in self.pool.workers if w.task is not None and w.task.batch is batch)
+            allowed, cap = self._limit(batch)
+            if running >= allowed:
+                return
+            worker = self._idle_worker()
+            if worker is None:
+                if len(self.pool) >= cap:
+                    return
+                worker = self.pool.spawn()
+            self._send_chunk(batch, worker, self._take_chunk(batch, allowed))
+
+    def _idle_worker(self) -> Worker | None:
+        for worker in self.pool.workers:
+            if worker.task is None:
+                return worker
+        return None
+
+    def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
+        spec = batch.spec
+        size = 1
+        if spec.funcs is None and spec.branch_timeout is None and batch.item_seconds is not None:
+            by_time = int(TARGET_CHUNK_SECONDS / max(batch.item_seconds, 1e-7))
+            by_share = len(batch.queue) // (CHUNKS_PER_WORKER * max(allowed, 1))
+            size = max(1, min(by_time, by_share, MAX_CHUNK_ITEMS))
+        queue = batch.queue
+        return [queue.popleft() for _ in range(min(size, len(queue)))]
+
+    def _new_task(self, batch: BatchRun | None, indices: list[int], timeout: float | None) -> Task:
+        self.next_task_id += 1
+        deadline = time.monotonic() + timeout if timeout else None
+        return Task(self.next_task_id, batch, indices, deadline)
+
+    def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int]) -> None:
+        spec = batch.spec
+        checkpoints = None
+        if batch.needs_ckpt:
+            wanted = [i for i in indices if i in batch.needs_ckpt]
+            if wanted:
+                self.store.flush()
+                checkpoints = {i: self.store.subtree(self.execution_id, operation_id(spec.op_id, i)) for i in wanted}
+        names = None
+        if spec.names is not None and spec.funcs is None:
+            names = {i: spec.names[i] for i in indices}
+        policy = spec.policy
+        for index in indices:
+            if index in batch.requeued:
+                batch.requeued.discard(index)
+            else:
+                policy.on_started(index)
+        payload = None if batch.token in worker.tokens else batch.payload
+        worker.tokens.add(batch.token)
+        worker.task = self._new_task(batch, indices, spec.branch_timeout)
+        self.cpu_idle.pop(worker.pid, None)
+        worker.cpu_mark = None
+        worker.send(("T", worker.task.id, batch.token, payload, indices, names, checkpoints))
+
+    # -- the event loop -----------------------------------------------------------------------
+    def _pump(self, batch: BatchRun | None) -> None:
+        busy = {w.conn: w for w in self.pool.workers if w.task is not None}
+        if not busy:
+            if batch is not None and batch.queue:
+                return
+            raise RuntimeError("durable_mp internal error: nothing is running and nothing can start")
+        for conn in wait(list(busy), timeout=self._wait_seconds(batch)):
+            worker = busy[conn]
+            if worker.task is not None and worker in self.pool.workers:
+                self._read(worker)
+        self._watchdog(batch)
+        self.store.maybe_flush()
+
+    def _wait_seconds(self, batch: BatchRun | None) -> float:
+        now = time.monotonic()
+        waits = [MAX_WAIT_SECONDS]
+        due = self.store.flush_due()
+        if due is not None:
+            waits.append(due)
+        for worker in self.pool.workers:
+            if worker.task is not None and worker.task.deadline is not None:
+                waits.append(worker.task.deadline - now)
+            if worker.watch is not None and worker.watch[1] is not None:
+                waits.append(worker.watch[1] - now)
+        if self.max_worker_memory:
+            waits.append(MEMORY_POLL_SECONDS)
+        if batch is not None and batch.queue and not batch.spec.max_concurrency:
+            waits.append(CPU_SAMPLE_SECONDS)
+        return max(0.0, min(waits))
+
+    def _read(self, worker: Worker) -> None:
+        while True:
+            try:
+                data = worker.conn.recv_bytes()
+            except (EOFError, OSError):
+                self._on_death(worker)
+                return
+            self._handle(worker, pickle.loads(data))
+            try:
+                if worker.task is None or not worker.conn.poll():
+                    return
+            except (EOFError, OSError):
+                self._on_death(worker)
+                return
+
+    def _handle(self, worker: Worker, msg: tuple) -> None:
+        kind = msg[0]
+        task = worker.task
+        if kind in ("R", "D", "S"):
+            _, _task_id, nested, items = msg
+            stage = self.store.stage
+            for rec in nested:
+                stage(self.execution_id, rec)
+            if items and task is not None and task.batch is not None:
+                for index, rec in items:
+                    self._finish_item(task, index, rec)
+            if kind == "S":
+                self.store.flush()
+                worker.send(("A",))
+            elif kind == "D":
+                self._task_done(worker)
+        elif kind == "W":
+            _, _task_id, rec, timeout = msg
+            worker.watch = None if rec is None else (rec, time.monotonic() + timeout if timeout else None, time.time())
+        elif kind == "L":
+            self._log(msg[1])
+        elif kind == "V" and task is not None:
+            task.result = (msg[2], msg[3])
+            self._task_done(worker)
+
+    def _finish_item(self, task: Task, index: int, rec: OpRecord) -> None:
+        batch = task.batch
+        task.reported.add(index)
+        if batch.closed:
+            return
+        batch.records[index] = rec
+        self.store.stage(self.execution_id, rec)
+        succeeded = rec.status == OpStatus.SUCCEEDED
+        batch.spec.policy.on_finished(index, succeeded)
+        batch.observe(rec)
+        self.bar.item(succeeded)
+
+    def _fail_item(self, batch: BatchRun, index: int, error: Exception, start: float | None = None) -> None:
+        spec = batch.spec
+        now = time.time()
+        rec = OpRecord(operation_id(spec.op_id, index), spec.op_id, OpType.CONTEXT, spec.item_sub_type,
+                       spec.item_name(index), OpStatus.FAILED, start or now, now, None,
+                       ErrorObject.from_exception(error).to_dict(), 1)
+        if index in batch.requeued:
+            batch.requeued.discard(index)
+        else:
+            spec.policy.on_started(index)
+        batch.records[index] = rec
+        self.store.stage(self.execution_id, rec)
+        spec.policy.on_finished(index, False)
+        self.bar.item(False)
+
+    def _task_done(self, worker: Worker) -> None:
+        worker.task = None
+        worker.watch = None
+        if self.max_worker_memory and worker.rss() > self.max_worker_memory:
+            self.pool.kill(worker)  # recycle a worker that grew past the limit between branches
+
+    def _log(self, data: dict) -> None:
+        record = logging.makeLogRecord(data)
+        logging.getLogger(record.name).handle(record)
+
+    # -- faults -------------------------------------------------------------------------------------
+    def _requeue(self, batch: BatchRun, index: int) -> None:
+        batch.queue.appendleft(index)
+        batch.needs_ckpt.add(index)
+        batch.requeued.add(index)
+        self.stats["redispatched"] += 1
+
+    def _lost_task(self, worker: Worker, death: Death) -> tuple[Task, int | None]:
+        """After a worker is gone: requeue the innocent branches of its chunk, return the guilty one."""
+        task = worker.task
+        running = worker.running_index()
+        unreported = task.unreported()
+        if running not in unreported:
+            running = unreported[0] if unreported else None
+        if task.batch is not None and not task.batch.closed:
+            for index in reversed(unreported):
+                if index != running:
+                    self._requeue(task.batch, index)
+        return task, running
+
+    def _on_death(self, worker: Worker) -> None:
+        death = self.pool.reap(worker)
+        task = worker.task
+        if task is None:
+            return
+        self.stats["crashes"] += 1
+        if task.batch is None:
+            task.result = (False, WorkerCrashedError(f"worker running a step died: pid {death.pid}, "
+                                                     f"{death.describe()}"))
+            return
+        task, running = self._lost_task(worker, death)
+        batch = task.batch
+        if running is None or batch.closed:
+            return
+        name = batch.spec.item_name(running)
+        batch.crashes[running] += 1
+        count = batch.crashes[running]
+        log.warning("worker pid %d running branch %d (%s) died (%s); crash %d of %d",
+                    death.pid, running, name, death.describe(), count, self.max_crash_retries)
+        if count >= self.max_crash_retries:
+            self._fail_item(batch, running, WorkerCrashedError(
+                f"branch {running} ({name}) crashed its worker {count} times; last: pid {death.pid}, "
+                f"{death.describe()}"), start=task.started)
+        else:
+            self._requeue(batch, running)
+
+    def _kill_for(self, worker: Worker, error: Exception, *, step_scope: bool) -> None:
+        """Kill a worker over a limit; charge the error to its watched step or to its branch."""
+        watch = worker.watch
+        death = self.pool.kill(worker)
+        task, running = self._lost_task(worker, death)
+        if task.batch is None:
+            task.result = (False, error)
+            return
+        batch = task.batch
+        if running is None or batch.closed:
+            return
+        if step_scope and watch is not None:
+            rec, _deadline, started = watch
+            err = ErrorObject.from_exception(error).to_dict()
+            attempts = tuple(rec.attempts) + (Attempt(rec.attempt, started, time.time(), death.pid, err),)
+            self.store.stage(self.execution_id, rec._replace(
+                status=OpStatus.PENDING, error=err, attempts=attempts,
+                extra={"undecided": True, "exc": type(error).__name__}))
+            self._requeue(batch, running)
+        else:
+            self._fail_item(batch, running, error, start=task.started)
+
+    def _watchdog(self, batch: BatchRun | None) -> None:
+        now = time.monotonic()
+        for worker in list(self.pool.workers):
+            task = worker.task
+            if task is None:
+                continue
+            if worker.watch is not None and worker.watch[1] is not None and now >= worker.watch[1]:
+                self.stats["timeouts"] += 1
+                rec = worker.watch[0]
+                self._kill_for(worker, StepTimeoutError(f"step {rec.name!r} exceeded its timeout"), step_scope=True)
+            elif task.deadline is not None and now >= task.deadline:
+                self.stats["timeouts"] += 1
+                if task.batch is None:
+                    self._kill_for(worker, StepTimeoutError("step exceeded its timeout"), step_scope=False)
+                else:
+                    index = task.indices[0]
+                    self._kill_for(worker, StepTimeoutError(
+                        f"branch {index} ({task.batch.spec.item_name(index)}) exceeded its timeout of "
+                        f"{task.batch.spec.branch_timeout:g}s"), step_scope=False)
+        if self.max_worker_memory and now - self.last_memory_poll >= MEMORY_POLL_SECONDS:
+            self.last_memory_poll = now
+            for worker in list(self.pool.workers):
+                if worker.task is None:
+                    continue
+                rss = worker.rss()
+                if rss > self.max_worker_memory:
+                    self.stats["memory_kills"] += 1
+                    self._kill_for(worker, MemoryLimitExceededError(
+                        f"worker pid {worker.pid} used {rss / 2**20:.1f} MiB, over its limit of "
+                        f"{self.max_worker_memory / 2**20:.1f} MiB"), step_scope=True)
+        if batch is not None and batch.queue and not batch.spec.max_concurrency:
+            self._sample_cpu(now)
+
+    def _sample_cpu(self, now: float) -> None:
+        """Mark busy workers that use little CPU, so the pool may add workers for I/O-bound branches."""
+        for worker in self.pool.workers:
+            if worker.task is None:
+                continue
+            cpu = worker.cpu_seconds()
+            if worker.cpu_mark is None:
+                worker.cpu_mark = (now, cpu)
+                continue
+            then, cpu_then = worker.cpu_mark
+            if now - then >= CPU_SAMPLE_SECONDS:
+                self.cpu_idle[worker.pid] = (cpu - cpu_then) / (now - then) < CPU_IDLE_FRACTION
+                worker.cpu_mark = (now, cpu)
+
+    def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
+        """Stop a finished batch: kill workers still on it, record their branches STARTED."""
+        batch.closed = True
+        spec = batch.spec
+        for worker in list(self.pool.workers):
+            task = worker.task
+            if task is None or task.batch is not batch:
+                continue
+            running = worker.running_index()
+            self.pool.kill(worker)
+            if not record_started:
+                continue
+            unreported = task.unreported()
+            if running in unreported:
+                unreported = unreported[: unreported.index(running) + 1]
+            for index in unreported:
+                rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, task.started)
+                batch.records[index] = rec
+                self.store.stage(self.execution_id, rec)

@@ -1,0 +1,58 @@
+"""The state behind the root context in the driver: the store and the worker pool.
+
+Operations of the handler body itself (root steps, waits, child contexts) run inline in
+the driver, like the reference.  Top-level parallel/map go to the dispatcher, and so does
+a root step with a timeout, because only a separate process can be killed on time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from durable_mp.records import OpRecord
+from durable_mp.spec import BatchSpec
+
+
+class DriverState:
+    def __init__(self, store: Any, execution_id: str, dispatcher_factory: Callable[[], Any], *,
+                 skip_time: bool = False) -> None:
+        self.store = store
+        self.execution_id = execution_id
+        self.skip_time = skip_time
+        self.watch_steps = False
+        self._dispatcher_factory = dispatcher_factory
+        self._dispatcher: Any = None
+
+    @property
+    def dispatcher(self) -> Any:
+        if self._dispatcher is None:
+            self._dispatcher = self._dispatcher_factory()
+        return self._dispatcher
+
+    def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
+        return self.store.get_op(self.execution_id, parent_id, op_id)
+
+    def children(self, op_id: str) -> list[OpRecord]:
+        return self.store.children(self.execution_id, op_id)
+
+    def emit(self, rec: OpRecord, sync: bool = False) -> None:
+        self.store.stage(self.execution_id, rec)
+        if sync:
+            self.store.flush()
+
+    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
+        return self.dispatcher.run_batch(spec)
+
+    def run_step_body(self, func: Any, step_ctx: Any, watch: Any) -> Any:
+        if watch is None or not watch.timeout:
+            return func(step_ctx)
+        extra = {"operationId": watch.record.op_id, "operationName": watch.record.name}
+        return self.dispatcher.call(func, step_ctx.attempt, extra, watch.timeout)
+
+    def sleep(self, seconds: float) -> None:
+        if not self.skip_time and seconds > 0:
+            time.sleep(seconds)
+
+    def sleep_until(self, ts: float) -> None:
+        self.sleep(ts - time.time())

@@ -1,0 +1,278 @@
+"""The exception hierarchy: the reference SDK's tree plus durable_mp's own failures.
+
+Two families matter to callers.  ``DurableOperationError`` subclasses describe one
+operation that failed for good (a step, a branch); they carry the escaping error's
+``error_type``/``message``/``data``/``stack_trace`` so they can be rebuilt from a
+checkpoint identically on the first run and on replay.  ``UnrecoverableError``
+subclasses end the whole execution.  durable_mp's additions (worker crash, timeout,
+memory limit) are operation errors, so a retry strategy can decide about them.
+
+This module sits at the bottom of the import graph: it imports only ``completion``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from durable_mp.completion import CompletionReason
+
+if TYPE_CHECKING:
+    from durable_mp.lambda_service import ErrorObject
+
+
+class TerminationReason(Enum):
+    """Why a durable execution terminated."""
+
+    UNHANDLED_ERROR = "UNHANDLED_ERROR"
+    INVOCATION_ERROR = "INVOCATION_ERROR"
+    EXECUTION_ERROR = "EXECUTION_ERROR"
+    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
+    NON_DETERMINISTIC_EXECUTION = "NON_DETERMINISTIC_EXECUTION"
+    STEP_INTERRUPTED = "STEP_INTERRUPTED"
+    SERIALIZATION_ERROR = "SERIALIZATION_ERROR"
+
+
+def _rebuild(cls: type[BaseException], args: tuple) -> BaseException:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
+
+
+class _Picklable:
+    """Pickle by state, not by re-calling ``__init__``.
+
+    Errors travel from workers to the driver; the default reduction calls
+    ``cls(*self.args)``, which breaks for constructors such as
+    ``BatchCompletionError(completion_reason, message)`` or ``UnrecoverableError``.
+    """
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (type(self), self.args), self.__dict__)  # type: ignore[attr-defined]
+
+
+class DurableExecutionsError(_Picklable, Exception):
+    """Base of every error durable_mp raises on purpose."""
+
+
+class ValidationError(DurableExecutionsError):
+    """Bad arguments to a durable operation or config; raised before anything runs."""
+
+
+class InvalidStateError(DurableExecutionsError):
+    """An object was asked to make a transition its state does not allow."""
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _ErrorFields(DurableExecutionsError):
+    """The four checkpointed fields shared by operation and serdes errors."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        error_type: str | None = None,
+        data: str | None = None,
+        stack_trace: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message: str | None = message
+        # Without an escaping error the wrapper names itself, as in the reference.
+        self.error_type: str = error_type or _qualified_name(type(self))
+        self.data: str | None = data
+        self.stack_trace: list[str] | None = stack_trace
+
+
+class SerDesError(_ErrorFields):
+    """A value could not be (de)serialized; permanent, so a step fails without retry."""
+
+
+class DurableOperationError(_ErrorFields):
+    """A durable operation failed; ``error_type`` names the error that escaped it."""
+
+    @classmethod
+    def from_error_fields(
+        cls,
+        error_type: str | None,
+        message: str | None,
+        data: str | None,
+        stack_trace: list[str] | None,
+    ) -> DurableOperationError:
+        """Rebuild the registered subclass named by ``error_type`` (else the base)."""
+        target = _OPERATION_ERRORS.get(error_type or "", DurableOperationError)
+        return target(message=message, error_type=error_type, data=data, stack_trace=stack_trace)
+
+
+class StepError(DurableOperationError):
+    """A step failed after its retry strategy gave up."""
+
+
+class InvokeError(DurableOperationError):
+    """A chained invoke failed."""
+
+
+class ChildContextError(DurableOperationError):
+    """A child context, parallel branch or map item failed."""
+
+
+class WaitForConditionError(DurableOperationError):
+    """A wait_for_condition failed or ran out of attempts."""
+
+
+class CallbackError(DurableOperationError):
+    """Base of callback failures."""
+
+
+class CallbackExternalError(CallbackError):
+    """The external system reported the callback as failed."""
+
+
+class CallbackTimeoutError(CallbackError):
+    """The callback (or its heartbeat) timed out."""
+
+
+class CallbackSubmitterError(CallbackError):
+    """The submitter step of wait_for_callback failed."""
+
+
+class BatchCompletionError(DurableOperationError):
+    """``throw_if_error()`` on a batch a custom ``should_complete`` declared failed."""
+
+    def __init__(
+        self,
+        completion_reason: CompletionReason = CompletionReason.CUSTOM_COMPLETION_FAILED,
+        message: str | None = None,
+        error_type: str | None = None,
+        data: str | None = None,
+        stack_trace: list[str] | None = None,
+    ) -> None:
+        default = f"Batch completed as failed by should_complete ({completion_reason.value})"
+        super().__init__(message or default, error_type, data, stack_trace)
+        self.completion_reason: CompletionReason = completion_reason
+
+
+class WorkerCrashedError(DurableOperationError):
+    """The worker process running a branch died (signal, ``os._exit``, OOM killer)."""
+
+
+class StepTimeoutError(DurableOperationError):
+    """A step or branch ran past its ``timeout``; the driver terminated its worker."""
+
+
+class MemoryLimitExceededError(DurableOperationError):
+    """A worker's resident memory passed its limit; the driver terminated it."""
+
+
+class UnrecoverableError(DurableExecutionsError):
+    """Base of errors that end the execution instead of one operation."""
+
+    def __init__(self, message: str, termination_reason: TerminationReason) -> None:
+        super().__init__(message)
+        self.termination_reason = termination_reason
+
+
+class ExecutionError(UnrecoverableError):
+    """The execution fails without retry."""
+
+    def __init__(
+        self, message: str, termination_reason: TerminationReason = TerminationReason.EXECUTION_ERROR
+    ) -> None:
+        super().__init__(message, termination_reason)
+
+
+class NonDeterministicExecutionError(ExecutionError):
+    """Replay met a different operation than the checkpoint at the same id."""
+
+    def __init__(self, message: str, step_id: str | None = None) -> None:
+        super().__init__(message, TerminationReason.NON_DETERMINISTIC_EXECUTION)
+        self.step_id = step_id
+
+
+class InvocationError(UnrecoverableError):
+    """The invocation fails and should be retried as a whole."""
+
+    def __init__(
+        self, message: str, termination_reason: TerminationReason = TerminationReason.INVOCATION_ERROR
+    ) -> None:
+        super().__init__(message, termination_reason)
+
+    def is_retryable(self) -> bool:
+        return True
+
+
+class StepInterruptedError(InvocationError):
+    """An AT_MOST_ONCE step was found started but never finished."""
+
+    def __init__(self, message: str, step_id: str | None = None) -> None:
+        super().__init__(message, TerminationReason.STEP_INTERRUPTED)
+        self.step_id = step_id
+
+
+class RetryableSerDesError(InvocationError):
+    """A transient (de)serialization failure; the invocation should be retried."""
+
+    def __init__(
+        self, message: str, termination_reason: TerminationReason = TerminationReason.SERIALIZATION_ERROR
+    ) -> None:
+        super().__init__(message, termination_reason)
+
+
+class OrphanedChildException(_Picklable, BaseException):
+    """A branch tried to record work after its batch had already completed.
+
+    A ``BaseException`` so that ``except Exception`` in user code cannot swallow it.
+    """
+
+    def __init__(self, message: str, operation_id: str) -> None:
+        super().__init__(message)
+        self.operation_id = operation_id
+
+
+class ExecutionFailedError(DurableExecutionsError):
+    """``handler.run()`` raises this when the execution ended FAILED.
+
+    ``error`` is the checkpointed ``ErrorObject``, so the failure reads the same whether
+    it happened just now or was stored by an earlier run.
+    """
+
+    def __init__(self, error: ErrorObject) -> None:
+        self.error = error
+        kind = error.type or "Error"
+        super().__init__(f"{kind}: {error.message}" if error.message else kind)
+
+
+class ExecutionLockedError(DurableExecutionsError):
+    """Another live driver owns this execution."""
+
+
+class StoreError(DurableExecutionsError):
+    """The checkpoint store is unusable (corrupt, unsafe permissions, full disk)."""
+
+
+# Operation-error classes rebuilt from checkpoints, keyed by their wire ErrorType.
+# Only our own classes: an unknown type name falls back to DurableOperationError so
+# replay never calls a constructor it does not control.
+_OPERATION_ERRORS: dict[str, type[DurableOperationError]] = {
+    _qualified_name(cls): cls
+    for cls in (
+        StepError,
+        InvokeError,
+        ChildContextError,
+        WaitForConditionError,
+        CallbackError,
+        CallbackExternalError,
+        CallbackTimeoutError,
+        CallbackSubmitterError,
+        BatchCompletionError,
+        WorkerCrashedError,
+        StepTimeoutError,
+        MemoryLimitExceededError,
+    )
+}
+
+
+def register_operation_error(error_cls: type[DurableOperationError]) -> None:
+    """Let ``from_error_fields`` rebuild ``error_cls`` (it must take the four fields)."""
+    _OPERATION_ERRORS[_qualified_name(error_cls)] = error_cls

@@ -1,0 +1,195 @@
+"""``@durable_execution`` and the lifecycle of one execution.
+
+An execution is named by ``execution_id`` (derived from the handler and its input when
+omitted, so re-running the same command resumes it).  ``run`` takes the execution's lock
+in the store, replays the handler from the top (finished operations return their
+checkpoints), and records the outcome.  A finished execution is never run again: its
+stored result (or failure) is returned, like an execution name in the reference service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pickle
+import time
+from typing import Any, Callable
+
+import cloudpickle
+import psutil
+
+from durable_mp.context import DurableContext
+from durable_mp.dispatch import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
+from durable_mp.driver_state import DriverState
+from durable_mp.exceptions import ExecutionFailedError, ValidationError
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.pool import WorkerPool
+from durable_mp import progress as _progress
+from durable_mp.records import PICKLE_PROTOCOL
+from durable_mp.store import ExecutionRecord, Store
+
+RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    except Exception:  # noqa: BLE001 - lambdas, local classes
+        return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def _event_digest(event: Any) -> str:
+    try:
+        data = json.dumps(event, sort_keys=True, default=repr).encode()
+    except (TypeError, ValueError):
+        data = _dumps(event)
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback for the envelope: BatchResult and dataclasses become dicts."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValidationError(f"{name} must be a positive integer, got {value!r}")
+
+
+class DurableFunction:
+    """A handler made durable. Call ``.run(event)`` for the result, or call it for the envelope."""
+
+    def __init__(self, func: Callable[[Any, DurableContext], Any], **options: Any) -> None:
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.options = options
+
+    @property
+    def handler_ref(self) -> str:
+        return f"{self.func.__module__}:{self.func.__qualname__}"
+
+    def execution_id_for(self, event: Any) -> str:
+        return f"{self.func.__qualname__}-{_event_digest(event)}"
+
+    def __call__(self, event: Any, lambda_context: Any = None) -> dict:
+        """The reference's envelope: ``{"Status": ..., "Result": json}`` or ``{"Status", "Error"}``."""
+        try:
+            result = self.run(event)
+        except ExecutionFailedError as exc:
+            return {"Status": FAILED, "Error": exc.error.to_dict()}
+        try:
+            return {"Status": SUCCEEDED, "Result": json.dumps(result, default=_jsonable)}
+        except (TypeError, ValueError) as exc:
+            return {"Status": FAILED, "Error": ErrorObject.from_exception(exc).to_dict()}
+
+    def run(
+        self,
+        event: Any = None,
+        *,
+        execution_id: str | None = None,
+        store: Store | str | os.PathLike | None = None,
+        max_workers: int | None = None,
+        skip_time: bool | None = None,
+        max_worker_memory: int | None = None,
+        max_crash_retries: int | None = None,
+        progress: bool | None = None,
+    ) -> Any:
+        """Run (or resume) the execution and return the handler's result.
+
+        Raises ``ExecutionFailedError`` (with ``.error``, an ``ErrorObject``) when the
+        handler raised, ``ExecutionLockedError`` when another live driver runs it.
+        """
+        opts = self.options
+        store = store if store is not None else opts.get("store")
+        max_workers = max_workers if max_workers is not None else opts.get("max_workers")
+        skip_time = skip_time if skip_time is not None else opts.get("skip_time", False)
+        max_worker_memory = max_worker_memory if max_worker_memory is not None else opts.get("max_worker_memory")
+        max_crash_retries = (max_crash_retries if max_crash_retries is not None
+                             else opts.get("max_crash_retries", DEFAULT_MAX_CRASH_RETRIES))
+        progress = progress if progress is not None else opts.get("progress")
+        _positive("max_workers", max_workers)
+        _positive("max_worker_memory", max_worker_memory)
+        _positive("max_crash_retries", max_crash_retries)
+        execution_id = execution_id or self.execution_id_for(event)
+
+        owned = not isinstance(store, Store)
+        db = Store(store) if owned else store
+        try:
+            return self._run(db, execution_id, event, max_workers=max_workers, skip_time=bool(skip_time),
+                             max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
+                             progress=progress)
+        finally:
+            if owned:
+                db.close()
+
+    def _run(self, db: Store, execution_id: str, event: Any, *, max_workers, skip_time, max_worker_memory,
+             max_crash_retries, progress) -> Any:
+        def fresh() -> ExecutionRecord:
+            now = time.time()
+            me = psutil.Process()
+            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, _dumps(event), None, None, now, now,
+                                   None, me.pid, me.create_time(), 1)
+
+        rec, _created = db.acquire(execution_id, fresh)
+        try:
+            if rec.status == SUCCEEDED:
+                return pickle.loads(rec.result)
+            if rec.status == FAILED:
+                raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}))
+            if rec.input is not None:
+                event = pickle.loads(rec.input)
+            pool = WorkerPool({"execution_id": execution_id, "skip_time": skip_time,
+                               "watch_steps": bool(max_worker_memory)})
+
+            def make_dispatcher() -> Dispatcher:
+                pool.ensure(max_workers or os.cpu_count() or 1)
+                return Dispatcher(db, execution_id, pool, max_workers=max_workers,
+                                  max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
+                                  progress=_progress.choose(progress))
+
+            state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time)
+            try:
+                result = self.func(event, DurableContext(state, ""))
+            except Exception as exc:  # noqa: BLE001 - any handler error fails the execution
+                pool.close()
+                db.flush()
+                error = ErrorObject.from_exception(exc)
+                db.put_execution(db.get_execution(execution_id)._replace(
+                    status=FAILED, error=error.to_dict(), ended_ts=time.time()))
+                raise ExecutionFailedError(error) from exc
+            except BaseException:  # Ctrl-C, SystemExit: keep RUNNING, resumable
+                pool.close()
+                db.flush()
+                raise
+            pool.close()
+            db.flush()
+            db.put_execution(db.get_execution(execution_id)._replace(
+                status=SUCCEEDED, result=_dumps(result), ended_ts=time.time()))
+            return result
+        finally:
+            db.release(execution_id)
+
+
+def durable_execution(
+    func: Callable[[Any, DurableContext], Any] | None = None,
+    *,
+    boto3_client: Any = None,
+    plugins: list | None = None,
+    **options: Any,
+) -> Any:
+    """Make ``handler(event, context)`` durable; usable bare or with options.
+
+    ``boto3_client`` and ``plugins`` are accepted for source compatibility and ignored.
+    Options (``store``, ``max_workers``, ``skip_time``, ``max_worker_memory``,
+    ``max_crash_retries``, ``progress``) become defaults for ``run``.
+    """
+    if func is None:
+        return lambda f: DurableFunction(f, **options)
+    return DurableFunction(func, **options)

@@ -1,0 +1,153 @@
+"""Wire-level names of the reference service: operation enums and ``ErrorObject``.
+
+The enum values are the strings ``records.OpType``/``records.OpStatus`` store, so a
+record converts with ``OperationType(rec.op_type)``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any, NoReturn
+
+from durable_mp.exceptions import ChildContextError, DurableOperationError, SerDesError
+
+_SERDES_ERROR_TYPE = f"{SerDesError.__module__}.{SerDesError.__qualname__}"
+
+
+class OperationType(Enum):
+    EXECUTION = "EXECUTION"
+    CONTEXT = "CONTEXT"
+    STEP = "STEP"
+    WAIT = "WAIT"
+    CALLBACK = "CALLBACK"
+    CHAINED_INVOKE = "CHAINED_INVOKE"
+
+
+class OperationSubType(StrEnum):
+    """Sub-types durable_mp records for its own operations (history ``SubType``)."""
+
+    STEP = "Step"
+    WAIT = "Wait"
+    CALLBACK = "Callback"
+    RUN_IN_CHILD_CONTEXT = "RunInChildContext"
+    MAP = "Map"
+    MAP_ITERATION = "MapIteration"
+    PARALLEL = "Parallel"
+    PARALLEL_BRANCH = "ParallelBranch"
+    WAIT_FOR_CALLBACK = "WaitForCallback"
+    WAIT_FOR_CONDITION = "WaitForCondition"
+    CHAINED_INVOKE = "ChainedInvoke"
+
+
+class OperationStatus(Enum):
+    STARTED = "STARTED"
+    PENDING = "PENDING"
+    READY = "READY"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+    STOPPED = "STOPPED"
+
+
+class OperationAction(Enum):
+    START = "START"
+    SUCCEED = "SUCCEED"
+    FAIL = "FAIL"
+    RETRY = "RETRY"
+    CANCEL = "CANCEL"
+
+
+class InvocationStatus(Enum):
+    """Outcome of running a handler (``{"Status": ...}`` in the Lambda envelope)."""
+
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    PENDING = "PENDING"
+
+
+def error_type_name(error: BaseException) -> str:
+    """Wire ErrorType: ``ValueError`` for builtins, ``module.QualName`` otherwise."""
+    cls = type(error)
+    if cls.__module__ == builtins.__name__:
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class ErrorObject:
+    """A failure as checkpointed: plain strings, so it survives any process or store."""
+
+    message: str | None
+    type: str | None
+    data: str | None = None
+    stack_trace: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorObject:
+        return cls(
+            message=data.get("ErrorMessage"),
+            type=data.get("ErrorType"),
+            data=data.get("ErrorData"),
+            stack_trace=data.get("StackTrace"),
+        )
+
+    @classmethod
+    def from_message(cls, message: str) -> ErrorObject:
+        return cls(message=message, type=None)
+
+    @classmethod
+    def from_exception(cls, error: BaseException) -> ErrorObject:
+        """Capture ``error`` for a checkpoint.
+
+        Operation and serdes errors carry their own fields (their ``stack_trace`` is
+        the origin's).  For any other exception durable_mp keeps the formatted
+        traceback, where the reference stores ``None``: a branch fails in another
+        process, and its traceback is the only way to find the failing line.
+        """
+        if isinstance(error, SerDesError):
+            # Pinned to the base type so replay rebuilds it as SerDesError.
+            return cls(error.message, _SERDES_ERROR_TYPE, error.data, error.stack_trace)
+        if isinstance(error, DurableOperationError):
+            return cls(error.message, error_type_name(error), error.data, error.stack_trace)
+        return cls(
+            message=str(error),
+            type=error_type_name(error),
+            data=None,
+            stack_trace=traceback.format_exception(error),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire form; ``None`` fields are omitted."""
+        wire = {
+            "ErrorMessage": self.message,
+            "ErrorType": self.type,
+            "ErrorData": self.data,
+            "StackTrace": list(self.stack_trace) if self.stack_trace is not None else None,
+        }
+        return {key: value for key, value in wire.items() if value is not None}
+
+    def to_exception(self) -> DurableOperationError:
+        """The escaping error rebuilt from these fields (a typed subclass if known)."""
+        return DurableOperationError.from_error_fields(self.type, self.message, self.data, self.stack_trace)
+
+    # Reference name of the same thing.
+    to_durable_operation_error = to_exception
+
+    def raise_as_operation_error(
+        self, operation_error_cls: type[DurableOperationError] = ChildContextError
+    ) -> NoReturn:
+        """Raise ``operation_error_cls`` with these fields, from the rebuilt error.
+
+        The same path serves the first run and replay, so both raise the same thing.
+        A serdes failure stays a ``SerDesError`` whatever operation it came from.
+        """
+        cause = self.to_exception()
+        wrapper = SerDesError if self.type == _SERDES_ERROR_TYPE else operation_error_cls
+        raise wrapper(
+            message=self.message, error_type=self.type, data=self.data, stack_trace=self.stack_trace
+        ) from cause

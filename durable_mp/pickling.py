@@ -1,0 +1,37 @@
+"""cloudpickle, but tracebacks from workers still name the user's file and line.
+
+cloudpickle >= 3.1 replaces ``co_filename`` of by-value code with ``"<dynamic-code>"``
+(for deterministic payloads).  A branch that fails in a worker would then report
+``File "<dynamic-code>"`` with no source line.  This pickler keeps the real filename;
+nothing else about the payload changes.
+"""
+
+from __future__ import annotations
+
+import io
+import types
+from typing import Any
+
+import cloudpickle
+
+from durable_mp.records import PICKLE_PROTOCOL
+
+_DYNAMIC = "<dynamic-code>"
+_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+
+class _Pickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if _code_reduce is not None and type(obj) is types.CodeType:
+            func, args = _code_reduce(obj)
+            return func, tuple(obj.co_filename if isinstance(a, str) and a == _DYNAMIC else a for a in args)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+loads = cloudpickle.loads

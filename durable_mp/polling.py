@@ -1,0 +1,67 @@
+"""``context.wait_for_condition``: poll a check function, checkpointing the state each time.
+
+Recorded as STEP/WaitForCondition: every poll that asks to continue writes a PENDING
+checkpoint holding the state and the next poll's time, so a resumed execution continues
+from the last state instead of the initial one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from durable_mp import serdes as _serdes
+from durable_mp.exceptions import WaitForConditionError
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.types import WaitForConditionCheckContext
+
+if TYPE_CHECKING:
+    from durable_mp.context import DurableContext
+    from durable_mp.waits import WaitForConditionConfig
+
+SUB_TYPE = "WaitForCondition"
+
+
+def run_wait_for_condition(ctx: "DurableContext", check: Callable[[Any, Any], Any],
+                           config: "WaitForConditionConfig", name: str | None) -> Any:
+    from durable_mp.context import op_name
+
+    name = op_name(check, name)
+    op_id = ctx._next_id()
+    rec = ctx._checkpoint(op_id, OpType.STEP, SUB_TYPE, name)
+    what = f"state of wait_for_condition {name!r}"
+    exec_id = ctx.state.execution_id
+    if rec is not None and rec.is_terminal:
+        return ctx._replayed(rec, config.serdes, what, "WaitForConditionError")
+    base = rec or OpRecord(op_id, ctx.operation_id, OpType.STEP, SUB_TYPE, name, OpStatus.STARTED, time.time())
+    state = config.initial_state
+    if rec is not None and rec.result is not None:
+        state = _serdes.deserialize(config.serdes, rec.result, op_id=op_id, execution_id=exec_id, what=what)
+        if rec.next_attempt_ts:
+            ctx.state.sleep_until(rec.next_attempt_ts)
+    attempt = base.attempt
+    attempts = list(base.attempts)
+    while True:
+        attempt += 1
+        started = time.time()
+        try:
+            state = check(state, WaitForConditionCheckContext(ctx.logger.with_extra(attempt=attempt), attempt))
+            decision = config.wait_strategy(state, attempt)
+        except Exception as exc:  # noqa: BLE001 - a failing check fails the operation
+            err = ErrorObject.from_exception(exc)
+            attempts.append(Attempt(attempt, started, time.time(), os.getpid(), err.to_dict()))
+            ctx.state.emit(base._replace(status=OpStatus.FAILED, end_ts=time.time(), attempt=attempt,
+                                         error=err.to_dict(), attempts=tuple(attempts)))
+            raise WaitForConditionError(err.message, err.type, err.data, err.stack_trace) from err.to_exception()
+        attempts.append(Attempt(attempt, started, time.time(), os.getpid()))
+        payload = _serdes.serialize(config.serdes, state, op_id=op_id, execution_id=exec_id, what=what)
+        if not decision.should_continue:
+            ctx.state.emit(base._replace(status=OpStatus.SUCCEEDED, end_ts=time.time(), attempt=attempt,
+                                         result=payload, attempts=tuple(attempts)))
+            return _serdes.deserialize(config.serdes, payload, op_id=op_id, execution_id=exec_id, what=what)
+        delay = decision.delay_seconds
+        ctx.state.emit(base._replace(status=OpStatus.PENDING, attempt=attempt, result=payload,
+                                     next_attempt_ts=time.time() + delay, attempts=tuple(attempts)))
+        ctx.state.sleep(delay)

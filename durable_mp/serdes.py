@@ -1,0 +1,253 @@
+"""Serializers for checkpointed values.
+
+durable_mp's default is ``PickleSerDes`` (the reference defaults to the JSON-based
+``ExtendedTypeSerDes``): results cross process boundaries anyway, and pickle lets numpy
+arrays, dataclasses and ``BatchResult`` round-trip.  Plain pickle is tried first (fast,
+by reference); only what it refuses (lambdas, closures, classes defined in
+``__main__`` of a notebook) goes through cloudpickle, by value.
+
+The module-level ``serialize``/``deserialize`` are what the engine calls: ``None`` picks
+the default, and every failure becomes a ``SerDesError`` naming what was being
+(de)serialized, e.g. "result of step 'fetch'".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+import cloudpickle
+
+from durable_mp.batch import BatchResult
+from durable_mp.exceptions import RetryableSerDesError, SerDesError
+
+__all__ = [
+    "DEFAULT_SERDES", "ExtendedTypeSerDes", "JsonSerDes", "PassThroughSerDes", "PickleSerDes",
+    "SerDes", "SerDesContext", "deserialize", "serialize",
+]
+
+T = TypeVar("T")
+
+PICKLE_PROTOCOL = 5
+Payload = str | bytes
+
+
+@dataclass(frozen=True)
+class SerDesContext:
+    """Which operation a value belongs to, for serializers that store it elsewhere."""
+
+    operation_id: str = ""
+    durable_execution_arn: str = ""
+
+
+class SerDes(ABC, Generic[T]):
+    """Turns a value into a checkpoint payload and back."""
+
+    @abstractmethod
+    def serialize(self, value: T, serdes_context: SerDesContext) -> Payload: ...
+
+    @abstractmethod
+    def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T: ...
+
+    @staticmethod
+    def is_primitive(obj: Any) -> bool:
+        """True for JSON scalars and (nested) lists of them."""
+        if obj is None or isinstance(obj, str | int | float | bool):
+            return True
+        return isinstance(obj, list) and all(SerDes.is_primitive(item) for item in obj)
+
+
+class PassThroughSerDes(SerDes[T]):
+    """Stores the value as given (it must already be ``str`` or ``bytes``)."""
+
+    def serialize(self, value: T, serdes_context: SerDesContext) -> Payload:
+        return value  # type: ignore[return-value]
+
+    def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T:
+        return data  # type: ignore[return-value]
+
+
+class JsonSerDes(SerDes[T]):
+    """Plain ``json.dumps``/``json.loads``."""
+
+    def serialize(self, value: T, serdes_context: SerDesContext) -> str:
+        return json.dumps(value)
+
+    def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T:
+        return json.loads(data)
+
+
+class PickleSerDes(SerDes[T]):
+    """Pickle protocol 5, falling back to cloudpickle for what plain pickle refuses."""
+
+    def serialize(self, value: T, serdes_context: SerDesContext) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+    def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T:
+        if isinstance(data, str):
+            raise TypeError("PickleSerDes expects bytes, got str (was it written by a JSON serdes?)")
+        return pickle.loads(data)
+
+
+_TYPE, _VALUE = "t", "v"  # envelope keys of ExtendedTypeSerDes: {"t": tag, "v": value}
+
+
+class _Tag:
+    """Envelope tags, as written by the reference SDK."""
+
+    NONE, STR, INT, FLOAT, BOOL = "n", "s", "i", "f", "b"
+    BYTES, UUID, DECIMAL, DATETIME, DATE = "B", "u", "d", "dt", "D"
+    TUPLE, LIST, DICT, BATCH_RESULT = "t", "l", "m", "br"
+
+
+_SCALAR_DECODERS = {_Tag.NONE: lambda v: None, _Tag.STR: str, _Tag.INT: int, _Tag.FLOAT: float, _Tag.BOOL: bool}
+
+
+def _wrap(tag: str, value: Any) -> dict[str, Any]:
+    return {_TYPE: tag, _VALUE: value}
+
+
+def _encode(obj: Any) -> dict[str, Any]:
+    """Wrap ``obj`` (recursively) in tagged envelopes."""
+    match obj:
+        case None:
+            return _wrap(_Tag.NONE, None)
+        case bool():  # before int: bool is an int
+            return _wrap(_Tag.BOOL, obj)
+        case str():
+            return _wrap(_Tag.STR, obj)
+        case int():
+            return _wrap(_Tag.INT, obj)
+        case float():
+            return _wrap(_Tag.FLOAT, obj)
+        case bytes() | bytearray() | memoryview():
+            return _wrap(_Tag.BYTES, base64.b64encode(bytes(obj)).decode("ascii"))
+        case uuid.UUID():
+            return _wrap(_Tag.UUID, str(obj))
+        case Decimal():
+            return _wrap(_Tag.DECIMAL, str(obj))
+        case datetime():  # before date: datetime is a date
+            return _wrap(_Tag.DATETIME, obj.isoformat())
+        case date():
+            return _wrap(_Tag.DATE, obj.isoformat())
+        case BatchResult():
+            return _wrap(_Tag.BATCH_RESULT, _encode(obj.to_dict())[_VALUE])
+        case list():
+            return _wrap(_Tag.LIST, [_encode(v) for v in obj])
+        case tuple():
+            return _wrap(_Tag.TUPLE, [_encode(v) for v in obj])
+        case dict():
+            if any(isinstance(key, tuple) for key in obj):
+                raise SerDesError("Tuple keys not supported")
+            return _wrap(_Tag.DICT, {k: _encode(v) for k, v in obj.items()})
+    raise SerDesError(f"Unsupported type: {type(obj)}")
+
+
+def _decode_child(obj: Any) -> Any:
+    if isinstance(obj, dict) and _TYPE in obj and _VALUE in obj:
+        return _decode(obj[_TYPE], obj[_VALUE])
+    return obj
+
+
+def _expect(value: Any, kind: type, tag: str) -> Any:
+    if not isinstance(value, kind):
+        raise SerDesError(f"Tag {tag!r} expects {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _decode(tag: str, value: Any) -> Any:
+    scalar = _SCALAR_DECODERS.get(tag)
+    if scalar is not None:
+        return scalar(value)
+    match tag:
+        case _Tag.BYTES:
+            return base64.b64decode(value.encode("ascii"))
+        case _Tag.UUID:
+            return uuid.UUID(value)
+        case _Tag.DECIMAL:
+            return Decimal(value)
+        case _Tag.DATETIME:
+            text = value[:-1] + "+00:00" if value.endswith("Z") else value
+            return datetime.fromisoformat(text)
+        case _Tag.DATE:
+            return date.fromisoformat(value)
+        case _Tag.LIST:
+            return [_decode_child(v) for v in _expect(value, list, tag)]
+        case _Tag.TUPLE:
+            return tuple(_decode_child(v) for v in _expect(value, list, tag))
+        case _Tag.DICT:
+            return {k: _decode_child(v) for k, v in _expect(value, dict, tag).items()}
+        case _Tag.BATCH_RESULT:
+            return BatchResult.from_dict(_decode(_Tag.DICT, value))
+    raise SerDesError(f'Unknown type tag: "{tag}"')
+
+
+class ExtendedTypeSerDes(SerDes[T]):
+    """The reference's default: compact JSON with ``{"t", "v"}`` type envelopes.
+
+    Scalars and lists of scalars are plain JSON; everything else is tagged
+    recursively.  Types it cannot express (dataclasses, custom classes) raise
+    ``SerDesError("Unsupported type: ...")``.
+    """
+
+    def serialize(self, value: T, serdes_context: SerDesContext | None = None) -> str:
+        wire = value if SerDes.is_primitive(value) else _encode(value)
+        return json.dumps(wire, separators=(",", ":"))
+
+    def deserialize(self, data: Payload, serdes_context: SerDesContext | None = None) -> T:
+        obj = json.loads(data)
+        if SerDes.is_primitive(obj):
+            return obj
+        if not (isinstance(obj, dict) and _TYPE in obj and _VALUE in obj):
+            raise SerDesError('Malformed envelope: missing "t" or "v" at root.')
+        return _decode(obj[_TYPE], obj[_VALUE])
+
+
+DEFAULT_SERDES: SerDes[Any] = PickleSerDes()
+
+
+def _describe(data: Any) -> str:
+    size = f", {len(data)} bytes" if isinstance(data, bytes | bytearray | memoryview) else ""
+    return f"{type(data).__module__}.{type(data).__qualname__}{size}"
+
+
+def serialize(
+    serdes: SerDes | None, value: Any, *, op_id: str = "", execution_id: str = "", what: str
+) -> Payload:
+    """Serialize ``value`` (``what`` it is names it in errors) with ``serdes`` or the default."""
+    active = serdes if serdes is not None else DEFAULT_SERDES
+    try:
+        return active.serialize(value, SerDesContext(op_id, execution_id))
+    except RetryableSerDesError:
+        raise
+    except Exception as error:
+        raise SerDesError(
+            f"Cannot serialize {what} (value of type {_describe(value)}) with "
+            f"{type(active).__name__}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def deserialize(
+    serdes: SerDes | None, data: Payload, *, op_id: str = "", execution_id: str = "", what: str
+) -> Any:
+    """Deserialize ``data`` (``what`` it holds names it in errors) with ``serdes`` or the default."""
+    active = serdes if serdes is not None else DEFAULT_SERDES
+    try:
+        return active.deserialize(data, SerDesContext(op_id, execution_id))
+    except RetryableSerDesError:
+        raise
+    except Exception as error:
+        raise SerDesError(
+            f"Cannot deserialize {what} (payload of type {_describe(data)}) with "
+            f"{type(active).__name__}: {type(error).__name__}: {error}"
+        ) from error

@@ -1,0 +1,117 @@
+"""The attempt loop of ``context.step``: run, checkpoint, ask the retry strategy, repeat.
+
+A retry sleeps in place (the reference suspends the invocation instead); the PENDING
+checkpoint written before the sleep keeps the attempt count and next-attempt time, so a
+killed run resumes the countdown rather than restarting it.  An attempt the driver had
+to kill (timeout, memory limit) arrives here as an *undecided* PENDING checkpoint and is
+handed to the retry strategy like any other failure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from durable_mp import serdes as _serdes
+from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
+from durable_mp.errors_replay import build_error
+from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.retries import RetryPresets
+from durable_mp.types import StepContext
+
+if TYPE_CHECKING:
+    from durable_mp.context import DurableContext
+
+_DEFAULT_STRATEGY = None
+
+
+def default_strategy() -> Callable:
+    """The reference's default when ``StepConfig.retry_strategy`` is None (6 attempts)."""
+    global _DEFAULT_STRATEGY
+    if _DEFAULT_STRATEGY is None:
+        _DEFAULT_STRATEGY = RetryPresets.default()
+    return _DEFAULT_STRATEGY
+
+
+class StepWatch:
+    """What the driver needs to enforce a step's timeout or memory limit from outside."""
+
+    __slots__ = ("record", "timeout")
+
+    def __init__(self, record: OpRecord, timeout: float | None) -> None:
+        self.record = record
+        self.timeout = timeout
+
+
+def _carried_error(rec: OpRecord | None, semantics: StepSemantics) -> Exception | None:
+    """An error from an earlier run that the retry strategy has not judged yet."""
+    if rec is None:
+        return None
+    extra = rec.extra or {}
+    if rec.status == OpStatus.PENDING and extra.get("undecided"):
+        return build_error(ErrorObject.from_dict(rec.error or {}), extra.get("exc", "DurableOperationError"))
+    if rec.status == OpStatus.STARTED and semantics == StepSemantics.AT_MOST_ONCE_PER_RETRY:
+        return StepInterruptedError(f"step {rec.name!r} was interrupted during attempt {rec.attempt}", rec.op_id)
+    return None
+
+
+def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable, config: StepConfig,
+             rec: OpRecord | None) -> Any:
+    state = ctx.state
+    strategy = config.retry_strategy or default_strategy()
+    at_most_once = config.step_semantics == StepSemantics.AT_MOST_ONCE_PER_RETRY
+    timeout = timeout_seconds(config.timeout)
+    what = f"result of step {name!r}"
+    sub_type = config.sub_type or "Step"
+    base = rec or OpRecord(op_id, ctx.operation_id, OpType.STEP, sub_type, name, OpStatus.STARTED, time.time())
+    attempt = base.attempt
+    attempts = list(base.attempts)
+    error = _carried_error(rec, config.step_semantics)
+    if error is None and rec is not None and rec.status == OpStatus.PENDING and rec.next_attempt_ts:
+        state.sleep_until(rec.next_attempt_ts)
+    logger = ctx.logger.with_extra(operationId=op_id, operationName=name)
+    while True:
+        if error is None:
+            attempt += 1
+            started = time.time()
+            running = base._replace(status=OpStatus.STARTED, attempt=attempt, error=None, next_attempt_ts=None,
+                                    attempts=tuple(attempts))
+            if at_most_once:
+                state.emit(running, sync=True)
+            watch = StepWatch(running, timeout) if (timeout or state.watch_steps) else None
+            try:
+                value = state.run_step_body(func, StepContext(logger.with_extra(attempt=attempt), attempt), watch)
+                payload = _serdes.serialize(config.serdes, value, op_id=op_id, execution_id=state.execution_id,
+                                            what=what)
+            except SerDesError as exc:
+                attempts.append(Attempt(attempt, started, time.time(), os.getpid(), ErrorObject.from_exception(exc).to_dict()))
+                err = ErrorObject.from_exception(exc)
+                state.emit(running._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict(),
+                                            attempts=tuple(attempts), extra={"raise": "SerDesError"}))
+                raise
+            except Exception as exc:  # noqa: BLE001 - the retry strategy judges every user error
+                error = exc
+                attempts.append(Attempt(attempt, started, time.time(), os.getpid(),
+                                        ErrorObject.from_exception(exc).to_dict()))
+            else:
+                ended = time.time()
+                attempts.append(Attempt(attempt, started, ended, os.getpid()))
+                state.emit(running._replace(status=OpStatus.SUCCEEDED, end_ts=ended, result=payload,
+                                            attempts=tuple(attempts)))
+                return _serdes.deserialize(config.serdes, payload, op_id=op_id, execution_id=state.execution_id,
+                                           what=what)
+        err = ErrorObject.from_exception(error)
+        decision = strategy(error, attempt)
+        if decision.should_retry:
+            delay = decision.delay_seconds
+            state.emit(base._replace(status=OpStatus.PENDING, attempt=attempt, error=err.to_dict(),
+                                     next_attempt_ts=time.time() + delay, attempts=tuple(attempts), extra=None))
+            state.sleep(delay)
+            error = None
+            continue
+        state.emit(base._replace(status=OpStatus.FAILED, end_ts=time.time(), attempt=attempt, error=err.to_dict(),
+                                 attempts=tuple(attempts), extra=None))
+        raise StepError(err.message, err.type, err.data, err.stack_trace) from err.to_exception()

@@ -1,0 +1,508 @@
+"""The checkpoint store: executions and operation records in one LMDB environment.
+
+::
+
+    driver process                                       LMDB environment (.durable_mp/)
+    ┌──────────────────────────────────────────┐         ┌─────────────────────────────┐
+    │ stage(rec) ─▶ staged overlay ─ flush() ──┼─ 1 txn ▶│ ops: exec\\0parent\\0op → rec │
+    │   (dict, visible to get_op/children)     │         │ executions: exec → record    │
+    │ acquire/put_execution/release ───────────┼─ 1 txn ▶│ meta: format marker          │
+    └──────────────────────────────────────────┘         └─────────────────────────────┘
+
+* **Group commit.**  Only the driver writes.  Operation records are staged in memory and
+  committed together, one durable (fsync'ed) transaction per batch: a batch is due after
+  ``flush_count`` records or ``flush_seconds`` after its oldest record.  ``stage()`` checks
+  that itself; a driver that stops staging must call ``maybe_flush()`` by ``flush_due()``.
+  Reads see staged records, so replay never waits for a commit.  A killed driver loses
+  only the records not yet committed; a commit is atomic.
+* **Keys** are ``exec_id \\0 parent_id \\0 op_id`` (UTF-8), so the children of one
+  operation are one prefix scan and no execution or parent can see another's records
+  (ids never contain NUL).
+* **Executions** commit immediately.  ``acquire`` takes an execution's lock in one write
+  transaction; the owner is a (pid, process start time) pair, so a recycled pid is not
+  mistaken for a live owner, and a dead owner's lock is simply taken over.
+* The map grows by doubling when a transaction finds it full.
+
+A ``Store`` belongs to the process that opened it: never use it in a forked child (it
+raises ``StoreError`` there).  ``make_new`` passed to ``acquire`` runs inside the write
+transaction and must not use the store.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import re
+import time
+from typing import Callable, NamedTuple
+
+import lmdb
+import psutil
+
+from durable_mp.exceptions import ExecutionLockedError, StoreError
+from durable_mp.records import PICKLE_PROTOCOL, OpRecord
+from durable_mp.store_env import DEFAULT_STORE_DIR, STORE_ENV_VAR, open_shared, release_shared, resolve_store_path
+
+__all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUNT", "FLUSH_SECONDS",
+           "ExecutionRecord", "Store", "resolve_store_path", "validate_exec_id"]
+
+DEFAULT_MAP_SIZE = 1 << 30  # bytes; only address space until used, doubled whenever full
+MAX_MAP_SIZE = 1 << 42  # bytes (4 TiB): past this a full map is a full disk, not a small map
+FLUSH_COUNT = 5000  # staged records that make a batch due
+FLUSH_SECONDS = 0.02  # seconds after its oldest record that a batch is due
+MAX_EXEC_ID_CHARS = 200  # also at most this many UTF-8 bytes
+MAX_ID_BYTES = 150  # parent_id / op_id, UTF-8; with the exec id a key stays under LMDB's 511
+CREATE_TIME_TOLERANCE_S = 0.01  # process start times are in clock ticks (1/100 s)
+
+RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
+
+_SEP = "\0"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class ExecutionRecord(NamedTuple):
+    """One durable execution.  ``owner_pid`` is 0 when no driver holds it."""
+
+    exec_id: str
+    status: str  # RUNNING | SUCCEEDED | FAILED
+    handler: str  # "module:qualname"
+    input: bytes | None  # pickled event
+    result: bytes | None
+    error: dict | None
+    created_ts: float
+    started_ts: float  # start of the latest run
+    ended_ts: float | None
+    owner_pid: int
+    owner_create_time: float
+    runs: int
+    extra: dict | None = None
+
+
+def validate_exec_id(exec_id: str) -> str:
+    """Return ``exec_id`` or raise ``ValueError`` saying what is wrong with it."""
+    if not isinstance(exec_id, str):
+        raise ValueError(f"execution id must be a str, not {type(exec_id).__name__}")
+    if not exec_id:
+        raise ValueError("execution id must not be empty")
+    if len(exec_id) > MAX_EXEC_ID_CHARS or len(exec_id.encode()) > MAX_EXEC_ID_CHARS:
+        raise ValueError(f"execution id is too long ({len(exec_id)} characters): at most "
+                         f"{MAX_EXEC_ID_CHARS} characters ({MAX_EXEC_ID_CHARS} bytes in UTF-8)")
+    bad = _CONTROL.search(exec_id)
+    if bad:
+        raise ValueError(f"execution id {exec_id!r} contains control character {bad.group()!r} "
+                         f"at position {bad.start()}; NUL and control characters are not allowed")
+    return exec_id
+
+
+def _check_id(kind: str, value: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{kind} must be a str, not {type(value).__name__}")
+    if _SEP in value:
+        raise ValueError(f"{kind} {value!r} contains NUL")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"{kind} is too long ({len(value.encode())} bytes, at most {MAX_ID_BYTES})")
+
+
+_ME: dict[int, tuple[int, float]] = {}
+
+
+def _this_process() -> tuple[int, float]:
+    pid = os.getpid()
+    me = _ME.get(pid)
+    if me is None:
+        me = _ME[pid] = (pid, psutil.Process(pid).create_time())
+    return me
+
+
+def _same_process(pid: int, create_time: float, other: tuple[int, float]) -> bool:
+    return pid == other[0] and abs(create_time - other[1]) <= CREATE_TIME_TOLERANCE_S
+
+
+def _alive(pid: int, create_time: float) -> bool:
+    """Is the process that took a lock still running (same pid *and* same start time)?"""
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
+            return False  # the pid was recycled
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists and we cannot look closer: assume the owner is alive
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _dump_exec(rec: ExecutionRecord) -> bytes:
+    return pickle.dumps(tuple(rec), protocol=PICKLE_PROTOCOL)
+
+
+class Store:
+    """Executions and operation checkpoints of durable_mp, in an LMDB directory."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, map_size: int = DEFAULT_MAP_SIZE,
+                 readonly: bool = False, create: bool = True, flush_count: int = FLUSH_COUNT,
+                 flush_seconds: float = FLUSH_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        if flush_count < 1 or flush_seconds < 0 or map_size < 1:
+            raise ValueError("flush_count and map_size must be >= 1 and flush_seconds >= 0")
+        self.path: pathlib.Path = resolve_store_path(path)
+        self.readonly = readonly
+        self._flush_count = flush_count
+        self._flush_seconds = flush_seconds
+        self._clock = clock
+        # (exec_id, parent_id) -> {op_id: record bytes}: the staged overlay
+        self._staged: dict[tuple[str, str], dict[str, bytes]] = {}
+        self._staged_count = 0
+        self._staged_since = 0.0
+        self._valid_execs: set[str] = set()
+        self.stats = {"commits": 0, "flushes": 0, "records_written": 0, "bytes_written": 0, "map_grows": 0}
+        self._shared = None
+        self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.readonly else "read-write"
+        return f"<Store {str(self.path)!r} {mode}{' closed' if self._shared is None else ''}>"
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Commit staged records and release the environment.  Idempotent."""
+        shared = self._shared
+        if shared is None:
+            return
+        try:
+            if self._staged_count and not shared.forked and not shared.closed:
+                self.flush()
+        finally:
+            self._shared = None
+            release_shared(shared)
+
+    # -- transactions ----------------------------------------------------------------------
+    def _env(self):
+        shared = self._shared
+        if shared is None:
+            raise StoreError(f"the durable_mp store {self.path} is closed")
+        shared.usable_by_this_process()
+        return shared
+
+    def _writable(self):
+        if self.readonly:
+            raise StoreError(f"the durable_mp store {self.path} was opened read-only")
+        return self._env()
+
+    def _read(self, fn):
+        shared = self._env()
+        with shared.lock:
+            while True:
+                try:
+                    with shared.env.begin() as txn:
+                        return fn(txn, shared)
+                except lmdb.MapResizedError:
+                    shared.env.set_mapsize(0)  # another process grew the map: adopt its size
+                except lmdb.Error as exc:
+                    raise StoreError(f"reading the durable_mp store {self.path} failed: {exc}") from exc
+
+    def _write(self, fn):
+        """Run ``fn(txn, shared)`` in one write transaction, growing the map until it fits."""
+        shared = self._writable()
+        with shared.lock:
+            while True:
+                try:
+                    with shared.env.begin(write=True) as txn:
+                        out = fn(txn, shared)
+                    self.stats["commits"] += 1
+                    return out
+                except lmdb.MapFullError:
+                    self._grow(shared)
+                except lmdb.MapResizedError:
+                    shared.env.set_mapsize(0)
+                except lmdb.Error as exc:
+                    raise StoreError(f"writing the durable_mp store {self.path} failed: {exc}") from exc
+
+    def _grow(self, shared) -> None:
+        size = shared.env.info()["map_size"]
+        if size >= MAX_MAP_SIZE:
+            raise StoreError(f"the durable_mp store {self.path} is full ({size} bytes mapped)")
+        shared.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
+        self.stats["map_grows"] += 1
+
+    def _load(self, data: bytes, where: str) -> OpRecord:
+        try:
+            return OpRecord.loads(data)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged record
+            raise StoreError(f"checkpoint {where} in {self.path} cannot be decoded: {exc!r}") from exc
+
+    def _exec_key(self, exec_id: str) -> bytes:
+        if exec_id not in self._valid_execs:
+            validate_exec_id(exec_id)
+            self._valid_execs.add(exec_id)
+        return exec_id.encode()
+
+    def _prefix(self, exec_id: str, parent_id: str) -> bytes:
+        self._exec_key(exec_id)
+        _check_id("parent_id", parent_id)
+        return f"{exec_id}{_SEP}{parent_id}{_SEP}".encode()
+
+    # -- executions ------------------------------------------------------------------------
+    def get_execution(self, exec_id: str) -> ExecutionRecord | None:
+        key = self._exec_key(exec_id)
+        raw = self._read(lambda txn, sh: txn.get(key, db=sh.executions))
+        return None if raw is None else self._load_exec(raw, exec_id)
+
+    def _load_exec(self, raw: bytes, exec_id: str) -> ExecutionRecord:
+        try:
+            return ExecutionRecord(*pickle.loads(raw))
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"execution {exec_id!r} in {self.path} cannot be decoded: {exc!r}") from exc
+
+    def put_execution(self, rec: ExecutionRecord) -> None:
+        key, data = self._exec_key(rec.exec_id), _dump_exec(rec)
+        self._write(lambda txn, sh: txn.put(key, data, db=sh.executions))
+
+    def list_executions(self) -> list[ExecutionRecord]:
+        """Every execution, oldest first."""
+        raws = self._read(lambda txn, sh: list(txn.cursor(db=sh.executions)))
+        recs = [self._load_exec(raw, key.decode(errors="replace")) for key, raw in raws]
+        return sorted(recs, key=lambda r: r.created_ts)
+
+    def delete_execution(self, exec_id: str) -> bool:
+        """Delete an execution and all its operation records (staged ones too).
+
+        Returns whether there was anything to delete.  The freed pages are reused by later
+        writes; the data file itself does not shrink.
+        """
+        key = self._exec_key(exec_id)
+        prefix = key + b"\0"
+
+        def delete(txn, sh) -> bool:
+            found = txn.delete(key, db=sh.executions)
+            cur = txn.cursor(db=sh.ops)
+            if cur.set_range(prefix):
+                while cur.key().startswith(prefix):
+                    cur.delete()  # moves to the next record
+                    found = True
+            return found
+
+        found = self._write(delete)
+        for group_key in [k for k in self._staged if k[0] == exec_id]:
+            dropped = self._staged.pop(group_key)
+            self._staged_count -= len(dropped)
+            found = found or bool(dropped)
+        return found
+
+    def acquire(self, exec_id: str, make_new: Callable[[], ExecutionRecord]) -> tuple[ExecutionRecord, bool]:
+        """Take the execution's lock; create it with ``make_new()`` if it does not exist.
+
+        Returns ``(record, created)``.  Raises ``ExecutionLockedError`` while another live
+        process owns a RUNNING execution.  A dead owner's lock is taken over, and a RUNNING
+        execution taken over starts a new run (``runs`` + 1, ``started_ts`` = now).
+        """
+        key = self._exec_key(exec_id)
+        me = _this_process()
+        made: list[ExecutionRecord] = []
+
+        def take(txn, sh) -> tuple[ExecutionRecord, bool]:
+            raw = txn.get(key, db=sh.executions)
+            if raw is None:
+                if not made:  # a retried transaction (map grown) must not call make_new twice
+                    made.append(make_new())
+                rec = made[0]._replace(owner_pid=me[0], owner_create_time=me[1])
+                if rec.exec_id != exec_id:
+                    raise ValueError(f"make_new() returned execution {rec.exec_id!r}, not {exec_id!r}")
+                txn.put(key, _dump_exec(rec), db=sh.executions)
+                return rec, True
+            rec = self._load_exec(raw, exec_id)
+            if (rec.status == RUNNING and rec.owner_pid
+                    and not _same_process(rec.owner_pid, rec.owner_create_time, me)
+                    and _alive(rec.owner_pid, rec.owner_create_time)):
+                raise ExecutionLockedError(
+                    f"execution {exec_id!r} is being run by another live driver: pid {rec.owner_pid} "
+                    f"(process started {_when(rec.owner_create_time)}), running since "
+                    f"{_when(rec.started_ts)}. Wait for it to finish or stop that process; the lock "
+                    f"of a dead driver is taken over automatically.")
+            if rec.status == RUNNING:
+                rec = rec._replace(runs=rec.runs + 1, started_ts=time.time())
+            rec = rec._replace(owner_pid=me[0], owner_create_time=me[1])
+            txn.put(key, _dump_exec(rec), db=sh.executions)
+            return rec, False
+
+        return self._write(take)
+
+    def release(self, exec_id: str) -> None:
+        """Clear the execution's owner (its status stays).  A live other owner is left alone."""
+        key = self._exec_key(exec_id)
+        me = _this_process()
+
+        def clear(txn, sh) -> None:
+            raw = txn.get(key, db=sh.executions)
+            if raw is None:
+                return
+            rec = self._load_exec(raw, exec_id)
+            if not rec.owner_pid:
+                return
+            if (not _same_process(rec.owner_pid, rec.owner_create_time, me)
+                    and _alive(rec.owner_pid, rec.owner_create_time)):
+                return
+            txn.put(key, _dump_exec(rec._replace(owner_pid=0, owner_create_time=0.0)), db=sh.executions)
+
+        self._write(clear)
+
+    # -- operations: reads -----------------------------------------------------------------
+    @staticmethod
+    def _scan(txn, db, prefix: bytes) -> dict[str, bytes]:
+        """``{rest of key: value}`` for every committed key starting with ``prefix``."""
+        out: dict[str, bytes] = {}
+        cur = txn.cursor(db=db)
+        if not cur.set_range(prefix):
+            return out
+        n = len(prefix)
+        for key, value in cur.iternext():
+            if not key.startswith(prefix):
+                break
+            out[key[n:].decode()] = value
+        return out
+
+    def get_op(self, exec_id: str, parent_id: str, op_id: str) -> OpRecord | None:
+        """The record of one operation, staged or committed."""
+        group = self._staged.get((exec_id, parent_id))
+        if group is not None:
+            data = group.get(op_id)
+            if data is not None:
+                return self._load(data, f"{exec_id}/{parent_id}/{op_id}")
+        _check_id("op_id", op_id)
+        key = self._prefix(exec_id, parent_id) + op_id.encode()
+        data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
+        return None if data is None else self._load(data, f"{exec_id}/{parent_id}/{op_id}")
+
+    def children(self, exec_id: str, parent_id: str) -> list[OpRecord]:
+        """The records whose parent is ``parent_id`` ("" = root), in no particular order."""
+        prefix = self._prefix(exec_id, parent_id)
+        found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
+        found.update(self._staged.get((exec_id, parent_id), ()))
+        return [self._load(data, f"{exec_id}/{parent_id}/{op}") for op, data in found.items()]
+
+    def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
+        """Every descendant of ``op_id`` (not itself), by op id, from one consistent snapshot."""
+        self._exec_key(exec_id)
+        _check_id("op_id", op_id)
+
+        def walk(txn, sh) -> dict[str, OpRecord]:
+            out: dict[str, OpRecord] = {}
+            todo = [op_id]
+            while todo:
+                parent = todo.pop()
+                found = self._scan(txn, sh.ops, f"{exec_id}{_SEP}{parent}{_SEP}".encode())
+                found.update(self._staged.get((exec_id, parent), ()))
+                for child, data in found.items():
+                    if child not in out and child != op_id:
+                        out[child] = self._load(data, f"{exec_id}/{parent}/{child}")
+                        todo.append(child)
+            return out
+
+        return self._read(walk)
+
+    def ops(self, exec_id: str) -> list[OpRecord]:
+        """All records of an execution, staged or committed."""
+        prefix = self._exec_key(exec_id) + b"\0"
+        found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))  # "parent\0op" -> data
+        for (ex, parent), group in self._staged.items():
+            if ex == exec_id:
+                found.update((f"{parent}{_SEP}{op}", data) for op, data in group.items())
+        return [self._load(data, f"{exec_id}/{key}") for key, data in found.items()]
+
+    def parents_with_children(self, exec_id: str) -> set[str]:
+        """The ids of operations that have at least one child record (root is "")."""
+        prefix = self._exec_key(exec_id) + b"\0"
+        n = len(prefix)
+
+        def scan(txn, sh) -> set[str]:
+            out: set[str] = set()
+            cur = txn.cursor(db=sh.ops)
+            ok = cur.set_range(prefix)
+            while ok:
+                key = cur.key()
+                if not key.startswith(prefix):
+                    break
+                parent = key[n:key.index(b"\0", n)]
+                out.add(parent.decode())
+                ok = cur.set_range(prefix + parent + b"\x01")  # skip this parent's children
+            return out
+
+        found = self._read(scan)
+        found.update(parent for (ex, parent), group in self._staged.items() if ex == exec_id and group)
+        return found
+
+    # -- operations: group commit ----------------------------------------------------------
+    def stage(self, exec_id: str, rec: OpRecord) -> None:
+        """Queue a record for the next commit; it is visible to reads at once."""
+        self.stage_raw(exec_id, rec.parent_id, rec.op_id, rec.dumps())
+
+    def stage_raw(self, exec_id: str, parent_id: str, op_id: str, data: bytes) -> None:
+        """Like ``stage`` for a record a worker already pickled (``rec.dumps()``)."""
+        group = self._staged.get((exec_id, parent_id))
+        if group is None:
+            group = self._new_group(exec_id, parent_id)
+        if not (op_id.__class__ is str and op_id.isascii() and len(op_id) <= MAX_ID_BYTES) or _SEP in op_id:
+            _check_id("op_id", op_id)
+        n = len(group)
+        group[op_id] = data if data.__class__ is bytes else bytes(data)
+        if len(group) != n:
+            self._staged_count += 1
+            if self._staged_count >= self._flush_count:
+                self.flush()
+                return
+        if self._clock() - self._staged_since >= self._flush_seconds:
+            self.flush()
+
+    def _new_group(self, exec_id: str, parent_id: str) -> dict[str, bytes]:
+        if self.readonly:
+            raise StoreError(f"the durable_mp store {self.path} was opened read-only")
+        self._prefix(exec_id, parent_id)  # validates both
+        if not self._staged_count:
+            self._staged_since = self._clock()
+        group = self._staged[(exec_id, parent_id)] = {}
+        return group
+
+    def flush(self) -> int:
+        """Commit every staged record in one durable transaction; return how many."""
+        if not self._staged_count:
+            return 0
+        items: list[tuple[bytes, bytes]] = []
+        size = 0
+        for (exec_id, parent_id), group in self._staged.items():
+            prefix = f"{exec_id}{_SEP}{parent_id}{_SEP}"
+            items.extend([(f"{prefix}{op}".encode(), data) for op, data in group.items()])
+            size += sum(map(len, group.values())) + len(prefix.encode()) * len(group) + sum(map(len, group))
+        items.sort()  # B-tree inserts in key order touch each page once: ~2x faster commits
+
+        def put_all(txn, sh) -> None:
+            txn.cursor(db=sh.ops).putmulti(items)
+
+        self._write(put_all)
+        self._staged = {}
+        self._staged_count = 0
+        self.stats["flushes"] += 1
+        self.stats["records_written"] += len(items)
+        self.stats["bytes_written"] += size
+        return len(items)
+
+    def flush_due(self) -> float | None:
+        """Seconds until the staged batch must be committed (0 = now); None if nothing is staged."""
+        if not self._staged_count:
+            return None
+        if self._staged_count >= self._flush_count:
+            return 0.0
+        return max(0.0, self._staged_since + self._flush_seconds - self._clock())
+
+    def maybe_flush(self) -> None:
+        """Commit the staged batch if it is due."""
+        if self._staged_count and (self._staged_count >= self._flush_count
+                                   or self._clock() - self._staged_since >= self._flush_seconds):
+            self.flush()

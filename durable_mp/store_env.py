@@ -1,0 +1,281 @@
+"""Opening the LMDB environment behind a ``Store``: path, safety checks, sharing, fork.
+
+Three rules shape this module:
+
+* **Loading a checkpoint unpickles it, and unpickling runs code.**  So a store directory
+  (or its ``data.mdb``) that someone other than its owner can write, or that belongs to
+  another non-root user, is refused before anything is read.  New stores are created
+  with mode 0700 (directory) and 0600 (files).
+* **LMDB allows one open environment per file per process** (its locks are per process;
+  py-lmdb raises if the same files are opened twice).  Every ``Store`` on the same
+  directory in one process therefore shares one ``SharedEnv``, reference-counted, with
+  one lock that serializes its transactions (``set_mapsize`` needs no transaction open).
+* **An environment never crosses ``fork()``.**  A child inherits the parent's mappings
+  but must not use them; at fork every inherited ``SharedEnv`` is marked dead in the
+  child, and any use raises ``StoreError``.  (The engine's workers never touch the
+  store: they send their records to the driver.)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pwd
+import stat
+import threading
+from typing import Any
+
+import lmdb
+
+from durable_mp.exceptions import StoreError
+
+DEFAULT_STORE_DIR = ".durable_mp"
+STORE_ENV_VAR = "DURABLE_MP_STORE"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+DATA_FILE = "data.mdb"
+LOCK_FILE = "lock.mdb"
+MAX_DBS = 8  # meta, executions, ops, and room to grow (event history)
+
+FORMAT_KEY = b"format"
+FORMAT = b"durable_mp/1"
+DB_META, DB_EXECUTIONS, DB_OPS = b"meta", b"executions", b"ops"
+
+_FIX = "Fix: chmod 700 {dir} && chmod 600 {dir}/*.mdb"
+_WHY = "loading a checkpoint unpickles it, which can run arbitrary code"
+
+
+def resolve_store_path(path: str | os.PathLike | None = None) -> pathlib.Path:
+    """The store directory: ``path`` if given, else ``$DURABLE_MP_STORE``, else ``./.durable_mp``.
+
+    The result is absolute, so a later ``chdir`` does not move the store.
+    """
+    if path is None or os.fspath(path) == "":
+        path = os.environ.get(STORE_ENV_VAR) or DEFAULT_STORE_DIR
+    return pathlib.Path(os.fspath(path)).expanduser().absolute()
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_safe(path: pathlib.Path, st: os.stat_result, store_dir: pathlib.Path) -> None:
+    """Refuse ``path`` if others can write it or another non-root user owns it."""
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise StoreError(
+            f"refusing to open durable_mp store {store_dir}: {path} is owned by "
+            f"{_owner_name(st.st_uid)}, not by you ({_owner_name(me)}) or root, and {_WHY}. "
+            f"Use a store of your own (store=... or ${STORE_ENV_VAR}), or chown it to yourself.")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(
+            f"refusing to open durable_mp store {store_dir}: {path} is writable by group/others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}), and {_WHY}. " + _FIX.format(dir=store_dir))
+
+
+def prepare_dir(path: pathlib.Path, *, create: bool, readonly: bool) -> os.stat_result:
+    """Make sure ``path`` is a safe store directory (creating it if allowed); return its stat."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if readonly or not create:
+            raise StoreError(f"no durable_mp store at {path} (directory does not exist)") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path, DIR_MODE)
+            os.chmod(path, DIR_MODE)  # umask may have removed bits; never added any
+        except FileExistsError:
+            pass  # another process created it meanwhile; checked below like any other
+        except OSError as exc:
+            raise StoreError(f"cannot create durable_mp store directory {path}: {exc.strerror}") from None
+        st = os.stat(path)
+    except OSError as exc:
+        raise StoreError(f"cannot open durable_mp store {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path} is not a durable_mp store: it is a file, not a directory")
+    check_safe(path, st, path)
+    data = path / DATA_FILE
+    try:
+        dst = os.stat(data)
+    except FileNotFoundError:
+        if readonly or not create:
+            raise StoreError(f"no durable_mp store at {path} (it has no {DATA_FILE})") from None
+        return st
+    if not stat.S_ISREG(dst.st_mode):
+        raise StoreError(f"{path} is not a durable_mp store: {DATA_FILE} is not a regular file")
+    check_safe(data, dst, path)
+    return st
+
+
+def _file_id(path: pathlib.Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class SharedEnv:
+    """One open LMDB environment and its database handles, shared within a process."""
+
+    def __init__(self, path: pathlib.Path, key: tuple, env: Any, readonly: bool) -> None:
+        self.path = path
+        self.key = key
+        self.env = env
+        self.readonly = readonly
+        self.lock = threading.RLock()
+        self.refs = 0
+        self.forked = False
+        self.closed = False
+        self.data_id = _file_id(path / DATA_FILE)
+        self.meta = self.executions = self.ops = None
+
+    def usable_by_this_process(self) -> None:
+        if self.forked:
+            raise StoreError(
+                f"the durable_mp store {self.path} was opened before this process was forked; an "
+                f"LMDB environment must not be used across fork(). Open the store in the child "
+                f"process only if the parent did not have it open (or use spawn/forkserver).")
+        if self.closed:
+            raise StoreError(f"the durable_mp store {self.path} is closed")
+
+
+_OPEN: dict[tuple, SharedEnv] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _OPEN_LOCK
+    for shared in _OPEN.values():
+        shared.forked = True  # never close it here: the parent still uses the same files
+    _OPEN.clear()
+    _OPEN_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open_shared(path: pathlib.Path, *, map_size: int, readonly: bool, create: bool) -> SharedEnv:
+    """Open (or join this process's already open) environment for the store at ``path``."""
+    st = prepare_dir(path, create=create, readonly=readonly)
+    key = (st.st_dev, st.st_ino)
+    with _OPEN_LOCK:
+        shared = _OPEN.get(key)
+        if shared is not None and shared.data_id != _file_id(path / DATA_FILE):
+            del _OPEN[key]  # the directory was deleted and its inode reused: a stale entry
+            shared = None
+        if shared is not None:
+            if shared.readonly and not readonly:
+                raise StoreError(
+                    f"the durable_mp store {path} is already open read-only in this process; "
+                    f"close that Store before opening it for writing")
+            shared.refs += 1
+            return shared
+        shared = _open_new(path, key, map_size=map_size, readonly=readonly)
+        shared.refs = 1
+        _OPEN[key] = shared
+        return shared
+
+
+def release_shared(shared: SharedEnv) -> None:
+    with _OPEN_LOCK:
+        shared.refs -= 1
+        if shared.refs > 0 or shared.forked or shared.closed:
+            return
+        if _OPEN.get(shared.key) is shared:
+            del _OPEN[shared.key]
+        with shared.lock:
+            shared.closed = True
+            shared.env.close()
+
+
+def _open_new(path: pathlib.Path, key: tuple, *, map_size: int, readonly: bool) -> SharedEnv:
+    data_existed = (path / DATA_FILE).exists()
+    lock_existed = (path / LOCK_FILE).exists()
+    try:
+        env = lmdb.open(
+            str(path), map_size=map_size if not data_existed else 0, subdir=True, readonly=readonly,
+            metasync=True, sync=True, mode=DIR_MODE, create=False, max_dbs=MAX_DBS, lock=True)
+    except lmdb.Error as exc:
+        raise StoreError(_open_failure(path, exc)) from None
+    try:
+        if not readonly:
+            for name, existed in ((DATA_FILE, data_existed), (LOCK_FILE, lock_existed)):
+                if not existed:
+                    os.chmod(path / name, FILE_MODE)
+            if env.info()["map_size"] < map_size:
+                env.set_mapsize(map_size)  # reopening an existing store never shrinks its map
+            env.reader_check()  # free reader slots of killed processes, or their pages stay pinned
+        shared = SharedEnv(path, key, env, readonly)
+        _open_databases(shared)
+    except BaseException as exc:
+        env.close()
+        if isinstance(exc, lmdb.Error):
+            raise StoreError(_open_failure(path, exc)) from None
+        raise
+    return shared
+
+
+def _open_failure(path: pathlib.Path, exc: Exception) -> str:
+    if "already open in this process" in str(exc):
+        return (f"the durable_mp store {path} is already open in this process by a Store that was "
+                f"opened before a fork(); an LMDB environment cannot be reopened in a forked child")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if reason.startswith(str(path) + ":"):
+        reason = reason[len(str(path)) + 1:].strip()
+    return f"cannot open durable_mp store {path}: not a valid LMDB store ({type(exc).__name__}: {reason})"
+
+
+def _open_databases(shared: SharedEnv) -> None:
+    """Create the named databases of a new store, or check the format marker of an old one."""
+    env, path = shared.env, shared.path
+    if shared.readonly:
+        # py-lmdb keeps a handle opened in a read transaction only if it opens it itself.
+        with env.begin() as txn:
+            _check_main_db(txn, path, readonly=True)
+        meta = _open_db(env, DB_META, path, create=False)
+        shared.executions = _open_db(env, DB_EXECUTIONS, path, create=False)
+        shared.ops = _open_db(env, DB_OPS, path, create=False)
+        with env.begin() as txn:
+            _check_marker(txn.get(FORMAT_KEY, db=meta), path)
+        shared.meta = meta
+        return
+    with env.begin(write=True) as txn:
+        if _check_main_db(txn, path, readonly=False):
+            meta = _open_db(env, DB_META, path, create=False, txn=txn)
+            _check_marker(txn.get(FORMAT_KEY, db=meta), path)
+        else:
+            meta = env.open_db(DB_META, txn=txn)
+            txn.put(FORMAT_KEY, FORMAT, db=meta)
+        shared.executions = env.open_db(DB_EXECUTIONS, txn=txn)
+        shared.ops = env.open_db(DB_OPS, txn=txn)
+        shared.meta = meta
+
+
+def _check_main_db(txn: Any, path: pathlib.Path, *, readonly: bool) -> bool:
+    """Whether the environment already holds a store (False: it is empty, a new store)."""
+    if not txn.cursor().first():  # the main database lists the named ones: empty = new
+        if readonly:
+            raise StoreError(f"{path} is an empty LMDB environment, not a durable_mp store")
+        return False
+    if txn.get(DB_META) is None:
+        raise StoreError(f"{path} holds an LMDB environment written by another program (no durable_mp "
+                         f"format marker); refusing to use it as a durable_mp store")
+    return True
+
+
+def _open_db(env: Any, name: bytes, path: pathlib.Path, *, create: bool, txn: Any = None) -> Any:
+    try:
+        return env.open_db(name, txn=txn, create=create)
+    except lmdb.Error:
+        raise StoreError(f"{path} is not a complete durable_mp store: database {name.decode()!r} is "
+                         f"missing or not a database (written by another program?)") from None
+
+
+def _check_marker(found: bytes | None, path: pathlib.Path) -> None:
+    if found != FORMAT:
+        raise StoreError(f"{path} is not a store this durable_mp can read: format marker {found!r}, "
+                         f"expected {FORMAT!r}")

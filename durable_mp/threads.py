@@ -1,0 +1,67 @@
+"""Nested parallel/map inside a worker: branches run on threads of that worker.
+
+Only top-level batches fan out to processes; a batch inside a branch already occupies a
+worker slot, and sending its branches back to the pool could deadlock a full pool.
+Threads match the reference's model (I/O-bound nested branches overlap).  Early
+completion cannot kill a thread: a still-running branch is recorded STARTED, its state
+is cancelled, and its next durable operation raises ``OrphanedChildException`` so
+nothing it does afterwards is checkpointed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from durable_mp.branch import BranchSource, run_branch, started_record
+from durable_mp.exceptions import OrphanedChildException
+from durable_mp.records import OpRecord, OpStatus
+from durable_mp.spec import BatchSpec
+
+
+def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
+    policy = spec.policy
+    records: dict[int, OpRecord] = {}
+    for index, rec in spec.done.items():
+        policy.on_started(index)
+        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+        records[index] = rec
+    source = BranchSource(funcs=spec.funcs, func=spec.func, inputs=spec.inputs, item_serdes=spec.item_serdes,
+                          batch_op_id=spec.op_id, item_sub_type=spec.item_sub_type, names=spec.names,
+                          execution_id=spec.execution_id)
+    todo = deque(i for i in range(spec.n) if i not in records)
+    limit = spec.max_concurrency or max(1, len(todo))
+    finished: queue.Queue = queue.Queue()
+    running: dict[int, tuple[Any, float]] = {}
+
+    def body(index: int, branch_state: Any) -> None:
+        try:
+            rec = run_branch(source, index, lambda op_id: branch_state.context(op_id))
+        except OrphanedChildException:
+            return
+        finished.put((index, rec))
+
+    reason = policy.decision()
+    while reason is None:
+        while todo and len(running) < limit:
+            index = todo.popleft()
+            branch_state = state.for_branch()
+            policy.on_started(index)
+            running[index] = (branch_state, time.time())
+            threading.Thread(target=body, args=(index, branch_state), daemon=True,
+                             name=f"durable_mp-branch-{index}").start()
+        index, rec = finished.get()
+        running.pop(index, None)
+        records[index] = rec
+        state.emit(rec)
+        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+        reason = policy.decision()
+    for index, (branch_state, start) in running.items():
+        branch_state.cancel()
+        rec = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, start)
+        records[index] = rec
+        state.emit(rec)
+    return records, reason

@@ -1,0 +1,344 @@
+"""The worker process: runs the branches the driver sends and streams their records back.
+
+A worker never touches the store.  Every record it produces goes into an ``Outbox``
+that is sent to the driver at most every ``OUTBOX_FLUSH_SECONDS`` (and at the end of a
+task), so a map over tiny items costs one pipe message per few hundred items while a
+crash loses at most a few milliseconds of finished work.  The index of the branch being
+run is written into a shared-memory slot so the driver knows, after a crash, which
+branch was guilty and which were innocent bystanders in the same chunk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import cloudpickle
+
+from durable_mp.branch import BranchSource, run_branch
+from durable_mp.exceptions import OrphanedChildException, SerDesError
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.logger import Logger
+from durable_mp.records import PICKLE_PROTOCOL, OpRecord
+from durable_mp.threads import run_batch_in_threads
+from durable_mp.types import StepContext
+
+OUTBOX_FLUSH_SECONDS = 0.005
+PAYLOAD_CACHE_SIZE = 4
+PARENT_CHECK_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1
+SLOT_FORMAT = "q"
+IDLE = -1
+
+
+class Channel:
+    """Worker end of the pipe; a lock because nested branches send from threads."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, protocol=PICKLE_PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+    def request(self, msg: tuple) -> Any:
+        data = pickle.dumps(msg, protocol=PICKLE_PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+            return pickle.loads(self.conn.recv_bytes())
+
+
+class Outbox:
+    """Records on their way to the driver, batched by time."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.nested: list[OpRecord] = []
+        self.items: list[tuple[int, OpRecord]] = []
+        self.task_id = 0
+        self.last_send = time.monotonic()
+
+    def add(self, rec: OpRecord) -> None:
+        with self.lock:
+            self.nested.append(rec)
+
+    def add_item(self, index: int, rec: OpRecord) -> None:
+        with self.lock:
+            self.items.append((index, rec))
+        if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
+            self.send("R")
+
+    def _take(self) -> tuple[list, list]:
+        with self.lock:
+            nested, items = self.nested, self.items
+            self.nested, self.items = [], []
+        return nested, items
+
+    def send(self, kind: str) -> None:
+        nested, items = self._take()
+        self.last_send = time.monotonic()
+        if kind == "R" and not nested and not items:
+            return
+        self.channel.send((kind, self.task_id, nested, items))
+
+    def sync(self) -> None:
+        """Send everything and wait until the driver has committed it."""
+        nested, items = self._take()
+        self.channel.request(("S", self.task_id, nested, items))
+
+    def watch(self, rec: OpRecord | None, timeout: float | None) -> None:
+        """Tell the driver a watched step starts (``rec``) or ends (None)."""
+        self.send("R")
+        self.channel.send(("W", self.task_id, rec, timeout))
+
+
+class WorkerShared:
+    """Per-process settings every branch state refers to."""
+
+    def __init__(self, outbox: Outbox, settings: dict) -> None:
+        self.outbox = outbox
+        self.execution_id = settings["execution_id"]
+        self.skip_time = settings.get("skip_time", False)
+        self.watch_steps = settings.get("watch_steps", False)
+
+
+class WorkerState:
+    """The state behind a ``DurableContext`` inside a worker: checkpoints in, records out."""
+
+    __slots__ = ("shared", "checkpoints", "cancelled")
+
+    def __init__(self, shared: WorkerShared, checkpoints: dict[str, OpRecord]) -> None:
+        self.shared = shared
+        self.checkpoints = checkpoints
+        self.cancelled = False
+
+    @property
+    def execution_id(self) -> str:
+        return self.shared.execution_id
+
+    @property
+    def skip_time(self) -> bool:
+        return self.shared.skip_time
+
+    @property
+    def watch_steps(self) -> bool:
+        return self.shared.watch_steps
+
+    def context(self, op_id: str) -> Any:
+        from durable_mp.context import DurableContext
+
+        return DurableContext(self, op_id)
+
+    def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
+        return self.checkpoints.get(op_id) if self.checkpoints else None
+
+    def children(self, op_id: str) -> list[OpRecord]:
+        return [r for r in self.checkpoints.values() if r.parent_id == op_id]
+
+    def emit(self, rec: OpRecord, sync: bool = False) -> None:
+        if self.cancelled:
+            raise OrphanedChildException("branch was abandoned when its batch completed early", rec.op_id)
+        self.shared.outbox.add(rec)
+        if sync:
+            self.shared.outbox.sync()
+
+    def run_batch(self, spec: Any) -> tuple[dict[int, OpRecord], Any]:
+        return run_batch_in_threads(self, spec)
+
+    def for_branch(self) -> "WorkerState":
+        return WorkerState(self.shared, self.checkpoints)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def run_step_body(self, func: Any, step_ctx: StepContext, watch: Any) -> Any:
+        if self.cancelled:
+            raise OrphanedChildException("branch was abandoned when its batch completed early", "")
+        if watch is None:
+            return func(step_ctx)
+        self.shared.outbox.watch(watch.record, watch.timeout)
+        try:
+            return func(step_ctx)
+        finally:
+            self.shared.outbox.watch(None, None)
+
+    def sleep(self, seconds: float) -> None:
+        if not self.shared.skip_time and seconds > 0:
+            time.sleep(seconds)
+
+    def sleep_until(self, ts: float) -> None:
+        self.sleep(ts - time.time())
+
+
+class _LazyBranches:
+    """Parallel branch functions, unpickled on first use so one bad branch fails alone."""
+
+    def __init__(self, blobs: list[bytes | None], names: list[str]) -> None:
+        self.blobs = blobs
+        self.names = names
+        self.loaded: dict[int, Any] = {}
+
+    def __getitem__(self, index: int) -> Any:
+        func = self.loaded.get(index)
+        if func is None:
+            try:
+                func = self.loaded[index] = cloudpickle.loads(self.blobs[index])
+            except Exception as exc:  # noqa: BLE001
+                raise SerDesError(
+                    f"branch {index} ({self.names[index]}) could not be unpickled in the worker: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return func
+
+
+class _Unloadable:
+    """Stands in for a map function or inputs the worker could not unpickle."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any) -> Any:
+        raise self.error
+
+    def __getitem__(self, index: int) -> Any:
+        raise self.error
+
+
+def load_source(payload: bytes, execution_id: str) -> BranchSource:
+    meta = pickle.loads(payload)
+    funcs = func = inputs = None
+    if meta["funcs"] is not None:
+        funcs = _LazyBranches(meta["funcs"], meta["names"])
+    else:
+        try:
+            func = cloudpickle.loads(meta["func"])
+            inputs = cloudpickle.loads(meta["inputs"])
+        except Exception as exc:  # noqa: BLE001
+            err = SerDesError(f"map function or inputs could not be unpickled in the worker: "
+                              f"{type(exc).__name__}: {exc}")
+            func = _Unloadable(err)
+            inputs = _Unloadable(err)
+    return BranchSource(funcs=funcs, func=func, inputs=inputs, item_serdes=pickle.loads(meta["item_serdes"]),
+                        batch_op_id=meta["op_id"], item_sub_type=meta["item_sub_type"],
+                        names=meta["names"], execution_id=execution_id)
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends log records to the driver, which re-emits them through its own handlers."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = dict(record.__dict__)
+            data["msg"] = record.getMessage()
+            data["args"] = None
+            if record.exc_info:
+                data["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            data["exc_info"] = None
+            data = {k: v for k, v in data.items() if _plain(v)}
+            self.channel.send(("L", data))
+        except Exception:  # noqa: BLE001 - logging must never break a branch
+            pass
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the driver dies, even while user code holds the GIL in a C loop."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_SECONDS)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="durable_mp-parent-watch").start()
+
+
+def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict) -> None:
+    """Serve tasks until told to quit or the driver goes away."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = Channel(conn)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ForwardHandler(channel))
+    outbox = Outbox(channel)
+    shared = WorkerShared(outbox, settings)
+    current = memoryview(slot).cast(SLOT_FORMAT)
+    cache: OrderedDict[str, BranchSource] = OrderedDict()
+    while True:
+        try:
+            msg = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        kind = msg[0]
+        if kind == "T":
+            _run_task(msg, shared, outbox, cache, current)
+        elif kind == "C":
+            _run_call(msg, channel)
+        elif kind == "Q":
+            return
+
+
+def _run_task(msg: tuple, shared: WorkerShared, outbox: Outbox, cache: OrderedDict, current: Any) -> None:
+    _, task_id, token, payload, indices, names, checkpoints = msg
+    source = cache.get(token)
+    if source is None:
+        source = cache[token] = load_source(payload, shared.execution_id)
+        while len(cache) > PAYLOAD_CACHE_SIZE:
+            cache.popitem(last=False)
+    if names:
+        source.names = names
+    outbox.task_id = task_id
+    empty: dict = {}
+    for index in indices:
+        current[0] = index
+        state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
+        outbox.add_item(index, run_branch(source, index, state.context))
+    current[0] = IDLE
+    outbox.send("D")
+
+
+def _run_call(msg: tuple, channel: Channel) -> None:
+    """One attempt of a driver-level step that needs a killable process (it has a timeout)."""
+    _, task_id, payload = msg
+    try:
+        func, attempt, extra = cloudpickle.loads(payload)
+        value = func(StepContext(Logger(extra=extra), attempt))
+        try:
+            data = pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        except Exception:  # noqa: BLE001
+            data = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        channel.send(("V", task_id, True, data))
+    except (KeyboardInterrupt, OrphanedChildException):
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        try:
+            failure: Any = pickle.dumps(exc, protocol=PICKLE_PROTOCOL)
+            pickle.loads(failure)
+        except Exception:  # noqa: BLE001 - an exception that does not survive pickling travels as text
+            failure = (ErrorObject.from_exception(exc).to_dict(), type(exc).__name__)
+        channel.send(("V", task_id, False, failure))
