@@ -29,6 +29,7 @@ from durable_mp.exceptions import (
     ChildContextError,
     DurableOperationError,
     NonDeterministicExecutionError,
+    SerDesError,
     ValidationError,
 )
 from durable_mp.lambda_service import ErrorObject
@@ -257,8 +258,12 @@ class DurableContext:
         for index in sorted(records):
             r = records[index]
             if r.status == OpStatus.SUCCEEDED:
-                value = _serdes.deserialize(item_serdes, r.result, op_id=r.op_id, execution_id=exec_id,
-                                            what=f"result of branch {index} ({r.name})")
+                try:
+                    value = _serdes.deserialize(item_serdes, r.result, op_id=r.op_id, execution_id=exec_id,
+                                                what=f"result of branch {index} ({r.name})")
+                except SerDesError as exc:  # the branch ran; only its result is unreadable here
+                    items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_exception(exc)))
+                    continue
                 items.append(BatchItem(index, BatchItemStatus.SUCCEEDED, value, None))
             elif r.status == OpStatus.FAILED:
                 items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(r.error)))

@@ -36,6 +36,7 @@ __all__ = [
 T = TypeVar("T")
 
 PICKLE_PROTOCOL = 5
+MAX_PAYLOAD_BYTES = 1 << 30  # one checkpointed value; LMDB and the worker pipe take more, RAM may not
 Payload = str | bytes
 
 
@@ -227,7 +228,7 @@ def serialize(
     """Serialize ``value`` (``what`` it is names it in errors) with ``serdes`` or the default."""
     active = serdes if serdes is not None else DEFAULT_SERDES
     try:
-        return active.serialize(value, SerDesContext(op_id, execution_id))
+        payload = active.serialize(value, SerDesContext(op_id, execution_id))
     except RetryableSerDesError:
         raise
     except Exception as error:
@@ -235,6 +236,13 @@ def serialize(
             f"Cannot serialize {what} (value of type {_describe(value)}) with "
             f"{type(active).__name__}: {type(error).__name__}: {error}"
         ) from error
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise SerDesError(
+            f"Cannot checkpoint {what}: it serializes to {len(payload) / 2**20:.1f} MiB, over the "
+            f"{MAX_PAYLOAD_BYTES / 2**20:.0f} MiB limit of one checkpoint (value of type {_describe(value)}); "
+            f"return a path or a summary instead"
+        )
+    return payload
 
 
 def deserialize(

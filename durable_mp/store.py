@@ -23,6 +23,9 @@
   mistaken for a live owner, and a dead owner's lock is simply taken over.
 * The map grows by doubling when a transaction finds it full.
 
+Opening, permission checks and the per-process sharing of an environment live in
+``store_env``; execution records, id rules and the lock policy in ``store_records``.
+
 A ``Store`` belongs to the process that opened it: never use it in a forked child (it
 raises ``StoreError`` there).  ``make_new`` passed to ``acquire`` runs inside the write
 transaction and must not use the store.
@@ -32,112 +35,25 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pickle
-import re
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import lmdb
-import psutil
 
-from durable_mp.exceptions import ExecutionLockedError, StoreError
-from durable_mp.records import PICKLE_PROTOCOL, OpRecord
+from durable_mp.exceptions import StoreError
+from durable_mp.records import OpRecord
 from durable_mp.store_env import DEFAULT_STORE_DIR, STORE_ENV_VAR, open_shared, release_shared, resolve_store_path
+from durable_mp.store_records import (FAILED, MAX_ID_BYTES, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
+                                      this_process, unclaim, validate_exec_id)
 
 __all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUNT", "FLUSH_SECONDS",
-           "ExecutionRecord", "Store", "resolve_store_path", "validate_exec_id"]
+           "ExecutionRecord", "Store", "resolve_store_path", "validate_exec_id",
+           "RUNNING", "SUCCEEDED", "FAILED"]
 
 DEFAULT_MAP_SIZE = 1 << 30  # bytes; only address space until used, doubled whenever full
 MAX_MAP_SIZE = 1 << 42  # bytes (4 TiB): past this a full map is a full disk, not a small map
 FLUSH_COUNT = 5000  # staged records that make a batch due
 FLUSH_SECONDS = 0.02  # seconds after its oldest record that a batch is due
-MAX_EXEC_ID_CHARS = 200  # also at most this many UTF-8 bytes
-MAX_ID_BYTES = 150  # parent_id / op_id, UTF-8; with the exec id a key stays under LMDB's 511
-CREATE_TIME_TOLERANCE_S = 0.01  # process start times are in clock ticks (1/100 s)
-
-RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
-
-_SEP = "\0"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-class ExecutionRecord(NamedTuple):
-    """One durable execution.  ``owner_pid`` is 0 when no driver holds it."""
-
-    exec_id: str
-    status: str  # RUNNING | SUCCEEDED | FAILED
-    handler: str  # "module:qualname"
-    input: bytes | None  # pickled event
-    result: bytes | None
-    error: dict | None
-    created_ts: float
-    started_ts: float  # start of the latest run
-    ended_ts: float | None
-    owner_pid: int
-    owner_create_time: float
-    runs: int
-    extra: dict | None = None
-
-
-def validate_exec_id(exec_id: str) -> str:
-    """Return ``exec_id`` or raise ``ValueError`` saying what is wrong with it."""
-    if not isinstance(exec_id, str):
-        raise ValueError(f"execution id must be a str, not {type(exec_id).__name__}")
-    if not exec_id:
-        raise ValueError("execution id must not be empty")
-    if len(exec_id) > MAX_EXEC_ID_CHARS or len(exec_id.encode()) > MAX_EXEC_ID_CHARS:
-        raise ValueError(f"execution id is too long ({len(exec_id)} characters): at most "
-                         f"{MAX_EXEC_ID_CHARS} characters ({MAX_EXEC_ID_CHARS} bytes in UTF-8)")
-    bad = _CONTROL.search(exec_id)
-    if bad:
-        raise ValueError(f"execution id {exec_id!r} contains control character {bad.group()!r} "
-                         f"at position {bad.start()}; NUL and control characters are not allowed")
-    return exec_id
-
-
-def _check_id(kind: str, value: str) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"{kind} must be a str, not {type(value).__name__}")
-    if _SEP in value:
-        raise ValueError(f"{kind} {value!r} contains NUL")
-    if len(value.encode()) > MAX_ID_BYTES:
-        raise ValueError(f"{kind} is too long ({len(value.encode())} bytes, at most {MAX_ID_BYTES})")
-
-
-_ME: dict[int, tuple[int, float]] = {}
-
-
-def _this_process() -> tuple[int, float]:
-    pid = os.getpid()
-    me = _ME.get(pid)
-    if me is None:
-        me = _ME[pid] = (pid, psutil.Process(pid).create_time())
-    return me
-
-
-def _same_process(pid: int, create_time: float, other: tuple[int, float]) -> bool:
-    return pid == other[0] and abs(create_time - other[1]) <= CREATE_TIME_TOLERANCE_S
-
-
-def _alive(pid: int, create_time: float) -> bool:
-    """Is the process that took a lock still running (same pid *and* same start time)?"""
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
-            return False  # the pid was recycled
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # it exists and we cannot look closer: assume the owner is alive
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _dump_exec(rec: ExecutionRecord) -> bytes:
-    return pickle.dumps(tuple(rec), protocol=PICKLE_PROTOCOL)
 
 
 class Store:
@@ -247,8 +163,8 @@ class Store:
 
     def _prefix(self, exec_id: str, parent_id: str) -> bytes:
         self._exec_key(exec_id)
-        _check_id("parent_id", parent_id)
-        return f"{exec_id}{_SEP}{parent_id}{_SEP}".encode()
+        check_id("parent_id", parent_id)
+        return f"{exec_id}{SEP}{parent_id}{SEP}".encode()
 
     # -- executions ------------------------------------------------------------------------
     def get_execution(self, exec_id: str) -> ExecutionRecord | None:
@@ -258,12 +174,12 @@ class Store:
 
     def _load_exec(self, raw: bytes, exec_id: str) -> ExecutionRecord:
         try:
-            return ExecutionRecord(*pickle.loads(raw))
+            return ExecutionRecord.loads(raw)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"execution {exec_id!r} in {self.path} cannot be decoded: {exc!r}") from exc
 
     def put_execution(self, rec: ExecutionRecord) -> None:
-        key, data = self._exec_key(rec.exec_id), _dump_exec(rec)
+        key, data = self._exec_key(rec.exec_id), rec.dumps()
         self._write(lambda txn, sh: txn.put(key, data, db=sh.executions))
 
     def list_executions(self) -> list[ExecutionRecord]:
@@ -305,7 +221,7 @@ class Store:
         execution taken over starts a new run (``runs`` + 1, ``started_ts`` = now).
         """
         key = self._exec_key(exec_id)
-        me = _this_process()
+        me = this_process()
         made: list[ExecutionRecord] = []
 
         def take(txn, sh) -> tuple[ExecutionRecord, bool]:
@@ -316,41 +232,24 @@ class Store:
                 rec = made[0]._replace(owner_pid=me[0], owner_create_time=me[1])
                 if rec.exec_id != exec_id:
                     raise ValueError(f"make_new() returned execution {rec.exec_id!r}, not {exec_id!r}")
-                txn.put(key, _dump_exec(rec), db=sh.executions)
-                return rec, True
-            rec = self._load_exec(raw, exec_id)
-            if (rec.status == RUNNING and rec.owner_pid
-                    and not _same_process(rec.owner_pid, rec.owner_create_time, me)
-                    and _alive(rec.owner_pid, rec.owner_create_time)):
-                raise ExecutionLockedError(
-                    f"execution {exec_id!r} is being run by another live driver: pid {rec.owner_pid} "
-                    f"(process started {_when(rec.owner_create_time)}), running since "
-                    f"{_when(rec.started_ts)}. Wait for it to finish or stop that process; the lock "
-                    f"of a dead driver is taken over automatically.")
-            if rec.status == RUNNING:
-                rec = rec._replace(runs=rec.runs + 1, started_ts=time.time())
-            rec = rec._replace(owner_pid=me[0], owner_create_time=me[1])
-            txn.put(key, _dump_exec(rec), db=sh.executions)
-            return rec, False
+                created = True
+            else:
+                rec, created = claim(self._load_exec(raw, exec_id), me, time.time()), False
+            txn.put(key, rec.dumps(), db=sh.executions)
+            return rec, created
 
         return self._write(take)
 
     def release(self, exec_id: str) -> None:
         """Clear the execution's owner (its status stays).  A live other owner is left alone."""
         key = self._exec_key(exec_id)
-        me = _this_process()
+        me = this_process()
 
         def clear(txn, sh) -> None:
             raw = txn.get(key, db=sh.executions)
-            if raw is None:
-                return
-            rec = self._load_exec(raw, exec_id)
-            if not rec.owner_pid:
-                return
-            if (not _same_process(rec.owner_pid, rec.owner_create_time, me)
-                    and _alive(rec.owner_pid, rec.owner_create_time)):
-                return
-            txn.put(key, _dump_exec(rec._replace(owner_pid=0, owner_create_time=0.0)), db=sh.executions)
+            rec = None if raw is None else unclaim(self._load_exec(raw, exec_id), me)
+            if rec is not None:
+                txn.put(key, rec.dumps(), db=sh.executions)
 
         self._write(clear)
 
@@ -376,7 +275,7 @@ class Store:
             data = group.get(op_id)
             if data is not None:
                 return self._load(data, f"{exec_id}/{parent_id}/{op_id}")
-        _check_id("op_id", op_id)
+        check_id("op_id", op_id)
         key = self._prefix(exec_id, parent_id) + op_id.encode()
         data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
         return None if data is None else self._load(data, f"{exec_id}/{parent_id}/{op_id}")
@@ -391,14 +290,14 @@ class Store:
     def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
         """Every descendant of ``op_id`` (not itself), by op id, from one consistent snapshot."""
         self._exec_key(exec_id)
-        _check_id("op_id", op_id)
+        check_id("op_id", op_id)
 
         def walk(txn, sh) -> dict[str, OpRecord]:
             out: dict[str, OpRecord] = {}
             todo = [op_id]
             while todo:
                 parent = todo.pop()
-                found = self._scan(txn, sh.ops, f"{exec_id}{_SEP}{parent}{_SEP}".encode())
+                found = self._scan(txn, sh.ops, f"{exec_id}{SEP}{parent}{SEP}".encode())
                 found.update(self._staged.get((exec_id, parent), ()))
                 for child, data in found.items():
                     if child not in out and child != op_id:
@@ -414,7 +313,7 @@ class Store:
         found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))  # "parent\0op" -> data
         for (ex, parent), group in self._staged.items():
             if ex == exec_id:
-                found.update((f"{parent}{_SEP}{op}", data) for op, data in group.items())
+                found.update((f"{parent}{SEP}{op}", data) for op, data in group.items())
         return [self._load(data, f"{exec_id}/{key}") for key, data in found.items()]
 
     def parents_with_children(self, exec_id: str) -> set[str]:
@@ -449,8 +348,8 @@ class Store:
         group = self._staged.get((exec_id, parent_id))
         if group is None:
             group = self._new_group(exec_id, parent_id)
-        if not (op_id.__class__ is str and op_id.isascii() and len(op_id) <= MAX_ID_BYTES) or _SEP in op_id:
-            _check_id("op_id", op_id)
+        if not (op_id.__class__ is str and op_id.isascii() and len(op_id) <= MAX_ID_BYTES) or SEP in op_id:
+            check_id("op_id", op_id)
         n = len(group)
         group[op_id] = data if data.__class__ is bytes else bytes(data)
         if len(group) != n:
@@ -477,7 +376,7 @@ class Store:
         items: list[tuple[bytes, bytes]] = []
         size = 0
         for (exec_id, parent_id), group in self._staged.items():
-            prefix = f"{exec_id}{_SEP}{parent_id}{_SEP}"
+            prefix = f"{exec_id}{SEP}{parent_id}{SEP}"
             items.extend([(f"{prefix}{op}".encode(), data) for op, data in group.items()])
             size += sum(map(len, group.values())) + len(prefix.encode()) * len(group) + sum(map(len, group))
         items.sort()  # B-tree inserts in key order touch each page once: ~2x faster commits

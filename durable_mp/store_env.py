@@ -22,6 +22,7 @@ import os
 import pathlib
 import pwd
 import stat
+import struct
 import threading
 from typing import Any
 
@@ -40,6 +41,9 @@ MAX_DBS = 8  # meta, executions, ops, and room to grow (event history)
 FORMAT_KEY = b"format"
 FORMAT = b"durable_mp/1"
 DB_META, DB_EXECUTIONS, DB_OPS = b"meta", b"executions", b"ops"
+
+LMDB_MAGIC = 0xBEEFC0DE  # starts the meta record in pages 0 and 1 of a data file
+_META_LEN = 136  # bytes of the meta record we read: magic .. last_pg, txnid
 
 _FIX = "Fix: chmod 700 {dir} && chmod 600 {dir}/*.mdb"
 _WHY = "loading a checkpoint unpickles it, which can run arbitrary code"
@@ -195,6 +199,11 @@ def release_shared(shared: SharedEnv) -> None:
 def _open_new(path: pathlib.Path, key: tuple, *, map_size: int, readonly: bool) -> SharedEnv:
     data_existed = (path / DATA_FILE).exists()
     lock_existed = (path / LOCK_FILE).exists()
+    if data_existed:
+        try:
+            check_data_file(path)
+        except OSError as exc:
+            raise StoreError(f"cannot read {path / DATA_FILE}: {exc.strerror}") from None
     try:
         env = lmdb.open(
             str(path), map_size=map_size if not data_existed else 0, subdir=True, readonly=readonly,
@@ -217,6 +226,43 @@ def _open_new(path: pathlib.Path, key: tuple, *, map_size: int, readonly: bool) 
             raise StoreError(_open_failure(path, exc)) from None
         raise
     return shared
+
+
+def check_data_file(path: pathlib.Path) -> None:
+    """Refuse a data file that is not LMDB's or is shorter than its committed pages.
+
+    LMDB maps the file and would die of SIGBUS reading a page past its end (a truncated
+    copy, a full disk) instead of reporting an error; this reads only the two meta pages.
+    """
+    def bad(reason: str) -> StoreError:
+        return StoreError(f"cannot open durable_mp store {path}: not a valid LMDB store ({DATA_FILE} {reason})")
+
+    with open(path / DATA_FILE, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return  # LMDB initialises an empty file
+        head = f.read(64)
+        hdr = next((off for off in range(0, len(head) - 3, 4)
+                    if struct.unpack_from("=I", head, off)[0] == LMDB_MAGIC), None)
+        if hdr is None:
+            raise bad("has no LMDB header")
+        metas, psize = [], 0
+        for pgno in (0, 1):
+            f.seek(pgno * psize)
+            buf = f.read(hdr + _META_LEN)
+            if len(buf) < hdr + _META_LEN or struct.unpack_from("=I", buf, hdr)[0] != LMDB_MAGIC:
+                continue
+            if pgno == 0:
+                psize = struct.unpack_from("=I", buf, hdr + 24)[0]  # the free DB's md_pad holds it
+                if psize < 512 or psize > 1 << 16 or psize & (psize - 1):
+                    raise bad(f"has an impossible page size {psize}")
+            last_pg, txnid = struct.unpack_from("=QQ", buf, hdr + 120)
+            metas.append((txnid, last_pg))
+        if not metas:
+            raise bad("has no readable meta page")
+        need = (max(metas)[1] + 1) * psize
+        if size < need:
+            raise bad(f"is truncated: {size} bytes, its committed pages need {need}")
 
 
 def _open_failure(path: pathlib.Path, exc: Exception) -> str:

@@ -128,6 +128,17 @@ def test_garbage_data_file_is_a_store_error(path):
     _assert_clean(info.value)
 
 
+def test_truncated_data_file_is_a_store_error(path):
+    with Store(path) as st:
+        for i in range(500):
+            st.stage("e", op(f"op{i}", result=b"x" * 500))
+    os.truncate(path / "data.mdb", os.path.getsize(path / "data.mdb") // 2)
+    for readonly in (True, False):
+        with pytest.raises(StoreError, match="not a valid LMDB store") as info:
+            Store(path, readonly=readonly)
+        _assert_clean(info.value)
+
+
 def test_regular_file_is_a_store_error(tmp_path):
     target = tmp_path / "a-file"
     target.write_text("hello")

@@ -1,0 +1,138 @@
+"""Execution records, id rules and lock ownership for the store (no LMDB in here).
+
+An execution's lock is its owner: a (pid, process start time) pair, so a recycled pid is
+never mistaken for a live owner.  ``claim`` is the whole lock policy, as a pure function
+of the stored record and the claiming process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import time
+from typing import NamedTuple
+
+import psutil
+
+from durable_mp.exceptions import ExecutionLockedError
+from durable_mp.records import PICKLE_PROTOCOL
+
+MAX_EXEC_ID_CHARS = 200  # also at most this many UTF-8 bytes
+MAX_ID_BYTES = 150  # parent_id / op_id, UTF-8; with the exec id a key stays under LMDB's 511
+CREATE_TIME_TOLERANCE_S = 0.01  # process start times are in clock ticks (1/100 s)
+
+RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
+
+SEP = "\0"  # between exec_id, parent_id and op_id in a key; no id may contain it
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class ExecutionRecord(NamedTuple):
+    """One durable execution.  ``owner_pid`` is 0 when no driver holds it."""
+
+    exec_id: str
+    status: str  # RUNNING | SUCCEEDED | FAILED
+    handler: str  # "module:qualname"
+    input: bytes | None  # pickled event
+    result: bytes | None
+    error: dict | None
+    created_ts: float
+    started_ts: float  # start of the latest run
+    ended_ts: float | None
+    owner_pid: int
+    owner_create_time: float
+    runs: int
+    extra: dict | None = None
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(tuple(self), protocol=PICKLE_PROTOCOL)
+
+    @classmethod
+    def loads(cls, data: bytes) -> "ExecutionRecord":
+        return cls(*pickle.loads(data))
+
+
+def validate_exec_id(exec_id: str) -> str:
+    """Return ``exec_id`` or raise ``ValueError`` saying what is wrong with it."""
+    if not isinstance(exec_id, str):
+        raise ValueError(f"execution id must be a str, not {type(exec_id).__name__}")
+    if not exec_id:
+        raise ValueError("execution id must not be empty")
+    if len(exec_id) > MAX_EXEC_ID_CHARS or len(exec_id.encode()) > MAX_EXEC_ID_CHARS:
+        raise ValueError(f"execution id is too long ({len(exec_id)} characters): at most "
+                         f"{MAX_EXEC_ID_CHARS} characters ({MAX_EXEC_ID_CHARS} bytes in UTF-8)")
+    bad = _CONTROL.search(exec_id)
+    if bad:
+        raise ValueError(f"execution id {exec_id!r} contains control character {bad.group()!r} "
+                         f"at position {bad.start()}; NUL and control characters are not allowed")
+    return exec_id
+
+
+def check_id(kind: str, value: str) -> None:
+    """Raise ``ValueError`` unless ``value`` can be a parent_id / op_id."""
+    if not isinstance(value, str):
+        raise ValueError(f"{kind} must be a str, not {type(value).__name__}")
+    if SEP in value:
+        raise ValueError(f"{kind} {value!r} contains NUL")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"{kind} is too long ({len(value.encode())} bytes, at most {MAX_ID_BYTES})")
+
+
+_ME: dict[int, tuple[int, float]] = {}
+
+
+def this_process() -> tuple[int, float]:
+    """(pid, start time) of the calling process."""
+    pid = os.getpid()
+    me = _ME.get(pid)
+    if me is None:
+        me = _ME[pid] = (pid, psutil.Process(pid).create_time())
+    return me
+
+
+def _is(rec: ExecutionRecord, proc: tuple[int, float]) -> bool:
+    return rec.owner_pid == proc[0] and abs(rec.owner_create_time - proc[1]) <= CREATE_TIME_TOLERANCE_S
+
+
+def owner_alive(rec: ExecutionRecord) -> bool:
+    """Is the process that took the lock still running (same pid *and* same start time)?"""
+    if not rec.owner_pid:
+        return False
+    try:
+        proc = psutil.Process(rec.owner_pid)
+        if abs(proc.create_time() - rec.owner_create_time) > CREATE_TIME_TOLERANCE_S:
+            return False  # the pid was recycled
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists and we cannot look closer: assume the owner is alive
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionRecord:
+    """The record after ``me`` takes the lock of an existing execution.
+
+    Raises ``ExecutionLockedError`` while another live process owns it RUNNING.  Taking
+    over a RUNNING execution (dead owner, released after Ctrl-C) starts a new run.
+    """
+    if rec.status == RUNNING and not _is(rec, me) and owner_alive(rec):
+        raise ExecutionLockedError(
+            f"execution {rec.exec_id!r} is being run by another live driver: pid {rec.owner_pid} "
+            f"(process started {_when(rec.owner_create_time)}), running since {_when(rec.started_ts)}. "
+            f"Wait for it to finish or stop that process; the lock of a dead driver is taken over "
+            f"automatically.")
+    if rec.status == RUNNING:
+        rec = rec._replace(runs=rec.runs + 1, started_ts=now)
+    return rec._replace(owner_pid=me[0], owner_create_time=me[1])
+
+
+def unclaim(rec: ExecutionRecord, me: tuple[int, float]) -> ExecutionRecord | None:
+    """The record with its owner cleared, or None to leave it (no owner, or a live other one)."""
+    if not rec.owner_pid or (not _is(rec, me) and owner_alive(rec)):
+        return None
+    return rec._replace(owner_pid=0, owner_create_time=0.0)

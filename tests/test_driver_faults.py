@@ -1,0 +1,189 @@
+"""The driver itself dies, is interrupted, or is started twice."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from durable_mp import ExecutionLockedError
+from durable_mp.store import Store
+
+pytestmark = pytest.mark.timeout(180)
+
+JOB = textwrap.dedent(
+    """
+    import os, sys, time
+    from durable_mp import durable_execution
+    from durable_mp.config import ParallelConfig
+
+    MARKERS = os.environ.get("MARKERS", "")
+    STEP_SECONDS = float(os.environ.get("STEP_SECONDS", "0.1"))
+
+    def mark(name):
+        if MARKERS:
+            with open(os.path.join(MARKERS, name), "a") as f:
+                f.write("x")
+
+    def branch(i):
+        def run(ctx):
+            def work(step_ctx):
+                mark(f"start-{i}")
+                time.sleep(STEP_SECONDS)
+                return i
+            return ctx.step(work, name=f"work-{i}") * 3
+        return run
+
+    @durable_execution
+    def handler(event, ctx):
+        n = event["n"]
+        return ctx.parallel([branch(i) for i in range(n)], name="job",
+                            config=ParallelConfig(max_concurrency=2)).get_results()
+
+    if __name__ == "__main__":
+        print(handler.run({"n": int(sys.argv[2])}, store=sys.argv[1], execution_id="drv"), flush=True)
+    """
+)
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("MARKERS", str(markers))
+    return script, markers, str(tmp_path / "store")
+
+
+def start(script, store, n, **env):
+    return subprocess.Popen([sys.executable, str(script), store, str(n)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **env})
+
+
+def session_processes(sid: int) -> list[int]:
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+        except (ProcessLookupError, psutil.Error, PermissionError):
+            pass
+    return out
+
+
+def wait_gone(sid: int, seconds: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    left = session_processes(sid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = session_processes(sid)
+    return left
+
+
+def counts(markers, prefix):
+    return {int(n.split("-")[1]): len(open(markers / n).read()) for n in os.listdir(markers) if n.startswith(prefix)}
+
+
+def committed_branches(store) -> set[int]:
+    with Store(store) as st:
+        return {int(r.name.rsplit("-", 1)[1]) for r in st.ops("drv")
+                if r.sub_type == "ParallelBranch" and r.status == "SUCCEEDED"}
+
+
+def wait_for_starts(markers, n, seconds=60):
+    deadline = time.monotonic() + seconds
+    while sum(counts(markers, "start").values()) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_workers_exit_when_the_driver_is_sigkilled(job):
+    script, markers, store = job
+    proc = start(script, store, 20, STEP_SECONDS="5")
+    wait_for_starts(markers, 2)
+    workers = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert workers, "the driver should have worker processes"
+    os.kill(proc.pid, signal.SIGKILL)  # only the driver: workers must notice on their own
+    proc.wait(timeout=10)
+    assert wait_gone(proc.pid) == [], "workers outlived their driver"
+
+
+def test_driver_kill_loop_then_completion_reruns_nothing_that_finished(job):
+    script, markers, store = job
+    rng = random.Random(1126)
+    n = 24
+    runs_when_committed: dict[int, int] = {}  # branch -> how often it had started when first seen committed
+    for _ in range(3):
+        proc = start(script, store, n)
+        time.sleep(rng.uniform(0.25, 0.6))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_gone(proc.pid) == []
+        snapshot = counts(markers, "start")
+        for i in committed_branches(store):
+            runs_when_committed.setdefault(i, snapshot[i])
+    assert 0 < len(runs_when_committed) < n, "kills should land mid-run"
+    proc = start(script, store, n)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == str([3 * i for i in range(n)])
+    starts = counts(markers, "start")
+    assert sorted(starts) == list(range(n))
+    for i, runs in runs_when_committed.items():
+        assert starts[i] == runs, f"branch {i} was checkpointed before a kill but ran again"
+    # each kill may repeat at most the branches in flight (max_concurrency=2) plus one commit window
+    assert sum(c - 1 for c in starts.values()) <= 3 * 4
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(job):
+    script, markers, store = job
+    proc = start(script, store, 12, STEP_SECONDS="0.3")
+    wait_for_starts(markers, 4)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert wait_gone(proc.pid) == []
+    with Store(store) as st:
+        rec = st.get_execution("drv")
+        assert rec.status == "RUNNING" and rec.owner_pid == 0 or not psutil.pid_exists(rec.owner_pid)
+    done = committed_branches(store)
+    proc = start(script, store, 12, STEP_SECONDS="0.3")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == str([3 * i for i in range(12)])
+    starts = counts(markers, "start")
+    assert all(starts[i] == 1 for i in done)
+
+
+def _load(script):
+    spec = importlib.util.spec_from_file_location("drv_job", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_second_driver_is_refused_and_a_dead_owner_is_taken_over(job):
+    script, markers, store = job
+    proc = start(script, store, 6, STEP_SECONDS="3")
+    wait_for_starts(markers, 1)
+    module = _load(script)
+    with pytest.raises(ExecutionLockedError) as info:
+        module.handler.run({"n": 6}, store=store, execution_id="drv")
+    assert str(proc.pid) in str(info.value)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert wait_gone(proc.pid) == []
+    os.environ["STEP_SECONDS"] = "0.01"
+    try:
+        assert module.handler.run({"n": 6}, store=store, execution_id="drv") == [3 * i for i in range(6)]
+    finally:
+        os.environ.pop("STEP_SECONDS", None)
