@@ -1,0 +1,134 @@
+"""``cpu``: 32 branches of pure-Python CPU work (about 100 ms each, calibrated on this machine).
+
+Serial in the driver is the baseline; ``ProcessPoolExecutor`` and joblib show what a plain
+process pool achieves; durable_mp runs the same work as ``context.parallel`` (each branch
+one checkpointed step) and as ``context.map`` (each item checkpointed).  Targets: durable_mp
+wall / PPE wall <= 1.03 and speedup over serial >= 1.90 (on 2 cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from durable_mp import durable_execution
+from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, joblib_or_none,
+                                   joblib_shutdown, ppe, run_durable, timed, workers)
+
+NAME = "cpu"
+TITLE = "CPU-bound branches (pure Python)"
+
+CALIBRATION_ITERATIONS = 200_000
+
+
+def params(quick: bool) -> dict:
+    return {"branches": 32, "branch_ms": 25 if quick else 100}
+
+
+def burn(iterations: int, seed: int) -> int:
+    """A linear congruential generator run ``iterations`` times: pure-Python CPU, GIL held."""
+    x = seed
+    for _ in range(iterations):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+    return x
+
+
+def burn_job(job: tuple[int, int]) -> int:
+    return burn(*job)
+
+
+def calibrate(branch_ms: float) -> int:
+    """Iterations of ``burn`` that take about ``branch_ms`` milliseconds here (median of 5)."""
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        burn(CALIBRATION_ITERATIONS, 1)
+        times.append(time.perf_counter() - t0)
+    per_iteration = statistics.median(times) / CALIBRATION_ITERATIONS
+    return max(1, int(branch_ms / 1000 / per_iteration))
+
+
+@durable_execution
+def parallel_handler(event: dict, context) -> list[int]:
+    iterations = event["iterations"]
+
+    def branch(seed: int):
+        def run(ctx):
+            return ctx.step(lambda _: burn(iterations, seed), name=f"burn-{seed}")
+        return run
+
+    result = context.parallel([branch(seed) for seed in event["seeds"]], name="cpu")
+    result.throw_if_error()
+    return result.get_results()
+
+
+@durable_execution
+def map_handler(event: dict, context) -> list[int]:
+    iterations = event["iterations"]
+    result = context.map(event["seeds"], lambda ctx, seed, index, seeds: burn(iterations, seed), name="cpu")
+    result.throw_if_error()
+    return result.get_results()
+
+
+def run(p: dict, runner: Runner) -> ScenarioResult:
+    n = workers()
+    iterations = calibrate(p["branch_ms"])
+    seeds = list(range(1, p["branches"] + 1))
+    jobs = [(iterations, s) for s in seeds]
+    warm_jobs = [(1000, s) for s in seeds[:4]]
+    event = {"iterations": iterations, "seeds": seeds}
+    warm_event = {"iterations": 1000, "seeds": seeds[:4]}
+    runner.progress.show(f"{NAME}: computing the expected results")
+    expected = [burn(*j) for j in jobs]
+    joblib = joblib_or_none()
+
+    def serial() -> Sample:
+        wall, out = timed(lambda: [burn(*j) for j in jobs])
+        check(out == expected, "serial results differ from the expected ones")
+        return Sample(wall)
+
+    def pool(todo=jobs) -> Sample:
+        def go():
+            with ppe(n) as ex:
+                return list(ex.map(burn_job, todo))
+        wall, out = timed(go)
+        if todo is jobs:
+            check(out == expected, "ProcessPoolExecutor results differ")
+        return Sample(wall)
+
+    def with_joblib(todo=jobs) -> Sample:
+        wall, out = timed(lambda: joblib.Parallel(n_jobs=n)(joblib.delayed(burn)(*j) for j in todo))
+        if todo is jobs:
+            check(list(out) == expected, "joblib results differ")
+        return Sample(wall)
+
+    def durable(handler, ev=event) -> Sample:
+        wall, out, _ = run_durable(handler, ev, NAME, max_workers=n)
+        if ev is event:
+            check(out == expected, f"durable_mp ({handler.__name__}) results differ")
+        return Sample(wall)
+
+    work = dict(work=len(jobs), unit="branches")
+    variants = [
+        Variant("serial", serial, **work, baseline=True),
+        Variant("ppe", pool, lambda: pool(warm_jobs), **work, note="executor started inside the timing"),
+        Variant("joblib", with_joblib if joblib else None, lambda: with_joblib(warm_jobs), **work,
+                skipped=None if joblib else "joblib is not installed", note="loky workers reused (warmed)"),
+        Variant("durable_mp.parallel", lambda: durable(parallel_handler),
+                lambda: durable(parallel_handler, warm_event), **work),
+        Variant("durable_mp.map", lambda: durable(map_handler), lambda: durable(map_handler, warm_event), **work),
+    ]
+    try:
+        rows = runner.measure(NAME, variants)
+    finally:
+        joblib_shutdown()
+    res = ScenarioResult(NAME, TITLE, {**p, "iterations": iterations, "workers": n}, rows)
+    base = res.baseline().median
+    res.cores = n
+    res.facts = {"workers (= cores)": n, "iterations per branch": iterations}
+    for variant in ("durable_mp.parallel", "durable_mp.map"):
+        res.targets.append(Target(f"cpu: {variant} wall / ppe wall", res.compare(variant, "ppe"), 1.03, "<="))
+        row = res.row(variant)
+        res.targets.append(Target(f"cpu: {variant} speedup vs serial",
+                                  base / row.median if row.median else None, 1.90, ">=", "x"))
+    return res

@@ -1,0 +1,111 @@
+"""Scheduling: the pool overlaps I/O-bound branches, never oversubscribes CPU-bound ones,
+and an explicit max_concurrency is honoured as given.  Asserted on recorded start/end
+times of the branches (overlap), never on wall-clock budgets."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from durable_mp import durable_execution
+from durable_mp.config import MapConfig, ParallelConfig
+
+pytestmark = pytest.mark.timeout(120)
+NCPU = os.cpu_count() or 1
+
+
+def max_overlap(intervals):
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    cur = best = 0
+    for _, delta in events:
+        cur += delta
+        best = max(best, cur)
+    return best
+
+
+def sleeper(seconds):
+    def run(ctx):
+        start = time.time()
+        time.sleep(seconds)
+        return start, time.time(), os.getpid()
+    return run
+
+
+def burner(seconds):
+    def run(ctx):
+        start = time.time()
+        x = 0
+        while time.time() - start < seconds:
+            x += 1
+        return start, time.time(), os.getpid()
+    return run
+
+
+def test_io_bound_branches_beyond_the_core_count_run_together(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([sleeper(1.5) for _ in range(NCPU + 1)]).get_results()
+
+    spans = handler.run(None, store=store_path)
+    assert max_overlap([(s, e) for s, e, _ in spans]) == NCPU + 1, "the sleeping branches must not queue"
+
+
+def test_cpu_bound_branches_are_not_oversubscribed(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([burner(0.4) for _ in range(3 * NCPU)]).get_results()
+
+    spans = handler.run(None, store=store_path)
+    assert max_overlap([(s, e) for s, e, _ in spans]) <= NCPU
+    assert len({pid for *_, pid in spans}) <= NCPU, "workers are reused across branches"
+
+
+@pytest.mark.parametrize("limit", [1, 5])
+def test_explicit_max_concurrency_is_honoured(store_path, limit):
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([sleeper(0.4) for _ in range(5)],
+                            config=ParallelConfig(max_concurrency=limit)).get_results()
+
+    spans = handler.run(None, store=store_path)
+    assert max_overlap([(s, e) for s, e, _ in spans]) == limit
+
+
+def test_map_over_many_items_sends_chunks_but_checkpoints_every_item(store_path):
+    from durable_mp.store import Store
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(5000)), lambda c, x, i, xs: (x, os.getpid()),
+                       config=MapConfig(max_concurrency=2)).get_results()
+
+    out = handler.run(None, store=store_path)
+    assert [x for x, _ in out] == list(range(5000))
+    with Store(store_path) as st:
+        iters = [r for r in st.ops(handler.execution_id_for(None)) if r.sub_type == "MapIteration"]
+    assert len(iters) == 5000 and {r.status for r in iters} == {"SUCCEEDED"}
+
+
+def test_a_worker_grown_past_the_memory_limit_never_runs_another_branch(store_path, tmp_path):
+    from durable_mp.config import CompletionConfig
+
+    hoard = []
+    marker = tmp_path / "grow-pid"
+
+    def grow(ctx):
+        marker.write_text(str(os.getpid()))
+        block = bytearray(200 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        hoard.append(block)  # stays alive in the worker after the branch returns
+        return os.getpid()
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([grow, lambda c: os.getpid()], config=ParallelConfig(
+            max_concurrency=1, completion_config=CompletionConfig.all_completed()))
+
+    r = handler.run(None, store=store_path, max_workers=1, max_worker_memory=150 * 2**20)
+    # killed while growing (memory poll) or recycled right after: either way a fresh worker runs branch 1
+    assert r.all[1].result != int(marker.read_text())
