@@ -79,11 +79,42 @@ class OpRecord(NamedTuple):
         return self.status in TERMINAL
 
     def dumps(self) -> bytes:
-        return pickle.dumps(tuple(self), protocol=PICKLE_PROTOCOL)
+        """``kind | header length | pickled fields without result | raw result``.
+
+        The result travels outside the pickle, so a large payload is copied once, and a
+        reader that only needs the result slices it out without decoding the rest.
+        """
+        result = self.result
+        if result is None:
+            kind, raw = _NONE, b""
+        elif result.__class__ is str:
+            kind, raw = _TEXT, result.encode()
+        else:
+            kind, raw = _BYTES, result
+        header = pickle.dumps(tuple(self._replace(result=None)), protocol=PICKLE_PROTOCOL)
+        return b"".join((kind, len(header).to_bytes(4, "little"), header, raw))
 
     @classmethod
     def loads(cls, data: bytes | memoryview) -> "OpRecord":
-        return cls(*pickle.loads(data))
+        view = memoryview(data)
+        size = int.from_bytes(view[1:5], "little")
+        rec = cls(*pickle.loads(view[5:5 + size]))
+        kind = view[0:1].tobytes()
+        if kind == _NONE:
+            return rec
+        raw = view[5 + size:].tobytes()
+        return rec._replace(result=raw.decode() if kind == _TEXT else raw)
+
+
+_NONE, _TEXT, _BYTES = b"N", b"S", b"B"
+
+
+def result_view(data: bytes) -> memoryview | None:
+    """The raw result inside ``OpRecord.dumps()`` bytes, without decoding the record (bytes results only)."""
+    if data[0:1] != _BYTES:
+        return None
+    size = int.from_bytes(data[1:5], "little")
+    return memoryview(data)[5 + size:]
 
 
 def operation_id(parent_id: str | None, n: int) -> str:
@@ -94,6 +125,16 @@ def operation_id(parent_id: str | None, n: int) -> str:
     """
     raw = f"{parent_id}-{n}" if parent_id else str(n)
     return hashlib.blake2b(raw.encode()).hexdigest()[:64]
+
+
+def branch_key(index: int) -> str:
+    """Store key component of a batch item's record: its index, zero-padded.
+
+    Item records of a batch are keyed by index rather than by their (hashed) op id, so a
+    commit of consecutive items appends to the B-tree instead of rewriting a random page
+    per record; the record itself still carries its op id.
+    """
+    return f"#{index:012d}"
 
 
 def identity_mismatch(rec: OpRecord, op_type: str, sub_type: str, name: Any, parent_id: str) -> str | None:

@@ -55,6 +55,8 @@ DEFAULT_MAP_SIZE = 1 << 30  # bytes; only address space until used, doubled when
 MAX_MAP_SIZE = 1 << 42  # bytes (4 TiB): past this a full map is a full disk, not a small map
 FLUSH_COUNT = 5000  # staged records that make a batch due
 FLUSH_SECONDS = 0.02  # seconds after its oldest record that a batch is due
+COMMITTER_POLL_SECONDS = 0.05  # the committer re-reads the clock at least this often (injected clocks)
+BACKPRESSURE_FACTOR = 8  # staging blocks once this many flush_counts wait behind a slow commit
 
 
 class Store:
@@ -74,10 +76,16 @@ class Store:
         self._staged: dict[tuple[str, str], dict[str, bytes]] = {}
         self._staged_count = 0
         self._staged_since = 0.0
+        # The batch the committer thread is writing: still visible to reads until committed.
+        self._committing: dict[tuple[str, str], dict[str, bytes]] | None = None
+        self._commit_error: BaseException | None = None
+        self._committer: threading.Thread | None = None
+        self._closing = False
         self._valid_execs: set[str] = set()
         # Guards the overlay, so a flush never loses a record staged by another thread.
         # Always taken before the environment's lock, never after it.
         self._lock = threading.RLock()
+        self._committed = threading.Condition(self._lock)
         self.stats = {"commits": 0, "flushes": 0, "records_written": 0, "bytes_written": 0, "map_grows": 0}
         self._shared = None
         self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
@@ -99,11 +107,18 @@ class Store:
             if shared is None:
                 return
             try:
-                if self._staged_count and not shared.forked and not shared.closed:
+                if not shared.forked and not shared.closed:
                     self.flush()
             finally:
-                self._shared = None
-                release_shared(shared)
+                self._closing = True
+                self._committed.notify_all()
+                committer = self._committer
+        if committer is not None and committer is not threading.current_thread():
+            committer.join()
+        with self._lock:
+            self._committer = None
+            self._shared = None
+            release_shared(shared)
 
     # -- transactions ----------------------------------------------------------------------
     def _env(self):
@@ -212,6 +227,7 @@ class Store:
                         found = True
                 return found
 
+            self._drain()
             found = self._write(delete)
             for group_key in [k for k in self._staged if k[0] == exec_id]:
                 dropped = self._staged.pop(group_key)
@@ -277,8 +293,7 @@ class Store:
     def get_op(self, exec_id: str, parent_id: str, op_id: str) -> OpRecord | None:
         """The record of one operation, staged or committed."""
         with self._lock:
-            group = self._staged.get((exec_id, parent_id))
-            if group is not None:
+            for group in self._pending((exec_id, parent_id)):
                 data = group.get(op_id)
                 if data is not None:
                     return self._load(data, f"{exec_id}/{parent_id}/{op_id}")
@@ -292,7 +307,8 @@ class Store:
         with self._lock:
             prefix = self._prefix(exec_id, parent_id)
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
-            found.update(self._staged.get((exec_id, parent_id), ()))
+            for group in reversed(self._pending((exec_id, parent_id))):
+                found.update(group)
             return [self._load(data, f"{exec_id}/{parent_id}/{op}") for op, data in found.items()]
 
     def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
@@ -307,11 +323,13 @@ class Store:
                 while todo:
                     parent = todo.pop()
                     found = self._scan(txn, sh.ops, f"{exec_id}{SEP}{parent}{SEP}".encode())
-                    found.update(self._staged.get((exec_id, parent), ()))
-                    for child, data in found.items():
-                        if child not in out and child != op_id:
-                            out[child] = self._load(data, f"{exec_id}/{parent}/{child}")
-                            todo.append(child)
+                    for group in reversed(self._pending((exec_id, parent))):
+                        found.update(group)
+                    for key, data in found.items():
+                        rec = self._load(data, f"{exec_id}/{parent}/{key}")
+                        if rec.op_id not in out and rec.op_id != op_id:
+                            out[rec.op_id] = rec  # keys of batch items are their index, not their id
+                            todo.append(rec.op_id)
                 return out
 
             return self._read(walk)
@@ -321,7 +339,7 @@ class Store:
         with self._lock:
             prefix = self._exec_key(exec_id) + b"\0"
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))  # "parent\0op" -> data
-            for (ex, parent), group in self._staged.items():
+            for (ex, parent), group in self._pending_items():
                 if ex == exec_id:
                     found.update((f"{parent}{SEP}{op}", data) for op, data in group.items())
             return [self._load(data, f"{exec_id}/{key}") for key, data in found.items()]
@@ -346,7 +364,7 @@ class Store:
                 return out
 
             found = self._read(scan)
-            found.update(parent for (ex, parent), group in self._staged.items() if ex == exec_id and group)
+            found.update(parent for (ex, parent), group in self._pending_items() if ex == exec_id and group)
             return found
 
     # -- operations: group commit ----------------------------------------------------------
@@ -359,6 +377,8 @@ class Store:
 
         The hot path of checkpointing (one call per map item): no syscall but a vDSO
         clock read, and ids are checked only when they are not plain short ASCII.
+        ``op_id`` is the last key component: an operation id, or a batch item's
+        ``records.branch_key(index)``.
         """
         with self._lock:
             group = self._staged.get((exec_id, parent_id))
@@ -370,11 +390,10 @@ class Store:
             group[op_id] = data if data.__class__ is bytes else bytes(data)
             if len(group) != n:
                 self._staged_count += 1
-                if self._staged_count >= self._flush_count:
-                    self.flush()
-                    return
-            if self._clock() - self._staged_since >= self._flush_seconds:
-                self.flush()
+                if self._staged_count == 1:
+                    self._wake_committer()
+                elif self._staged_count >= self._flush_count:
+                    self._start_commit(block=self._staged_count >= BACKPRESSURE_FACTOR * self._flush_count)
 
     def _new_group(self, exec_id: str, parent_id: str) -> dict[str, bytes]:
         if self.readonly:
@@ -386,31 +405,123 @@ class Store:
         return group
 
     def flush(self) -> int:
-        """Commit every staged record in one durable transaction; return how many."""
+        """Make every staged record durable before returning; return how many were staged."""
         with self._lock:
-            if not self._staged_count:
-                return 0
-            items: list[tuple[bytes, bytes]] = []
-            size = 0
-            for (exec_id, parent_id), group in self._staged.items():
-                prefix = f"{exec_id}{SEP}{parent_id}{SEP}"
-                items.extend([(f"{prefix}{op}".encode(), data) for op, data in group.items()])
-                size += sum(map(len, group.values())) + len(prefix.encode()) * len(group) + sum(map(len, group))
-            items.sort()  # B-tree inserts in key order touch each page once: ~2x faster commits
+            count = self._staged_count
+            if count:
+                self._start_commit(block=True)
+            self._drain()
+            return count
 
-            def put_all(txn, sh) -> None:
-                txn.cursor(db=sh.ops).putmulti(items)
+    def _pending(self, key: tuple[str, str]) -> list[dict[str, bytes]]:
+        """Uncommitted groups for ``key``, newest first."""
+        out = []
+        group = self._staged.get(key)
+        if group is not None:
+            out.append(group)
+        if self._committing is not None:
+            group = self._committing.get(key)
+            if group is not None:
+                out.append(group)
+        return out
 
-            self._write(put_all)
-            self._staged = {}
-            self._staged_count = 0
-            self.stats["flushes"] += 1
-            self.stats["records_written"] += len(items)
-            self.stats["bytes_written"] += size
-            return len(items)
+    def _pending_items(self) -> list:
+        items = list(self._committing.items()) if self._committing is not None else []
+        return items + list(self._staged.items())
+
+    def _raise_commit_error(self) -> None:
+        error, self._commit_error = self._commit_error, None
+        if error is not None:
+            if isinstance(error, StoreError):
+                raise error
+            raise StoreError(f"committing checkpoints to {self.path} failed: {error!r}") from error
+
+    def _start_commit(self, *, block: bool) -> None:
+        """Hand the staged batch to the committer thread (caller holds the lock).
+
+        One commit is in flight at a time; while it runs, new records gather into the
+        next batch, so batches size themselves to the fsync latency.  ``block`` waits for
+        the in-flight commit first (flush, or back-pressure on a runaway batch).
+        """
+        if self._committing is not None:
+            if not block:
+                return
+            while self._committing is not None:
+                self._committed.wait()
+        self._raise_commit_error()
+        if not self._staged_count:
+            return
+        self._writable()
+        self._committing, self._staged = self._staged, {}
+        self._staged_count = 0
+        self._wake_committer()
+
+    def _wake_committer(self) -> None:
+        """Start (or wake) the committer so it commits this batch once it is due."""
+        if self._committer is None or not self._committer.is_alive():
+            self._writable()
+            self._closing = False
+            self._committer = threading.Thread(target=self._commit_loop, name="durable_mp-commit", daemon=True)
+            self._committer.start()
+        else:
+            self._committed.notify_all()
+
+    def _drain(self) -> None:
+        while self._committing is not None:
+            self._committed.wait()
+        self._raise_commit_error()
+
+    def _commit_loop(self) -> None:
+        """The committer: writes handed-off batches, and hands off staged ones once due."""
+        while True:
+            with self._lock:
+                while self._committing is None:
+                    if self._staged_count:
+                        due_in = self._staged_since + self._flush_seconds - self._clock()
+                        if self._staged_count >= self._flush_count or due_in <= 0:
+                            self._committing, self._staged = self._staged, {}
+                            self._staged_count = 0
+                            break
+                        self._committed.wait(timeout=min(due_in, COMMITTER_POLL_SECONDS))
+                    elif self._closing:
+                        return
+                    else:
+                        self._committed.wait()
+                batch = self._committing
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - reported to the next flush/stage
+                error: BaseException | None = exc
+            else:
+                error = None
+            with self._lock:
+                if error is not None:
+                    self._commit_error = error
+                self._committing = None
+                self._committed.notify_all()
+
+    def _commit(self, batch: dict[tuple[str, str], dict[str, bytes]]) -> None:
+        items: list[tuple[bytes, bytes]] = []
+        size = 0
+        for (exec_id, parent_id), group in batch.items():
+            prefix = f"{exec_id}{SEP}{parent_id}{SEP}"
+            items.extend([(f"{prefix}{op}".encode(), data) for op, data in group.items()])
+            size += sum(map(len, group.values())) + len(prefix.encode()) * len(group) + sum(map(len, group))
+        items.sort()  # B-tree inserts in key order touch each page once: ~2x faster commits
+
+        def put_all(txn, sh) -> None:
+            txn.cursor(db=sh.ops).putmulti(items)
+
+        self._write(put_all)
+        self.stats["flushes"] += 1
+        self.stats["records_written"] += len(items)
+        self.stats["bytes_written"] += size
 
     def flush_due(self) -> float | None:
-        """Seconds until the staged batch must be committed (0 = now); None if nothing is staged."""
+        """Seconds until the staged batch is due (0 = now); None if nothing is staged.
+
+        Informational: the committer thread commits due batches by itself.
+        """
         with self._lock:
             if not self._staged_count:
                 return None
@@ -419,8 +530,10 @@ class Store:
             return max(0.0, self._staged_since + self._flush_seconds - self._clock())
 
     def maybe_flush(self) -> None:
-        """Commit the staged batch if it is due."""
+        """Start committing the staged batch if it is due (does not wait for the commit)."""
         with self._lock:
             if self._staged_count and (self._staged_count >= self._flush_count
                                        or self._clock() - self._staged_since >= self._flush_seconds):
-                self.flush()
+                self._start_commit(block=False)
+            elif self._commit_error is not None:
+                self._raise_commit_error()

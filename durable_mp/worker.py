@@ -26,7 +26,9 @@ from durable_mp.branch import BranchSource, run_branch
 from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.records import PICKLE_PROTOCOL, OpRecord
+from durable_mp.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
+
+SUCCEEDED = OpStatus.SUCCEEDED
 from durable_mp.threads import run_batch_in_threads
 from durable_mp.types import StepContext
 
@@ -63,18 +65,21 @@ class Outbox:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.lock = threading.Lock()
-        self.nested: list[OpRecord] = []
-        self.items: list[tuple[int, OpRecord]] = []
+        self.nested: list[tuple[str, str, bytes]] = []  # (parent_id, op_id, record bytes)
+        self.items: list[tuple[int, bool, str, bytes]] = []  # (index, succeeded, op_id, record bytes)
         self.task_id = 0
         self.last_send = time.monotonic()
 
     def add(self, rec: OpRecord) -> None:
+        entry = (rec.parent_id, rec.op_id, rec.dumps())
         with self.lock:
-            self.nested.append(rec)
+            self.nested.append(entry)
 
     def add_item(self, index: int, rec: OpRecord) -> None:
+        """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
+        entry = (index, rec.status == SUCCEEDED, branch_key(index), rec.dumps())
         with self.lock:
-            self.items.append((index, rec))
+            self.items.append(entry)
         if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
             self.send("R")
 

@@ -1,0 +1,8 @@
+"""``python -m durable_mp``: the command line (see ``durable_mp.cli``)."""
+
+import sys
+
+from durable_mp.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

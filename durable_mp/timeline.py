@@ -1,0 +1,247 @@
+"""Where and when work ran: the bars of the report's Gantt chart, derived from the records.
+
+One row per process.  Every parallel branch / map item is a bar in the row of the worker
+that ran it (``OpRecord.pid``); every step attempt is a bar in the row of the process
+that ran it (``Attempt.pid``).  Operations of the handler body (batches, waits, steps
+outside any branch) run in the driver and share one "driver" row.
+
+Crashes leave two kinds of traces, and both are marked:
+
+* a branch that failed with ``WorkerCrashedError`` (its worker died too often);
+* a branch that was **re-dispatched**: steps under it were run by other processes than
+  the one that finished it, because the first worker died (or the whole driver was
+  killed and the execution resumed).  The last sign of life in the dead worker's row
+  gets a crash marker.
+
+A worker that died before streaming any record of a branch leaves no trace in the store;
+the dispatcher only logs such a crash.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from durable_mp.records import OpRecord, OpStatus, OpType
+from durable_mp.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
+
+DRIVER = "driver"
+NO_WORKER = "none"
+KILL_TYPES = frozenset({"WorkerCrashedError", "MemoryLimitExceededError", "StepTimeoutError"})
+MAX_BARS = 20000  # beyond this the chart keeps every unusual bar and a sample of the others
+_PID_IN_MESSAGE = re.compile(r"\bpid (\d+)")
+
+
+@dataclass
+class Bar:
+    kind: str  # branch | attempt | context | wait | step
+    op_id: str
+    name: str
+    status: str  # succeeded | failed | started | retried | pending
+    row: object  # pid (int), DRIVER or NO_WORKER
+    start: float
+    end: float
+    attempt: int | None = None
+    error: str = ""
+    crash: str = ""  # error type of a worker death / kill, else ""
+    redispatched: bool = False
+    parent: str = ""  # op id of the enclosing branch (attempt bars)
+    lane: int = 0
+
+    @property
+    def container(self) -> bool:
+        return self.kind in ("branch", "context")
+
+
+@dataclass
+class Marker:
+    row: object
+    ts: float
+    text: str
+    op_id: str
+
+
+@dataclass
+class Timeline:
+    bars: list[Bar]
+    markers: list[Marker]
+    rows: list[object]
+    lanes: dict[object, int]
+    start: float
+    end: float
+    summary: dict = field(default_factory=dict)
+    hidden: int = 0
+
+
+def _status(rec_status: str) -> str:
+    return {OpStatus.SUCCEEDED: "succeeded", OpStatus.FAILED: "failed",
+            OpStatus.PENDING: "pending"}.get(rec_status, "started")
+
+
+def _branch_row(rec: OpRecord) -> object:
+    if rec.pid:
+        return rec.pid
+    if is_crash(rec.error):
+        pids = _PID_IN_MESSAGE.findall(str((rec.error or {}).get("ErrorMessage", "")))
+        if pids:
+            return int(pids[-1])
+    return NO_WORKER
+
+
+def _attempt_bars(tree: OpTree, rec: OpRecord, row_of) -> list[Bar]:
+    bars = []
+    attempts = list(rec.attempts)
+    branch = tree.branch_of(rec) if rec.op_type == OpType.STEP else None
+    parent = branch.op_id if branch is not None else ""
+    for i, att in enumerate(attempts):
+        last = i == len(attempts) - 1
+        if att.error is None:
+            status = "succeeded"
+        elif last and rec.status == OpStatus.FAILED:
+            status = "failed"
+        else:
+            status = "retried"
+        etype = error_type(att.error)
+        bars.append(Bar("attempt", rec.op_id, rec.name or "", status, row_of(att.pid), att.start_ts,
+                        att.end_ts if att.end_ts is not None else tree.end_of(rec), att.number,
+                        error_line(att.error), etype if etype in KILL_TYPES else "", parent=parent))
+    if rec.op_type == OpType.STEP and rec.status == OpStatus.STARTED and rec.attempt > len(attempts):
+        start = attempts[-1].end_ts if attempts and attempts[-1].end_ts else rec.start_ts
+        pid = branch.pid if branch is not None and branch.pid else None
+        bars.append(Bar("attempt", rec.op_id, rec.name or "", "started", row_of(pid), start,
+                        tree.end_of(rec), rec.attempt, parent=parent))
+    return bars
+
+
+def build_timeline(tree: OpTree) -> Timeline:
+    bars: list[Bar] = []
+    markers: list[Marker] = []
+    inside: dict[str, set[int]] = {}  # branch op id -> pids that ran steps under it
+    last_seen: dict[tuple[str, int], float] = {}
+
+    for rec, _depth in tree.walk():
+        branch = tree.branch_of(rec)
+        if is_branch(rec):
+            row = _branch_row(rec)
+            etype = error_type(rec.error)
+            bars.append(Bar("branch", rec.op_id, rec.name or "", _status(rec.status), row, rec.start_ts,
+                            tree.end_of(rec), error=error_line(rec.error),
+                            crash=etype if etype in KILL_TYPES else "",
+                            parent=branch.op_id if branch is not None else ""))
+            if rec.attempts:
+                bars.extend(_attempt_bars(tree, rec, lambda pid, r=row: pid or r))
+            if is_crash(rec.error):
+                markers.append(Marker(row, tree.end_of(rec), error_line(rec.error), rec.op_id))
+        elif rec.op_type == OpType.STEP:
+            if branch is None:
+                row_of = lambda _pid: DRIVER  # noqa: E731 - the handler body runs in the driver
+            else:
+                row_of = lambda pid, b=branch: pid or b.pid or NO_WORKER  # noqa: E731
+            step_bars = _attempt_bars(tree, rec, row_of)
+            bars.extend(step_bars)
+            if branch is not None:
+                for bar in step_bars:
+                    if isinstance(bar.row, int):
+                        inside.setdefault(branch.op_id, set()).add(bar.row)
+                        key = (branch.op_id, bar.row)
+                        last_seen[key] = max(last_seen.get(key, 0.0), bar.end)
+        elif branch is None and (is_batch(rec) or rec.op_type in (OpType.CONTEXT, OpType.WAIT)):
+            kind = "wait" if rec.op_type == OpType.WAIT else "context"
+            bars.append(Bar(kind, rec.op_id, rec.name or rec.sub_type, _status(rec.status), DRIVER,
+                            rec.start_ts, tree.end_of(rec), error=error_line(rec.error)))
+
+    by_id = {b.op_id: b for b in bars if b.kind == "branch"}
+    redispatched = 0
+    for op_id, pids in inside.items():
+        bar = by_id.get(op_id)
+        if bar is None:
+            continue
+        others = sorted(p for p in pids if p != bar.row)
+        if not others:
+            continue
+        bar.redispatched = True
+        redispatched += 1
+        for pid in others:
+            markers.append(Marker(pid, last_seen[(op_id, pid)],
+                                  f"{bar.name}: worker pid {pid} stopped (crash or killed driver); "
+                                  f"the branch was re-dispatched and finished in row {bar.row}", op_id))
+
+    timeline = _layout(tree, bars, markers)
+    timeline.summary = _summary(tree, bars, markers, redispatched)
+    return timeline
+
+
+def _sample(bars: list[Bar]) -> tuple[list[Bar], int]:
+    if len(bars) <= MAX_BARS:
+        return bars, 0
+    keep = [b for b in bars if b.status != "succeeded" or b.crash or b.redispatched or b.kind != "attempt"]
+    if len(keep) > MAX_BARS:
+        keep = [b for b in keep if b.status != "succeeded" or b.crash or b.redispatched] or keep
+        keep = keep[:: max(1, len(keep) // MAX_BARS)][:MAX_BARS]
+    return keep, len(bars) - len(keep)
+
+
+def _layout(tree: OpTree, bars: list[Bar], markers: list[Marker]) -> Timeline:
+    bars, hidden = _sample(bars)
+    ex = tree.execution
+    start = min([ex.created_ts] + [b.start for b in bars])
+    end = max([ex.ended_ts or start] + [b.end for b in bars] + [m.ts for m in markers])
+    first: dict[object, float] = {}
+    for b in bars:
+        first[b.row] = min(first.get(b.row, b.start), b.start)
+    for m in markers:
+        first.setdefault(m.row, m.ts)
+    rows = sorted(first, key=lambda r: (r != DRIVER, r == NO_WORKER, first[r], str(r)))
+    lanes: dict[object, int] = {}
+    for row in rows:
+        lanes[row] = _pack([b for b in bars if b.row == row])
+    return Timeline(bars, markers, rows, lanes, start, max(end, start + 1e-3), hidden=hidden)
+
+
+def _pack(bars: list[Bar]) -> int:
+    """Give overlapping containers of one row separate lanes; leaves follow their container."""
+    lane_of: dict[str, int] = {}
+    free: list[tuple[float, int]] = []  # (end, lane)
+    count = 0
+    containers = {b.op_id for b in bars if b.container}
+    items = sorted((b for b in bars if b.container or b.parent not in containers), key=lambda b: (b.start, -b.end))
+    for bar in items:
+        if free and free[0][0] <= bar.start:
+            _end, lane = heapq.heappop(free)
+        else:
+            lane, count = count, count + 1
+        bar.lane = lane
+        heapq.heappush(free, (bar.end, lane))
+        if bar.container:
+            lane_of[bar.op_id] = lane
+    for bar in bars:
+        if not bar.container and bar.parent in containers:
+            bar.lane = lane_of.get(bar.parent, 0)
+    return max(count, 1)
+
+
+def _summary(tree: OpTree, bars: list[Bar], markers: list[Marker], redispatched: int) -> dict:
+    ex = tree.execution
+    branches = Counter(b.status for b in bars if b.kind == "branch")
+    attempts = [b for b in bars if b.kind == "attempt"]
+    steps = Counter(_status(r.status) for r in tree.ops.values() if r.op_type == OpType.STEP)
+    workers = {b.row for b in bars if isinstance(b.row, int) and b.row != 0 and b.kind != "context"}
+    end = ex.ended_ts if ex.ended_ts is not None else max([ex.started_ts] + [b.end for b in bars])
+    return {
+        "execution": ex.exec_id,
+        "handler": ex.handler,
+        "status": ex.status,
+        "runs": ex.runs,
+        "duration_s": round(end - ex.created_ts, 3),
+        "workers": len(workers),
+        "branches": dict(branches),
+        "steps": dict(steps),
+        "attempts": len(attempts),
+        "retries": sum(1 for b in attempts if b.status == "retried"),
+        "crashes": sum(1 for b in bars if b.crash == "WorkerCrashedError"),
+        "redispatched": redispatched,
+        "kills": sum(1 for b in bars if b.crash and b.crash != "WorkerCrashedError"),
+        "markers": len(markers),
+    }

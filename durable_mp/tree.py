@@ -1,0 +1,208 @@
+"""The operation tree of one execution, rebuilt from its checkpoint records.
+
+Records only know their parent (``parent_id``, ``""`` at the root).  ``OpTree`` indexes
+them once so ``show``, ``history`` and ``report`` can walk the tree in a stable order:
+branches of a parallel/map by input index (their ids are ``operation_id(batch, index)``),
+every other operation by start time.  Records whose parent is missing (a parent
+checkpoint lost with a killed driver's last uncommitted batch) hang off the root, so
+nothing recorded is ever hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Iterator
+
+from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.store_records import ExecutionRecord
+
+BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
+BRANCH_SUB_TYPES = frozenset({"ParallelBranch", "MapIteration"})
+WORKER_CRASHED = "WorkerCrashedError"
+INDEX_SEARCH_SLACK = 1024  # ids tried past the known item count of a batch still running
+
+
+def is_batch(rec: OpRecord) -> bool:
+    return rec.op_type == OpType.CONTEXT and rec.sub_type in BATCH_SUB_TYPES
+
+
+def is_branch(rec: OpRecord) -> bool:
+    return rec.op_type == OpType.CONTEXT and rec.sub_type in BRANCH_SUB_TYPES
+
+
+def error_type(error: dict | None) -> str:
+    """The short class name of a checkpointed error (``module.Qual`` -> ``Qual``)."""
+    if not error:
+        return ""
+    return str(error.get("ErrorType") or "").rsplit(".", 1)[-1]
+
+
+def error_line(error: dict | None, limit: int = 200) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters."""
+    if not error:
+        return ""
+    message = " ".join(str(error.get("ErrorMessage") or "").split())
+    text = f"{error_type(error) or 'Error'}: {message}" if message else (error_type(error) or "Error")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_crash(error: dict | None) -> bool:
+    return error_type(error) == WORKER_CRASHED
+
+
+class OpTree:
+    """Records of one execution indexed by id and by parent."""
+
+    def __init__(self, execution: ExecutionRecord, ops: list[OpRecord]) -> None:
+        self.execution = execution
+        self.ops: dict[str, OpRecord] = {r.op_id: r for r in ops}
+        by_parent: dict[str, list[OpRecord]] = {}
+        for rec in ops:
+            parent = rec.parent_id if rec.parent_id in self.ops else ""
+            by_parent.setdefault(parent, []).append(rec)
+        self.index: dict[str, int] = {}  # branch op id -> input index
+        self._children: dict[str, list[OpRecord]] = {}
+        for parent, recs in by_parent.items():
+            self._children[parent] = self._ordered(parent, recs)
+
+    def _ordered(self, parent: str, recs: list[OpRecord]) -> list[OpRecord]:
+        owner = self.ops.get(parent)
+        branches = [r for r in recs if is_branch(r)] if owner is not None and is_batch(owner) else []
+        if branches:
+            total = max(int((owner.extra or {}).get("total") or 0), len(branches))
+            wanted = {r.op_id for r in branches}
+            limit = total + (0 if owner.is_terminal else INDEX_SEARCH_SLACK)
+            for i in range(limit):
+                oid = operation_id(parent, i)
+                if oid in wanted:
+                    self.index[oid] = i
+                    wanted.discard(oid)
+                    if not wanted:
+                        break
+        big = float("inf")
+        return sorted(recs, key=lambda r: (self.index.get(r.op_id, big), r.start_ts, r.op_id))
+
+    def children(self, op_id: str) -> list[OpRecord]:
+        return self._children.get(op_id, [])
+
+    def walk(self, op_id: str = "", depth: int = 0) -> Iterator[tuple[OpRecord, int]]:
+        """Every record under ``op_id`` depth first, with its depth (root children: 0)."""
+        for rec in self.children(op_id):
+            yield rec, depth
+            yield from self.walk(rec.op_id, depth + 1)
+
+    def ancestors(self, rec: OpRecord) -> Iterator[OpRecord]:
+        seen = set()
+        parent = self.ops.get(rec.parent_id)
+        while parent is not None and parent.op_id not in seen:
+            seen.add(parent.op_id)
+            yield parent
+            parent = self.ops.get(parent.parent_id)
+
+    def branch_of(self, rec: OpRecord) -> OpRecord | None:
+        """The nearest enclosing parallel branch / map item, if any."""
+        return next((a for a in self.ancestors(rec) if is_branch(a)), None)
+
+    def end_of(self, rec: OpRecord) -> float:
+        """When ``rec`` ended; for an unfinished one, when its enclosing work ended (or now)."""
+        if rec.end_ts is not None:
+            return rec.end_ts
+        for parent in self.ancestors(rec):
+            if parent.end_ts is not None:
+                return parent.end_ts
+        ex = self.execution
+        return ex.ended_ts if ex.ended_ts is not None else max(time.time(), ex.started_ts)
+
+    def counts(self) -> Counter:
+        return Counter(r.status for r in self.ops.values())
+
+    def done_total(self) -> tuple[int, int]:
+        done = sum(1 for r in self.ops.values() if r.status in (OpStatus.SUCCEEDED, OpStatus.FAILED))
+        return done, len(self.ops)
+
+
+# -- text rendering (``durable-mp show``) ---------------------------------------------------
+
+def _duration(rec: OpRecord, tree: OpTree) -> str:
+    if rec.end_ts is not None:
+        return f"{rec.end_ts - rec.start_ts:.3f}s"
+    if tree.execution.ended_ts is not None:
+        return "never finished"
+    return f"running {max(0.0, time.time() - rec.start_ts):.1f}s"
+
+
+def _node_text(rec: OpRecord, tree: OpTree) -> str:
+    index = tree.index.get(rec.op_id)
+    parts = [f"[{index}] " if index is not None else "", rec.sub_type, " ", rec.name or "-"]
+    line = "".join(parts) + f"  {rec.status}  {_duration(rec, tree)}"
+    extra = rec.extra or {}
+    if is_batch(rec) and "completion_reason" in extra:
+        line += f"  {extra['completion_reason']} ({extra.get('reported', '?')} of {extra.get('total', '?')} reported)"
+    if is_branch(rec) and rec.pid:
+        line += f"  pid {rec.pid}"
+    if rec.op_type == OpType.STEP:
+        n = max(rec.attempt, len(rec.attempts))
+        line += f"  {n} attempt{'s' if n != 1 else ''}"
+        retried = [a for a in rec.attempts if a.error is not None]
+        if rec.status == OpStatus.FAILED and retried:
+            retried = retried[:-1]
+        if retried:
+            line += f" ({len(retried)} retried: {error_line(retried[-1].error, 80)})"
+        if rec.status == OpStatus.PENDING and rec.next_attempt_ts:
+            line += f", next attempt at {time.strftime('%H:%M:%S', time.localtime(rec.next_attempt_ts))}"
+    return line
+
+
+def _select(children: list[OpRecord], limit: int | None) -> tuple[list[int], int]:
+    """Indices of the children to show: first/last ``limit // 2`` plus unusual ones."""
+    n = len(children)
+    if limit is None or n <= limit:
+        return list(range(n)), 0
+    half = max(1, limit // 2)
+    keep = set(range(half)) | set(range(max(half, n - half), n))
+    unusual = [i for i in range(half, n - half) if children[i].status != OpStatus.SUCCEEDED]
+    keep.update(unusual[:limit])
+    return sorted(keep), n - len(keep)
+
+
+def _gap_text(hidden: list[OpRecord]) -> str:
+    counts = Counter(r.status for r in hidden)
+    return f"… {len(hidden)} more: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+
+def render_tree(tree: OpTree, limit: int | None = 10) -> str:
+    """The operation tree as indented text, with large batches summarized."""
+    ex = tree.execution
+    end = ex.ended_ts if ex.ended_ts is not None else time.time()
+    done, total = tree.done_total()
+    lines = [f"execution {ex.exec_id}  {ex.status}  {ex.handler}  runs {ex.runs}  {end - ex.created_ts:.3f}s  "
+             f"{done}/{total} operations finished"]
+    if ex.error:
+        lines.append(f"  error: {error_line(ex.error, 400)}")
+
+    def emit(op_id: str, prefix: str) -> None:
+        children = tree.children(op_id)
+        shown, _hidden = _select(children, limit)
+        entries: list[tuple[str, OpRecord | list[OpRecord]]] = []
+        prev = -1
+        for i in shown:
+            if i != prev + 1:
+                entries.append(("gap", children[prev + 1:i]))
+            entries.append(("node", children[i]))
+            prev = i
+        if prev != len(children) - 1:
+            entries.append(("gap", children[prev + 1:]))
+        for k, (kind, item) in enumerate(entries):
+            last = k == len(entries) - 1
+            branch, cont = ("└─ ", "   ") if last else ("├─ ", "│  ")
+            if kind == "gap":
+                lines.append(prefix + branch + _gap_text(item))
+                continue
+            lines.append(prefix + branch + _node_text(item, tree))
+            if item.status == OpStatus.FAILED and item.error:
+                lines.append(prefix + cont + "   error: " + error_line(item.error, 300))
+            emit(item.op_id, prefix + cont)
+
+    emit("", "")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Smoke tests of ``python -m durable_mp.bench``: every scenario at a tiny size, result structure only.
+
+Never a timing assertion: these run on loaded CI machines.  What is checked is that each
+scenario runs, checks its own results, and reports rows, targets and JSON in the shape
+the README documents, and that no store is left in the working directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+import os
+
+import pytest
+
+from durable_mp import bench
+from durable_mp.bench import SCENARIOS, Runner, report, run_scenario
+from durable_mp.bench.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = {
+    "seed": {"scale": 0.02},
+    "cpu": {"branches": 4, "branch_ms": 2},
+    "overhead": {"items": 300},
+    "payload": {"cases": [[1, 2], [2, 2]]},
+    "recovery": {"branches": 3, "step_ms": 5, "driver_branches": 6, "driver_step_ms": 60},
+    "memory": {"items": 3000, "skip": False},
+}
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield
+    assert not os.path.exists(tmp_path / ".durable_mp"), "the benchmark must not leave a store in the cwd"
+
+
+def _runner() -> Runner:
+    return Runner(1, warmup=True)
+
+
+def _check_structure(res) -> None:
+    assert res.error is None, res.error
+    assert res.rows, "a scenario reports at least one row"
+    for row in res.rows:
+        if row.skipped:
+            assert row.samples == []
+            continue
+        assert len(row.samples) == 1 and row.samples[0] > 0
+        assert row.median == row.samples[0]
+        assert len(row.info) == 1
+    groups = {row.group for row in res.rows}
+    for group in groups:
+        base = res.baseline(group)
+        assert base is not None, f"group {group!r} has no baseline"
+        assert res.ratio(base) == pytest.approx(1.0)
+    for target in res.targets:
+        assert target.cmp in (">=", "<=")
+        assert target.measured is not None, target.name
+        assert target.met in (True, False)
+    text = report.text_table(res)
+    assert res.name in text and all(row.variant in text for row in res.rows)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario_runs_at_a_tiny_size(name):
+    res = run_scenario(name, _runner(), params=TINY[name])
+    _check_structure(res)
+    doc = report.to_json([res], {"date": report.now_iso(), "machine": report.machine()})
+    json.dumps(doc)  # machine-readable all the way down
+    assert doc["ok"] is True
+    assert doc["scenarios"][name]["rows"][0]["samples_s"]
+
+
+def test_scenario_specific_measurements():
+    over = run_scenario("overhead", _runner(), params=TINY["overhead"])
+    dmp = over.row("durable_mp.map")
+    assert dmp.info[0]["item_records"] == 300  # one checkpoint per item
+    assert dmp.info[0]["records"] >= 301  # plus the map itself
+    assert over.targets[0].unit == "items/s"
+
+    rec = run_scenario("recovery", _runner(), params=TINY["recovery"])
+    crashed = rec.row("durable_mp, 1 worker killed", "worker SIGKILL")
+    assert crashed.info[0]["branches_rerun"] >= 1
+    assert crashed.info[0]["redispatch_ms"] >= 0
+    assert rec.row("ppe, 1 worker killed", "worker SIGKILL").info[0]["tasks_lost"] >= 1
+    resumed = rec.row("resume after driver kill", "driver SIGKILL").info[0]
+    assert {"done_at_kill", "in_flight_at_kill", "committed_at_kill", "rerun", "rerun_committed"} <= set(resumed)
+
+
+def test_quick_memory_is_skipped_and_says_so():
+    res = run_scenario("memory", _runner(), quick=True)
+    assert res.error is None and res.rows == [] and res.targets == []
+    assert any("skipped" in note for note in res.notes)
+
+
+def test_joblib_missing_is_reported_as_skipped(monkeypatch):
+    from durable_mp.bench import overhead
+
+    monkeypatch.setattr(overhead, "joblib_or_none", lambda: None)
+    res = run_scenario("overhead", _runner(), params=TINY["overhead"])
+    row = res.row("joblib")
+    assert row.skipped and "not installed" in row.skipped and row.samples == []
+    assert "skipped" in report.text_table(res)
+
+
+def test_a_wrong_result_is_an_error_not_a_crash(monkeypatch):
+    from durable_mp.bench import overhead
+
+    # the PPE baseline now computes the wrong thing (a partial of a builtin pickles by value)
+    monkeypatch.setattr(overhead, "double", functools.partial(operator.mul, 3))
+    res = run_scenario("overhead", _runner(), params=TINY["overhead"])
+    assert res.error and "BenchError" in res.error
+
+
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    code = main(["--only", "overhead", "--repeats", "1", "--no-progress", "--json", str(out_json),
+                 "--markdown", str(out_md)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "== overhead" in printed and "== targets ==" in printed
+    doc = json.loads(out_json.read_text())
+    assert doc["ok"] is True and doc["repeats"] == 1
+    assert {"cpu_count", "cpu_model", "python", "durable_mp"} <= set(doc["machine"])
+    assert doc["date"] and list(doc["scenarios"]) == ["overhead"]
+    rows = doc["scenarios"]["overhead"]["rows"]
+    assert {r["variant"] for r in rows} >= {"ppe", "durable_mp.map"}
+    assert all(len(r["samples_s"]) == 1 for r in rows if not r["skipped"])
+    assert doc["targets"][0]["name"].startswith("overhead:")
+    assert "| target | measured | goal | status |" in out_md.read_text()
+
+
+def test_cli_progress_goes_to_stderr(capsys):
+    assert main(["--only", "seed", "--quick", "--repeats", "1", "--no-warmup"]) == 0
+    captured = capsys.readouterr()
+    assert "[bench" in captured.err and "seed" in captured.err
+    assert "[bench" not in captured.out
+
+
+def test_cli_rejects_unknown_scenarios_and_bad_repeats():
+    with pytest.raises(SystemExit) as info:
+        main(["--only", "nope"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["--repeats", "0"])
+    assert info.value.code == 2
+
+
+def test_scenarios_are_registered_in_order():
+    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "recovery", "memory"]
+    for module in bench.SCENARIOS.values():
+        assert isinstance(module.params(True), dict) and isinstance(module.params(False), dict)
