@@ -70,5 +70,10 @@ def started_record(source_op_id: str, item_sub_type: str, name: str, index: int,
                     OpStatus.STARTED, start)
 
 
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
 def _pid() -> int:
-    return os.getpid()
+    """This process's pid, cached: getpid() is a syscall and runs once per branch."""
+    return _PID[0]

@@ -27,10 +27,11 @@ AXIS_H = 34  # px
 LANE_H = 20  # px per lane of a row
 ROW_PAD = 6  # px
 MAX_FAILURE_ROWS = 200
+MIN_MARK_W = 3.0  # px: a retried or failed attempt stays visible however short it was
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
-h1{font-size:20px;margin:0 0 12px} h2{font-size:16px;margin:24px 0 8px}
+h1{font-size:20px;margin:0 0 12px} h1 code{font-size:18px} h2{font-size:16px;margin:24px 0 8px}
 code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:13px;vertical-align:middle}
 .st-SUCCEEDED{background:#2e9e44}.st-FAILED{background:#d1342f}.st-RUNNING{background:#b58100}
@@ -42,6 +43,7 @@ table.summary th{color:#57606a;font-weight:500}
 svg text{font:12px system-ui,sans-serif;fill:#1f2328}
 svg .tick{stroke:#eaeef2} svg .tick-label{fill:#57606a;font-size:11px}
 svg .row-bg{fill:#f6f8fa} svg .row-label{font-size:12px}
+svg .run-line{stroke:#0969da;stroke-dasharray:4 3} svg .run-label{fill:#0969da;font-size:11px}
 .bar{cursor:pointer} .bar:hover,.bar.hl{stroke:#0969da!important;stroke-width:2px!important}
 .branch{stroke-width:1px} .branch.succeeded{fill:#d3f0d9;stroke:#2e9e44}
 .branch.failed{fill:#f9d3d1;stroke:#d1342f} .branch.started{fill:#eceff1;stroke:#8c959f;stroke-dasharray:3 2}
@@ -101,7 +103,7 @@ def _fmt_offset(seconds: float, step: float) -> str:
 
 def _bar_svg(bar: Bar, x, y0: float) -> str:
     x1, x2 = x(bar.start), x(bar.end)
-    w = max(x2 - x1, 1.0)
+    w = max(x2 - x1, 1.0 if bar.status == "succeeded" else MIN_MARK_W)
     if bar.kind in ("branch", "context", "wait"):
         y, h = y0 + bar.lane * LANE_H + 2, LANE_H - 4
     else:
@@ -155,6 +157,12 @@ def _chart(tl: Timeline) -> str:
                      f'<text class="tick-label" x="{tx:.2f}" y="{AXIS_H - 12}" text-anchor="middle">'
                      f'{_e(_fmt_offset(n * step, step))}</text>')
         n += 1
+    ex = tl.execution
+    if ex is not None and ex.runs > 1 and tl.start < ex.started_ts <= tl.end:
+        rx = x(ex.started_ts)
+        ticks.append(f'<line class="run-line" data-run="{ex.runs}" x1="{rx:.2f}" y1="{AXIS_H - 4}" x2="{rx:.2f}" '
+                     f'y2="{height}"><title>run {ex.runs} (resumed) started here</title></line>'
+                     f'<text class="run-label" x="{rx + 4:.2f}" y="{AXIS_H - 2}">run {ex.runs}</text>')
     bars = sorted(tl.bars, key=lambda b: (not b.container, b.start))  # containers first, leaves on top
     body = [_bar_svg(b, x, row_y[b.row]) for b in bars]
     marks = []

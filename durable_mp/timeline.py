@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from durable_mp.records import OpRecord, OpStatus, OpType
+from durable_mp.store_records import ExecutionRecord
 from durable_mp.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
 
 DRIVER = "driver"
@@ -73,6 +74,7 @@ class Timeline:
     end: float
     summary: dict = field(default_factory=dict)
     hidden: int = 0
+    execution: ExecutionRecord | None = None
 
 
 def _status(rec_status: str) -> str:
@@ -197,7 +199,7 @@ def _layout(tree: OpTree, bars: list[Bar], markers: list[Marker]) -> Timeline:
     lanes: dict[object, int] = {}
     for row in rows:
         lanes[row] = _pack([b for b in bars if b.row == row])
-    return Timeline(bars, markers, rows, lanes, start, max(end, start + 1e-3), hidden=hidden)
+    return Timeline(bars, markers, rows, lanes, start, max(end, start + 1e-3), hidden=hidden, execution=ex)
 
 
 def _pack(bars: list[Bar]) -> int:

@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Iterator
 
 from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
-from durable_mp.store_records import ExecutionRecord
+from durable_mp.store_records import RUNNING, ExecutionRecord, owner_alive
 
 BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
 BRANCH_SUB_TYPES = frozenset({"ParallelBranch", "MapIteration"})
@@ -127,9 +127,12 @@ class OpTree:
 def _duration(rec: OpRecord, tree: OpTree) -> str:
     if rec.end_ts is not None:
         return f"{rec.end_ts - rec.start_ts:.3f}s"
-    if tree.execution.ended_ts is not None:
+    ex = tree.execution
+    if ex.status != RUNNING:
         return "never finished"
-    return f"running {max(0.0, time.time() - rec.start_ts):.1f}s"
+    if not owner_alive(ex):
+        return "interrupted (no driver; resume the execution)"
+    return f"running for {max(0.0, time.time() - rec.start_ts):.1f}s"
 
 
 def _node_text(rec: OpRecord, tree: OpTree) -> str:

@@ -313,3 +313,28 @@ def test_oversized_result_is_refused_with_its_size(store_path, monkeypatch):
     message, small = handler.run(None, store=store_path)
     assert "2.0 MiB, over the 1 MiB limit" in message
     assert small == b"small"
+
+
+def test_at_most_once_step_interrupted_by_a_crash_is_not_rerun_blindly(store_path, tmp_path):
+    from durable_mp.config import StepSemantics
+
+    marker = tmp_path / "charged"
+
+    def charge_card(step_ctx):
+        with open(marker, "a") as f:
+            f.write("x")
+        os.kill(os.getpid(), signal.SIGKILL)  # dies after the side effect, before its checkpoint
+
+    cfg = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY, retry_strategy=RetryPresets.none())
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([lambda c: c.step(charge_card, name="charge", config=cfg)], config=ALL_COMPLETED)
+
+    r = handler.run(None, store=store_path)
+    assert marker.read_text() == "x", "an AT_MOST_ONCE step must not run again after an interrupted attempt"
+    assert r.all[0].status == BatchItemStatus.FAILED
+    assert "StepInterruptedError" in r.all[0].error.message or r.all[0].error.type.endswith("StepError")
+    with Store(store_path) as st:
+        step = next(rec for rec in st.ops(handler.execution_id_for(None)) if rec.name == "charge")
+    assert step.status == "FAILED" and step.error["ErrorType"].endswith("StepInterruptedError")

@@ -266,17 +266,42 @@ def joblib_or_none() -> Any:
     return joblib
 
 
-def joblib_shutdown() -> None:
-    """Stop joblib's reusable loky workers so the benchmark leaves no process behind."""
-    joblib = joblib_or_none()
-    if joblib is None:
-        return
-    try:
-        from joblib.externals.loky import get_reusable_executor
+def stop_helpers() -> None:
+    """Stop the helper processes baselines leave running, so the benchmark leaves none behind.
 
-        get_reusable_executor().shutdown(wait=True)
-    except Exception:  # noqa: BLE001 - best effort: an old joblib without loky
+    joblib keeps its loky workers and loky's resource tracker alive for reuse, and
+    ``ProcessPoolExecutor`` starts multiprocessing's resource tracker; all of them are
+    restarted on their next use.  The trackers are reached through private names, hence
+    the blanket ``except``s: another Python or joblib version just keeps them running.
+    """
+    if joblib_or_none() is not None:
+        try:
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True)
+        except Exception:  # noqa: BLE001 - best effort: a joblib without loky
+            pass
+        try:
+            from joblib.externals.loky.backend.resource_tracker import _resource_tracker as loky_tracker
+
+            loky_tracker._stop()
+        except Exception:  # noqa: BLE001 - best effort, see above
+            pass
+    try:
+        from multiprocessing.resource_tracker import _resource_tracker as mp_tracker
+
+        mp_tracker._stop()
+    except Exception:  # noqa: BLE001 - best effort, see above
         pass
+
+
+def joblib_parallel(joblib, n_jobs: int) -> Any:
+    """joblib's ``Parallel`` as users call it (loky, ``batch_size='auto'``), without memmapping.
+
+    Memmapping only applies to large *inputs* (the scenarios pass small ones); turning it
+    off spares a temporary folder per call that loky's tracker would warn about.
+    """
+    return joblib.Parallel(n_jobs=n_jobs, max_nbytes=None)
 
 
 def ppe(max_workers: int) -> Any:

@@ -13,7 +13,7 @@ import time
 
 from durable_mp import durable_execution
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, joblib_or_none,
-                                   joblib_shutdown, ppe, run_durable, timed, workers)
+                                   joblib_parallel, ppe, run_durable, stop_helpers, timed, workers)
 
 NAME = "cpu"
 TITLE = "CPU-bound branches (pure Python)"
@@ -97,7 +97,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         return Sample(wall)
 
     def with_joblib(todo=jobs) -> Sample:
-        wall, out = timed(lambda: joblib.Parallel(n_jobs=n)(joblib.delayed(burn)(*j) for j in todo))
+        wall, out = timed(lambda: joblib_parallel(joblib, n)(joblib.delayed(burn)(*j) for j in todo))
         if todo is jobs:
             check(list(out) == expected, "joblib results differ")
         return Sample(wall)
@@ -121,7 +121,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     try:
         rows = runner.measure(NAME, variants)
     finally:
-        joblib_shutdown()
+        stop_helpers()
     res = ScenarioResult(NAME, TITLE, {**p, "iterations": iterations, "workers": n}, rows)
     base = res.baseline().median
     res.cores = n

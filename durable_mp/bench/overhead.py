@@ -12,7 +12,8 @@ import math
 
 from durable_mp import durable_execution
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, count_records,
-                                   joblib_or_none, joblib_shutdown, ppe, run_durable, timed, workers)
+                                   joblib_or_none, joblib_parallel, ppe, run_durable, stop_helpers, timed,
+                                   workers)
 
 NAME = "overhead"
 TITLE = "map over trivial items: per-item overhead"
@@ -54,7 +55,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         return Sample(wall)
 
     def with_joblib(todo=items) -> Sample:
-        wall, out = timed(lambda: joblib.Parallel(n_jobs=n)(joblib.delayed(double)(x) for x in todo))
+        wall, out = timed(lambda: joblib_parallel(joblib, n)(joblib.delayed(double)(x) for x in todo))
         if todo is items:
             check(list(out) == expected, "joblib results differ")
         return Sample(wall)
@@ -78,7 +79,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
             Variant("durable_mp.map", durable, lambda: durable(100), **work, note="every item checkpointed"),
         ])
     finally:
-        joblib_shutdown()
+        stop_helpers()
     res = ScenarioResult(NAME, TITLE, {**p, "workers": n, "ppe_chunksize": chunksize}, rows)
     dmp = res.row("durable_mp.map")
     res.facts = {"records in the store after a durable_mp run": dmp.info_median("records"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from durable_mp import durable_execution
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, joblib_or_none,
-                                   joblib_shutdown, ppe, run_durable, timed, workers)
+                                   joblib_parallel, ppe, run_durable, stop_helpers, timed, workers)
 
 NAME = "payload"
 TITLE = "numpy results made in the branches, checkpoint included"
@@ -73,7 +73,7 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
 
         def with_joblib(jobs=jobs, expected=expected) -> Sample:
             wall, out = timed(lambda: [summary(a) for a in
-                                       joblib.Parallel(n_jobs=n)(joblib.delayed(make_array)(j) for j in jobs)])
+                                       joblib_parallel(joblib, n)(joblib.delayed(make_array)(j) for j in jobs)])
             check(out == expected, "joblib arrays differ")
             return Sample(wall)
 
@@ -105,7 +105,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     try:
         rows = runner.measure(NAME, _cases(p, joblib, n))
     finally:
-        joblib_shutdown()
+        stop_helpers()
     res = ScenarioResult(NAME, TITLE, {**p, "workers": n}, rows)
     for mb, count in p["cases"]:
         group = f"{count} x {mb} MB"

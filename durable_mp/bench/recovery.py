@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from durable_mp import durable_execution
 from durable_mp.bench import cpu
 from durable_mp.bench.core import (BenchError, Runner, Sample, ScenarioResult, Target, Variant, check, fresh_store,
-                                   ppe, timed, workers)
+                                   ppe, stop_helpers, timed, workers)
 from durable_mp.bench.markers import counts, mark, read_time, write_time
 from durable_mp.bench import recovery_job
 
@@ -234,7 +234,10 @@ def _committed(path: str, execution_id: str) -> set[int]:
 def run(p: dict, runner: Runner) -> ScenarioResult:
     n = workers()
     iterations = cpu.calibrate(p["step_ms"])
-    rows = runner.measure(NAME, _worker_kill(p, n, iterations) + _driver_kill(p, n))
+    try:
+        rows = runner.measure(NAME, _worker_kill(p, n, iterations) + _driver_kill(p, n))
+    finally:
+        stop_helpers()
     res = ScenarioResult(NAME, TITLE, {**p, "workers": n, "iterations": iterations}, rows)
     crashed = res.row("durable_mp, 1 worker killed", "worker SIGKILL")
     ppe_row = res.row("ppe, 1 worker killed", "worker SIGKILL")

@@ -1,0 +1,419 @@
+"""``python -m durable_mp``: every command on real executions, in a temporary store.
+
+Handlers live in files written into ``tmp_path`` and are named by ``path.py:handler``
+refs, the way a user points the CLI at a script.  Commands run as subprocesses where the
+process boundary matters (exit codes, SIGKILL, logging from workers) and in-process via
+``cli.main`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from durable_mp import cli
+from durable_mp.store import Store
+from durable_mp.store_records import RUNNING, ExecutionRecord
+
+JOBS = textwrap.dedent(
+    """
+    import os, time
+    from durable_mp import durable_execution
+    from durable_mp.config import Duration, ParallelConfig, StepConfig
+
+    def square(i):
+        def run(ctx):
+            def work(sc):
+                sc.logger.info("step in worker %d", os.getpid())
+                return i * i
+            return ctx.step(work, name=f"square-{i}")
+        return run
+
+    @durable_execution
+    def ok(event, ctx):
+        ctx.logger.info("handler says hello to %s", event.get("who", "nobody"))
+        r = ctx.parallel([square(i) for i in range(event.get("n", 3))], name="squares")
+        return r.get_results()
+
+    @durable_execution
+    def boom(event, ctx):
+        ctx.step(lambda sc: 1, name="fine")
+        raise ValueError("boom")
+
+    @durable_execution
+    def batch(event, ctx):
+        return ctx.map(list(range(event["n"])), lambda c, x, i, xs: x, name="items")
+
+    @durable_execution
+    def unjsonable(event, ctx):
+        return {1, 2}
+
+    @durable_execution
+    def big(event, ctx):
+        return ctx.map(list(range(event["n"])), lambda c, x, i, xs: b"x" * 4096, name="blobs").success_count
+
+    def slow_branch(i, markers):
+        def run(ctx):
+            first = ctx.step(lambda sc: i, name=f"first-{i}")
+            def second(sc):
+                time.sleep(0.4)
+                open(os.path.join(markers, f"done-{i}"), "w").close()
+                return first + 100
+            # a step with a timeout is watched by the driver, so the checkpoint of
+            # `first` reaches the store before `second` starts
+            return ctx.step(second, name=f"second-{i}", config=StepConfig(timeout=Duration.from_seconds(30)))
+        return run
+
+    @durable_execution
+    def slow(event, ctx):
+        r = ctx.parallel([slow_branch(i, event["markers"]) for i in range(event["n"])], name="slow",
+                         config=ParallelConfig(max_concurrency=3))
+        return r.get_results()
+
+    not_a_handler = 42
+    """
+)
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    """Path of a fresh handler module with a unique module name."""
+    path = tmp_path / f"jobs_{uuid.uuid4().hex[:10]}.py"
+    path.write_text(JOBS)
+    return str(path)
+
+
+def run_cli(*args, store, cwd=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "durable_mp", *args, "--store", str(store)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def in_process(capsys, *args, store):
+    code = cli.main([*args, "--store", str(store)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line message, got: {text!r}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_run_list_show_history_on_a_successful_execution(jobs, store_path, capsys):
+    proc = run_cli("run", f"{jobs}:ok", "--id", "good", "--input", '{"n": 3}', store=store_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [0, 1, 4]
+
+    code, out, _ = in_process(capsys, "list", store=store_path)
+    assert code == 0
+    header, row = out.strip().splitlines()
+    assert header.split() == ["ID", "HANDLER", "STATUS", "STARTED", "DURATION", "OPS"]
+    module = os.path.basename(jobs)[:-3]
+    assert row.split()[:3] == ["good", f"{module}:ok", "SUCCEEDED"]
+    assert row.split()[-1] == "7/7"  # 1 parallel + 3 branches + 3 steps
+
+    code, out, _ = in_process(capsys, "list", "--json", store=store_path)
+    (entry,) = json.loads(out)
+    assert entry["status"] == "SUCCEEDED" and entry["ops_done"] == entry["ops_total"] == 7 and entry["runs"] == 1
+
+    code, out, _ = in_process(capsys, "show", "good", store=store_path)
+    assert code == 0
+    assert "Parallel squares  SUCCEEDED" in out
+    for i in range(3):
+        assert f"[{i}] ParallelBranch parallel-branch-{i}  SUCCEEDED" in out
+        assert f"Step square-{i}  SUCCEEDED" in out
+    assert "1 attempt" in out
+
+    code, out, _ = in_process(capsys, "history", "good", "--json", store=store_path)
+    events = json.loads(out)
+    assert [e["EventId"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["EventType"] == "ExecutionStarted" and events[-1]["EventType"] == "ExecutionSucceeded"
+    code, out, _ = in_process(capsys, "history", "good", store=store_path)
+    assert code == 0 and "ContextStarted" in out and "StepSucceeded" in out
+
+    # running the same id again returns the stored result without running anything
+    again = run_cli("run", f"{jobs}:ok", "--id", "good", "--input", '{"n": 3}', store=store_path)
+    assert again.returncode == 0 and json.loads(again.stdout) == [0, 1, 4]
+
+
+@pytest.mark.timeout(60)
+def test_failed_execution_exits_1_and_is_shown(jobs, store_path, capsys):
+    proc = run_cli("run", f"{jobs}:boom", "--id", "bad", store=store_path)
+    assert proc.returncode == 1
+    assert "ValueError: boom" in one_line(proc.stderr)
+    assert proc.stdout == ""
+
+    code, out, _ = in_process(capsys, "list", "--status", "failed", store=store_path)
+    assert code == 0 and "bad" in out and "FAILED" in out
+    code, out, err = in_process(capsys, "list", "--status", "SUCCEEDED", store=store_path)
+    assert code == 0 and "bad" not in out
+
+    code, out, _ = in_process(capsys, "show", "bad", store=store_path)
+    assert "execution bad  FAILED" in out and "error: ValueError: boom" in out
+
+    code, out, _ = in_process(capsys, "history", "bad", "--json", store=store_path)
+    last = json.loads(out)[-1]
+    assert last["EventType"] == "ExecutionFailed"
+    assert last["ExecutionFailedDetails"]["Error"]["Payload"]["ErrorType"] == "ValueError"
+
+    # resume of a finished execution reports its stored outcome
+    code, out, err = in_process(capsys, "resume", "bad", store=store_path)
+    assert code == 1 and "ValueError: boom" in one_line(err)
+
+
+def test_bad_id_and_bad_store_exit_2_with_one_line(tmp_path, store_path, capsys):
+    Store(store_path).close()  # an empty, valid store
+    for command in (["show", "nope"], ["history", "nope"], ["report", "nope", "-o", str(tmp_path / "r.html")],
+                    ["resume", "nope"], ["delete", "nope"]):
+        code, out, err = in_process(capsys, *command, store=store_path)
+        assert code == 2, command
+        assert "no execution 'nope'" in one_line(err)
+        assert out == ""
+    code, _, err = in_process(capsys, "show", "bad\x01id", store=store_path)
+    assert code == 2 and "control character" in one_line(err)
+
+    missing = tmp_path / "no-such-store"
+    code, _, err = in_process(capsys, "list", store=missing)
+    assert code == 2 and "no durable_mp store" in one_line(err)
+    assert not missing.exists(), "read-only commands must not create a store"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = in_process(capsys, "show", "x", store=a_file)
+    assert code == 2 and "not a directory" in one_line(err)
+    proc = run_cli("list", store=missing)
+    assert proc.returncode == 2 and "no durable_mp store" in one_line(proc.stderr)
+
+
+def test_usage_errors_exit_2_with_one_line(jobs, tmp_path, store_path, capsys):
+    code, _, err = in_process(capsys, "run", f"{jobs}:ok", "--input", "{not json", store=store_path)
+    assert code == 2 and "--input is not valid JSON" in one_line(err)
+    code, _, err = in_process(capsys, "run", f"{jobs}:ok", "--input-file", str(tmp_path / "none.json"),
+                              store=store_path)
+    assert code == 2 and "cannot read --input-file" in one_line(err)
+    code, _, err = in_process(capsys, "run", "no_such_module_xyz:handler", store=store_path)
+    assert code == 2 and "no module named 'no_such_module_xyz'" in one_line(err)
+    code, _, err = in_process(capsys, "run", f"{jobs}:missing", store=store_path)
+    assert code == 2 and "has no attribute 'missing'" in one_line(err)
+    code, _, err = in_process(capsys, "run", f"{jobs}:not_a_handler", store=store_path)
+    assert code == 2 and "not a handler decorated with @durable_execution" in one_line(err)
+    code, _, err = in_process(capsys, "run", str(tmp_path / "nope.py") + ":h", store=store_path)
+    assert code == 2 and "no such file" in one_line(err)
+    code, _, err = in_process(capsys, "gc", "--older-than", "soon", store=store_path)
+    assert code == 2 and "bad duration" in one_line(err)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", f"{jobs}:ok", "--max-workers", "0"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["run", "resume", "list", "show", "history", "report", "delete", "gc"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--store" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)
+def test_results_that_are_not_json(jobs, store_path, capsys):
+    code, out, _ = in_process(capsys, "run", f"{jobs}:unjsonable", "--id", "set", store=store_path)
+    assert code == 0 and out.strip() == "{1, 2}"
+    code, out, _ = in_process(capsys, "run", f"{jobs}:batch", "--id", "br", "--input", '{"n": 3}',
+                              store=store_path)
+    assert code == 0
+    result = json.loads(out)  # a BatchResult, printed through its to_dict()
+    assert [item["result"] for item in result["all"]] == [0, 1, 2]
+
+
+@pytest.mark.timeout(60)
+def test_show_summarizes_large_maps(jobs, store_path, capsys):
+    code, _, _ = in_process(capsys, "run", f"{jobs}:batch", "--id", "many", "--input", '{"n": 300}',
+                            store=store_path)
+    assert code == 0
+    code, out, _ = in_process(capsys, "show", "many", "--limit", "6", store=store_path)
+    lines = out.splitlines()
+    assert any("[0] MapIteration map-item-0" in l for l in lines)
+    assert any("[299] MapIteration map-item-299" in l for l in lines)
+    assert not any("[150] MapIteration" in l for l in lines)
+    assert any("… 294 more: 294 SUCCEEDED" in l for l in lines)
+    assert len(lines) < 15
+    code, out, _ = in_process(capsys, "show", "many", "--all", store=store_path)
+    assert "[150] MapIteration map-item-150" in out
+
+
+@pytest.mark.timeout(60)
+def test_log_level_shows_handler_and_worker_logs(jobs, store_path):
+    proc = run_cli("run", f"{jobs}:ok", "--id", "logs", "--input", '{"who": "tester"}', "--log-level", "INFO",
+                   store=store_path)
+    assert proc.returncode == 0, proc.stderr
+    handler_lines = [l for l in proc.stderr.splitlines() if "handler says hello to tester" in l]
+    worker_lines = [l for l in proc.stderr.splitlines() if "step in worker" in l]
+    assert len(handler_lines) == 1 and len(worker_lines) == 3
+    driver_pid = handler_lines[0].split("[pid ")[1].split("]")[0]
+    for line in worker_lines:  # forwarded from the workers, formatted by the driver with their pid
+        assert line.split("[pid ")[1].split("]")[0] == line.rsplit(" ", 1)[1] != driver_pid
+    quiet = run_cli("run", f"{jobs}:ok", "--id", "quiet", store=store_path)
+    assert "handler says hello" not in quiet.stderr
+
+
+@pytest.mark.timeout(60)
+def test_progress_flag(jobs, store_path):
+    shown = run_cli("run", f"{jobs}:ok", "--id", "bar", "--input", '{"n": 4}', "--progress", store=store_path)
+    assert shown.returncode == 0 and "squares" in shown.stderr and "4/4" in shown.stderr
+    hidden = run_cli("run", f"{jobs}:ok", "--id", "nobar", "--input", '{"n": 4}', "--no-progress",
+                     store=store_path)
+    assert hidden.returncode == 0 and "4/4" not in hidden.stderr
+
+
+def _wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_run_is_resumed_and_reported(jobs, tmp_path, store_path, capsys):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    event = json.dumps({"n": 9, "markers": str(markers)})
+    proc = subprocess.Popen([sys.executable, "-m", "durable_mp", "run", f"{jobs}:slow", "--id", "crashy",
+                             "--input", event, "--store", store_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(lambda: len(os.listdir(markers)) >= 3)
+        time.sleep(0.15)  # the next branches have started and checkpointed their first step
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # driver and workers, like a power cut
+        proc.communicate(timeout=30)
+    assert len(os.listdir(markers)) < 9, "the kill must land mid-run"
+
+    code, out, _ = in_process(capsys, "list", "--status", "INTERRUPTED", store=store_path)
+    assert code == 0 and "crashy" in out and "INTERRUPTED" in out
+    code, out, _ = in_process(capsys, "show", "crashy", store=store_path)
+    assert "Parallel slow  STARTED  interrupted" in out
+
+    # resume from another directory: the handler's file was recorded with the execution
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    resumed = run_cli("resume", "crashy", store=store_path, cwd=str(other))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout) == [100 + i for i in range(9)]
+
+    code, out, _ = in_process(capsys, "list", "--json", store=store_path)
+    (entry,) = json.loads(out)
+    assert entry["status"] == "SUCCEEDED" and entry["runs"] == 2
+
+    report = tmp_path / "crashy.html"
+    code, _, err = in_process(capsys, "report", "crashy", "-o", str(report), store=store_path)
+    assert code == 0 and "wrote" in err
+    html = report.read_text()
+    assert html.count('data-kind="branch"') == 9
+    assert 'data-redispatched="1"' in html, "branches cut by the kill were re-dispatched to new workers"
+    assert 'class="crash-marker"' in html and 'data-run="2"' in html
+
+    code, out, _ = in_process(capsys, "history", "crashy", "--json", store=store_path)
+    events = json.loads(out)
+    assert sum(e["EventType"] == "ContextSucceeded" and e["SubType"] == "ParallelBranch" for e in events) == 9
+    assert events[-1]["EventType"] == "ExecutionSucceeded"
+
+
+@pytest.mark.timeout(60)
+def test_locked_execution_cannot_be_resumed_or_deleted(jobs, tmp_path, store_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    event = json.dumps({"n": 3, "markers": str(markers)})
+    proc = subprocess.Popen([sys.executable, "-m", "durable_mp", "run", f"{jobs}:slow", "--id", "busy",
+                             "--input", event, "--store", store_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(store_path, "data.mdb")) and "busy" in
+                  run_cli("list", store=store_path).stdout)
+        second = run_cli("resume", "busy", store=store_path)
+        assert second.returncode == 2 and "another live driver" in one_line(second.stderr)
+        gone = run_cli("delete", "busy", store=store_path)
+        assert gone.returncode == 2 and "is running" in one_line(gone.stderr)
+    finally:
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == [100, 101, 102]
+
+
+def test_resume_with_an_unimportable_handler_exits_2(store_path, capsys):
+    with Store(store_path) as st:
+        now = time.time()
+        st.acquire("orphan", lambda: ExecutionRecord("orphan", RUNNING, "no_such_module_xyz:handler", None, None,
+                                                     None, now, now, None, 0, 0.0, 1))
+        st.release("orphan")
+    code, out, err = in_process(capsys, "resume", "orphan", store=store_path)
+    assert code == 2 and out == ""
+    assert "cannot resume 'orphan'" in one_line(err) and "no_such_module_xyz" in err
+    with Store(store_path) as st:
+        st.acquire("script", lambda: ExecutionRecord("script", RUNNING, "__main__:handler", None, None,
+                                                     None, now, now, None, 0, 0.0, 1))
+        st.release("script")
+    code, out, err = in_process(capsys, "resume", "script", store=store_path)
+    assert code == 2 and "--handler path/to/script.py:handler" in one_line(err)
+
+
+@pytest.mark.timeout(60)
+def test_resume_with_a_handler_override(jobs, store_path, capsys):
+    with Store(store_path) as st:
+        now = time.time()
+        st.acquire("moved", lambda: ExecutionRecord("moved", RUNNING, "__main__:ok", None, None, None, now, now,
+                                                    None, 0, 0.0, 1))
+        st.release("moved")
+    code, out, err = in_process(capsys, "resume", "moved", "--handler", f"{jobs}:ok", store=store_path)
+    assert code == 0, err
+    assert json.loads(out) == [0, 1, 4]  # the recorded input was None: the handler's defaults
+
+
+@pytest.mark.timeout(60)
+def test_delete_gc_and_compact(jobs, store_path, capsys):
+    for name in ("one", "two"):
+        assert in_process(capsys, "run", f"{jobs}:ok", "--id", name, store=store_path)[0] == 0
+    code, _, err = in_process(capsys, "delete", "one", store=store_path)
+    assert code == 0 and "deleted execution one (7 operation records)" in err
+    code, out, _ = in_process(capsys, "list", "--json", store=store_path)
+    assert [e["id"] for e in json.loads(out)] == ["two"]
+
+    with Store(store_path) as st:  # an interrupted execution is kept unless forced
+        now = time.time()
+        st.acquire("half", lambda: ExecutionRecord("half", RUNNING, "x:y", None, None, None, now, now, None,
+                                                   0, 0.0, 1))
+        st.release("half")
+    code, _, err = in_process(capsys, "delete", "half", store=store_path)
+    assert code == 2 and "--force" in one_line(err)
+
+    code, out, err = in_process(capsys, "gc", "--older-than", "7d", store=store_path)
+    assert code == 0 and out == "" and "deleted 0 execution(s)" in err and "1 unfinished kept" in err
+    code, out, err = in_process(capsys, "gc", "--older-than", "0s", "--dry-run", store=store_path)
+    assert code == 0 and out.split() == ["two"] and "would delete 1" in err
+    code, out, err = in_process(capsys, "gc", "--older-than", "0s", store=store_path)
+    assert code == 0 and out.split() == ["two"]
+    code, _, err = in_process(capsys, "delete", "half", "--force", store=store_path)
+    assert code == 0
+    code, out, _ = in_process(capsys, "list", "--json", store=store_path)
+    assert json.loads(out) == []
+
+    assert in_process(capsys, "run", f"{jobs}:big", "--id", "big", "--input", '{"n": 3000}',
+                      store=store_path)[0] == 0
+    size = os.path.getsize(os.path.join(store_path, "data.mdb"))
+    assert size > 12 * 2**20
+    code, _, err = in_process(capsys, "delete", "big", "--compact", store=store_path)
+    assert code == 0 and "compacted" in err
+    assert os.path.getsize(os.path.join(store_path, "data.mdb")) < size / 4
+    # the compacted store still works
+    assert in_process(capsys, "run", f"{jobs}:ok", "--id", "after", store=store_path)[0] == 0
+    code, out, _ = in_process(capsys, "show", "after", store=store_path)
+    assert "SUCCEEDED" in out
