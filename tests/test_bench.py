@@ -11,7 +11,9 @@ import functools
 import json
 import operator
 import os
+import time
 
+import psutil
 import pytest
 
 from durable_mp import bench
@@ -28,6 +30,47 @@ TINY = {
     "recovery": {"branches": 3, "step_ms": 5, "driver_branches": 6, "driver_step_ms": 60},
     "memory": {"items": 3000, "skip": False},
 }
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """conftest's check, except for the resource trackers of multiprocessing and loky.
+
+    ``ProcessPoolExecutor`` and joblib (the baselines) start one per process; it exits with
+    the test process, and stopping it early makes loky report joblib's temporary folders as
+    leaked.  Every other child (durable_mp workers, loky workers, job subprocesses) must be
+    gone.
+    """
+    yield
+    me = psutil.Process(os.getpid())
+    deadline = time.monotonic() + 5.0
+    alive = []
+    while time.monotonic() < deadline:
+        alive = [p for p in _children(me) if "resource_tracker" not in _cmdline(p)]
+        if not alive:
+            break
+        time.sleep(0.05)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"processes left behind: {[(p.pid, _cmdline(p)) for p in alive]}"
+
+
+def _children(me):
+    out = []
+    for proc in me.children(recursive=True):
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _cmdline(proc) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 @pytest.fixture(autouse=True)

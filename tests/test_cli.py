@@ -39,6 +39,7 @@ JOBS = textwrap.dedent(
 
     @durable_execution
     def ok(event, ctx):
+        event = event or {}
         ctx.logger.info("handler says hello to %s", event.get("who", "nobody"))
         r = ctx.parallel([square(i) for i in range(event.get("n", 3))], name="squares")
         return r.get_results()
@@ -60,11 +61,11 @@ JOBS = textwrap.dedent(
     def big(event, ctx):
         return ctx.map(list(range(event["n"])), lambda c, x, i, xs: b"x" * 4096, name="blobs").success_count
 
-    def slow_branch(i, markers):
+    def slow_branch(i, markers, pause):
         def run(ctx):
             first = ctx.step(lambda sc: i, name=f"first-{i}")
             def second(sc):
-                time.sleep(0.4)
+                time.sleep(pause)
                 open(os.path.join(markers, f"done-{i}"), "w").close()
                 return first + 100
             # a step with a timeout is watched by the driver, so the checkpoint of
@@ -74,7 +75,7 @@ JOBS = textwrap.dedent(
 
     @durable_execution
     def slow(event, ctx):
-        r = ctx.parallel([slow_branch(i, event["markers"]) for i in range(event["n"])], name="slow",
+        r = ctx.parallel([slow_branch(i, event["markers"], event.get("pause", 0.4)) for i in range(event["n"])], name="slow",
                          config=ParallelConfig(max_concurrency=3))
         return r.get_results()
 
@@ -332,7 +333,7 @@ def test_sigkilled_run_is_resumed_and_reported(jobs, tmp_path, store_path, capsy
 def test_locked_execution_cannot_be_resumed_or_deleted(jobs, tmp_path, store_path):
     markers = tmp_path / "markers"
     markers.mkdir()
-    event = json.dumps({"n": 3, "markers": str(markers)})
+    event = json.dumps({"n": 3, "markers": str(markers), "pause": 3})
     proc = subprocess.Popen([sys.executable, "-m", "durable_mp", "run", f"{jobs}:slow", "--id", "busy",
                              "--input", event, "--store", store_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -406,10 +407,10 @@ def test_delete_gc_and_compact(jobs, store_path, capsys):
     code, out, _ = in_process(capsys, "list", "--json", store=store_path)
     assert json.loads(out) == []
 
-    assert in_process(capsys, "run", f"{jobs}:big", "--id", "big", "--input", '{"n": 3000}',
+    assert in_process(capsys, "run", f"{jobs}:big", "--id", "big", "--input", '{"n": 4000}',
                       store=store_path)[0] == 0
     size = os.path.getsize(os.path.join(store_path, "data.mdb"))
-    assert size > 12 * 2**20
+    assert size > 15 * 2**20
     code, _, err = in_process(capsys, "delete", "big", "--compact", store=store_path)
     assert code == 0 and "compacted" in err
     assert os.path.getsize(os.path.join(store_path, "data.mdb")) < size / 4

@@ -350,3 +350,74 @@ def test_is_replaying_and_logger_suppression(store_path, tmp_path, caplog):
     assert seen == [False, False, True, False]
     assert len(first) == 1 and len(second) == 1, "the replayed log line must be suppressed"
     assert first[0].executionArn == "rp"
+
+
+def test_wait_for_condition_polls_until_the_strategy_stops(store_path):
+    from durable_mp.waits import WaitForConditionConfig, WaitStrategyConfig, create_wait_strategy
+
+    @durable_execution
+    def handler(event, ctx):
+        strategy = create_wait_strategy(WaitStrategyConfig(should_continue_polling=lambda s: s < 4,
+                                                           jitter_strategy=JitterStrategy.NONE))
+        cfg = WaitForConditionConfig(wait_strategy=strategy, initial_state=0)
+        return ctx.wait_for_condition(lambda state, check_ctx: state + 1, cfg, name="poll")
+
+    assert run(handler, store_path) == 4
+    from durable_mp.store import Store
+    with Store(store_path) as st:
+        rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "poll")
+    assert (rec.op_type, rec.sub_type, rec.status, rec.attempt) == ("STEP", "WaitForCondition", "SUCCEEDED", 4)
+
+
+def test_with_retry_reruns_a_block_of_operations(store_path):
+    from durable_mp.retries import WithRetryConfig, with_retry
+
+    @durable_execution
+    def handler(event, ctx):
+        def block(c, attempt):
+            value = c.step(lambda _: attempt, name=f"try-{attempt}")
+            if value < 3:
+                raise RuntimeError(f"attempt {value} not good enough")
+            return value
+
+        cfg = WithRetryConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=5)))
+        return with_retry(ctx, block, cfg, name="block")
+
+    assert run(handler, store_path) == 3
+
+
+def test_results_round_trip_numpy_dataclasses_and_batch_results(store_path):
+    import dataclasses
+
+    import numpy as np
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: float
+
+    @durable_execution
+    def handler(event, ctx):
+        inner = ctx.parallel([lambda c: np.arange(6, dtype=np.float32).reshape(2, 3), lambda c: Point(1, 2.5)])
+        nested = ctx.run_in_child_context(lambda c: c.map([1, 2], lambda cc, x, i, xs: x * 2), name="child")
+        return inner, nested
+
+    inner, nested = run(handler, store_path)
+    arr, point = inner.get_results()
+    assert arr.dtype == np.float32 and arr.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert point.x == 1 and point.y == 2.5
+    assert nested.get_results() == [2, 4] and type(nested).__name__ == "BatchResult"
+
+
+def test_json_item_serdes_is_honoured(store_path):
+    from durable_mp.serdes import JsonSerDes
+    from durable_mp.store import Store
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([1, 2], lambda c, x, i, xs: {"v": x}, config=MapConfig(item_serdes=JsonSerDes())).get_results()
+
+    assert run(handler, store_path) == [{"v": 1}, {"v": 2}]
+    with Store(store_path) as st:
+        payloads = [r.result for r in st.ops(handler.execution_id_for(None)) if r.sub_type == "MapIteration"]
+    assert sorted(payloads) == ['{"v": 1}', '{"v": 2}']

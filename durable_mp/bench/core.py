@@ -267,39 +267,26 @@ def joblib_or_none() -> Any:
 
 
 def stop_helpers() -> None:
-    """Stop the helper processes baselines leave running, so the benchmark leaves none behind.
+    """Stop joblib's reusable loky workers, so no worker process outlives its scenario.
 
-    joblib keeps its loky workers and loky's resource tracker alive for reuse, and
-    ``ProcessPoolExecutor`` starts multiprocessing's resource tracker; all of them are
-    restarted on their next use.  The trackers are reached through private names, hence
-    the blanket ``except``s: another Python or joblib version just keeps them running.
+    joblib restarts them on its next use.  The resource-tracker processes of loky and
+    multiprocessing are left alone: they exit with this process, and stopping one early
+    makes it report joblib's still-registered temporary folders as leaked.
     """
-    if joblib_or_none() is not None:
-        try:
-            from joblib.externals.loky import get_reusable_executor
-
-            get_reusable_executor().shutdown(wait=True)
-        except Exception:  # noqa: BLE001 - best effort: a joblib without loky
-            pass
-        try:
-            from joblib.externals.loky.backend.resource_tracker import _resource_tracker as loky_tracker
-
-            loky_tracker._stop()
-        except Exception:  # noqa: BLE001 - best effort, see above
-            pass
+    if joblib_or_none() is None:
+        return
     try:
-        from multiprocessing.resource_tracker import _resource_tracker as mp_tracker
+        from joblib.externals.loky import get_reusable_executor
 
-        mp_tracker._stop()
-    except Exception:  # noqa: BLE001 - best effort, see above
+        get_reusable_executor().shutdown(wait=True)
+    except Exception:  # noqa: BLE001 - best effort: a joblib without loky
         pass
 
 
 def joblib_parallel(joblib, n_jobs: int) -> Any:
-    """joblib's ``Parallel`` as users call it (loky, ``batch_size='auto'``), without memmapping.
+    """joblib's ``Parallel`` as users call it (loky, ``batch_size='auto'``).
 
-    Memmapping only applies to large *inputs* (the scenarios pass small ones); turning it
-    off spares a temporary folder per call that loky's tracker would warn about.
+    Memmapping is off: it only applies to large *inputs*, and the scenarios pass small ones.
     """
     return joblib.Parallel(n_jobs=n_jobs, max_nbytes=None)
 
