@@ -258,7 +258,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             status = _display_status(rec)
             if wanted and status != wanted and not (wanted == RUNNING and status == INTERRUPTED):
                 continue
-            done, total = OpTree(rec, store.ops(rec.exec_id)).done_total()
+            ops = store.ops(rec.exec_id)
+            done, total = sum(1 for r in ops if r.is_terminal), len(ops)
             end = rec.ended_ts if rec.ended_ts is not None else (time.time() if status == RUNNING else None)
             rows.append({"id": rec.exec_id, "handler": rec.handler, "status": status, "started": _when(rec.created_ts),
                          "duration_s": None if end is None else round(end - rec.created_ts, 3),
@@ -371,8 +372,9 @@ def _level(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     store_opt = argparse.ArgumentParser(add_help=False)
-    store_opt.add_argument("--store", metavar="PATH", default=None,
-                           help="store directory (default: $DURABLE_MP_STORE or ./.durable_mp)")
+    store_help = "store directory (default: $DURABLE_MP_STORE or ./.durable_mp)"
+    # SUPPRESS: a --store given before the command is not reset by the command's default
+    store_opt.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS, help=store_help)
     runner = argparse.ArgumentParser(add_help=False)
     runner.add_argument("--max-workers", type=_positive_int, metavar="N", help="worker processes (default: CPUs)")
     runner.add_argument("--log-level", type=_level, metavar="LEVEL", default=None,
@@ -381,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress bars for parallel/map on stderr (default: when stderr is a terminal)")
 
     parser = argparse.ArgumentParser(prog=PROG, description="Run, inspect and resume durable_mp executions.")
+    parser.add_argument("--store", metavar="PATH", default=None, help=store_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", parents=[store_opt, runner], help="run (or resume) an execution",

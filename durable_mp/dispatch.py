@@ -76,6 +76,7 @@ class BatchRun:
         self.requeued: set[int] = set()
         self.records: dict[int, OpRecord | bytes] = {}  # bytes: a worker's pickled record
         self.crashes: defaultdict[int, int] = defaultdict(int)
+        self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
         self.item_seconds: float | None = None
         self.closed = False
 
@@ -118,8 +119,8 @@ class Dispatcher:
         if spec.resuming and batch.queue:
             parents = self.store.parents_with_children(self.execution_id)
             batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
-        self._prepare_payload(batch)
         self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done))
+        self._prepare_payload(batch)
         completed = False
         try:
             reason = policy.decision()
@@ -254,6 +255,16 @@ class Dispatcher:
         return Task(self.next_task_id, batch, indices, deadline)
 
     def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int]) -> None:
+        names, checkpoints = self._prepare_chunk(batch, indices)
+        payload = None if batch.token in worker.tokens else batch.payload
+        worker.tokens.add(batch.token)
+        worker.task = self._new_task(batch, indices, batch.spec.branch_timeout)
+        self.cpu_idle.pop(worker.pid, None)
+        worker.cpu_mark = None
+        worker.send(("T", worker.task.id, batch.token, payload, indices, names, checkpoints))
+
+    def _prepare_chunk(self, batch: BatchRun, indices: list[int]) -> tuple[dict | None, dict | None]:
+        """Mark a chunk started; return its item names (item_namer) and resumed checkpoints."""
         spec = batch.spec
         checkpoints = None
         if batch.needs_ckpt:
@@ -270,12 +281,7 @@ class Dispatcher:
                 batch.requeued.discard(index)
             else:
                 policy.on_started(index)
-        payload = None if batch.token in worker.tokens else batch.payload
-        worker.tokens.add(batch.token)
-        worker.task = self._new_task(batch, indices, spec.branch_timeout)
-        self.cpu_idle.pop(worker.pid, None)
-        worker.cpu_mark = None
-        worker.send(("T", worker.task.id, batch.token, payload, indices, names, checkpoints))
+        return names, checkpoints
 
     # -- the event loop -----------------------------------------------------------------------
     def _pump(self, batch: BatchRun | None) -> None:
@@ -358,19 +364,26 @@ class Dispatcher:
         stage_raw = self.store.stage_raw
         exec_id, parent_id = self.execution_id, batch.spec.op_id
         tick = self.bar.item
+        crash_log = batch.crash_log
         for index, succeeded, key, data in items:
+            if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
+                rec = OpRecord.loads(data)
+                data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts)).dumps()
             reported.add(index)
             records[index] = data  # decoded once, when the BatchResult is built
             stage_raw(exec_id, parent_id, key, data)
             on_finished(index, succeeded)
             tick(succeeded)
 
-    def _fail_item(self, batch: BatchRun, index: int, error: Exception, start: float | None = None) -> None:
+    def _fail_item(self, batch: BatchRun, index: int, error: Exception, start: float | None = None,
+                   pid: int = 0) -> None:
         spec = batch.spec
         now = time.time()
+        attempts = tuple(batch.crash_log.pop(index, ()))
         rec = OpRecord(operation_id(spec.op_id, index), spec.op_id, OpType.CONTEXT, spec.item_sub_type,
                        spec.item_name(index), OpStatus.FAILED, start or now, now, None,
-                       ErrorObject.from_exception(error).to_dict(), 1)
+                       ErrorObject.from_exception(error).to_dict(), max(1, len(attempts)), attempts=attempts,
+                       pid=pid)
         if index in batch.requeued:
             batch.requeued.discard(index)
         else:
@@ -427,12 +440,15 @@ class Dispatcher:
         name = batch.spec.item_name(running)
         batch.crashes[running] += 1
         count = batch.crashes[running]
+        crash = WorkerCrashedError(f"worker pid {death.pid} died: {death.describe()}")
+        batch.crash_log.setdefault(running, []).append(
+            Attempt(count, task.started, time.time(), death.pid, ErrorObject.from_exception(crash).to_dict()))
         log.warning("worker pid %d running branch %d (%s) died (%s); crash %d of %d",
                     death.pid, running, name, death.describe(), count, self.max_crash_retries)
         if count >= self.max_crash_retries:
             self._fail_item(batch, running, WorkerCrashedError(
                 f"branch {running} ({name}) crashed its worker {count} times; last: pid {death.pid}, "
-                f"{death.describe()}"), start=task.started)
+                f"{death.describe()}"), start=task.started, pid=death.pid)
         else:
             self._requeue(batch, running)
 

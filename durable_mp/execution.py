@@ -100,6 +100,7 @@ class DurableFunction:
         max_worker_memory: int | None = None,
         max_crash_retries: int | None = None,
         progress: bool | None = None,
+        backend: Any = None,
     ) -> Any:
         """Run (or resume) the execution and return the handler's result.
 
@@ -114,6 +115,9 @@ class DurableFunction:
         max_crash_retries = (max_crash_retries if max_crash_retries is not None
                              else opts.get("max_crash_retries", DEFAULT_MAX_CRASH_RETRIES))
         progress = progress if progress is not None else opts.get("progress")
+        backend = backend if backend is not None else opts.get("backend")
+        if backend not in (None, "local", "dask") and type(backend).__name__ != "Client":
+            raise ValidationError(f"backend must be 'local', 'dask' or a distributed.Client, got {backend!r}")
         _positive("max_workers", max_workers)
         _positive("max_worker_memory", max_worker_memory)
         _positive("max_crash_retries", max_crash_retries)
@@ -124,13 +128,13 @@ class DurableFunction:
         try:
             return self._run(db, execution_id, event, max_workers=max_workers, skip_time=bool(skip_time),
                              max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
-                             progress=progress)
+                             progress=progress, backend=backend)
         finally:
             if owned:
                 db.close()
 
     def _run(self, db: Store, execution_id: str, event: Any, *, max_workers, skip_time, max_worker_memory,
-             max_crash_retries, progress) -> Any:
+             max_crash_retries, progress, backend) -> Any:
         def fresh() -> ExecutionRecord:
             now = time.time()
             me = psutil.Process()
@@ -145,14 +149,23 @@ class DurableFunction:
                 raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}))
             if rec.input is not None:
                 event = pickle.loads(rec.input)
-            pool = WorkerPool({"execution_id": execution_id, "skip_time": skip_time,
-                               "watch_steps": bool(max_worker_memory)})
+            settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
+            if backend in (None, "local"):
+                pool: Any = WorkerPool(settings)
 
-            def make_dispatcher() -> Dispatcher:
-                pool.ensure(max_workers or os.cpu_count() or 1)
-                return Dispatcher(db, execution_id, pool, max_workers=max_workers,
-                                  max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
-                                  progress=_progress.choose(progress))
+                def make_dispatcher() -> Any:
+                    pool.ensure(max_workers or os.cpu_count() or 1)
+                    return Dispatcher(db, execution_id, pool, max_workers=max_workers,
+                                      max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
+                                      progress=_progress.choose(progress))
+            else:
+                from durable_mp.backends.dask import DaskDispatcher
+
+                pool = _DaskSession(backend)
+
+                def make_dispatcher() -> Any:
+                    return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
+                                          max_crash_retries=max_crash_retries, progress=_progress.choose(progress))
 
             state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time)
             try:
@@ -175,6 +188,27 @@ class DurableFunction:
             return result
         finally:
             db.release(execution_id)
+
+
+class _DaskSession:
+    """The Dask client of one run: created on first use when ``backend="dask"``, closed after."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._client: Any = None
+        self._owned = False
+
+    def client(self) -> Any:
+        if self._client is None:
+            from durable_mp.backends.dask import client_for
+
+            self._client, self._owned = client_for(self.backend)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None and self._owned:
+            self._client.close()
+        self._client = None
 
 
 def durable_execution(

@@ -104,8 +104,9 @@ def resolve(module: ModuleType, qualname: str, ref: str) -> DurableFunction:
 def load_handler(ref: str, *, source: str | None = None, paths: tuple[str, ...] = ()) -> tuple[DurableFunction, str | None]:
     """The handler named by ``ref`` and the file it was loaded from (None for a module ref).
 
-    ``source`` is a file to fall back on when ``ref``'s module cannot be imported by name
-    (the file recorded for an execution started from a path).
+    ``source`` is the file recorded for an execution started from a path: when it still
+    exists it is loaded instead of importing ``ref``'s module by name, so ``resume`` works
+    from any directory.  ``paths`` are extra directories to import module refs from.
     """
     left, qualname = split_ref(ref)
     if is_path(left):

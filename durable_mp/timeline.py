@@ -175,13 +175,33 @@ def build_timeline(tree: OpTree) -> Timeline:
     return timeline
 
 
+def _worker_deaths(bars: list[Bar]) -> int:
+    """Deaths recorded as attempts of a branch, or (older records) only as its final error."""
+    with_attempts = {b.op_id for b in bars if b.kind == "attempt" and b.crash == "WorkerCrashedError"}
+    return (sum(1 for b in bars if b.kind == "attempt" and b.crash == "WorkerCrashedError")
+            + sum(1 for b in bars if b.kind == "branch" and b.crash == "WorkerCrashedError"
+                  and b.op_id not in with_attempts))
+
+
+def _unusual(bar: Bar) -> bool:
+    return bar.status != "succeeded" or bool(bar.crash) or bar.redispatched or bar.kind in ("context", "wait")
+
+
 def _sample(bars: list[Bar]) -> tuple[list[Bar], int]:
+    """At most ``MAX_BARS``: every unusual bar, then an even sample of branches, then of attempts."""
     if len(bars) <= MAX_BARS:
         return bars, 0
-    keep = [b for b in bars if b.status != "succeeded" or b.crash or b.redispatched or b.kind != "attempt"]
-    if len(keep) > MAX_BARS:
-        keep = [b for b in keep if b.status != "succeeded" or b.crash or b.redispatched] or keep
-        keep = keep[:: max(1, len(keep) // MAX_BARS)][:MAX_BARS]
+    keep = [b for b in bars if _unusual(b)][:MAX_BARS]
+    ordinary = [b for b in bars if not _unusual(b)]
+    for group in ([b for b in ordinary if b.kind == "branch"], [b for b in ordinary if b.kind != "branch"]):
+        room = MAX_BARS - len(keep)
+        if room <= 0:
+            break
+        if len(group) <= room:
+            keep.extend(group)
+        else:
+            stride = len(group) / room
+            keep.extend(group[int(i * stride)] for i in range(room))
     return keep, len(bars) - len(keep)
 
 
@@ -242,7 +262,7 @@ def _summary(tree: OpTree, bars: list[Bar], markers: list[Marker], redispatched:
         "steps": dict(steps),
         "attempts": len(attempts),
         "retries": sum(1 for b in attempts if b.status == "retried"),
-        "crashes": sum(1 for b in bars if b.crash == "WorkerCrashedError"),
+        "crashes": _worker_deaths(bars),
         "redispatched": redispatched,
         "kills": sum(1 for b in bars if b.crash and b.crash != "WorkerCrashedError"),
         "markers": len(markers),

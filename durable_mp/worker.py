@@ -60,28 +60,56 @@ class Channel:
 
 
 class Outbox:
-    """Records on their way to the driver, batched by time."""
+    """Records on their way to the driver, batched by time.
 
-    def __init__(self, channel: Channel) -> None:
+    A record waits at most ``OUTBOX_FLUSH_SECONDS``: ``add`` sends when the last message
+    is older than that, and otherwise wakes a flusher thread that sends after the
+    interval, so a step that finishes just before a long computation is not held back.
+    ``send_lock`` keeps messages of one task in order ("R" ... "D").
+    """
+
+    def __init__(self, channel: Channel | None) -> None:
         self.channel = channel
         self.lock = threading.Lock()
+        self.send_lock = threading.RLock()
         self.nested: list[tuple[str, str, bytes]] = []  # (parent_id, op_id, record bytes)
-        self.items: list[tuple[int, bool, str, bytes]] = []  # (index, succeeded, op_id, record bytes)
+        self.items: list[tuple[int, bool, str, bytes]] = []  # (index, succeeded, key, record bytes)
         self.task_id = 0
         self.last_send = time.monotonic()
+        self.pending = threading.Event()
+        self.flusher: threading.Thread | None = None
 
     def add(self, rec: OpRecord) -> None:
         entry = (rec.parent_id, rec.op_id, rec.dumps())
         with self.lock:
             self.nested.append(entry)
+        self._due()
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
         entry = (index, rec.status == SUCCEEDED, branch_key(index), rec.dumps())
         with self.lock:
             self.items.append(entry)
+        self._due()
+
+    def _due(self) -> None:
         if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
             self.send("R")
+        elif not self.pending.is_set():
+            if self.flusher is None:
+                self.flusher = threading.Thread(target=self._flush_loop, daemon=True, name="durable_mp-outbox")
+                self.flusher.start()
+            self.pending.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self.pending.wait()
+            time.sleep(OUTBOX_FLUSH_SECONDS)
+            self.pending.clear()
+            try:
+                self.send("R")
+            except OSError:  # the driver is gone; the worker is about to exit
+                return
 
     def _take(self) -> tuple[list, list]:
         with self.lock:
@@ -90,21 +118,24 @@ class Outbox:
         return nested, items
 
     def send(self, kind: str) -> None:
-        nested, items = self._take()
-        self.last_send = time.monotonic()
-        if kind == "R" and not nested and not items:
-            return
-        self.channel.send((kind, self.task_id, nested, items))
+        with self.send_lock:
+            nested, items = self._take()
+            self.last_send = time.monotonic()
+            if kind == "R" and not nested and not items:
+                return
+            self.channel.send((kind, self.task_id, nested, items))
 
     def sync(self) -> None:
         """Send everything and wait until the driver has committed it."""
-        nested, items = self._take()
-        self.channel.request(("S", self.task_id, nested, items))
+        with self.send_lock:
+            nested, items = self._take()
+            self.channel.request(("S", self.task_id, nested, items))
 
     def watch(self, rec: OpRecord | None, timeout: float | None) -> None:
         """Tell the driver a watched step starts (``rec``) or ends (None)."""
-        self.send("R")
-        self.channel.send(("W", self.task_id, rec, timeout))
+        with self.send_lock:
+            self.send("R")
+            self.channel.send(("W", self.task_id, rec, timeout))
 
 
 class WorkerShared:

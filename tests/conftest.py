@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import time
-
-import psutil
 import pytest
+
+from procs import leftover_children
 
 
 @pytest.fixture
@@ -15,17 +13,14 @@ def store_path(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_processes():
-    """Every test must leave no child process (worker or driver subprocess) behind."""
+def no_leftover_processes(request):
+    """Every test must leave no child process (worker or driver subprocess) behind.
+
+    Tests on a shared Dask cluster (marker ``shared_cluster``) are checked when the
+    cluster fixture closes instead.
+    """
     yield
-    me = psutil.Process(os.getpid())
-    deadline = time.monotonic() + 5.0
-    alive = []
-    while time.monotonic() < deadline:
-        alive = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            break
-        time.sleep(0.05)
-    for proc in alive:
-        proc.kill()
-    assert not alive, f"processes left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+    if request.node.get_closest_marker("shared_cluster"):
+        return
+    alive = leftover_children()
+    assert not alive, f"processes left behind: {[p.pid for p in alive]}"

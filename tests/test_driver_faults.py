@@ -123,8 +123,10 @@ def test_driver_kill_loop_then_completion_reruns_nothing_that_finished(job):
     n = 24
     runs_when_committed: dict[int, int] = {}  # branch -> how often it had started when first seen committed
     for _ in range(3):
+        before = sum(counts(markers, "start").values())
         proc = start(script, store, n)
-        time.sleep(rng.uniform(0.25, 0.6))
+        wait_for_starts(markers, before + 1)  # the interpreter may start slowly on a loaded machine
+        time.sleep(rng.uniform(0.05, 0.4))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert wait_gone(proc.pid) == []
@@ -187,3 +189,52 @@ def test_second_driver_is_refused_and_a_dead_owner_is_taken_over(job):
         assert module.handler.run({"n": 6}, store=store, execution_id="drv") == [3 * i for i in range(6)]
     finally:
         os.environ.pop("STEP_SECONDS", None)
+
+
+STEP_THEN_COMPUTE = textwrap.dedent(
+    """
+    import os, sys, time
+    from durable_mp import durable_execution
+
+    MARKERS = sys.argv[2]
+
+    def branch(ctx):
+        def fetch(step_ctx):
+            with open(os.path.join(MARKERS, "fetch"), "a") as f:
+                f.write("x")
+            return 21
+        value = ctx.step(fetch, name="fetch")
+        if not os.path.exists(os.path.join(MARKERS, "second-run")):
+            time.sleep(60)  # a long computation after the step, where the kill lands
+        return value * 2
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([branch]).get_results()
+
+    if __name__ == "__main__":
+        print(handler.run({}, store=sys.argv[1], execution_id="stream"), flush=True)
+    """
+)
+
+
+def test_a_step_is_checkpointed_while_its_branch_keeps_running(tmp_path):
+    script = tmp_path / "stream.py"
+    script.write_text(STEP_THEN_COMPUTE)
+    markers = tmp_path / "m"
+    markers.mkdir()
+    store = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, str(script), store, str(markers)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (markers / "fetch").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # well past the outbox interval and one group commit
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    (markers / "second-run").write_text("")
+    out = subprocess.run([sys.executable, str(script), store, str(markers)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[42]"
+    assert (markers / "fetch").read_text() == "x", "the finished step ran again after the kill"

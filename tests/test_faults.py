@@ -155,6 +155,10 @@ def test_a_killed_worker_costs_only_its_branch(store_path, tmp_path):
     assert handler.run(None, store=store_path) == [i * 10 for i in range(16)]
     counts = [_count(markers, f"ran-{i}") for i in range(16)]
     assert counts == [2 if i == 5 else 1 for i in range(16)]
+    with Store(store_path) as st:
+        rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "parallel-branch-5")
+    assert rec.status == "SUCCEEDED" and len(rec.attempts) == 1, "the worker's death is kept in the record"
+    assert "SIGKILL" in rec.attempts[0].error["ErrorMessage"] and rec.attempts[0].pid != rec.pid
 
 
 def test_crash_in_a_map_chunk_redispatches_the_rest_of_the_chunk(store_path, tmp_path):

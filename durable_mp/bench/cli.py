@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+import time
 
 from durable_mp.bench import DEFAULT_REPEATS, QUICK_REPEATS, SCENARIOS, run_scenario
 from durable_mp.bench import report
@@ -62,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         print(flush=True)
         results.append(res)
     progress.clear()
+    meta["seconds"] = time.monotonic() - progress.t0
+    meta["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(report.text_summary(results))
-    print(f"(total {progress_elapsed(progress):.1f} s)")
+    print(f"(total {meta['seconds']:.1f} s; load average at start {_load(meta['machine']['load_average'])}, "
+          f"at end {_load(meta['load_average_end'])})")
     if args.json:
         _write(args.json, json.dumps(report.to_json(results, meta), indent=2, default=str) + "\n")
     if args.markdown:
@@ -71,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(res.error for res in results) else 0
 
 
-def progress_elapsed(progress: Progress) -> float:
-    import time
-
-    return time.monotonic() - progress.t0
+def _load(values: list | None) -> str:
+    return "?" if not values else " ".join(f"{v:.2f}" for v in values)
 
 
 def _write(path: str, text: str) -> None:

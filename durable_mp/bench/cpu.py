@@ -8,6 +8,7 @@ wall / PPE wall <= 1.03 and speedup over serial >= 1.90 (on 2 cores).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -35,6 +36,33 @@ def burn(iterations: int, seed: int) -> int:
 
 def burn_job(job: tuple[int, int]) -> int:
     return burn(*job)
+
+
+def parallel_capacity(n: int, iterations: int) -> float:
+    """How many cores' worth of CPU ``n`` simultaneous processes get here (``n`` on an idle machine).
+
+    One forked child burns ``iterations`` alone, then ``n`` children burn the same at once;
+    capacity = ``n * t_alone / t_together``.  A busy host (or SMT siblings posing as cores)
+    shows up as a capacity below ``n``, and caps every variant's speedup.
+    """
+    def burners(count: int) -> float:
+        t0 = time.perf_counter()
+        pids = []
+        for _ in range(count):
+            pid = os.fork()
+            if pid == 0:  # child
+                try:
+                    burn(iterations, 1)
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        return time.perf_counter() - t0
+
+    alone = min(burners(1) for _ in range(2))
+    together = min(burners(n) for _ in range(2))
+    return n * alone / together
 
 
 def calibrate(branch_ms: float) -> int:
@@ -78,6 +106,8 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     warm_jobs = [(1000, s) for s in seeds[:4]]
     event = {"iterations": iterations, "seeds": seeds}
     warm_event = {"iterations": 1000, "seeds": seeds[:4]}
+    runner.progress.show(f"{NAME}: measuring the machine's parallel capacity")
+    capacity_before = parallel_capacity(n, iterations)
     runner.progress.show(f"{NAME}: computing the expected results")
     expected = [burn(*j) for j in jobs]
     joblib = joblib_or_none()
@@ -126,6 +156,8 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     base = res.baseline().median
     res.cores = n
     res.facts = {"workers (= cores)": n, "iterations per branch": iterations}
+    res.facts["parallel capacity before / after (cores' worth, ideal = workers)"] = (
+        round(capacity_before, 2), round(parallel_capacity(n, iterations), 2))
     for variant in ("durable_mp.parallel", "durable_mp.map"):
         res.targets.append(Target(f"cpu: {variant} wall / ppe wall", res.compare(variant, "ppe"), 1.03, "<="))
         row = res.row(variant)

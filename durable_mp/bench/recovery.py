@@ -20,19 +20,17 @@ import logging
 import os
 import signal
 import subprocess
+import shutil
 import sys
 import tempfile
-import shutil
 import time
-import uuid
 from concurrent.futures.process import BrokenProcessPool
 
 from durable_mp import durable_execution
-from durable_mp.bench import cpu
+from durable_mp.bench import cpu, recovery_job
 from durable_mp.bench.core import (BenchError, Runner, Sample, ScenarioResult, Target, Variant, check, fresh_store,
                                    ppe, stop_helpers, timed, workers)
 from durable_mp.bench.markers import counts, mark, read_time, write_time
-from durable_mp.bench import recovery_job
 
 NAME = "recovery"
 TITLE = "SIGKILL of a worker, SIGKILL of the driver"

@@ -104,7 +104,9 @@ def number(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
     if isinstance(value, (list, tuple)):
         return " / ".join(number(v, digits) for v in value)
     return str(value)
@@ -172,7 +174,8 @@ def text_table(res: ScenarioResult) -> str:
             lines.append(f"   note: {row.variant}{' [' + row.group + ']' if row.group else ''}: {row.note}")
     for note in res.notes:
         lines.append(f"   {note}")
-    lines.append(f"   (scenario took {res.seconds:.1f} s; ratio = median wall / baseline median wall)")
+    lines.append(f"   (scenario took {res.seconds:.1f} s" + ("; ratio = median wall / baseline median wall)"
+                                                            if res.rows else ")"))
     return "\n".join(lines)
 
 
@@ -204,7 +207,9 @@ def markdown(results: list[ScenarioResult], meta: dict) -> str:
            f"`{meta['command']}` on {m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}, "
            f"durable_mp {m['durable_mp']}, numpy {m['numpy']}, joblib {m['joblib']}; "
            f"stores in {m['tempdir']} ({m['tempdir_fs']}). Medians of {meta['repeats']} repeats "
-           f"(interleaved); ratio = median wall / baseline median wall.", ""]
+           f"(interleaved); ratio = median wall / baseline median wall. Load average at start "
+           f"{_load(m.get('load_average'))}, at end {_load(meta.get('load_average_end'))}; "
+           f"total {meta.get('seconds', 0):.0f} s.", ""]
     for res in results:
         out += [f"## {res.name}: {res.title}", "", f"Parameters: {_params(res)}", ""]
         if res.error:
@@ -234,6 +239,10 @@ def markdown(results: list[ScenarioResult], meta: dict) -> str:
                    f"{status(t)} |")
     out += ["", "\\* the benchmark's own goal (durability or latency), not one set by the issue", ""]
     return "\n".join(out)
+
+
+def _load(values: list | None) -> str:
+    return "?" if not values else " / ".join(f"{v:.2f}" for v in values)
 
 
 def to_json(results: list[ScenarioResult], meta: dict) -> dict:

@@ -1,0 +1,197 @@
+"""Run top-level branches on a Dask ``distributed`` cluster; the driver keeps the store.
+
+::
+
+    driver (this process)                         Dask workers
+    ┌────────────────────────────────┐  submit   ┌──────────────────────────────┐
+    │ DaskDispatcher (scheduling,    ├──────────▶│ run_chunk: branches of one   │
+    │  completion policy, LMDB store)│◀──────────┤ chunk, records collected and │
+    └────────────────────────────────┘  records  │ returned with the result     │
+                                                 └──────────────────────────────┘
+
+Differences from the local pool, by the nature of Dask: records come back when a chunk
+finishes (not streamed), so a lost Dask worker costs its whole chunk; Dask itself retries
+a task whose worker died (``distributed.scheduler.allowed-failures``) and reports
+``KilledWorker`` after that, which fails the branch with ``WorkerCrashedError``; step and
+branch timeouts and ``max_worker_memory`` are not enforced (use Dask's worker memory
+limits); early completion cancels what has not finished, but a task already running on
+a Dask thread runs to its end, unobserved.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+from durable_mp import pickling
+from durable_mp.branch import run_branch, started_record
+from durable_mp.dispatch import BatchRun, Dispatcher
+from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
+from durable_mp.records import branch_key
+from durable_mp.types import StepContext
+from durable_mp.worker import Outbox, WorkerShared, WorkerState, load_source
+
+CHUNKS_IN_FLIGHT_PER_THREAD = 2
+_SOURCES: OrderedDict = OrderedDict()
+_SOURCES_LOCK = threading.Lock()
+_SOURCE_CACHE_SIZE = 4
+
+
+class _CollectingOutbox(Outbox):
+    """Keeps records in memory; they go back to the driver as the task's result."""
+
+    def __init__(self) -> None:
+        super().__init__(channel=None)
+
+    def send(self, kind: str) -> None:
+        return None
+
+    def _due(self) -> None:
+        return None
+
+    def sync(self) -> None:
+        return None
+
+    def watch(self, rec: Any, timeout: float | None) -> None:
+        return None
+
+
+def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
+              settings: dict) -> tuple[list, list]:
+    """Dask task: run the branches ``indices`` of one batch and return their records."""
+    with _SOURCES_LOCK:
+        source = _SOURCES.get(token)
+        if source is None:
+            source = _SOURCES[token] = load_source(payload, settings["execution_id"])
+            while len(_SOURCES) > _SOURCE_CACHE_SIZE:
+                _SOURCES.popitem(last=False)
+    if names:
+        source = copy.copy(source)
+        source.names = names
+    outbox = _CollectingOutbox()
+    shared = WorkerShared(outbox, settings)
+    empty: dict = {}
+    for index in indices:
+        state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
+        outbox.add_item(index, run_branch(source, index, state.context))
+    return outbox.nested, outbox.items
+
+
+def run_call(payload: bytes) -> Any:
+    """Dask task: one attempt of a driver-level step that has a timeout."""
+    from durable_mp.logger import Logger
+
+    func, attempt, extra = pickling.loads(payload)
+    return func(StepContext(Logger(extra=extra), attempt))
+
+
+class DaskDispatcher(Dispatcher):
+    """The local dispatcher's bookkeeping, with Dask futures instead of worker pipes."""
+
+    def __init__(self, store: Any, execution_id: str, client: Any, *, settings: dict, max_crash_retries: int,
+                 progress: Any = None) -> None:
+        super().__init__(store, execution_id, pool=None, max_workers=None, max_worker_memory=None,
+                         max_crash_retries=max_crash_retries, progress=progress)
+        from distributed import as_completed
+
+        self.client = client
+        self.settings = settings
+        self.futures: dict[Any, Any] = {}
+        self.completed = as_completed()
+        self.payload_futures: dict[str, Any] = {}
+
+    def _threads(self) -> int:
+        try:
+            return max(1, sum(self.client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - a cluster still starting up
+            return 1
+
+    def _fill(self, batch: BatchRun) -> None:
+        threads = self._threads()
+        limit = batch.spec.max_concurrency or CHUNKS_IN_FLIGHT_PER_THREAD * threads
+        payload = self.payload_futures.get(batch.token)
+        while batch.queue and len(self.futures) < limit:
+            if payload is None:
+                payload = self.payload_futures[batch.token] = self.client.scatter(batch.payload, broadcast=True,
+                                                                                  hash=False)
+            indices = self._take_chunk(batch, min(limit, threads))
+            names, checkpoints = self._prepare_chunk(batch, indices)
+            future = self.client.submit(run_chunk, payload, batch.token, indices, names, checkpoints,
+                                        self.settings, pure=False)
+            self.futures[future] = self._new_task(batch, indices, None)
+            self.completed.add(future)
+
+    def _pump(self, batch: BatchRun | None) -> None:
+        future = next(self.completed)
+        task = self.futures.pop(future, None)
+        if task is None or task.batch is None or task.batch.closed:
+            return
+        try:
+            nested, items = future.result()
+        except Exception as exc:  # noqa: BLE001 - KilledWorker, or the task itself failed
+            self._chunk_lost(task, exc)
+            return
+        stage_raw = self.store.stage_raw
+        for parent_id, op_id, data in nested:
+            stage_raw(self.execution_id, parent_id, op_id, data)
+        self._finish_items(task, items)
+        task.batch.observe(time.time() - task.started, len(task.indices))
+
+    def _chunk_lost(self, task: Any, exc: Exception) -> None:
+        """A chunk's worker died more often than Dask tolerates (or the task broke)."""
+        batch = task.batch
+        unreported = task.unreported()
+        if len(unreported) > 1:  # isolate: retry each branch alone once
+            for index in reversed(unreported):
+                self._requeue(batch, index)
+                batch.crashes[index] = max(batch.crashes[index], self.max_crash_retries - 1)
+            return
+        for index in unreported:
+            name = batch.spec.item_name(index)
+            self._fail_item(batch, index, WorkerCrashedError(
+                f"branch {index} ({name}) was lost on the Dask cluster: {type(exc).__name__}: {exc}"),
+                start=task.started)
+
+    def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
+        batch.closed = True
+        spec = batch.spec
+        for future, task in list(self.futures.items()):
+            if task.batch is not batch:
+                continue
+            future.cancel()
+            del self.futures[future]
+            if record_started:
+                for index in task.unreported():
+                    rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, task.started)
+                    batch.records[index] = rec
+                    self.store.stage_raw(self.execution_id, spec.op_id, branch_key(index), rec.dumps())
+        from distributed import as_completed
+
+        self.completed = as_completed(list(self.futures))
+        payload = self.payload_futures.pop(batch.token, None)
+        if payload is not None:
+            payload.release()
+
+    def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
+        future = self.client.submit(run_call, pickling.dumps((func, attempt, extra)), pure=False)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancels the task "
+                                   f"but cannot stop a running Dask thread)") from exc
+
+
+def client_for(backend: Any) -> tuple[Any, bool]:
+    """``(client, owned)`` for ``backend="dask"`` (new local cluster or $DASK_SCHEDULER_ADDRESS) or a Client."""
+    from distributed import Client
+
+    if isinstance(backend, Client):
+        return backend, False
+    return Client(), True
+
+
+__all__ = ["DaskDispatcher", "client_for", "run_chunk", "run_call"]

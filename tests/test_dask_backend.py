@@ -1,0 +1,94 @@
+"""The same handlers on a Dask ``distributed`` LocalCluster with process workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from procs import leftover_children
+
+distributed = pytest.importorskip("distributed")
+
+from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
+from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig  # noqa: E402
+from durable_mp.store import Store  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       silence_logs=40)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+    leftovers = leftover_children(10.0)
+    assert not leftovers, "the Dask cluster left processes behind"
+
+
+def test_parallel_and_map_results_in_input_order(client, store_path):
+    @durable_execution
+    def handler(event, ctx):
+        par = ctx.parallel([lambda c, i=i: c.step(lambda _: (i, os.getpid()), name=f"s{i}") for i in range(4)])
+        mapped = ctx.map(list(range(50)), lambda c, x, i, xs: x * len(xs))
+        return par, mapped
+
+    par, mapped = handler.run(None, store=store_path, backend=client)
+    assert [v[0] for v in par.get_results()] == [0, 1, 2, 3]
+    assert all(v[1] != os.getpid() for v in par.get_results())
+    assert mapped.get_results() == [x * 50 for x in range(50)]
+    with Store(store_path) as st:
+        ops = st.ops(handler.execution_id_for(None))
+    assert sum(1 for r in ops if r.sub_type == "MapIteration") == 50
+    assert sum(1 for r in ops if r.sub_type == "Step" and r.status == "SUCCEEDED") == 4
+
+
+def test_failures_completion_and_nesting(client, store_path):
+    @durable_execution
+    def handler(event, ctx):
+        def bad(c):
+            raise ValueError("dask branch failed")
+
+        def nested(c):
+            return c.map(["a", "b"], lambda cc, s, i, xs: s.upper()).get_results()
+
+        r = ctx.parallel([bad, nested], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+        fail_fast = ctx.map([0, 1, 2, 3], lambda c, x, i, xs: 1 / (x - 1), config=MapConfig(max_concurrency=1))
+        return r, fail_fast
+
+    r, fail_fast = handler.run(None, store=store_path, backend=client)
+    assert r.all[0].status == BatchItemStatus.FAILED and r.all[0].error.type == "ValueError"
+    assert r.all[1].result == ["A", "B"]
+    assert fail_fast.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+    assert [it.status for it in fail_fast.all] == [BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED]
+
+
+def test_a_killed_dask_worker_costs_only_its_branch(client, store_path, tmp_path):
+    marker = tmp_path / "killed"
+
+    def branch(i):
+        def run(ctx):
+            if i == 2 and not marker.exists():
+                marker.write_text("x")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return i
+        return run
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([branch(i) for i in range(5)]).get_results()
+
+    assert handler.run(None, store=store_path, backend=client) == [0, 1, 2, 3, 4]
+    client.wait_for_workers(2, timeout=60)
+
+
+def test_finished_execution_replays_without_the_cluster(client, store_path):
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([1, 2, 3], lambda c, x, i, xs: x + 1).get_results()
+
+    assert handler.run({"k": 1}, store=store_path, backend=client) == [2, 3, 4]
+    assert handler.run({"k": 1}, store=store_path) == [2, 3, 4]  # stored result, local backend, nothing runs
