@@ -450,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true",
                    help="then shrink the data file (no other process may have the store open)")
     p.set_defaults(func=cmd_gc)
+
+    from durable_mp import cli_callback
+
+    cli_callback.add_parser(sub, store_opt)
     return parser
 
 

@@ -310,6 +310,19 @@ class DurableContext:
 
         return run_wait_for_condition(self, check, config, name)
 
+    def create_callback(self, name: str | None = None, config: Any = None) -> Any:
+        """A callback another process completes (``durable_mp.callbacks.send_callback_success``)."""
+        from durable_mp.callbacks import create_callback
+
+        return create_callback(self, name, config)
+
+    def wait_for_callback(self, submitter: Callable[[str, Any], None], name: str | None = None,
+                          config: Any = None) -> Any:
+        """Create a callback, hand its id to ``submitter`` (a step), and wait for the result."""
+        from durable_mp.callbacks import wait_for_callback
+
+        return wait_for_callback(self, submitter, name, config)
+
     # -- replay helpers ---------------------------------------------------------------------
     def _replayed(self, rec: OpRecord, serdes: Any, what: str, error_cls: str) -> Any:
         if rec.status == OpStatus.SUCCEEDED:

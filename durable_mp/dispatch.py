@@ -22,6 +22,7 @@ from durable_mp import pickling
 
 from durable_mp import progress as _progress
 from durable_mp.branch import started_record
+from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
 from durable_mp.exceptions import (
     MemoryLimitExceededError,
     SerDesError,
@@ -105,6 +106,7 @@ class Dispatcher:
         self.cpu_idle: dict[int, bool] = {}
         self.last_cpu_sample = 0.0
         self.last_memory_poll = 0.0
+        self.callback_waiters: dict[Worker, OpRecord] = {}  # workers blocked in callback.result()
         self.stats = {"crashes": 0, "timeouts": 0, "memory_kills": 0, "redispatched": 0}
 
     # -- public -------------------------------------------------------------------------------
@@ -306,6 +308,8 @@ class Dispatcher:
                 waits.append(worker.watch[1] - now)
         if self.max_worker_memory:
             waits.append(MEMORY_POLL_SECONDS)
+        if self.callback_waiters:
+            waits.append(CALLBACK_POLL_SECONDS)
         if batch is not None and batch.queue and not batch.spec.max_concurrency:
             waits.append(CPU_SAMPLE_SECONDS)
         return max(0.0, min(waits))
@@ -348,6 +352,9 @@ class Dispatcher:
             worker.watch = None if rec is None else (rec, time.monotonic() + timeout if timeout else None, time.time())
         elif kind == "L":
             self._log(msg[1])
+        elif kind == "K":
+            self.callback_waiters[worker] = msg[2]
+            self._poll_callbacks()
         elif kind == "V" and task is not None:
             task.result = (msg[2], msg[3])
             self._task_done(worker)
@@ -474,7 +481,19 @@ class Dispatcher:
         else:
             self._fail_item(batch, running, error, start=task.started)
 
+    def _poll_callbacks(self) -> None:
+        for worker, rec in list(self.callback_waiters.items()):
+            if worker not in self.pool.workers:
+                del self.callback_waiters[worker]
+                continue
+            done = poll_callback(self.store, self.execution_id, rec)
+            if done is not None:
+                del self.callback_waiters[worker]
+                worker.send(("A", done))
+
     def _watchdog(self, batch: BatchRun | None) -> None:
+        if self.callback_waiters:
+            self._poll_callbacks()
         now = time.monotonic()
         for worker in list(self.pool.workers):
             task = worker.task

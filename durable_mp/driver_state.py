@@ -50,6 +50,17 @@ class DriverState:
         extra = {"operationId": watch.record.op_id, "operationName": watch.record.name}
         return self.dispatcher.call(func, step_ctx.attempt, extra, watch.timeout)
 
+    def wait_callback(self, rec: OpRecord) -> OpRecord:
+        """Poll the store until another process completes the callback (or it times out)."""
+        from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
+
+        self.store.flush()
+        while True:
+            done = poll_callback(self.store, self.execution_id, rec)
+            if done is not None:
+                return done
+            time.sleep(CALLBACK_POLL_SECONDS)
+
     def sleep(self, seconds: float) -> None:
         if not self.skip_time and seconds > 0:
             time.sleep(seconds)

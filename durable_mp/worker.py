@@ -208,6 +208,14 @@ class WorkerState:
         finally:
             self.shared.outbox.watch(None, None)
 
+    def wait_callback(self, rec: OpRecord) -> OpRecord:
+        """Only the driver reads the store during a run: it answers once the callback is done."""
+        outbox = self.shared.outbox
+        with outbox.send_lock:
+            outbox.send("R")
+            reply = outbox.channel.request(("K", outbox.task_id, rec))
+        return reply[1]
+
     def sleep(self, seconds: float) -> None:
         if not self.shared.skip_time and seconds > 0:
             time.sleep(seconds)

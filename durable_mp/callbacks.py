@@ -1,0 +1,207 @@
+"""Callbacks: operations that another process completes (an approval, an external job).
+
+``context.create_callback()`` checkpoints a CALLBACK operation (STARTED, committed before
+it returns) and hands out its ``callback_id``.  Anyone with the id and the store
+completes it with ``send_callback_success`` / ``send_callback_failure`` (or
+``durable-mp callback``), which writes the terminal record into the same LMDB store;
+``callback.result()`` waits for that record.  Inside a worker the wait is delegated to
+the driver, the only process that reads the store during a run.
+
+A callback id is the operation's key (execution, parent, operation id), URL-safe base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from durable_mp import serdes as _serdes
+from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
+from durable_mp.errors_replay import raise_stored
+from durable_mp.exceptions import (
+    CallbackError,
+    CallbackExternalError,
+    CallbackSubmitterError,
+    CallbackTimeoutError,
+    StepError,
+    ValidationError,
+)
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.records import OpRecord, OpStatus, OpType
+from durable_mp.types import WaitForCallbackContext
+
+if TYPE_CHECKING:
+    from durable_mp.context import DurableContext
+
+CALLBACK_POLL_SECONDS = 0.1
+SUB_CALLBACK = "Callback"
+SUB_WAIT_FOR_CALLBACK = "WaitForCallback"
+
+
+def encode_callback_id(execution_id: str, parent_id: str, op_id: str) -> str:
+    raw = json.dumps([execution_id, parent_id, op_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_callback_id(callback_id: str) -> tuple[str, str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(callback_id + "=" * (-len(callback_id) % 4))
+        execution_id, parent_id, op_id = json.loads(raw)
+        return str(execution_id), str(parent_id), str(op_id)
+    except (ValueError, TypeError) as exc:
+        raise ValidationError(f"not a durable_mp callback id: {callback_id!r}") from exc
+
+
+def timed_out_record(rec: OpRecord) -> OpRecord:
+    err = ErrorObject.from_exception(CallbackTimeoutError(f"callback {rec.name!r} timed out"))
+    return rec._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict(),
+                        extra={**(rec.extra or {}), "raise": "CallbackTimeoutError"})
+
+
+def callback_deadline(rec: OpRecord) -> float | None:
+    """When a STARTED callback times out: its own timeout, or its heartbeat's."""
+    extra = rec.extra or {}
+    deadlines = [d for d in (extra.get("deadline"),) if d]
+    if extra.get("heartbeat_timeout"):
+        deadlines.append(extra.get("heartbeat", rec.start_ts) + extra["heartbeat_timeout"])
+    return min(deadlines) if deadlines else None
+
+
+def poll_callback(store: Any, execution_id: str, rec: OpRecord) -> OpRecord | None:
+    """The callback's terminal record if it has one now (a timeout is recorded here), else None."""
+    current = store.get_op(execution_id, rec.parent_id, rec.op_id) or rec
+    if current.is_terminal:
+        return current
+    deadline = callback_deadline(current)
+    if deadline is not None and time.time() >= deadline:
+        done = timed_out_record(current)
+        store.stage(execution_id, done)
+        store.flush()
+        return done
+    return None
+
+
+class Callback:
+    """A pending callback: its ``callback_id`` to hand out, and ``result()`` to wait on."""
+
+    def __init__(self, ctx: "DurableContext", rec: OpRecord, serdes: Any) -> None:
+        self._ctx = ctx
+        self._rec = rec
+        self._serdes = serdes
+        self.operation_id = rec.op_id
+        self.callback_id = encode_callback_id(ctx.state.execution_id, rec.parent_id, rec.op_id)
+
+    def result(self) -> Any:
+        """The payload the sender passed (a ``str`` unless a serdes is configured).
+
+        Raises ``CallbackTimeoutError`` on timeout, ``CallbackExternalError`` if the sender
+        reported failure.
+        """
+        rec = self._rec
+        if not rec.is_terminal:
+            rec = self._rec = self._ctx.state.wait_callback(rec)
+        if rec.status == OpStatus.FAILED:
+            raise_stored(rec, "CallbackExternalError")
+        if rec.result is None or self._serdes is None:
+            return rec.result
+        return _serdes.deserialize(self._serdes, rec.result, op_id=rec.op_id,
+                                   execution_id=self._ctx.state.execution_id, what=f"callback {rec.name!r}")
+
+
+def create_callback(ctx: "DurableContext", name: str | None, config: CallbackConfig | None) -> Callback:
+    config = config or CallbackConfig()
+    sub_type = config.sub_type or SUB_CALLBACK
+    op_id = ctx._next_id()
+    rec = ctx._checkpoint(op_id, OpType.CALLBACK, sub_type, name)
+    if rec is None:
+        now = time.time()
+        timeout, heartbeat = config.timeout.to_seconds(), config.heartbeat_timeout.to_seconds()
+        rec = OpRecord(op_id, ctx.operation_id, OpType.CALLBACK, sub_type, name, OpStatus.STARTED, now,
+                       extra={"deadline": now + timeout if timeout else None,
+                              "heartbeat_timeout": heartbeat or None})
+        ctx.state.emit(rec, sync=True)  # the id must be resolvable before anyone can use it
+    return Callback(ctx, rec, config.serdes)
+
+
+def wait_for_callback(ctx: "DurableContext", submitter: Callable[[str, WaitForCallbackContext], None],
+                      name: str | None, config: WaitForCallbackConfig | None) -> Any:
+    """A WaitForCallback context: create the callback, run the submitter step, wait."""
+    config = config or WaitForCallbackConfig()
+    op_id = ctx._next_id()
+    rec = ctx._checkpoint(op_id, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name)
+    if rec is not None and rec.is_terminal:
+        return ctx._replayed(rec, _serdes.PassThroughSerDes() if config.serdes is None else config.serdes,
+                             f"callback {name!r}", "CallbackError")
+    base = rec or OpRecord(op_id, ctx.operation_id, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name,
+                           OpStatus.STARTED, time.time())
+    if rec is None:
+        ctx.state.emit(base)
+    child = ctx.create_child_context(op_id)
+    prefix = f"{name} " if name else ""
+    try:
+        callback = child.create_callback(name=f"{prefix}create callback id", config=CallbackConfig(
+            timeout=config.timeout, heartbeat_timeout=config.heartbeat_timeout, serdes=config.serdes))
+        try:
+            child.step(lambda step_ctx: submitter(callback.callback_id, WaitForCallbackContext(step_ctx.logger)),
+                       name=f"{prefix}submitter", config=StepConfig(retry_strategy=config.retry_strategy))
+        except StepError as exc:
+            raise CallbackSubmitterError(exc.message, exc.error_type, exc.data, exc.stack_trace) from exc
+        value = callback.result()
+    except CallbackError as exc:
+        err = ErrorObject.from_exception(exc)
+        ctx.state.emit(base._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict(),
+                                     extra={"raise": type(exc).__name__}))
+        raise
+    payload = value if config.serdes is None else _serdes.serialize(
+        config.serdes, value, op_id=op_id, execution_id=ctx.state.execution_id, what=f"callback {name!r}")
+    ctx.state.emit(base._replace(status=OpStatus.SUCCEEDED, end_ts=time.time(), result=payload))
+    return value
+
+
+# -- the sender's side ------------------------------------------------------------------------
+def _complete(callback_id: str, store: Any, update: Callable[[OpRecord], OpRecord]) -> None:
+    from durable_mp.store import Store
+
+    execution_id, parent_id, op_id = decode_callback_id(callback_id)
+    db = store if isinstance(store, Store) else Store(store, create=False)
+    try:
+        rec = db.get_op(execution_id, parent_id, op_id)
+        if rec is None or rec.op_type != OpType.CALLBACK:
+            raise ValidationError(f"no callback {callback_id!r} in execution {execution_id!r}")
+        if rec.is_terminal:
+            raise ValidationError(f"callback {rec.name or callback_id!r} is already {rec.status}")
+        db.stage(execution_id, update(rec))
+        db.flush()
+    finally:
+        if db is not store:
+            db.close()
+
+
+def send_callback_success(callback_id: str, result: bytes | str | None = None, *, store: Any = None) -> None:
+    """Complete a callback with ``result`` (bytes are decoded as UTF-8 when they are text)."""
+    if isinstance(result, bytes):
+        try:
+            result = result.decode()
+        except UnicodeDecodeError:
+            pass
+    _complete(callback_id, store, lambda rec: rec._replace(status=OpStatus.SUCCEEDED, end_ts=time.time(),
+                                                           result=result))
+
+
+def send_callback_failure(callback_id: str, error: ErrorObject | None = None, *, store: Any = None) -> None:
+    """Fail a callback; ``callback.result()`` raises ``CallbackExternalError`` with ``error``'s fields."""
+    error = error or ErrorObject("callback failed", "CallbackExternalError", None, None)
+    _complete(callback_id, store, lambda rec: rec._replace(
+        status=OpStatus.FAILED, end_ts=time.time(), error=error.to_dict(),
+        extra={**(rec.extra or {}), "raise": "CallbackExternalError"}))
+
+
+def send_callback_heartbeat(callback_id: str, *, store: Any = None) -> None:
+    """Keep a callback with a ``heartbeat_timeout`` alive."""
+    _complete(callback_id, store, lambda rec: rec._replace(extra={**(rec.extra or {}), "heartbeat": time.time()}))
+
+
+__all__ = ["Callback", "CallbackExternalError", "send_callback_failure", "send_callback_heartbeat",
+           "send_callback_success"]

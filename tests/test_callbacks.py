@@ -1,0 +1,148 @@
+"""Callbacks completed by another party while the execution waits, at the root and in a branch."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from durable_mp import durable_execution
+from durable_mp.callbacks import send_callback_failure, send_callback_success
+from durable_mp.config import CallbackConfig, CompletionConfig, Duration, ParallelConfig, WaitForCallbackConfig
+from durable_mp.exceptions import CallbackExternalError, CallbackTimeoutError
+from durable_mp.lambda_service import ErrorObject
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def answer_when_asked(id_file, store, respond):
+    def run():
+        deadline = time.monotonic() + 30
+        while not id_file.exists() or not id_file.read_text():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        respond(id_file.read_text(), store)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_wait_for_callback_at_the_root_gets_the_senders_payload(store_path, tmp_path):
+    id_file = tmp_path / "cid"
+
+    @durable_execution
+    def handler(event, ctx):
+        def submit(callback_id, cb_ctx):
+            id_file.write_text(callback_id)
+        return ctx.wait_for_callback(submit, name="approval")
+
+    thread = answer_when_asked(id_file, store_path, lambda cid, st: send_callback_success(
+        cid, json.dumps({"approved": True}).encode(), store=st))
+    assert handler.run(None, store=store_path) == '{"approved": true}'
+    thread.join()
+    # a finished execution replays the callback without waiting for anyone
+    assert handler.run(None, store=store_path) == '{"approved": true}'
+    from durable_mp.store import Store
+    with Store(store_path) as st:
+        names = {r.name: (r.op_type, r.sub_type, r.status) for r in st.ops(handler.execution_id_for(None))}
+    assert names["approval"] == ("CONTEXT", "WaitForCallback", "SUCCEEDED")
+    assert names["approval create callback id"] == ("CALLBACK", "Callback", "SUCCEEDED")
+    assert names["approval submitter"] == ("STEP", "Step", "SUCCEEDED")
+
+
+def test_create_callback_inside_a_branch_waits_through_the_driver(store_path, tmp_path):
+    id_file = tmp_path / "cid"
+
+    @durable_execution
+    def handler(event, ctx):
+        def branch(c):
+            cb = c.create_callback(name="job-done")
+            c.step(lambda _: id_file.write_text(cb.callback_id), name="submit")
+            return cb.result()
+        return ctx.parallel([branch, lambda c: "other"]).get_results()
+
+    thread = answer_when_asked(id_file, store_path, lambda cid, st: send_callback_success(cid, b"42", store=st))
+    assert handler.run(None, store=store_path) == ["42", "other"]
+    thread.join()
+
+
+def test_callback_failure_and_timeout(store_path, tmp_path):
+    id_file = tmp_path / "cid"
+
+    @durable_execution
+    def handler(event, ctx):
+        out = {}
+        cb = ctx.create_callback(name="fails")
+        id_file.write_text(cb.callback_id)
+        try:
+            cb.result()
+        except CallbackExternalError as exc:
+            out["failure"] = (exc.message, exc.error_type)
+        slow = ctx.create_callback(name="nobody", config=CallbackConfig(timeout=Duration.from_seconds(1)))
+        try:
+            slow.result()
+        except CallbackTimeoutError:
+            out["timeout"] = True
+        r = ctx.parallel([lambda c: c.wait_for_callback(lambda cid, _: None, name="in-branch",
+                                                        config=WaitForCallbackConfig(timeout=Duration(1)))],
+                         config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+        out["branch"] = r.all[0].error.type
+        return out
+
+    thread = answer_when_asked(id_file, store_path, lambda cid, st: send_callback_failure(
+        cid, ErrorObject("rejected by reviewer", "Rejected", None, None), store=st))
+    out = handler.run(None, store=store_path)
+    thread.join()
+    assert out["failure"] == ("rejected by reviewer", "Rejected")
+    assert out["timeout"] is True
+    assert out["branch"].endswith("CallbackTimeoutError")
+
+
+JOB = '''
+import sys
+from durable_mp import durable_execution
+
+@durable_execution
+def handler(event, ctx):
+    def submit(callback_id, cb_ctx):
+        with open(sys.argv[2], "w") as f:
+            f.write(callback_id)
+    return ctx.wait_for_callback(submit, name="approval")
+
+if __name__ == "__main__":
+    print(handler.run({}, store=sys.argv[1], execution_id="cb"), flush=True)
+'''
+
+
+def test_cli_completes_a_callback_of_a_running_execution(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    id_file = tmp_path / "cid"
+    store = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, str(script), store, str(id_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (id_file.exists() and id_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        bad = subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, "callback", "nonsense",
+                              "--success", "x"], capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and "not a durable_mp callback id" in bad.stderr
+        ok = subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, "callback", id_file.read_text(),
+                             "--success", '{"approved": true}'], capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out.strip() == '{"approved": true}'
+        again = subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, "callback",
+                                id_file.read_text(), "--success", "late"], capture_output=True, text=True, timeout=30)
+        assert again.returncode == 2 and "already SUCCEEDED" in again.stderr
+    finally:
+        proc.kill()
+        proc.wait()
