@@ -8,7 +8,7 @@ import signal
 import pytest
 from procs import leftover_children
 
-distributed = pytest.importorskip("distributed")
+import distributed  # noqa: E402 - in the test extra, so CI always runs these
 
 from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
 from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig  # noqa: E402
