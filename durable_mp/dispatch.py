@@ -18,6 +18,8 @@ from collections import defaultdict, deque
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
+import psutil
+
 from durable_mp import pickling
 
 from durable_mp import progress as _progress
@@ -537,7 +539,10 @@ class Dispatcher:
                 continue
             then, cpu_then = worker.cpu_mark
             if now - then >= CPU_SAMPLE_SECONDS:
-                self.cpu_idle[worker.pid] = (cpu - cpu_then) / (now - then) < CPU_IDLE_FRACTION
+                # little CPU *and* not runnable: a CPU-bound worker starved by a busy machine
+                # is runnable ("running") and must not count as waiting on I/O
+                self.cpu_idle[worker.pid] = ((cpu - cpu_then) / (now - then) < CPU_IDLE_FRACTION
+                                             and worker.state() != psutil.STATUS_RUNNING)
                 worker.cpu_mark = (now, cpu)
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:

@@ -72,6 +72,12 @@ class Worker:
         except psutil.Error:
             return 0
 
+    def state(self) -> str:
+        try:
+            return self.process().status()
+        except psutil.Error:
+            return psutil.STATUS_DEAD
+
     def cpu_seconds(self) -> float:
         try:
             t = self.process().cpu_times()
