@@ -248,11 +248,7 @@ class DurableContext:
         return self._batch_result(records, reason, item_serdes)
 
     def _child_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
-        children = self.state.children(batch_op_id)
-        if not children:
-            return {}
-        index_of = {operation_id(batch_op_id, i): i for i in range(n)}
-        return {index_of[r.op_id]: r for r in children if r.op_id in index_of}
+        return {i: r for i, r in self.state.branch_records(batch_op_id, n).items() if i < n}
 
     def _batch_result(self, records: dict[int, OpRecord], reason: CompletionReason, item_serdes) -> BatchResult:
         items = []

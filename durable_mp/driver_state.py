@@ -33,8 +33,8 @@ class DriverState:
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
         return self.store.get_op(self.execution_id, parent_id, op_id)
 
-    def children(self, op_id: str) -> list[OpRecord]:
-        return self.store.children(self.execution_id, op_id)
+    def branch_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
+        return self.store.branch_records(self.execution_id, batch_op_id)
 
     def emit(self, rec: OpRecord, sync: bool = False) -> None:
         self.store.stage(self.execution_id, rec)

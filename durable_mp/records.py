@@ -134,7 +134,10 @@ def branch_key(index: int) -> str:
     commit of consecutive items appends to the B-tree instead of rewriting a random page
     per record; the record itself still carries its op id.
     """
-    return f"#{index:012d}"
+    return f"{BRANCH_KEY_PREFIX}{index:012d}"
+
+
+BRANCH_KEY_PREFIX = "#"
 
 
 def identity_mismatch(rec: OpRecord, op_type: str, sub_type: str, name: Any, parent_id: str) -> str | None:

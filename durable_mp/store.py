@@ -42,7 +42,7 @@ from typing import Callable
 import lmdb
 
 from durable_mp.exceptions import StoreError
-from durable_mp.records import OpRecord
+from durable_mp.records import BRANCH_KEY_PREFIX, OpRecord
 from durable_mp.store_env import DEFAULT_STORE_DIR, STORE_ENV_VAR, open_shared, release_shared, resolve_store_path
 from durable_mp.store_records import (FAILED, MAX_ID_BYTES, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
                                       this_process, unclaim, validate_exec_id)
@@ -304,12 +304,20 @@ class Store:
 
     def children(self, exec_id: str, parent_id: str) -> list[OpRecord]:
         """The records whose parent is ``parent_id`` ("" = root), in no particular order."""
+        return list(self._children(exec_id, parent_id).values())
+
+    def branch_records(self, exec_id: str, batch_op_id: str) -> dict[int, OpRecord]:
+        """The item records of a parallel/map, by index (their keys are ``branch_key(index)``)."""
+        return {int(key[1:]): rec for key, rec in self._children(exec_id, batch_op_id).items()
+                if key.startswith(BRANCH_KEY_PREFIX)}
+
+    def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
         with self._lock:
             prefix = self._prefix(exec_id, parent_id)
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
             for group in reversed(self._pending((exec_id, parent_id))):
                 found.update(group)
-            return [self._load(data, f"{exec_id}/{parent_id}/{op}") for op, data in found.items()]
+            return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
 
     def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
         """Every descendant of ``op_id`` (not itself), by op id, from one consistent snapshot."""

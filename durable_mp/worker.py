@@ -26,7 +26,7 @@ from durable_mp.branch import BranchSource, run_branch
 from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
+from durable_mp.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 
 SUCCEEDED = OpStatus.SUCCEEDED
 from durable_mp.threads import run_batch_in_threads
@@ -180,6 +180,13 @@ class WorkerState:
 
     def children(self, op_id: str) -> list[OpRecord]:
         return [r for r in self.checkpoints.values() if r.parent_id == op_id]
+
+    def branch_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
+        children = self.children(batch_op_id)
+        if not children:
+            return {}
+        index_of = {operation_id(batch_op_id, i): i for i in range(n)}
+        return {index_of[r.op_id]: r for r in children if r.op_id in index_of}
 
     def emit(self, rec: OpRecord, sync: bool = False) -> None:
         if self.cancelled:

@@ -158,9 +158,15 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     res.facts = {"workers (= cores)": n, "iterations per branch": iterations}
     res.facts["parallel capacity before / after (cores' worth, ideal = workers)"] = (
         round(capacity_before, 2), round(parallel_capacity(n, iterations), 2))
+    ppe_row, serial_row = res.row("ppe"), res.row("serial")
     for variant in ("durable_mp.parallel", "durable_mp.map"):
-        res.targets.append(Target(f"cpu: {variant} wall / ppe wall", res.compare(variant, "ppe"), 1.03, "<="))
         row = res.row(variant)
+        if row.samples and ppe_row.samples:
+            # noise on a shared machine only ever adds time: the fastest runs are a second opinion
+            res.facts[f"{variant}: best-of-{len(row.samples)} wall / ppe, speedup"] = (
+                round(min(row.samples) / min(ppe_row.samples), 3),
+                round(min(serial_row.samples) / min(row.samples), 3))
+        res.targets.append(Target(f"cpu: {variant} wall / ppe wall", res.compare(variant, "ppe"), 1.03, "<="))
         res.targets.append(Target(f"cpu: {variant} speedup vs serial",
                                   base / row.median if row.median else None, 1.90, ">=", "x"))
     return res
