@@ -11,12 +11,11 @@ identical in both places, which is what makes replay inside a re-dispatched bran
 
 from __future__ import annotations
 
-import pickle
 import time
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from durable_mp import serdes as _serdes
-from durable_mp.batch import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason, succeeded_item
+from durable_mp.batch import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
 from durable_mp.config import (
     ChildConfig,
     Duration,
@@ -35,8 +34,7 @@ from durable_mp.exceptions import (
 )
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id, result_view
-from durable_mp.serdes import PickleSerDes
+from durable_mp.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
 from durable_mp.spec import BatchSpec
 from durable_mp.steps import run_step
 from durable_mp.waits import WaitForConditionConfig
@@ -253,18 +251,12 @@ class DurableContext:
     def _batch_result(self, records: dict[int, OpRecord], reason: CompletionReason, item_serdes) -> BatchResult:
         items = []
         exec_id = self.state.execution_id
-        fast = item_serdes is None or item_serdes.__class__ is PickleSerDes
         for index in sorted(records):
             r = records[index]
+            if r.__class__ is BatchItem:  # decoded by the dispatcher as it arrived
+                items.append(r)
+                continue
             if r.__class__ is bytes:
-                if fast:  # hot path for big maps: unpickle the result straight from the record bytes
-                    raw = result_view(r)
-                    if raw is not None:  # only SUCCEEDED branch records carry a result
-                        try:
-                            items.append(succeeded_item(index, pickle.loads(raw)))
-                            continue
-                        except Exception:  # noqa: BLE001 - take the slow path for its error message
-                            pass
                 r = OpRecord.loads(r)
             if r.status == OpStatus.SUCCEEDED:
                 try:

@@ -33,7 +33,10 @@ from durable_mp.exceptions import (
 )
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.pool import Death, Worker, WorkerPool
-from durable_mp.records import PICKLE_PROTOCOL, Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id
+from durable_mp.batch import succeeded_item
+from durable_mp.records import (PICKLE_PROTOCOL, Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id,
+                                result_view)
+from durable_mp.serdes import PickleSerDes
 from durable_mp.spec import BatchSpec
 
 log = logging.getLogger("durable_mp.dispatch")
@@ -82,6 +85,8 @@ class BatchRun:
         self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
         self.item_seconds: float | None = None
         self.closed = False
+        # default pickle serdes: results can be decoded right here, as they arrive
+        self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ is PickleSerDes
 
     def observe(self, seconds: float, items: int) -> None:
         """Learn the per-item time of this batch from a finished chunk (round trip included)."""
@@ -374,13 +379,19 @@ class Dispatcher:
         exec_id, parent_id = self.execution_id, batch.spec.op_id
         tick = self.bar.item
         crash_log = batch.crash_log
+        decode = batch.decode_results
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
                 data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts)).dumps()
             reported.add(index)
-            records[index] = data  # decoded once, when the BatchResult is built
             stage_raw(exec_id, parent_id, key, data)
+            records[index] = data
+            if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
+                try:
+                    records[index] = succeeded_item(index, pickle.loads(result_view(data)))
+                except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
+                    pass
             on_finished(index, succeeded)
             tick(succeeded)
 
