@@ -43,6 +43,7 @@ log = logging.getLogger("durable_mp.dispatch")
 
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
 MAX_CHUNK_ITEMS = 4096
+FIRST_CHUNK_ITEMS = 16  # before any item time is measured
 CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
 CPU_SAMPLE_SECONDS = 0.1  # how often busy workers are checked for sitting idle on the CPU
 CPU_IDLE_FRACTION = 0.3  # below this share of a core, a busy worker counts as waiting on I/O
@@ -251,10 +252,13 @@ class Dispatcher:
     def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
         spec = batch.spec
         size = 1
-        if spec.funcs is None and spec.branch_timeout is None and batch.item_seconds is not None:
-            by_time = int(TARGET_CHUNK_SECONDS / max(batch.item_seconds, 1e-7))
+        if spec.funcs is None and spec.branch_timeout is None:
             by_share = len(batch.queue) // (CHUNKS_PER_WORKER * max(allowed, 1))
-            size = max(1, min(by_time, by_share, MAX_CHUNK_ITEMS))
+            if batch.item_seconds is None:  # first chunks: small, until the item time is known
+                size = max(1, min(by_share, FIRST_CHUNK_ITEMS))
+            else:
+                by_time = int(TARGET_CHUNK_SECONDS / max(batch.item_seconds, 1e-7))
+                size = max(1, min(by_time, by_share, MAX_CHUNK_ITEMS))
         queue = batch.queue
         return [queue.popleft() for _ in range(min(size, len(queue)))]
 

@@ -91,7 +91,8 @@ class OpRecord(NamedTuple):
             kind, raw = _TEXT, result.encode()
         else:
             kind, raw = _BYTES, result
-        header = pickle.dumps(tuple(self._replace(result=None)), protocol=PICKLE_PROTOCOL)
+        fields = tuple(self)
+        header = pickle.dumps(fields[:_RESULT] + (None,) + fields[_RESULT + 1:], protocol=PICKLE_PROTOCOL)
         return b"".join((kind, len(header).to_bytes(4, "little"), header, raw))
 
     @classmethod
@@ -107,6 +108,7 @@ class OpRecord(NamedTuple):
 
 
 _NONE, _TEXT, _BYTES = b"N", b"S", b"B"
+_RESULT = OpRecord._fields.index("result")
 
 
 def result_view(data: bytes) -> memoryview | None:

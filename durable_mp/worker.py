@@ -23,6 +23,7 @@ from typing import Any
 import cloudpickle
 
 from durable_mp.branch import BranchSource, run_branch
+from durable_mp.context import DurableContext
 from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
@@ -171,8 +172,6 @@ class WorkerState:
         return self.shared.watch_steps
 
     def context(self, op_id: str) -> Any:
-        from durable_mp.context import DurableContext
-
         return DurableContext(self, op_id)
 
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:

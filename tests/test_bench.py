@@ -84,6 +84,11 @@ def _runner() -> Runner:
     return Runner(1, warmup=True)
 
 
+def _repeats(name: str) -> int:
+    """Samples per variant with ``Runner(1)``: one, times the scenario's own factor if it has one."""
+    return getattr(SCENARIOS[name], "REPEAT_FACTOR", 1)
+
+
 def _check_structure(res) -> None:
     assert res.error is None, res.error
     assert res.rows, "a scenario reports at least one row"
@@ -91,9 +96,9 @@ def _check_structure(res) -> None:
         if row.skipped:
             assert row.samples == []
             continue
-        assert len(row.samples) == 1 and row.samples[0] > 0
-        assert row.median == row.samples[0]
-        assert len(row.info) == 1
+        assert len(row.samples) == _repeats(res.name) and all(s > 0 for s in row.samples)
+        assert min(row.samples) <= row.median <= max(row.samples)
+        assert len(row.info) == len(row.samples)
     groups = {row.group for row in res.rows}
     for group in groups:
         base = res.baseline(group)
@@ -171,7 +176,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert doc["date"] and list(doc["scenarios"]) == ["overhead"]
     rows = doc["scenarios"]["overhead"]["rows"]
     assert {r["variant"] for r in rows} >= {"ppe", "durable_mp.map"}
-    assert all(len(r["samples_s"]) == 1 for r in rows if not r["skipped"])
+    assert all(len(r["samples_s"]) == _repeats("overhead") for r in rows if not r["skipped"])
     assert doc["targets"][0]["name"].startswith("overhead:")
     assert "| target | measured | goal | status |" in out_md.read_text()
 

@@ -18,6 +18,10 @@ from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Varia
 NAME = "overhead"
 TITLE = "map over trivial items: per-item overhead"
 
+# A repeat takes a fraction of a second, so one burst of load elsewhere could hit them all:
+# this scenario runs this many times the requested repeats, spread over a longer stretch.
+REPEAT_FACTOR = 3
+
 
 def params(quick: bool) -> dict:
     return {"items": 10_000}
@@ -77,7 +81,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
             Variant("joblib", with_joblib if joblib else None, lambda: with_joblib(items[:100]), **work,
                     skipped=None if joblib else "joblib is not installed", note="batch_size='auto', loky reused"),
             Variant("durable_mp.map", durable, lambda: durable(100), **work, note="every item checkpointed"),
-        ])
+        ], repeats=runner.repeats * REPEAT_FACTOR)
     finally:
         stop_helpers()
     res = ScenarioResult(NAME, TITLE, {**p, "workers": n, "ppe_chunksize": chunksize}, rows)

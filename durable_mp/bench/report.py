@@ -27,6 +27,7 @@ def machine() -> dict:
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "durable_mp": durable_mp.__version__,
+        "durable_mp_git": _git_revision(os.path.dirname(durable_mp.__file__)),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "memory_total_mb": _mem_total_mb(),
         "tempdir": tempfile.gettempdir(),
@@ -39,6 +40,22 @@ def machine() -> dict:
         except ImportError:
             info[name] = None
     return info
+
+
+def _git_revision(package_dir: str) -> str | None:
+    """HEAD of the checkout durable_mp runs from, ``-dirty`` if its files differ; None if not a checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", package_dir, *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def _cpu_model() -> str | None:
@@ -205,7 +222,7 @@ def markdown(results: list[ScenarioResult], meta: dict) -> str:
     m = meta["machine"]
     out = [f"# durable_mp benchmark, {meta['date'][:10]}", "",
            f"`{meta['command']}` on {m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-           f"durable_mp {m['durable_mp']}, numpy {m['numpy']}, joblib {m['joblib']}; "
+           f"durable_mp {m['durable_mp']} (git {m.get('durable_mp_git')}), numpy {m['numpy']}, joblib {m['joblib']}; "
            f"stores in {m['tempdir']} ({m['tempdir_fs']}). Medians of {meta['repeats']} repeats "
            f"(interleaved); ratio = median wall / baseline median wall. Load average at start "
            f"{_load(m.get('load_average'))}, at end {_load(meta.get('load_average_end'))}; "
