@@ -19,7 +19,12 @@ from durable_mp.batch import (
     continue_batch,
 )
 from durable_mp.context import DurableContext, ParallelBranch
-from durable_mp.decorators import durable_parallel_branch, durable_step, durable_with_child_context
+from durable_mp.decorators import (
+    durable_parallel_branch,
+    durable_step,
+    durable_wait_for_callback,
+    durable_with_child_context,
+)
 from durable_mp.exceptions import (
     ChildContextError,
     DurableExecutionsError,
@@ -41,7 +46,7 @@ from durable_mp.exceptions import (
 )
 from durable_mp.execution import DurableFunction, durable_execution
 from durable_mp.lambda_service import ErrorObject, InvocationStatus
-from durable_mp.retries import WithRetryConfig
+from durable_mp.retries import WithRetryConfig, with_retry
 from durable_mp.types import StepContext
 
 __version__ = "0.1.0"
@@ -86,5 +91,7 @@ __all__ = [
     "durable_execution",
     "durable_parallel_branch",
     "durable_step",
+    "durable_wait_for_callback",
     "durable_with_child_context",
+    "with_retry",
 ]

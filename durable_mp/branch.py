@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from durable_mp import serdes as _serdes
-from durable_mp.exceptions import OrphanedChildException
+from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
 
@@ -57,11 +57,25 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
                                     what=f"result of branch {index} ({name})")
     except (KeyboardInterrupt, OrphanedChildException):
         raise
+    except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
+        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.FAILED,
+                        start, time.time(), None, ErrorObject.from_exception(exc).to_dict(), 1, pid=_pid(),
+                        extra={"fatal": True, "raise": type(exc).__name__})
     except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
         return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.FAILED,
                         start, time.time(), None, ErrorObject.from_exception(exc).to_dict(), 1, pid=_pid())
     return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.SUCCEEDED,
                     start, time.time(), payload, None, 1, pid=_pid())
+
+
+def raise_if_fatal(rec: OpRecord) -> None:
+    """Re-raise, in the caller's process, an error that must escape its batch (reference §5)."""
+    extra = rec.extra
+    if extra and extra.get("fatal"):
+        from durable_mp.errors_replay import build_error
+
+        err = ErrorObject.from_dict(rec.error or {})
+        raise build_error(err, extra.get("raise", "ExecutionError"))
 
 
 def started_record(source_op_id: str, item_sub_type: str, name: str, index: int, start: float) -> OpRecord:

@@ -118,7 +118,7 @@ def create_callback(ctx: "DurableContext", name: str | None, config: CallbackCon
     if rec is None:
         now = time.time()
         timeout, heartbeat = config.timeout.to_seconds(), config.heartbeat_timeout.to_seconds()
-        rec = OpRecord(op_id, ctx.operation_id, OpType.CALLBACK, sub_type, name, OpStatus.STARTED, now,
+        rec = OpRecord(op_id, ctx.record_parent, OpType.CALLBACK, sub_type, name, OpStatus.STARTED, now,
                        extra={"deadline": now + timeout if timeout else None,
                               "heartbeat_timeout": heartbeat or None})
         ctx.state.emit(rec, sync=True)  # the id must be resolvable before anyone can use it
@@ -134,7 +134,7 @@ def wait_for_callback(ctx: "DurableContext", submitter: Callable[[str, WaitForCa
     if rec is not None and rec.is_terminal:
         return ctx._replayed(rec, _serdes.PassThroughSerDes() if config.serdes is None else config.serdes,
                              f"callback {name!r}", "CallbackError")
-    base = rec or OpRecord(op_id, ctx.operation_id, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name,
+    base = rec or OpRecord(op_id, ctx.record_parent, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name,
                            OpStatus.STARTED, time.time())
     if rec is None:
         ctx.state.emit(base)

@@ -70,9 +70,12 @@ def op_name(func: Any, name: str | None) -> str | None:
 class DurableContext:
     """Entry point of every durable operation inside a handler or branch."""
 
-    def __init__(self, state: Any, op_id: str = "", *, logger: Logger | None = None) -> None:
+    def __init__(self, state: Any, op_id: str = "", *, logger: Logger | None = None,
+                 parent_id: str | None = None) -> None:
         self.state = state
-        self._op_id = op_id
+        self._op_id = op_id  # prefix of this context's operation ids
+        # parent_id of this context's records: its own id, or a virtual context's enclosing one
+        self._parent_id = op_id if parent_id is None else parent_id
         self._counter = 0
         self.is_virtual = False
         self._parent_logger = logger
@@ -93,6 +96,11 @@ class DurableContext:
         return self._op_id
 
     @property
+    def record_parent(self) -> str:
+        """``parent_id`` of the operations this context records (virtual contexts have none)."""
+        return self._parent_id
+
+    @property
     def execution_context(self) -> Any:
         return _ExecutionContext(self.state.execution_id)
 
@@ -101,9 +109,9 @@ class DurableContext:
         return operation_id(self._op_id, self._counter)
 
     def _checkpoint(self, op_id: str, op_type: str, sub_type: str, name: str | None) -> OpRecord | None:
-        rec = self.state.lookup(self._op_id, op_id)
+        rec = self.state.lookup(self._parent_id, op_id)
         if rec is not None:
-            diff = identity_mismatch(rec, op_type, sub_type, name, self._op_id)
+            diff = identity_mismatch(rec, op_type, sub_type, name, self._parent_id)
             if diff:
                 raise NonDeterministicExecutionError(
                     f"Non-deterministic operation identity at id={op_id!r}: {diff}", step_id=op_id
@@ -112,11 +120,12 @@ class DurableContext:
 
     def is_replaying(self) -> bool:
         """True while the next operation of this context has a terminal checkpoint."""
-        rec = self.state.lookup(self._op_id, operation_id(self._op_id, self._counter + 1))
+        rec = self.state.lookup(self._parent_id, operation_id(self._op_id, self._counter + 1))
         return rec is not None and rec.is_terminal
 
     def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> "DurableContext":
-        child = DurableContext(self.state, operation_id, logger=self.logger)
+        child = DurableContext(self.state, operation_id, logger=self.logger,
+                               parent_id=self._parent_id if is_virtual else None)
         child.is_virtual = is_virtual
         return child
 
@@ -149,7 +158,7 @@ class DurableContext:
         what = f"result of child context {name!r}"
         if rec is not None and rec.is_terminal:
             return self._replayed(rec, config.serdes, what, "ChildContextError")
-        base = rec or OpRecord(op_id, self._op_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
+        base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
         if rec is None:
             self.state.emit(base)
         try:
@@ -211,7 +220,7 @@ class DurableContext:
             reason = CompletionReason(rec.extra["completion_reason"])
             records = self._child_records(op_id, n)
             return self._batch_result(records, reason, item_serdes)
-        base = rec or OpRecord(op_id, self._op_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
+        base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
         if rec is None:
             self.state.emit(base)
             done: dict[int, OpRecord] = {}
@@ -283,7 +292,7 @@ class DurableContext:
             return None
         if rec is None:
             now = time.time()
-            rec = OpRecord(op_id, self._op_id, OpType.WAIT, SUB_WAIT, name, OpStatus.STARTED, now,
+            rec = OpRecord(op_id, self._parent_id, OpType.WAIT, SUB_WAIT, name, OpStatus.STARTED, now,
                            extra={"scheduled_end": now + seconds})
             self.state.emit(rec)
         self.state.sleep_until(rec.extra["scheduled_end"])
@@ -338,3 +347,15 @@ class ParallelBranch(Generic[T]):
 
     def __repr__(self) -> str:
         return f"ParallelBranch({getattr(self.func, '__name__', self.func)!r}, name={self.name!r})"
+
+
+_DECORATORS = ("durable_step", "durable_with_child_context", "durable_parallel_branch", "durable_wait_for_callback")
+
+
+def __getattr__(name: str) -> Any:
+    """The reference defines the decorators in ``context``; they live in ``decorators`` here."""
+    if name in _DECORATORS:
+        from durable_mp import decorators
+
+        return getattr(decorators, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -70,3 +70,23 @@ def durable_parallel_branch(name: str | None = None) -> Callable[[Callable[..., 
         return bind
 
     return decorate
+
+
+def durable_wait_for_callback(func: Callable[..., None]) -> Callable[..., Callable[[str, Any], None]]:
+    """``@durable_wait_for_callback def submit(callback_id, cb_ctx, x)`` → ``ctx.wait_for_callback(submit(x))``."""
+
+    @functools.wraps(func)
+    def bind(*args: Any, **kwargs: Any) -> Callable[[str, Any], None]:
+        return _BoundSubmitter(func, args, kwargs)
+
+    bind._original_name = func.__name__  # type: ignore[attr-defined]
+    return bind
+
+
+class _BoundSubmitter(_Bound):
+    """A submitter with its arguments fixed: called as ``(callback_id, context)``."""
+
+    __slots__ = ()
+
+    def __call__(self, callback_id: str, ctx: Any = None) -> Any:  # type: ignore[override]
+        return self.func(callback_id, ctx, *self.args, **self.kwargs)

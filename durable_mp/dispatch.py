@@ -23,7 +23,7 @@ import psutil
 from durable_mp import pickling
 
 from durable_mp import progress as _progress
-from durable_mp.branch import started_record
+from durable_mp.branch import raise_if_fatal, started_record
 from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
 from durable_mp.exceptions import (
     MemoryLimitExceededError,
@@ -396,6 +396,8 @@ class Dispatcher:
                     records[index] = succeeded_item(index, pickle.loads(result_view(data)))
                 except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
                     pass
+            elif not succeeded:
+                raise_if_fatal(OpRecord.loads(data))
             on_finished(index, succeeded)
             tick(succeeded)
 

@@ -219,6 +219,44 @@ class RetryableSerDesError(InvocationError):
         super().__init__(message, termination_reason)
 
 
+class PluginLoadError(DurableExecutionsError):
+    """A plugin could not be loaded (plugins are accepted and ignored by durable_mp)."""
+
+
+class OrderedLockError(DurableExecutionsError):
+    """Reference-compatible name; durable_mp never raises it."""
+
+
+class BotoClientError(InvocationError):
+    """Reference-compatible name (service calls); durable_mp never raises it."""
+
+
+class CheckpointError(BotoClientError):
+    """Reference-compatible name: writing a checkpoint to the service failed."""
+
+
+class GetExecutionStateError(BotoClientError):
+    """Reference-compatible name: reading the execution state from the service failed."""
+
+
+class SuspendExecution(_Picklable, BaseException):
+    """Reference-compatible name: durable_mp waits in place instead of suspending."""
+
+
+class TimedSuspendExecution(SuspendExecution):
+    def __init__(self, message: str, scheduled_timestamp: float) -> None:
+        super().__init__(message)
+        self.scheduled_timestamp = scheduled_timestamp
+
+
+class BackgroundThreadError(_Picklable, BaseException):
+    """A background thread of the SDK failed."""
+
+    def __init__(self, message: str, source_exception: BaseException) -> None:
+        super().__init__(message)
+        self.source_exception = source_exception
+
+
 class OrphanedChildException(_Picklable, BaseException):
     """A branch tried to record work after its batch had already completed.
 

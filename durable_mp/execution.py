@@ -25,7 +25,7 @@ from durable_mp.context import DurableContext
 from durable_mp.dispatch import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.driver_state import DriverState
 from durable_mp.exceptions import ExecutionFailedError, ValidationError
-from durable_mp.lambda_service import ErrorObject
+from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.pool import WorkerPool
 from durable_mp import progress as _progress
 from durable_mp.records import PICKLE_PROTOCOL
@@ -58,6 +58,14 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+def envelope_of(result: Any) -> dict:
+    """A successful result as the envelope; a result JSON cannot encode fails it (as the reference)."""
+    try:
+        return {"Status": SUCCEEDED, "Result": json.dumps(result, default=_jsonable)}
+    except (TypeError, ValueError) as exc:
+        return {"Status": FAILED, "Error": ErrorObject.from_exception(exc).to_dict()}
+
+
 def _positive(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ValidationError(f"{name} must be a positive integer, got {value!r}")
@@ -80,14 +88,15 @@ class DurableFunction:
 
     def __call__(self, event: Any, lambda_context: Any = None) -> dict:
         """The reference's envelope: ``{"Status": ..., "Result": json}`` or ``{"Status", "Error"}``."""
+        return self.run_envelope(event)
+
+    def run_envelope(self, event: Any = None, **run_options: Any) -> dict:
+        """``run`` with the outcome as the reference's envelope (``run``'s options apply)."""
         try:
-            result = self.run(event)
+            result = self.run(event, **run_options)
         except ExecutionFailedError as exc:
             return {"Status": FAILED, "Error": exc.error.to_dict()}
-        try:
-            return {"Status": SUCCEEDED, "Result": json.dumps(result, default=_jsonable)}
-        except (TypeError, ValueError) as exc:
-            return {"Status": FAILED, "Error": ErrorObject.from_exception(exc).to_dict()}
+        return envelope_of(result)
 
     def run(
         self,

@@ -117,7 +117,9 @@ def _step_events(rec: OpRecord, ev) -> list[Event]:
         if last and rec.status == OpStatus.FAILED:
             break
         retry: dict[str, Any] = {"CurrentAttempt": att.number}
-        if not last:
+        if getattr(att, "retry_delay", None) is not None:  # what the retry strategy decided
+            retry["NextAttemptDelaySeconds"] = _seconds(att.retry_delay)
+        elif not last:
             retry["NextAttemptDelaySeconds"] = _seconds(attempts[i + 1].start_ts - end)
         elif rec.next_attempt_ts is not None:
             retry["NextAttemptDelaySeconds"] = _seconds(rec.next_attempt_ts - end)

@@ -68,6 +68,7 @@ class InvocationStatus(Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     PENDING = "PENDING"
+    RETRY = "RETRY"  # the reference's "invoke me again"; a local run never returns it
 
 
 def error_type_name(error: BaseException) -> str:

@@ -35,7 +35,7 @@ def run_wait_for_condition(ctx: "DurableContext", check: Callable[[Any, Any], An
     exec_id = ctx.state.execution_id
     if rec is not None and rec.is_terminal:
         return ctx._replayed(rec, config.serdes, what, "WaitForConditionError")
-    base = rec or OpRecord(op_id, ctx.operation_id, OpType.STEP, SUB_TYPE, name, OpStatus.STARTED, time.time())
+    base = rec or OpRecord(op_id, ctx.record_parent, OpType.STEP, SUB_TYPE, name, OpStatus.STARTED, time.time())
     state = config.initial_state
     if rec is not None and rec.result is not None:
         state = _serdes.deserialize(config.serdes, rec.result, op_id=op_id, execution_id=exec_id, what=what)

@@ -48,6 +48,7 @@ class Attempt(NamedTuple):
     end_ts: float | None
     pid: int
     error: dict | None = None  # ErrorObject.to_dict() of a failed attempt
+    retry_delay: float | None = None  # seconds the retry strategy chose after this attempt, if it retried
 
 
 class OpRecord(NamedTuple):

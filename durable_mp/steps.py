@@ -66,7 +66,7 @@ def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable
     timeout = timeout_seconds(config.timeout)
     what = f"result of step {name!r}"
     sub_type = config.sub_type or "Step"
-    base = rec or OpRecord(op_id, ctx.operation_id, OpType.STEP, sub_type, name, OpStatus.STARTED, time.time())
+    base = rec or OpRecord(op_id, ctx.record_parent, OpType.STEP, sub_type, name, OpStatus.STARTED, time.time())
     attempt = base.attempt
     attempts = list(base.attempts)
     error = _carried_error(rec, config.step_semantics)
@@ -107,6 +107,7 @@ def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable
         decision = strategy(error, attempt)
         if decision.should_retry:
             delay = decision.delay_seconds
+            attempts[-1] = attempts[-1]._replace(retry_delay=delay)
             state.emit(base._replace(status=OpStatus.PENDING, attempt=attempt, error=err.to_dict(),
                                      next_attempt_ts=time.time() + delay, attempts=tuple(attempts), extra=None))
             state.sleep(delay)

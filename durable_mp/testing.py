@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 from durable_mp import callbacks as _callbacks
 from durable_mp.exceptions import ExecutionFailedError
-from durable_mp.execution import DurableFunction, _jsonable, durable_execution
+from durable_mp.execution import SUCCEEDED, DurableFunction, durable_execution, envelope_of
 from durable_mp.history import build_history
 from durable_mp.lambda_service import (ErrorObject, InvocationStatus, OperationStatus, OperationSubType,
                                        OperationType)
@@ -332,11 +332,11 @@ class DurableFunctionTestRunner:
         status, payload, error = InvocationStatus.FAILED, None, run.error
         execution_status = ExecutionStatus(execution.status)
         if error is None:
-            try:
-                payload = json.dumps(run.value, default=_jsonable)
-                status = InvocationStatus.SUCCEEDED
-            except (TypeError, ValueError) as exc:  # the reference's envelope fails the execution here
-                error, execution_status = ErrorObject.from_exception(exc), ExecutionStatus.FAILED
+            envelope = envelope_of(run.value)
+            if envelope["Status"] == SUCCEEDED:
+                payload, status = envelope["Result"], InvocationStatus.SUCCEEDED
+            else:  # the reference's envelope fails the execution here
+                error, execution_status = ErrorObject.from_dict(envelope["Error"]), ExecutionStatus.FAILED
         tree = OpTree(execution, self.store.ops(execution_arn))
         operations = [_view(rec, tree, execution_arn) for rec in tree.children("")]
         return DurableFunctionTestResult(status, operations, payload, error, execution_status)

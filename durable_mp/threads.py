@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import Any
 
-from durable_mp.branch import BranchSource, run_branch, started_record
+from durable_mp.branch import BranchSource, raise_if_fatal, run_branch, started_record
 from durable_mp.exceptions import OrphanedChildException
 from durable_mp.records import OpRecord, OpStatus
 from durable_mp.spec import BatchSpec
@@ -57,6 +57,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
         running.pop(index, None)
         records[index] = rec
         state.emit(rec)
+        raise_if_fatal(rec)
         policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
         reason = policy.decision()
     for index, (branch_state, start) in running.items():

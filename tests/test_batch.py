@@ -232,7 +232,7 @@ def test_enum_values_match_the_record_strings():
         assert OperationStatus[name].value == getattr(OpStatus, name)
     assert OperationSubType.MAP_ITERATION == "MapIteration"
     assert OperationSubType.PARALLEL_BRANCH == "ParallelBranch"
-    assert [s.value for s in InvocationStatus] == ["SUCCEEDED", "FAILED", "PENDING"]
+    assert [s.value for s in InvocationStatus] == ["SUCCEEDED", "FAILED", "PENDING", "RETRY"]
 
 
 # --- exceptions -------------------------------------------------------------------------

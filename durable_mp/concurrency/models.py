@@ -1,0 +1,15 @@
+"""Reference-compatible module path for the batch models; they live in ``durable_mp.batch``."""
+
+from durable_mp.batch import (  # noqa: F401
+    BatchCompletionError,
+    BatchItem,
+    BatchItemStatus,
+    BatchResult,
+    CompletionDecision,
+    CompletionItemStatus,
+    CompletionOutcome,
+    CompletionReason,
+    CompletionStatus,
+    complete_batch,
+    continue_batch,
+)
