@@ -27,7 +27,6 @@ from durable_mp.config import (
 from durable_mp.errors_replay import raise_stored
 from durable_mp.exceptions import (
     ChildContextError,
-    DurableOperationError,
     NonDeterministicExecutionError,
     SerDesError,
     ValidationError,

@@ -27,16 +27,16 @@ from durable_mp.branch import raise_if_fatal, started_record
 from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
 from durable_mp.exceptions import (
     MemoryLimitExceededError,
-    SerDesError,
     StepTimeoutError,
     WorkerCrashedError,
 )
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.pool import Death, Worker, WorkerPool
 from durable_mp.batch import succeeded_item
-from durable_mp.records import (PICKLE_PROTOCOL, Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id,
+from durable_mp.records import (Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id,
                                 result_view)
 from durable_mp.serdes import PickleSerDes
+from durable_mp.payload import build_payload
 from durable_mp.spec import BatchSpec
 
 log = logging.getLogger("durable_mp.dispatch")
@@ -169,53 +169,9 @@ class Dispatcher:
 
     # -- scheduling -----------------------------------------------------------------------------
     def _prepare_payload(self, batch: BatchRun) -> None:
-        spec = batch.spec
-        meta: dict[str, Any] = {
-            "op_id": spec.op_id,
-            "item_sub_type": spec.item_sub_type,
-            "item_serdes": pickling.dumps(spec.item_serdes),
-            "funcs": None,
-            "func": None,
-            "inputs": None,
-            "names": None,
-        }
-        if spec.funcs is not None:
-            blobs: list[bytes | None] = []
-            for index, func in enumerate(spec.funcs):
-                try:
-                    blobs.append(pickling.dumps(func))
-                except Exception as exc:  # noqa: BLE001
-                    blobs.append(None)
-                    self._fail_unpicklable(batch, index, f"branch {index} ({spec.item_name(index)})", func, exc)
-            meta["funcs"] = blobs
-            meta["names"] = [spec.item_name(i) for i in range(spec.n)]
-        else:
-            try:
-                meta["func"] = pickling.dumps(spec.func)
-            except Exception as exc:  # noqa: BLE001
-                raise SerDesError(f"map function {getattr(spec.func, '__name__', spec.func)!r} cannot be pickled "
-                                  f"for the worker processes: {type(exc).__name__}: {exc}") from exc
-            meta["inputs"] = self._pickle_inputs(batch)
-        batch.payload = pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
+        batch.payload = build_payload(batch.spec, lambda index, error: self._fail_unpicklable(batch, index, error))
 
-    def _pickle_inputs(self, batch: BatchRun) -> bytes:
-        inputs = batch.spec.inputs
-        try:
-            return pickling.dumps(inputs)
-        except Exception:  # noqa: BLE001 - find the culprits, fail only them
-            cleaned = list(inputs)
-            for index, item in enumerate(inputs):
-                try:
-                    pickling.dumps(item)
-                except Exception as exc:  # noqa: BLE001
-                    cleaned[index] = None
-                    self._fail_unpicklable(batch, index, f"map item {index} ({batch.spec.item_name(index)})",
-                                           item, exc)
-            return pickling.dumps(cleaned)
-
-    def _fail_unpicklable(self, batch: BatchRun, index: int, what: str, obj: Any, exc: Exception) -> None:
-        error = SerDesError(f"{what} cannot be pickled for the worker processes "
-                            f"(object of type {type(obj).__name__}): {type(exc).__name__}: {exc}")
+    def _fail_unpicklable(self, batch: BatchRun, index: int, error: Exception) -> None:
         self._fail_item(batch, index, error)
         if index in batch.queue:
             batch.queue.remove(index)

@@ -24,7 +24,8 @@ import cloudpickle
 
 from durable_mp.branch import BranchSource, run_branch
 from durable_mp.context import DurableContext
-from durable_mp.exceptions import OrphanedChildException, SerDesError
+from durable_mp.payload import load_source
+from durable_mp.exceptions import OrphanedChildException
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
@@ -228,59 +229,6 @@ class WorkerState:
 
     def sleep_until(self, ts: float) -> None:
         self.sleep(ts - time.time())
-
-
-class _LazyBranches:
-    """Parallel branch functions, unpickled on first use so one bad branch fails alone."""
-
-    def __init__(self, blobs: list[bytes | None], names: list[str]) -> None:
-        self.blobs = blobs
-        self.names = names
-        self.loaded: dict[int, Any] = {}
-
-    def __getitem__(self, index: int) -> Any:
-        func = self.loaded.get(index)
-        if func is None:
-            try:
-                func = self.loaded[index] = cloudpickle.loads(self.blobs[index])
-            except Exception as exc:  # noqa: BLE001
-                raise SerDesError(
-                    f"branch {index} ({self.names[index]}) could not be unpickled in the worker: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-        return func
-
-
-class _Unloadable:
-    """Stands in for a map function or inputs the worker could not unpickle."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    def __call__(self, *args: Any) -> Any:
-        raise self.error
-
-    def __getitem__(self, index: int) -> Any:
-        raise self.error
-
-
-def load_source(payload: bytes, execution_id: str) -> BranchSource:
-    meta = pickle.loads(payload)
-    funcs = func = inputs = None
-    if meta["funcs"] is not None:
-        funcs = _LazyBranches(meta["funcs"], meta["names"])
-    else:
-        try:
-            func = cloudpickle.loads(meta["func"])
-            inputs = cloudpickle.loads(meta["inputs"])
-        except Exception as exc:  # noqa: BLE001
-            err = SerDesError(f"map function or inputs could not be unpickled in the worker: "
-                              f"{type(exc).__name__}: {exc}")
-            func = _Unloadable(err)
-            inputs = _Unloadable(err)
-    return BranchSource(funcs=funcs, func=func, inputs=inputs, item_serdes=pickle.loads(meta["item_serdes"]),
-                        batch_op_id=meta["op_id"], item_sub_type=meta["item_sub_type"],
-                        names=meta["names"], execution_id=execution_id)
 
 
 class _ForwardHandler(logging.Handler):

@@ -1,6 +1,6 @@
 """Reference-compatible module path for the batch models; they live in ``durable_mp.batch``."""
 
-from durable_mp.batch import (  # noqa: F401
+from durable_mp.batch import (
     BatchCompletionError,
     BatchItem,
     BatchItemStatus,
@@ -13,3 +13,7 @@ from durable_mp.batch import (  # noqa: F401
     complete_batch,
     continue_batch,
 )
+
+__all__ = ["BatchCompletionError", "BatchItem", "BatchItemStatus", "BatchResult", "CompletionDecision",
+           "CompletionItemStatus", "CompletionOutcome", "CompletionReason", "CompletionStatus", "complete_batch",
+           "continue_batch"]

@@ -1,0 +1,125 @@
+"""What a batch ships to its workers: the branch functions (or map function and inputs).
+
+Built once per batch in the driver and sent once to each worker (the reference's map
+hands every item the whole input sequence, so the inputs must not travel per item).
+Everything is cloudpickled up front, so an unpicklable branch or map item is found in
+the driver and fails only itself, with a message naming it.  In the worker, parallel
+branches are unpickled one by one on first use, so one that cannot be loaded there fails
+alone too.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Callable
+
+from durable_mp import pickling
+from durable_mp.branch import BranchSource
+from durable_mp.exceptions import SerDesError
+from durable_mp.records import PICKLE_PROTOCOL
+from durable_mp.spec import BatchSpec
+
+
+def _unpicklable(what: str, obj: Any, exc: Exception) -> SerDesError:
+    return SerDesError(f"{what} cannot be pickled for the worker processes "
+                       f"(object of type {type(obj).__name__}): {type(exc).__name__}: {exc}")
+
+
+def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> bytes:
+    """The batch's payload; ``fail(index, error)`` is called for each branch that cannot be pickled."""
+    meta: dict[str, Any] = {
+        "op_id": spec.op_id,
+        "item_sub_type": spec.item_sub_type,
+        "item_serdes": pickling.dumps(spec.item_serdes),
+        "funcs": None,
+        "func": None,
+        "inputs": None,
+        "names": None,
+    }
+    if spec.funcs is not None:
+        blobs: list[bytes | None] = []
+        for index, func in enumerate(spec.funcs):
+            try:
+                blobs.append(pickling.dumps(func))
+            except Exception as exc:  # noqa: BLE001
+                blobs.append(None)
+                fail(index, _unpicklable(f"branch {index} ({spec.item_name(index)})", func, exc))
+        meta["funcs"] = blobs
+        meta["names"] = [spec.item_name(i) for i in range(spec.n)]
+    else:
+        try:
+            meta["func"] = pickling.dumps(spec.func)
+        except Exception as exc:  # noqa: BLE001
+            raise SerDesError(f"map function {getattr(spec.func, '__name__', spec.func)!r} cannot be pickled "
+                              f"for the worker processes: {type(exc).__name__}: {exc}") from exc
+        meta["inputs"] = _pickle_inputs(spec, fail)
+    return pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
+
+
+def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> bytes:
+    inputs = spec.inputs
+    try:
+        return pickling.dumps(inputs)
+    except Exception:  # noqa: BLE001 - find the culprits, fail only them
+        cleaned = list(inputs)
+        for index, item in enumerate(inputs):
+            try:
+                pickling.dumps(item)
+            except Exception as exc:  # noqa: BLE001
+                cleaned[index] = None
+                fail(index, _unpicklable(f"map item {index} ({spec.item_name(index)})", item, exc))
+        return pickling.dumps(cleaned)
+
+
+class _LazyBranches:
+    """Parallel branch functions, unpickled on first use so one bad branch fails alone."""
+
+    def __init__(self, blobs: list[bytes | None], names: list[str]) -> None:
+        self.blobs = blobs
+        self.names = names
+        self.loaded: dict[int, Any] = {}
+
+    def __getitem__(self, index: int) -> Any:
+        func = self.loaded.get(index)
+        if func is None:
+            try:
+                func = self.loaded[index] = pickling.loads(self.blobs[index])
+            except Exception as exc:  # noqa: BLE001
+                raise SerDesError(
+                    f"branch {index} ({self.names[index]}) could not be unpickled in the worker: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return func
+
+
+class _Unloadable:
+    """Stands in for a map function or inputs the worker could not unpickle."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any) -> Any:
+        raise self.error
+
+    def __getitem__(self, index: int) -> Any:
+        raise self.error
+
+
+def load_source(payload: bytes, execution_id: str) -> BranchSource:
+    """The worker's view of a payload built by ``build_payload``."""
+    meta = pickle.loads(payload)
+    funcs = func = inputs = None
+    if meta["funcs"] is not None:
+        funcs = _LazyBranches(meta["funcs"], meta["names"])
+    else:
+        try:
+            func = pickling.loads(meta["func"])
+            inputs = pickling.loads(meta["inputs"])
+        except Exception as exc:  # noqa: BLE001
+            err = SerDesError(f"map function or inputs could not be unpickled in the worker: "
+                              f"{type(exc).__name__}: {exc}")
+            func = _Unloadable(err)
+            inputs = _Unloadable(err)
+    return BranchSource(funcs=funcs, func=func, inputs=inputs, item_serdes=pickle.loads(meta["item_serdes"]),
+                        batch_op_id=meta["op_id"], item_sub_type=meta["item_sub_type"],
+                        names=meta["names"], execution_id=execution_id)
