@@ -18,37 +18,27 @@ from collections import defaultdict, deque
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-import psutil
-
 from durable_mp import pickling
 
 from durable_mp import progress as _progress
 from durable_mp.branch import raise_if_fatal, started_record
-from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
-from durable_mp.exceptions import (
-    MemoryLimitExceededError,
-    StepTimeoutError,
-    WorkerCrashedError,
-)
+from durable_mp.callbacks import CALLBACK_POLL_SECONDS
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.pool import Death, Worker, WorkerPool
+from durable_mp.pool import Worker, WorkerPool
 from durable_mp.batch import succeeded_item
 from durable_mp.records import (Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id,
                                 result_view)
 from durable_mp.serdes import PickleSerDes
+from durable_mp.faults import CPU_SAMPLE_SECONDS, MEMORY_POLL_SECONDS, FaultHandling
 from durable_mp.payload import build_payload
 from durable_mp.spec import BatchSpec
 
-log = logging.getLogger("durable_mp.dispatch")
 
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
 MAX_CHUNK_ITEMS = 4096
 FIRST_CHUNK_ITEMS = 16  # before any item time is measured
 CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
-CPU_SAMPLE_SECONDS = 0.1  # how often busy workers are checked for sitting idle on the CPU
-CPU_IDLE_FRACTION = 0.3  # below this share of a core, a busy worker counts as waiting on I/O
 GROWTH_CAP_PER_CPU = 8  # without explicit limits, the pool grows to at most this many workers per core
-MEMORY_POLL_SECONDS = 0.1
 MAX_WAIT_SECONDS = 1.0
 DEFAULT_MAX_CRASH_RETRIES = 3
 
@@ -95,7 +85,7 @@ class BatchRun:
         self.item_seconds = took if self.item_seconds is None else 0.7 * self.item_seconds + 0.3 * took
 
 
-class Dispatcher:
+class Dispatcher(FaultHandling):
     """Owns the pool for one execution and runs its top-level batches and watched steps."""
 
     def __init__(self, store: Any, execution_id: str, pool: WorkerPool, *, max_workers: int | None,
@@ -384,139 +374,6 @@ class Dispatcher:
     def _log(self, data: dict) -> None:
         record = logging.makeLogRecord(data)
         logging.getLogger(record.name).handle(record)
-
-    # -- faults -------------------------------------------------------------------------------------
-    def _requeue(self, batch: BatchRun, index: int) -> None:
-        batch.queue.appendleft(index)
-        batch.needs_ckpt.add(index)
-        batch.requeued.add(index)
-        self.stats["redispatched"] += 1
-
-    def _lost_task(self, worker: Worker, death: Death) -> tuple[Task, int | None]:
-        """After a worker is gone: requeue the innocent branches of its chunk, return the guilty one."""
-        task = worker.task
-        running = worker.running_index()
-        unreported = task.unreported()
-        if running not in unreported:
-            running = unreported[0] if unreported else None
-        if task.batch is not None and not task.batch.closed:
-            for index in reversed(unreported):
-                if index != running:
-                    self._requeue(task.batch, index)
-        return task, running
-
-    def _on_death(self, worker: Worker) -> None:
-        death = self.pool.reap(worker)
-        task = worker.task
-        if task is None:
-            return
-        self.stats["crashes"] += 1
-        if task.batch is None:
-            task.result = (False, WorkerCrashedError(f"worker running a step died: pid {death.pid}, "
-                                                     f"{death.describe()}"))
-            return
-        task, running = self._lost_task(worker, death)
-        batch = task.batch
-        if running is None or batch.closed:
-            return
-        name = batch.spec.item_name(running)
-        batch.crashes[running] += 1
-        count = batch.crashes[running]
-        crash = WorkerCrashedError(f"worker pid {death.pid} died: {death.describe()}")
-        batch.crash_log.setdefault(running, []).append(
-            Attempt(count, task.started, time.time(), death.pid, ErrorObject.from_exception(crash).to_dict()))
-        log.warning("worker pid %d running branch %d (%s) died (%s); crash %d of %d",
-                    death.pid, running, name, death.describe(), count, self.max_crash_retries)
-        if count >= self.max_crash_retries:
-            self._fail_item(batch, running, WorkerCrashedError(
-                f"branch {running} ({name}) crashed its worker {count} times; last: pid {death.pid}, "
-                f"{death.describe()}"), start=task.started, pid=death.pid)
-        else:
-            self._requeue(batch, running)
-
-    def _kill_for(self, worker: Worker, error: Exception, *, step_scope: bool) -> None:
-        """Kill a worker over a limit; charge the error to its watched step or to its branch."""
-        watch = worker.watch
-        death = self.pool.kill(worker)
-        task, running = self._lost_task(worker, death)
-        if task.batch is None:
-            task.result = (False, error)
-            return
-        batch = task.batch
-        if running is None or batch.closed:
-            return
-        if step_scope and watch is not None:
-            rec, _deadline, started = watch
-            err = ErrorObject.from_exception(error).to_dict()
-            attempts = tuple(rec.attempts) + (Attempt(rec.attempt, started, time.time(), death.pid, err),)
-            self.store.stage(self.execution_id, rec._replace(
-                status=OpStatus.PENDING, error=err, attempts=attempts,
-                extra={"undecided": True, "exc": type(error).__name__}))
-            self._requeue(batch, running)
-        else:
-            self._fail_item(batch, running, error, start=task.started)
-
-    def _poll_callbacks(self) -> None:
-        for worker, rec in list(self.callback_waiters.items()):
-            if worker not in self.pool.workers:
-                del self.callback_waiters[worker]
-                continue
-            done = poll_callback(self.store, self.execution_id, rec)
-            if done is not None:
-                del self.callback_waiters[worker]
-                worker.send(("A", done))
-
-    def _watchdog(self, batch: BatchRun | None) -> None:
-        if self.callback_waiters:
-            self._poll_callbacks()
-        now = time.monotonic()
-        for worker in list(self.pool.workers):
-            task = worker.task
-            if task is None:
-                continue
-            if worker.watch is not None and worker.watch[1] is not None and now >= worker.watch[1]:
-                self.stats["timeouts"] += 1
-                rec = worker.watch[0]
-                self._kill_for(worker, StepTimeoutError(f"step {rec.name!r} exceeded its timeout"), step_scope=True)
-            elif task.deadline is not None and now >= task.deadline:
-                self.stats["timeouts"] += 1
-                if task.batch is None:
-                    self._kill_for(worker, StepTimeoutError("step exceeded its timeout"), step_scope=False)
-                else:
-                    index = task.indices[0]
-                    self._kill_for(worker, StepTimeoutError(
-                        f"branch {index} ({task.batch.spec.item_name(index)}) exceeded its timeout of "
-                        f"{task.batch.spec.branch_timeout:g}s"), step_scope=False)
-        if self.max_worker_memory and now - self.last_memory_poll >= MEMORY_POLL_SECONDS:
-            self.last_memory_poll = now
-            for worker in list(self.pool.workers):
-                if worker.task is None:
-                    continue
-                rss = worker.rss()
-                if rss > self.max_worker_memory:
-                    self.stats["memory_kills"] += 1
-                    self._kill_for(worker, MemoryLimitExceededError(
-                        f"worker pid {worker.pid} used {rss / 2**20:.1f} MiB, over its limit of "
-                        f"{self.max_worker_memory / 2**20:.1f} MiB"), step_scope=True)
-        if batch is not None and batch.queue and not batch.spec.max_concurrency:
-            self._sample_cpu(now)
-
-    def _sample_cpu(self, now: float) -> None:
-        """Mark busy workers that use little CPU, so the pool may add workers for I/O-bound branches."""
-        for worker in self.pool.workers:
-            if worker.task is None:
-                continue
-            cpu = worker.cpu_seconds()
-            if worker.cpu_mark is None:
-                worker.cpu_mark = (now, cpu)
-                continue
-            then, cpu_then = worker.cpu_mark
-            if now - then >= CPU_SAMPLE_SECONDS:
-                # little CPU *and* not runnable: a CPU-bound worker starved by a busy machine
-                # is runnable ("running") and must not count as waiting on I/O
-                self.cpu_idle[worker.pid] = ((cpu - cpu_then) / (now - then) < CPU_IDLE_FRACTION
-                                             and worker.state() != psutil.STATUS_RUNNING)
-                worker.cpu_mark = (now, cpu)
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         """Stop a finished batch: kill workers still on it, record their branches STARTED."""
