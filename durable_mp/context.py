@@ -264,7 +264,7 @@ class DurableContext:
             if r.__class__ is BatchItem:  # decoded by the dispatcher as it arrived
                 items.append(r)
                 continue
-            if r.__class__ is bytes:
+            if not isinstance(r, OpRecord):  # a worker's record bytes (or buffer)
                 r = OpRecord.loads(r)
             if r.status == OpStatus.SUCCEEDED:
                 try:

@@ -18,7 +18,7 @@ from collections import defaultdict, deque
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from durable_mp import pickling
+from durable_mp import pickling, wire
 
 from durable_mp import progress as _progress
 from durable_mp.branch import raise_if_fatal, started_record
@@ -37,6 +37,8 @@ from durable_mp.spec import BatchSpec
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
 MAX_CHUNK_ITEMS = 4096
 FIRST_CHUNK_ITEMS = 16  # before any item time is measured
+PREFETCH_MIN_ITEMS = 64  # below this many queued items, chunks go only to idle workers
+MIN_CHUNK_SECONDS = 0.002  # a chunk should not be shorter than this (the tail of a map)
 CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
 GROWTH_CAP_PER_CPU = 8  # without explicit limits, the pool grows to at most this many workers per core
 MAX_WAIT_SECONDS = 1.0
@@ -78,6 +80,8 @@ class BatchRun:
         self.closed = False
         # default pickle serdes: results can be decoded right here, as they arrive
         self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ is PickleSerDes
+        # map chunks may queue behind a busy worker's current one (not with per-branch deadlines)
+        self.prefetch = spec.funcs is None and spec.branch_timeout is None
 
     def observe(self, seconds: float, items: int) -> None:
         """Learn the per-item time of this batch from a finished chunk (round trip included)."""
@@ -110,6 +114,7 @@ class Dispatcher(FaultHandling):
     # -- public -------------------------------------------------------------------------------
     def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
         batch = BatchRun(spec)
+        batch.prefetch = batch.prefetch and not self.max_worker_memory  # recycling needs an empty pipe
         policy = spec.policy
         for index, rec in spec.done.items():
             policy.on_started(index)
@@ -180,14 +185,25 @@ class Dispatcher(FaultHandling):
         while batch.queue:
             running = sum(1 for w in self.pool.workers if w.task is not None and w.task.batch is batch)
             allowed, cap = self._limit(batch)
-            if running >= allowed:
+            worker = None
+            if running < allowed:
+                worker = self._idle_worker()
+                if worker is None and len(self.pool) < cap:
+                    worker = self.pool.spawn()
+            if worker is not None:
+                self._send_chunk(batch, worker, self._take_chunk(batch, allowed))
+            elif not self._prefetch(batch, allowed):
                 return
-            worker = self._idle_worker()
-            if worker is None:
-                if len(self.pool) >= cap:
-                    return
-                worker = self.pool.spawn()
-            self._send_chunk(batch, worker, self._take_chunk(batch, allowed))
+
+    def _prefetch(self, batch: BatchRun, allowed: int) -> bool:
+        """Queue a map chunk behind a busy worker's current one, so it never waits for the driver."""
+        if not batch.prefetch or len(batch.queue) < PREFETCH_MIN_ITEMS:
+            return False
+        for worker in self.pool.workers:
+            if worker.task is not None and worker.task.batch is batch and worker.queued is None:
+                self._send_chunk(batch, worker, self._take_chunk(batch, allowed), queued=True)
+                return True
+        return False
 
     def _idle_worker(self) -> Worker | None:
         for worker in self.pool.workers:
@@ -203,8 +219,10 @@ class Dispatcher(FaultHandling):
             if batch.item_seconds is None:  # first chunks: small, until the item time is known
                 size = max(1, min(by_share, FIRST_CHUNK_ITEMS))
             else:
-                by_time = int(TARGET_CHUNK_SECONDS / max(batch.item_seconds, 1e-7))
-                size = max(1, min(by_time, by_share, MAX_CHUNK_ITEMS))
+                item = max(batch.item_seconds, 1e-7)
+                by_time = int(TARGET_CHUNK_SECONDS / item)
+                at_least = int(MIN_CHUNK_SECONDS / item)
+                size = max(1, min(by_time, max(by_share, at_least), MAX_CHUNK_ITEMS))
         queue = batch.queue
         return [queue.popleft() for _ in range(min(size, len(queue)))]
 
@@ -213,14 +231,18 @@ class Dispatcher(FaultHandling):
         deadline = time.monotonic() + timeout if timeout else None
         return Task(self.next_task_id, batch, indices, deadline)
 
-    def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int]) -> None:
+    def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int], queued: bool = False) -> None:
         names, checkpoints = self._prepare_chunk(batch, indices)
-        payload = None if batch.token in worker.tokens else batch.payload
+        payload = None if batch.token in worker.tokens else wire.big(batch.payload)
         worker.tokens.add(batch.token)
-        worker.task = self._new_task(batch, indices, batch.spec.branch_timeout)
-        self.cpu_idle.pop(worker.pid, None)
-        worker.cpu_mark = None
-        worker.send(("T", worker.task.id, batch.token, payload, indices, names, checkpoints))
+        task = self._new_task(batch, indices, batch.spec.branch_timeout)
+        if queued:
+            worker.queued = task
+        else:
+            worker.task = task
+            self.cpu_idle.pop(worker.pid, None)
+            worker.cpu_mark = None
+        worker.send(("T", task.id, batch.token, payload, indices, names, checkpoints))
 
     def _prepare_chunk(self, batch: BatchRun, indices: list[int]) -> tuple[dict | None, dict | None]:
         """Mark a chunk started; return its item names (item_namer) and resumed checkpoints."""
@@ -274,11 +296,11 @@ class Dispatcher(FaultHandling):
     def _read(self, worker: Worker) -> None:
         while True:
             try:
-                data = worker.conn.recv_bytes()
+                msg = wire.recv(worker.conn)
             except (EOFError, OSError):
                 self._on_death(worker)
                 return
-            self._handle(worker, pickle.loads(data))
+            self._handle(worker, msg)
             try:
                 if worker.task is None or not worker.conn.poll():
                     return
@@ -325,27 +347,29 @@ class Dispatcher(FaultHandling):
             return
         records = batch.records
         on_finished = batch.spec.policy.on_finished
-        stage_raw = self.store.stage_raw
-        exec_id, parent_id = self.execution_id, batch.spec.op_id
         tick = self.bar.item
         crash_log = batch.crash_log
         decode = batch.decode_results
+        staged = []
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
                 data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts)).dumps()
             reported.add(index)
-            stage_raw(exec_id, parent_id, key, data)
+            staged.append((key, data))
             records[index] = data
             if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
                 try:
                     records[index] = succeeded_item(index, pickle.loads(result_view(data)))
                 except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
                     pass
-            elif not succeeded:
-                raise_if_fatal(OpRecord.loads(data))
             on_finished(index, succeeded)
             tick(succeeded)
+            if not succeeded:
+                self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
+                staged = []
+                raise_if_fatal(OpRecord.loads(data))
+        self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
 
     def _fail_item(self, batch: BatchRun, index: int, error: Exception, start: float | None = None,
                    pid: int = 0) -> None:
@@ -366,7 +390,9 @@ class Dispatcher(FaultHandling):
         self.bar.item(False)
 
     def _task_done(self, worker: Worker) -> None:
-        worker.task = None
+        worker.task, worker.queued = worker.queued, None
+        if worker.task is not None:
+            worker.task.started = time.time()  # the worker moved straight on to it
         worker.watch = None
         if self.max_worker_memory and worker.rss() > self.max_worker_memory:
             self.pool.kill(worker)  # recycle a worker that grew past the limit between branches

@@ -48,9 +48,10 @@ class FaultHandling:
         if running not in unreported:
             running = unreported[0] if unreported else None
         if task.batch is not None and not task.batch.closed:
-            for index in reversed(unreported):
-                if index != running:
-                    self._requeue(task.batch, index)
+            queued = worker.queued.indices if worker.queued is not None else []
+            for index in reversed([i for i in unreported if i != running] + queued):
+                self._requeue(task.batch, index)
+        worker.queued = None
         return task, running
 
     def _on_death(self, worker: Worker) -> None:

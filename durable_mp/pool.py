@@ -4,7 +4,7 @@
 
     driver                                    worker (forked)
     ┌──────────────────────────┐   "T" task   ┌─────────────────────────┐
-    │ Dispatcher ──send_bytes──┼─────────────▶│ worker_main             │
+    │ Dispatcher ──wire.send───┼─────────────▶│ worker_main             │
     │   wait(conns) ◀──────────┼── "R"/"D" ───┤  run_branch per index   │
     │   EOF on conn = death    │   records    │  slot[0] = running index│
     │ WorkerPool.reap: wait4 ──┼── exit code, peak RSS (rusage)          │
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import pickle
 import signal
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from durable_mp.records import PICKLE_PROTOCOL
+from durable_mp import wire
 from durable_mp.worker import IDLE, SLOT_FORMAT, worker_main
 
 SLOT_BYTES = 16
@@ -40,7 +39,8 @@ KILL_WAIT_SECONDS = 5.0
 class Worker:
     """Driver-side handle of one worker process."""
 
-    __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "watch", "proc", "cpu_mark", "started")
+    __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watch", "proc", "cpu_mark",
+                 "started")
 
     def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
@@ -49,13 +49,14 @@ class Worker:
         self.index_view = memoryview(slot).cast(SLOT_FORMAT)
         self.tokens: set[str] = set()
         self.task: Any = None
+        self.queued: Any = None  # the next chunk, already in the pipe (map prefetch)
         self.watch: tuple | None = None  # (step record, deadline or None)
         self.proc: psutil.Process | None = None
         self.cpu_mark: tuple[float, float] | None = None
         self.started = time.monotonic()
 
     def send(self, msg: tuple) -> None:
-        self.conn.send_bytes(pickle.dumps(msg, protocol=PICKLE_PROTOCOL))
+        wire.send(self.conn, msg)
 
     def running_index(self) -> int | None:
         value = self.index_view[0]

@@ -12,6 +12,7 @@ behind a slow disk.  A failed commit is raised by the next ``flush``/``stage``.
 from __future__ import annotations
 
 import threading
+from typing import Any, Iterable
 
 from durable_mp.exceptions import StoreError
 from durable_mp.records import OpRecord
@@ -31,24 +32,33 @@ class GroupCommit:
     def stage_raw(self, exec_id: str, parent_id: str, op_id: str, data: bytes) -> None:
         """Like ``stage`` for a record a worker already pickled (``rec.dumps()``).
 
-        The hot path of checkpointing (one call per map item): no syscall but a vDSO
-        clock read, and ids are checked only when they are not plain short ASCII.
         ``op_id`` is the last key component: an operation id, or a batch item's
         ``records.branch_key(index)``.
+        """
+        self.stage_many(exec_id, parent_id, ((op_id, data),))
+
+    def stage_many(self, exec_id: str, parent_id: str, entries: Iterable[tuple[str, Any]]) -> None:
+        """Stage several pickled records of one parent under one lock (the checkpoint hot path).
+
+        No syscall but a vDSO clock read; keys are checked only when they are not plain
+        short ASCII.  ``data`` may be ``bytes`` or a buffer received out of band (kept, not copied).
         """
         with self._lock:
             group = self._staged.get((exec_id, parent_id))
             if group is None:
                 group = self._new_group(exec_id, parent_id)
-            if not (op_id.__class__ is str and op_id.isascii() and len(op_id) <= MAX_ID_BYTES) or SEP in op_id:
-                check_id("op_id", op_id)
-            n = len(group)
-            group[op_id] = data if data.__class__ is bytes else bytes(data)
-            if len(group) != n:
-                self._staged_count += 1
-                if self._staged_count == 1:
+            before = len(group)
+            for key, data in entries:
+                if not (key.__class__ is str and key.isascii() and len(key) <= MAX_ID_BYTES) or SEP in key:
+                    check_id("op_id", key)
+                group[key] = data
+            added = len(group) - before
+            if added:
+                was = self._staged_count
+                self._staged_count = was + added
+                if was == 0:
                     self._wake_committer()
-                elif self._staged_count >= self._flush_count:
+                if self._staged_count >= self._flush_count:
                     self._start_commit(block=self._staged_count >= BACKPRESSURE_FACTOR * self._flush_count)
 
     def _new_group(self, exec_id: str, parent_id: str) -> dict[str, bytes]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import cloudpickle
 
+from durable_mp import wire
 from durable_mp.branch import BranchSource, run_branch
 from durable_mp.context import DurableContext
 from durable_mp.payload import load_source
@@ -50,15 +51,13 @@ class Channel:
         self.lock = threading.Lock()
 
     def send(self, msg: tuple) -> None:
-        data = pickle.dumps(msg, protocol=PICKLE_PROTOCOL)
         with self.lock:
-            self.conn.send_bytes(data)
+            wire.send(self.conn, msg)
 
     def request(self, msg: tuple) -> Any:
-        data = pickle.dumps(msg, protocol=PICKLE_PROTOCOL)
         with self.lock:
-            self.conn.send_bytes(data)
-            return pickle.loads(self.conn.recv_bytes())
+            wire.send(self.conn, msg)
+            return wire.recv(self.conn)
 
 
 class Outbox:
@@ -69,6 +68,8 @@ class Outbox:
     interval, so a step that finishes just before a long computation is not held back.
     ``send_lock`` keeps messages of one task in order ("R" ... "D").
     """
+
+    wrap = staticmethod(wire.big)  # large records travel out of band
 
     def __init__(self, channel: Channel | None) -> None:
         self.channel = channel
@@ -82,14 +83,14 @@ class Outbox:
         self.flusher: threading.Thread | None = None
 
     def add(self, rec: OpRecord) -> None:
-        entry = (rec.parent_id, rec.op_id, rec.dumps())
+        entry = (rec.parent_id, rec.op_id, self.wrap(rec.dumps()))
         with self.lock:
             self.nested.append(entry)
         self._due()
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
-        entry = (index, rec.status == SUCCEEDED, branch_key(index), rec.dumps())
+        entry = (index, rec.status == SUCCEEDED, branch_key(index), self.wrap(rec.dumps()))
         with self.lock:
             self.items.append(entry)
         self._due()
@@ -289,7 +290,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict) -> None:
     cache: OrderedDict[str, BranchSource] = OrderedDict()
     while True:
         try:
-            msg = pickle.loads(conn.recv_bytes())
+            msg = wire.recv(conn)
         except (EOFError, OSError):
             return
         kind = msg[0]

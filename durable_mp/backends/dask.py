@@ -43,6 +43,8 @@ _SOURCE_CACHE_SIZE = 4
 class _CollectingOutbox(Outbox):
     """Keeps records in memory; they go back to the driver as the task's result."""
 
+    wrap = staticmethod(lambda data: data)  # Dask serializes the result itself
+
     def __init__(self) -> None:
         super().__init__(channel=None)
 
