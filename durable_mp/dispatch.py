@@ -19,20 +19,18 @@ from multiprocessing.connection import wait
 from typing import Any, Callable
 
 from durable_mp import pickling, wire
-
 from durable_mp import progress as _progress
-from durable_mp.branch import raise_if_fatal, started_record
-from durable_mp.callbacks import CALLBACK_POLL_SECONDS
-from durable_mp.lambda_service import ErrorObject
-from durable_mp.pool import Worker, WorkerPool
 from durable_mp.batch import succeeded_item
-from durable_mp.records import (Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id,
-                                result_view)
-from durable_mp.serdes import PickleSerDes
+from durable_mp.branch import raise_if_fatal, started_record
+from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
+from durable_mp.errors_replay import build_error
 from durable_mp.faults import CPU_SAMPLE_SECONDS, MEMORY_POLL_SECONDS, FaultHandling
+from durable_mp.lambda_service import ErrorObject
 from durable_mp.payload import build_payload
+from durable_mp.pool import Worker, WorkerPool
+from durable_mp.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
+from durable_mp.serdes import PickleSerDes
 from durable_mp.spec import BatchSpec
-
 
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
 MAX_CHUNK_ITEMS = 4096
@@ -106,7 +104,6 @@ class Dispatcher(FaultHandling):
         self.bar = _progress.NULL_BAR
         self.next_task_id = 0
         self.cpu_idle: dict[int, bool] = {}
-        self.last_cpu_sample = 0.0
         self.last_memory_poll = 0.0
         self.callback_waiters: dict[Worker, OpRecord] = {}  # workers blocked in callback.result()
         self.stats = {"crashes": 0, "timeouts": 0, "memory_kills": 0, "redispatched": 0}
@@ -116,10 +113,7 @@ class Dispatcher(FaultHandling):
         batch = BatchRun(spec)
         batch.prefetch = batch.prefetch and not self.max_worker_memory  # recycling needs an empty pipe
         policy = spec.policy
-        for index, rec in spec.done.items():
-            policy.on_started(index)
-            policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
-            batch.records[index] = rec
+        batch.records = spec.replay_done()
         batch.queue.extend(i for i in range(spec.n) if i not in spec.done)
         if spec.resuming and batch.queue:
             parents = self.store.parents_with_children(self.execution_id)
@@ -147,7 +141,14 @@ class Dispatcher(FaultHandling):
         worker = self._idle_worker() or self.pool.spawn()
         task = self._new_task(None, [], timeout)
         worker.task = task
-        worker.send(("C", task.id, payload))
+        try:
+            worker.send(("C", task.id, payload))
+        except OSError:  # that idle worker had died: use a fresh one
+            worker.task = None
+            self.pool.reap(worker)
+            worker = self.pool.spawn()
+            worker.task = task
+            worker.send(("C", task.id, payload))
         while task.result is None:
             self._pump(None)
         ok, value = task.result
@@ -158,8 +159,6 @@ class Dispatcher(FaultHandling):
         if isinstance(value, bytes):
             raise pickle.loads(value)
         err, cls_name = value
-        from durable_mp.errors_replay import build_error
-
         raise build_error(ErrorObject.from_dict(err), cls_name if cls_name else "DurableOperationError")
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -242,7 +241,16 @@ class Dispatcher(FaultHandling):
             worker.task = task
             self.cpu_idle.pop(worker.pid, None)
             worker.cpu_mark = None
-        worker.send(("T", task.id, batch.token, payload, indices, names, checkpoints))
+        try:
+            worker.send(("T", task.id, batch.token, payload, indices, names, checkpoints))
+        except OSError:  # the worker died since we last heard from it
+            if queued:
+                self._on_death(worker)  # a crash during its current task; the queued chunk is requeued
+            else:
+                worker.task = None
+                self.pool.reap(worker)
+                for index in reversed(indices):  # nothing of the chunk ran: no one is to blame
+                    self._requeue(batch, index)
 
     def _prepare_chunk(self, batch: BatchRun, indices: list[int]) -> tuple[dict | None, dict | None]:
         """Mark a chunk started; return its item names (item_namer) and resumed checkpoints."""
@@ -275,6 +283,8 @@ class Dispatcher(FaultHandling):
             worker = busy[conn]
             if worker.task is not None and worker in self.pool.workers:
                 self._read(worker)
+        if self.callback_waiters:
+            self._poll_callbacks()
         self._watchdog(batch)
 
     def _wait_seconds(self, batch: BatchRun | None) -> float:
@@ -321,7 +331,7 @@ class Dispatcher(FaultHandling):
                 self._finish_items(task, items)
             if kind == "S":
                 self.store.flush()
-                worker.send(("A",))
+                self._reply(worker, ("A",))
             elif kind == "D":
                 if task is not None and task.batch is not None and task.indices:
                     task.batch.observe(time.time() - task.started, len(task.indices))
@@ -388,6 +398,23 @@ class Dispatcher(FaultHandling):
         self.store.stage_raw(self.execution_id, spec.op_id, branch_key(index), rec.dumps())
         spec.policy.on_finished(index, False)
         self.bar.item(False)
+
+    def _poll_callbacks(self) -> None:
+        for worker, rec in list(self.callback_waiters.items()):
+            if worker not in self.pool.workers:
+                del self.callback_waiters[worker]
+                continue
+            done = poll_callback(self.store, self.execution_id, rec)
+            if done is not None:
+                del self.callback_waiters[worker]
+                self._reply(worker, ("A", done))
+
+    def _reply(self, worker: Worker, msg: tuple) -> None:
+        """Answer a worker's request; a worker that died meanwhile is handled when its EOF is read."""
+        try:
+            worker.send(msg)
+        except OSError:
+            pass
 
     def _task_done(self, worker: Worker) -> None:
         worker.task, worker.queued = worker.queued, None

@@ -15,10 +15,9 @@ import psutil
 
 from typing import TYPE_CHECKING
 
-from durable_mp.callbacks import poll_callback
 from durable_mp.exceptions import MemoryLimitExceededError, StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.pool import Death, Worker
+from durable_mp.pool import Worker
 from durable_mp.records import Attempt, OpStatus
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ class FaultHandling:
         batch.requeued.add(index)
         self.stats["redispatched"] += 1
 
-    def _lost_task(self, worker: Worker, death: Death) -> tuple[Task, int | None]:
+    def _lost_task(self, worker: Worker) -> tuple[Task, int | None]:
         """After a worker is gone: requeue the innocent branches of its chunk, return the guilty one."""
         task = worker.task
         running = worker.running_index()
@@ -64,7 +63,7 @@ class FaultHandling:
             task.result = (False, WorkerCrashedError(f"worker running a step died: pid {death.pid}, "
                                                      f"{death.describe()}"))
             return
-        task, running = self._lost_task(worker, death)
+        task, running = self._lost_task(worker)
         batch = task.batch
         if running is None or batch.closed:
             return
@@ -87,7 +86,7 @@ class FaultHandling:
         """Kill a worker over a limit; charge the error to its watched step or to its branch."""
         watch = worker.watch
         death = self.pool.kill(worker)
-        task, running = self._lost_task(worker, death)
+        task, running = self._lost_task(worker)
         if task.batch is None:
             task.result = (False, error)
             return
@@ -105,19 +104,7 @@ class FaultHandling:
         else:
             self._fail_item(batch, running, error, start=task.started)
 
-    def _poll_callbacks(self) -> None:
-        for worker, rec in list(self.callback_waiters.items()):
-            if worker not in self.pool.workers:
-                del self.callback_waiters[worker]
-                continue
-            done = poll_callback(self.store, self.execution_id, rec)
-            if done is not None:
-                del self.callback_waiters[worker]
-                worker.send(("A", done))
-
     def _watchdog(self, batch: BatchRun | None) -> None:
-        if self.callback_waiters:
-            self._poll_callbacks()
         now = time.monotonic()
         for worker in list(self.pool.workers):
             task = worker.task

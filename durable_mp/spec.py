@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from durable_mp.records import OpRecord
+from durable_mp.records import OpRecord, OpStatus
 
 
 @dataclass
@@ -33,6 +33,13 @@ class BatchSpec:
     execution_id: str = ""
     done: dict[int, OpRecord] = field(default_factory=dict)
     resuming: bool = False
+
+    def replay_done(self) -> dict[int, OpRecord]:
+        """Tell the completion policy about branches finished in an earlier run; their records."""
+        for index, rec in self.done.items():
+            self.policy.on_started(index)
+            self.policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+        return dict(self.done)
 
     def item_name(self, index: int) -> str:
         if self.names is not None:

@@ -24,11 +24,7 @@ from durable_mp.spec import BatchSpec
 
 def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
     policy = spec.policy
-    records: dict[int, OpRecord] = {}
-    for index, rec in spec.done.items():
-        policy.on_started(index)
-        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
-        records[index] = rec
+    records: dict[int, OpRecord] = spec.replay_done()
     source = BranchSource(funcs=spec.funcs, func=spec.func, inputs=spec.inputs, item_serdes=spec.item_serdes,
                           batch_op_id=spec.op_id, item_sub_type=spec.item_sub_type, names=spec.names,
                           execution_id=spec.execution_id)
