@@ -235,13 +235,17 @@ class WorkerState:
 class _ForwardHandler(logging.Handler):
     """Sends log records to the driver, which re-emits them through its own handlers."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, current: Any) -> None:
         super().__init__()
         self.channel = channel
+        self.current = current  # the shared slot: index of the branch being run
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = dict(record.__dict__)
+            index = self.current[0]
+            if index != IDLE and "branchIndex" not in data:  # which branch logged this
+                data["branchIndex"] = index
             data["msg"] = record.getMessage()
             data["args"] = None
             if record.exc_info:
@@ -283,10 +287,10 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(_ForwardHandler(channel))
+    current = memoryview(slot).cast(SLOT_FORMAT)
+    root.addHandler(_ForwardHandler(channel, current))
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings)
-    current = memoryview(slot).cast(SLOT_FORMAT)
     cache: OrderedDict[str, BranchSource] = OrderedDict()
     while True:
         try:
