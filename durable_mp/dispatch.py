@@ -35,7 +35,8 @@ from durable_mp.spec import BatchSpec
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
 MAX_CHUNK_ITEMS = 4096
 FIRST_CHUNK_ITEMS = 16  # before any item time is measured
-PREFETCH_MIN_ITEMS = 64  # below this many queued items, chunks go only to idle workers
+PREFETCH_MIN_ITEMS = 64  # below this many queued map items, chunks go only to idle workers
+CPU_BOUND_SHARE = 0.7  # parallel branches using at least this share of a core are prefetched
 MIN_CHUNK_SECONDS = 0.002  # a chunk should not be shorter than this (the tail of a map)
 CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
 GROWTH_CAP_PER_CPU = 8  # without explicit limits, the pool grows to at most this many workers per core
@@ -78,13 +79,16 @@ class BatchRun:
         self.closed = False
         # default pickle serdes: results can be decoded right here, as they arrive
         self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ is PickleSerDes
-        # map chunks may queue behind a busy worker's current one (not with per-branch deadlines)
-        self.prefetch = spec.funcs is None and spec.branch_timeout is None
+        # the next chunk may queue behind a busy worker's current one (not with per-branch deadlines)
+        self.prefetch = spec.branch_timeout is None
+        self.cpu_share: float | None = None  # share of a core a chunk used, as workers report it
 
-    def observe(self, seconds: float, items: int) -> None:
-        """Learn the per-item time of this batch from a finished chunk (round trip included)."""
+    def observe(self, seconds: float, items: int, cpu_share: float | None = None) -> None:
+        """Learn from a finished chunk: per-item time (round trip included), share of a core used."""
         took = seconds / items
         self.item_seconds = took if self.item_seconds is None else 0.7 * self.item_seconds + 0.3 * took
+        if cpu_share is not None:
+            self.cpu_share = cpu_share if self.cpu_share is None else 0.7 * self.cpu_share + 0.3 * cpu_share
 
 
 class Dispatcher(FaultHandling):
@@ -195,8 +199,18 @@ class Dispatcher(FaultHandling):
                 return
 
     def _prefetch(self, batch: BatchRun, allowed: int) -> bool:
-        """Queue a map chunk behind a busy worker's current one, so it never waits for the driver."""
-        if not batch.prefetch or len(batch.queue) < PREFETCH_MIN_ITEMS:
+        """Queue a chunk behind a busy worker's current one, so the worker never waits for the driver.
+
+        Only where waiting would not hurt: a map with plenty left to do, or branches known
+        to be CPU-bound (an I/O-bound branch queued behind a sleeping one would wait for
+        nothing, where the pool would rather grow).
+        """
+        if not batch.prefetch:
+            return False
+        if batch.spec.funcs is None:
+            if len(batch.queue) < PREFETCH_MIN_ITEMS:
+                return False
+        elif batch.cpu_share is None or batch.cpu_share < CPU_BOUND_SHARE:
             return False
         for worker in self.pool.workers:
             if worker.task is not None and worker.task.batch is batch and worker.queued is None:
@@ -322,7 +336,7 @@ class Dispatcher(FaultHandling):
         kind = msg[0]
         task = worker.task
         if kind in ("R", "D", "S"):
-            _, _task_id, nested, items = msg
+            nested, items = msg[2], msg[3]
             stage_raw = self.store.stage_raw
             exec_id = self.execution_id
             for parent_id, op_id, data in nested:
@@ -334,7 +348,7 @@ class Dispatcher(FaultHandling):
                 self._reply(worker, ("A",))
             elif kind == "D":
                 if task is not None and task.batch is not None and task.indices:
-                    task.batch.observe(time.time() - task.started, len(task.indices))
+                    task.batch.observe(time.time() - task.started, len(task.indices), msg[4])
                 self._task_done(worker)
         elif kind == "W":
             _, _task_id, rec, timeout = msg

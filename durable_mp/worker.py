@@ -120,13 +120,13 @@ class Outbox:
             self.nested, self.items = [], []
         return nested, items
 
-    def send(self, kind: str) -> None:
+    def send(self, kind: str, *extra: Any) -> None:
         with self.send_lock:
             nested, items = self._take()
             self.last_send = time.monotonic()
             if kind == "R" and not nested and not items:
                 return
-            self.channel.send((kind, self.task_id, nested, items))
+            self.channel.send((kind, self.task_id, nested, items, *extra))
 
     def sync(self) -> None:
         """Send everything and wait until the driver has committed it."""
@@ -317,12 +317,14 @@ def _run_task(msg: tuple, shared: WorkerShared, outbox: Outbox, cache: OrderedDi
         source.names = names
     outbox.task_id = task_id
     empty: dict = {}
+    wall, cpu = time.monotonic(), time.process_time()
     for index in indices:
         current[0] = index
         state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
         outbox.add_item(index, run_branch(source, index, state.context))
     current[0] = IDLE
-    outbox.send("D")
+    # share of a core the chunk used: tells the driver whether the batch is CPU-bound
+    outbox.send("D", (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6))
 
 
 def _run_call(msg: tuple, channel: Channel) -> None:

@@ -48,7 +48,7 @@ class _CollectingOutbox(Outbox):
     def __init__(self) -> None:
         super().__init__(channel=None)
 
-    def send(self, kind: str) -> None:
+    def send(self, kind: str, *extra: Any) -> None:
         return None
 
     def _due(self) -> None:
