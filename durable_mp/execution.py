@@ -41,12 +41,16 @@ def _dumps(value: Any) -> bytes:
         return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
 
 
-def _event_digest(event: Any) -> str:
+def _digest(handler: Callable, event: Any) -> str:
+    """Hash of which handler (scripts run as ``__main__`` by their file) and which event."""
+    where = f"{handler.__module__}:{handler.__qualname__}"
+    if handler.__module__ == "__main__":
+        where += ":" + os.path.abspath(getattr(handler.__code__, "co_filename", ""))
     try:
         data = json.dumps(event, sort_keys=True, default=repr).encode()
     except (TypeError, ValueError):
         data = _dumps(event)
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    return hashlib.blake2b(where.encode() + b"\0" + data, digest_size=8).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
@@ -84,7 +88,8 @@ class DurableFunction:
         return f"{self.func.__module__}:{self.func.__qualname__}"
 
     def execution_id_for(self, event: Any) -> str:
-        return f"{self.func.__qualname__}-{_event_digest(event)}"
+        """The default execution id: readable name + hash of handler and event (same command, same id)."""
+        return f"{self.func.__qualname__}-{_digest(self.func, event)}"
 
     def __call__(self, event: Any, lambda_context: Any = None) -> dict:
         """The reference's envelope: ``{"Status": ..., "Result": json}`` or ``{"Status", "Error"}``."""

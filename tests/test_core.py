@@ -443,3 +443,19 @@ def test_worker_log_records_reach_the_driver_with_the_branch_identity(store_path
     assert {p for *_, p in hello} <= set(pids), "records keep the worker's pid"
     ctx_records = [r for r in caplog.records if r.getMessage() == "via context logger"]
     assert len(ctx_records) == 3 and all(r.parentId for r in ctx_records)
+
+
+def test_default_execution_ids_tell_handlers_apart(store_path):
+    def make(value):
+        @durable_execution
+        def handler(event, ctx):  # same qualified name, different module-level identity
+            return value
+        return handler
+
+    a, b = make("a"), make("b")
+    a.func.__module__ = "jobs.alpha"
+    b.func.__module__ = "jobs.beta"
+    assert a.execution_id_for({"x": 1}) != b.execution_id_for({"x": 1})
+    assert a.execution_id_for({"x": 1}) == a.execution_id_for({"x": 1})
+    assert a.execution_id_for({"x": 1}) != a.execution_id_for({"x": 2})
+    assert (run(a, store_path, {"x": 1}), run(b, store_path, {"x": 1})) == ("a", "b")
