@@ -87,6 +87,13 @@ class DurableFunction:
     def handler_ref(self) -> str:
         return f"{self.func.__module__}:{self.func.__qualname__}"
 
+    def _origin(self) -> dict:
+        """Where to find the handler again (``durable-mp resume``): a script's file, the cwd."""
+        origin = {"cwd": os.getcwd()}
+        if self.func.__module__ == "__main__":
+            origin["source"] = os.path.abspath(self.func.__code__.co_filename)
+        return origin
+
     def execution_id_for(self, event: Any) -> str:
         """The default execution id: readable name + hash of handler and event (same command, same id)."""
         return f"{self.func.__qualname__}-{_digest(self.func, event)}"
@@ -153,7 +160,7 @@ class DurableFunction:
             now = time.time()
             me = psutil.Process()
             return ExecutionRecord(execution_id, RUNNING, self.handler_ref, _dumps(event), None, None, now, now,
-                                   None, me.pid, me.create_time(), 1)
+                                   None, me.pid, me.create_time(), 1, self._origin())
 
         rec, _created = db.acquire(execution_id, fresh)
         try:

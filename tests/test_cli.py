@@ -418,3 +418,40 @@ def test_delete_gc_and_compact(jobs, store_path, capsys):
     assert in_process(capsys, "run", f"{jobs}:ok", "--id", "after", store=store_path)[0] == 0
     code, out, _ = in_process(capsys, "show", "after", store=store_path)
     assert "SUCCEEDED" in out
+
+
+SCRIPT = '''
+import os, sys, time
+from durable_mp import durable_execution
+
+@durable_execution
+def handler(event, ctx):
+    def item(c, x, i, xs):
+        if not os.environ.get("FAST"):
+            time.sleep(0.3)
+        return x * 2
+    return ctx.map(list(range(6)), item).get_results()
+
+if __name__ == "__main__":
+    print(handler.run({"k": 1}, store=sys.argv[1], execution_id="scripted"), flush=True)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_resume_finds_a_handler_from_a_script_run_with_plain_python(tmp_path):
+    import signal
+
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    store = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, str(script), store], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    other_dir = tmp_path / "elsewhere"
+    other_dir.mkdir()
+    out = subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, "resume", "scripted"],
+                         capture_output=True, text=True, timeout=60, cwd=other_dir, env={**os.environ, "FAST": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [0, 2, 4, 6, 8, 10]
