@@ -53,8 +53,9 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     start = time.time()
     try:
         value = source.call(make_context(op_id), index)
-        payload = _serdes.serialize(source.item_serdes, value, op_id=op_id, execution_id=source.execution_id,
-                                    what=f"result of branch {index} ({name})")
+        payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
+                                          execution_id=source.execution_id,
+                                          what=f"result of branch {index} ({name})")
     except (KeyboardInterrupt, OrphanedChildException):
         raise
     except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch

@@ -29,7 +29,7 @@ from durable_mp.lambda_service import ErrorObject
 from durable_mp.payload import build_payload
 from durable_mp.pool import Worker, WorkerPool
 from durable_mp.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
-from durable_mp.serdes import PickleSerDes
+from durable_mp.serdes import PickleSerDes, unpickle
 from durable_mp.spec import BatchSpec
 
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
@@ -246,7 +246,7 @@ class Dispatcher(FaultHandling):
 
     def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int], queued: bool = False) -> None:
         names, checkpoints = self._prepare_chunk(batch, indices)
-        payload = None if batch.token in worker.tokens else wire.big(batch.payload)
+        payload = None if batch.token in worker.tokens else wire.big([batch.payload])
         worker.tokens.add(batch.token)
         task = self._new_task(batch, indices, batch.spec.branch_timeout)
         if queued:
@@ -384,7 +384,7 @@ class Dispatcher(FaultHandling):
             records[index] = data
             if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
                 try:
-                    records[index] = succeeded_item(index, pickle.loads(result_view(data)))
+                    records[index] = succeeded_item(index, unpickle(result_view(data)))
                 except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
                     pass
             on_finished(index, succeeded)

@@ -56,7 +56,7 @@ class Worker:
         self.started = time.monotonic()
 
     def send(self, msg: tuple) -> None:
-        wire.send(self.conn, msg)
+        wire.send(self.conn, msg, gathered=True)
 
     def running_index(self) -> int | None:
         value = self.index_view[0]

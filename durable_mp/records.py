@@ -85,16 +85,26 @@ class OpRecord(NamedTuple):
         The result travels outside the pickle, so a large payload is copied once, and a
         reader that only needs the result slices it out without decoding the rest.
         """
+        return b"".join(self.dumps_parts())
+
+    def dumps_parts(self) -> list:
+        """``dumps()`` as a list of buffers, so a large result is never copied to join them.
+
+        ``result`` may be a list of buffers itself (``serdes.Parts``) whose concatenation is
+        the payload.
+        """
         result = self.result
         if result is None:
-            kind, raw = _NONE, b""
+            kind, raw = _NONE, []
         elif result.__class__ is str:
-            kind, raw = _TEXT, result.encode()
-        else:
+            kind, raw = _TEXT, [result.encode()]
+        elif isinstance(result, list):
             kind, raw = _BYTES, result
+        else:
+            kind, raw = _BYTES, [result]
         fields = tuple(self)
         header = pickle.dumps(fields[:_RESULT] + (None,) + fields[_RESULT + 1:], protocol=PICKLE_PROTOCOL)
-        return b"".join((kind, len(header).to_bytes(4, "little"), header, raw))
+        return [kind + len(header).to_bytes(4, "little") + header, *raw]
 
     @classmethod
     def loads(cls, data: bytes | memoryview) -> "OpRecord":

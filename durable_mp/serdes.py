@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import struct
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -97,7 +98,78 @@ class PickleSerDes(SerDes[T]):
     def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T:
         if isinstance(data, str):
             raise TypeError("PickleSerDes expects bytes, got str (was it written by a JSON serdes?)")
-        return pickle.loads(data)
+        return unpickle(data)
+
+
+# -- large values: pickle protocol 5 with the buffers outside the pickle stream ----------------
+# A payload in this layout is MAGIC | header length | buffer count | buffer lengths | pickle
+# header | buffers.  It lets a worker send a numpy result straight from the array's memory
+# (``pickle_parts``) instead of copying it into a pickle first.  A plain pickle starts with
+# b"\x80", so the two layouts cannot be confused.
+_OOB_MAGIC = b"\x00DMP5OOB"
+_OOB_HEAD = struct.Struct("<QI")
+
+
+class Parts(list):
+    """A payload as a list of buffers; their concatenation is the payload's bytes."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(part).nbytes for part in self)
+
+    def join(self) -> bytes:
+        return b"".join(self)
+
+
+def pickle_parts(value: Any) -> Parts:
+    """``value`` pickled (protocol 5) with large buffers left where they are, not copied."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        header = pickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return Parts([cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)])
+    if not buffers:
+        return Parts([header])
+    try:
+        raws = [buf.raw() for buf in buffers]
+    except BufferError:  # a non-contiguous buffer: keep it inside the pickle
+        return Parts([pickle.dumps(value, protocol=PICKLE_PROTOCOL)])
+    lengths = [raw.nbytes for raw in raws]
+    meta = _OOB_MAGIC + _OOB_HEAD.pack(len(header), len(raws)) + struct.pack(f"<{len(raws)}Q", *lengths)
+    return Parts([meta, header, *raws])
+
+
+def unpickle(data: Any) -> Any:
+    """Load a plain pickle or a ``pickle_parts`` payload; buffers are private, writable copies."""
+    view = memoryview(data)
+    if view[: len(_OOB_MAGIC)] != _OOB_MAGIC:
+        return pickle.loads(view)
+    offset = len(_OOB_MAGIC)
+    header_len, count = _OOB_HEAD.unpack_from(view, offset)
+    offset += _OOB_HEAD.size
+    lengths = struct.unpack_from(f"<{count}Q", view, offset)
+    offset += 8 * count
+    header = view[offset:offset + header_len]
+    offset += header_len
+    buffers = []
+    for length in lengths:
+        buffers.append(bytearray(view[offset:offset + length]))
+        offset += length
+    return pickle.loads(header, buffers=buffers)
+
+
+def serialize_parts(serdes: SerDes | None, value: Any, *, op_id: str = "", execution_id: str = "",
+                    what: str) -> Payload | Parts:
+    """Like ``serialize``, but the default serdes leaves large buffers uncopied (``Parts``)."""
+    if serdes is not None and serdes.__class__ is not PickleSerDes:
+        return serialize(serdes, value, op_id=op_id, execution_id=execution_id, what=what)
+    try:
+        parts = pickle_parts(value)
+    except Exception as error:
+        raise SerDesError(f"Cannot serialize {what} (value of type {_describe(value)}) with PickleSerDes: "
+                          f"{type(error).__name__}: {error}") from error
+    _check_size(parts.nbytes, what, value)
+    return parts
 
 
 _TYPE, _VALUE = "t", "v"  # envelope keys of ExtendedTypeSerDes: {"t": tag, "v": value}
@@ -236,13 +308,17 @@ def serialize(
             f"Cannot serialize {what} (value of type {_describe(value)}) with "
             f"{type(active).__name__}: {type(error).__name__}: {error}"
         ) from error
-    if len(payload) > MAX_PAYLOAD_BYTES:
+    _check_size(len(payload), what, value)
+    return payload
+
+
+def _check_size(size: int, what: str, value: Any) -> None:
+    if size > MAX_PAYLOAD_BYTES:
         raise SerDesError(
-            f"Cannot checkpoint {what}: it serializes to {len(payload) / 2**20:.1f} MiB, over the "
+            f"Cannot checkpoint {what}: it serializes to {size / 2**20:.1f} MiB, over the "
             f"{MAX_PAYLOAD_BYTES / 2**20:.0f} MiB limit of one checkpoint (value of type {_describe(value)}); "
             f"return a path or a summary instead"
         )
-    return payload
 
 
 def deserialize(

@@ -51,6 +51,8 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
                              name=f"durable_mp-branch-{index}").start()
         index, rec = finished.get()
         running.pop(index, None)
+        if isinstance(rec.result, list):  # serdes.Parts: join once, the record stays in this process
+            rec = rec._replace(result=b"".join(rec.result))
         records[index] = rec
         state.emit(rec)
         raise_if_fatal(rec)

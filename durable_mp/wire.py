@@ -1,16 +1,17 @@
-"""Messages between driver and workers: pickle protocol 5, large buffers out of band.
+"""Messages between driver and workers: pickle protocol 5, large records out of band.
 
 ``multiprocessing.Connection.recv_bytes`` reassembles a large message in a growing
 ``BytesIO`` (several copies of a 16 MB result), and pickling a message copies every
-``bytes`` inside it once more.  Here a message is a pickle whose large buffers (record
-bytes wrapped in ``pickle.PickleBuffer``) travel as separate frames, written straight
-from their memory and read straight into preallocated buffers.  Frames use
-``Connection``'s own framing (``!i`` length, ``-1`` + ``!Q`` for huge ones), so
-``send_bytes`` does the writing.
+``bytes`` inside it once more.  Here a large record travels as its own frame, written
+straight from its buffers (a numpy result is sent from the array's own memory, see
+``serdes.pickle_parts``) and read straight into one preallocated buffer.  The message
+refers to such a frame by number (pickle's persistent ids).  Frames use
+``Connection``'s own framing (``!i`` length, ``-1`` + ``!Q`` for huge ones).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -18,23 +19,68 @@ from typing import Any
 
 from durable_mp.records import PICKLE_PROTOCOL
 
-OUT_OF_BAND_BYTES = 64 * 1024  # record bytes above this size travel as their own frame
+OUT_OF_BAND_BYTES = 64 * 1024  # records above this size travel as their own frame
 _COUNT = struct.Struct("!I")
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
+_MAX_SHORT = 0x7FFFFFFF
 
 
-def big(data: bytes) -> Any:
-    """Mark a buffer to travel out of band if it is large (the receiver gets a memoryview)."""
-    return pickle.PickleBuffer(data) if len(data) > OUT_OF_BAND_BYTES else data
+class Gather:
+    """Buffers to send as one frame; the receiver gets them as one ``bytearray``."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: list) -> None:
+        self.parts = [memoryview(part).cast("B") for part in parts]
+        self.nbytes = sum(part.nbytes for part in self.parts)
 
 
-def send(conn: Any, msg: Any) -> None:
-    buffers: list[pickle.PickleBuffer] = []
-    header = pickle.dumps(msg, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
-    conn.send_bytes(_COUNT.pack(len(buffers)) + header)
-    for buf in buffers:
-        conn.send_bytes(buf.raw())
+def big(parts: list) -> Any:
+    """A record's buffers: joined when small, a ``Gather`` frame when large."""
+    total = sum(memoryview(part).nbytes for part in parts)
+    return Gather(parts) if total > OUT_OF_BAND_BYTES else b"".join(parts)
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self.gathered: list[Gather] = []
+
+    def persistent_id(self, obj: Any) -> Any:
+        if obj.__class__ is Gather:
+            self.gathered.append(obj)
+            return len(self.gathered) - 1
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: Any, frames: list) -> None:
+        super().__init__(file)
+        self.frames = frames
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.frames[pid]
+
+
+def send(conn: Any, msg: Any, *, gathered: bool = False) -> None:
+    """Send ``msg``; ``gathered=True`` when it may contain ``Gather`` objects (slower pickler)."""
+    if not gathered:
+        conn.send_bytes(_COUNT.pack(0) + pickle.dumps(msg, protocol=PICKLE_PROTOCOL))
+        return
+    buf = io.BytesIO()
+    buf.write(_COUNT.pack(0))
+    pickler = _Pickler(buf)
+    pickler.dump(msg)
+    data = buf.getbuffer()
+    _COUNT.pack_into(data, 0, len(pickler.gathered))
+    conn.send_bytes(data)
+    fd = conn.fileno()
+    for frame in pickler.gathered:
+        size = frame.nbytes
+        _write(fd, _SHORT.pack(size) if size <= _MAX_SHORT else _SHORT.pack(-1) + _LONG.pack(size))
+        for part in frame.parts:
+            _write(fd, part)
 
 
 def recv(conn: Any) -> Any:
@@ -42,8 +88,16 @@ def recv(conn: Any) -> Any:
     fd = conn.fileno()
     first = _frame(fd)
     (count,) = _COUNT.unpack_from(first)
-    buffers = [_frame(fd) for _ in range(count)]
-    return pickle.loads(memoryview(first)[_COUNT.size:], buffers=buffers)
+    if not count:
+        return pickle.loads(memoryview(first)[_COUNT.size:])
+    frames = [_frame(fd) for _ in range(count)]
+    return _Unpickler(io.BytesIO(memoryview(first)[_COUNT.size:]), frames).load()
+
+
+def _write(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[os.write(fd, view):]
 
 
 def _frame(fd: int) -> bytearray:

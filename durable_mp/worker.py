@@ -50,13 +50,13 @@ class Channel:
         self.conn = conn
         self.lock = threading.Lock()
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: tuple, gathered: bool = False) -> None:
         with self.lock:
-            wire.send(self.conn, msg)
+            wire.send(self.conn, msg, gathered=gathered)
 
     def request(self, msg: tuple) -> Any:
         with self.lock:
-            wire.send(self.conn, msg)
+            wire.send(self.conn, msg, gathered=True)
             return wire.recv(self.conn)
 
 
@@ -69,7 +69,7 @@ class Outbox:
     ``send_lock`` keeps messages of one task in order ("R" ... "D").
     """
 
-    wrap = staticmethod(wire.big)  # large records travel out of band
+    wrap = staticmethod(wire.big)  # a record's buffers: joined, or a frame of their own when large
 
     def __init__(self, channel: Channel | None) -> None:
         self.channel = channel
@@ -83,14 +83,14 @@ class Outbox:
         self.flusher: threading.Thread | None = None
 
     def add(self, rec: OpRecord) -> None:
-        entry = (rec.parent_id, rec.op_id, self.wrap(rec.dumps()))
+        entry = (rec.parent_id, rec.op_id, self.wrap(rec.dumps_parts()))
         with self.lock:
             self.nested.append(entry)
         self._due()
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
-        entry = (index, rec.status == SUCCEEDED, branch_key(index), self.wrap(rec.dumps()))
+        entry = (index, rec.status == SUCCEEDED, branch_key(index), self.wrap(rec.dumps_parts()))
         with self.lock:
             self.items.append(entry)
         self._due()
@@ -126,7 +126,9 @@ class Outbox:
             self.last_send = time.monotonic()
             if kind == "R" and not nested and not items:
                 return
-            self.channel.send((kind, self.task_id, nested, items, *extra))
+            gathered = any(entry[-1].__class__ is wire.Gather for entry in items) or any(
+                entry[-1].__class__ is wire.Gather for entry in nested)
+            self.channel.send((kind, self.task_id, nested, items, *extra), gathered)
 
     def sync(self) -> None:
         """Send everything and wait until the driver has committed it."""

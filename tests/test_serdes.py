@@ -229,3 +229,26 @@ def test_malformed_payloads(wire, message):
 
 def test_extended_output_is_valid_json():
     json.loads(EXT.serialize({"k": [1, (2, 3)]}, CTX))
+
+
+def test_out_of_band_payloads_round_trip_into_private_writable_arrays():
+    import numpy as np
+
+    from durable_mp.records import OpRecord, result_view
+    from durable_mp.serdes import PickleSerDes, SerDesContext, pickle_parts, unpickle
+
+    value = {"big": np.arange(100_000, dtype=np.float64), "small": [1, "two"]}
+    parts = pickle_parts(value)
+    assert len(parts) > 2, "the array's buffer travels outside the pickle"
+    assert any(memoryview(p).nbytes == value["big"].nbytes for p in parts)
+    data = parts.join()
+    back = unpickle(data)
+    assert back["small"] == [1, "two"] and np.array_equal(back["big"], value["big"])
+    back["big"][0] = 42.0  # writable, and not a view of the checkpoint bytes
+    assert unpickle(data)["big"][0] == 0.0
+    assert PickleSerDes().deserialize(data, SerDesContext()) ["small"] == [1, "two"]
+    rec = OpRecord("a" * 64, "p", "CONTEXT", "MapIteration", "m", "SUCCEEDED", 1.0, 2.0, parts)
+    raw = b"".join(rec.dumps_parts())
+    assert raw == rec.dumps()
+    assert np.array_equal(unpickle(result_view(raw))["big"], value["big"])
+    assert OpRecord.loads(raw).result == data

@@ -43,7 +43,7 @@ _SOURCE_CACHE_SIZE = 4
 class _CollectingOutbox(Outbox):
     """Keeps records in memory; they go back to the driver as the task's result."""
 
-    wrap = staticmethod(lambda data: data)  # Dask serializes the result itself
+    wrap = staticmethod(b"".join)  # Dask serializes the result itself
 
     def __init__(self) -> None:
         super().__init__(channel=None)
