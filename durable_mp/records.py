@@ -104,7 +104,10 @@ class OpRecord(NamedTuple):
             kind, raw = _BYTES, [result]
         fields = tuple(self)
         header = pickle.dumps(fields[:_RESULT] + (None,) + fields[_RESULT + 1:], protocol=PICKLE_PROTOCOL)
-        return [kind + len(header).to_bytes(4, "little") + header, *raw]
+        head = kind + len(header).to_bytes(4, "little") + header
+        if len(raw) == 1 and len(raw[0]) <= _SMALL_BYTES:  # one small buffer: one bytes object
+            return [head + raw[0]]
+        return [head, *raw]
 
     @classmethod
     def loads(cls, data: bytes | memoryview) -> "OpRecord":
@@ -119,15 +122,23 @@ class OpRecord(NamedTuple):
 
 
 _NONE, _TEXT, _BYTES = b"N", b"S", b"B"
+_BYTES_ORD = _BYTES[0]
 _RESULT = OpRecord._fields.index("result")
+_SMALL_BYTES = 64 * 1024  # results up to this size are copied into the record's bytes
 
 
-def result_view(data: bytes) -> memoryview | None:
-    """The raw result inside ``OpRecord.dumps()`` bytes, without decoding the record (bytes results only)."""
-    if data[0:1] != _BYTES:
+def result_view(data: bytes) -> Any:
+    """The raw result inside ``OpRecord.dumps()`` bytes, without decoding the record.
+
+    None unless the result is bytes.  Small results come back as ``bytes`` (a slice is
+    cheaper than a view), large ones as a ``memoryview`` (no copy).
+    """
+    if data[0] != _BYTES_ORD:
         return None
-    size = int.from_bytes(data[1:5], "little")
-    return memoryview(data)[5 + size:]
+    start = 5 + int.from_bytes(data[1:5], "little")
+    if len(data) - start <= _SMALL_BYTES and data.__class__ is bytes:
+        return data[start:]
+    return memoryview(data)[start:]
 
 
 def operation_id(parent_id: str | None, n: int) -> str:

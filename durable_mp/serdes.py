@@ -115,7 +115,7 @@ class Parts(list):
 
     @property
     def nbytes(self) -> int:
-        return sum(memoryview(part).nbytes for part in self)
+        return sum(map(len, self))  # bytes, or PickleBuffer.raw() views (1-D, unsigned bytes)
 
     def join(self) -> bytes:
         return b"".join(self)
@@ -141,9 +141,9 @@ def pickle_parts(value: Any) -> Parts:
 
 def unpickle(data: Any) -> Any:
     """Load a plain pickle or a ``pickle_parts`` payload; buffers are private, writable copies."""
+    if data[: len(_OOB_MAGIC)] != _OOB_MAGIC:  # a plain pickle (every small value)
+        return pickle.loads(data)
     view = memoryview(data)
-    if view[: len(_OOB_MAGIC)] != _OOB_MAGIC:
-        return pickle.loads(view)
     offset = len(_OOB_MAGIC)
     header_len, count = _OOB_HEAD.unpack_from(view, offset)
     offset += _OOB_HEAD.size

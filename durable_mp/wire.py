@@ -38,7 +38,9 @@ class Gather:
 
 def big(parts: list) -> Any:
     """A record's buffers: joined when small, a ``Gather`` frame when large."""
-    total = sum(memoryview(part).nbytes for part in parts)
+    if len(parts) == 1 and len(parts[0]) <= OUT_OF_BAND_BYTES:  # the common case: a small record
+        return parts[0]
+    total = sum(map(len, parts))  # bytes, or PickleBuffer.raw() views: len == bytes
     return Gather(parts) if total > OUT_OF_BAND_BYTES else b"".join(parts)
 
 
