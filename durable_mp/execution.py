@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import pickle
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -163,6 +165,7 @@ class DurableFunction:
                                    None, me.pid, me.create_time(), 1, self._origin())
 
         rec, _created = db.acquire(execution_id, fresh)
+        restore_sigterm = _stop_cleanly_on_sigterm()
         try:
             if rec.status == SUCCEEDED:
                 return pickle.loads(rec.result)
@@ -208,7 +211,28 @@ class DurableFunction:
                 status=SUCCEEDED, result=_dumps(result), ended_ts=time.time()))
             return result
         finally:
+            restore_sigterm()
             db.release(execution_id)
+
+
+def _stop_cleanly_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM (``kill``, systemd, a batch scheduler) into the same clean stop as Ctrl-C.
+
+    The default action would end the driver on the spot, losing the records of the last
+    group commit; raising ``SystemExit(143)`` instead kills the workers, commits what was
+    recorded and leaves the execution resumable.  Only in the main thread, and only when
+    nobody else installed a handler.  Returns the function that restores the old one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _DaskSession:

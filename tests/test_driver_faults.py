@@ -238,3 +238,22 @@ def test_a_step_is_checkpointed_while_its_branch_keeps_running(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[42]"
     assert (markers / "fetch").read_text() == "x", "the finished step ran again after the kill"
+
+
+def test_sigterm_stops_the_driver_cleanly_and_a_rerun_resumes(job):
+    script, markers, store = job
+    proc = start(script, store, 12, STEP_SECONDS="0.3")
+    wait_for_starts(markers, 4)
+    os.kill(proc.pid, signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler would
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert wait_gone(proc.pid) == []
+    done = committed_branches(store)
+    with Store(store) as st:
+        assert st.get_execution("drv").status == "RUNNING"
+    proc = start(script, store, 12, STEP_SECONDS="0.01")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == str([3 * i for i in range(12)])
+    starts = counts(markers, "start")
+    assert all(starts[i] == 1 for i in done)
