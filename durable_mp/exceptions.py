@@ -275,10 +275,15 @@ class ExecutionFailedError(DurableExecutionsError):
     it happened just now or was stored by an earlier run.
     """
 
-    def __init__(self, error: ErrorObject) -> None:
+    def __init__(self, error: ErrorObject, *, execution_id: str | None = None, stored: bool = False) -> None:
         self.error = error
+        self.execution_id = execution_id
         kind = error.type or "Error"
-        super().__init__(f"{kind}: {error.message}" if error.message else kind)
+        text = f"{kind}: {error.message}" if error.message else kind
+        if stored and execution_id:
+            text += (f" (execution {execution_id!r} failed in an earlier run; delete it with "
+                     f"`durable-mp delete {execution_id}` or use another execution_id to run it again)")
+        super().__init__(text)
 
 
 class ExecutionLockedError(DurableExecutionsError):

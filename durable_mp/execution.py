@@ -170,7 +170,8 @@ class DurableFunction:
             if rec.status == SUCCEEDED:
                 return pickle.loads(rec.result)
             if rec.status == FAILED:
-                raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}))
+                raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}), execution_id=execution_id,
+                                           stored=True)
             if rec.input is not None:
                 event = pickle.loads(rec.input)
             settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
@@ -200,7 +201,7 @@ class DurableFunction:
                 error = ErrorObject.from_exception(exc)
                 db.put_execution(db.get_execution(execution_id)._replace(
                     status=FAILED, error=error.to_dict(), ended_ts=time.time()))
-                raise ExecutionFailedError(error) from exc
+                raise ExecutionFailedError(error, execution_id=execution_id) from exc
             except BaseException:  # Ctrl-C, SystemExit: keep RUNNING, resumable
                 pool.close()
                 db.flush()
