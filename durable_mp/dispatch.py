@@ -36,6 +36,7 @@ TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this 
 MAX_CHUNK_ITEMS = 4096
 FIRST_CHUNK_ITEMS = 16  # before any item time is measured
 PREFETCH_MIN_ITEMS = 64  # below this many queued map items, chunks go only to idle workers
+PREFETCH_MAX_NAMED = 500  # item_namer names travel with a chunk: keep queued-ahead messages small
 CPU_BOUND_SHARE = 0.7  # parallel branches using at least this share of a core are prefetched
 MIN_CHUNK_SECONDS = 0.002  # a chunk should not be shorter than this (the tail of a map)
 CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
@@ -214,7 +215,14 @@ class Dispatcher(FaultHandling):
             return False
         for worker in self.pool.workers:
             if worker.task is not None and worker.task.batch is batch and worker.queued is None:
-                self._send_chunk(batch, worker, self._take_chunk(batch, allowed), queued=True)
+                indices = self._take_chunk(batch, allowed)
+                if any(i in batch.needs_ckpt for i in indices) or (
+                        batch.spec.names is not None and len(indices) > PREFETCH_MAX_NAMED):
+                    # a large message to a busy worker could fill the pipe while the worker
+                    # is blocked sending to us: only small chunks are queued ahead
+                    batch.queue.extendleft(reversed(indices))
+                    return False
+                self._send_chunk(batch, worker, indices, queued=True)
                 return True
         return False
 
