@@ -240,11 +240,16 @@ def succeeded_item(index: int, result: Any) -> BatchItem:
     """``BatchItem(index, SUCCEEDED, result)`` without the frozen dataclass's ``__init__``.
 
     Building the BatchResult of a million-item map spends most of its time in
-    ``object.__setattr__``; this fills the instance dict directly (same object).
+    ``object.__setattr__``; this sets the instance dict in one go (same object).
     """
-    item = object.__new__(BatchItem)
-    item.__dict__.update(index=index, status=BatchItemStatus.SUCCEEDED, result=result, error=None)
+    item = _new(BatchItem)
+    _set(item, "__dict__", {"index": index, "status": _ITEM_SUCCEEDED, "result": result, "error": None})
     return item
+
+
+_new = object.__new__
+_set = object.__setattr__
+_ITEM_SUCCEEDED = BatchItemStatus.SUCCEEDED
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from durable_mp.lambda_service import ErrorObject
 from durable_mp.payload import build_payload
 from durable_mp.pool import Worker, WorkerPool
 from durable_mp.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
-from durable_mp.serdes import PickleSerDes, unpickle
+from durable_mp.serdes import OOB_MAGIC, PickleSerDes, unpickle
 from durable_mp.spec import BatchSpec
 
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
@@ -379,7 +379,7 @@ class Dispatcher(FaultHandling):
             return
         records = batch.records
         on_finished = batch.spec.policy.on_finished
-        tick = self.bar.item
+        tick = None if self.bar is _progress.NULL_BAR else self.bar.item
         crash_log = batch.crash_log
         decode = batch.decode_results
         staged = []
@@ -392,11 +392,17 @@ class Dispatcher(FaultHandling):
             records[index] = data
             if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
                 try:
-                    records[index] = succeeded_item(index, unpickle(result_view(data)))
+                    if data.__class__ is bytes:  # a small record: its pickled result follows the header
+                        payload = data[5 + int.from_bytes(data[1:5], "little"):]
+                        value = unpickle(payload) if payload.startswith(OOB_MAGIC) else pickle.loads(payload)
+                    else:
+                        value = unpickle(result_view(data))
+                    records[index] = succeeded_item(index, value)
                 except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
                     pass
             on_finished(index, succeeded)
-            tick(succeeded)
+            if tick is not None:
+                tick(succeeded)
             if not succeeded:
                 self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
                 staged = []

@@ -106,7 +106,7 @@ class PickleSerDes(SerDes[T]):
 # header | buffers.  It lets a worker send a numpy result straight from the array's memory
 # (``pickle_parts``) instead of copying it into a pickle first.  A plain pickle starts with
 # b"\x80", so the two layouts cannot be confused.
-_OOB_MAGIC = b"\x00DMP5OOB"
+OOB_MAGIC = _OOB_MAGIC = b"\x00DMP5OOB"
 _OOB_HEAD = struct.Struct("<QI")
 
 
@@ -121,19 +121,22 @@ class Parts(list):
         return b"".join(self)
 
 
-def pickle_parts(value: Any) -> Parts:
-    """``value`` pickled (protocol 5) with large buffers left where they are, not copied."""
+def pickle_parts(value: Any) -> bytes | Parts:
+    """``value`` pickled (protocol 5) with large buffers left where they are, not copied.
+
+    A value without such buffers (almost every value) comes back as plain ``bytes``.
+    """
     buffers: list[pickle.PickleBuffer] = []
     try:
         header = pickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
     except (pickle.PicklingError, TypeError, AttributeError):
-        return Parts([cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)])
+        return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
     if not buffers:
-        return Parts([header])
+        return header
     try:
         raws = [buf.raw() for buf in buffers]
     except BufferError:  # a non-contiguous buffer: keep it inside the pickle
-        return Parts([pickle.dumps(value, protocol=PICKLE_PROTOCOL)])
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
     lengths = [raw.nbytes for raw in raws]
     meta = _OOB_MAGIC + _OOB_HEAD.pack(len(header), len(raws)) + struct.pack(f"<{len(raws)}Q", *lengths)
     return Parts([meta, header, *raws])
@@ -168,7 +171,7 @@ def serialize_parts(serdes: SerDes | None, value: Any, *, op_id: str = "", execu
     except Exception as error:
         raise SerDesError(f"Cannot serialize {what} (value of type {_describe(value)}) with PickleSerDes: "
                           f"{type(error).__name__}: {error}") from error
-    _check_size(parts.nbytes, what, value)
+    _check_size(len(parts) if parts.__class__ is bytes else parts.nbytes, what, value)
     return parts
 
 
