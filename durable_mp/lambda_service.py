@@ -10,8 +10,10 @@ import builtins
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any, NoReturn
+
+from durable_mp._compat import StrEnum
 
 from durable_mp.exceptions import ChildContextError, DurableOperationError, SerDesError
 

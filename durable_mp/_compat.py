@@ -1,0 +1,17 @@
+"""Python 3.10 support: ``enum.StrEnum`` arrived in 3.11."""
+
+from __future__ import annotations
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+    from enum import Enum
+
+    class StrEnum(str, Enum):  # type: ignore[no-redef]
+        """Members are strings; ``str(member)`` is the value, as in 3.11."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+__all__ = ["StrEnum"]
