@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from multiprocessing import Pipe
 from typing import Any
 
@@ -132,7 +133,12 @@ class WorkerPool:
         memoryview(slot).cast(SLOT_FORMAT)[0] = IDLE
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns when forking a process with threads (the store's
+            # committer).  The child never touches the store, its locks or its thread: it
+            # only runs worker_main on objects created after the fork.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
+            pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
