@@ -120,13 +120,13 @@ def test_workers_exit_when_the_driver_is_sigkilled(job):
 def test_driver_kill_loop_then_completion_reruns_nothing_that_finished(job):
     script, markers, store = job
     rng = random.Random(1126)
-    n = 24
+    n = 48  # 2.4 s of work at max_concurrency=2: three kills of at most 0.5 s land mid-run
     runs_when_committed: dict[int, int] = {}  # branch -> how often it had started when first seen committed
     for _ in range(3):
         before = sum(counts(markers, "start").values())
         proc = start(script, store, n)
         wait_for_starts(markers, before + 1)  # the interpreter may start slowly on a loaded machine
-        time.sleep(rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.2, 0.5))  # >= one 0.1 s step plus a group commit after the first start
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert wait_gone(proc.pid) == []
