@@ -19,6 +19,8 @@ from durable_mp.exceptions import SerDesError
 from durable_mp.records import PICKLE_PROTOCOL
 from durable_mp.spec import BatchSpec
 
+SHARED_PAYLOAD_BYTES = 4 * 2**20  # above this, branches sharing objects are pickled together
+
 
 def _unpicklable(what: str, obj: Any, exc: Exception) -> SerDesError:
     return SerDesError(f"{what} cannot be pickled for the worker processes "
@@ -44,7 +46,7 @@ def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> by
             except Exception as exc:  # noqa: BLE001
                 blobs.append(None)
                 fail(index, _unpicklable(f"branch {index} ({spec.item_name(index)})", func, exc))
-        meta["funcs"] = blobs
+        meta["funcs"] = _share_closures(spec.funcs, blobs)
         meta["names"] = [spec.item_name(i) for i in range(spec.n)]
     else:
         try:
@@ -54,6 +56,24 @@ def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> by
                               f"for the worker processes: {type(exc).__name__}: {exc}") from exc
         meta["inputs"] = _pickle_inputs(spec, fail)
     return pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
+
+
+def _share_closures(funcs: list, blobs: list[bytes | None]) -> list[bytes | None] | bytes:
+    """Per-branch blobs, or one blob for all branches when they share large objects.
+
+    Branches pickled one by one fail one by one, but a 100 MB array that every branch
+    closes over would be copied into every blob (and every worker gets all of them).
+    When the blobs are large and pickling them together halves the size, one shared blob
+    is sent instead; then a branch that cannot be unpickled in the worker fails them all.
+    """
+    total = sum(len(blob) for blob in blobs if blob is not None)
+    if total < SHARED_PAYLOAD_BYTES or any(blob is None for blob in blobs):
+        return blobs
+    try:
+        together = pickling.dumps(list(funcs))
+    except Exception:  # noqa: BLE001 - keep the per-branch blobs
+        return blobs
+    return together if 2 * len(together) < total else blobs
 
 
 def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> bytes:
@@ -74,8 +94,8 @@ def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> b
 class _LazyBranches:
     """Parallel branch functions, unpickled on first use so one bad branch fails alone."""
 
-    def __init__(self, blobs: list[bytes | None], names: list[str]) -> None:
-        self.blobs = blobs
+    def __init__(self, blobs: list[bytes | None] | bytes, names: list[str]) -> None:
+        self.blobs = blobs  # one blob per branch, or one shared blob (see _share_closures)
         self.names = names
         self.loaded: dict[int, Any] = {}
 
@@ -83,6 +103,9 @@ class _LazyBranches:
         func = self.loaded.get(index)
         if func is None:
             try:
+                if not isinstance(self.blobs, list):
+                    self.loaded.update(enumerate(pickling.loads(self.blobs)))
+                    return self.loaded[index]
                 func = self.loaded[index] = pickling.loads(self.blobs[index])
             except Exception as exc:  # noqa: BLE001
                 raise SerDesError(

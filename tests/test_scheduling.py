@@ -109,3 +109,23 @@ def test_a_worker_grown_past_the_memory_limit_never_runs_another_branch(store_pa
     r = handler.run(None, store=store_path, max_workers=1, max_worker_memory=150 * 2**20)
     # killed while growing (memory poll) or recycled right after: either way a fresh worker runs branch 1
     assert r.all[1].result != int(marker.read_text())
+
+
+def test_branches_sharing_a_large_object_ship_it_once(store_path):
+    from durable_mp.batch import CompletionPolicy
+    from durable_mp.payload import build_payload
+    from durable_mp.spec import BatchSpec
+
+    shared = bytes(8 * 2**20)  # 8 MiB every branch closes over
+    funcs = [lambda c, k=k: len(shared) + k for k in range(20)]
+    spec = BatchSpec(op_id="p", sub_type="Parallel", item_sub_type="ParallelBranch", name=None, n=20, names=None,
+                     funcs=funcs, func=None, inputs=None, item_serdes=None, max_concurrency=None,
+                     branch_timeout=None, policy=CompletionPolicy(None, 20))
+    payload = build_payload(spec, lambda index, error: None)
+    assert len(payload) < 2 * len(shared), "the shared object must travel once, not 20 times"
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel(funcs).get_results()
+
+    assert handler.run(None, store=store_path) == [len(shared) + k for k in range(20)]
