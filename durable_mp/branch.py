@@ -51,6 +51,12 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     op_id = operation_id(source.batch_op_id, index)
     name = source.name(index)
     start = time.time()
+
+    def record(status: str, payload: Any = None, exc: BaseException | None = None, extra: dict | None = None):
+        error = None if exc is None else ErrorObject.from_exception(exc).to_dict()
+        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status, start,
+                        time.time(), payload, error, 1, pid=_pid(), extra=extra)
+
     try:
         value = source.call(make_context(op_id), index)
         payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
@@ -59,14 +65,10 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     except (KeyboardInterrupt, OrphanedChildException):
         raise
     except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
-        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.FAILED,
-                        start, time.time(), None, ErrorObject.from_exception(exc).to_dict(), 1, pid=_pid(),
-                        extra={"fatal": True, "raise": type(exc).__name__})
+        return record(OpStatus.FAILED, exc=exc, extra={"fatal": True, "raise": type(exc).__name__})
     except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
-        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.FAILED,
-                        start, time.time(), None, ErrorObject.from_exception(exc).to_dict(), 1, pid=_pid())
-    return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, OpStatus.SUCCEEDED,
-                    start, time.time(), payload, None, 1, pid=_pid())
+        return record(OpStatus.FAILED, exc=exc)
+    return record(OpStatus.SUCCEEDED, payload)
 
 
 def raise_if_fatal(rec: OpRecord) -> None:

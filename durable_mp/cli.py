@@ -28,11 +28,10 @@ import time
 from typing import Any, Callable, Sequence
 
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
-from durable_mp.execution import DurableFunction
+from durable_mp.execution import DurableFunction, dumps_value
 from durable_mp.history import build_history, format_history
 from durable_mp.loader import HandlerError, load_handler
 from durable_mp.maintenance import check_deletable, collect, compact, data_size, parse_duration
-from durable_mp.records import PICKLE_PROTOCOL
 from durable_mp.report import write_report
 from durable_mp.store import Store, resolve_store_path, validate_exec_id
 from durable_mp.store_records import RUNNING, ExecutionRecord, owner_alive
@@ -171,15 +170,6 @@ def _read_input(args: argparse.Namespace) -> Any:
         raise CliError(f"{where} is not valid JSON: {exc}") from None
 
 
-def _dumps(value: Any) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
-    except Exception:  # noqa: BLE001 - same fallback as the engine
-        import cloudpickle
-
-        return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
-
-
 def _register(store: Store, handler: DurableFunction, exec_id: str, event: Any, source: str | None) -> None:
     """Create a new execution's record up front, with where its handler came from.
 
@@ -191,7 +181,7 @@ def _register(store: Store, handler: DurableFunction, exec_id: str, event: Any, 
 
     def make() -> ExecutionRecord:
         now = time.time()
-        return ExecutionRecord(exec_id, RUNNING, handler.handler_ref, _dumps(event), None, None, now, now, None,
+        return ExecutionRecord(exec_id, RUNNING, handler.handler_ref, dumps_value(event), None, None, now, now, None,
                                0, 0.0, 0, {"source": source, "cwd": os.getcwd()})
 
     _rec, _created = store.acquire(exec_id, make)

@@ -286,13 +286,17 @@ class Dispatcher(FaultHandling):
         names = None
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
-        policy = spec.policy
         for index in indices:
-            if index in batch.requeued:
-                batch.requeued.discard(index)
-            else:
-                policy.on_started(index)
+            self._mark_started(batch, index)
         return names, checkpoints
+
+    @staticmethod
+    def _mark_started(batch: BatchRun, index: int) -> None:
+        """Tell the policy a branch started, once: a re-dispatched branch already did."""
+        if index in batch.requeued:
+            batch.requeued.discard(index)
+        else:
+            batch.spec.policy.on_started(index)
 
     # -- the event loop -----------------------------------------------------------------------
     def _pump(self, batch: BatchRun | None) -> None:
@@ -345,10 +349,7 @@ class Dispatcher(FaultHandling):
         task = worker.task
         if kind in ("R", "D", "S"):
             nested, items = msg[2], msg[3]
-            stage_raw = self.store.stage_raw
-            exec_id = self.execution_id
-            for parent_id, op_id, data in nested:
-                stage_raw(exec_id, parent_id, op_id, data)
+            self._stage_nested(nested)
             if items and task is not None and task.batch is not None:
                 self._finish_items(task, items)
             if kind == "S":
@@ -418,14 +419,28 @@ class Dispatcher(FaultHandling):
                        spec.item_name(index), OpStatus.FAILED, start or now, now, None,
                        ErrorObject.from_exception(error).to_dict(), max(1, len(attempts)), attempts=attempts,
                        pid=pid)
-        if index in batch.requeued:
-            batch.requeued.discard(index)
-        else:
-            spec.policy.on_started(index)
-        batch.records[index] = rec
-        self.store.stage_raw(self.execution_id, spec.op_id, branch_key(index), rec.dumps())
+        self._mark_started(batch, index)
+        self._record_item(batch, index, rec)
         spec.policy.on_finished(index, False)
         self.bar.item(False)
+
+    def _record_item(self, batch: BatchRun, index: int, rec: OpRecord) -> None:
+        """A branch record the driver writes itself (failure, abandoned) under the branch's key."""
+        batch.records[index] = rec
+        self.store.stage_raw(self.execution_id, batch.spec.op_id, branch_key(index), rec.dumps())
+
+    def _record_started(self, batch: BatchRun, task: Task, indices: list[int]) -> None:
+        """Branches still running when their batch completed early stay STARTED."""
+        spec = batch.spec
+        for index in indices:
+            self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
+                                                           index, task.started))
+
+    def _stage_nested(self, nested: list) -> None:
+        """Records of operations inside branches (steps, nested batches), as the worker pickled them."""
+        stage_raw = self.store.stage_raw
+        for parent_id, op_id, data in nested:
+            stage_raw(self.execution_id, parent_id, op_id, data)
 
     def _poll_callbacks(self) -> None:
         for worker, rec in list(self.callback_waiters.items()):
@@ -459,7 +474,6 @@ class Dispatcher(FaultHandling):
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         """Stop a finished batch: kill workers still on it, record their branches STARTED."""
         batch.closed = True
-        spec = batch.spec
         for worker in list(self.pool.workers):
             task = worker.task
             if task is None or task.batch is not batch:
@@ -471,7 +485,4 @@ class Dispatcher(FaultHandling):
             unreported = task.unreported()
             if running in unreported:
                 unreported = unreported[: unreported.index(running) + 1]
-            for index in unreported:
-                rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, task.started)
-                batch.records[index] = rec
-                self.store.stage_raw(self.execution_id, spec.op_id, branch_key(index), rec.dumps())
+            self._record_started(batch, task, unreported)

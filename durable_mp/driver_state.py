@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 from durable_mp.records import OpRecord
 from durable_mp.spec import BatchSpec
+from durable_mp.state import ExecutionState
 
 
-class DriverState:
+class DriverState(ExecutionState):
     def __init__(self, store: Any, execution_id: str, dispatcher_factory: Callable[[], Any], *,
                  skip_time: bool = False) -> None:
         self.store = store
@@ -60,10 +61,3 @@ class DriverState:
             if done is not None:
                 return done
             time.sleep(CALLBACK_POLL_SECONDS)
-
-    def sleep(self, seconds: float) -> None:
-        if not self.skip_time and seconds > 0:
-            time.sleep(seconds)
-
-    def sleep_until(self, ts: float) -> None:
-        self.sleep(ts - time.time())

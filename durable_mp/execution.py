@@ -36,7 +36,8 @@ from durable_mp.store import ExecutionRecord, Store
 RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
 
 
-def _dumps(value: Any) -> bytes:
+def dumps_value(value: Any) -> bytes:
+    """Pickle an event or result for the execution record (cloudpickle for lambdas, local classes)."""
     try:
         return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
     except Exception:  # noqa: BLE001 - lambdas, local classes
@@ -51,7 +52,7 @@ def _digest(handler: Callable, event: Any) -> str:
     try:
         data = json.dumps(event, sort_keys=True, default=repr).encode()
     except (TypeError, ValueError):
-        data = _dumps(event)
+        data = dumps_value(event)
     return hashlib.blake2b(where.encode() + b"\0" + data, digest_size=8).hexdigest()
 
 
@@ -161,7 +162,7 @@ class DurableFunction:
         def fresh() -> ExecutionRecord:
             now = time.time()
             me = psutil.Process()
-            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, _dumps(event), None, None, now, now,
+            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, dumps_value(event), None, None, now, now,
                                    None, me.pid, me.create_time(), 1, self._origin())
 
         rec, _created = db.acquire(execution_id, fresh)
@@ -209,7 +210,7 @@ class DurableFunction:
             pool.close()
             db.flush()
             db.put_execution(db.get_execution(execution_id)._replace(
-                status=SUCCEEDED, result=_dumps(result), ended_ts=time.time()))
+                status=SUCCEEDED, result=dumps_value(result), ended_ts=time.time()))
             return result
         finally:
             restore_sigterm()

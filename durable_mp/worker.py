@@ -32,6 +32,7 @@ from durable_mp.logger import Logger
 from durable_mp.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 
 SUCCEEDED = OpStatus.SUCCEEDED
+from durable_mp.state import ExecutionState
 from durable_mp.threads import run_batch_in_threads
 from durable_mp.types import StepContext
 
@@ -77,22 +78,25 @@ class Outbox:
         self.send_lock = threading.RLock()
         self.nested: list[tuple[str, str, bytes]] = []  # (parent_id, op_id, record bytes)
         self.items: list[tuple[int, bool, str, bytes]] = []  # (index, succeeded, key, record bytes)
+        self.gathered = False  # some waiting record is a wire.Gather (large: its own frame)
         self.task_id = 0
         self.last_send = time.monotonic()
         self.pending = threading.Event()
         self.flusher: threading.Thread | None = None
 
     def add(self, rec: OpRecord) -> None:
-        entry = (rec.parent_id, rec.op_id, self.wrap(rec.dumps_parts()))
+        data = self.wrap(rec.dumps_parts())
         with self.lock:
-            self.nested.append(entry)
+            self.nested.append((rec.parent_id, rec.op_id, data))
+            self.gathered = self.gathered or data.__class__ is wire.Gather
         self._due()
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
-        entry = (index, rec.status == SUCCEEDED, branch_key(index), self.wrap(rec.dumps_parts()))
+        data = self.wrap(rec.dumps_parts())
         with self.lock:
-            self.items.append(entry)
+            self.items.append((index, rec.status == SUCCEEDED, branch_key(index), data))
+            self.gathered = self.gathered or data.__class__ is wire.Gather
         self._due()
 
     def _due(self) -> None:
@@ -114,26 +118,25 @@ class Outbox:
             except OSError:  # the driver is gone; the worker is about to exit
                 return
 
-    def _take(self) -> tuple[list, list]:
+    def _take(self) -> tuple[list, list, bool]:
+        """The records waiting, and whether any of them travels as its own frame."""
         with self.lock:
-            nested, items = self.nested, self.items
-            self.nested, self.items = [], []
-        return nested, items
+            taken = self.nested, self.items, self.gathered
+            self.nested, self.items, self.gathered = [], [], False
+        return taken
 
     def send(self, kind: str, *extra: Any) -> None:
         with self.send_lock:
-            nested, items = self._take()
+            nested, items, gathered = self._take()
             self.last_send = time.monotonic()
             if kind == "R" and not nested and not items:
                 return
-            gathered = any(entry[-1].__class__ is wire.Gather for entry in items) or any(
-                entry[-1].__class__ is wire.Gather for entry in nested)
             self.channel.send((kind, self.task_id, nested, items, *extra), gathered)
 
     def sync(self) -> None:
         """Send everything and wait until the driver has committed it."""
         with self.send_lock:
-            nested, items = self._take()
+            nested, items, _gathered = self._take()
             self.channel.request(("S", self.task_id, nested, items))
 
     def watch(self, rec: OpRecord | None, timeout: float | None) -> None:
@@ -153,7 +156,7 @@ class WorkerShared:
         self.watch_steps = settings.get("watch_steps", False)
 
 
-class WorkerState:
+class WorkerState(ExecutionState):
     """The state behind a ``DurableContext`` inside a worker: checkpoints in, records out."""
 
     __slots__ = ("shared", "checkpoints", "cancelled")
@@ -226,12 +229,6 @@ class WorkerState:
             reply = outbox.channel.request(("K", outbox.task_id, rec))
         return reply[1]
 
-    def sleep(self, seconds: float) -> None:
-        if not self.shared.skip_time and seconds > 0:
-            time.sleep(seconds)
-
-    def sleep_until(self, ts: float) -> None:
-        self.sleep(ts - time.time())
 
 
 class _ForwardHandler(logging.Handler):

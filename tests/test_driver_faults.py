@@ -106,6 +106,16 @@ def wait_for_starts(markers, n, seconds=60):
         time.sleep(0.01)
 
 
+def resume_without_repeating(script, markers, store, done, step_seconds, n=12):
+    """Run the interrupted job to completion; branches committed before the stop never run again."""
+    proc = start(script, store, n, STEP_SECONDS=step_seconds)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == str([3 * i for i in range(n)])
+    starts = counts(markers, "start")
+    assert all(starts[i] == 1 for i in done)
+
+
 def test_workers_exit_when_the_driver_is_sigkilled(job):
     script, markers, store = job
     proc = start(script, store, 20, STEP_SECONDS="5")
@@ -157,13 +167,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(job):
     with Store(store) as st:
         rec = st.get_execution("drv")
         assert rec.status == "RUNNING" and rec.owner_pid == 0 or not psutil.pid_exists(rec.owner_pid)
-    done = committed_branches(store)
-    proc = start(script, store, 12, STEP_SECONDS="0.3")
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out.strip() == str([3 * i for i in range(12)])
-    starts = counts(markers, "start")
-    assert all(starts[i] == 1 for i in done)
+    resume_without_repeating(script, markers, store, committed_branches(store), "0.3")
 
 
 def _load(script):
@@ -251,9 +255,4 @@ def test_sigterm_stops_the_driver_cleanly_and_a_rerun_resumes(job):
     done = committed_branches(store)
     with Store(store) as st:
         assert st.get_execution("drv").status == "RUNNING"
-    proc = start(script, store, 12, STEP_SECONDS="0.01")
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out.strip() == str([3 * i for i in range(12)])
-    starts = counts(markers, "start")
-    assert all(starts[i] == 1 for i in done)
+    resume_without_repeating(script, markers, store, done, "0.01")

@@ -27,10 +27,9 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from durable_mp import pickling
-from durable_mp.branch import run_branch, started_record
+from durable_mp.branch import run_branch
 from durable_mp.dispatch import BatchRun, Dispatcher
 from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
-from durable_mp.records import branch_key
 from durable_mp.types import StepContext
 from durable_mp.worker import Outbox, WorkerShared, WorkerState, load_source
 
@@ -136,9 +135,7 @@ class DaskDispatcher(Dispatcher):
         except Exception as exc:  # noqa: BLE001 - KilledWorker, or the task itself failed
             self._chunk_lost(task, exc)
             return
-        stage_raw = self.store.stage_raw
-        for parent_id, op_id, data in nested:
-            stage_raw(self.execution_id, parent_id, op_id, data)
+        self._stage_nested(nested)
         self._finish_items(task, items)
         task.batch.observe(time.time() - task.started, len(task.indices))
 
@@ -159,17 +156,13 @@ class DaskDispatcher(Dispatcher):
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         batch.closed = True
-        spec = batch.spec
         for future, task in list(self.futures.items()):
             if task.batch is not batch:
                 continue
             future.cancel()
             del self.futures[future]
             if record_started:
-                for index in task.unreported():
-                    rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, task.started)
-                    batch.records[index] = rec
-                    self.store.stage_raw(self.execution_id, spec.op_id, branch_key(index), rec.dumps())
+                self._record_started(batch, task, task.unreported())
         from distributed import as_completed
 
         self.completed = as_completed(list(self.futures))
