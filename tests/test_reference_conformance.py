@@ -385,16 +385,17 @@ def test_run_in_child_context_names_results_and_failures():
     assert failed.status is OperationStatus.FAILED and failed.error.type == "ValueError"
 
 
+@durable_execution
+def virtual_child_handler(event, ctx):
+    return ctx.run_in_child_context(lambda c: c.step(lambda _: 3, name="inner"), name="virt",
+                                    config=ChildConfig(is_virtual=True))
+
+
 @processes
 def test_virtual_child_context_records_nothing_of_its_own():
     """§2 / §5: ``ChildConfig(is_virtual=True)`` checkpoints no CONTEXT op; the ids of its
     operations are still prefixed by its (virtual) id."""
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.run_in_child_context(lambda c: c.step(lambda _: 3, name="inner"), name="virt",
-                                        config=ChildConfig(is_virtual=True))
-
-    res = run_in_runner(handler)
+    res = run_in_runner(virtual_child_handler)
     assert json.loads(res.result) == 3
     assert [op.name for op in res.get_all_operations()] == ["inner"]
     assert res.get_step("inner").operation_id == blake(f"{blake('1')}-1")
@@ -987,12 +988,7 @@ def test_operation_ids_and_parents():
 def test_virtual_child_context_ops_have_the_enclosing_parent():
     """§5: ``parent_id`` of an op is the enclosing *non-virtual* context; a virtual child context
     (``ChildConfig(is_virtual=True)``) records nothing, its ops' ids are still prefixed by it."""
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.run_in_child_context(lambda c: c.step(lambda _: 3, name="inner"), name="virt",
-                                        config=ChildConfig(is_virtual=True))
-
-    res = run_in_runner(handler)
+    res = run_in_runner(virtual_child_handler)
     assert json.loads(res.result) == 3
     inner = res.get_step("inner")
     assert inner.operation_id == blake(f"{blake('1')}-1")

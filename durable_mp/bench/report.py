@@ -184,13 +184,7 @@ def text_table(res: ScenarioResult) -> str:
         lines.append(fmt(headers))
         for item in body:
             lines.append("   " + item if isinstance(item, str) else fmt(item))
-    for key, value in res.facts.items():
-        lines.append(f"   {key}: {number(value)}")
-    for row in res.rows:
-        if row.note and not row.skipped:
-            lines.append(f"   note: {row.variant}{' [' + row.group + ']' if row.group else ''}: {row.note}")
-    for note in res.notes:
-        lines.append(f"   {note}")
+    lines += [f"   {line}" for line in _footnotes(res)]
     lines.append(f"   (scenario took {res.seconds:.1f} s" + ("; ratio = median wall / baseline median wall)"
                                                             if res.rows else ")"))
     return "\n".join(lines)
@@ -242,13 +236,7 @@ def markdown(results: list[ScenarioResult], meta: dict) -> str:
                     cells = [row.group] + cells
                 out.append("| " + " | ".join(cells) + " |")
             out.append("")
-        for key, value in res.facts.items():
-            out.append(f"- {key}: {number(value)}")
-        for row in res.rows:
-            if row.note and not row.skipped:
-                out.append(f"- note: {row.variant}{' [' + row.group + ']' if row.group else ''}: {row.note}")
-        for note in res.notes:
-            out.append(f"- {note}")
+        out += [f"- {line}" for line in _footnotes(res)]
         out.append("")
     out += ["## Targets", "", "| target | measured | goal | status |", "|---|---:|---:|---|"]
     for t in targets(results):
@@ -291,3 +279,11 @@ def _target_json(t: Target) -> dict:
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _footnotes(res) -> list[str]:
+    """A scenario's facts and notes, the same in the text and the markdown report."""
+    lines = [f"{key}: {number(value)}" for key, value in res.facts.items()]
+    lines += [f"note: {row.variant}{' [' + row.group + ']' if row.group else ''}: {row.note}"
+              for row in res.rows if row.note and not row.skipped]
+    return lines + list(res.notes)
