@@ -5,7 +5,7 @@ operation is checkpointed in an embedded LMDB store, a dead worker costs only it
 branch, and re-running a killed execution resumes from its checkpoints.
 """
 
-from durable_mp.batch import (
+from durable_mp.concurrency.models import (
     BatchCompletionError,
     BatchItem,
     BatchItemStatus,

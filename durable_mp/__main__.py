@@ -1,8 +1,8 @@
-"""``python -m durable_mp``: the command line (see ``durable_mp.cli``)."""
+"""``python -m durable_mp``: the command line (see ``durable_mp.cli.main``)."""
 
 import sys
 
-from durable_mp.cli import main
+from durable_mp.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

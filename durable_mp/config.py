@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from durable_mp.completion import (
+from durable_mp.core.completion import (
     BatchItemStatus,
     CompletionDecision,
     CompletionItemStatus,

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from durable_mp import serdes as _serdes
-from durable_mp.batch import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
+from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
 from durable_mp.config import (
     ChildConfig,
     Duration,
@@ -24,7 +24,7 @@ from durable_mp.config import (
     StepConfig,
     timeout_seconds,
 )
-from durable_mp.errors_replay import raise_stored
+from durable_mp.operation.replay import raise_stored
 from durable_mp.exceptions import (
     ChildContextError,
     NonDeterministicExecutionError,
@@ -33,9 +33,9 @@ from durable_mp.exceptions import (
 )
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
-from durable_mp.spec import BatchSpec
-from durable_mp.steps import run_step
+from durable_mp.core.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
+from durable_mp.core.spec import BatchSpec
+from durable_mp.operation.step import run_step
 from durable_mp.waits import WaitForConditionConfig
 
 T = TypeVar("T")
@@ -302,20 +302,20 @@ class DurableContext:
         self, check: Callable[[T, Any], T], config: WaitForConditionConfig, name: str | None = None
     ) -> T:
         """Poll ``check(state, ctx)`` until the wait strategy stops; each poll is checkpointed."""
-        from durable_mp.polling import run_wait_for_condition
+        from durable_mp.operation.wait_for_condition import run_wait_for_condition
 
         return run_wait_for_condition(self, check, config, name)
 
     def create_callback(self, name: str | None = None, config: Any = None) -> Any:
-        """A callback another process completes (``durable_mp.callbacks.send_callback_success``)."""
-        from durable_mp.callbacks import create_callback
+        """A callback another process completes (``durable_mp.operation.callback.send_callback_success``)."""
+        from durable_mp.operation.callback import create_callback
 
         return create_callback(self, name, config)
 
     def wait_for_callback(self, submitter: Callable[[str, Any], None], name: str | None = None,
                           config: Any = None) -> Any:
         """Create a callback, hand its id to ``submitter`` (a step), and wait for the result."""
-        from durable_mp.callbacks import wait_for_callback
+        from durable_mp.operation.callback import wait_for_callback
 
         return wait_for_callback(self, submitter, name, config)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from durable_mp.completion import CompletionReason
+from durable_mp.core.completion import CompletionReason
 
 if TYPE_CHECKING:
     from durable_mp.lambda_service import ErrorObject

@@ -24,14 +24,14 @@ import cloudpickle
 import psutil
 
 from durable_mp.context import DurableContext
-from durable_mp.dispatch import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
-from durable_mp.driver_state import DriverState
+from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
+from durable_mp.engine.driver import DriverState
 from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
-from durable_mp.pool import WorkerPool
-from durable_mp import progress as _progress
-from durable_mp.records import PICKLE_PROTOCOL
-from durable_mp.store import ExecutionRecord, Store
+from durable_mp.engine.pool import WorkerPool
+from durable_mp.engine import progress as _progress
+from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.store.facade import ExecutionRecord, Store
 
 RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
 

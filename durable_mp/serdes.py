@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import cloudpickle
 
-from durable_mp.batch import BatchResult
+from durable_mp.concurrency.models import BatchResult
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 
 __all__ = [

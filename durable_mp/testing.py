@@ -29,7 +29,7 @@ What differs from the reference runner:
   raises ``TimeoutError`` (the execution is not stopped; it cannot be, it is a thread).
   ``poll_interval``, ``max_invocation_page_bytes``, ``invocation_timeout``, ``region``,
   ``tenant_id`` and ``include_execution_data`` are accepted for compatibility.
-* ``get_execution_history`` returns durable_mp's derived history (``durable_mp.history``)
+* ``get_execution_history`` returns durable_mp's derived history (``durable_mp.inspect.history``)
   as ``HistoryEvent`` views with the reference's field names; details are the wire dicts.
 * No ``register_function``/``register_durable_function``, ``get_invoke``/``InvokeOperation``
   (durable_mp has no ``invoke``), ``pause_execution``/``resume_execution``.
@@ -50,15 +50,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
-from durable_mp import callbacks as _callbacks
+from durable_mp.operation import callback as _callbacks
 from durable_mp.exceptions import ExecutionFailedError
 from durable_mp.execution import SUCCEEDED, DurableFunction, durable_execution, envelope_of
-from durable_mp.history import build_history
+from durable_mp.inspect.history import build_history
 from durable_mp.lambda_service import (ErrorObject, InvocationStatus, OperationStatus, OperationSubType,
                                        OperationType)
-from durable_mp.records import OpRecord, OpStatus, OpType
-from durable_mp.store import Store
-from durable_mp.tree import OpTree
+from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.store.facade import Store
+from durable_mp.inspect.tree import OpTree
 
 __all__ = [
     "CallbackOperation", "ContextOperation", "DurableChildContextTestRunner", "DurableFunctionTestResult",
@@ -370,7 +370,7 @@ class DurableFunctionTestRunner:
 
     # -- history ----------------------------------------------------------------------------
     def get_execution_history(self, execution_arn: str, include_execution_data: bool = False) -> HistoryResponse:
-        """The execution's events in the reference's event model (``durable_mp.history``)."""
+        """The execution's events in the reference's event model (``durable_mp.inspect.history``)."""
         execution = self.store.get_execution(execution_arn)
         if execution is None:
             raise ValueError(f"unknown execution {execution_arn!r}")

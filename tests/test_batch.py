@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from durable_mp import exceptions as exc
-from durable_mp.batch import (
+from durable_mp.concurrency.models import (
     BatchCompletionError,
     BatchItem,
     BatchItemStatus,
@@ -22,7 +22,7 @@ from durable_mp.lambda_service import (
     OperationSubType,
     OperationType,
 )
-from durable_mp.records import OpStatus, OpType
+from durable_mp.core.records import OpStatus, OpType
 
 S, F, R = BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED, BatchItemStatus.STARTED
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from durable_mp import durable_execution
-from durable_mp.callbacks import send_callback_failure, send_callback_success
+from durable_mp.operation.callback import send_callback_failure, send_callback_success
 from durable_mp.config import CallbackConfig, CompletionConfig, Duration, ParallelConfig, WaitForCallbackConfig
 from durable_mp.exceptions import CallbackExternalError, CallbackTimeoutError
 from durable_mp.lambda_service import ErrorObject
@@ -45,7 +45,7 @@ def test_wait_for_callback_at_the_root_gets_the_senders_payload(store_path, tmp_
     thread.join()
     # a finished execution replays the callback without waiting for anyone
     assert handler.run(None, store=store_path) == '{"approved": true}'
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
     with Store(store_path) as st:
         names = {r.name: (r.op_type, r.sub_type, r.status) for r in st.ops(handler.execution_id_for(None))}
     assert names["approval"] == ("CONTEXT", "WaitForCallback", "SUCCEEDED")

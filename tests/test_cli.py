@@ -19,9 +19,9 @@ import uuid
 
 import pytest
 
-from durable_mp import cli
-from durable_mp.store import Store
-from durable_mp.store_records import RUNNING, ExecutionRecord
+import durable_mp.cli.main as cli
+from durable_mp.store.facade import Store
+from durable_mp.store.records import RUNNING, ExecutionRecord
 
 JOBS = textwrap.dedent(
     """

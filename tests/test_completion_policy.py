@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from durable_mp.batch import (
+from durable_mp.concurrency.models import (
     BatchItemStatus,
     CompletionOutcome,
     CompletionPolicy,

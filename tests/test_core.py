@@ -105,7 +105,7 @@ def test_map_with_item_namer_passes_item_index_and_inputs(store_path):
 
     r = run(handler, store_path)
     assert r.get_results() == [(9, 0, 3), (16, 1, 3), (25, 2, 3)]
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
     with Store(store_path) as st:
         names = sorted(rec.name for rec in st.ops(handler.execution_id_for(None)) if rec.sub_type == "MapIteration")
     assert names == ["sq-3", "sq-4", "sq-5"]
@@ -170,7 +170,7 @@ def test_decorators_name_operations(store_path):
         return a, b, r.get_results()
 
     assert run(handler, store_path) == (10, 21, [2, 7])
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
     with Store(store_path) as st:
         names = {rec.name for rec in st.ops(handler.execution_id_for(None))}
     assert {"double", "child", "the-branch", "seven"} <= names
@@ -253,7 +253,7 @@ def test_finished_execution_returns_stored_result_without_running(store_path, tm
 
 
 def test_changed_operation_sequence_is_non_deterministic(store_path):
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
 
     calls = {"n": 0}
 
@@ -363,7 +363,7 @@ def test_wait_for_condition_polls_until_the_strategy_stops(store_path):
         return ctx.wait_for_condition(lambda state, check_ctx: state + 1, cfg, name="poll")
 
     assert run(handler, store_path) == 4
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
     with Store(store_path) as st:
         rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "poll")
     assert (rec.op_type, rec.sub_type, rec.status, rec.attempt) == ("STEP", "WaitForCondition", "SUCCEEDED", 4)
@@ -411,7 +411,7 @@ def test_results_round_trip_numpy_dataclasses_and_batch_results(store_path):
 
 def test_json_item_serdes_is_honoured(store_path):
     from durable_mp.serdes import JsonSerDes
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
 
     @durable_execution
     def handler(event, ctx):

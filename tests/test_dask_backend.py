@@ -12,7 +12,7 @@ import distributed  # noqa: E402 - in the test extra, so CI always runs these
 
 from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
 from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig  # noqa: E402
-from durable_mp.store import Store  # noqa: E402
+from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
 

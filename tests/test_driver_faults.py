@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from durable_mp import ExecutionLockedError
-from durable_mp.store import Store
+from durable_mp.store.facade import Store
 
 pytestmark = pytest.mark.timeout(180)
 

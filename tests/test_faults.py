@@ -15,7 +15,7 @@ import pytest
 from durable_mp import BatchItemStatus, StepError, durable_execution
 from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig
 from durable_mp.retries import RetryPresets, RetryStrategyConfig, create_retry_strategy
-from durable_mp.store import Store
+from durable_mp.store.facade import Store
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -21,11 +21,11 @@ import uuid
 
 import pytest
 
-from durable_mp import cli
-from durable_mp.history import build_history, format_history
-from durable_mp.loader import load_handler
-from durable_mp.records import Attempt, OpRecord, operation_id
-from durable_mp.store_records import SUCCEEDED, ExecutionRecord
+import durable_mp.cli.main as cli
+from durable_mp.inspect.history import build_history, format_history
+from durable_mp.cli.loader import load_handler
+from durable_mp.core.records import Attempt, OpRecord, operation_id
+from durable_mp.store.records import SUCCEEDED, ExecutionRecord
 
 REFERENCE = [
     ("ExecutionStarted", None, None),

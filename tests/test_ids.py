@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from durable_mp import durable_execution
-from durable_mp.records import OpRecord, operation_id
-from durable_mp.store import Store
+from durable_mp.core.records import OpRecord, operation_id
+from durable_mp.store.facade import Store
 
 # measured on the reference SDK 3.0.0 (reference doc, section 5)
 ROOT_FIRST = "1ced8f5be2db"

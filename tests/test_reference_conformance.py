@@ -39,7 +39,7 @@ from durable_mp import (
     durable_step,
     durable_with_child_context,
 )
-from durable_mp.batch import complete_batch, continue_batch
+from durable_mp.concurrency.models import complete_batch, continue_batch
 from durable_mp.config import (
     ChildConfig,
     CompletionConfig,
@@ -50,7 +50,7 @@ from durable_mp.config import (
     StepSemantics,
     WaitForCallbackConfig,
 )
-from durable_mp.driver_state import DriverState
+from durable_mp.engine.driver import DriverState
 from durable_mp.exceptions import (
     CallbackError,
     CallbackExternalError,
@@ -89,7 +89,7 @@ from durable_mp.retries import (
     with_retry,
 )
 from durable_mp.serdes import ExtendedTypeSerDes, JsonSerDes, SerDesContext
-from durable_mp.store import Store
+from durable_mp.store.facade import Store
 from durable_mp.testing import DurableFunctionTestRunner
 from durable_mp.waits import WaitForConditionConfig, WaitForConditionDecision
 
@@ -1185,7 +1185,7 @@ def test_history_of_parallel_then_wait():
     """§7 observed history of ``parallel([step, const]); wait(2s)``: the same events, numbered from 1,
     in the same order up to the interleaving of the two branches, which really run at the same
     time (each branch's and the step's events nest in their parents').  Documented difference
-    (``durable_mp.history``; README: no suspension): no ``InvocationCompleted``."""
+    (``durable_mp.inspect.history``; README: no suspension): no ``InvocationCompleted``."""
     @durable_execution
     def handler(event, ctx):
         r = ctx.parallel([with_step, const], name="p")

@@ -9,12 +9,13 @@ from html.parser import HTMLParser
 
 import pytest
 
-from durable_mp import cli, timeline
-from durable_mp.loader import load_handler
-from durable_mp.records import Attempt, OpRecord, operation_id
-from durable_mp.report import render_report
-from durable_mp.store_records import SUCCEEDED, ExecutionRecord
-from durable_mp.tree import OpTree
+import durable_mp.cli.main as cli
+from durable_mp.inspect import timeline
+from durable_mp.cli.loader import load_handler
+from durable_mp.core.records import Attempt, OpRecord, operation_id
+from durable_mp.inspect.report import render_report
+from durable_mp.store.records import SUCCEEDED, ExecutionRecord
+from durable_mp.inspect.tree import OpTree
 
 JOBS = textwrap.dedent(
     """

@@ -71,7 +71,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_branches(tmp_path):
     proc.wait(timeout=30)
     done_before = _counts(markers, "done")
     assert 8 <= len(done_before) < 20, "the kill must land mid-run"
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
     with Store(store) as st:
         committed = {int(r.name.rsplit("-", 1)[1]) for r in st.ops("resume-me")
                      if r.sub_type == "ParallelBranch" and r.status == "SUCCEEDED"}

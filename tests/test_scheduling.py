@@ -74,7 +74,7 @@ def test_explicit_max_concurrency_is_honoured(store_path, limit):
 
 
 def test_map_over_many_items_sends_chunks_but_checkpoints_every_item(store_path):
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
 
     @durable_execution
     def handler(event, ctx):
@@ -112,9 +112,9 @@ def test_a_worker_grown_past_the_memory_limit_never_runs_another_branch(store_pa
 
 
 def test_branches_sharing_a_large_object_ship_it_once(store_path):
-    from durable_mp.batch import CompletionPolicy
-    from durable_mp.payload import build_payload
-    from durable_mp.spec import BatchSpec
+    from durable_mp.concurrency.models import CompletionPolicy
+    from durable_mp.engine.payload import build_payload
+    from durable_mp.core.spec import BatchSpec
 
     shared = bytes(8 * 2**20)  # 8 MiB every branch closes over
     funcs = [lambda c, k=k: len(shared) + k for k in range(20)]

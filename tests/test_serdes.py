@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from durable_mp import serdes as sd
-from durable_mp.batch import BatchItem, BatchItemStatus, BatchResult, CompletionReason
+from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionReason
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 from durable_mp.lambda_service import ErrorObject
 
@@ -234,7 +234,7 @@ def test_extended_output_is_valid_json():
 def test_out_of_band_payloads_round_trip_into_private_writable_arrays():
     import numpy as np
 
-    from durable_mp.records import OpRecord, result_view
+    from durable_mp.core.records import OpRecord, result_view
     from durable_mp.serdes import PickleSerDes, SerDesContext, pickle_parts, unpickle
 
     value = {"big": np.arange(100_000, dtype=np.float64), "small": [1, "two"]}

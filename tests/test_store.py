@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from durable_mp.exceptions import ExecutionLockedError, StoreError
-from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
-from durable_mp.store import (DEFAULT_STORE_DIR, ExecutionRecord, Store, resolve_store_path,
+from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.store.facade import (DEFAULT_STORE_DIR, ExecutionRecord, Store, resolve_store_path,
                               validate_exec_id)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -348,8 +348,8 @@ def test_killed_driver_leaves_exactly_the_flushed_records(path):
     Store(path).close()
     run("""
         import os, sys
-        from durable_mp.store import Store
-        from durable_mp.records import OpRecord
+        from durable_mp.store.facade import Store
+        from durable_mp.core.records import OpRecord
         st = Store(sys.argv[1], flush_count=10**9, flush_seconds=10**9)
         rec = lambda i: OpRecord(f"op{i}", "", "STEP", "Step", None, "SUCCEEDED", 1.0, result=b"x" * 100)
         for i in range(1000):
@@ -368,8 +368,8 @@ def test_sigkill_during_flushes_leaves_whole_batches(path):
     Store(path).close()
     proc = spawn("""
         import sys
-        from durable_mp.store import Store
-        from durable_mp.records import OpRecord
+        from durable_mp.store.facade import Store
+        from durable_mp.core.records import OpRecord
         st = Store(sys.argv[1], flush_count=10**9, flush_seconds=10**9)
         batch = 0
         while True:
@@ -418,8 +418,8 @@ def test_reader_follows_a_map_grown_by_another_process(path):
         assert reader.get_op("e", "", "first") is not None
         run("""
             import os, sys
-            from durable_mp.store import Store
-            from durable_mp.records import OpRecord
+            from durable_mp.store.facade import Store
+            from durable_mp.core.records import OpRecord
             with Store(sys.argv[1], map_size=64 * 1024) as st:
                 for i in range(400):
                     st.stage("e", OpRecord(f"op{i}", "", "STEP", "Step", None, "SUCCEEDED", 1.0,
@@ -520,7 +520,7 @@ def test_recycled_pid_is_not_a_live_owner(store):
 
 LOCK_HOLDER = """
     import sys, time
-    from durable_mp.store import Store, ExecutionRecord
+    from durable_mp.store.facade import Store, ExecutionRecord
     st = Store(sys.argv[1])
     now = time.time()
     st.acquire("e", lambda: ExecutionRecord("e", "RUNNING", "m:f", None, None, None, now, now, None, 0, 0.0, 1))

@@ -22,7 +22,7 @@ from durable_mp.config import CallbackConfig, CompletionConfig, Duration, Parall
 from durable_mp.exceptions import CallbackExternalError
 from durable_mp.lambda_service import ErrorObject, OperationStatus, OperationSubType, OperationType
 from durable_mp.retries import RetryPresets
-from durable_mp.store import Store
+from durable_mp.store.facade import Store
 from durable_mp.testing import (
     CallbackOperation,
     ContextOperation,

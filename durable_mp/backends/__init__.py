@@ -1,1 +1,1 @@
-"""Where branches run: the local process pool (default, ``durable_mp.dispatch``) or Dask."""
+"""Where branches run: the local process pool (default, ``durable_mp.engine.dispatcher``) or Dask."""

@@ -26,12 +26,12 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
-from durable_mp import pickling
-from durable_mp.branch import run_branch
-from durable_mp.dispatch import BatchRun, Dispatcher
+from durable_mp.engine import pickling
+from durable_mp.engine.branch import run_branch
+from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
 from durable_mp.types import StepContext
-from durable_mp.worker import Outbox, WorkerShared, WorkerState, load_source
+from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 _SOURCES: OrderedDict = OrderedDict()

@@ -239,7 +239,7 @@ def run_durable(handler: Any, event: Any, tag: str, *, inspect: Callable[[str, s
 
 def count_records(path: str, execution_id: str) -> dict:
     """How many operation records the store holds for the execution, by sub-type and status."""
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
 
     with Store(path) as store:
         records = store.ops(execution_id)

@@ -222,7 +222,7 @@ def _wait_gone(pgid: int) -> None:
 
 
 def _committed(path: str, execution_id: str) -> set[int]:
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
 
     with Store(path) as store:
         return {int(r.name.rsplit("-", 1)[1]) for r in store.ops(execution_id)

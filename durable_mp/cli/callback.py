@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from durable_mp.callbacks import send_callback_failure, send_callback_heartbeat, send_callback_success
+from durable_mp.operation.callback import send_callback_failure, send_callback_heartbeat, send_callback_success
 from durable_mp.lambda_service import ErrorObject
 
 

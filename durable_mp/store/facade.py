@@ -42,10 +42,10 @@ from typing import Callable
 import lmdb
 
 from durable_mp.exceptions import StoreError
-from durable_mp.records import BRANCH_KEY_PREFIX, OpRecord
-from durable_mp.store_commit import GroupCommit
-from durable_mp.store_env import DEFAULT_STORE_DIR, STORE_ENV_VAR, open_shared, release_shared, resolve_store_path
-from durable_mp.store_records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
+from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord
+from durable_mp.store.commit import GroupCommit
+from durable_mp.store.env import DEFAULT_STORE_DIR, STORE_ENV_VAR, open_shared, release_shared, resolve_store_path
+from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
                                       this_process, unclaim, validate_exec_id)
 
 __all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUNT", "FLUSH_SECONDS",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from durable_mp import serdes as _serdes
 from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
-from durable_mp.errors_replay import raise_stored
+from durable_mp.operation.replay import raise_stored
 from durable_mp.exceptions import (
     CallbackError,
     CallbackExternalError,
@@ -29,7 +29,7 @@ from durable_mp.exceptions import (
     ValidationError,
 )
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.records import OpRecord, OpStatus, OpType
+from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.types import WaitForCallbackContext
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def wait_for_callback(ctx: "DurableContext", submitter: Callable[[str, WaitForCa
 
 # -- the sender's side ------------------------------------------------------------------------
 def _complete(callback_id: str, store: Any, update: Callable[[OpRecord], OpRecord]) -> None:
-    from durable_mp.store import Store
+    from durable_mp.store.facade import Store
 
     execution_id, parent_id, op_id = decode_callback_id(callback_id)
     db = store if isinstance(store, Store) else Store(store, create=False)

@@ -18,19 +18,20 @@ from collections import defaultdict, deque
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from durable_mp import pickling, wire
-from durable_mp import progress as _progress
-from durable_mp.batch import succeeded_item
-from durable_mp.branch import raise_if_fatal, started_record
-from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
-from durable_mp.errors_replay import build_error
-from durable_mp.faults import CPU_SAMPLE_SECONDS, MEMORY_POLL_SECONDS, FaultHandling
+from durable_mp.engine import pickling
+from durable_mp.engine import wire
+from durable_mp.engine import progress as _progress
+from durable_mp.concurrency.models import succeeded_item
+from durable_mp.engine.branch import raise_if_fatal, started_record
+from durable_mp.operation.callback import CALLBACK_POLL_SECONDS, poll_callback
+from durable_mp.operation.replay import build_error
+from durable_mp.engine.faults import CPU_SAMPLE_SECONDS, MEMORY_POLL_SECONDS, FaultHandling
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.payload import build_payload
-from durable_mp.pool import Worker, WorkerPool
-from durable_mp.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
+from durable_mp.engine.payload import build_payload
+from durable_mp.engine.pool import Worker, WorkerPool
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
 from durable_mp.serdes import OOB_MAGIC, PickleSerDes, unpickle
-from durable_mp.spec import BatchSpec
+from durable_mp.core.spec import BatchSpec
 
 TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
 MAX_CHUNK_ITEMS = 4096

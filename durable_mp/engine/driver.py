@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from durable_mp.records import OpRecord
-from durable_mp.spec import BatchSpec
-from durable_mp.state import ExecutionState
+from durable_mp.core.records import OpRecord
+from durable_mp.core.spec import BatchSpec
+from durable_mp.engine.state import ExecutionState
 
 
 class DriverState(ExecutionState):
@@ -53,7 +53,7 @@ class DriverState(ExecutionState):
 
     def wait_callback(self, rec: OpRecord) -> OpRecord:
         """Poll the store until another process completes the callback (or it times out)."""
-        from durable_mp.callbacks import CALLBACK_POLL_SECONDS, poll_callback
+        from durable_mp.operation.callback import CALLBACK_POLL_SECONDS, poll_callback
 
         self.store.flush()
         while True:

@@ -16,10 +16,10 @@ import time
 from collections import deque
 from typing import Any
 
-from durable_mp.branch import BranchSource, raise_if_fatal, run_branch, started_record
+from durable_mp.engine.branch import BranchSource, raise_if_fatal, run_branch, started_record
 from durable_mp.exceptions import OrphanedChildException
-from durable_mp.records import OpRecord, OpStatus
-from durable_mp.spec import BatchSpec
+from durable_mp.core.records import OpRecord, OpStatus
+from durable_mp.core.spec import BatchSpec
 
 
 def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:

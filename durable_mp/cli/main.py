@@ -29,13 +29,13 @@ from typing import Any, Callable, Sequence
 
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
-from durable_mp.history import build_history, format_history
-from durable_mp.loader import HandlerError, load_handler
-from durable_mp.maintenance import check_deletable, collect, compact, data_size, parse_duration
-from durable_mp.report import write_report
-from durable_mp.store import Store, resolve_store_path, validate_exec_id
-from durable_mp.store_records import RUNNING, ExecutionRecord, owner_alive
-from durable_mp.tree import OpTree, error_line, render_tree
+from durable_mp.inspect.history import build_history, format_history
+from durable_mp.cli.loader import HandlerError, load_handler
+from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
+from durable_mp.inspect.report import write_report
+from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
+from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
+from durable_mp.inspect.tree import OpTree, error_line, render_tree
 
 PROG = "durable-mp"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -43,7 +43,7 @@ INTERRUPTED = "INTERRUPTED"  # shown for a RUNNING execution whose driver is gon
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-log = logging.getLogger("durable_mp.cli")
+log = logging.getLogger("durable_mp.cli.main")
 
 
 class CliError(Exception):
@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then shrink the data file (no other process may have the store open)")
     p.set_defaults(func=cmd_gc)
 
-    from durable_mp import cli_callback
+    from durable_mp.cli import callback as cli_callback
 
     cli_callback.add_parser(sub, store_opt)
     return parser

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from durable_mp.records import OpRecord, OpStatus
+from durable_mp.core.records import OpRecord, OpStatus
 
 
 @dataclass

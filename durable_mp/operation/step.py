@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from durable_mp import serdes as _serdes
 from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
-from durable_mp.errors_replay import build_error
+from durable_mp.operation.replay import build_error
 from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.retries import RetryPresets
 from durable_mp.types import StepContext
 

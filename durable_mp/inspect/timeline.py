@@ -24,9 +24,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from durable_mp.records import OpRecord, OpStatus, OpType
-from durable_mp.store_records import ExecutionRecord
-from durable_mp.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
+from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.store.records import ExecutionRecord
+from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
 
 DRIVER = "driver"
 NO_WORKER = "none"

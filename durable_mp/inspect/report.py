@@ -16,10 +16,10 @@ import json
 import math
 import os
 
-from durable_mp.history import iso
-from durable_mp.records import OpStatus
-from durable_mp.timeline import DRIVER, NO_WORKER, Bar, Timeline, build_timeline
-from durable_mp.tree import OpTree, error_line
+from durable_mp.inspect.history import iso
+from durable_mp.core.records import OpStatus
+from durable_mp.inspect.timeline import DRIVER, NO_WORKER, Bar, Timeline, build_timeline
+from durable_mp.inspect.tree import OpTree, error_line
 
 LABEL_W = 200  # px, row labels
 PLOT_W = 1100  # px, the time axis

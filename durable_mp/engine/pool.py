@@ -30,8 +30,8 @@ from typing import Any
 
 import psutil
 
-from durable_mp import wire
-from durable_mp.worker import IDLE, SLOT_FORMAT, worker_main
+from durable_mp.engine import wire
+from durable_mp.engine.worker import IDLE, SLOT_FORMAT, worker_main
 
 SLOT_BYTES = 16
 KILL_WAIT_SECONDS = 5.0

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import lmdb
 
 from durable_mp.exceptions import ExecutionLockedError, StoreError
-from durable_mp.store import Store
-from durable_mp.store_env import DATA_FILE, FILE_MODE, LOCK_FILE, MAX_DBS
-from durable_mp.store_records import FAILED, RUNNING, SUCCEEDED, ExecutionRecord, owner_alive
+from durable_mp.store.facade import Store
+from durable_mp.store.env import DATA_FILE, FILE_MODE, LOCK_FILE, MAX_DBS
+from durable_mp.store.records import FAILED, RUNNING, SUCCEEDED, ExecutionRecord, owner_alive
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)

@@ -22,18 +22,18 @@ from typing import Any
 
 import cloudpickle
 
-from durable_mp import wire
-from durable_mp.branch import BranchSource, run_branch
+from durable_mp.engine import wire
+from durable_mp.engine.branch import BranchSource, run_branch
 from durable_mp.context import DurableContext
-from durable_mp.payload import load_source
+from durable_mp.engine.payload import load_source
 from durable_mp.exceptions import OrphanedChildException
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
+from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 
 SUCCEEDED = OpStatus.SUCCEEDED
-from durable_mp.state import ExecutionState
-from durable_mp.threads import run_batch_in_threads
+from durable_mp.engine.state import ExecutionState
+from durable_mp.engine.threads import run_batch_in_threads
 from durable_mp.types import StepContext
 
 OUTBOX_FLUSH_SECONDS = 0.005

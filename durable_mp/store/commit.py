@@ -15,8 +15,8 @@ import threading
 from typing import Any, Iterable
 
 from durable_mp.exceptions import StoreError
-from durable_mp.records import OpRecord
-from durable_mp.store_records import MAX_ID_BYTES, SEP, check_id
+from durable_mp.core.records import OpRecord
+from durable_mp.store.records import MAX_ID_BYTES, SEP, check_id
 
 COMMITTER_POLL_SECONDS = 0.05  # the committer re-reads the clock at least this often (injected clocks)
 BACKPRESSURE_FACTOR = 8  # staging blocks once this many flush_counts wait behind a slow commit

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from durable_mp import serdes as _serdes
 from durable_mp.exceptions import WaitForConditionError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.types import WaitForConditionCheckContext
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ import time
 from collections import Counter
 from typing import Iterator
 
-from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
-from durable_mp.store_records import RUNNING, ExecutionRecord, owner_alive
+from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
 BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
 BRANCH_SUB_TYPES = frozenset({"ParallelBranch", "MapIteration"})

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pickle
 from typing import Any, Callable
 
-from durable_mp import pickling
-from durable_mp.branch import BranchSource
+from durable_mp.engine import pickling
+from durable_mp.engine.branch import BranchSource
 from durable_mp.exceptions import SerDesError
-from durable_mp.records import PICKLE_PROTOCOL
-from durable_mp.spec import BatchSpec
+from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.spec import BatchSpec
 
 SHARED_PAYLOAD_BYTES = 4 * 2**20  # above this, branches sharing objects are pickled together
 

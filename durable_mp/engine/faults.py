@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 from durable_mp.exceptions import MemoryLimitExceededError, StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.pool import Worker
-from durable_mp.records import Attempt, OpStatus
+from durable_mp.engine.pool import Worker
+from durable_mp.core.records import Attempt, OpStatus
 
 if TYPE_CHECKING:
-    from durable_mp.dispatch import BatchRun, Task
+    from durable_mp.engine.dispatcher import BatchRun, Task
 
-log = logging.getLogger("durable_mp.dispatch")
+log = logging.getLogger("durable_mp.engine.dispatcher")
 
 CPU_SAMPLE_SECONDS = 0.1  # how often busy workers are checked for sitting idle on the CPU
 CPU_IDLE_FRACTION = 0.3  # below this share of a core (and not runnable), a busy worker waits on I/O

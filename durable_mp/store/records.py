@@ -16,7 +16,7 @@ from typing import NamedTuple
 import psutil
 
 from durable_mp.exceptions import ExecutionLockedError
-from durable_mp.records import PICKLE_PROTOCOL
+from durable_mp.core.records import PICKLE_PROTOCOL
 
 MAX_EXEC_ID_CHARS = 200  # also at most this many UTF-8 bytes
 MAX_ID_BYTES = 150  # parent_id / op_id, UTF-8; with the exec id a key stays under LMDB's 511

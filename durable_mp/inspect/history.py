@@ -28,9 +28,9 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-from durable_mp.records import OpRecord, OpStatus, OpType
-from durable_mp.store_records import FAILED, SUCCEEDED, ExecutionRecord
-from durable_mp.tree import OpTree, error_line
+from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.store.records import FAILED, SUCCEEDED, ExecutionRecord
+from durable_mp.inspect.tree import OpTree, error_line
 
 PAYLOAD_PREVIEW_CHARS = 1000  # execution input/result longer than this (as JSON) are not inlined
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from durable_mp import serdes as _serdes
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 
 
 
@@ -75,7 +75,7 @@ def raise_if_fatal(rec: OpRecord) -> None:
     """Re-raise, in the caller's process, an error that must escape its batch (reference §5)."""
     extra = rec.extra
     if extra and extra.get("fatal"):
-        from durable_mp.errors_replay import build_error
+        from durable_mp.operation.replay import build_error
 
         err = ErrorObject.from_dict(rec.error or {})
         raise build_error(err, extra.get("raise", "ExecutionError"))

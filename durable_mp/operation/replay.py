@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from durable_mp import exceptions
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.records import OpRecord
+from durable_mp.core.records import OpRecord
 
 
 def error_class(name: str | None, default: str) -> type[Exception]:

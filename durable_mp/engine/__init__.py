@@ -1,0 +1,1 @@
+"""Where branches run: driver state, dispatcher, worker pool, worker protocol."""

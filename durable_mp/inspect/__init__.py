@@ -1,0 +1,1 @@
+"""Reading finished or running executions: operation tree, history, timeline, HTML report."""

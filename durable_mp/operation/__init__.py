@@ -1,0 +1,1 @@
+"""The durable operations behind ``DurableContext``: step, callback, wait_for_condition, replay."""
