@@ -1,5 +1,1 @@
-"""``python -m durable_mp`` / ``durable-mp``."""
-
-from durable_mp.cli.main import main
-
-__all__ = ["main"]
+"""``python -m durable_mp`` / ``durable-mp``: the command line (``main.main`` is the entry point)."""
