@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import signal
@@ -166,7 +167,8 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(job):
     assert wait_gone(proc.pid) == []
     with Store(store) as st:
         rec = st.get_execution("drv")
-        assert rec.status == "RUNNING" and rec.owner_pid == 0 or not psutil.pid_exists(rec.owner_pid)
+    assert rec.status == "RUNNING", "an interrupted execution stays resumable, not FAILED"
+    assert rec.owner_pid == 0 or not psutil.pid_exists(rec.owner_pid), "the lock is released or its owner dead"
     resume_without_repeating(script, markers, store, committed_branches(store), "0.3")
 
 
@@ -177,7 +179,7 @@ def _load(script):
     return module
 
 
-def test_second_driver_is_refused_and_a_dead_owner_is_taken_over(job):
+def test_second_driver_is_refused_and_a_dead_owner_is_taken_over(job, monkeypatch):
     script, markers, store = job
     proc = start(script, store, 6, STEP_SECONDS="3")
     wait_for_starts(markers, 1)
@@ -188,11 +190,12 @@ def test_second_driver_is_refused_and_a_dead_owner_is_taken_over(job):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert wait_gone(proc.pid) == []
-    os.environ["STEP_SECONDS"] = "0.01"
-    try:
-        assert module.handler.run({"n": 6}, store=store, execution_id="drv") == [3 * i for i in range(6)]
-    finally:
-        os.environ.pop("STEP_SECONDS", None)
+    # the module read $STEP_SECONDS when it was loaded; its branches close over the global
+    monkeypatch.setattr(module, "STEP_SECONDS", 0.01)
+    assert module.handler.run({"n": 6}, store=store, execution_id="drv") == [3 * i for i in range(6)]
+    with Store(store) as st:
+        rec = st.get_execution("drv")
+    assert (rec.status, rec.runs) == ("SUCCEEDED", 2), "the refused driver did not start a run; the takeover did"
 
 
 STEP_THEN_COMPUTE = textwrap.dedent(
@@ -256,3 +259,106 @@ def test_sigterm_stops_the_driver_cleanly_and_a_rerun_resumes(job):
     with Store(store) as st:
         assert st.get_execution("drv").status == "RUNNING"
     resume_without_repeating(script, markers, store, done, "0.01")
+
+
+AT_MOST_ONCE_JOB = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from durable_mp import StepError, durable_execution
+    from durable_mp.config import StepConfig, StepSemantics
+    from durable_mp.retries import RetryPresets, RetryStrategyConfig, create_retry_strategy
+
+    STORE, MARKERS, WHERE, RETRY, KILLED = sys.argv[1:6]
+    STRATEGY = (create_retry_strategy(RetryStrategyConfig(max_attempts=3)) if RETRY == "retry"
+                else RetryPresets.none())
+    CONFIG = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY, retry_strategy=STRATEGY)
+
+    def charge(step_ctx):
+        # the STARTED checkpoint is committed before the body runs: the marker says we are past it
+        with open(os.path.join(MARKERS, f"attempt-{step_ctx.attempt}"), "w") as f:
+            f.write(str(os.getpid()))
+        if step_ctx.attempt < int(KILLED):
+            raise ValueError(f"attempt {step_ctx.attempt} failed")
+        if step_ctx.attempt == int(KILLED):
+            time.sleep(60)  # the driver is SIGKILLed here
+        return f"charged by attempt {step_ctx.attempt}"
+
+    def run_step(ctx):
+        try:
+            return ctx.step(charge, name="charge", config=CONFIG)
+        except StepError as exc:
+            return ["StepError", exc.error_type, str(exc)]
+
+    @durable_execution
+    def handler(event, ctx):
+        if WHERE == "root":
+            return run_step(ctx)
+        return ctx.parallel([run_step]).get_results()[0]
+
+    if __name__ == "__main__":
+        print(json.dumps(handler.run({}, store=STORE, execution_id="amo", skip_time=True)), flush=True)
+    """
+)
+
+
+def _run_at_most_once_job(tmp_path, where: str, retry: str, killed: int = 1):
+    """Start the job, SIGKILL its driver while attempt ``killed`` runs, re-run it; (output, markers, store)."""
+    script = tmp_path / "amo.py"
+    script.write_text(AT_MOST_ONCE_JOB)
+    markers = tmp_path / "amo-markers"
+    markers.mkdir()
+    store = str(tmp_path / "store")
+    argv = [sys.executable, str(script), store, str(markers), where, retry, str(killed)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    started = markers / f"attempt-{killed}"
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert started.exists(), proc.communicate(timeout=10)[1]
+    os.kill(proc.pid, signal.SIGKILL)  # the driver, while the step body runs
+    proc.wait(timeout=10)
+    assert wait_gone(proc.pid) == []
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    return json.loads(rerun.stdout), markers, store
+
+
+@pytest.mark.parametrize("where", ["root", "branch"])
+def test_at_most_once_step_interrupted_by_a_driver_kill_goes_to_its_retry_strategy(tmp_path, where):
+    out, markers, store = _run_at_most_once_job(tmp_path, where, "retry")
+    assert out == "charged by attempt 2"
+    assert sorted(os.listdir(markers)) == ["attempt-1", "attempt-2"], "attempt 1 must not run again"
+    with Store(store) as st:
+        step = next(r for r in st.ops("amo") if r.name == "charge")
+    assert (step.status, step.attempt) == ("SUCCEEDED", 2)
+    assert [a.number for a in step.attempts] == [1, 2]
+    interrupted = step.attempts[0]
+    assert interrupted.error["ErrorType"].endswith("StepInterruptedError")
+    assert "interrupted during attempt 1" in interrupted.error["ErrorMessage"]
+    assert interrupted.retry_delay is not None, "the retry strategy's decision is kept with the attempt"
+    assert step.attempts[1].error is None
+
+
+def test_at_most_once_step_interrupted_by_a_driver_kill_without_retry_fails_naming_the_interruption(tmp_path):
+    out, markers, store = _run_at_most_once_job(tmp_path, "root", "none")
+    assert out[0] == "StepError"
+    assert out[1].endswith("StepInterruptedError")
+    assert "'charge' was interrupted during attempt 1" in out[2]
+    assert sorted(os.listdir(markers)) == ["attempt-1"]
+    with Store(store) as st:
+        step = next(r for r in st.ops("amo") if r.name == "charge")
+    assert step.status == "FAILED" and step.error["ErrorType"].endswith("StepInterruptedError")
+    assert [a.number for a in step.attempts] == [1], "the interrupted attempt is recorded"
+
+
+def test_a_later_at_most_once_attempt_interrupted_by_a_driver_kill_is_recorded_as_that_attempt(tmp_path):
+    out, markers, store = _run_at_most_once_job(tmp_path, "branch", "retry", killed=2)
+    assert out == "charged by attempt 3"
+    with Store(store) as st:
+        step = next(r for r in st.ops("amo") if r.name == "charge")
+    assert [a.number for a in step.attempts] == [1, 2, 3]
+    failed, interrupted, succeeded = step.attempts
+    assert failed.error["ErrorType"] == "ValueError" and failed.retry_delay is not None
+    assert interrupted.error["ErrorType"].endswith("StepInterruptedError")
+    assert "interrupted during attempt 2" in interrupted.error["ErrorMessage"]
+    assert interrupted.retry_delay is not None and succeeded.error is None

@@ -189,6 +189,7 @@ def test_step_timeout_kills_the_attempt_and_the_retry_strategy_decides(store_pat
             f.write(str(step_ctx.attempt))
         if step_ctx.attempt == 1:
             time.sleep(60)
+            open(os.path.join(markers, "attempt-1-ended"), "w").close()
         return f"attempt {step_ctx.attempt}"
 
     retry_twice = StepConfig(timeout=0.5, retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=2)))
@@ -200,10 +201,9 @@ def test_step_timeout_kills_the_attempt_and_the_retry_strategy_decides(store_pat
 
         return ctx.parallel([branch, lambda c: "other"]).get_results()
 
-    started = time.monotonic()
     assert handler.run(None, store=store_path, skip_time=True) == ["attempt 2", "other"]
-    assert time.monotonic() - started < 30
     assert open(os.path.join(markers, "attempts")).read() == "12"
+    assert not os.path.exists(os.path.join(markers, "attempt-1-ended")), "attempt 1 was killed, not awaited"
     with Store(store_path) as st:
         step = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "slow")
     assert step.status == "SUCCEEDED" and step.attempt == 2
@@ -338,7 +338,35 @@ def test_at_most_once_step_interrupted_by_a_crash_is_not_rerun_blindly(store_pat
     r = handler.run(None, store=store_path)
     assert marker.read_text() == "x", "an AT_MOST_ONCE step must not run again after an interrupted attempt"
     assert r.all[0].status == BatchItemStatus.FAILED
-    assert "StepInterruptedError" in r.all[0].error.message or r.all[0].error.type.endswith("StepError")
+    assert r.all[0].error.type == "durable_mp.exceptions.StepError"
+    assert "step 'charge' was interrupted during attempt 1" in r.all[0].error.message
     with Store(store_path) as st:
         step = next(rec for rec in st.ops(handler.execution_id_for(None)) if rec.name == "charge")
     assert step.status == "FAILED" and step.error["ErrorType"].endswith("StepInterruptedError")
+    assert [a.number for a in step.attempts] == [1], "the interrupted attempt is recorded"
+
+
+def test_at_most_once_step_whose_worker_died_goes_to_its_retry_strategy(store_path, tmp_path):
+    from durable_mp.config import StepSemantics
+
+    def charge_card(step_ctx):
+        with open(tmp_path / f"attempt-{step_ctx.attempt}", "a") as f:
+            f.write("x")
+        if step_ctx.attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # dies after the side effect, before its checkpoint
+        return f"charged by attempt {step_ctx.attempt}"
+
+    cfg = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY,
+                     retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=2)))
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([lambda c: c.step(charge_card, name="charge", config=cfg)]).get_results()
+
+    assert handler.run(None, store=store_path, skip_time=True) == ["charged by attempt 2"]
+    assert sorted(os.listdir(tmp_path / "")) == ["attempt-1", "attempt-2", "store"]
+    assert (tmp_path / "attempt-1").read_text() == "x"
+    with Store(store_path) as st:
+        step = next(rec for rec in st.ops(handler.execution_id_for(None)) if rec.name == "charge")
+    assert step.status == "SUCCEEDED" and [a.number for a in step.attempts] == [1, 2]
+    assert step.attempts[0].error["ErrorType"].endswith("StepInterruptedError")

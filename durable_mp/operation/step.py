@@ -3,22 +3,25 @@
 A retry sleeps in place (the reference suspends the invocation instead); the PENDING
 checkpoint written before the sleep keeps the attempt count and next-attempt time, so a
 killed run resumes the countdown rather than restarting it.  An attempt the driver had
-to kill (timeout, memory limit) arrives here as an *undecided* PENDING checkpoint and is
-handed to the retry strategy like any other failure.
+to kill (timeout, memory limit) arrives here as an *undecided* PENDING checkpoint, and an
+``AT_MOST_ONCE_PER_RETRY`` attempt cut short by a crash (of its worker or of the driver)
+as a STARTED one; both are recorded as attempts and handed to the retry strategy like
+any other failure.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
-from durable_mp.operation.replay import build_error
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.operation.replay import build_error
 from durable_mp.retries import RetryPresets
 from durable_mp.types import StepContext
 
@@ -58,7 +61,26 @@ def _carried_error(rec: OpRecord | None, semantics: StepSemantics) -> Exception 
     return None
 
 
-def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable, config: StepConfig,
+def _with_cut_short_attempt(rec: OpRecord, attempts: list[Attempt], error: Exception) -> list[Attempt]:
+    """``attempts`` ending with attempt ``rec.attempt``, the one a crash cut short.
+
+    A killed attempt (timeout, memory limit) is recorded by the driver that killed it;
+    one interrupted by a driver crash has no record yet: nobody saw it end.  Its end is
+    unknown (None), its start is when it could begin: after the previous attempt and its
+    retry delay, or when the step started.
+    """
+    if attempts and attempts[-1].number == rec.attempt:
+        return attempts
+    if attempts:
+        last = attempts[-1]
+        start = (last.end_ts or last.start_ts) + (last.retry_delay or 0.0)
+    else:
+        start = rec.start_ts
+    err = ErrorObject.from_exception(error).to_dict()
+    return [*attempts, Attempt(rec.attempt, min(start, time.time()), None, rec.pid, err)]
+
+
+def run_step(ctx: DurableContext, op_id: str, name: str | None, func: Callable, config: StepConfig,
              rec: OpRecord | None) -> Any:
     state = ctx.state
     strategy = config.retry_strategy or default_strategy()
@@ -70,6 +92,8 @@ def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable
     attempt = base.attempt
     attempts = list(base.attempts)
     error = _carried_error(rec, config.step_semantics)
+    if error is not None:  # an attempt of an earlier run the retry strategy has not judged
+        attempts = _with_cut_short_attempt(base, attempts, error)
     if error is None and rec is not None and rec.status == OpStatus.PENDING and rec.next_attempt_ts:
         state.sleep_until(rec.next_attempt_ts)
     logger = ctx.logger.with_extra(operationId=op_id, operationName=name)
@@ -79,7 +103,7 @@ def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable
             started = time.time()
             running = base._replace(status=OpStatus.STARTED, attempt=attempt, error=None, next_attempt_ts=None,
                                     attempts=tuple(attempts))
-            if at_most_once:
+            if at_most_once:  # the only STARTED step record (the Dask backend refuses it in branches)
                 state.emit(running, sync=True)
             watch = StepWatch(running, timeout) if (timeout or state.watch_steps) else None
             try:
@@ -87,8 +111,8 @@ def run_step(ctx: "DurableContext", op_id: str, name: str | None, func: Callable
                 payload = _serdes.serialize(config.serdes, value, op_id=op_id, execution_id=state.execution_id,
                                             what=what)
             except SerDesError as exc:
-                attempts.append(Attempt(attempt, started, time.time(), os.getpid(), ErrorObject.from_exception(exc).to_dict()))
                 err = ErrorObject.from_exception(exc)
+                attempts.append(Attempt(attempt, started, time.time(), os.getpid(), err.to_dict()))
                 state.emit(running._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict(),
                                             attempts=tuple(attempts), extra={"raise": "SerDesError"}))
                 raise
