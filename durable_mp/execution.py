@@ -30,6 +30,7 @@ from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.engine.pool import WorkerPool
 from durable_mp.engine import progress as _progress
+from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
 from durable_mp.core.records import PICKLE_PROTOCOL
 from durable_mp.store.facade import ExecutionRecord, Store
 
@@ -45,14 +46,22 @@ def dumps_value(value: Any) -> bytes:
 
 
 def _digest(handler: Callable, event: Any) -> str:
-    """Hash of which handler (scripts run as ``__main__`` by their file) and which event."""
+    """Hash of which handler (scripts run as ``__main__`` by their file) and which event.
+
+    The event is encoded canonically (``core.canonical``), so the hash is the same in every
+    process and under every hash seed; an event that has no such encoding is refused.
+    """
     where = f"{handler.__module__}:{handler.__qualname__}"
     if handler.__module__ == "__main__":
         where += ":" + os.path.abspath(getattr(handler.__code__, "co_filename", ""))
     try:
-        data = json.dumps(event, sort_keys=True, default=repr).encode()
-    except (TypeError, ValueError):
-        data = dumps_value(event)
+        data = canonical_bytes(event, "event")
+    except NotCanonicalError as exc:
+        raise ValidationError(
+            f"cannot derive a default execution id: {exc}, so it would not encode the same way in every "
+            f"process and re-running the same command would not resume. Pass an explicit "
+            f"execution_id=... to run() (or use an event of plain values: str, int, float, bool, None, "
+            f"bytes, lists, tuples, dicts, sets, dates, Decimal, UUID, paths, enums, dataclasses)") from exc
     return hashlib.blake2b(where.encode() + b"\0" + data, digest_size=8).hexdigest()
 
 

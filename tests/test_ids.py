@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
 import pytest
 
-from durable_mp import durable_execution
+from durable_mp import ValidationError, durable_execution
 from durable_mp.core.records import OpRecord, operation_id
 from durable_mp.store.facade import Store
 
@@ -44,3 +52,131 @@ def test_record_bytes_round_trip_every_result_kind():
     for result in (None, b"", b"\x00raw\xff" * 100, "text ✓", ""):
         rec = base._replace(result=result, attempts=((1, 1.0, 2.0, 7, None),), extra={"k": [1]})
         assert OpRecord.loads(rec.dumps()) == rec
+
+
+# -- default execution ids ---------------------------------------------------------------------
+ID_SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, datetime, decimal, enum, json, pathlib, sys, uuid
+    from durable_mp import durable_execution
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    @dataclasses.dataclass(frozen=True)
+    class Window:
+        start: datetime.date
+        tags: frozenset
+
+    @durable_execution
+    def handler(event, ctx):
+        return None
+
+    EVENTS = {
+        "set": {"regions": {"eu-west-1", "us-east-1", "ap-south-1", "sa-east-1", "ca-central-1"}},
+        "mixed": {
+            ("a", 1): [1.5, -0.0, float("inf"), b"\\x00raw", bytearray(b"ba"), None, True],
+            frozenset({"x", "y", "z"}): {3, 1, 2},
+            "when": datetime.datetime(2026, 11, 26, 12, 30, tzinfo=datetime.timezone.utc),
+            "day": datetime.date(2026, 11, 26),
+            "amount": decimal.Decimal("12.50"),
+            "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+            "path": pathlib.Path("/data/in"),
+            "color": Color.RED,
+            "window": Window(datetime.date(2026, 1, 1), frozenset({"p", "q", "r"})),
+        },
+        "json": {"b": [1, 2.5, "x"], "a": None},
+    }
+    print(json.dumps({k: handler.execution_id_for(v) for k, v in EVENTS.items()}))
+    """
+)
+HASH_SEEDS = ("0", "1", "2", "3", "random")
+
+
+def test_default_execution_ids_are_the_same_under_every_hash_seed(tmp_path):
+    script = tmp_path / "ids.py"
+    script.write_text(ID_SCRIPT)
+    seen = []
+    for seed in HASH_SEEDS:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+        assert out.returncode == 0, out.stderr
+        seen.append(json.loads(out.stdout))
+    assert all(ids == seen[0] for ids in seen), seen
+    assert len(set(seen[0].values())) == len(seen[0])
+    assert all(value.startswith("handler-") for value in seen[0].values()), "the readable prefix stays"
+
+
+def _handler():
+    @durable_execution
+    def handler(event, ctx):
+        return None
+
+    return handler
+
+
+@pytest.mark.parametrize("a,b", [
+    ([1, 2], (1, 2)),
+    ({1, 2}, frozenset({1, 2})),
+    ({"k": 1}, {"k": 1.0}),
+    ({"k": True}, {"k": 1}),
+    ({1: "a"}, {"1": "a"}),
+    (0.0, -0.0),
+    (b"a", "a"),
+    (b"a", bytearray(b"a")),
+    (["ab"], ["a", "b"]),
+    ([[1], 2], [[1, 2]]),
+    ({"a": {"b": 1}}, {"a": {"b": 1}, "c": None}),
+])
+def test_default_execution_ids_tell_events_apart(a, b):
+    handler = _handler()
+    assert handler.execution_id_for(a) != handler.execution_id_for(b)
+
+
+def test_default_execution_ids_ignore_dict_and_set_order():
+    handler = _handler()
+    assert handler.execution_id_for({"a": 1, 2: "b", (3,): {4, 5}}) == handler.execution_id_for(
+        {(3,): {5, 4}, 2: "b", "a": 1})
+
+
+def test_default_execution_ids_of_json_events_are_unchanged():
+    """A JSON event keeps the id it had before the canonical encoding (running jobs still resume)."""
+    handler = _handler()
+    event = {"date": "2026-11-26", "items": [1, 2.5, None, True], "name": "nightly ✓"}
+    old = json.dumps(event, sort_keys=True, default=repr).encode()
+    where = f"{handler.func.__module__}:{handler.func.__qualname__}"
+    digest = hashlib.blake2b(where.encode() + b"\0" + old, digest_size=8).hexdigest()
+    assert handler.execution_id_for(event) == f"{handler.func.__qualname__}-{digest}"
+
+
+class _Opaque:
+    pass
+
+
+@pytest.mark.parametrize("event,type_name,where", [
+    ({"when": _Opaque()}, "_Opaque", "event['when']"),
+    ([1, {2: threading.Lock()}], "lock", "event[1][2]"),
+    ({"fn": len}, "builtin_function_or_method", "event['fn']"),
+])
+def test_an_event_without_a_canonical_encoding_needs_an_explicit_id(event, type_name, where):
+    handler = _handler()
+    with pytest.raises(ValidationError) as info:
+        handler.execution_id_for(event)
+    message = str(info.value)
+    assert type_name in message and where in message
+    assert "execution_id=" in message
+
+
+def test_an_event_refused_for_the_default_id_runs_under_an_explicit_one(store_path):
+    handler = _handler()
+    with pytest.raises(ValidationError):
+        handler.run({"when": _Opaque()}, store=store_path)
+    assert handler.run({"when": _Opaque()}, store=store_path, execution_id="explicit") is None
+
+
+def test_an_event_that_contains_itself_needs_an_explicit_id():
+    handler = _handler()
+    event: list = [1]
+    event.append(event)
+    with pytest.raises(ValidationError, match=r"event\[1\].*contains itself.*execution_id="):
+        handler.execution_id_for(event)
