@@ -11,7 +11,13 @@ from procs import leftover_children
 import distributed  # noqa: E402 - in the test extra, so CI always runs these
 
 from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
-from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig  # noqa: E402
+from durable_mp.config import (  # noqa: E402
+    CompletionConfig,
+    MapConfig,
+    ParallelConfig,
+    StepConfig,
+    StepSemantics,
+)
 from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
@@ -92,3 +98,64 @@ def test_finished_execution_replays_without_the_cluster(client, store_path):
 
     assert handler.run({"k": 1}, store=store_path, backend=client) == [2, 3, 4]
     assert handler.run({"k": 1}, store=store_path) == [2, 3, 4]  # stored result, local backend, nothing runs
+
+
+AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
+ALL_COMPLETED = ParallelConfig(completion_config=CompletionConfig.all_completed())
+
+
+def test_an_at_most_once_step_in_a_dask_branch_is_refused_before_it_runs(client, store_path, tmp_path):
+    def charge(step_ctx):
+        with open(tmp_path / f"ran-in-{os.getpid()}", "a") as f:
+            f.write("x")
+        return "charged"
+
+    def branch(c):
+        return c.step(charge, name="charge", config=AT_MOST_ONCE)
+
+    @durable_execution
+    def handler(event, ctx):
+        nested = lambda c: c.parallel([branch]).all[0].error.message  # noqa: E731 - a thread inside a Dask task
+        other = lambda c: c.step(lambda _: "at least once is fine", name="plain")  # noqa: E731
+        top = ctx.parallel([branch, nested, other], config=ALL_COMPLETED)
+        root = ctx.step(charge, name="root-charge", config=AT_MOST_ONCE)  # the driver can give at-most-once
+        return top, root
+
+    top, root = handler.run(None, store=store_path, backend=client)
+    refused = top.all[0]
+    assert refused.status == BatchItemStatus.FAILED
+    assert refused.error.type == "durable_mp.exceptions.ValidationError"
+    for message in (refused.error.message, top.all[1].result):
+        assert "step 'charge'" in message and "AT_MOST_ONCE_PER_RETRY" in message
+        assert "Dask backend" in message and "AT_LEAST_ONCE_PER_RETRY" in message
+    assert top.all[2].result == "at least once is fine"
+    assert root == "charged"
+    assert [n for n in os.listdir(tmp_path / "") if n.startswith("ran-in-")] == [f"ran-in-{os.getpid()}"], \
+        "the refused step's body never ran on a Dask worker"
+    with Store(store_path) as st:
+        names = [r.name for r in st.ops(handler.execution_id_for(None))]
+    assert "charge" not in names, "the refused step left no STARTED record behind"
+    assert names.count("root-charge") == 1
+
+
+def test_callbacks_in_a_dask_branch_are_refused_before_the_submitter_runs(client, store_path, tmp_path):
+    submitted = tmp_path / "submitted"
+
+    def submit(callback_id, cb_ctx):
+        submitted.write_text(callback_id)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([
+            lambda c: c.wait_for_callback(submit, name="approval"),
+            lambda c: c.create_callback(name="token").callback_id,
+        ], config=ALL_COMPLETED)
+
+    r = handler.run(None, store=store_path, backend=client)
+    for item, name in zip(r.all, ("approval", "token"), strict=True):
+        assert item.status == BatchItemStatus.FAILED
+        assert item.error.type == "durable_mp.exceptions.ValidationError"
+        assert f"{name!r}" in item.error.message
+        assert "Dask backend" in item.error.message and "callback" in item.error.message
+        assert "handler body" in item.error.message
+    assert not submitted.exists()

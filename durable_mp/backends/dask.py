@@ -16,6 +16,13 @@ a task whose worker died (``distributed.scheduler.allowed-failures``) and report
 branch timeouts and ``max_worker_memory`` are not enforced (use Dask's worker memory
 limits); early completion cancels what has not finished, but a task already running on
 a Dask thread runs to its end, unobserved.
+
+Two operations need the driver while a branch runs, and are refused inside Dask-run
+branches (``ValidationError``, before any user code of the operation runs):
+``AT_MOST_ONCE_PER_RETRY`` steps (their STARTED checkpoint must be committed before the
+body runs, and Dask may run a task again after losing its worker) and callbacks
+(``create_callback`` / ``wait_for_callback``: the driver answers the wait).  Both work in
+the handler body, which runs in the driver.
 """
 
 from __future__ import annotations
@@ -24,19 +31,55 @@ import copy
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
-from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
-from durable_mp.types import StepContext
 from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source
+from durable_mp.exceptions import StepTimeoutError, ValidationError, WorkerCrashedError
+from durable_mp.types import StepContext
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 _SOURCES: OrderedDict = OrderedDict()
 _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
+_WAIT_FOR_CALLBACK = "WaitForCallback"  # sub-type of wait_for_callback's context (operation.callback)
+
+
+def refusal(rec: OpRecord) -> ValidationError | None:
+    """Why the operation that emits ``rec`` cannot run in a Dask-run branch, or None.
+
+    Every such operation announces itself by a record before it runs user code: an
+    ``AT_MOST_ONCE_PER_RETRY`` step by its STARTED record (only those steps write one),
+    a callback by its STARTED CALLBACK record, ``wait_for_callback`` by its context's.
+    """
+    if rec.status != OpStatus.STARTED:
+        return None
+    if rec.op_type == OpType.STEP:
+        return ValidationError(
+            f"step {_name(rec)} uses StepSemantics.AT_MOST_ONCE_PER_RETRY, which the Dask backend cannot give "
+            f"inside a parallel/map branch: Dask runs a task again when it loses its worker, and the branch's "
+            f"checkpoints reach the store only when its task ends, so the step could run twice. Use "
+            f"AT_LEAST_ONCE_PER_RETRY (and make the step idempotent), run the step in the handler body (outside "
+            f"parallel/map), or use the local backend")
+    if rec.op_type == OpType.CALLBACK or (rec.op_type == OpType.CONTEXT and rec.sub_type == _WAIT_FOR_CALLBACK):
+        return _callback_refusal(rec)
+    return None
+
+
+def _callback_refusal(rec: OpRecord) -> ValidationError:
+    return ValidationError(
+        f"callback {_name(rec)}: the Dask backend cannot create or wait for a callback inside a parallel/map "
+        f"branch (its id must be in the store before anyone can complete it, and the driver answers the wait, "
+        f"but a Dask task has no channel to the driver). Create the callback and wait for it in the handler "
+        f"body (outside parallel/map), or use the local backend")
+
+
+def _name(rec: OpRecord) -> str:
+    return repr(rec.name) if rec.name else f"(unnamed, id {rec.op_id[:12]})"
 
 
 class _CollectingOutbox(Outbox):
@@ -46,6 +89,15 @@ class _CollectingOutbox(Outbox):
 
     def __init__(self) -> None:
         super().__init__(channel=None)
+
+    def add(self, rec: OpRecord) -> None:
+        refused = refusal(rec)
+        if refused is not None:  # before the record is kept: the store never sees the operation start
+            raise refused
+        super().add(rec)
+
+    def wait_callback(self, rec: OpRecord) -> OpRecord:
+        raise _callback_refusal(rec)
 
     def send(self, kind: str, *extra: Any) -> None:
         return None
