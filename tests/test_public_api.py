@@ -8,14 +8,18 @@ import inspect
 import pytest
 
 SURFACE = {
+    # exactly durable_mp.__all__: the reference's top level, then durable_mp's own names
     "durable_mp": [
         "durable_execution", "DurableContext", "StepContext", "BatchResult", "BatchItem", "BatchItemStatus",
         "CompletionReason", "durable_step", "durable_with_child_context", "durable_parallel_branch",
-        "ParallelBranch", "ErrorObject", "BatchCompletionError", "CompletionDecision", "CompletionItemStatus",
-        "CompletionOutcome", "CompletionStatus", "complete_batch", "continue_batch", "StepError",
-        "ChildContextError", "DurableExecutionsError", "ValidationError", "SerDesError",
-        "NonDeterministicExecutionError", "ExecutionFailedError", "WorkerCrashedError", "StepTimeoutError",
-        "MemoryLimitExceededError", "ExecutionLockedError", "StoreError", "__version__",
+        "durable_wait_for_callback", "ParallelBranch", "ErrorObject", "BatchCompletionError",
+        "CompletionDecision", "CompletionItemStatus", "CompletionOutcome", "CompletionStatus", "complete_batch",
+        "continue_batch", "WithRetryConfig", "with_retry", "InvocationStatus", "StepError", "ChildContextError",
+        "DurableExecutionsError", "DurableOperationError", "ExecutionError", "InvalidStateError",
+        "StepInterruptedError", "WaitForConditionError", "ValidationError", "SerDesError",
+        "NonDeterministicExecutionError", "__version__",
+        "DurableFunction", "ExecutionFailedError", "WorkerCrashedError", "StepTimeoutError",
+        "MemoryLimitExceededError", "ExecutionLockedError", "StoreError",
     ],
     "durable_mp.config": [
         "ParallelConfig", "MapConfig", "CompletionConfig", "StepConfig", "StepSemantics", "ChildConfig",
@@ -51,8 +55,13 @@ def test_public_names_exist(module):
 def test_top_level_all_is_exactly_the_pinned_surface():
     import durable_mp
 
-    assert set(SURFACE["durable_mp"]) <= set(durable_mp.__all__)
-    for name in durable_mp.__all__:
+    exported = list(durable_mp.__all__)
+    assert len(exported) == len(set(exported)), "a name is listed twice in __all__"
+    assert len(SURFACE["durable_mp"]) == len(set(SURFACE["durable_mp"]))
+    assert sorted(exported) == sorted(SURFACE["durable_mp"]), (
+        f"added: {sorted(set(exported) - set(SURFACE['durable_mp']))}, "
+        f"removed: {sorted(set(SURFACE['durable_mp']) - set(exported))}")
+    for name in exported:
         assert hasattr(durable_mp, name), name
 
 
