@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-try:
+import sys
+
+if sys.version_info >= (3, 11):
     from enum import StrEnum
-except ImportError:  # Python 3.10
+else:  # Python 3.10
     from enum import Enum
 
-    class StrEnum(str, Enum):  # type: ignore[no-redef]
+    class StrEnum(str, Enum):
         """Members are strings; ``str(member)`` is the value, as in 3.11."""
 
         def __str__(self) -> str:

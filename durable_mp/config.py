@@ -4,6 +4,12 @@ All are frozen dataclasses validated on construction, so a bad value raises
 ``ValidationError`` where the config is written, not deep inside a worker.  durable_mp
 adds keyword-only ``timeout`` (``StepConfig``) and ``branch_timeout`` (``ParallelConfig``,
 ``MapConfig``): seconds, fractional allowed, enforced by the driver.
+
+This module is a foundation: it imports only ``core``, ``exceptions`` and ``jitter``.  A
+retry strategy's return value (``retries.RetryDecision``, which needs ``Duration``) is
+named through the ``RetryVerdict`` protocol, and ``ParallelBranch`` lives here, with
+the other values handed to ``parallel``, so that ``decorators`` need not import
+``context``.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from durable_mp.core.completion import (
     BatchItemStatus,
@@ -24,18 +30,15 @@ from durable_mp.core.completion import (
     complete_batch,
     continue_batch,
 )
+from durable_mp.core.serdes_base import SerDes
 from durable_mp.exceptions import ValidationError
 from durable_mp.jitter import JitterStrategy
-
-if TYPE_CHECKING:
-    from durable_mp.retries import RetryDecision
-    from durable_mp.serdes import SerDes
 
 __all__ = [
     "BatchItemStatus", "CallbackConfig", "ChildConfig", "CompletionConfig", "CompletionDecision",
     "CompletionItemStatus", "CompletionOutcome", "CompletionStatus", "Duration", "InvokeConfig",
-    "JitterStrategy", "MapConfig", "NestingType", "ParallelConfig", "StepConfig",
-    "StepSemantics", "WaitForCallbackConfig", "complete_batch", "continue_batch", "timeout_seconds",
+    "JitterStrategy", "MapConfig", "NestingType", "ParallelBranch", "ParallelConfig", "RetryVerdict",
+    "StepConfig", "StepSemantics", "WaitForCallbackConfig", "complete_batch", "continue_batch", "timeout_seconds",
 ]
 
 T = TypeVar("T")
@@ -49,7 +52,18 @@ SUB_TYPE_MAX_LENGTH = 32
 _SUB_TYPE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_")
 MAX_PERCENTAGE = 100
 
-RetryStrategy = Callable[[Exception, int], "RetryDecision"]
+
+class RetryVerdict(Protocol):
+    """What a retry strategy returns, as the step loop reads it (``retries.RetryDecision``)."""
+
+    @property
+    def should_retry(self) -> bool: ...
+
+    @property
+    def delay_seconds(self) -> int: ...
+
+
+RetryStrategy = Callable[[Exception, int], RetryVerdict]
 SummaryGenerator = Callable[[Any], str]
 
 
@@ -164,6 +178,23 @@ class ChildConfig(Generic[T]):
 
     def __post_init__(self) -> None:
         _validate_sub_type(self.sub_type)
+
+
+class ParallelBranch(Generic[T]):
+    """A parallel branch with an optional name (only affects history).
+
+    ``func`` is called with the branch's ``DurableContext``.
+    """
+
+    def __init__(self, func: Callable[[Any], T], name: str | None = None) -> None:
+        self.func = func
+        self.name = name
+
+    def __call__(self, ctx: Any) -> T:
+        return self.func(ctx)
+
+    def __repr__(self) -> str:
+        return f"ParallelBranch({getattr(self.func, '__name__', self.func)!r}, name={self.name!r})"
 
 
 @dataclass(frozen=True)

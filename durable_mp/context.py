@@ -12,7 +12,7 @@ identical in both places, which is what makes replay inside a re-dispatched bran
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from durable_mp import serdes as _serdes
 from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
@@ -20,10 +20,16 @@ from durable_mp.config import (
     ChildConfig,
     Duration,
     MapConfig,
+    ParallelBranch,
     ParallelConfig,
     StepConfig,
     timeout_seconds,
 )
+# The reference defines the decorators in ``context``: re-exported from ``decorators``.
+from durable_mp.decorators import durable_parallel_branch as durable_parallel_branch
+from durable_mp.decorators import durable_step as durable_step
+from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
+from durable_mp.decorators import durable_with_child_context as durable_with_child_context
 from durable_mp.operation.replay import raise_stored
 from durable_mp.exceptions import (
     ChildContextError,
@@ -35,6 +41,7 @@ from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.core.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
 from durable_mp.core.spec import BatchSpec
+from durable_mp.operation.naming import op_name
 from durable_mp.operation.step import run_step
 from durable_mp.waits import WaitForConditionConfig
 
@@ -49,21 +56,6 @@ SUB_PARALLEL_BRANCH = "ParallelBranch"
 SUB_MAP = "Map"
 SUB_MAP_ITERATION = "MapIteration"
 SUB_WAIT_FOR_CONDITION = "WaitForCondition"
-
-
-def op_name(func: Any, name: str | None) -> str | None:
-    """Explicit name, else a decorator's original name, else the function's ``__name__``.
-
-    The reference stops at the decorator name; durable_mp also uses ``__name__`` (but not
-    ``<lambda>``) so that history and errors say which step it was.
-    """
-    if name is not None:
-        return name
-    original = getattr(func, "_original_name", None)
-    if original:
-        return original
-    fname = getattr(func, "__name__", None)
-    return fname if fname and fname != "<lambda>" else None
 
 
 class DurableContext:
@@ -332,29 +324,3 @@ class _ExecutionContext:
 
     def __init__(self, execution_id: str) -> None:
         self.durable_execution_arn = execution_id
-
-
-class ParallelBranch(Generic[T]):
-    """A parallel branch with an optional name (only affects history)."""
-
-    def __init__(self, func: Callable[[DurableContext], T], name: str | None = None) -> None:
-        self.func = func
-        self.name = name
-
-    def __call__(self, ctx: DurableContext) -> T:
-        return self.func(ctx)
-
-    def __repr__(self) -> str:
-        return f"ParallelBranch({getattr(self.func, '__name__', self.func)!r}, name={self.name!r})"
-
-
-_DECORATORS = ("durable_step", "durable_with_child_context", "durable_parallel_branch", "durable_wait_for_callback")
-
-
-def __getattr__(name: str) -> Any:
-    """The reference defines the decorators in ``context``; they live in ``decorators`` here."""
-    if name in _DECORATORS:
-        from durable_mp import decorators
-
-        return getattr(decorators, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,14 +4,18 @@ The decorated function, called with its arguments, returns a *bound* callable th
 context runs later.  Bound callables are small module-level classes rather than
 closures so they pickle cheaply (the user function itself goes through cloudpickle) and
 carry ``_original_name``, which the context uses as the operation name.
+
+The reference defines these in ``context``, which re-exports them from here; so this
+module must not import ``context``: the functions it binds take the context as ``Any``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from durable_mp.context import DurableContext, ParallelBranch
+from durable_mp.config import ParallelBranch
 
 T = TypeVar("T")
 
@@ -34,7 +38,7 @@ class _Bound:
         return (self.func, self.args, self.kwargs)
 
     def __setstate__(self, state: tuple) -> None:
-        self.__init__(*state)
+        _Bound.__init__(self, *state)
 
 
 def durable_step(func: Callable[..., T]) -> Callable[..., Callable[[Any], T]]:
@@ -48,11 +52,11 @@ def durable_step(func: Callable[..., T]) -> Callable[..., Callable[[Any], T]]:
     return bind
 
 
-def durable_with_child_context(func: Callable[..., T]) -> Callable[..., Callable[[DurableContext], T]]:
+def durable_with_child_context(func: Callable[..., T]) -> Callable[..., Callable[[Any], T]]:
     """``@durable_with_child_context def f(ctx, x)`` → ``ctx.run_in_child_context(f(x))``."""
 
     @functools.wraps(func)
-    def bind(*args: Any, **kwargs: Any) -> Callable[[DurableContext], T]:
+    def bind(*args: Any, **kwargs: Any) -> Callable[[Any], T]:
         return _Bound(func, args, kwargs)
 
     bind._original_name = func.__name__  # type: ignore[attr-defined]

@@ -7,18 +7,19 @@ checkpoint identically on the first run and on replay.  ``UnrecoverableError``
 subclasses end the whole execution.  durable_mp's additions (worker crash, timeout,
 memory limit) are operation errors, so a retry strategy can decide about them.
 
-This module sits at the bottom of the import graph: it imports only ``completion``.
+This module imports only ``core``.  The root classes (``DurableExecutionsError``,
+``ValidationError``, ``InvalidStateError``) are defined in ``core.errors`` so that
+``core`` can raise them; they are re-exported here, their public home.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from durable_mp.core.completion import CompletionReason
-
-if TYPE_CHECKING:
-    from durable_mp.lambda_service import ErrorObject
+from durable_mp.core.errors import DurableExecutionsError, ErrorDetails, PickleByState
+from durable_mp.core.errors import InvalidStateError as InvalidStateError  # re-export
+from durable_mp.core.errors import ValidationError as ValidationError  # re-export
 
 
 class TerminationReason(Enum):
@@ -31,36 +32,6 @@ class TerminationReason(Enum):
     NON_DETERMINISTIC_EXECUTION = "NON_DETERMINISTIC_EXECUTION"
     STEP_INTERRUPTED = "STEP_INTERRUPTED"
     SERIALIZATION_ERROR = "SERIALIZATION_ERROR"
-
-
-def _rebuild(cls: type[BaseException], args: tuple) -> BaseException:
-    error = cls.__new__(cls, *args)
-    error.args = args
-    return error
-
-
-class _Picklable:
-    """Pickle by state, not by re-calling ``__init__``.
-
-    Errors travel from workers to the driver; the default reduction calls
-    ``cls(*self.args)``, which breaks for constructors such as
-    ``BatchCompletionError(completion_reason, message)`` or ``UnrecoverableError``.
-    """
-
-    def __reduce__(self) -> tuple:
-        return (_rebuild, (type(self), self.args), self.__dict__)  # type: ignore[attr-defined]
-
-
-class DurableExecutionsError(_Picklable, Exception):
-    """Base of every error durable_mp raises on purpose."""
-
-
-class ValidationError(DurableExecutionsError):
-    """Bad arguments to a durable operation or config; raised before anything runs."""
-
-
-class InvalidStateError(DurableExecutionsError):
-    """An object was asked to make a transition its state does not allow."""
 
 
 def _qualified_name(cls: type) -> str:
@@ -239,7 +210,7 @@ class GetExecutionStateError(BotoClientError):
     """Reference-compatible name: reading the execution state from the service failed."""
 
 
-class SuspendExecution(_Picklable, BaseException):
+class SuspendExecution(PickleByState, BaseException):
     """Reference-compatible name: durable_mp waits in place instead of suspending."""
 
 
@@ -249,7 +220,7 @@ class TimedSuspendExecution(SuspendExecution):
         self.scheduled_timestamp = scheduled_timestamp
 
 
-class BackgroundThreadError(_Picklable, BaseException):
+class BackgroundThreadError(PickleByState, BaseException):
     """A background thread of the SDK failed."""
 
     def __init__(self, message: str, source_exception: BaseException) -> None:
@@ -257,7 +228,7 @@ class BackgroundThreadError(_Picklable, BaseException):
         self.source_exception = source_exception
 
 
-class OrphanedChildException(_Picklable, BaseException):
+class OrphanedChildException(PickleByState, BaseException):
     """A branch tried to record work after its batch had already completed.
 
     A ``BaseException`` so that ``except Exception`` in user code cannot swallow it.
@@ -275,7 +246,7 @@ class ExecutionFailedError(DurableExecutionsError):
     it happened just now or was stored by an earlier run.
     """
 
-    def __init__(self, error: ErrorObject, *, execution_id: str | None = None, stored: bool = False) -> None:
+    def __init__(self, error: ErrorDetails, *, execution_id: str | None = None, stored: bool = False) -> None:
         self.error = error
         self.execution_id = execution_id
         kind = error.type or "Error"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+
 from durable_mp._compat import StrEnum
 
 MIN_DELAY_SECONDS = 1  # the service cannot schedule anything sooner

@@ -14,7 +14,6 @@ from enum import Enum
 from typing import Any, NoReturn
 
 from durable_mp._compat import StrEnum
-
 from durable_mp.exceptions import ChildContextError, DurableOperationError, SerDesError
 
 _SERDES_ERROR_TYPE = f"{SerDesError.__module__}.{SerDesError.__qualname__}"
@@ -142,8 +141,8 @@ class ErrorObject:
     to_durable_operation_error = to_exception
 
     def raise_as_operation_error(
-        self, operation_error_cls: type[DurableOperationError] = ChildContextError
-    ) -> NoReturn:
+        self, operation_error_cls: builtins.type[DurableOperationError] = ChildContextError
+    ) -> NoReturn:  # ``builtins.type``: inside this class, ``type`` is the field
         """Raise ``operation_error_cls`` with these fields, from the rebuilt error.
 
         The same path serves the first run and replay, so both raise the same thing.

@@ -9,7 +9,8 @@ the operation's identity (``executionArn``, ``parentId``, ``operationName``,
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 LOGGER_NAME = "durable_mp"
 
@@ -27,7 +28,7 @@ class Logger:
         self._extra = dict(extra or {})
         self._is_replaying = is_replaying
 
-    def with_extra(self, **extra: Any) -> "Logger":
+    def with_extra(self, **extra: Any) -> Logger:
         return Logger(self._logger, {**self._extra, **extra}, self._is_replaying)
 
     def set_logger(self, new_logger: logging.Logger) -> None:

@@ -3,6 +3,9 @@
 ``attempts_made`` counts the attempts so far including the one that just failed, so
 ``max_attempts`` is the total number of executions.  Delays are whole seconds, at least
 one.  Every factory takes an optional ``rng`` so tests get deterministic jitter.
+
+``with_retry`` lives here as in the reference, but this module is a foundation below
+``context``: it uses a context only through ``RetryContext``, the two methods it calls.
 """
 
 from __future__ import annotations
@@ -11,16 +14,13 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from durable_mp.config import ChildConfig, Duration
 from durable_mp.jitter import JitterStrategy
 
-if TYPE_CHECKING:
-    from durable_mp.context import DurableContext
-
 __all__ = [
-    "JitterStrategy", "LinearRetryStrategyConfig", "RetryDecision", "RetryPresets",
+    "JitterStrategy", "LinearRetryStrategyConfig", "RetryContext", "RetryDecision", "RetryPresets",
     "RetryStrategyConfig", "WithRetryConfig", "create_linear_retry_strategy",
     "create_retry_strategy", "with_retry",
 ]
@@ -236,9 +236,22 @@ class WithRetryConfig(Generic[T]):
     child_context_config: ChildConfig[T] | None = None
 
 
+class RetryContext(Protocol):
+    """What ``with_retry`` calls on a ``DurableContext``."""
+
+    def run_in_child_context(
+        self, func: Callable[[Any], T], name: str | None = None, config: ChildConfig[Any] | None = None
+    ) -> T: ...
+
+    def wait(self, duration: Duration, name: str | None = None) -> None: ...
+
+
+C = TypeVar("C", bound=RetryContext)
+
+
 def with_retry(
-    context: DurableContext,
-    func: Callable[[DurableContext, int], T],
+    context: C,
+    func: Callable[[C, int], T],
     config: WithRetryConfig[T],
     name: str | None = None,
 ) -> T:
@@ -249,7 +262,7 @@ def with_retry(
     """
     strategy = config.retry_strategy or create_retry_strategy()
 
-    def run_loop(ctx: DurableContext) -> T:
+    def run_loop(ctx: C) -> T:
         attempt = 0
         while True:
             attempt += 1

@@ -8,7 +8,8 @@ by reference); only what it refuses (lambdas, closures, classes defined in
 
 The module-level ``serialize``/``deserialize`` are what the engine calls: ``None`` picks
 the default, and every failure becomes a ``SerDesError`` naming what was being
-(de)serialized, e.g. "result of step 'fetch'".
+(de)serialized, e.g. "result of step 'fetch'".  The interface (``SerDes``,
+``SerDesContext``) is defined in ``core.serdes_base``, below ``config``, which names it.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ import json
 import pickle
 import struct
 import uuid
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import cloudpickle
 
 from durable_mp.concurrency.models import BatchResult
+from durable_mp.core.serdes_base import Payload, SerDes, SerDesContext
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 
 __all__ = [
-    "DEFAULT_SERDES", "ExtendedTypeSerDes", "JsonSerDes", "PassThroughSerDes", "PickleSerDes",
+    "DEFAULT_SERDES", "ExtendedTypeSerDes", "JsonSerDes", "PassThroughSerDes", "Payload", "PickleSerDes",
     "SerDes", "SerDesContext", "deserialize", "serialize",
 ]
 
@@ -38,32 +39,6 @@ T = TypeVar("T")
 
 PICKLE_PROTOCOL = 5
 MAX_PAYLOAD_BYTES = 1 << 30  # one checkpointed value; LMDB and the worker pipe take more, RAM may not
-Payload = str | bytes
-
-
-@dataclass(frozen=True)
-class SerDesContext:
-    """Which operation a value belongs to, for serializers that store it elsewhere."""
-
-    operation_id: str = ""
-    durable_execution_arn: str = ""
-
-
-class SerDes(ABC, Generic[T]):
-    """Turns a value into a checkpoint payload and back."""
-
-    @abstractmethod
-    def serialize(self, value: T, serdes_context: SerDesContext) -> Payload: ...
-
-    @abstractmethod
-    def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T: ...
-
-    @staticmethod
-    def is_primitive(obj: Any) -> bool:
-        """True for JSON scalars and (nested) lists of them."""
-        if obj is None or isinstance(obj, str | int | float | bool):
-            return True
-        return isinstance(obj, list) and all(SerDes.is_primitive(item) for item in obj)
 
 
 class PassThroughSerDes(SerDes[T]):
@@ -171,7 +146,7 @@ def serialize_parts(serdes: SerDes | None, value: Any, *, op_id: str = "", execu
     except Exception as error:
         raise SerDesError(f"Cannot serialize {what} (value of type {_describe(value)}) with PickleSerDes: "
                           f"{type(error).__name__}: {error}") from error
-    _check_size(len(parts) if parts.__class__ is bytes else parts.nbytes, what, value)
+    _check_size(parts.nbytes if isinstance(parts, Parts) else len(parts), what, value)
     return parts
 
 
@@ -186,7 +161,9 @@ class _Tag:
     TUPLE, LIST, DICT, BATCH_RESULT = "t", "l", "m", "br"
 
 
-_SCALAR_DECODERS = {_Tag.NONE: lambda v: None, _Tag.STR: str, _Tag.INT: int, _Tag.FLOAT: float, _Tag.BOOL: bool}
+_SCALAR_DECODERS: dict[str, Callable[[Any], Any]] = {
+    _Tag.NONE: lambda v: None, _Tag.STR: str, _Tag.INT: int, _Tag.FLOAT: float, _Tag.BOOL: bool,
+}
 
 
 def _wrap(tag: str, value: Any) -> dict[str, Any]:

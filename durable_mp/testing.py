@@ -46,19 +46,19 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, cast
 
-from durable_mp.operation import callback as _callbacks
+from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.exceptions import ExecutionFailedError
 from durable_mp.execution import SUCCEEDED, DurableFunction, durable_execution, envelope_of
 from durable_mp.inspect.history import build_history
-from durable_mp.lambda_service import (ErrorObject, InvocationStatus, OperationStatus, OperationSubType,
-                                       OperationType)
-from durable_mp.core.records import OpRecord, OpStatus, OpType
-from durable_mp.store.facade import Store
 from durable_mp.inspect.tree import OpTree
+from durable_mp.lambda_service import ErrorObject, InvocationStatus, OperationStatus, OperationSubType, OperationType
+from durable_mp.operation import callback as _callbacks
+from durable_mp.store.facade import Store
 
 __all__ = [
     "CallbackOperation", "ContextOperation", "DurableChildContextTestRunner", "DurableFunctionTestResult",
@@ -92,7 +92,7 @@ class _ByName:
     def _lookup_in(self) -> list:
         raise NotImplementedError
 
-    def get_operation_by_name(self, name: str) -> "Operation":
+    def get_operation_by_name(self, name: str) -> Operation:
         for op in self._lookup_in():
             if op.name == name:
                 return op
@@ -151,13 +151,15 @@ def _view(rec: OpRecord, tree: OpTree, execution_id: str) -> Operation:
         sub_type: Any = OperationSubType(rec.sub_type)
     except ValueError:  # a user's own sub_type (StepConfig(sub_type=...))
         sub_type = rec.sub_type
-    common = dict(operation_id=rec.op_id, operation_type=OperationType(rec.op_type),
-                  status=OperationStatus(rec.status), parent_id=rec.parent_id or None, name=rec.name,
-                  sub_type=sub_type, start_timestamp=_when(rec.start_ts), end_timestamp=_when(rec.end_ts))
+    common: dict[str, Any] = dict(
+        operation_id=rec.op_id, operation_type=OperationType(rec.op_type), status=OperationStatus(rec.status),
+        parent_id=rec.parent_id or None, name=rec.name, sub_type=sub_type, start_timestamp=_when(rec.start_ts),
+        end_timestamp=_when(rec.end_ts))
     if rec.op_type == OpType.WAIT:
         return WaitOperation(**common, scheduled_end_timestamp=_when((rec.extra or {}).get("scheduled_end")))
-    payload = dict(child_operations=[_view(c, tree, execution_id) for c in tree.children(rec.op_id)],
-                   result=rec.result, error=ErrorObject.from_dict(rec.error) if rec.error else None)
+    payload: dict[str, Any] = dict(
+        child_operations=[_view(c, tree, execution_id) for c in tree.children(rec.op_id)],
+        result=rec.result, error=ErrorObject.from_dict(rec.error) if rec.error else None)
     if rec.op_type == OpType.STEP:
         return StepOperation(**common, **payload, attempt=rec.attempt,
                              next_attempt_timestamp=_when(rec.next_attempt_ts))
@@ -257,7 +259,7 @@ class DurableFunctionTestRunner:
         self.store: Store = Store(store) if self._owns_store else store
         self._runs: dict[str, _Run] = {}
 
-    def __enter__(self) -> "DurableFunctionTestRunner":
+    def __enter__(self) -> DurableFunctionTestRunner:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -309,7 +311,7 @@ class DurableFunctionTestRunner:
             run.value = self.handler.run(run.event, store=self.store, execution_id=run.arn,
                                          skip_time=self.skip_time)
         except ExecutionFailedError as exc:
-            run.error = exc.error
+            run.error = cast(ErrorObject, exc.error)  # handler.run raises it with an ErrorObject
         except BaseException as exc:  # noqa: BLE001 - handed to wait_for_result's caller
             run.exception = exc
         finally:
@@ -329,6 +331,8 @@ class DurableFunctionTestRunner:
         if run.exception is not None:
             raise run.exception
         execution = self.store.get_execution(execution_arn)
+        if execution is None:  # run() raised before it recorded the execution: run.exception is set
+            raise RuntimeError(f"execution {execution_arn!r} has no record in the store")
         status, payload, error = InvocationStatus.FAILED, None, run.error
         execution_status = ExecutionStatus(execution.status)
         if error is None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from durable_mp.config import Duration
+from durable_mp.core.serdes_base import SerDes
 from durable_mp.exceptions import WaitForConditionError
 from durable_mp.jitter import JitterStrategy
-
-if TYPE_CHECKING:
-    from durable_mp.serdes import SerDes
 
 __all__ = ["WaitForConditionConfig", "WaitForConditionDecision", "WaitStrategyConfig", "create_wait_strategy"]
 

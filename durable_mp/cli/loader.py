@@ -101,7 +101,9 @@ def resolve(module: ModuleType, qualname: str, ref: str) -> DurableFunction:
     return obj
 
 
-def load_handler(ref: str, *, source: str | None = None, paths: tuple[str, ...] = ()) -> tuple[DurableFunction, str | None]:
+def load_handler(
+    ref: str, *, source: str | None = None, paths: tuple[str, ...] = ()
+) -> tuple[DurableFunction, str | None]:
     """The handler named by ``ref`` and the file it was loaded from (None for a module ref).
 
     ``source`` is the file recorded for an execution started from a path: when it still

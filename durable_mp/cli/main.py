@@ -25,17 +25,18 @@ import os
 import pickle
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from durable_mp.cli.loader import HandlerError, load_handler
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
 from durable_mp.inspect.history import build_history, format_history
-from durable_mp.cli.loader import HandlerError, load_handler
-from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
 from durable_mp.inspect.report import write_report
-from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
-from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 from durable_mp.inspect.tree import OpTree, error_line, render_tree
+from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
+from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
+from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
 PROG = "durable-mp"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -116,7 +117,7 @@ class _LogSetup:
         self.handler: logging.Handler | None = None
         self.old_level = logging.WARNING
 
-    def __enter__(self) -> "_LogSetup":
+    def __enter__(self) -> _LogSetup:
         root = logging.getLogger()
         self.old_level = root.level
         self.handler = logging.StreamHandler(sys.stderr)
@@ -210,9 +211,11 @@ def _stored_outcome(rec: ExecutionRecord, ref_loader: Callable[[], Any]) -> int:
     except Exception:  # noqa: BLE001 - the result's classes live in the handler's module
         try:
             ref_loader()
-            value = pickle.loads(rec.result)
+            value = pickle.loads(rec.result)  # type: ignore[arg-type]  # not None: the first loads raised
         except Exception as exc:  # noqa: BLE001
-            raise CliError(f"the stored result of {rec.exec_id!r} cannot be loaded: {type(exc).__name__}: {exc}")
+            raise CliError(
+                f"the stored result of {rec.exec_id!r} cannot be loaded: {type(exc).__name__}: {exc}"
+            ) from exc
     print(result_text(value))
     return EXIT_OK
 
@@ -242,7 +245,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     wanted = args.status.upper() if args.status else None
-    rows = []
+    rows: list[dict[str, Any]] = []
     with _open(args) as store:
         for rec in store.list_executions():
             status = _display_status(rec)
@@ -266,7 +269,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.append((r["id"], r["handler"], r["status"], r["started"], dur, f"{r['ops_done']}/{r['ops_total']}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from durable_mp.config import CompletionConfig
 from durable_mp.core.completion import (
     BatchItemStatus,
     CompletionDecision,
@@ -31,7 +32,6 @@ from durable_mp.core.completion import (
     complete_batch,
     continue_batch,
 )
-from durable_mp.config import CompletionConfig
 from durable_mp.exceptions import BatchCompletionError, ChildContextError, InvalidStateError, ValidationError
 from durable_mp.lambda_service import ErrorObject
 
@@ -273,7 +273,7 @@ class BatchResult(Generic[R]):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], completion_config: CompletionConfig | None = None) -> BatchResult[R]:
-        items = [BatchItem.from_dict(item) for item in data["all"]]
+        items: list[BatchItem[R]] = [BatchItem.from_dict(item) for item in data["all"]]
         reason = data.get("completionReason")
         if reason is None:
             result = cls.from_items(items, completion_config)

@@ -1,15 +1,17 @@
 """The vocabulary of batch completion: statuses, reasons and custom decisions.
 
-It lives apart from ``batch.py`` because ``exceptions.BatchCompletionError`` needs
-``CompletionReason`` and ``config.CompletionConfig`` names the predicate types, while
-``batch.py`` imports both of those; this module imports nothing from durable_mp at load
-time, so it can sit at the bottom of the import graph.
+It lives apart from ``concurrency.models`` because ``exceptions.BatchCompletionError``
+needs ``CompletionReason`` and ``config.CompletionConfig`` names the predicate types,
+while ``concurrency.models`` imports both of those; this module imports only
+``core.errors``, so it sits at the bottom of the import graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from durable_mp.core.errors import ValidationError
 
 
 class BatchItemStatus(Enum):
@@ -46,9 +48,9 @@ class CompletionDecision:
 
     def __post_init__(self) -> None:
         if self.complete and self.outcome is None:
-            _invalid("CompletionDecision: outcome is required when complete is True")
+            raise ValidationError("CompletionDecision: outcome is required when complete is True")
         if not self.complete and self.outcome is not None:
-            _invalid("CompletionDecision: outcome must be None when complete is False")
+            raise ValidationError("CompletionDecision: outcome must be None when complete is False")
 
 
 def continue_batch() -> CompletionDecision:
@@ -80,9 +82,3 @@ class CompletionStatus:
     total_count: int
     items: tuple[CompletionItemStatus, ...] = ()
 
-
-def _invalid(message: str) -> None:
-    # Imported late: exceptions.py imports this module for CompletionReason.
-    from durable_mp.exceptions import ValidationError
-
-    raise ValidationError(message)

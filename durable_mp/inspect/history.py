@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType
-from durable_mp.store.records import FAILED, SUCCEEDED, ExecutionRecord
 from durable_mp.inspect.tree import OpTree, error_line
+from durable_mp.store.records import FAILED, SUCCEEDED, ExecutionRecord
 
 PAYLOAD_PREVIEW_CHARS = 1000  # execution input/result longer than this (as JSON) are not inlined
 

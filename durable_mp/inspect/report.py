@@ -16,8 +16,8 @@ import json
 import math
 import os
 
-from durable_mp.inspect.history import iso
 from durable_mp.core.records import OpStatus
+from durable_mp.inspect.history import iso
 from durable_mp.inspect.timeline import DRIVER, NO_WORKER, Bar, Timeline, build_timeline
 from durable_mp.inspect.tree import OpTree, error_line
 
@@ -35,7 +35,8 @@ h1{font-size:20px;margin:0 0 12px} h1 code{font-size:18px} h2{font-size:16px;mar
 code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:13px;vertical-align:middle}
 .st-SUCCEEDED{background:#2e9e44}.st-FAILED{background:#d1342f}.st-RUNNING{background:#b58100}
-table{border-collapse:collapse} td,th{padding:3px 10px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
+table{border-collapse:collapse}
+td,th{padding:3px 10px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
 table.summary th{color:#57606a;font-weight:500}
 .legend{margin:14px 0;display:flex;gap:16px;flex-wrap:wrap;font-size:13px;align-items:center}
 .legend svg{vertical-align:middle}

@@ -22,11 +22,12 @@ from __future__ import annotations
 import heapq
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType
-from durable_mp.store.records import ExecutionRecord
 from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
+from durable_mp.store.records import ExecutionRecord
 
 DRIVER = "driver"
 NO_WORKER = "none"
@@ -92,7 +93,22 @@ def _branch_row(rec: OpRecord) -> object:
     return NO_WORKER
 
 
-def _attempt_bars(tree: OpTree, rec: OpRecord, row_of) -> list[Bar]:
+RowOf = Callable[[int | None], object]  # an attempt's pid -> its bar's row
+
+
+def _worker_or(row: object) -> RowOf:
+    """Row of an attempt: the worker that ran it, else ``row``."""
+    return lambda pid: pid or row
+
+
+def _step_row(branch: OpRecord | None) -> RowOf:
+    """Row of a step attempt: the driver for the handler body, else the worker that ran it."""
+    if branch is None:
+        return lambda _pid: DRIVER
+    return _worker_or(branch.pid or NO_WORKER)
+
+
+def _attempt_bars(tree: OpTree, rec: OpRecord, row_of: RowOf) -> list[Bar]:
     bars = []
     attempts = list(rec.attempts)
     branch = tree.branch_of(rec) if rec.op_type == OpType.STEP else None
@@ -133,22 +149,18 @@ def build_timeline(tree: OpTree) -> Timeline:
                             crash=etype if etype in KILL_TYPES else "",
                             parent=branch.op_id if branch is not None else ""))
             if rec.attempts:
-                bars.extend(_attempt_bars(tree, rec, lambda pid, r=row: pid or r))
+                bars.extend(_attempt_bars(tree, rec, _worker_or(row)))
             if is_crash(rec.error):
                 markers.append(Marker(row, tree.end_of(rec), error_line(rec.error), rec.op_id))
         elif rec.op_type == OpType.STEP:
-            if branch is None:
-                row_of = lambda _pid: DRIVER  # noqa: E731 - the handler body runs in the driver
-            else:
-                row_of = lambda pid, b=branch: pid or b.pid or NO_WORKER  # noqa: E731
-            step_bars = _attempt_bars(tree, rec, row_of)
+            step_bars = _attempt_bars(tree, rec, _step_row(branch))
             bars.extend(step_bars)
             if branch is not None:
-                for bar in step_bars:
-                    if isinstance(bar.row, int):
-                        inside.setdefault(branch.op_id, set()).add(bar.row)
-                        key = (branch.op_id, bar.row)
-                        last_seen[key] = max(last_seen.get(key, 0.0), bar.end)
+                for step_bar in step_bars:
+                    if isinstance(step_bar.row, int):
+                        inside.setdefault(branch.op_id, set()).add(step_bar.row)
+                        key = (branch.op_id, step_bar.row)
+                        last_seen[key] = max(last_seen.get(key, 0.0), step_bar.end)
         elif branch is None and (is_batch(rec) or rec.op_type in (OpType.CONTEXT, OpType.WAIT)):
             kind = "wait" if rec.op_type == OpType.WAIT else "context"
             bars.append(Bar(kind, rec.op_id, rec.name or rec.sub_type, _status(rec.status), DRIVER,

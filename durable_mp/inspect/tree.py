@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
@@ -69,7 +69,7 @@ class OpTree:
     def _ordered(self, parent: str, recs: list[OpRecord]) -> list[OpRecord]:
         owner = self.ops.get(parent)
         branches = [r for r in recs if is_branch(r)] if owner is not None and is_batch(owner) else []
-        if branches:
+        if owner is not None and branches:
             total = max(int((owner.extra or {}).get("total") or 0), len(branches))
             wanted = {r.op_id for r in branches}
             limit = total + (0 if owner.is_terminal else INDEX_SEARCH_SLACK)
@@ -187,19 +187,19 @@ def render_tree(tree: OpTree, limit: int | None = 10) -> str:
     def emit(op_id: str, prefix: str) -> None:
         children = tree.children(op_id)
         shown, _hidden = _select(children, limit)
-        entries: list[tuple[str, OpRecord | list[OpRecord]]] = []
+        entries: list[OpRecord | list[OpRecord]] = []  # a node, or a gap of hidden siblings
         prev = -1
         for i in shown:
             if i != prev + 1:
-                entries.append(("gap", children[prev + 1:i]))
-            entries.append(("node", children[i]))
+                entries.append(children[prev + 1:i])
+            entries.append(children[i])
             prev = i
         if prev != len(children) - 1:
-            entries.append(("gap", children[prev + 1:]))
-        for k, (kind, item) in enumerate(entries):
+            entries.append(children[prev + 1:])
+        for k, item in enumerate(entries):
             last = k == len(entries) - 1
             branch, cont = ("└─ ", "   ") if last else ("├─ ", "│  ")
-            if kind == "gap":
+            if isinstance(item, list):
                 lines.append(prefix + branch + _gap_text(item))
                 continue
             lines.append(prefix + branch + _node_text(item, tree))

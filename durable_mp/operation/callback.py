@@ -15,11 +15,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
-from durable_mp.operation.replay import raise_stored
+from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.exceptions import (
     CallbackError,
     CallbackExternalError,
@@ -29,11 +30,10 @@ from durable_mp.exceptions import (
     ValidationError,
 )
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.operation.protocol import DurableContextProtocol
+from durable_mp.operation.replay import raise_stored
+from durable_mp.store.facade import Store
 from durable_mp.types import WaitForCallbackContext
-
-if TYPE_CHECKING:
-    from durable_mp.context import DurableContext
 
 CALLBACK_POLL_SECONDS = 0.1
 SUB_CALLBACK = "Callback"
@@ -86,7 +86,7 @@ def poll_callback(store: Any, execution_id: str, rec: OpRecord) -> OpRecord | No
 class Callback:
     """A pending callback: its ``callback_id`` to hand out, and ``result()`` to wait on."""
 
-    def __init__(self, ctx: "DurableContext", rec: OpRecord, serdes: Any) -> None:
+    def __init__(self, ctx: DurableContextProtocol, rec: OpRecord, serdes: Any) -> None:
         self._ctx = ctx
         self._rec = rec
         self._serdes = serdes
@@ -110,7 +110,7 @@ class Callback:
                                    execution_id=self._ctx.state.execution_id, what=f"callback {rec.name!r}")
 
 
-def create_callback(ctx: "DurableContext", name: str | None, config: CallbackConfig | None) -> Callback:
+def create_callback(ctx: DurableContextProtocol, name: str | None, config: CallbackConfig | None) -> Callback:
     config = config or CallbackConfig()
     sub_type = config.sub_type or SUB_CALLBACK
     op_id = ctx._next_id()
@@ -125,7 +125,7 @@ def create_callback(ctx: "DurableContext", name: str | None, config: CallbackCon
     return Callback(ctx, rec, config.serdes)
 
 
-def wait_for_callback(ctx: "DurableContext", submitter: Callable[[str, WaitForCallbackContext], None],
+def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, WaitForCallbackContext], None],
                       name: str | None, config: WaitForCallbackConfig | None) -> Any:
     """A WaitForCallback context: create the callback, run the submitter step, wait."""
     config = config or WaitForCallbackConfig()
@@ -162,8 +162,6 @@ def wait_for_callback(ctx: "DurableContext", submitter: Callable[[str, WaitForCa
 
 # -- the sender's side ------------------------------------------------------------------------
 def _complete(callback_id: str, store: Any, update: Callable[[OpRecord], OpRecord]) -> None:
-    from durable_mp.store.facade import Store
-
     execution_id, parent_id, op_id = decode_callback_id(callback_id)
     db = store if isinstance(store, Store) else Store(store, create=False)
     try:

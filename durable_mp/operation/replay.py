@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import NoReturn
 
 from durable_mp import exceptions
-from durable_mp.lambda_service import ErrorObject
 from durable_mp.core.records import OpRecord
+from durable_mp.lambda_service import ErrorObject
 
 
 def error_class(name: str | None, default: str) -> type[Exception]:

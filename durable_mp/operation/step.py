@@ -26,7 +26,7 @@ from durable_mp.retries import RetryPresets
 from durable_mp.types import StepContext
 
 if TYPE_CHECKING:
-    from durable_mp.context import DurableContext
+    from durable_mp.operation.protocol import DurableContextProtocol
 
 _DEFAULT_STRATEGY = None
 
@@ -80,7 +80,7 @@ def _with_cut_short_attempt(rec: OpRecord, attempts: list[Attempt], error: Excep
     return [*attempts, Attempt(rec.attempt, min(start, time.time()), None, rec.pid, err)]
 
 
-def run_step(ctx: DurableContext, op_id: str, name: str | None, func: Callable, config: StepConfig,
+def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Callable, config: StepConfig,
              rec: OpRecord | None) -> Any:
     state = ctx.state
     strategy = config.retry_strategy or default_strategy()

@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from durable_mp import serdes as _serdes
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.exceptions import WaitForConditionError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.operation.naming import op_name
+from durable_mp.operation.protocol import DurableContextProtocol
 from durable_mp.types import WaitForConditionCheckContext
-
-if TYPE_CHECKING:
-    from durable_mp.context import DurableContext
-    from durable_mp.waits import WaitForConditionConfig
+from durable_mp.waits import WaitForConditionConfig
 
 SUB_TYPE = "WaitForCondition"
 
 
-def run_wait_for_condition(ctx: "DurableContext", check: Callable[[Any, Any], Any],
-                           config: "WaitForConditionConfig", name: str | None) -> Any:
-    from durable_mp.context import op_name
-
+def run_wait_for_condition(ctx: DurableContextProtocol, check: Callable[[Any, Any], Any],
+                           config: WaitForConditionConfig[Any], name: str | None) -> Any:
     name = op_name(check, name)
     op_id = ctx._next_id()
     rec = ctx._checkpoint(op_id, OpType.STEP, SUB_TYPE, name)
