@@ -290,3 +290,13 @@ _OPERATION_ERRORS: dict[str, type[DurableOperationError]] = {
 def register_operation_error(error_cls: type[DurableOperationError]) -> None:
     """Let ``from_error_fields`` rebuild ``error_cls`` (it must take the four fields)."""
     _OPERATION_ERRORS[_qualified_name(error_cls)] = error_cls
+
+
+class CheckpointFailedError(BaseException):
+    """Checkpoints could not be written, even after retries: the store is unwritable.
+
+    A ``BaseException``, like ``BackgroundThreadError``, so that a handler's ``except
+    Exception`` cannot swallow it by accident.  The store latches it and raises it again on
+    every later write, so the execution stops as interrupted (RUNNING, resumable) and is
+    never recorded SUCCEEDED with records missing.
+    """

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import lmdb
@@ -496,12 +497,76 @@ def test_acquire_creates_then_retakes_own_lock(store):
     me = psutil.Process()
     assert created and rec.owner_pid == me.pid and rec.owner_create_time == pytest.approx(me.create_time())
     assert store.get_execution("e") == rec
-    again, created = store.acquire("e", lambda: pytest.fail("must not create twice"))
-    assert not created and again.owner_pid == me.pid and again.runs == 2
+    with pytest.raises(ExecutionLockedError, match="thread"):  # held: not re-entrant, not even in one thread
+        store.acquire("e", lambda: pytest.fail("must not create twice"))
     store.release("e")
     released = store.get_execution("e")
     assert released.owner_pid == 0 and released.status == "RUNNING"
+    again, created = store.acquire("e", lambda: pytest.fail("must not create twice"))
+    assert not created and again.owner_pid == me.pid and again.runs == 2
+    store.release("e")
     store.release("missing")  # no-op
+
+
+def test_a_second_thread_of_the_same_process_is_refused(store):
+    held, finish = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        store.acquire("e", lambda: execution("e"))
+        held.set()
+        finish.wait(30)
+        store.release("e")
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(ExecutionLockedError) as info:
+            store.acquire("e", lambda: execution("e"))
+        assert "thread" in str(info.value) and "'e'" in str(info.value)
+        store.release("e")  # not this thread's: the owner thread keeps its lock
+        with Store(store.path) as other, pytest.raises(ExecutionLockedError):
+            other.acquire("e", lambda: execution("e"))  # another Store on the same path shares the lock
+    finally:
+        finish.set()
+        thread.join(30)
+    rec, created = store.acquire("e", lambda: execution("e"))  # released by its owner: free again
+    assert not created and rec.runs == 2
+    store.release("e")
+
+
+def test_the_lock_of_a_thread_that_ended_without_releasing_is_taken_over(store):
+    thread = threading.Thread(target=lambda: store.acquire("e", lambda: execution("e")))
+    thread.start()
+    thread.join(30)
+    rec, created = store.acquire("e", lambda: pytest.fail("must not create twice"))
+    assert not created and rec.owner_pid == os.getpid() and rec.runs == 2
+    store.release("e")
+
+
+@pytest.mark.timeout(60)
+def test_two_threads_never_run_one_execution_at_once(store_path):
+    from durable_mp import durable_execution
+
+    inside, leave = threading.Event(), threading.Event()
+
+    @durable_execution
+    def handler(event, ctx):
+        inside.set()
+        assert leave.wait(30)
+        return "first"
+
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(handler.run(None, store=store_path, execution_id="one")))
+    first.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(ExecutionLockedError):
+            handler.run(None, store=store_path, execution_id="one")
+    finally:
+        leave.set()
+        first.join(30)
+    assert results == ["first"]
 
 
 def test_acquire_finished_execution_does_not_start_a_run(store):

@@ -45,11 +45,13 @@ DB_META, DB_EXECUTIONS, DB_OPS = b"meta", b"executions", b"ops"
 LMDB_MAGIC = 0xBEEFC0DE  # starts the meta record in pages 0 and 1 of a data file
 _META_LEN = 136  # bytes of the meta record we read: magic .. last_pg, txnid
 
+EnvKey = tuple[int, int]  # (st_dev, st_ino) of a store directory: one environment per directory and process
+
 _FIX = "Fix: chmod 700 {dir} && chmod 600 {dir}/*.mdb"
 _WHY = "loading a checkpoint unpickles it, which can run arbitrary code"
 
 
-def resolve_store_path(path: str | os.PathLike | None = None) -> pathlib.Path:
+def resolve_store_path(path: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """The store directory: ``path`` if given, else ``$DURABLE_MP_STORE``, else ``./.durable_mp``.
 
     The result is absolute, so a later ``chdir`` does not move the store.
@@ -125,7 +127,7 @@ def _file_id(path: pathlib.Path) -> tuple[int, int] | None:
 class SharedEnv:
     """One open LMDB environment and its database handles, shared within a process."""
 
-    def __init__(self, path: pathlib.Path, key: tuple, env: Any, readonly: bool) -> None:
+    def __init__(self, path: pathlib.Path, key: EnvKey, env: Any, readonly: bool) -> None:
         self.path = path
         self.key = key
         self.env = env
@@ -135,7 +137,9 @@ class SharedEnv:
         self.forked = False
         self.closed = False
         self.data_id = _file_id(path / DATA_FILE)
-        self.meta = self.executions = self.ops = None
+        self.meta: Any = None  # LMDB database handles, set by _open_databases
+        self.executions: Any = None
+        self.ops: Any = None
 
     def usable_by_this_process(self) -> None:
         if self.forked:
@@ -147,7 +151,7 @@ class SharedEnv:
             raise StoreError(f"the durable_mp store {self.path} is closed")
 
 
-_OPEN: dict[tuple, SharedEnv] = {}
+_OPEN: dict[EnvKey, SharedEnv] = {}
 _OPEN_LOCK = threading.Lock()
 
 
@@ -196,7 +200,7 @@ def release_shared(shared: SharedEnv) -> None:
             shared.env.close()
 
 
-def _open_new(path: pathlib.Path, key: tuple, *, map_size: int, readonly: bool) -> SharedEnv:
+def _open_new(path: pathlib.Path, key: EnvKey, *, map_size: int, readonly: bool) -> SharedEnv:
     data_existed = (path / DATA_FILE).exists()
     lock_existed = (path / LOCK_FILE).exists()
     if data_existed:

@@ -10,21 +10,26 @@
     └──────────────────────────────────────────┘         └─────────────────────────────┘
 
 * **Group commit.**  Only the driver writes.  Operation records are staged in memory and
-  committed together, one durable (fsync'ed) transaction per batch: a batch is due after
-  ``flush_count`` records or ``flush_seconds`` after its oldest record.  ``stage()`` checks
-  that itself; a driver that stops staging must call ``maybe_flush()`` by ``flush_due()``.
+  committed together, one durable (fsync'ed) transaction per batch, by the store's
+  ``GroupCommit`` (``store/commit.py``): a batch is due after ``flush_count`` records or
+  ``flush_seconds`` after its oldest record, and its committer thread notices that itself.
   Reads see staged records, so replay never waits for a commit.  A killed driver loses
   only the records not yet committed; a commit is atomic.
+* **An unwritable store stops the run.**  Failed commits and execution writes are retried;
+  if the store stays unwritable, every later write raises one latched
+  ``CheckpointFailedError`` (a ``BaseException``), so the execution ends interrupted and
+  resumable, never SUCCEEDED with records missing.
 * **Keys** are ``exec_id \\0 parent_id \\0 op_id`` (UTF-8), so the children of one
   operation are one prefix scan and no execution or parent can see another's records
   (ids never contain NUL).
 * **Executions** commit immediately.  ``acquire`` takes an execution's lock in one write
   transaction; the owner is a (pid, process start time) pair, so a recycled pid is not
-  mistaken for a live owner, and a dead owner's lock is simply taken over.
+  mistaken for a live owner, and a dead owner's lock is simply taken over.  Within the
+  process, one thread at a time holds it (``records.HOLDERS``).
 * The map grows by doubling when a transaction finds it full.
 
 Opening, permission checks and the per-process sharing of an environment live in
-``store_env``; execution records, id rules and the lock policy in ``store_records``.
+``env``; execution records, id rules and the lock policy in ``records``.
 
 A ``Store`` belongs to the process that opened it: never use it in a forked child (it
 raises ``StoreError`` there).  ``make_new`` passed to ``acquire`` runs inside the write
@@ -35,17 +40,17 @@ from __future__ import annotations
 
 import os
 import pathlib
-import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable, TypeVar
 
 import lmdb
 
-from durable_mp.exceptions import StoreError
 from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord
-from durable_mp.store.commit import GroupCommit
-from durable_mp.store.env import DEFAULT_STORE_DIR, STORE_ENV_VAR, open_shared, release_shared, resolve_store_path
-from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
+from durable_mp.exceptions import StoreError
+from durable_mp.store.commit import GroupCommit, Items, with_retries
+from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
+                                  resolve_store_path)
+from durable_mp.store.records import (FAILED, HOLDERS, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
                                       this_process, unclaim, validate_exec_id)
 
 __all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUNT", "FLUSH_SECONDS",
@@ -57,37 +62,35 @@ MAX_MAP_SIZE = 1 << 42  # bytes (4 TiB): past this a full map is a full disk, no
 FLUSH_COUNT = 5000  # staged records that make a batch due
 FLUSH_SECONDS = 0.02  # seconds after its oldest record that a batch is due
 
+T = TypeVar("T")
+Txn = Any  # an lmdb.Transaction (py-lmdb ships no type information)
 
-class Store(GroupCommit):
+
+class Store:
     """Executions and operation checkpoints of durable_mp, in an LMDB directory."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, map_size: int = DEFAULT_MAP_SIZE,
+    # ``stage_many(exec_id, parent_id, [(op_key, data), ...])``: stage several pickled records
+    # of one parent under one lock.  The checkpoint hot path (one call per worker message), so
+    # it is ``GroupCommit.stage_many`` itself, bound in ``__init__`` without a wrapper.
+    stage_many: Callable[[str, str, Iterable[tuple[str, Any]]], None]
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, map_size: int = DEFAULT_MAP_SIZE,
                  readonly: bool = False, create: bool = True, flush_count: int = FLUSH_COUNT,
                  flush_seconds: float = FLUSH_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
         if flush_count < 1 or flush_seconds < 0 or map_size < 1:
             raise ValueError("flush_count and map_size must be >= 1 and flush_seconds >= 0")
         self.path: pathlib.Path = resolve_store_path(path)
         self.readonly = readonly
-        self._flush_count = flush_count
-        self._flush_seconds = flush_seconds
-        self._clock = clock
-        # (exec_id, parent_id) -> {op_id: record bytes}: the staged overlay
-        self._staged: dict[tuple[str, str], dict[str, bytes]] = {}
-        self._staged_count = 0
-        self._staged_since = 0.0
-        # The batch the committer thread is writing: still visible to reads until committed.
-        self._committing: dict[tuple[str, str], dict[str, bytes]] | None = None
-        self._commit_error: BaseException | None = None
-        self._committer: threading.Thread | None = None
-        self._closing = False
         self._valid_execs: set[str] = set()
-        # Guards the overlay, so a flush never loses a record staged by another thread.
-        # Always taken before the environment's lock, never after it.
-        self._lock = threading.RLock()
-        self._committed = threading.Condition(self._lock)
-        self.stats = {"commits": 0, "flushes": 0, "records_written": 0, "bytes_written": 0, "map_grows": 0}
-        self._shared = None
+        self._closing = False
+        self._stats = {"commits": 0, "map_grows": 0}
+        self._group = GroupCommit(self._put_items, self._check_group, where=str(self.path), flush_count=flush_count,
+                                  flush_seconds=flush_seconds, clock=clock)
+        self._lock = self._group.lock  # reads of the overlay and of LMDB together see one state
+        self.stage_many = self._group.stage_many
+        self._shared: SharedEnv | None = None
         self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
+        self._env_id = self._shared.key  # names this environment in the per-thread lock registry
 
     def __repr__(self) -> str:
         mode = "read-only" if self.readonly else "read-write"
@@ -96,43 +99,97 @@ class Store(GroupCommit):
     def __enter__(self) -> "Store":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: write transactions, map growths, and the group commit's flushes and records."""
+        return {**self._stats, **self._group.stats}
+
     def close(self) -> None:
-        """Commit staged records and release the environment.  Idempotent."""
+        """Commit staged records and release the environment.  Idempotent.
+
+        On an unwritable store it still releases everything (it never hangs), then raises
+        the latched ``CheckpointFailedError``: records that could not be written are
+        reported, never dropped silently.
+        """
         with self._lock:
             shared = self._shared
-            if shared is None:
+            if shared is None or self._closing:
                 return
+            self._closing = True  # a concurrent close must not release the environment twice
+        try:
+            if not shared.forked and not shared.closed:
+                self._group.flush()
+        finally:
             try:
-                if not shared.forked and not shared.closed:
-                    self.flush()
+                self._group.close()  # joins the committer: never under the lock it needs to finish
             finally:
-                self._closing = True
-                self._committed.notify_all()
-                committer = self._committer
-        if committer is not None and committer is not threading.current_thread():
-            committer.join()
-        with self._lock:
-            self._committer = None
-            self._shared = None
-            release_shared(shared)
+                with self._lock:
+                    self._shared = None
+                release_shared(shared)
+
+    # -- staging and group commit (GroupCommit does the work) ------------------------------
+    def stage(self, exec_id: str, rec: OpRecord) -> None:
+        """Queue a record for the next commit; it is visible to reads at once."""
+        self._group.stage_many(exec_id, rec.parent_id, ((rec.op_id, rec.dumps()),))
+
+    def stage_raw(self, exec_id: str, parent_id: str, op_id: str, data: bytes) -> None:
+        """Like ``stage`` for a record a worker already pickled (``rec.dumps()``).
+
+        ``op_id`` is the last key component: an operation id, or a batch item's
+        ``records.branch_key(index)``.
+        """
+        self._group.stage_many(exec_id, parent_id, ((op_id, data),))
+
+    def flush(self) -> int:
+        """Make every staged record durable before returning; return how many were staged.
+
+        Raises ``CheckpointFailedError`` once the store has turned out unwritable.
+        """
+        return self._group.flush()
+
+    def maybe_flush(self) -> None:
+        """Start committing the staged batch if it is due (does not wait for the commit)."""
+        self._group.maybe_flush()
+
+    def flush_due(self) -> float | None:
+        """Seconds until the staged batch is due (0 = now); None if nothing is staged."""
+        return self._group.flush_due()
+
+    def _check_group(self, exec_id: str, parent_id: str) -> None:
+        """May records be staged under this parent?  (Once per group and batch.)"""
+        self._writable()
+        self._prefix(exec_id, parent_id)
+
+    def _put_items(self, items: Items) -> None:
+        """A batch of the group commit, in one durable write transaction."""
+        self._write(lambda txn, sh: txn.cursor(db=sh.ops).putmulti(items))
 
     # -- transactions ----------------------------------------------------------------------
-    def _env(self):
+    def _env(self) -> SharedEnv:
         shared = self._shared
         if shared is None:
             raise StoreError(f"the durable_mp store {self.path} is closed")
         shared.usable_by_this_process()
         return shared
 
-    def _writable(self):
+    def _writable(self) -> SharedEnv:
         if self.readonly:
             raise StoreError(f"the durable_mp store {self.path} was opened read-only")
         return self._env()
 
-    def _read(self, fn):
+    def _write_or_latch(self, fn: Callable[[Txn, SharedEnv], T], what: str) -> T:
+        """``_write``, retried; if the store stays unwritable, latch that (``CheckpointFailedError``)."""
+        self._group.raise_if_failed()
+        self._writable()  # a closed or read-only store is a usage error, not an unwritable disk
+        try:
+            return with_retries(lambda: self._write(fn))
+        except Exception as exc:  # noqa: BLE001 - every attempt failed
+            raise self._group.latch(exc, what) from exc
+
+    def _read(self, fn: Callable[[Txn, SharedEnv], T]) -> T:
         shared = self._env()
         with shared.lock:
             while True:
@@ -144,7 +201,7 @@ class Store(GroupCommit):
                 except lmdb.Error as exc:
                     raise StoreError(f"reading the durable_mp store {self.path} failed: {exc}") from exc
 
-    def _write(self, fn):
+    def _write(self, fn: Callable[[Txn, SharedEnv], T]) -> T:
         """Run ``fn(txn, shared)`` in one write transaction, growing the map until it fits."""
         shared = self._writable()
         with shared.lock:
@@ -152,7 +209,7 @@ class Store(GroupCommit):
                 try:
                     with shared.env.begin(write=True) as txn:
                         out = fn(txn, shared)
-                    self.stats["commits"] += 1
+                    self._stats["commits"] += 1
                     return out
                 except lmdb.MapFullError:
                     self._grow(shared)
@@ -161,12 +218,12 @@ class Store(GroupCommit):
                 except lmdb.Error as exc:
                     raise StoreError(f"writing the durable_mp store {self.path} failed: {exc}") from exc
 
-    def _grow(self, shared) -> None:
-        size = shared.env.info()["map_size"]
+    def _grow(self, shared: SharedEnv) -> None:
+        size: int = shared.env.info()["map_size"]
         if size >= MAX_MAP_SIZE:
             raise StoreError(f"the durable_mp store {self.path} is full ({size} bytes mapped)")
         shared.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
-        self.stats["map_grows"] += 1
+        self._stats["map_grows"] += 1
 
     def _load(self, data: bytes, where: str) -> OpRecord:
         try:
@@ -198,8 +255,10 @@ class Store(GroupCommit):
             raise StoreError(f"execution {exec_id!r} in {self.path} cannot be decoded: {exc!r}") from exc
 
     def put_execution(self, rec: ExecutionRecord) -> None:
+        """Write an execution record durably (retried; ``CheckpointFailedError`` if the store stays unwritable)."""
         key, data = self._exec_key(rec.exec_id), rec.dumps()
-        self._write(lambda txn, sh: txn.put(key, data, db=sh.executions))
+        self._write_or_latch(lambda txn, sh: txn.put(key, data, db=sh.executions),
+                             f"writing execution {rec.exec_id!r}")
 
     def list_executions(self) -> list[ExecutionRecord]:
         """Every execution, oldest first."""
@@ -217,8 +276,8 @@ class Store(GroupCommit):
             key = self._exec_key(exec_id)
             prefix = key + b"\0"
 
-            def delete(txn, sh) -> bool:
-                found = txn.delete(key, db=sh.executions)
+            def delete(txn: Txn, sh: SharedEnv) -> bool:
+                found = bool(txn.delete(key, db=sh.executions))
                 cur = txn.cursor(db=sh.ops)
                 if cur.set_range(prefix):
                     while cur.key().startswith(prefix):
@@ -226,26 +285,23 @@ class Store(GroupCommit):
                         found = True
                 return found
 
-            self._drain()
+            self._group.drain()
             found = self._write(delete)
-            for group_key in [k for k in self._staged if k[0] == exec_id]:
-                dropped = self._staged.pop(group_key)
-                self._staged_count -= len(dropped)
-                found = found or bool(dropped)
-            return found
+            return self._group.discard(exec_id) or found
 
     def acquire(self, exec_id: str, make_new: Callable[[], ExecutionRecord]) -> tuple[ExecutionRecord, bool]:
         """Take the execution's lock; create it with ``make_new()`` if it does not exist.
 
         Returns ``(record, created)``.  Raises ``ExecutionLockedError`` while another live
-        process owns a RUNNING execution.  A dead owner's lock is taken over, and a RUNNING
+        process owns a RUNNING execution, or another thread of this one holds it (the
+        lock is not re-entrant).  A dead owner's lock is taken over, and a RUNNING
         execution taken over starts a new run (``runs`` + 1, ``started_ts`` = now).
         """
         key = self._exec_key(exec_id)
         me = this_process()
         made: list[ExecutionRecord] = []
 
-        def take(txn, sh) -> tuple[ExecutionRecord, bool]:
+        def take(txn: Txn, sh: SharedEnv) -> tuple[ExecutionRecord, bool]:
             raw = txn.get(key, db=sh.executions)
             if raw is None:
                 if not made:  # a retried transaction (map grown) must not call make_new twice
@@ -259,26 +315,43 @@ class Store(GroupCommit):
             txn.put(key, rec.dumps(), db=sh.executions)
             return rec, created
 
-        return self._write(take)
+        self._group.raise_if_failed()
+        self._writable()
+        HOLDERS.hold((self._env_id, exec_id))  # before the transaction: two threads cannot both pass
+        try:
+            return self._write(take)
+        except BaseException:
+            HOLDERS.drop((self._env_id, exec_id))
+            raise
 
     def release(self, exec_id: str) -> None:
-        """Clear the execution's owner (its status stays).  A live other owner is left alone."""
+        """Clear the execution's owner (its status stays).  A live other owner is left alone.
+
+        On a store that turned out unwritable this is best effort and never raises: the
+        lock of a process that ended, or of a thread no longer holding it, is taken over.
+        """
         key = self._exec_key(exec_id)
+        if not HOLDERS.drop((self._env_id, exec_id)):
+            return  # another live thread of this process holds it
         me = this_process()
 
-        def clear(txn, sh) -> None:
+        def clear(txn: Txn, sh: SharedEnv) -> None:
             raw = txn.get(key, db=sh.executions)
             rec = None if raw is None else unclaim(self._load_exec(raw, exec_id), me)
             if rec is not None:
                 txn.put(key, rec.dumps(), db=sh.executions)
 
-        self._write(clear)
+        try:
+            self._write(clear)
+        except StoreError:
+            if self._group.failure is None:
+                raise  # on a latched store, the CheckpointFailedError already reported says it all
 
     # -- operations: reads -----------------------------------------------------------------
     @staticmethod
-    def _scan(txn, db, prefix: bytes) -> dict[str, bytes]:
+    def _scan(txn: Txn, db: Any, prefix: bytes) -> dict[str, Any]:
         """``{rest of key: value}`` for every committed key starting with ``prefix``."""
-        out: dict[str, bytes] = {}
+        out: dict[str, Any] = {}
         cur = txn.cursor(db=db)
         if not cur.set_range(prefix):
             return out
@@ -292,7 +365,7 @@ class Store(GroupCommit):
     def get_op(self, exec_id: str, parent_id: str, op_id: str) -> OpRecord | None:
         """The record of one operation, staged or committed."""
         with self._lock:
-            for group in self._pending((exec_id, parent_id)):
+            for group in self._group.pending((exec_id, parent_id)):
                 data = group.get(op_id)
                 if data is not None:
                     return self._load(data, f"{exec_id}/{parent_id}/{op_id}")
@@ -314,7 +387,7 @@ class Store(GroupCommit):
         with self._lock:
             prefix = self._prefix(exec_id, parent_id)
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
-            for group in reversed(self._pending((exec_id, parent_id))):
+            for group in reversed(self._group.pending((exec_id, parent_id))):
                 found.update(group)
             return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
 
@@ -324,13 +397,13 @@ class Store(GroupCommit):
             self._exec_key(exec_id)
             check_id("op_id", op_id)
 
-            def walk(txn, sh) -> dict[str, OpRecord]:
+            def walk(txn: Txn, sh: SharedEnv) -> dict[str, OpRecord]:
                 out: dict[str, OpRecord] = {}
                 todo = [op_id]
                 while todo:
                     parent = todo.pop()
                     found = self._scan(txn, sh.ops, f"{exec_id}{SEP}{parent}{SEP}".encode())
-                    for group in reversed(self._pending((exec_id, parent))):
+                    for group in reversed(self._group.pending((exec_id, parent))):
                         found.update(group)
                     for key, data in found.items():
                         rec = self._load(data, f"{exec_id}/{parent}/{key}")
@@ -346,7 +419,7 @@ class Store(GroupCommit):
         with self._lock:
             prefix = self._exec_key(exec_id) + b"\0"
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))  # "parent\0op" -> data
-            for (ex, parent), group in self._pending_items():
+            for (ex, parent), group in self._group.pending_items():
                 if ex == exec_id:
                     found.update((f"{parent}{SEP}{op}", data) for op, data in group.items())
             return [self._load(data, f"{exec_id}/{key}") for key, data in found.items()]
@@ -357,7 +430,7 @@ class Store(GroupCommit):
             prefix = self._exec_key(exec_id) + b"\0"
             n = len(prefix)
 
-            def scan(txn, sh) -> set[str]:
+            def scan(txn: Txn, sh: SharedEnv) -> set[str]:
                 out: set[str] = set()
                 cur = txn.cursor(db=sh.ops)
                 ok = cur.set_range(prefix)
@@ -371,5 +444,5 @@ class Store(GroupCommit):
                 return out
 
             found = self._read(scan)
-            found.update(parent for (ex, parent), group in self._pending_items() if ex == exec_id and group)
+            found.update(parent for (ex, parent), group in self._group.pending_items() if ex == exec_id and group)
             return found

@@ -72,7 +72,7 @@ def collect(store: Store, older_than_s: float, *, dry_run: bool = False, now: fl
     return GcResult(deleted, kept)
 
 
-def data_size(path: os.PathLike | str) -> int:
+def data_size(path: os.PathLike[str] | str) -> int:
     try:
         return os.stat(os.path.join(os.fspath(path), DATA_FILE)).st_size
     except OSError:
@@ -91,7 +91,7 @@ def _exclusive(lock_path: str) -> int:
     return fd
 
 
-def compact(path: os.PathLike | str) -> tuple[int, int]:
+def compact(path: os.PathLike[str] | str) -> tuple[int, int]:
     """Rewrite the store's data file without free pages; return (bytes before, bytes after).
 
     The ``Store`` objects of this process on ``path`` must all be closed.

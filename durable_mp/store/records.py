@@ -1,8 +1,11 @@
 """Execution records, id rules and lock ownership for the store (no LMDB in here).
 
 An execution's lock is its owner: a (pid, process start time) pair, so a recycled pid is
-never mistaken for a live owner.  ``claim`` is the whole lock policy, as a pure function
-of the stored record and the claiming process.
+never mistaken for a live owner.  ``claim`` is the whole lock policy between processes,
+as a pure function of the stored record and the claiming process.  Within one process the
+stored owner cannot tell threads apart, so ``HOLDERS`` records which thread holds which
+execution: a second thread (or a nested run in the same thread) is refused, and the lock
+of a thread that ended without releasing it is taken over, as a dead process's is.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -36,14 +40,14 @@ class ExecutionRecord(NamedTuple):
     handler: str  # "module:qualname"
     input: bytes | None  # pickled event
     result: bytes | None
-    error: dict | None
+    error: dict[str, Any] | None
     created_ts: float
     started_ts: float  # start of the latest run
     ended_ts: float | None
     owner_pid: int
     owner_create_time: float
     runs: int
-    extra: dict | None = None
+    extra: dict[str, Any] | None = None
 
     def dumps(self) -> bytes:
         return pickle.dumps(tuple(self), protocol=PICKLE_PROTOCOL)
@@ -103,7 +107,7 @@ def owner_alive(rec: ExecutionRecord) -> bool:
         proc = psutil.Process(rec.owner_pid)
         if abs(proc.create_time() - rec.owner_create_time) > CREATE_TIME_TOLERANCE_S:
             return False  # the pid was recycled
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
@@ -136,3 +140,45 @@ def unclaim(rec: ExecutionRecord, me: tuple[int, float]) -> ExecutionRecord | No
     if not rec.owner_pid or (not _is(rec, me) and owner_alive(rec)):
         return None
     return rec._replace(owner_pid=0, owner_create_time=0.0)
+
+
+HoldKey = tuple[object, str]  # (the store environment's identity, execution id)
+
+
+class ThreadHolders:
+    """Which thread of this process holds which execution's lock (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[HoldKey, threading.Thread] = {}
+        os.register_at_fork(after_in_child=self._forget_all)
+
+    def _forget_all(self) -> None:
+        """In a forked child: it holds nothing of its parent's (and the lock may have been taken)."""
+        self._lock = threading.Lock()
+        self._held = {}
+
+    def hold(self, key: HoldKey) -> None:
+        """Record the calling thread as the holder; ``ExecutionLockedError`` if a live thread is."""
+        me = threading.current_thread()
+        with self._lock:
+            holder = self._held.get(key)
+            if holder is not None and holder.is_alive():
+                who = "this thread already runs it (a nested run of the same execution?)" if holder is me else (
+                    f"another thread of this process runs it ({holder.name!r})")
+                raise ExecutionLockedError(
+                    f"execution {key[1]!r} is locked: {who}. One execution runs in one thread at a "
+                    f"time; wait for that run to finish.")
+            self._held[key] = me
+
+    def drop(self, key: HoldKey) -> bool:
+        """Forget the calling thread's hold; False (and nothing changes) if another live thread holds it."""
+        with self._lock:
+            holder = self._held.get(key)
+            if holder is not None and holder is not threading.current_thread() and holder.is_alive():
+                return False
+            self._held.pop(key, None)
+            return True
+
+
+HOLDERS = ThreadHolders()
