@@ -12,7 +12,8 @@ identical in both places, which is what makes replay inside a re-dispatched bran
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from durable_mp import serdes as _serdes
 from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
@@ -25,12 +26,16 @@ from durable_mp.config import (
     StepConfig,
     timeout_seconds,
 )
+from durable_mp.core.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
+from durable_mp.core.spec import BatchSpec
+
 # The reference defines the decorators in ``context``: re-exported from ``decorators``.
 from durable_mp.decorators import durable_parallel_branch as durable_parallel_branch
 from durable_mp.decorators import durable_step as durable_step
 from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
 from durable_mp.decorators import durable_with_child_context as durable_with_child_context
-from durable_mp.operation.replay import raise_stored
+from durable_mp.engine.branch import FatalBranchError
+from durable_mp.engine.state import register_context_factory
 from durable_mp.exceptions import (
     ChildContextError,
     NonDeterministicExecutionError,
@@ -39,9 +44,8 @@ from durable_mp.exceptions import (
 )
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.core.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
-from durable_mp.core.spec import BatchSpec
 from durable_mp.operation.naming import op_name
+from durable_mp.operation.replay import build_error, raise_stored
 from durable_mp.operation.step import run_step
 from durable_mp.waits import WaitForConditionConfig
 
@@ -114,7 +118,7 @@ class DurableContext:
         rec = self.state.lookup(self._parent_id, operation_id(self._op_id, self._counter + 1))
         return rec is not None and rec.is_terminal
 
-    def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> "DurableContext":
+    def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> DurableContext:
         child = DurableContext(self.state, operation_id, logger=self.logger,
                                parent_id=self._parent_id if is_virtual else None)
         child.is_virtual = is_virtual
@@ -135,7 +139,7 @@ class DurableContext:
         return run_step(self, op_id, name, func, config, rec)
 
     def run_in_child_context(
-        self, func: Callable[["DurableContext"], T], name: str | None = None, config: ChildConfig | None = None
+        self, func: Callable[[DurableContext], T], name: str | None = None, config: ChildConfig | None = None
     ) -> T:
         """Run ``func(child_context)``; its operations are grouped (and replayed) under one op."""
         config = config or ChildConfig()
@@ -164,7 +168,7 @@ class DurableContext:
 
     def parallel(
         self,
-        functions: Sequence[Callable[["DurableContext"], T]],
+        functions: Sequence[Callable[[DurableContext], T]],
         name: str | None = None,
         config: ParallelConfig | None = None,
     ) -> BatchResult[T]:
@@ -185,7 +189,7 @@ class DurableContext:
     def map(
         self,
         inputs: Sequence[U],
-        func: Callable[["DurableContext", U, int, Sequence[U]], T],
+        func: Callable[[DurableContext, U, int, Sequence[U]], T],
         name: str | None = None,
         config: MapConfig | None = None,
     ) -> BatchResult[T]:
@@ -235,7 +239,13 @@ class DurableContext:
             resuming=rec is not None,
             execution_id=self.state.execution_id,
         )
-        records, reason = self.state.run_batch(spec)
+        try:
+            records, reason = self.state.run_batch(spec)
+        except FatalBranchError as fatal:  # non-determinism & co. in a branch end the execution
+            rec = fatal.record
+            cls_name = (rec.extra or {}).get("raise", "ExecutionError")
+            error = build_error(ErrorObject.from_dict(rec.error or {}), cls_name)
+            raise error from None
         self.state.emit(
             base._replace(
                 status=OpStatus.SUCCEEDED,
@@ -324,3 +334,6 @@ class _ExecutionContext:
 
     def __init__(self, execution_id: str) -> None:
         self.durable_execution_arn = execution_id
+
+
+register_context_factory(DurableContext)

@@ -18,20 +18,22 @@ import pickle
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 import psutil
 
 from durable_mp.context import DurableContext
-from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
-from durable_mp.engine.driver import DriverState
-from durable_mp.exceptions import ExecutionFailedError, ValidationError
-from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
-from durable_mp.engine.pool import WorkerPool
-from durable_mp.engine import progress as _progress
 from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
 from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.engine import progress as _progress
+from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
+from durable_mp.engine.driver import DriverState
+from durable_mp.engine.pool import WorkerPool
+from durable_mp.exceptions import ExecutionFailedError, ValidationError
+from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
+from durable_mp.operation.callback import poll_callback
 from durable_mp.store.facade import ExecutionRecord, Store
 
 RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
@@ -192,7 +194,7 @@ class DurableFunction:
                     pool.ensure(max_workers or os.cpu_count() or 1)
                     return Dispatcher(db, execution_id, pool, max_workers=max_workers,
                                       max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
-                                      progress=_progress.choose(progress))
+                                      progress=_progress.choose(progress), poll_callback=poll_callback)
             else:
                 from durable_mp.backends.dask import DaskDispatcher
 
@@ -202,7 +204,7 @@ class DurableFunction:
                     return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
                                           max_crash_retries=max_crash_retries, progress=_progress.choose(progress))
 
-            state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time)
+            state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time, poll_callback=poll_callback)
             try:
                 result = self.func(event, DurableContext(state, ""))
             except Exception as exc:  # noqa: BLE001 - any handler error fails the execution

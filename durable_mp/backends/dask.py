@@ -99,7 +99,10 @@ class _CollectingOutbox(Outbox):
     def wait_callback(self, rec: OpRecord) -> OpRecord:
         raise _callback_refusal(rec)
 
-    def send(self, kind: str, *extra: Any) -> None:
+    def flush(self) -> None:
+        return None
+
+    def chunk_done(self, unstarted: list[int], cpu_share: float) -> None:
         return None
 
     def _due(self) -> None:
@@ -108,7 +111,10 @@ class _CollectingOutbox(Outbox):
     def sync(self) -> None:
         return None
 
-    def watch(self, rec: Any, timeout: float | None) -> None:
+    def watch_start(self, rec: Any, timeout: float | None) -> int:
+        return 0
+
+    def watch_end(self, watch_id: int) -> None:
         return None
 
 
@@ -190,6 +196,12 @@ class DaskDispatcher(Dispatcher):
         self._stage_nested(nested)
         self._finish_items(task, items)
         task.batch.observe(time.time() - task.started, len(task.indices))
+
+    def _has_running(self, batch: BatchRun) -> bool:
+        return any(task.batch is batch for task in self.futures.values())
+
+    def _stop_starting(self, batch: BatchRun) -> None:
+        """A Dask task cannot be told anything once submitted: its chunk runs to its end."""
 
     def _chunk_lost(self, task: Any, exc: Exception) -> None:
         """A chunk's worker died more often than Dask tolerates (or the task broke)."""

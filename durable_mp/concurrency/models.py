@@ -131,6 +131,43 @@ class CompletionPolicy:
         elif state != _STARTED:
             raise InvalidStateError(f"item {index} cannot start: it already finished")
 
+    def on_unstarted(self, index: int) -> None:
+        """Item ``index`` was dispatched but its worker never started it: it is pending again."""
+        state = self._states[self._checked(index)]
+        if state != _STARTED:
+            raise InvalidStateError(f"item {index} cannot be returned unstarted: it is not started")
+        self._states[index] = _PENDING
+        self._started -= 1
+        self._dirty = True
+
+    def stop_distance(self) -> tuple[int | None, int | None]:
+        """(more failures, more successes) that would complete the batch; None = no number would.
+
+        A ``should_complete`` predicate may decide on any outcome: (1, 1).  Reaching
+        ALL_COMPLETED is not counted: it needs every item, so no item is started after it.
+        """
+        if self._decided is not None:
+            return 0, 0
+        if self._predicate is not None:
+            return 1, 1
+        failures: int | None = None
+        if self._fail_fast:
+            failures = 1
+        else:
+            limits = []
+            if self._max_failures is not None:
+                limits.append(self._max_failures + 1)
+            if self._max_failure_pct is not None and self._total > 0:
+                limits.append(int(self._max_failure_pct * self._total / 100) + 1)
+            if limits:
+                failures = max(1, min(limits) - self._failed)
+                if failures + self._failed > self._total:
+                    failures = None
+        successes = None
+        if self._min_successful is not None:
+            successes = max(1, self._min_successful - self._succeeded)
+        return failures, successes
+
     def on_finished(self, index: int, succeeded: bool) -> None:
         """Item ``index`` reached a terminal state (it need not have been started)."""
         state = self._states[self._checked(index)]

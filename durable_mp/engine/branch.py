@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from durable_mp import serdes as _serdes
+from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
-
 
 
 class BranchSource:
@@ -22,7 +22,8 @@ class BranchSource:
 
     __slots__ = ("funcs", "func", "inputs", "item_serdes", "batch_op_id", "item_sub_type", "names", "execution_id")
 
-    def __init__(self, *, funcs: Sequence[Callable] | None, func: Callable | None, inputs: Sequence | None,
+    def __init__(self, *, funcs: Sequence[Callable[..., Any]] | None, func: Callable[..., Any] | None,
+                 inputs: Sequence[Any] | None,
                  item_serdes: Any, batch_op_id: str, item_sub_type: str, names: Any, execution_id: str) -> None:
         self.funcs = funcs
         self.func = func
@@ -37,12 +38,13 @@ class BranchSource:
         if self.names is not None:
             got = self.names[index] if not isinstance(self.names, dict) else self.names.get(index)
             if got is not None:
-                return got
+                return str(got)
         return f"map-item-{index}" if self.funcs is None else f"parallel-branch-{index}"
 
     def call(self, ctx: Any, index: int) -> Any:
         if self.funcs is not None:
             return self.funcs[index](ctx)
+        assert self.func is not None and self.inputs is not None
         return self.func(ctx, self.inputs[index], index, self.inputs)
 
 
@@ -52,16 +54,19 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     name = source.name(index)
     start = time.time()
 
-    def record(status: str, payload: Any = None, exc: BaseException | None = None, extra: dict | None = None):
+    def record(status: str, payload: Any = None, exc: BaseException | None = None,
+               extra: dict[str, Any] | None = None) -> OpRecord:
         error = None if exc is None else ErrorObject.from_exception(exc).to_dict()
-        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status, start,
-                        time.time(), payload, error, 1, pid=_pid(), extra=extra)
+        rec: OpRecord = OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
+                                 start, time.time(), payload, error, 1, pid=_pid(), extra=extra)
+        return rec
 
     try:
         value = source.call(make_context(op_id), index)
         payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
                                           execution_id=source.execution_id,
                                           what=f"result of branch {index} ({name})")
+        payload = snapshot(payload)
     except (KeyboardInterrupt, OrphanedChildException):
         raise
     except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
@@ -71,14 +76,35 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     return record(OpStatus.SUCCEEDED, payload)
 
 
+class FatalBranchError(Exception):
+    """A branch failed with an error that must end the execution, not just the branch (reference §5).
+
+    The engine raises it with the branch's record; the operation layer rebuilds the
+    original error (``NonDeterministicExecutionError`` & co.) from it.
+    """
+
+    def __init__(self, record: OpRecord) -> None:
+        super().__init__(f"branch {record.name!r} failed fatally")
+        self.record = record
+
+
 def raise_if_fatal(rec: OpRecord) -> None:
-    """Re-raise, in the caller's process, an error that must escape its batch (reference §5)."""
+    """Raise ``FatalBranchError`` for a record whose error must escape its batch."""
     extra = rec.extra
     if extra and extra.get("fatal"):
-        from durable_mp.operation.replay import build_error
+        raise FatalBranchError(rec)
 
-        err = ErrorObject.from_dict(rec.error or {})
-        raise build_error(err, extra.get("raise", "ExecutionError"))
+
+def snapshot(parts: Any) -> Any:
+    """A result's bytes as of now: buffers that may still change are copied.
+
+    Only ``bytes`` are immutable; a result that travels out of band from a numpy array's
+    memory would otherwise carry whatever the array holds when it is finally sent (a map
+    function that reuses one output buffer).
+    """
+    if parts.__class__ is not list:  # bytes, a serdes' str, None: immutable
+        return parts
+    return [part if part.__class__ is bytes else bytes(part) for part in parts]
 
 
 def started_record(source_op_id: str, item_sub_type: str, name: str, index: int, start: float) -> OpRecord:

@@ -1,10 +1,16 @@
 """The driver's scheduler: runs one top-level parallel/map on the worker pool.
 
-One loop per batch: fill idle workers (up to the concurrency limit, in chunks for map),
-wait on the workers' pipes, stage every record they stream into the store's group
-commit, feed item outcomes to the completion policy, and react to deaths, timeouts and
-memory overruns.  Every fault costs only the branch it hit: innocent branches of a dead
-worker's chunk go back to the head of the queue with the checkpoints they streamed.
+One loop per batch: ask the completion policy whether to go on; fill idle workers (up
+to the concurrency limit, in chunks for map, each chunk with the policy's start budget);
+wait on the workers' pipes *and* process sentinels; stage every record they stream into
+the store's group commit; feed outcomes to the policy; react to deaths, timeouts and
+memory overruns.  Every fault costs only the branch it hit (``faults`` decides what it
+costs).
+
+Completion (DESIGN.md §1): a decision reached by *successes* (``min_successful``, a
+custom predicate) terminates the branches still running, which stay STARTED; a
+decision reached by *failures* stops starting branches but lets the running ones finish
+and report, and the reason is then read from the final state.
 """
 
 from __future__ import annotations
@@ -13,119 +19,86 @@ import logging
 import os
 import pickle
 import time
-import uuid
-from collections import defaultdict, deque
+from collections.abc import Callable
 from multiprocessing.connection import wait
-from typing import Any, Callable
+from typing import Any
 
+from durable_mp.concurrency.models import CompletionReason, succeeded_item
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
+from durable_mp.core.spec import BatchSpec
 from durable_mp.engine import pickling
-from durable_mp.engine import wire
 from durable_mp.engine import progress as _progress
-from durable_mp.concurrency.models import succeeded_item
-from durable_mp.engine.branch import raise_if_fatal, started_record
-from durable_mp.operation.callback import CALLBACK_POLL_SECONDS, poll_callback
-from durable_mp.operation.replay import build_error
-from durable_mp.engine.faults import CPU_SAMPLE_SECONDS, MEMORY_POLL_SECONDS, FaultHandling
-from durable_mp.lambda_service import ErrorObject
+from durable_mp.engine.batch_run import BatchRun, Task, Watch
+from durable_mp.engine.branch import FatalBranchError, started_record
+from durable_mp.engine.faults import (
+    CPU_SAMPLE_SECONDS,
+    MEMORY_POLL_SECONDS,
+    FaultCost,
+    death_cost,
+    is_waiting_on_io,
+    kill_cost,
+    split_lost_chunk,
+)
+from durable_mp.engine.lifecycle import BranchState, IllegalTransition, WorkerState
 from durable_mp.engine.payload import build_payload
 from durable_mp.engine.pool import Worker, WorkerPool
-from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_view
-from durable_mp.serdes import OOB_MAGIC, PickleSerDes, unpickle
-from durable_mp.core.spec import BatchSpec
+from durable_mp.engine.protocol import UNLIMITED, Budget, Kind, Reply, RunCall, RunChunk, StopBatch, kind_of
+from durable_mp.engine.scheduling import (
+    chunk_size,
+    concurrency_limit,
+    may_prefetch,
+    start_budget,
+)
+from durable_mp.engine.wire import big
+from durable_mp.exceptions import MemoryLimitExceededError, StepTimeoutError, WorkerCrashedError
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.serdes import OOB_MAGIC, unpickle
 
-TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
-MAX_CHUNK_ITEMS = 4096
-FIRST_CHUNK_ITEMS = 16  # before any item time is measured
-PREFETCH_MIN_ITEMS = 64  # below this many queued map items, chunks go only to idle workers
-PREFETCH_MAX_NAMED = 500  # item_namer names travel with a chunk: keep queued-ahead messages small
-CPU_BOUND_SHARE = 0.7  # parallel branches using at least this share of a core are prefetched
-MIN_CHUNK_SECONDS = 0.002  # a chunk should not be shorter than this (the tail of a map)
-CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
-GROWTH_CAP_PER_CPU = 8  # without explicit limits, the pool grows to at most this many workers per core
+log = logging.getLogger("durable_mp.dispatch")
+
 MAX_WAIT_SECONDS = 1.0
+CALLBACK_POLL_SECONDS = 0.1
 DEFAULT_MAX_CRASH_RETRIES = 3
+_FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+
+PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
 
 
-class Task:
-    """Work one worker is doing: a chunk of branches of a batch, or one step call."""
-
-    __slots__ = ("id", "batch", "indices", "reported", "deadline", "result", "started")
-
-    def __init__(self, task_id: int, batch: "BatchRun | None", indices: list[int], deadline: float | None) -> None:
-        self.id = task_id
-        self.batch = batch
-        self.indices = indices
-        self.reported: set[int] = set()
-        self.deadline = deadline
-        self.result: Any = None
-        self.started = time.time()
-
-    def unreported(self) -> list[int]:
-        return [i for i in self.indices if i not in self.reported]
-
-
-class BatchRun:
-    """Driver-side state of one batch while it runs."""
-
-    def __init__(self, spec: BatchSpec) -> None:
-        self.spec = spec
-        self.token = f"{spec.op_id}:{uuid.uuid4().hex}"
-        self.payload = b""
-        self.queue: deque[int] = deque()
-        self.needs_ckpt: set[int] = set()
-        self.requeued: set[int] = set()
-        self.records: dict[int, OpRecord | bytes] = {}  # bytes: a worker's pickled record
-        self.crashes: defaultdict[int, int] = defaultdict(int)
-        self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
-        self.item_seconds: float | None = None
-        self.closed = False
-        # default pickle serdes: results can be decoded right here, as they arrive
-        self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ is PickleSerDes
-        # the next chunk may queue behind a busy worker's current one (not with per-branch deadlines)
-        self.prefetch = spec.branch_timeout is None
-        self.cpu_share: float | None = None  # share of a core a chunk used, as workers report it
-
-    def observe(self, seconds: float, items: int, cpu_share: float | None = None) -> None:
-        """Learn from a finished chunk: per-item time (round trip included), share of a core used."""
-        took = seconds / items
-        self.item_seconds = took if self.item_seconds is None else 0.7 * self.item_seconds + 0.3 * took
-        if cpu_share is not None:
-            self.cpu_share = cpu_share if self.cpu_share is None else 0.7 * self.cpu_share + 0.3 * cpu_share
-
-
-class Dispatcher(FaultHandling):
+class Dispatcher:
     """Owns the pool for one execution and runs its top-level batches and watched steps."""
 
-    def __init__(self, store: Any, execution_id: str, pool: WorkerPool, *, max_workers: int | None,
+    def __init__(self, store: Any, execution_id: str, pool: WorkerPool | None, *, max_workers: int | None,
                  max_worker_memory: int | None, max_crash_retries: int = DEFAULT_MAX_CRASH_RETRIES,
-                 progress: Any = None) -> None:
+                 progress: Any = None, poll_callback: PollCallback | None = None) -> None:
         self.store = store
         self.execution_id = execution_id
-        self.pool = pool
+        self.pool: Any = pool
         self.ncpu = os.cpu_count() or 1
         self.max_workers = max_workers
         self.max_worker_memory = max_worker_memory
         self.max_crash_retries = max_crash_retries
         self.progress = progress or _progress.NullProgress()
-        self.bar = _progress.NULL_BAR
+        self.poll_callback = poll_callback
+        self.bar: Any = _progress.NULL_BAR
         self.next_task_id = 0
-        self.cpu_idle: dict[int, bool] = {}
+        self.io_waiting: dict[int, bool] = {}  # pid -> busy worker found waiting on I/O
         self.last_memory_poll = 0.0
-        self.callback_waiters: dict[Worker, OpRecord] = {}  # workers blocked in callback.result()
+        self.callback_waiters: dict[tuple[Worker, int], OpRecord] = {}  # (worker, request id) -> callback
         self.stats = {"crashes": 0, "timeouts": 0, "memory_kills": 0, "redispatched": 0}
 
     # -- public -------------------------------------------------------------------------------
-    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
+    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, Any], CompletionReason]:
         batch = BatchRun(spec)
-        batch.prefetch = batch.prefetch and not self.max_worker_memory  # recycling needs an empty pipe
         policy = spec.policy
         batch.records = spec.replay_done()
+        for index, rec in spec.done.items():
+            batch.branches.replayed(index, rec.status == OpStatus.SUCCEEDED)
         batch.queue.extend(i for i in range(spec.n) if i not in spec.done)
         if spec.resuming and batch.queue:
             parents = self.store.parents_with_children(self.execution_id)
             batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
         self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done))
-        self._prepare_payload(batch)
+        batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
         completed = False
         try:
             reason = policy.decision()
@@ -133,6 +106,9 @@ class Dispatcher(FaultHandling):
                 self._fill(batch)
                 self._pump(batch)
                 reason = policy.decision()
+            if reason is _FAILED_BY_FAILURES:
+                self._drain(batch)
+                reason = CompletionReason.ALL_COMPLETED if batch.branches.all_ended() else _FAILED_BY_FAILURES
             completed = True
             return batch.records, reason
         finally:
@@ -141,20 +117,21 @@ class Dispatcher(FaultHandling):
             self.bar.close()
             self.bar = _progress.NULL_BAR
 
-    def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
+    def call(self, func: Callable[..., Any], attempt: int, extra: dict[str, Any], timeout: float | None) -> Any:
         """Run one attempt of a driver-level step in a worker so it can be killed on timeout."""
+        from durable_mp.operation.replay import build_error
+
         payload = pickling.dumps((func, attempt, extra))
-        worker = self._idle_worker() or self.pool.spawn()
         task = self._new_task(None, [], timeout)
-        worker.task = task
-        try:
-            worker.send(("C", task.id, payload))
-        except OSError:  # that idle worker had died: use a fresh one
-            worker.task = None
-            self.pool.reap(worker)
-            worker = self.pool.spawn()
-            worker.task = task
-            worker.send(("C", task.id, payload))
+        while True:
+            worker = self._idle_worker() or self.pool.spawn()
+            self._assign(worker, task)
+            try:
+                worker.send(RunCall(task.id, payload))
+                break
+            except (OSError, EOFError):  # that idle worker had died: use a fresh one
+                worker.task = None
+                self.pool.reap(worker)
         while task.result is None:
             self._pump(None)
         ok, value = task.result
@@ -168,115 +145,89 @@ class Dispatcher(FaultHandling):
         raise build_error(ErrorObject.from_dict(err), cls_name if cls_name else "DurableOperationError")
 
     # -- scheduling -----------------------------------------------------------------------------
-    def _prepare_payload(self, batch: BatchRun) -> None:
-        batch.payload = build_payload(batch.spec, lambda index, error: self._fail_unpicklable(batch, index, error))
-
     def _fail_unpicklable(self, batch: BatchRun, index: int, error: Exception) -> None:
-        self._fail_item(batch, index, error)
         if index in batch.queue:
             batch.queue.remove(index)
+        self._fail_item(batch, index, error)
 
-    def _limit(self, batch: BatchRun) -> tuple[int, int]:
-        """(branches allowed to run now, workers the pool may grow to)."""
-        explicit = batch.spec.max_concurrency
-        cap = self.max_workers or (explicit if explicit else self.ncpu * GROWTH_CAP_PER_CPU)
-        if explicit:
-            return explicit, max(cap, 1)
-        busy = [w for w in self.pool.workers if w.task is not None and w.task.batch is batch]
-        waiting = sum(1 for w in busy if self.cpu_idle.get(w.pid))
-        return self.ncpu + waiting, max(cap, 1)
+    def _running(self, batch: BatchRun) -> list[Worker]:
+        return [w for w in self.pool.workers if w.task is not None and w.task.batch is batch]
+
+    def _budget(self, batch: BatchRun) -> Budget:
+        if batch.stopping:
+            return UNLIMITED  # only re-dispatches of branches that had started run now
+        return start_budget(*batch.spec.policy.stop_distance())
 
     def _fill(self, batch: BatchRun) -> None:
         while batch.queue:
-            running = sum(1 for w in self.pool.workers if w.task is not None and w.task.batch is batch)
-            allowed, cap = self._limit(batch)
+            busy = self._running(batch)
+            waiting = sum(1 for w in busy if self.io_waiting.get(w.pid))
+            allowed, cap = concurrency_limit(batch.spec.max_concurrency, self.max_workers, self.ncpu, waiting)
+            budget = self._budget(batch)
             worker = None
-            if running < allowed:
+            if len(busy) < allowed:
                 worker = self._idle_worker()
                 if worker is None and len(self.pool) < cap:
                     worker = self.pool.spawn()
             if worker is not None:
-                self._send_chunk(batch, worker, self._take_chunk(batch, allowed))
-            elif not self._prefetch(batch, allowed):
+                self._send_chunk(batch, worker, self._take_chunk(batch, allowed), budget)
+                continue
+            in_flight = sum(len(w.task.unreported()) for w in busy)
+            if not may_prefetch(is_map=batch.is_map, queued=len(batch.queue), cpu_share=batch.cpu_share,
+                                budget=budget, in_flight=in_flight,
+                                has_timeout=batch.spec.branch_timeout is not None or bool(self.max_worker_memory)):
                 return
-
-    def _prefetch(self, batch: BatchRun, allowed: int) -> bool:
-        """Queue a chunk behind a busy worker's current one, so the worker never waits for the driver.
-
-        Only where waiting would not hurt: a map with plenty left to do, or branches known
-        to be CPU-bound (an I/O-bound branch queued behind a sleeping one would wait for
-        nothing, where the pool would rather grow).
-        """
-        if not batch.prefetch:
-            return False
-        if batch.spec.funcs is None:
-            if len(batch.queue) < PREFETCH_MIN_ITEMS:
-                return False
-        elif batch.cpu_share is None or batch.cpu_share < CPU_BOUND_SHARE:
-            return False
-        for worker in self.pool.workers:
-            if worker.task is not None and worker.task.batch is batch and worker.queued is None:
-                indices = self._take_chunk(batch, allowed)
-                if any(i in batch.needs_ckpt for i in indices) or (
-                        batch.spec.names is not None and len(indices) > PREFETCH_MAX_NAMED):
-                    # a large message to a busy worker could fill the pipe while the worker
-                    # is blocked sending to us: only small chunks are queued ahead
-                    batch.queue.extendleft(reversed(indices))
-                    return False
-                self._send_chunk(batch, worker, indices, queued=True)
-                return True
-        return False
+            target = next((w for w in busy if w.queued is None), None)
+            if target is None:
+                return
+            self._send_chunk(batch, target, self._take_chunk(batch, allowed), budget, queued=True)
 
     def _idle_worker(self) -> Worker | None:
+        worker: Worker
         for worker in self.pool.workers:
-            if worker.task is None:
+            if worker.task is None and worker.status is WorkerState.IDLE:
                 return worker
         return None
 
     def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
-        spec = batch.spec
-        size = 1
-        if spec.funcs is None and spec.branch_timeout is None:
-            by_share = len(batch.queue) // (CHUNKS_PER_WORKER * max(allowed, 1))
-            if batch.item_seconds is None:  # first chunks: small, until the item time is known
-                size = max(1, min(by_share, FIRST_CHUNK_ITEMS))
-            else:
-                item = max(batch.item_seconds, 1e-7)
-                by_time = int(TARGET_CHUNK_SECONDS / item)
-                at_least = int(MIN_CHUNK_SECONDS / item)
-                size = max(1, min(by_time, max(by_share, at_least), MAX_CHUNK_ITEMS))
+        size = chunk_size(len(batch.queue), allowed, batch.item_seconds, is_map=batch.is_map,
+                          has_timeout=batch.spec.branch_timeout is not None)
         queue = batch.queue
-        return [queue.popleft() for _ in range(min(size, len(queue)))]
+        return [queue.popleft() for _ in range(size)]
 
     def _new_task(self, batch: BatchRun | None, indices: list[int], timeout: float | None) -> Task:
         self.next_task_id += 1
         deadline = time.monotonic() + timeout if timeout else None
         return Task(self.next_task_id, batch, indices, deadline)
 
-    def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int], queued: bool = False) -> None:
+    def _assign(self, worker: Worker, task: Task) -> None:
+        worker.task = task
+        worker.move(WorkerState.BUSY)
+        self.io_waiting.pop(worker.pid, None)
+        worker.cpu_mark = None
+
+    def _send_chunk(self, batch: BatchRun, worker: Worker, indices: list[int], budget: Budget,
+                    queued: bool = False) -> None:
         names, checkpoints = self._prepare_chunk(batch, indices)
-        payload = None if batch.token in worker.tokens else wire.big([batch.payload])
+        payload = None if batch.token in worker.tokens else big([batch.payload])
         worker.tokens.add(batch.token)
         task = self._new_task(batch, indices, batch.spec.branch_timeout)
         if queued:
             worker.queued = task
         else:
-            worker.task = task
-            self.cpu_idle.pop(worker.pid, None)
-            worker.cpu_mark = None
+            self._assign(worker, task)
         try:
-            worker.send(("T", task.id, batch.token, payload, indices, names, checkpoints))
-        except OSError:  # the worker died since we last heard from it
+            worker.send(RunChunk(task.id, batch.token, payload, indices, names, checkpoints, budget))
+        except (OSError, EOFError):  # the worker died since we last heard from it
             if queued:
-                self._on_death(worker)  # a crash during its current task; the queued chunk is requeued
+                self._on_death(worker)  # a crash during its current task; the queued chunk goes back
             else:
                 worker.task = None
                 self.pool.reap(worker)
-                for index in reversed(indices):  # nothing of the chunk ran: no one is to blame
-                    self._requeue(batch, index)
+                self._return_unstarted(batch, indices)  # nothing of the chunk ran: no one is to blame
 
-    def _prepare_chunk(self, batch: BatchRun, indices: list[int]) -> tuple[dict | None, dict | None]:
-        """Mark a chunk started; return its item names (item_namer) and resumed checkpoints."""
+    def _prepare_chunk(self, batch: BatchRun, indices: list[int]) -> tuple[dict[int, str] | None, Any]:
+        """Mark a chunk dispatched; return its item names (item_namer) and resumed checkpoints."""
         spec = batch.spec
         checkpoints = None
         if batch.needs_ckpt:
@@ -287,27 +238,64 @@ class Dispatcher(FaultHandling):
         names = None
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
+        on_started = spec.policy.on_started
+        move = batch.branches.move
         for index in indices:
-            self._mark_started(batch, index)
+            move(index, BranchState.DISPATCHED)
+            on_started(index)
         return names, checkpoints
 
-    @staticmethod
-    def _mark_started(batch: BatchRun, index: int) -> None:
-        """Tell the policy a branch started, once: a re-dispatched branch already did."""
-        if index in batch.requeued:
-            batch.requeued.discard(index)
-        else:
-            batch.spec.policy.on_started(index)
+    def _return_unstarted(self, batch: BatchRun, indices: list[int]) -> None:
+        """Branches a worker never started: pending again; queued again unless the batch stops."""
+        requeue = not (batch.stopping or batch.closed or batch.spec.policy.is_decided)
+        for index in indices:
+            if batch.branches.state(index) is not BranchState.DISPATCHED:
+                continue
+            batch.branches.move(index, BranchState.PENDING)
+            batch.spec.policy.on_unstarted(index)
+        if requeue:
+            batch.queue.extendleft(reversed([i for i in indices if batch.branches.state(i) is BranchState.PENDING]))
+
+    def _drain(self, batch: BatchRun) -> None:
+        """Failures completed the batch: start nothing new, let the running branches finish and report."""
+        batch.stopping = True
+        batch.queue.clear()  # never started: left out of the result
+        self._stop_starting(batch)
+        while self._has_running(batch) or batch.queue:
+            self._fill(batch)
+            self._pump(batch)
+
+    def _has_running(self, batch: BatchRun) -> bool:
+        return bool(self._running(batch))
+
+    def _stop_starting(self, batch: BatchRun) -> None:
+        """Tell every worker holding a chunk of the batch to start none of its branches that have not started."""
+        for worker in self.pool.workers:
+            if (worker.task is not None and worker.task.batch is batch) or (
+                    worker.queued is not None and worker.queued.batch is batch):
+                try:
+                    worker.send(StopBatch(batch.token))
+                except (OSError, EOFError):
+                    pass  # its death is handled when the sentinel is read
 
     # -- the event loop -----------------------------------------------------------------------
     def _pump(self, batch: BatchRun | None) -> None:
-        busy = {w.conn: w for w in self.pool.workers if w.task is not None}
+        busy = [w for w in self.pool.workers if w.task is not None]
         if not busy:
             if batch is not None and batch.queue:
                 return
             raise RuntimeError("durable_mp internal error: nothing is running and nothing can start")
-        for conn in wait(list(busy), timeout=self._wait_seconds(batch)):
-            worker = busy[conn]
+        handles: dict[Any, Worker] = {}
+        for worker in busy:
+            handles[worker.conn] = worker
+            handles[worker.sentinel] = worker
+        ready = wait(list(handles), timeout=self._wait_seconds(batch))
+        seen: set[int] = set()
+        for handle in ready:
+            worker = handles[handle]
+            if worker.pid in seen:
+                continue
+            seen.add(worker.pid)
             if worker.task is not None and worker in self.pool.workers:
                 self._read(worker)
         if self.callback_waiters:
@@ -320,8 +308,7 @@ class Dispatcher(FaultHandling):
         for worker in self.pool.workers:
             if worker.task is not None and worker.task.deadline is not None:
                 waits.append(worker.task.deadline - now)
-            if worker.watch is not None and worker.watch[1] is not None:
-                waits.append(worker.watch[1] - now)
+            waits.extend(w.deadline - now for w in worker.watches.values() if w.deadline is not None)
         if self.max_worker_memory:
             waits.append(MEMORY_POLL_SECONDS)
         if self.callback_waiters:
@@ -331,56 +318,65 @@ class Dispatcher(FaultHandling):
         return max(0.0, min(waits))
 
     def _read(self, worker: Worker) -> None:
-        while True:
+        """Handle every complete message the worker sent; then, if it is dead, its death."""
+        while worker.task is not None and worker in self.pool.workers:
             try:
-                msg = wire.recv(worker.conn)
+                if not worker.conn.poll():
+                    if worker.is_dead():
+                        self._on_death(worker)
+                    return
+                msg = worker.recv()
             except (EOFError, OSError):
                 self._on_death(worker)
                 return
             self._handle(worker, msg)
-            try:
-                if worker.task is None or not worker.conn.poll():
-                    return
-            except (EOFError, OSError):
-                self._on_death(worker)
-                return
 
-    def _handle(self, worker: Worker, msg: tuple) -> None:
-        kind = msg[0]
+    def _handle(self, worker: Worker, msg: Any) -> None:
+        kind = kind_of(msg)
         task = worker.task
-        if kind in ("R", "D", "S"):
-            nested, items = msg[2], msg[3]
-            self._stage_nested(nested)
-            if items and task is not None and task.batch is not None:
-                self._finish_items(task, items)
-            if kind == "S":
+        if kind is Kind.RECORDS or kind is Kind.CHUNK_DONE or kind is Kind.SYNC_REQUEST:
+            self._stage_nested(msg.nested)
+            if msg.items and task is not None and task.batch is not None:
+                self._finish_items(task, msg.items)
+            if kind is Kind.SYNC_REQUEST:
                 self.store.flush()
-                self._reply(worker, ("A",))
-            elif kind == "D":
-                if task is not None and task.batch is not None and task.indices:
-                    task.batch.observe(time.time() - task.started, len(task.indices), msg[4])
+                self._reply(worker, Reply(msg.request_id))
+            elif kind is Kind.CHUNK_DONE:
+                if task is None or task.id != msg.task_id:
+                    raise IllegalTransition(f"worker pid {worker.pid} finished task {msg.task_id}, "
+                                            f"but runs {task.id if task else None}")
+                if task.batch is not None:
+                    if msg.unstarted:
+                        self._return_unstarted(task.batch, msg.unstarted)
+                    ran = len(task.indices) - len(msg.unstarted)
+                    if ran:
+                        task.batch.observe(time.time() - task.started, ran, msg.cpu_share)
                 self._task_done(worker)
-        elif kind == "W":
-            _, _task_id, rec, timeout = msg
-            worker.watch = None if rec is None else (rec, time.monotonic() + timeout if timeout else None, time.time())
-        elif kind == "L":
-            self._log(msg[1])
-        elif kind == "K":
-            self.callback_waiters[worker] = msg[2]
+        elif kind is Kind.WATCH_START:
+            worker.watches[msg.watch_id] = Watch(msg.record, msg.timeout)
+        elif kind is Kind.WATCH_END:
+            worker.watches.pop(msg.watch_id, None)
+        elif kind is Kind.LOG:
+            record = logging.makeLogRecord(msg.data)
+            logging.getLogger(record.name).handle(record)
+        elif kind is Kind.CALLBACK_WAIT:
+            self.callback_waiters[(worker, msg.request_id)] = msg.record
             self._poll_callbacks()
-        elif kind == "V" and task is not None:
-            task.result = (msg[2], msg[3])
+        elif kind is Kind.CALL_RESULT and task is not None:
+            task.result = (msg.ok, msg.value)
             self._task_done(worker)
 
-    def _finish_items(self, task: Task, items: list) -> None:
+    def _finish_items(self, task: Task, items: list[Any]) -> None:
         """Hot path: one call per message, a few dict/set operations per finished branch."""
         batch = task.batch
+        assert batch is not None
         reported = task.reported
         if batch.closed:
             reported.update(item[0] for item in items)
             return
         records = batch.records
         on_finished = batch.spec.policy.on_finished
+        finish = batch.branches.finish
         tick = None if self.bar is _progress.NULL_BAR else self.bar.item
         crash_log = batch.crash_log
         decode = batch.decode_results
@@ -402,13 +398,16 @@ class Dispatcher(FaultHandling):
                     records[index] = succeeded_item(index, value)
                 except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
                     pass
+            finish(index, BranchState.SUCCEEDED if succeeded else BranchState.FAILED)
             on_finished(index, succeeded)
             if tick is not None:
                 tick(succeeded)
             if not succeeded:
                 self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
                 staged = []
-                raise_if_fatal(OpRecord.loads(data))
+                rec = OpRecord.loads(data)
+                if rec.extra and rec.extra.get("fatal"):
+                    raise FatalBranchError(rec)
         self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
 
     def _fail_item(self, batch: BatchRun, index: int, error: Exception, start: float | None = None,
@@ -420,7 +419,12 @@ class Dispatcher(FaultHandling):
                        spec.item_name(index), OpStatus.FAILED, start or now, now, None,
                        ErrorObject.from_exception(error).to_dict(), max(1, len(attempts)), attempts=attempts,
                        pid=pid)
-        self._mark_started(batch, index)
+        if batch.branches.state(index) is BranchState.PENDING:
+            if spec.policy.is_decided:
+                return  # a branch that will never start cannot fail
+            batch.branches.move(index, BranchState.FAILED)
+        else:
+            batch.branches.finish(index, BranchState.FAILED)
         self._record_item(batch, index, rec)
         spec.policy.on_finished(index, False)
         self.bar.item(False)
@@ -434,56 +438,187 @@ class Dispatcher(FaultHandling):
         """Branches still running when their batch completed early stay STARTED."""
         spec = batch.spec
         for index in indices:
+            if batch.branches.state(index) in (BranchState.DISPATCHED, BranchState.RUNNING):
+                batch.branches.finish(index, BranchState.ABANDONED)
             self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
                                                            index, task.started))
 
-    def _stage_nested(self, nested: list) -> None:
+    def _stage_nested(self, nested: list[Any]) -> None:
         """Records of operations inside branches (steps, nested batches), as the worker pickled them."""
         stage_raw = self.store.stage_raw
         for parent_id, op_id, data in nested:
             stage_raw(self.execution_id, parent_id, op_id, data)
 
     def _poll_callbacks(self) -> None:
-        for worker, rec in list(self.callback_waiters.items()):
+        for (worker, request_id), rec in list(self.callback_waiters.items()):
             if worker not in self.pool.workers:
-                del self.callback_waiters[worker]
+                del self.callback_waiters[(worker, request_id)]
                 continue
-            done = poll_callback(self.store, self.execution_id, rec)
+            assert self.poll_callback is not None, "a dispatcher that runs callbacks needs poll_callback"
+            done = self.poll_callback(self.store, self.execution_id, rec)
             if done is not None:
-                del self.callback_waiters[worker]
-                self._reply(worker, ("A", done))
+                del self.callback_waiters[(worker, request_id)]
+                self._reply(worker, Reply(request_id, done))
 
-    def _reply(self, worker: Worker, msg: tuple) -> None:
-        """Answer a worker's request; a worker that died meanwhile is handled when its EOF is read."""
+    def _reply(self, worker: Worker, msg: Reply) -> None:
+        """Answer a worker's request; a worker that died meanwhile is handled when its sentinel is read."""
         try:
             worker.send(msg)
-        except OSError:
+        except (OSError, EOFError):
             pass
 
     def _task_done(self, worker: Worker) -> None:
         worker.task, worker.queued = worker.queued, None
+        worker.watches.clear()
         if worker.task is not None:
             worker.task.started = time.time()  # the worker moved straight on to it
-        worker.watch = None
-        if self.max_worker_memory and worker.rss() > self.max_worker_memory:
+        else:
+            worker.move(WorkerState.IDLE)
+        if self.max_worker_memory and worker.task is None and worker.over(self.max_worker_memory):
             self.pool.kill(worker)  # recycle a worker that grew past the limit between branches
-
-    def _log(self, data: dict) -> None:
-        record = logging.makeLogRecord(data)
-        logging.getLogger(record.name).handle(record)
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         """Stop a finished batch: kill workers still on it, record their branches STARTED."""
         batch.closed = True
         for worker in list(self.pool.workers):
             task = worker.task
-            if task is None or task.batch is not batch:
+            on_batch = task is not None and task.batch is batch
+            if not on_batch and not (worker.queued is not None and worker.queued.batch is batch):
                 continue
             running = worker.running_index()
             self.pool.kill(worker)
-            if not record_started:
+            if not on_batch or not record_started:
                 continue
             unreported = task.unreported()
             if running in unreported:
                 unreported = unreported[: unreported.index(running) + 1]
+            elif unreported:
+                unreported = unreported[:1]
             self._record_started(batch, task, unreported)
+        self.callback_waiters = {k: v for k, v in self.callback_waiters.items() if k[0] in self.pool.workers}
+
+    # -- faults -------------------------------------------------------------------------------
+    def _requeue(self, batch: BatchRun, index: int) -> None:
+        """A branch that started goes back to the head of the queue, with its checkpoints."""
+        state = batch.branches.state(index)
+        if state is BranchState.DISPATCHED or state is BranchState.RUNNING:
+            batch.branches.move(index, BranchState.PENDING)
+        batch.queue.appendleft(index)
+        batch.needs_ckpt.add(index)
+        self.stats["redispatched"] += 1
+
+    def _lost_task(self, worker: Worker) -> tuple[Task, int | None]:
+        """After a worker is gone: return the innocent branches of its chunks, name the guilty one."""
+        task = worker.task
+        guilty, innocent = split_lost_chunk(task.indices, task.reported, worker.running_index())
+        batch = task.batch
+        if batch is not None and not batch.closed:
+            if guilty is not None and batch.branches.state(guilty) is BranchState.DISPATCHED:
+                batch.branches.move(guilty, BranchState.RUNNING)
+            self._return_unstarted(batch, innocent)
+        queued = worker.queued
+        if queued is not None and queued.batch is not None and not queued.batch.closed:
+            self._return_unstarted(queued.batch, queued.indices)
+        worker.queued = None
+        return task, guilty
+
+    def _on_death(self, worker: Worker) -> None:
+        death = self.pool.reap(worker)
+        task = worker.task
+        if task is None:
+            return
+        self.stats["crashes"] += 1
+        if task.batch is None:
+            task.result = (False, WorkerCrashedError(f"worker running a step died: pid {death.pid}, "
+                                                     f"{death.describe()}"))
+            return
+        task, running = self._lost_task(worker)
+        batch = task.batch
+        assert batch is not None
+        if running is None or batch.closed:
+            return
+        name = batch.spec.item_name(running)
+        batch.crashes[running] += 1
+        count = batch.crashes[running]
+        crash = WorkerCrashedError(f"worker pid {death.pid} died: {death.describe()}")
+        batch.crash_log.setdefault(running, []).append(
+            Attempt(count, task.started, time.time(), death.pid, ErrorObject.from_exception(crash).to_dict()))
+        log.warning("worker pid %d running branch %d (%s) died (%s); crash %d of %d",
+                    death.pid, running, name, death.describe(), count, self.max_crash_retries)
+        if death_cost(count, self.max_crash_retries) is FaultCost.FAIL_BRANCH:
+            self._fail_item(batch, running, WorkerCrashedError(
+                f"branch {running} ({name}) crashed its worker {count} times; last: pid {death.pid}, "
+                f"{death.describe()}"), start=task.started, pid=death.pid)
+        else:
+            self._requeue(batch, running)
+
+    def _kill_for(self, worker: Worker, error: Exception, *, step_scoped: bool, watch: Watch | None = None) -> None:
+        """Kill a worker over a limit; charge the error to the step it names, or to its branch."""
+        watches = [watch] if watch is not None else list(worker.watches.values())
+        death = self.pool.kill(worker)
+        task, running = self._lost_task(worker)
+        if task.batch is None:
+            task.result = (False, error)
+            return
+        batch = task.batch
+        if running is None or batch.closed:
+            return
+        if kill_cost(step_watches=len(watches), step_scoped=step_scoped) is FaultCost.RETRY_STEP:
+            rec = watches[0].record
+            err = ErrorObject.from_exception(error).to_dict()
+            attempts = tuple(rec.attempts) + (Attempt(rec.attempt, watches[0].started, time.time(), death.pid, err),)
+            self.store.stage(self.execution_id, rec._replace(
+                status=OpStatus.PENDING, error=err, attempts=attempts,
+                extra={"undecided": True, "exc": type(error).__name__}))
+            self._requeue(batch, running)
+        else:
+            self._fail_item(batch, running, error, start=task.started)
+
+    def _watchdog(self, batch: BatchRun | None) -> None:
+        now = time.monotonic()
+        for worker in list(self.pool.workers):
+            task = worker.task
+            if task is None:
+                continue
+            expired = next((w for w in worker.watches.values() if w.deadline is not None and now >= w.deadline), None)
+            if expired is not None:
+                self.stats["timeouts"] += 1
+                self._kill_for(worker, StepTimeoutError(f"step {expired.record.name!r} exceeded its timeout"),
+                               step_scoped=True, watch=expired)
+            elif task.deadline is not None and now >= task.deadline:
+                self.stats["timeouts"] += 1
+                if task.batch is None:
+                    self._kill_for(worker, StepTimeoutError("step exceeded its timeout"), step_scoped=False)
+                else:
+                    index = task.indices[0]
+                    self._kill_for(worker, StepTimeoutError(
+                        f"branch {index} ({task.batch.spec.item_name(index)}) exceeded its timeout of "
+                        f"{task.batch.spec.branch_timeout:g}s"), step_scoped=False)
+        if self.max_worker_memory and now - self.last_memory_poll >= MEMORY_POLL_SECONDS:
+            self.last_memory_poll = now
+            for worker in list(self.pool.workers):
+                if worker.task is None:
+                    continue
+                owned = worker.over(self.max_worker_memory)
+                if owned:
+                    self.stats["memory_kills"] += 1
+                    self._kill_for(worker, MemoryLimitExceededError(
+                        f"worker pid {worker.pid} owned {owned / 2**20:.1f} MiB (USS), over its limit of "
+                        f"{self.max_worker_memory / 2**20:.1f} MiB"), step_scoped=True)
+        if batch is not None and batch.queue and not batch.spec.max_concurrency:
+            self._sample_cpu(now)
+
+    def _sample_cpu(self, now: float) -> None:
+        """Mark busy workers that use little CPU, so the pool may add workers for I/O-bound branches."""
+        for worker in self.pool.workers:
+            if worker.task is None:
+                continue
+            cpu = worker.cpu_seconds()
+            if worker.cpu_mark is None:
+                worker.cpu_mark = (now, cpu)
+                continue
+            then, cpu_then = worker.cpu_mark
+            if now - then >= CPU_SAMPLE_SECONDS:
+                share = (cpu - cpu_then) / (now - then)
+                self.io_waiting[worker.pid] = is_waiting_on_io(share, worker.state() == "running")
+                worker.cpu_mark = (now, cpu)

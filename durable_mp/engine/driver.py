@@ -8,22 +8,27 @@ a root step with a timeout, because only a separate process can be killed on tim
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from durable_mp.core.records import OpRecord
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine.state import ExecutionState
 
+CALLBACK_POLL_SECONDS = 0.1
+
 
 class DriverState(ExecutionState):
     def __init__(self, store: Any, execution_id: str, dispatcher_factory: Callable[[], Any], *,
-                 skip_time: bool = False) -> None:
+                 skip_time: bool = False, poll_callback: Callable[[Any, str, OpRecord], OpRecord | None] | None = None
+                 ) -> None:
         self.store = store
         self.execution_id = execution_id
         self.skip_time = skip_time
         self.watch_steps = False
         self._dispatcher_factory = dispatcher_factory
         self._dispatcher: Any = None
+        self._poll_callback = poll_callback
 
     @property
     def dispatcher(self) -> Any:
@@ -32,10 +37,12 @@ class DriverState(ExecutionState):
         return self._dispatcher
 
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
-        return self.store.get_op(self.execution_id, parent_id, op_id)
+        rec: OpRecord | None = self.store.get_op(self.execution_id, parent_id, op_id)
+        return rec
 
     def branch_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
-        return self.store.branch_records(self.execution_id, batch_op_id)
+        records: dict[int, OpRecord] = self.store.branch_records(self.execution_id, batch_op_id)
+        return records
 
     def emit(self, rec: OpRecord, sync: bool = False) -> None:
         self.store.stage(self.execution_id, rec)
@@ -43,7 +50,8 @@ class DriverState(ExecutionState):
             self.store.flush()
 
     def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
-        return self.dispatcher.run_batch(spec)
+        outcome: tuple[dict[int, OpRecord], Any] = self.dispatcher.run_batch(spec)
+        return outcome
 
     def run_step_body(self, func: Any, step_ctx: Any, watch: Any) -> Any:
         if watch is None or not watch.timeout:
@@ -53,11 +61,10 @@ class DriverState(ExecutionState):
 
     def wait_callback(self, rec: OpRecord) -> OpRecord:
         """Poll the store until another process completes the callback (or it times out)."""
-        from durable_mp.operation.callback import CALLBACK_POLL_SECONDS, poll_callback
-
+        assert self._poll_callback is not None, "a driver state that runs callbacks needs poll_callback"
         self.store.flush()
         while True:
-            done = poll_callback(self.store, self.execution_id, rec)
+            done = self._poll_callback(self.store, self.execution_id, rec)
             if done is not None:
                 return done
             time.sleep(CALLBACK_POLL_SECONDS)

@@ -11,13 +11,14 @@ alone too.
 from __future__ import annotations
 
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.spec import BatchSpec
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import BranchSource
 from durable_mp.exceptions import SerDesError
-from durable_mp.core.records import PICKLE_PROTOCOL
-from durable_mp.core.spec import BatchSpec
 
 SHARED_PAYLOAD_BYTES = 4 * 2**20  # above this, branches sharing objects are pickled together
 
@@ -58,7 +59,7 @@ def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> by
     return pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
 
 
-def _share_closures(funcs: list, blobs: list[bytes | None]) -> list[bytes | None] | bytes:
+def _share_closures(funcs: list[Any], blobs: list[bytes | None]) -> list[bytes | None] | bytes:
     """Per-branch blobs, or one blob for all branches when they share large objects.
 
     Branches pickled one by one fail one by one, but a 100 MB array that every branch
@@ -78,6 +79,7 @@ def _share_closures(funcs: list, blobs: list[bytes | None]) -> list[bytes | None
 
 def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> bytes:
     inputs = spec.inputs
+    assert inputs is not None
     try:
         return pickling.dumps(inputs)
     except Exception:  # noqa: BLE001 - find the culprits, fail only them
@@ -143,6 +145,7 @@ def load_source(payload: bytes, execution_id: str) -> BranchSource:
                               f"{type(exc).__name__}: {exc}")
             func = _Unloadable(err)
             inputs = _Unloadable(err)
-    return BranchSource(funcs=funcs, func=func, inputs=inputs, item_serdes=pickle.loads(meta["item_serdes"]),
+    lazy: Any = funcs  # _LazyBranches: indexable like the sequence BranchSource expects
+    return BranchSource(funcs=lazy, func=func, inputs=inputs, item_serdes=pickle.loads(meta["item_serdes"]),
                         batch_op_id=meta["op_id"], item_sub_type=meta["item_sub_type"],
                         names=meta["names"], execution_id=execution_id)

@@ -2,10 +2,12 @@
 
 Only top-level batches fan out to processes; a batch inside a branch already occupies a
 worker slot, and sending its branches back to the pool could deadlock a full pool.
-Threads match the reference's model (I/O-bound nested branches overlap).  Early
-completion cannot kill a thread: a still-running branch is recorded STARTED, its state
-is cancelled, and its next durable operation raises ``OrphanedChildException`` so
-nothing it does afterwards is checkpointed.
+Threads match the reference's model (I/O-bound nested branches overlap).  Completion
+follows DESIGN.md §1 as in the dispatcher: failures stop the starting of branches and
+let the running ones finish; successes end the batch at once.  A thread cannot be
+killed: a branch still running then is recorded STARTED, its state is cancelled, and
+its next durable operation raises ``OrphanedChildException`` so nothing it does
+afterwards is checkpointed.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import time
 from collections import deque
 from typing import Any
 
-from durable_mp.engine.branch import BranchSource, raise_if_fatal, run_branch, started_record
-from durable_mp.exceptions import OrphanedChildException
+from durable_mp.core.completion import CompletionReason
 from durable_mp.core.records import OpRecord, OpStatus
 from durable_mp.core.spec import BatchSpec
+from durable_mp.engine.branch import BranchSource, raise_if_fatal, run_branch, started_record
+from durable_mp.exceptions import OrphanedChildException
 
 
 def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
@@ -30,7 +33,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
                           execution_id=spec.execution_id)
     todo = deque(i for i in range(spec.n) if i not in records)
     limit = spec.max_concurrency or max(1, len(todo))
-    finished: queue.Queue = queue.Queue()
+    finished: queue.Queue[tuple[int, OpRecord]] = queue.Queue()
     running: dict[int, tuple[Any, float]] = {}
 
     def body(index: int, branch_state: Any) -> None:
@@ -40,15 +43,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
             return
         finished.put((index, rec))
 
-    reason = policy.decision()
-    while reason is None:
-        while todo and len(running) < limit:
-            index = todo.popleft()
-            branch_state = state.for_branch()
-            policy.on_started(index)
-            running[index] = (branch_state, time.time())
-            threading.Thread(target=body, args=(index, branch_state), daemon=True,
-                             name=f"durable_mp-branch-{index}").start()
+    def collect() -> None:
         index, rec = finished.get()
         running.pop(index, None)
         if isinstance(rec.result, list):  # serdes.Parts: join once, the record stays in this process
@@ -57,7 +52,27 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
         state.emit(rec)
         raise_if_fatal(rec)
         policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+
+    reason = policy.decision()
+    while reason is None:
+        while todo and len(running) < limit and policy.decision() is None:
+            index = todo.popleft()
+            branch_state = state.for_branch()
+            policy.on_started(index)
+            start = time.time()
+            running[index] = (branch_state, start)
+            # recorded at once, so the branch's operations hang off a known parent (a re-dispatched
+            # worker finds a step its driver timed out, and history has the branch's start)
+            state.emit(started_record(spec.op_id, spec.item_sub_type, source.name(index), index, start))
+            threading.Thread(target=body, args=(index, branch_state), daemon=True,
+                             name=f"durable_mp-branch-{index}").start()
+        collect()
         reason = policy.decision()
+    if reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED:
+        while running:  # failures: the running branches finish and report
+            collect()
+        ended = all(index in records for index in range(spec.n))
+        reason = CompletionReason.ALL_COMPLETED if ended else reason
     for index, (branch_state, start) in running.items():
         branch_state.cancel()
         rec = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, start)

@@ -1,64 +1,134 @@
 """The worker process: runs the branches the driver sends and streams their records back.
 
+Two threads own the pipe.  The *reader* thread reads every message from the driver:
+work (``RunChunk``, ``RunCall``, ``Quit``) goes to the main thread's inbox, a
+``Reply`` wakes the request that carries its id, a ``StopBatch`` raises that batch's
+stop flag.  So a request is never answered by a queued chunk, and a worker blocked on
+a request still drains its inbound pipe (the driver can never block writing to it).
+The main thread runs chunks; nested branches run on more threads and send through the
+same lock-guarded ``Channel``.
+
 A worker never touches the store.  Every record it produces goes into an ``Outbox``
-that is sent to the driver at most every ``OUTBOX_FLUSH_SECONDS`` (and at the end of a
-task), so a map over tiny items costs one pipe message per few hundred items while a
-crash loses at most a few milliseconds of finished work.  The index of the branch being
-run is written into a shared-memory slot so the driver knows, after a crash, which
-branch was guilty and which were innocent bystanders in the same chunk.
+that is sent at most every ``OUTBOX_FLUSH_SECONDS`` (and at the end of a chunk), so a
+map over tiny items costs one message per few hundred items while a crash loses at most
+a few milliseconds of finished work.  The index of the branch being run is written into
+a shared-memory slot so the driver knows, after a crash, which branch was guilty and
+which were innocent bystanders in the same chunk.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import pickle
+import queue
 import signal
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 
 import cloudpickle
 
+from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 from durable_mp.engine import wire
-from durable_mp.engine.branch import BranchSource, run_branch
-from durable_mp.context import DurableContext
+from durable_mp.engine.branch import BranchSource, run_branch, snapshot
 from durable_mp.engine.payload import load_source
+from durable_mp.engine.protocol import (
+    Budget,
+    CallbackWait,
+    CallResult,
+    ChunkDone,
+    Kind,
+    Log,
+    Records,
+    RunCall,
+    RunChunk,
+    SyncRequest,
+    WatchEnd,
+    WatchStart,
+    kind_of,
+)
+from durable_mp.engine.scheduling import stop_chunk
+from durable_mp.engine.state import ExecutionState, make_context
+from durable_mp.engine.threads import run_batch_in_threads
 from durable_mp.exceptions import OrphanedChildException
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
-
-SUCCEEDED = OpStatus.SUCCEEDED
-from durable_mp.engine.state import ExecutionState
-from durable_mp.engine.threads import run_batch_in_threads
 from durable_mp.types import StepContext
 
 OUTBOX_FLUSH_SECONDS = 0.005
 PAYLOAD_CACHE_SIZE = 4
 PARENT_CHECK_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
-SLOT_FORMAT = "q"
+SLOT_FORMAT: Final = "q"
 IDLE = -1
+SUCCEEDED = OpStatus.SUCCEEDED
+
+
+class DriverGone(Exception):
+    """The pipe to the driver closed: the worker exits."""
 
 
 class Channel:
-    """Worker end of the pipe; a lock because nested branches send from threads."""
+    """Worker end of the pipe: sends under a lock, requests answered by id through the reader thread."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stopped: set[str] = set()  # batch tokens the driver stopped (StopBatch)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list[Any]] = {}  # request id -> [event, reply]
+        self._waiting_lock = threading.Lock()
+        self._gone = False
 
-    def send(self, msg: tuple, gathered: bool = False) -> None:
+    def send(self, msg: Any, gathered: bool = False) -> None:
         with self.lock:
             wire.send(self.conn, msg, gathered=gathered)
 
-    def request(self, msg: tuple) -> Any:
-        with self.lock:
-            wire.send(self.conn, msg, gathered=True)
-            return wire.recv(self.conn)
+    def request(self, build: Callable[[int], Any], gathered: bool = True) -> Any:
+        """Send ``build(request_id)`` and wait for the driver's reply to that id."""
+        request_id = next(self._ids)
+        slot: list[Any] = [threading.Event(), None]
+        with self._waiting_lock:
+            if self._gone:
+                raise DriverGone("the driver is gone")
+            self._waiting[request_id] = slot
+        self.send(build(request_id), gathered)
+        slot[0].wait()
+        if slot[1] is None:
+            raise DriverGone("the driver went away before replying")
+        return slot[1].value
+
+    def read_forever(self) -> None:
+        """The reader thread: route every message from the driver."""
+        try:
+            while True:
+                msg = wire.recv(self.conn)
+                kind = kind_of(msg)
+                if kind is Kind.REPLY:
+                    with self._waiting_lock:
+                        slot = self._waiting.pop(msg.request_id, None)
+                    if slot is not None:
+                        slot[1] = msg
+                        slot[0].set()
+                elif kind is Kind.STOP_BATCH:
+                    self.stopped.add(msg.token)
+                else:
+                    self.inbox.put(msg)
+        except (EOFError, OSError):
+            pass
+        finally:
+            with self._waiting_lock:
+                self._gone = True
+                for slot in self._waiting.values():
+                    slot[0].set()
+                self._waiting.clear()
+            self.inbox.put(None)
 
 
 class Outbox:
@@ -67,7 +137,7 @@ class Outbox:
     A record waits at most ``OUTBOX_FLUSH_SECONDS``: ``add`` sends when the last message
     is older than that, and otherwise wakes a flusher thread that sends after the
     interval, so a step that finishes just before a long computation is not held back.
-    ``send_lock`` keeps messages of one task in order ("R" ... "D").
+    ``send_lock`` keeps the messages of one chunk in order (Records ... ChunkDone).
     """
 
     wrap = staticmethod(wire.big)  # a record's buffers: joined, or a frame of their own when large
@@ -76,16 +146,17 @@ class Outbox:
         self.channel = channel
         self.lock = threading.Lock()
         self.send_lock = threading.RLock()
-        self.nested: list[tuple[str, str, bytes]] = []  # (parent_id, op_id, record bytes)
-        self.items: list[tuple[int, bool, str, bytes]] = []  # (index, succeeded, key, record bytes)
+        self.nested: list[tuple[str, str, Any]] = []
+        self.items: list[tuple[int, bool, str, Any]] = []
         self.gathered = False  # some waiting record is a wire.Gather (large: its own frame)
         self.task_id = 0
         self.last_send = time.monotonic()
         self.pending = threading.Event()
         self.flusher: threading.Thread | None = None
+        self._watch_ids = itertools.count(1)
 
     def add(self, rec: OpRecord) -> None:
-        data = self.wrap(rec.dumps_parts())
+        data = self.wrap(snapshot(rec.dumps_parts()))
         with self.lock:
             self.nested.append((rec.parent_id, rec.op_id, data))
             self.gathered = self.gathered or data.__class__ is wire.Gather
@@ -93,7 +164,7 @@ class Outbox:
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
-        data = self.wrap(rec.dumps_parts())
+        data = self.wrap(snapshot(rec.dumps_parts()))
         with self.lock:
             self.items.append((index, rec.status == SUCCEEDED, branch_key(index), data))
             self.gathered = self.gathered or data.__class__ is wire.Gather
@@ -101,7 +172,7 @@ class Outbox:
 
     def _due(self) -> None:
         if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
-            self.send("R")
+            self.flush()
         elif not self.pending.is_set():
             if self.flusher is None:
                 self.flusher = threading.Thread(target=self._flush_loop, daemon=True, name="durable_mp-outbox")
@@ -114,46 +185,71 @@ class Outbox:
             time.sleep(OUTBOX_FLUSH_SECONDS)
             self.pending.clear()
             try:
-                self.send("R")
+                self.flush()
             except OSError:  # the driver is gone; the worker is about to exit
                 return
 
-    def _take(self) -> tuple[list, list, bool]:
-        """The records waiting, and whether any of them travels as its own frame."""
+    def _take(self) -> tuple[list[Any], list[Any], bool]:
         with self.lock:
             taken = self.nested, self.items, self.gathered
             self.nested, self.items, self.gathered = [], [], False
         return taken
 
-    def send(self, kind: str, *extra: Any) -> None:
+    def flush(self) -> None:
+        """Send the waiting records, if any."""
         with self.send_lock:
             nested, items, gathered = self._take()
             self.last_send = time.monotonic()
-            if kind == "R" and not nested and not items:
-                return
-            self.channel.send((kind, self.task_id, nested, items, *extra), gathered)
+            if nested or items:
+                self._send(Records(self.task_id, nested, items), gathered)
+
+    def chunk_done(self, unstarted: list[int], cpu_share: float) -> None:
+        with self.send_lock:
+            nested, items, gathered = self._take()
+            self.last_send = time.monotonic()
+            self._send(ChunkDone(self.task_id, nested, items, unstarted, cpu_share), gathered)
+
+    def _send(self, msg: Any, gathered: bool) -> None:
+        assert self.channel is not None
+        self.channel.send(msg, gathered)
 
     def sync(self) -> None:
         """Send everything and wait until the driver has committed it."""
+        assert self.channel is not None
         with self.send_lock:
-            nested, items, _gathered = self._take()
-            self.channel.request(("S", self.task_id, nested, items))
+            nested, items, _ = self._take()
+            task_id = self.task_id
+        self.channel.request(lambda rid: SyncRequest(rid, task_id, nested, items))
 
-    def watch(self, rec: OpRecord | None, timeout: float | None) -> None:
-        """Tell the driver a watched step starts (``rec``) or ends (None)."""
-        with self.send_lock:
-            self.send("R")
-            self.channel.send(("W", self.task_id, rec, timeout))
+    def watch_start(self, rec: OpRecord, timeout: float | None) -> int:
+        """Tell the driver a watched step starts; returns the watch's id."""
+        watch_id = next(self._watch_ids)
+        self.flush()
+        assert self.channel is not None
+        self.channel.send(WatchStart(self.task_id, watch_id, rec, timeout))
+        return watch_id
+
+    def watch_end(self, watch_id: int) -> None:
+        assert self.channel is not None
+        self.channel.send(WatchEnd(self.task_id, watch_id))
+
+    def wait_callback(self, rec: OpRecord) -> OpRecord:
+        """Block this thread (only) until the driver says the callback is done."""
+        self.flush()
+        assert self.channel is not None
+        task_id = self.task_id
+        reply: OpRecord = self.channel.request(lambda rid: CallbackWait(rid, task_id, rec), gathered=False)
+        return reply
 
 
 class WorkerShared:
     """Per-process settings every branch state refers to."""
 
-    def __init__(self, outbox: Outbox, settings: dict) -> None:
+    def __init__(self, outbox: Outbox, settings: dict[str, Any]) -> None:
         self.outbox = outbox
-        self.execution_id = settings["execution_id"]
-        self.skip_time = settings.get("skip_time", False)
-        self.watch_steps = settings.get("watch_steps", False)
+        self.execution_id: str = settings["execution_id"]
+        self.skip_time: bool = settings.get("skip_time", False)
+        self.watch_steps: bool = settings.get("watch_steps", False)
 
 
 class WorkerState(ExecutionState):
@@ -171,7 +267,7 @@ class WorkerState(ExecutionState):
         return self.shared.execution_id
 
     @property
-    def skip_time(self) -> bool:
+    def skip_time(self) -> bool:  # type: ignore[override]
         return self.shared.skip_time
 
     @property
@@ -179,7 +275,7 @@ class WorkerState(ExecutionState):
         return self.shared.watch_steps
 
     def context(self, op_id: str) -> Any:
-        return DurableContext(self, op_id)
+        return make_context(self, op_id)
 
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
         return self.checkpoints.get(op_id) if self.checkpoints else None
@@ -201,10 +297,10 @@ class WorkerState(ExecutionState):
         if sync:
             self.shared.outbox.sync()
 
-    def run_batch(self, spec: Any) -> tuple[dict[int, OpRecord], Any]:
+    def run_batch(self, spec: Any) -> tuple[dict[int, Any], Any]:
         return run_batch_in_threads(self, spec)
 
-    def for_branch(self) -> "WorkerState":
+    def for_branch(self) -> WorkerState:
         return WorkerState(self.shared, self.checkpoints)
 
     def cancel(self) -> None:
@@ -215,20 +311,16 @@ class WorkerState(ExecutionState):
             raise OrphanedChildException("branch was abandoned when its batch completed early", "")
         if watch is None:
             return func(step_ctx)
-        self.shared.outbox.watch(watch.record, watch.timeout)
+        outbox = self.shared.outbox
+        watch_id = outbox.watch_start(watch.record, watch.timeout)
         try:
             return func(step_ctx)
         finally:
-            self.shared.outbox.watch(None, None)
+            outbox.watch_end(watch_id)
 
     def wait_callback(self, rec: OpRecord) -> OpRecord:
         """Only the driver reads the store during a run: it answers once the callback is done."""
-        outbox = self.shared.outbox
-        with outbox.send_lock:
-            outbox.send("R")
-            reply = outbox.channel.request(("K", outbox.task_id, rec))
-        return reply[1]
-
+        return self.shared.outbox.wait_callback(rec)
 
 
 class _ForwardHandler(logging.Handler):
@@ -251,7 +343,7 @@ class _ForwardHandler(logging.Handler):
                 data["exc_text"] = logging.Formatter().formatException(record.exc_info)
             data["exc_info"] = None
             data = {k: v for k, v in data.items() if _plain(v)}
-            self.channel.send(("L", data))
+            self.channel.send(Log(data))
         except Exception:  # noqa: BLE001 - logging must never break a branch
             pass
 
@@ -278,10 +370,30 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="durable_mp-parent-watch").start()
 
 
-def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict) -> None:
-    """Serve tasks until told to quit or the driver goes away."""
+def _default_signals() -> None:
+    """Forget the driver's signal handlers: any signal that ends a worker is a worker death.
+
+    A forked worker inherits the driver's Python-level handlers (SIGTERM → SystemExit,
+    SIGINT → KeyboardInterrupt), which would turn ``kill <worker>`` into an ordinary
+    branch failure.  The worker also leaves the driver's process group, so a Ctrl-C at
+    the terminal reaches only the driver, which then stops its workers itself.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGALRM):
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+
+
+def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any]) -> None:
+    """Serve chunks until told to quit or the driver goes away."""
+    _default_signals()
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = Channel(conn)
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -291,52 +403,64 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict) -> None:
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings)
     cache: OrderedDict[str, BranchSource] = OrderedDict()
+    threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:
-        try:
-            msg = wire.recv(conn)
-        except (EOFError, OSError):
+        msg = channel.inbox.get()
+        kind = Kind.QUIT if msg is None else kind_of(msg)
+        if kind is Kind.QUIT:
             return
-        kind = msg[0]
-        if kind == "T":
-            _run_task(msg, shared, outbox, cache, current)
-        elif kind == "C":
+        if kind is Kind.RUN_CHUNK:
+            _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
+        elif kind is Kind.RUN_CALL:
             _run_call(msg, channel)
-        elif kind == "Q":
-            return
 
 
-def _run_task(msg: tuple, shared: WorkerShared, outbox: Outbox, cache: OrderedDict, current: Any) -> None:
-    _, task_id, token, payload, indices, names, checkpoints = msg
-    source = cache.get(token)
+def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox, cache: OrderedDict[str, BranchSource],
+               current: Any, stopped: set[str]) -> None:
+    source = cache.get(msg.token)
     if source is None:
-        source = cache[token] = load_source(payload, shared.execution_id)
+        source = cache[msg.token] = load_source(msg.payload, shared.execution_id)
         while len(cache) > PAYLOAD_CACHE_SIZE:
             cache.popitem(last=False)
-    if names:
-        source.names = names
-    outbox.task_id = task_id
-    empty: dict = {}
+    if msg.names:
+        source.names = msg.names
+    outbox.task_id = msg.task_id
+    checkpoints = msg.checkpoints
+    budget: Budget = msg.budget
+    limited = budget.failures is not None or budget.successes is not None
+    failures = successes = 0
+    empty: dict[str, OpRecord] = {}
     wall, cpu = time.monotonic(), time.process_time()
-    for index in indices:
+    indices = msg.indices
+    unstarted: list[int] = []
+    for position, index in enumerate(indices):
+        if msg.token in stopped or (limited and stop_chunk(budget, failures, successes)):
+            unstarted = list(indices[position:])
+            break
         current[0] = index
         state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
-        outbox.add_item(index, run_branch(source, index, state.context))
+        rec = run_branch(source, index, state.context)
+        outbox.add_item(index, rec)
+        if limited:
+            if rec.status == SUCCEEDED:
+                successes += 1
+            else:
+                failures += 1
     current[0] = IDLE
     # share of a core the chunk used: tells the driver whether the batch is CPU-bound
-    outbox.send("D", (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6))
+    outbox.chunk_done(unstarted, (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6))
 
 
-def _run_call(msg: tuple, channel: Channel) -> None:
+def _run_call(msg: RunCall, channel: Channel) -> None:
     """One attempt of a driver-level step that needs a killable process (it has a timeout)."""
-    _, task_id, payload = msg
     try:
-        func, attempt, extra = cloudpickle.loads(payload)
+        func, attempt, extra = cloudpickle.loads(msg.payload)
         value = func(StepContext(Logger(extra=extra), attempt))
         try:
             data = pickle.dumps(value, protocol=PICKLE_PROTOCOL)
         except Exception:  # noqa: BLE001
             data = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
-        channel.send(("V", task_id, True, data))
+        channel.send(CallResult(msg.task_id, True, data))
     except (KeyboardInterrupt, OrphanedChildException):
         raise
     except BaseException as exc:  # noqa: BLE001
@@ -345,4 +469,4 @@ def _run_call(msg: tuple, channel: Channel) -> None:
             pickle.loads(failure)
         except Exception:  # noqa: BLE001 - an exception that does not survive pickling travels as text
             failure = (ErrorObject.from_exception(exc).to_dict(), type(exc).__name__)
-        channel.send(("V", task_id, False, failure))
+        channel.send(CallResult(msg.task_id, False, failure))

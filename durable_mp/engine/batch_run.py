@@ -1,0 +1,81 @@
+"""Driver-side state of one running batch, of one worker's task, and of one watched step.
+
+Plain records owned by the dispatcher; the branch states themselves live in a
+``lifecycle.BranchTable``, the completion state in the batch's ``CompletionPolicy``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict, deque
+from typing import Any
+
+from durable_mp.core.records import Attempt, OpRecord
+from durable_mp.core.spec import BatchSpec
+from durable_mp.engine.lifecycle import BranchTable
+from durable_mp.serdes import PickleSerDes
+
+SMOOTHING = 0.3  # weight of the newest chunk in the running item-time and CPU-share estimates
+
+
+class Task:
+    """Work one worker is doing: a chunk of branches of a batch, or one step call."""
+
+    __slots__ = ("id", "batch", "indices", "reported", "deadline", "result", "started")
+
+    def __init__(self, task_id: int, batch: BatchRun | None, indices: list[int], deadline: float | None) -> None:
+        self.id = task_id
+        self.batch = batch
+        self.indices = indices
+        self.reported: set[int] = set()
+        self.deadline = deadline
+        self.result: Any = None
+        self.started = time.time()
+
+    def unreported(self) -> list[int]:
+        return [i for i in self.indices if i not in self.reported]
+
+
+class Watch:
+    """A step attempt the driver enforces a timeout or memory limit on."""
+
+    __slots__ = ("record", "deadline", "started")
+
+    def __init__(self, record: OpRecord, timeout: float | None) -> None:
+        self.record = record
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.started = time.time()
+
+
+class BatchRun:
+    """Driver-side state of one batch while it runs."""
+
+    def __init__(self, spec: BatchSpec) -> None:
+        self.spec = spec
+        self.token = f"{spec.op_id}:{uuid.uuid4().hex}"
+        self.payload = b""
+        self.branches = BranchTable(spec.n)
+        self.queue: deque[int] = deque()
+        self.needs_ckpt: set[int] = set()  # branches that may have checkpoints under them (resume, re-dispatch)
+        self.records: dict[int, Any] = {}  # OpRecord, a worker's record bytes, or a decoded BatchItem
+        self.crashes: defaultdict[int, int] = defaultdict(int)
+        self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
+        self.item_seconds: float | None = None
+        self.cpu_share: float | None = None  # share of a core a chunk used, as workers report it
+        self.stopping = False  # failure-triggered completion: start nothing new, let running branches finish
+        self.closed = False
+        # default pickle serdes: results can be decoded right here, as they arrive
+        self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ is PickleSerDes
+
+    @property
+    def is_map(self) -> bool:
+        return self.spec.funcs is None
+
+    def observe(self, seconds: float, items: int, cpu_share: float | None = None) -> None:
+        """Learn from a finished chunk: per-item time (round trip included), share of a core used."""
+        took = seconds / max(items, 1)
+        keep = 1 - SMOOTHING
+        self.item_seconds = took if self.item_seconds is None else keep * self.item_seconds + SMOOTHING * took
+        if cpu_share is not None:
+            self.cpu_share = cpu_share if self.cpu_share is None else keep * self.cpu_share + SMOOTHING * cpu_share

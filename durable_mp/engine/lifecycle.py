@@ -1,0 +1,118 @@
+"""The two state machines of the engine: a branch and a worker, with guarded transitions.
+
+A branch (one parallel function or map item) moves
+
+    PENDING ──dispatch──▶ DISPATCHED ──▶ RUNNING ──▶ SUCCEEDED | FAILED | ABANDONED
+       ▲                      │             │
+       └── returned unstarted ┘             └── its worker died: back to PENDING
+
+and a worker moves STARTING ▶ IDLE ⇄ BUSY ▶ DRAINING ▶ DEAD (DEAD from anywhere).
+Any other move raises ``IllegalTransition``: a bug in the scheduler shows up as an
+error at the spot, not as a lost or doubled result later.
+
+Branch states of a batch live in one ``bytearray`` (``BranchTable``): a million-item
+map costs a megabyte and a transition is two byte operations.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+
+class IllegalTransition(RuntimeError):
+    """The engine tried a move its state machine forbids (an internal error)."""
+
+
+class BranchState(IntEnum):
+    PENDING = 0
+    DISPATCHED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    ABANDONED = 5
+
+
+_B = BranchState
+BRANCH_MOVES: dict[BranchState, frozenset[BranchState]] = {
+    _B.PENDING: frozenset({_B.DISPATCHED, _B.FAILED}),  # FAILED: unpicklable, never sent
+    _B.DISPATCHED: frozenset({_B.RUNNING, _B.PENDING}),
+    _B.RUNNING: frozenset({_B.SUCCEEDED, _B.FAILED, _B.ABANDONED, _B.PENDING}),
+    _B.SUCCEEDED: frozenset(),
+    _B.FAILED: frozenset(),
+    _B.ABANDONED: frozenset(),
+}
+TERMINAL = frozenset({_B.SUCCEEDED, _B.FAILED, _B.ABANDONED})
+_LEGAL = [[False] * len(BranchState) for _ in BranchState]
+for _src, _dsts in BRANCH_MOVES.items():
+    for _dst in _dsts:
+        _LEGAL[_src][_dst] = True
+
+
+class BranchTable:
+    """The states of every branch of one batch; the dispatcher is its only writer."""
+
+    __slots__ = ("_states", "counts")
+
+    def __init__(self, total: int) -> None:
+        self._states = bytearray(total)
+        self.counts = [0] * len(BranchState)
+        self.counts[_B.PENDING] = total
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def state(self, index: int) -> BranchState:
+        return BranchState(self._states[index])
+
+    def move(self, index: int, to: BranchState) -> None:
+        src = self._states[index]
+        if not _LEGAL[src][to]:
+            raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
+        self._states[index] = to
+        self.counts[src] -= 1
+        self.counts[to] += 1
+
+    def finish(self, index: int, to: BranchState) -> None:
+        """A reported outcome: a DISPATCHED branch necessarily ran first (one move on the hot path)."""
+        src = self._states[index]
+        via = _B.RUNNING if src == _B.DISPATCHED else src
+        if not _LEGAL[via][to]:
+            raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
+        self._states[index] = to
+        self.counts[src] -= 1
+        self.counts[to] += 1
+
+    def replayed(self, index: int, succeeded: bool) -> None:
+        """A branch finished in an earlier run (resume): terminal without running."""
+        self.move(index, _B.DISPATCHED)
+        self.finish(index, _B.SUCCEEDED if succeeded else _B.FAILED)
+
+    def count(self, state: BranchState) -> int:
+        return self.counts[state]
+
+    def all_ended(self) -> bool:
+        """Every branch reached an end (none pending, dispatched or running)."""
+        return sum(self.counts[s] for s in TERMINAL) == len(self._states)
+
+
+class WorkerState(Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+_W = WorkerState
+WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    _W.STARTING: frozenset({_W.IDLE, _W.DEAD}),
+    _W.IDLE: frozenset({_W.BUSY, _W.DRAINING, _W.DEAD}),
+    _W.BUSY: frozenset({_W.IDLE, _W.DRAINING, _W.DEAD}),
+    _W.DRAINING: frozenset({_W.DEAD}),
+    _W.DEAD: frozenset(),
+}
+
+
+def check_worker_move(src: WorkerState, dst: WorkerState, pid: int) -> None:
+    if dst not in WORKER_MOVES[src]:
+        raise IllegalTransition(f"worker pid {pid}: {src.name} -> {dst.name}")

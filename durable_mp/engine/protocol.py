@@ -1,0 +1,179 @@
+"""Every message between the driver and a worker: a kind (an enum) and a typed record.
+
+Messages are small ``NamedTuple`` records (they pickle as tuples plus a class
+reference); ``kind_of(message)`` names its kind.  Requests a worker waits
+on carry a ``request_id`` and the driver's ``Reply`` names it, so nothing is matched
+by position: a chunk queued ahead in the pipe can never be taken for a reply.
+
+============== ========= ==========================================================
+message        direction meaning
+============== ========= ==========================================================
+RunChunk       D → W     run branches ``indices`` of batch ``token`` (payload the first
+                         time this worker sees the token), within ``budget``
+RunCall        D → W     one attempt of a driver-level step that has a timeout
+StopBatch      D → W     start no more branches of batch ``token`` (failure-triggered
+                         completion); branches already running finish
+Reply          D → W     the answer to request ``request_id``
+Quit           D → W     exit when idle
+Records        W → D     finished records: nested operations and branch outcomes
+ChunkDone      W → D     the chunk ended; which of its indices never started; CPU share
+SyncRequest    W → D     commit these records, then reply (AT_MOST_ONCE START)
+CallbackWait   W → D     reply when callback ``record`` is completed or timed out
+WatchStart     W → D     a step with a timeout (or memory watch) starts: ``watch_id``
+WatchEnd       W → D     that step's attempt ended
+Log            W → D     a log record to re-emit through the driver's handlers
+CallResult     W → D     outcome of a ``RunCall``
+============== ========= ==========================================================
+
+::
+
+    driver                                   worker (reader thread │ main thread)
+      │── RunChunk(task 7, [0..15]) ────────▶│ queue ─────────────▶ run 0, 1, ...
+      │── RunChunk(task 8, [16..31]) ───────▶│ queue (prefetched)
+      │◀─ Records(task 7, ...) ──────────────│                      (every few ms)
+      │◀─ SyncRequest(req 3, task 7, ...) ───│                      step START, waits
+      │   commit                             │
+      │── Reply(req 3) ─────────────────────▶│ wakes request 3 ──▶ step body runs
+      │◀─ ChunkDone(task 7, unstarted=[]) ───│                      task 8 starts
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, NamedTuple
+
+
+class Kind(Enum):
+    RUN_CHUNK = "run_chunk"
+    RUN_CALL = "run_call"
+    STOP_BATCH = "stop_batch"
+    REPLY = "reply"
+    QUIT = "quit"
+    RECORDS = "records"
+    CHUNK_DONE = "chunk_done"
+    SYNC_REQUEST = "sync_request"
+    CALLBACK_WAIT = "callback_wait"
+    WATCH_START = "watch_start"
+    WATCH_END = "watch_end"
+    LOG = "log"
+    CALL_RESULT = "call_result"
+
+
+# A record as it travels: (parent_id, op_id, record bytes or wire.Gather) for nested
+# operations; (index, succeeded, key, record bytes or wire.Gather) for branch outcomes.
+Nested = list[tuple[str, str, Any]]
+Items = list[tuple[int, bool, str, Any]]
+
+
+class Budget(NamedTuple):
+    """How many failures / successes of this chunk the worker may see before it stops starting items.
+
+    ``None`` means no limit.  The driver derives it from the completion policy at
+    dispatch (``scheduling.start_budget``), so a worker never starts an item that the
+    policy, applied to the outcomes known when it starts, would not start.
+    """
+
+    failures: int | None
+    successes: int | None
+
+
+UNLIMITED = Budget(None, None)
+
+
+class RunChunk(NamedTuple):
+    task_id: int
+    token: str
+    payload: Any  # wire.Gather of the batch payload, or None when the worker has it cached
+    indices: list[int]
+    names: dict[int, str] | None
+    checkpoints: dict[int, dict[str, Any]] | None
+    budget: Budget
+
+
+class RunCall(NamedTuple):
+    task_id: int
+    payload: bytes
+
+
+class StopBatch(NamedTuple):
+    token: str
+
+
+class Reply(NamedTuple):
+    request_id: int
+    value: Any = None
+
+
+class Quit(NamedTuple):
+    """Exit when idle."""
+
+
+class Records(NamedTuple):
+    task_id: int
+    nested: Nested
+    items: Items
+
+
+class ChunkDone(NamedTuple):
+    task_id: int
+    nested: Nested
+    items: Items
+    unstarted: list[int]
+    cpu_share: float
+
+
+class SyncRequest(NamedTuple):
+    request_id: int
+    task_id: int
+    nested: Nested
+    items: Items
+
+
+class CallbackWait(NamedTuple):
+    request_id: int
+    task_id: int
+    record: Any  # core.records.OpRecord of the CALLBACK operation
+
+
+class WatchStart(NamedTuple):
+    task_id: int
+    watch_id: int
+    record: Any  # the step's STARTED OpRecord
+    timeout: float | None
+
+
+class WatchEnd(NamedTuple):
+    task_id: int
+    watch_id: int
+
+
+class Log(NamedTuple):
+    data: dict[str, Any]
+
+
+class CallResult(NamedTuple):
+    task_id: int
+    ok: bool
+    value: Any  # pickled result; or the exception (pickled, or (ErrorObject dict, class name))
+
+
+_KINDS: dict[type, Kind] = {
+    RunChunk: Kind.RUN_CHUNK,
+    RunCall: Kind.RUN_CALL,
+    StopBatch: Kind.STOP_BATCH,
+    Reply: Kind.REPLY,
+    Quit: Kind.QUIT,
+    Records: Kind.RECORDS,
+    ChunkDone: Kind.CHUNK_DONE,
+    SyncRequest: Kind.SYNC_REQUEST,
+    CallbackWait: Kind.CALLBACK_WAIT,
+    WatchStart: Kind.WATCH_START,
+    WatchEnd: Kind.WATCH_END,
+    Log: Kind.LOG,
+    CallResult: Kind.CALL_RESULT,
+}
+
+
+def kind_of(message: Any) -> Kind:
+    """The kind of a message (a ``KeyError`` for anything that is not one)."""
+    return _KINDS[message.__class__]

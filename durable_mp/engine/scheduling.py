@@ -1,0 +1,97 @@
+"""The dispatcher's decisions as pure functions: how many run, how big a chunk, what may queue ahead.
+
+Nothing here touches a process, a pipe or a clock, so every rule is unit-tested on
+plain numbers (``tests/test_scheduling_decisions.py``).
+"""
+
+from __future__ import annotations
+
+from durable_mp.engine.protocol import UNLIMITED, Budget
+
+TARGET_CHUNK_SECONDS = 0.05  # a map chunk should keep a worker busy about this long
+MAX_CHUNK_ITEMS = 4096
+FIRST_CHUNK_ITEMS = 16  # before any item time is measured
+PREFETCH_MIN_ITEMS = 64  # below this many queued map items, chunks go only to idle workers
+CPU_BOUND_SHARE = 0.7  # parallel branches using at least this share of a core are prefetched
+MIN_CHUNK_SECONDS = 0.002  # a chunk should not be shorter than this (the tail of a map)
+CHUNKS_PER_WORKER = 4  # never put more than 1/(this * workers) of what is left in one chunk
+GROWTH_CAP_PER_CPU = 8  # without explicit limits, the pool grows to at most this many workers per core
+
+
+def concurrency_limit(explicit: int | None, max_workers: int | None, ncpu: int, io_waiting: int) -> tuple[int, int]:
+    """(branches of the batch allowed to run now, workers the pool may grow to).
+
+    An explicit ``max_concurrency`` is honoured as given.  Without one, CPU-bound work
+    gets one branch per core, and every busy worker found waiting on I/O (little CPU,
+    not runnable) lets one more start, up to ``GROWTH_CAP_PER_CPU`` per core.
+    """
+    cap = max_workers or (explicit if explicit else ncpu * GROWTH_CAP_PER_CPU)
+    if explicit:
+        return explicit, max(cap, 1)
+    return ncpu + io_waiting, max(cap, 1)
+
+
+def chunk_size(queued: int, allowed: int, item_seconds: float | None, *, is_map: bool, has_timeout: bool) -> int:
+    """Items in the next chunk: one branch for parallel and for timed branches; map chunks sized by time.
+
+    A chunk should keep a worker busy about ``TARGET_CHUNK_SECONDS`` (per-item cost far
+    below a round trip) but never hold more than a 1/``CHUNKS_PER_WORKER`` share of what
+    is left, so the tail spreads over every worker.
+    """
+    if not is_map or has_timeout or queued <= 1:
+        return min(1, queued)
+    by_share = queued // (CHUNKS_PER_WORKER * max(allowed, 1))
+    if item_seconds is None:
+        size = max(1, min(by_share, FIRST_CHUNK_ITEMS))
+    else:
+        item = max(item_seconds, 1e-7)
+        by_time = int(TARGET_CHUNK_SECONDS / item)
+        at_least = int(MIN_CHUNK_SECONDS / item)
+        size = max(1, min(by_time, max(by_share, at_least), MAX_CHUNK_ITEMS))
+    return min(size, queued)
+
+
+def start_budget(failures_to_stop: int | None, successes_to_stop: int | None) -> Budget:
+    """What a worker may see of a chunk's outcomes before it must stop starting its items.
+
+    The arguments are the policy's distance to a decision (``CompletionPolicy.stop_distance``):
+    a chunk's worker stops as soon as its own outcomes alone would reach it, so within
+    one worker no item starts after an outcome that completes the batch.
+    """
+    if failures_to_stop is None and successes_to_stop is None:
+        return UNLIMITED
+    return Budget(failures_to_stop, successes_to_stop)
+
+
+def budget_allows_queueing(budget: Budget, in_flight: int) -> bool:
+    """May a chunk queue behind a busy worker's current one?
+
+    Only if no outcome of the items already in flight could complete the batch: a queued
+    chunk starts in the worker without the driver seeing the outcome before it.
+    """
+    if budget.failures is not None and budget.failures <= in_flight:
+        return False
+    return budget.successes is None or budget.successes > in_flight
+
+
+def may_prefetch(*, is_map: bool, queued: int, cpu_share: float | None, budget: Budget, in_flight: int,
+                 has_timeout: bool) -> bool:
+    """Queue the next chunk behind a busy worker, so the worker never waits for the driver?
+
+    Only where waiting would not hurt: a map with plenty left to do, or parallel
+    branches known to be CPU-bound (an I/O-bound branch queued behind a sleeping one
+    would wait for nothing, where the pool would rather grow); never with per-branch
+    deadlines (the deadline must start when the branch does) and never when an
+    in-flight outcome could complete the batch.
+    """
+    if has_timeout or not budget_allows_queueing(budget, in_flight):
+        return False
+    if is_map:
+        return queued >= PREFETCH_MIN_ITEMS
+    return cpu_share is not None and cpu_share >= CPU_BOUND_SHARE
+
+
+def stop_chunk(budget: Budget, failures: int, successes: int) -> bool:
+    """In the worker: stop starting this chunk's items after these local outcomes?"""
+    return ((budget.failures is not None and failures >= budget.failures)
+            or (budget.successes is not None and successes >= budget.successes))

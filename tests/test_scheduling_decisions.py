@@ -1,0 +1,177 @@
+"""The engine's decisions and state machines, without processes: pure functions over numbers."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from durable_mp.concurrency.models import CompletionPolicy
+from durable_mp.config import CompletionConfig
+from durable_mp.exceptions import InvalidStateError
+from durable_mp.engine import scheduling as s
+from durable_mp.engine.faults import FaultCost, death_cost, is_waiting_on_io, kill_cost, split_lost_chunk
+from durable_mp.engine.lifecycle import (
+    BranchState,
+    BranchTable,
+    IllegalTransition,
+    WorkerState,
+    check_worker_move,
+)
+from durable_mp.engine.protocol import UNLIMITED, Budget
+
+# -- completion policy: distance to a decision ------------------------------------------------
+
+
+@pytest.mark.parametrize("config, expected", [
+    (CompletionConfig(), (1, None)),  # no criteria: fail-fast
+    (CompletionConfig.all_successful(), (1, None)),
+    (CompletionConfig.all_completed(), (None, None)),
+    (CompletionConfig.first_successful(), (None, 1)),
+    (CompletionConfig(tolerated_failure_count=2), (3, None)),
+    (CompletionConfig(tolerated_failure_percentage=25), (3, None)),  # 3 of 10 is > 25 %
+    (CompletionConfig(min_successful=4, tolerated_failure_count=1), (2, 4)),
+])
+def test_stop_distance_of_each_config(config, expected):
+    assert CompletionPolicy(config, 10).stop_distance() == expected
+
+
+@given(count=st.integers(0, 12), total=st.integers(1, 12), failed=st.integers(0, 12))
+def test_stop_distance_is_exactly_the_failures_that_decide(count, total, failed):
+    """Truth table: ``f`` more failures decide, ``f - 1`` do not."""
+    failed = min(failed, total)
+    policy = CompletionPolicy(CompletionConfig(tolerated_failure_count=count), total)
+    for i in range(failed):
+        policy.on_finished(i, False)
+    if policy.decision() is not None:
+        return
+    f, _ = policy.stop_distance()
+    if f is None:
+        # no number of the remaining items can exceed the tolerance
+        assert count >= total
+        return
+    probe = CompletionPolicy(CompletionConfig(tolerated_failure_count=count), total)
+    for i in range(failed + f - 1):
+        probe.on_finished(i, False)
+    assert probe.tolerance_exceeded() is False
+    probe.on_finished(failed + f - 1, False)
+    assert probe.tolerance_exceeded() is True
+
+
+def test_a_returned_unstarted_item_is_pending_again():
+    policy = CompletionPolicy(None, 3)
+    policy.on_started(1)
+    policy.on_unstarted(1)
+    assert policy.completion_status().items[1].status is None
+    with pytest.raises(InvalidStateError):
+        policy.on_unstarted(1)
+
+
+# -- budgets and prefetch ----------------------------------------------------------------------
+
+
+def test_a_worker_stops_its_chunk_once_its_own_outcomes_reach_the_budget():
+    budget = s.start_budget(1, None)
+    assert not s.stop_chunk(budget, failures=0, successes=50)
+    assert s.stop_chunk(budget, failures=1, successes=0)
+    assert not s.stop_chunk(UNLIMITED, failures=10**6, successes=10**6)
+    assert s.stop_chunk(s.start_budget(None, 2), failures=0, successes=2)
+
+
+@pytest.mark.parametrize("budget, in_flight, allowed", [
+    (UNLIMITED, 1000, True),
+    (Budget(1, None), 0, True),   # nothing in flight: the queued chunk starts after nothing
+    (Budget(1, None), 1, False),  # one running item could fail and complete the batch
+    (Budget(5, None), 4, True),
+    (Budget(None, 3), 3, False),
+])
+def test_queueing_ahead_only_when_no_in_flight_outcome_can_decide(budget, in_flight, allowed):
+    assert s.budget_allows_queueing(budget, in_flight) is allowed
+
+
+def test_prefetch_rules():
+    common = dict(budget=UNLIMITED, in_flight=1, has_timeout=False)
+    assert s.may_prefetch(is_map=True, queued=s.PREFETCH_MIN_ITEMS, cpu_share=None, **common)
+    assert not s.may_prefetch(is_map=True, queued=s.PREFETCH_MIN_ITEMS - 1, cpu_share=None, **common)
+    assert not s.may_prefetch(is_map=False, queued=100, cpu_share=None, **common)  # unknown: maybe I/O-bound
+    assert s.may_prefetch(is_map=False, queued=100, cpu_share=0.95, **common)
+    assert not s.may_prefetch(is_map=False, queued=100, cpu_share=0.1, **common)
+    assert not s.may_prefetch(is_map=True, queued=10**6, cpu_share=1.0, budget=UNLIMITED, in_flight=1,
+                              has_timeout=True)
+
+
+# -- chunk sizes and concurrency ----------------------------------------------------------------
+
+
+def test_parallel_and_timed_branches_go_one_at_a_time():
+    assert s.chunk_size(100, 2, 1e-6, is_map=False, has_timeout=False) == 1
+    assert s.chunk_size(100, 2, 1e-6, is_map=True, has_timeout=True) == 1
+    assert s.chunk_size(0, 2, None, is_map=True, has_timeout=False) == 0
+
+
+@given(queued=st.integers(1, 10**6), allowed=st.integers(1, 64),
+       item=st.one_of(st.none(), st.floats(1e-8, 10.0)))
+def test_map_chunks_are_bounded_and_leave_work_for_every_worker(queued, allowed, item):
+    size = s.chunk_size(queued, allowed, item, is_map=True, has_timeout=False)
+    assert 1 <= size <= min(queued, s.MAX_CHUNK_ITEMS)
+    if item is not None and item >= s.TARGET_CHUNK_SECONDS:
+        assert size == 1  # slow items: one per chunk
+    if item is None:
+        assert size <= s.FIRST_CHUNK_ITEMS
+
+
+def test_concurrency_limit():
+    assert s.concurrency_limit(3, None, 8, io_waiting=5) == (3, 3)  # explicit: as given
+    assert s.concurrency_limit(None, None, 2, io_waiting=0) == (2, 2 * s.GROWTH_CAP_PER_CPU)
+    assert s.concurrency_limit(None, None, 2, io_waiting=3) == (5, 2 * s.GROWTH_CAP_PER_CPU)
+    assert s.concurrency_limit(None, 4, 2, io_waiting=10) == (12, 4)  # the pool never grows past max_workers
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def test_what_a_fault_costs():
+    assert death_cost(1, 3) is FaultCost.REDISPATCH
+    assert death_cost(3, 3) is FaultCost.FAIL_BRANCH
+    assert kill_cost(step_watches=1, step_scoped=True) is FaultCost.RETRY_STEP
+    assert kill_cost(step_watches=2, step_scoped=True) is FaultCost.FAIL_BRANCH  # no single step to charge
+    assert kill_cost(step_watches=1, step_scoped=False) is FaultCost.FAIL_BRANCH
+    assert is_waiting_on_io(0.05, runnable=False)
+    assert not is_waiting_on_io(0.05, runnable=True)  # starved, not waiting
+
+
+def test_a_lost_chunk_blames_the_running_branch_only():
+    assert split_lost_chunk([4, 5, 6, 7], {4}, 5) == (5, [6, 7])
+    assert split_lost_chunk([4, 5, 6, 7], {4, 5}, None) == (6, [7])  # slot cleared: first unreported
+    assert split_lost_chunk([4], {4}, None) == (None, [])
+
+
+# -- state machines -----------------------------------------------------------------------------
+
+
+def test_branch_lifecycle_and_its_illegal_moves():
+    table = BranchTable(3)
+    table.move(0, BranchState.DISPATCHED)
+    table.finish(0, BranchState.SUCCEEDED)  # dispatched -> running -> succeeded
+    assert table.state(0) is BranchState.SUCCEEDED
+    table.move(1, BranchState.DISPATCHED)
+    table.move(1, BranchState.RUNNING)
+    table.move(1, BranchState.PENDING)  # its worker died
+    table.move(1, BranchState.DISPATCHED)
+    table.move(1, BranchState.PENDING)  # returned unstarted
+    with pytest.raises(IllegalTransition):
+        table.move(0, BranchState.PENDING)  # a finished branch never runs again
+    with pytest.raises(IllegalTransition):
+        table.move(2, BranchState.RUNNING)  # nothing runs without being dispatched
+    assert not table.all_ended()
+    table.replayed(2, succeeded=False)
+    assert table.count(BranchState.FAILED) == 1 and table.count(BranchState.PENDING) == 1
+
+
+def test_worker_lifecycle():
+    check_worker_move(WorkerState.IDLE, WorkerState.BUSY, 1)
+    check_worker_move(WorkerState.BUSY, WorkerState.DEAD, 1)
+    with pytest.raises(IllegalTransition):
+        check_worker_move(WorkerState.DEAD, WorkerState.IDLE, 1)
+    with pytest.raises(IllegalTransition):
+        check_worker_move(WorkerState.DRAINING, WorkerState.BUSY, 1)
