@@ -47,8 +47,8 @@ _META_LEN = 136  # bytes of the meta record we read: magic .. last_pg, txnid
 
 EnvKey = tuple[int, int]  # (st_dev, st_ino) of a store directory: one environment per directory and process
 
-_FIX = "Fix: chmod 700 {dir} && chmod 600 {dir}/*.mdb"
 _WHY = "loading a checkpoint unpickles it, which can run arbitrary code"
+SUBDIR_HINT = "durable_mp"  # the subdirectory suggested inside a directory that is not a store
 
 
 def resolve_store_path(path: str | os.PathLike[str] | None = None) -> pathlib.Path:
@@ -68,18 +68,56 @@ def _owner_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _who_can_write(mode: int) -> str:
+    return " and ".join(who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if mode & bit)
+
+
 def check_safe(path: pathlib.Path, st: os.stat_result, store_dir: pathlib.Path) -> None:
-    """Refuse ``path`` if others can write it or another non-root user owns it."""
+    """Refuse ``path`` if others can write it or another non-root user owns it.
+
+    The advice is safe to follow: a chmod is suggested only for a store's own files and
+    for a directory that already holds a store (durable_mp made it one); any other
+    directory (``/tmp``, a project folder made under umask 002) gets a subdirectory
+    instead, which durable_mp creates with mode 0700.
+    """
     me = os.geteuid()
+    is_store = path != store_dir or (store_dir / DATA_FILE).exists()
     if st.st_uid not in (me, 0):
         raise StoreError(
             f"refusing to open durable_mp store {store_dir}: {path} is owned by "
             f"{_owner_name(st.st_uid)}, not by you ({_owner_name(me)}) or root, and {_WHY}. "
             f"Use a store of your own (store=... or ${STORE_ENV_VAR}), or chown it to yourself.")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return
+    problem = (f"refusing to open durable_mp store {store_dir}: {path} is writable by group/others "
+               f"(mode {mode:04o}: writable by {_who_can_write(mode)}), and {_WHY}. ")
+    if is_store and st.st_uid == me:
+        fixed = mode & ~(stat.S_IWGRP | stat.S_IWOTH)
+        raise StoreError(problem + f"Fix: chmod go-w {path} (mode {mode:04o} -> {fixed:04o}).")
+    sub = store_dir / SUBDIR_HINT
+    raise StoreError(
+        problem + f"durable_mp did not create {store_dir}, so do not change its mode (others may rely on "
+        f"it); keep the store in a subdirectory instead, which durable_mp creates with mode 0700: "
+        f"store={str(sub)!r} (or {STORE_ENV_VAR}={sub}).")
+
+
+def _create_last_component(path: pathlib.Path) -> None:
+    """Create the store directory itself, never its missing parents (a typo would create them all)."""
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
         raise StoreError(
-            f"refusing to open durable_mp store {store_dir}: {path} is writable by group/others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}), and {_WHY}. " + _FIX.format(dir=store_dir))
+            f"cannot create durable_mp store {path}: its parent directory {parent} {what}. durable_mp "
+            f"creates only the store directory itself; check the path for a typo, or create the parent "
+            f"first (mkdir -p {parent}).")
+    try:
+        os.mkdir(path, DIR_MODE)
+        os.chmod(path, DIR_MODE)  # umask may have removed bits; never added any
+    except FileExistsError:
+        pass  # another process created it meanwhile; checked by the caller like any other
+    except OSError as exc:
+        raise StoreError(f"cannot create durable_mp store directory {path}: {exc.strerror}") from None
 
 
 def prepare_dir(path: pathlib.Path, *, create: bool, readonly: bool) -> os.stat_result:
@@ -89,14 +127,7 @@ def prepare_dir(path: pathlib.Path, *, create: bool, readonly: bool) -> os.stat_
     except FileNotFoundError:
         if readonly or not create:
             raise StoreError(f"no durable_mp store at {path} (directory does not exist)") from None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(path, DIR_MODE)
-            os.chmod(path, DIR_MODE)  # umask may have removed bits; never added any
-        except FileExistsError:
-            pass  # another process created it meanwhile; checked below like any other
-        except OSError as exc:
-            raise StoreError(f"cannot create durable_mp store directory {path}: {exc.strerror}") from None
+        _create_last_component(path)
         st = os.stat(path)
     except OSError as exc:
         raise StoreError(f"cannot open durable_mp store {path}: {exc.strerror}") from None
