@@ -20,6 +20,8 @@ from durable_mp.core.completion import CompletionReason
 from durable_mp.core.errors import DurableExecutionsError, ErrorDetails, PickleByState
 from durable_mp.core.errors import InvalidStateError as InvalidStateError  # re-export
 from durable_mp.core.errors import ValidationError as ValidationError  # re-export
+from durable_mp.core.remote import RemoteTraceback as RemoteTraceback  # re-export: its public home
+from durable_mp.core.remote import origin_type, remote_traceback, user_frame
 
 
 class TerminationReason(Enum):
@@ -251,10 +253,26 @@ class ExecutionFailedError(DurableExecutionsError):
         self.execution_id = execution_id
         kind = error.type or "Error"
         text = f"{kind}: {error.message}" if error.message else kind
+        text += _where(error)
         if stored and execution_id:
             text += (f" (execution {execution_id!r} failed in an earlier run; delete it with "
                      f"`durable-mp delete {execution_id}` or use another execution_id to run it again)")
         super().__init__(text)
+        # A stored failure has no live chain: show the worker-side traceback (``raise ... from``
+        # replaces this with the live chain, which ends in the same traceback).
+        self.__cause__ = remote_traceback(error.stack_trace)
+
+
+def _where(error: ErrorDetails) -> str:
+    """`` (raised as ZeroDivisionError at /path/job.py:12 in f)``: what a wrapper's one line hides."""
+    origin = origin_type(error.stack_trace)
+    frame = user_frame(error.stack_trace)
+    parts = []
+    if origin and origin != error.type and not (error.type or "").endswith("." + origin):
+        parts.append(f"raised as {origin}")
+    if frame is not None:
+        parts.append(f"at {frame}")
+    return f" ({' '.join(parts)})" if parts else ""
 
 
 class ExecutionLockedError(DurableExecutionsError):

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, NoReturn
 
 from durable_mp._compat import StrEnum
+from durable_mp.core.remote import remote_traceback
 from durable_mp.exceptions import ChildContextError, DurableOperationError, SerDesError
 
 _SERDES_ERROR_TYPE = f"{SerDesError.__module__}.{SerDesError.__qualname__}"
@@ -134,8 +135,15 @@ class ErrorObject:
         return {key: value for key, value in wire.items() if value is not None}
 
     def to_exception(self) -> DurableOperationError:
-        """The escaping error rebuilt from these fields (a typed subclass if known)."""
-        return DurableOperationError.from_error_fields(self.type, self.message, self.data, self.stack_trace)
+        """The escaping error rebuilt from these fields (a typed subclass if known).
+
+        A stored traceback becomes its ``__cause__``, a ``RemoteTraceback``: printed, the
+        chain starts with the worker-side traceback (the user's file and line), as
+        ``concurrent.futures`` shows a failure in a pool process.
+        """
+        error = DurableOperationError.from_error_fields(self.type, self.message, self.data, self.stack_trace)
+        error.__cause__ = remote_traceback(self.stack_trace)
+        return error
 
     # Reference name of the same thing.
     to_durable_operation_error = to_exception
