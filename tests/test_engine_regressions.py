@@ -184,25 +184,26 @@ def test_fail_fast_with_max_concurrency_1_never_starts_the_branch_after_the_fail
     assert reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
 
-def test_fail_fast_map_stops_starting_items_inside_a_chunk(store_path, tmp_path):
+@pytest.mark.parametrize("fail_at", [3, 700])  # in the first chunk; in a later chunk, queued ahead
+def test_fail_fast_map_stops_starting_items_inside_a_chunk(store_path, tmp_path, fail_at):
     started = tmp_path / "started"
     started.mkdir()
 
     def item(ctx, x, i, xs):
         (started / str(i)).write_text("")
-        if i == 3:
-            raise ValueError("item 3 fails")
+        if i == fail_at:
+            raise ValueError(f"item {i} fails")
         return x
 
     @durable_execution(max_workers=1)
     def handler(event, ctx):
-        r = ctx.map(list(range(200)), item)
+        r = ctx.map(list(range(2000)), item)
         return r.total_count, r.completion_reason
 
     total, reason = handler.run(None, store=store_path)
     ran = sorted(int(n) for n in os.listdir(started))
-    assert ran == [0, 1, 2, 3], f"items started after the failure: {ran[4:][:10]}"
-    assert total == 4
+    assert ran == list(range(fail_at + 1)), f"items started after the failure: {ran[fail_at + 1:][:10]}"
+    assert total == fail_at + 1
     assert reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
 

@@ -18,7 +18,7 @@ from durable_mp.engine.lifecycle import (
     WorkerState,
     check_worker_move,
 )
-from durable_mp.engine.protocol import UNLIMITED, Budget
+from durable_mp.engine.protocol import UNLIMITED
 
 # -- completion policy: distance to a decision ------------------------------------------------
 
@@ -78,26 +78,21 @@ def test_a_worker_stops_its_chunk_once_its_own_outcomes_reach_the_budget():
     assert s.stop_chunk(s.start_budget(None, 2), failures=0, successes=2)
 
 
-@pytest.mark.parametrize("budget, in_flight, allowed", [
-    (UNLIMITED, 1000, True),
-    (Budget(1, None), 0, True),   # nothing in flight: the queued chunk starts after nothing
-    (Budget(1, None), 1, False),  # one running item could fail and complete the batch
-    (Budget(5, None), 4, True),
-    (Budget(None, 3), 3, False),
-])
-def test_queueing_ahead_only_when_no_in_flight_outcome_can_decide(budget, in_flight, allowed):
-    assert s.budget_allows_queueing(budget, in_flight) is allowed
+def test_a_queued_chunk_counts_the_outcomes_the_driver_had_not_seen():
+    """Budget relative to the worker: outcomes the driver already counted do not spend it twice."""
+    budget = s.start_budget(1, None, seen=(2, 40))  # the driver had seen 2 failures and 40 successes
+    assert not s.stop_chunk(budget, failures=2, successes=90)
+    assert s.stop_chunk(budget, failures=3, successes=41)  # one failure the driver has not seen yet
 
 
 def test_prefetch_rules():
-    common = dict(budget=UNLIMITED, in_flight=1, has_timeout=False)
+    common = dict(has_timeout=False)
     assert s.may_prefetch(is_map=True, queued=s.PREFETCH_MIN_ITEMS, cpu_share=None, **common)
     assert not s.may_prefetch(is_map=True, queued=s.PREFETCH_MIN_ITEMS - 1, cpu_share=None, **common)
     assert not s.may_prefetch(is_map=False, queued=100, cpu_share=None, **common)  # unknown: maybe I/O-bound
     assert s.may_prefetch(is_map=False, queued=100, cpu_share=0.95, **common)
     assert not s.may_prefetch(is_map=False, queued=100, cpu_share=0.1, **common)
-    assert not s.may_prefetch(is_map=True, queued=10**6, cpu_share=1.0, budget=UNLIMITED, in_flight=1,
-                              has_timeout=True)
+    assert not s.may_prefetch(is_map=True, queued=10**6, cpu_share=1.0, has_timeout=True)
 
 
 # -- chunk sizes and concurrency ----------------------------------------------------------------

@@ -22,7 +22,7 @@ SMOOTHING = 0.3  # weight of the newest chunk in the running item-time and CPU-s
 class Task:
     """Work one worker is doing: a chunk of branches of a batch, or one step call."""
 
-    __slots__ = ("id", "batch", "indices", "reported", "deadline", "result", "started")
+    __slots__ = ("id", "batch", "indices", "reported", "deadline", "result", "started", "seen")
 
     def __init__(self, task_id: int, batch: BatchRun | None, indices: list[int], deadline: float | None) -> None:
         self.id = task_id
@@ -32,6 +32,7 @@ class Task:
         self.deadline = deadline
         self.result: Any = None
         self.started = time.time()
+        self.seen: list[int] | None = None  # the batch's [failures, successes] counted from this worker
 
     def unreported(self) -> list[int]:
         return [i for i in self.indices if i not in self.reported]
@@ -63,6 +64,7 @@ class BatchRun:
         self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
         self.item_seconds: float | None = None
         self.cpu_share: float | None = None  # share of a core a chunk used, as workers report it
+        self.seen: dict[int, list[int]] = {}  # worker pid -> [failures, successes] counted from it
         self.stopping = False  # failure-triggered completion: start nothing new, let running branches finish
         self.closed = False
         # default pickle serdes: results can be decoded right here, as they arrive

@@ -153,34 +153,34 @@ class Dispatcher:
     def _running(self, batch: BatchRun) -> list[Worker]:
         return [w for w in self.pool.workers if w.task is not None and w.task.batch is batch]
 
-    def _budget(self, batch: BatchRun) -> Budget:
+    def _budget(self, batch: BatchRun, worker: Worker) -> Budget:
         if batch.stopping:
             return UNLIMITED  # only re-dispatches of branches that had started run now
-        return start_budget(*batch.spec.policy.stop_distance())
+        failures, successes = batch.spec.policy.stop_distance()
+        seen = batch.seen.get(worker.pid, (0, 0))
+        return start_budget(failures, successes, (seen[0], seen[1]))
 
     def _fill(self, batch: BatchRun) -> None:
         while batch.queue:
             busy = self._running(batch)
             waiting = sum(1 for w in busy if self.io_waiting.get(w.pid))
             allowed, cap = concurrency_limit(batch.spec.max_concurrency, self.max_workers, self.ncpu, waiting)
-            budget = self._budget(batch)
             worker = None
             if len(busy) < allowed:
                 worker = self._idle_worker()
                 if worker is None and len(self.pool) < cap:
                     worker = self.pool.spawn()
             if worker is not None:
-                self._send_chunk(batch, worker, self._take_chunk(batch, allowed), budget)
+                self._send_chunk(batch, worker, self._take_chunk(batch, allowed), self._budget(batch, worker))
                 continue
-            in_flight = sum(len(w.task.unreported()) for w in busy)
             if not may_prefetch(is_map=batch.is_map, queued=len(batch.queue), cpu_share=batch.cpu_share,
-                                budget=budget, in_flight=in_flight,
                                 has_timeout=batch.spec.branch_timeout is not None or bool(self.max_worker_memory)):
                 return
             target = next((w for w in busy if w.queued is None), None)
             if target is None:
                 return
-            self._send_chunk(batch, target, self._take_chunk(batch, allowed), budget, queued=True)
+            self._send_chunk(batch, target, self._take_chunk(batch, allowed), self._budget(batch, target),
+                             queued=True)
 
     def _idle_worker(self) -> Worker | None:
         worker: Worker
@@ -212,6 +212,7 @@ class Dispatcher:
         payload = None if batch.token in worker.tokens else big([batch.payload])
         worker.tokens.add(batch.token)
         task = self._new_task(batch, indices, batch.spec.branch_timeout)
+        task.seen = batch.seen.setdefault(worker.pid, [0, 0])
         if queued:
             worker.queued = task
         else:
@@ -381,6 +382,7 @@ class Dispatcher:
         crash_log = batch.crash_log
         decode = batch.decode_results
         staged = []
+        failed = 0
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
@@ -403,12 +405,17 @@ class Dispatcher:
             if tick is not None:
                 tick(succeeded)
             if not succeeded:
+                failed += 1
                 self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
                 staged = []
                 rec = OpRecord.loads(data)
                 if rec.extra and rec.extra.get("fatal"):
                     raise FatalBranchError(rec)
         self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
+        seen = task.seen
+        if seen is not None:  # what this worker's budgets count as already known
+            seen[0] += failed
+            seen[1] += len(items) - failed
 
     def _fail_item(self, batch: BatchRun, index: int, error: Exception, start: float | None = None,
                    pid: int = 0) -> None:

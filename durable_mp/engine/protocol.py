@@ -66,15 +66,20 @@ Items = list[tuple[int, bool, str, Any]]
 
 
 class Budget(NamedTuple):
-    """How many failures / successes of this chunk the worker may see before it stops starting items.
+    """How many more failures / successes a worker may see of a batch before it stops starting its items.
 
     ``None`` means no limit.  The driver derives it from the completion policy at
-    dispatch (``scheduling.start_budget``), so a worker never starts an item that the
-    policy, applied to the outcomes known when it starts, would not start.
+    dispatch (``scheduling.start_budget``).  ``seen_failures`` / ``seen_successes`` are
+    how many outcomes *of this worker* the driver had counted then: the worker counts
+    every outcome it produced for the batch, and those the driver had not seen spend
+    the budget.  So a worker never starts an item that the policy, applied to every
+    outcome known in that worker, would not start, even in a chunk queued ahead.
     """
 
     failures: int | None
     successes: int | None
+    seen_failures: int = 0
+    seen_successes: int = 0
 
 
 UNLIMITED = Budget(None, None)

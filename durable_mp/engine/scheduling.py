@@ -51,40 +51,32 @@ def chunk_size(queued: int, allowed: int, item_seconds: float | None, *, is_map:
     return min(size, queued)
 
 
-def start_budget(failures_to_stop: int | None, successes_to_stop: int | None) -> Budget:
-    """What a worker may see of a chunk's outcomes before it must stop starting its items.
+def start_budget(failures_to_stop: int | None, successes_to_stop: int | None, seen: tuple[int, int] = (0, 0)
+                 ) -> Budget:
+    """What a worker may see of a batch's outcomes before it must stop starting its items.
 
-    The arguments are the policy's distance to a decision (``CompletionPolicy.stop_distance``):
-    a chunk's worker stops as soon as its own outcomes alone would reach it, so within
-    one worker no item starts after an outcome that completes the batch.
+    The arguments are the policy's distance to a decision (``CompletionPolicy.stop_distance``)
+    and how many (failures, successes) of this worker the driver had counted: a worker
+    stops as soon as its own outcomes the driver had not counted would reach the
+    distance, so within one worker no item starts after an outcome that completes the
+    batch, whether its chunk was sent to an idle worker or queued ahead.
     """
     if failures_to_stop is None and successes_to_stop is None:
         return UNLIMITED
-    return Budget(failures_to_stop, successes_to_stop)
+    return Budget(failures_to_stop, successes_to_stop, *seen)
 
 
-def budget_allows_queueing(budget: Budget, in_flight: int) -> bool:
-    """May a chunk queue behind a busy worker's current one?
-
-    Only if no outcome of the items already in flight could complete the batch: a queued
-    chunk starts in the worker without the driver seeing the outcome before it.
-    """
-    if budget.failures is not None and budget.failures <= in_flight:
-        return False
-    return budget.successes is None or budget.successes > in_flight
-
-
-def may_prefetch(*, is_map: bool, queued: int, cpu_share: float | None, budget: Budget, in_flight: int,
-                 has_timeout: bool) -> bool:
+def may_prefetch(*, is_map: bool, queued: int, cpu_share: float | None, has_timeout: bool) -> bool:
     """Queue the next chunk behind a busy worker, so the worker never waits for the driver?
 
     Only where waiting would not hurt: a map with plenty left to do, or parallel
     branches known to be CPU-bound (an I/O-bound branch queued behind a sleeping one
     would wait for nothing, where the pool would rather grow); never with per-branch
-    deadlines (the deadline must start when the branch does) and never when an
-    in-flight outcome could complete the batch.
+    deadlines (the deadline must start when the branch does).  A queued chunk carries a
+    worker-relative budget (``start_budget``), so it never starts an item after an
+    outcome of that worker that completes the batch.
     """
-    if has_timeout or not budget_allows_queueing(budget, in_flight):
+    if has_timeout:
         return False
     if is_map:
         return queued >= PREFETCH_MIN_ITEMS
@@ -92,6 +84,6 @@ def may_prefetch(*, is_map: bool, queued: int, cpu_share: float | None, budget: 
 
 
 def stop_chunk(budget: Budget, failures: int, successes: int) -> bool:
-    """In the worker: stop starting this chunk's items after these local outcomes?"""
-    return ((budget.failures is not None and failures >= budget.failures)
-            or (budget.successes is not None and successes >= budget.successes))
+    """In the worker: stop starting items, given every outcome this worker produced for the batch?"""
+    return ((budget.failures is not None and failures - budget.seen_failures >= budget.failures)
+            or (budget.successes is not None and successes - budget.seen_successes >= budget.successes))

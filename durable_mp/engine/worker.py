@@ -403,6 +403,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings)
     cache: OrderedDict[str, BranchSource] = OrderedDict()
+    counts: dict[str, list[int]] = {}
     threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:
         msg = channel.inbox.get()
@@ -410,13 +411,13 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
         if kind is Kind.QUIT:
             return
         if kind is Kind.RUN_CHUNK:
-            _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
+            _run_chunk(msg, shared, outbox, cache, current, channel.stopped, counts)
         elif kind is Kind.RUN_CALL:
             _run_call(msg, channel)
 
 
 def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox, cache: OrderedDict[str, BranchSource],
-               current: Any, stopped: set[str]) -> None:
+               current: Any, stopped: set[str], counts: dict[str, list[int]]) -> None:
     source = cache.get(msg.token)
     if source is None:
         source = cache[msg.token] = load_source(msg.payload, shared.execution_id)
@@ -428,24 +429,24 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox, cache: Order
     checkpoints = msg.checkpoints
     budget: Budget = msg.budget
     limited = budget.failures is not None or budget.successes is not None
-    failures = successes = 0
+    outcomes = counts.get(msg.token)  # [failures, successes] this worker produced for the batch
+    if outcomes is None:
+        outcomes = counts[msg.token] = [0, 0]
+        while len(counts) > PAYLOAD_CACHE_SIZE:
+            del counts[next(iter(counts))]
     empty: dict[str, OpRecord] = {}
     wall, cpu = time.monotonic(), time.process_time()
     indices = msg.indices
     unstarted: list[int] = []
     for position, index in enumerate(indices):
-        if msg.token in stopped or (limited and stop_chunk(budget, failures, successes)):
+        if msg.token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
             unstarted = list(indices[position:])
             break
         current[0] = index
         state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
         rec = run_branch(source, index, state.context)
         outbox.add_item(index, rec)
-        if limited:
-            if rec.status == SUCCEEDED:
-                successes += 1
-            else:
-                failures += 1
+        outcomes[rec.status == SUCCEEDED] += 1  # [0]: failures, [1]: successes
     current[0] = IDLE
     # share of a core the chunk used: tells the driver whether the batch is CPU-bound
     outbox.chunk_done(unstarted, (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6))
