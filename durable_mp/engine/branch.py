@@ -66,7 +66,8 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
         payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
                                           execution_id=source.execution_id,
                                           what=f"result of branch {index} ({name})")
-        payload = snapshot(payload)
+        if payload.__class__ is list:  # buffers (a numpy result): copy what may still change
+            payload = snapshot(payload)
     except (KeyboardInterrupt, OrphanedChildException):
         raise
     except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch

@@ -3,7 +3,7 @@
 Two states implement ``ContextState``: ``DriverState`` (the handler body, in the
 driver: store and worker pool) and ``WorkerState`` (a branch, in a worker: its
 checkpoints in, records out to the driver).  The engine builds contexts for branches
-through ``make_context``; the context class registers itself there when it is
+through ``context_factory()``; the context class registers itself there when it is
 imported, so the engine does not import the layer above it.
 """
 
@@ -41,10 +41,12 @@ def register_context_factory(factory: Callable[[Any, str], Any]) -> None:
     _CONTEXT_FACTORY[:] = [factory]
 
 
-def make_context(state: Any, op_id: str) -> Any:
+def context_factory() -> Callable[[Any, str], Any]:
+    """What builds a branch's context: ``factory(state, op_id)``."""
     if not _CONTEXT_FACTORY:
         raise RuntimeError("durable_mp internal error: durable_mp.context was never imported in this process")
-    return _CONTEXT_FACTORY[0](state, op_id)
+    return _CONTEXT_FACTORY[0]
+
 
 
 class ExecutionState:

@@ -53,7 +53,7 @@ from durable_mp.engine.protocol import (
     kind_of,
 )
 from durable_mp.engine.scheduling import stop_chunk
-from durable_mp.engine.state import ExecutionState, make_context
+from durable_mp.engine.state import ExecutionState, context_factory
 from durable_mp.engine.threads import run_batch_in_threads
 from durable_mp.exceptions import OrphanedChildException
 from durable_mp.lambda_service import ErrorObject
@@ -156,7 +156,7 @@ class Outbox:
         self._watch_ids = itertools.count(1)
 
     def add(self, rec: OpRecord) -> None:
-        data = self.wrap(snapshot(rec.dumps_parts()))
+        data = self.wrap(_frozen_parts(rec))
         with self.lock:
             self.nested.append((rec.parent_id, rec.op_id, data))
             self.gathered = self.gathered or data.__class__ is wire.Gather
@@ -164,7 +164,7 @@ class Outbox:
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
-        data = self.wrap(snapshot(rec.dumps_parts()))
+        data = self.wrap(_frozen_parts(rec))
         with self.lock:
             self.items.append((index, rec.status == SUCCEEDED, branch_key(index), data))
             self.gathered = self.gathered or data.__class__ is wire.Gather
@@ -242,6 +242,15 @@ class Outbox:
         return reply
 
 
+def _frozen_parts(rec: OpRecord) -> list[Any]:
+    """The record's buffers, copied where they may still change (see ``branch.snapshot``)."""
+    parts: list[Any] = rec.dumps_parts()
+    if len(parts) == 1 and parts[0].__class__ is bytes:  # the common small record
+        return parts
+    frozen: list[Any] = snapshot(parts)
+    return frozen
+
+
 class WorkerShared:
     """Per-process settings every branch state refers to."""
 
@@ -250,6 +259,7 @@ class WorkerShared:
         self.execution_id: str = settings["execution_id"]
         self.skip_time: bool = settings.get("skip_time", False)
         self.watch_steps: bool = settings.get("watch_steps", False)
+        self.context_class = context_factory()
 
 
 class WorkerState(ExecutionState):
@@ -275,7 +285,7 @@ class WorkerState(ExecutionState):
         return self.shared.watch_steps
 
     def context(self, op_id: str) -> Any:
-        return make_context(self, op_id)
+        return self.shared.context_class(self, op_id)
 
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
         return self.checkpoints.get(op_id) if self.checkpoints else None
