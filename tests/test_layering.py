@@ -98,3 +98,11 @@ def test_reference_homes_of_moved_names_are_the_same_objects():
     assert context.durable_step is decorators.durable_step
     assert serdes.SerDes is serdes_base.SerDes and serdes.SerDesContext is serdes_base.SerDesContext
     assert retries.with_retry is durable_mp.with_retry
+
+
+@pytest.mark.parametrize("module", _package_modules("engine"))
+def test_the_engine_imports_nothing_above_it(module):
+    """core ← store ← engine ← operation ← context/execution: the engine is handed what it needs from above."""
+    wrong = {name for name in _imports_of(module) if _starts(name, ("operation", "context", "execution", "cli",
+                                                                      "backends", "inspect"))}
+    assert not wrong, f"{module} imports {sorted(wrong)}"

@@ -30,6 +30,7 @@ from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task, Watch
 from durable_mp.engine.branch import FatalBranchError, started_record
+from durable_mp.engine.failures import NULL_FAILURE_LOG, FailureLog
 from durable_mp.engine.faults import (
     CPU_SAMPLE_SECONDS,
     MEMORY_POLL_SECONDS,
@@ -80,6 +81,7 @@ class Dispatcher:
         self.progress = progress or _progress.NullProgress()
         self.poll_callback = poll_callback
         self.bar: Any = _progress.NULL_BAR
+        self.failures: Any = NULL_FAILURE_LOG  # the running batch's FailureLog (each distinct failure once)
         self.next_task_id = 0
         self.io_waiting: dict[int, bool] = {}  # pid -> busy worker found waiting on I/O
         self.last_memory_poll = 0.0
@@ -98,6 +100,7 @@ class Dispatcher:
             parents = self.store.parents_with_children(self.execution_id)
             batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
         self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done))
+        self.failures = FailureLog(spec.name or spec.sub_type, spec.n)
         batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
         completed = False
         try:
@@ -116,11 +119,12 @@ class Dispatcher:
             self.store.flush()
             self.bar.close()
             self.bar = _progress.NULL_BAR
+            if completed:
+                self.failures.close()
+            self.failures = NULL_FAILURE_LOG
 
     def call(self, func: Callable[..., Any], attempt: int, extra: dict[str, Any], timeout: float | None) -> Any:
         """Run one attempt of a driver-level step in a worker so it can be killed on timeout."""
-        from durable_mp.operation.replay import build_error
-
         payload = pickling.dumps((func, attempt, extra))
         task = self._new_task(None, [], timeout)
         while True:
@@ -141,8 +145,8 @@ class Dispatcher:
             raise value
         if isinstance(value, bytes):
             raise pickle.loads(value)
-        err, cls_name = value
-        raise build_error(ErrorObject.from_dict(err), cls_name if cls_name else "DurableOperationError")
+        err, _cls_name = value  # an exception that did not survive pickling: its text, as the reference keeps it
+        raise ErrorObject.from_dict(err).to_exception()
 
     # -- scheduling -----------------------------------------------------------------------------
     def _fail_unpicklable(self, batch: BatchRun, index: int, error: Exception) -> None:
@@ -411,6 +415,7 @@ class Dispatcher:
                 rec = OpRecord.loads(data)
                 if rec.extra and rec.extra.get("fatal"):
                     raise FatalBranchError(rec)
+                self.failures.note(index, rec.error)
         self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
         seen = task.seen
         if seen is not None:  # what this worker's budgets count as already known
@@ -435,6 +440,7 @@ class Dispatcher:
         self._record_item(batch, index, rec)
         spec.policy.on_finished(index, False)
         self.bar.item(False)
+        self.failures.note(index, rec.error)
 
     def _record_item(self, batch: BatchRun, index: int, rec: OpRecord) -> None:
         """A branch record the driver writes itself (failure, abandoned) under the branch's key."""
