@@ -47,6 +47,10 @@ from durable_mp.logger import Logger
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.replay import build_error, raise_stored
 from durable_mp.operation.step import run_step
+
+# The reference's examples import these from ``context``: re-exported from ``types``.
+from durable_mp.types import StepContext as StepContext
+from durable_mp.types import WaitForCallbackContext as WaitForCallbackContext
 from durable_mp.waits import WaitForConditionConfig
 
 T = TypeVar("T")

@@ -81,6 +81,11 @@ def error_type_name(error: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# A checkpointed value as the reference types it (its serdes writes strings; durable_mp's
+# default may also write pickle bytes).
+OperationPayload = str
+
+
 @dataclass(frozen=True)
 class ErrorObject:
     """A failure as checkpointed: plain strings, so it survives any process or store."""

@@ -267,6 +267,9 @@ class ExtendedTypeSerDes(SerDes[T]):
 
 
 DEFAULT_SERDES: SerDes[Any] = PickleSerDes()
+# The reference's module-level instances, for code that names them.
+DEFAULT_JSON_SERDES: SerDes[Any] = JsonSerDes()
+EXTENDED_TYPES_SERDES: SerDes[Any] = ExtendedTypeSerDes()
 
 
 def _describe(data: Any) -> str:

@@ -179,6 +179,24 @@ def test_import_surface_gaps(module):
     assert _missing_names(module, MISSING[module]) == []
 
 
+# Names the reference's examples suite (packages/aws-durable-execution-sdk-python-examples)
+# imports, after renaming its packages to durable_mp (issue 9).
+EXAMPLES_SUITE_NAMES = {
+    "durable_mp.context": "StepContext WaitForCallbackContext DurableContext durable_step",
+    "durable_mp.config": "ParallelBranch NestingType",
+    "durable_mp.serdes": "EXTENDED_TYPES_SERDES DEFAULT_JSON_SERDES ExtendedTypeSerDes",
+    "durable_mp.lambda_service": "OperationPayload",
+    "durable_mp.testing.runner": "DurableFunctionTestRunner DurableFunctionCloudTestRunner DurableFunctionTestResult",
+    "durable_mp.filesystem_serdes": "FileSystemSerDes FileSystemSerDesConfig FileSystemSerDesMode",
+    "durable_mp.preview": "PreviewConfig PreviewField PreviewMode FieldMatchMode build_preview",
+}
+
+
+@pytest.mark.parametrize("module", sorted(EXAMPLES_SUITE_NAMES))
+def test_import_surface_of_the_examples_suite(module):
+    assert _missing_names(module, EXAMPLES_SUITE_NAMES[module]) == []
+
+
 # -- §1 entry point ------------------------------------------------------------------------------
 @processes
 def test_runner_input_none_and_non_json_strings():
@@ -190,6 +208,8 @@ def test_runner_input_none_and_non_json_strings():
     assert json.loads(run_in_runner(handler).result) == {"event": None}
     assert json.loads(run_in_runner(handler, "plain text").result) == {"event": "plain text"}
     assert json.loads(run_in_runner(handler, '{"a": 1}').result) == {"event": {"a": 1}}
+    # a dict is JSON-encoded as the reference runner does: the handler sees JSON's view of it
+    assert json.loads(run_in_runner(handler, {"a": (1, 2)}).result) == {"event": {"a": [1, 2]}}
 
 
 @processes

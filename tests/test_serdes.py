@@ -252,3 +252,26 @@ def test_out_of_band_payloads_round_trip_into_private_writable_arrays():
     assert raw == rec.dumps()
     assert np.array_equal(unpickle(result_view(raw))["big"], value["big"])
     assert OpRecord.loads(raw).result == data
+
+
+def test_filesystem_serdes_writes_files_and_previews(tmp_path):
+    """The reference's ``filesystem_serdes``: value in a file, envelope (with preview) inline."""
+    from durable_mp.filesystem_serdes import FileSystemSerDes, FileSystemSerDesConfig, FileSystemSerDesMode
+    from durable_mp.preview import PreviewConfig, PreviewField, PreviewMode, build_preview
+    from durable_mp.serdes import EXTENDED_TYPES_SERDES, SerDesContext
+
+    order = {"order_id": "O1", "email": "a@b.c", "items": [1, 2], "ship": {"city": "Seattle"}}
+    config = PreviewConfig(PreviewMode.EXCLUDE_ALL, include=[PreviewField("order_id"), PreviewField("city")],
+                           mask=[PreviewField("email")])
+    assert build_preview(order, config) == {"order_id": "O1", "email": "***", "ship.city": "Seattle"}
+    ctx = SerDesContext("op/1", "arn:x")
+    fs = FileSystemSerDes(str(tmp_path), FileSystemSerDesConfig(generate_preview=lambda v: build_preview(v, config)))
+    envelope = json.loads(fs.serialize(order, ctx))
+    assert envelope["preview"]["email"] == "***"
+    with open(envelope["file"]) as stored:
+        assert EXTENDED_TYPES_SERDES.deserialize(stored.read()) == order
+    assert fs.deserialize(json.dumps(envelope), ctx) == order
+    inline = FileSystemSerDes(str(tmp_path / "o"), FileSystemSerDesConfig(storage_mode=FileSystemSerDesMode.OVERFLOW))
+    small = inline.serialize({"a": 1}, ctx)
+    assert "data" in json.loads(small) and inline.deserialize(small, ctx) == {"a": 1}
+    assert not (tmp_path / "o").exists()

@@ -229,10 +229,16 @@ class _Run:
         self.thread: threading.Thread | None = None
 
 
-def _decode_input(data: str | bytes | None) -> Any:
-    """JSON input as the handler sees it: ``None`` stays None, a non-JSON string stays a string."""
+def _decode_input(data: Any) -> Any:
+    """JSON input as the handler sees it: ``None`` stays None, a non-JSON string stays a string.
+
+    Any other value (a dict, a list) is JSON-encoded first, as the reference runner does, so
+    the handler sees exactly what a JSON event would give it.
+    """
     if data is None:
         return None
+    if not isinstance(data, str | bytes | bytearray):
+        return json.loads(json.dumps(data))
     try:
         return json.loads(data)
     except ValueError:
