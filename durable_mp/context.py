@@ -46,6 +46,7 @@ from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.replay import build_error, raise_stored
+from durable_mp.operation.signature import check_branch, check_map, check_step
 from durable_mp.operation.step import run_step
 
 # The reference's examples import these from ``context``: re-exported from ``types``.
@@ -135,6 +136,7 @@ class DurableContext:
     def step(self, func: Callable[..., T], name: str | None = None, config: StepConfig | None = None) -> T:
         """Run ``func(StepContext)`` once, checkpoint its result, retry by the strategy."""
         config = config or StepConfig()
+        check_step(func)  # before anything is recorded: a wrong signature is not retried
         name = op_name(func, name)
         op_id = self._next_id()
         rec = self._checkpoint(op_id, OpType.STEP, config.sub_type or SUB_STEP, name)
@@ -188,6 +190,7 @@ class DurableContext:
                 names.append(f"parallel-branch-{i}")
             else:
                 raise ValidationError(f"parallel branch {i} is not callable: {type(f).__name__}")
+            check_branch(funcs[-1], i)
         return self._batch(SUB_PARALLEL, SUB_PARALLEL_BRANCH, name, config, len(funcs), names, funcs=funcs)
 
     def map(
@@ -199,8 +202,7 @@ class DurableContext:
     ) -> BatchResult[T]:
         """Call ``func(ctx, item, index, inputs)`` for every item, each checkpointed on its own."""
         config = config or MapConfig()
-        if not callable(func):
-            raise ValidationError(f"map function is not callable: {type(func).__name__}")
+        check_map(func)  # before anything is dispatched: a wrong signature would fail every item
         inputs = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
         name = name if name is not None else getattr(func, "_original_name", None)
         names = None

@@ -120,7 +120,7 @@ class Dispatcher:
             self.bar.close()
             self.bar = _progress.NULL_BAR
             if completed:
-                self.failures.close()
+                self.failures.close(batch.branches.count(BranchState.SUCCEEDED))
             self.failures = NULL_FAILURE_LOG
 
     def call(self, func: Callable[..., Any], attempt: int, extra: dict[str, Any], timeout: float | None) -> Any:

@@ -11,6 +11,7 @@ any other failure.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from durable_mp import serdes as _serdes
 from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.remote import user_frame
 from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.operation.replay import build_error
@@ -80,6 +82,24 @@ def _with_cut_short_attempt(rec: OpRecord, attempts: list[Attempt], error: Excep
     return [*attempts, Attempt(rec.attempt, min(start, time.time()), None, rec.pid, err)]
 
 
+def max_attempts(strategy: Callable) -> int | None:
+    """The ``m`` of "attempt n of m", when the strategy is one of ``retries``' closures (else None)."""
+    try:
+        found = inspect.getclosurevars(strategy).nonlocals.get("max_attempts")
+    except (TypeError, ValueError):
+        return None
+    return found if isinstance(found, int) else None
+
+
+def retry_message(name: str | None, attempt: int, of: int | None, err: ErrorObject, delay: float) -> str:
+    """``step 'fetch' attempt 1 of 6 failed: ConnectionError: reset (at job.py:12 in fetch); retrying in 5s``."""
+    what = f"step {name!r}" if name else "step"
+    count = f"attempt {attempt} of {of}" if of else f"attempt {attempt}"
+    frame = user_frame(err.stack_trace)
+    where = f" (at {frame})" if frame is not None else ""
+    return f"{what} {count} failed: {err.type}: {err.message}{where}; will retry in {delay:g}s"
+
+
 def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Callable, config: StepConfig,
              rec: OpRecord | None) -> Any:
     state = ctx.state
@@ -131,6 +151,8 @@ def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Ca
         decision = strategy(error, attempt)
         if decision.should_retry:
             delay = decision.delay_seconds
+            # loud by default: a retried step is otherwise silent for as long as its backoff lasts
+            logger.warning(retry_message(name, attempt, max_attempts(strategy), err, delay))
             attempts[-1] = attempts[-1]._replace(retry_delay=delay)
             state.emit(base._replace(status=OpStatus.PENDING, attempt=attempt, error=err.to_dict(),
                                      next_attempt_ts=time.time() + delay, attempts=tuple(attempts), extra=None))
