@@ -147,8 +147,8 @@ def test_a_dead_worker_whose_helper_holds_the_pipe_is_noticed_at_once(store_path
 
     try:
         assert handler.run(None, store=store_path) == ["ok"]
-        helper = int(marker.read_text())
-        assert psutil.pid_exists(helper), "the death was noticed only when the helper exited"
+        helper = psutil.Process(int(marker.read_text()))
+        assert helper.status() != psutil.STATUS_ZOMBIE, "the death was noticed only when the helper exited"
     finally:
         if marker.exists():
             try:
@@ -256,8 +256,11 @@ def test_a_waiting_callback_does_not_stall_sibling_nested_branches(store_path, t
         return cb.result()
 
     def sibling(ctx):
+        while not (tmp_path / "cbid").exists():  # start once the waiter is about to block on its callback
+            time.sleep(0.01)
+        time.sleep(0.3)
         for k in range(5):
-            ctx.step(lambda s, k=k: k, name=f"s{k}")
+            ctx.step(lambda s, k=k: time.sleep(0.02) or k, name=f"s{k}")  # each record goes out on its own
         done.write_text("")
         return "sibling"
 
@@ -270,17 +273,20 @@ def test_a_waiting_callback_does_not_stall_sibling_nested_branches(store_path, t
     def handler(event, ctx):
         return ctx.map([0], item).get_results()
 
+    seen = {}
+
     def complete_after_sibling():
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30  # a stalled sibling: the callback is completed anyway, after this
         while time.monotonic() < deadline and not (done.exists() and (tmp_path / "cbid").exists()):
             time.sleep(0.05)
+        seen["sibling_finished_while_waiting"] = done.exists()
         send_callback_success((tmp_path / "cbid").read_text(), b'"yes"', store=store_path)
 
     t = threading.Thread(target=complete_after_sibling, daemon=True)
     t.start()
     result = handler.run(None, store=store_path)
     t.join(5)
-    assert done.exists(), "the sibling never finished while the callback waited"
+    assert seen["sibling_finished_while_waiting"], "the sibling stalled while the callback waited"
     assert result[0][1] == "sibling"
 
 
