@@ -22,10 +22,9 @@ BRANCH = "func(ctx)"
 MAP = "func(ctx, item, index, items)"
 
 _HINTS = {
-    STEP: "a step function takes the StepContext: write `lambda step_context: ...` or `def work(step_context)`",
-    BRANCH: "a branch takes its DurableContext: write `lambda ctx: ...`",
-    MAP: ("each item runs as func(ctx, item, index, items): write `def f(ctx, item, index, items)`, "
-          "or use durable_mp.map(f, items) for a plain f(item)"),
+    STEP: "write `lambda step_context: ...` or `def work(step_context)`",
+    BRANCH: "write `lambda ctx: ...` or `def branch(ctx)`",
+    MAP: "write `def f(ctx, item, index, items)`, or use durable_mp.map(f, items) for a plain f(item)",
 }
 
 # Plain functions that fit, by (code, number of defaults, keyword-only defaults, arity): a map
@@ -57,10 +56,9 @@ def check_callable(func: Any, nargs: int, expected: str, what: str) -> None:
     try:
         signature.bind(*([None] * nargs))
     except TypeError as exc:
-        hint = _HINTS.get(expected, "")
+        hint = _HINTS.get(expected, f"({exc})")
         raise ValidationError(
-            f"{what} {_describe(func)} has the signature {signature} but is called as {expected} ({exc})"
-            + (f"; {hint}" if hint else "")) from None
+            f"{what} {_describe(func)} takes {signature}, but is called as {expected}: {hint}") from None
     if key is not None:
         _FITS.add(key)
 
