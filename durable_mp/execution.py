@@ -24,6 +24,7 @@ from typing import Any
 import cloudpickle
 import psutil
 
+from durable_mp import rerun as _rerun
 from durable_mp.context import DurableContext
 from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
 from durable_mp.core.records import PICKLE_PROTOCOL
@@ -32,6 +33,7 @@ from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
 from durable_mp.exceptions import ExecutionFailedError, ValidationError
+from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.callback import poll_callback
 from durable_mp.store.facade import ExecutionRecord, Store
@@ -48,14 +50,12 @@ def dumps_value(value: Any) -> bytes:
 
 
 def _digest(handler: Callable, event: Any) -> str:
-    """Hash of which handler (scripts run as ``__main__`` by their file) and which event.
+    """Hash of which handler (``identity.handler_identity``) and which event.
 
     The event is encoded canonically (``core.canonical``), so the hash is the same in every
     process and under every hash seed; an event that has no such encoding is refused.
     """
-    where = f"{handler.__module__}:{handler.__qualname__}"
-    if handler.__module__ == "__main__":
-        where += ":" + os.path.abspath(getattr(handler.__code__, "co_filename", ""))
+    where = handler_identity(handler)
     try:
         data = canonical_bytes(event, "event")
     except NotCanonicalError as exc:
@@ -136,11 +136,20 @@ class DurableFunction:
         max_crash_retries: int | None = None,
         progress: bool | None = None,
         backend: Any = None,
+        resume_failed: bool | None = None,
     ) -> Any:
         """Run (or resume) the execution and return the handler's result.
 
+        A SUCCEEDED execution returns its stored result (and says so on stderr). A FAILED
+        one is resumed: successes replay, failed operations run again as new attempts;
+        ``resume_failed=False`` keeps the reference's rule instead (a failed execution
+        stays failed and raises its stored error).
+
         Raises ``ExecutionFailedError`` (with ``.error``, an ``ErrorObject``) when the
-        handler raised, ``ExecutionLockedError`` when another live driver runs it.
+        handler raised, ``ExecutionLockedError`` when another live driver runs it.  When
+        the code no longer matches the checkpoints (``NonDeterministicExecutionError``
+        as ``.error.type``) the run fails but the execution stays resumable: revert the
+        change and run again.
         """
         opts = self.options
         store = store if store is not None else opts.get("store")
@@ -151,6 +160,7 @@ class DurableFunction:
                              else opts.get("max_crash_retries", DEFAULT_MAX_CRASH_RETRIES))
         progress = progress if progress is not None else opts.get("progress")
         backend = backend if backend is not None else opts.get("backend")
+        resume_failed = resume_failed if resume_failed is not None else opts.get("resume_failed", True)
         if backend not in (None, "local", "dask") and type(backend).__name__ != "Client":
             raise ValidationError(f"backend must be 'local', 'dask' or a distributed.Client, got {backend!r}")
         _positive("max_workers", max_workers)
@@ -163,27 +173,57 @@ class DurableFunction:
         try:
             return self._run(db, execution_id, event, max_workers=max_workers, skip_time=bool(skip_time),
                              max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
-                             progress=progress, backend=backend)
+                             progress=progress, backend=backend, resume_failed=bool(resume_failed))
         finally:
             if owned:
                 db.close()
 
+    def _prepare_rerun(self, db: Store, rec: ExecutionRecord, fingerprint: str) -> None:
+        """Before running an existing execution: reopen what must run again, record the code."""
+        extra = rec.extra or {}
+        if rec.status == FAILED:
+            reopened = _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=True)
+            _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished operations "
+                            f"replay, {reopened} failed one(s) run again (resume_failed=False keeps it failed)")
+            rec = rec._replace(status=RUNNING, error=None, ended_ts=None, runs=rec.runs + 1, started_ts=time.time())
+        elif extra.get(_rerun.STOPPED_KEY) == _rerun.STOPPED_BY_NON_DETERMINISM:
+            _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=False)
+        db.put_execution(_rerun.with_extra(rec, **{_rerun.CODE_KEY: fingerprint, _rerun.STOPPED_KEY: None}))
+
+    def _stop_resumable(self, db: Store, execution_id: str, exc: Exception) -> None:
+        """Leave the execution RUNNING (resumable) after a non-determinism error, and say what to do.
+
+        This run failed (``ExecutionFailedError``, as the reference fails the invocation);
+        the execution did not: reverting the change and running again resumes it.
+        """
+        rec = db.get_execution(execution_id)
+        db.put_execution(_rerun.with_extra(rec, **{_rerun.STOPPED_KEY: _rerun.STOPPED_BY_NON_DETERMINISM}))
+        failed = ExecutionFailedError(ErrorObject.from_exception(exc), execution_id=execution_id)
+        failed.args = (f"{failed} -- execution {execution_id!r} was stopped, not failed: the code no longer "
+                       f"matches its checkpoints. Revert the change and run again to resume it, or start over "
+                       f"with {_rerun.delete_command(db, execution_id)} (or another execution_id).",)
+        raise failed from exc
+
     def _run(self, db: Store, execution_id: str, event: Any, *, max_workers, skip_time, max_worker_memory,
-             max_crash_retries, progress, backend) -> Any:
+             max_crash_retries, progress, backend, resume_failed) -> Any:
+        fingerprint = code_fingerprint(self.func)
+
         def fresh() -> ExecutionRecord:
             now = time.time()
             me = psutil.Process()
             return ExecutionRecord(execution_id, RUNNING, self.handler_ref, dumps_value(event), None, None, now, now,
-                                   None, me.pid, me.create_time(), 1, self._origin())
+                                   None, me.pid, me.create_time(), 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
 
         rec, _created = db.acquire(execution_id, fresh)
         restore_sigterm = _stop_cleanly_on_sigterm()
         try:
             if rec.status == SUCCEEDED:
+                _rerun.announce(*_rerun.stored_result_notice(db, rec, fingerprint))
                 return pickle.loads(rec.result)
-            if rec.status == FAILED:
+            if rec.status == FAILED and not resume_failed:
                 raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}), execution_id=execution_id,
                                            stored=True)
+            self._prepare_rerun(db, rec, fingerprint)
             if rec.input is not None:
                 event = pickle.loads(rec.input)
             settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
@@ -210,6 +250,8 @@ class DurableFunction:
             except Exception as exc:  # noqa: BLE001 - any handler error fails the execution
                 pool.close()
                 db.flush()
+                if _rerun.is_non_determinism(exc):  # the code changed under a checkpoint: stop, do not fail
+                    self._stop_resumable(db, execution_id, exc)
                 error = ErrorObject.from_exception(exc)
                 db.put_execution(db.get_execution(execution_id)._replace(
                     status=FAILED, error=error.to_dict(), ended_ts=time.time()))
@@ -280,7 +322,7 @@ def durable_execution(
 
     ``boto3_client`` and ``plugins`` are accepted for source compatibility and ignored.
     Options (``store``, ``max_workers``, ``skip_time``, ``max_worker_memory``,
-    ``max_crash_retries``, ``progress``) become defaults for ``run``.
+    ``max_crash_retries``, ``progress``, ``resume_failed``) become defaults for ``run``.
     """
     if func is None:
         return lambda f: DurableFunction(f, **options)

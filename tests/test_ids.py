@@ -180,3 +180,124 @@ def test_an_event_that_contains_itself_needs_an_explicit_id():
     event.append(event)
     with pytest.raises(ValidationError, match=r"event\[1\].*contains itself.*execution_id="):
         handler.execution_id_for(event)
+
+
+# -- default ids of programs without a file (python -c, IPython, Jupyter) -------------------------
+
+C_PROGRAM = """
+import sys
+from durable_mp import durable_execution
+
+@durable_execution
+def h(event, ctx):
+    return {answer!r}
+
+print(h.execution_id_for({{}}))
+print(h.run({{}}, store=sys.argv[1]))
+"""
+
+
+def _run_c(program: str, *args: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.timeout(120)
+def test_two_python_c_programs_with_the_same_handler_name_do_not_share_an_execution(store_path):
+    first = C_PROGRAM.format(answer="first")
+    second = C_PROGRAM.format(answer="second")
+    id1, answer1 = _run_c(first, store_path)
+    id2, answer2 = _run_c(second, store_path)
+    assert (answer1, answer2) == ("first", "second")  # the second did not print the first one's answer
+    assert id1 != id2 and id1.startswith("h-") and id2.startswith("h-")
+    again, _ = _run_c(first, store_path)
+    assert again == id1  # the same program resumes its own execution
+
+
+IPYTHON_HANDLER = """
+from durable_mp import durable_execution
+
+@durable_execution
+def h(event, ctx):
+    return 42
+"""
+
+
+def _ipython_id(extra_cells: int) -> str:
+    """The default id of ``h`` defined in an IPython cell after ``extra_cells`` other cells."""
+    code = "\n".join(["ip = get_ipython()"] + ["ip.run_cell('x = 1', store_history=True)"] * extra_cells + [
+        f"ip.run_cell({IPYTHON_HANDLER!r}, store_history=True)",
+        "ip.run_cell('print(\"ID\", h.execution_id_for({}), h.func.__code__.co_filename)')",
+    ])
+    out = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--no-banner", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("ID "))
+    _, ident, filename = line.split()
+    return ident + " " + filename
+
+
+@pytest.mark.timeout(120)
+def test_ipython_default_id_does_not_depend_on_the_cell_number():
+    pytest.importorskip("IPython")
+    first, file1 = _ipython_id(0).split()
+    second, file2 = _ipython_id(2).split()
+    assert file1 != file2  # IPython named the cells differently ...
+    assert first == second  # ... and the id did not follow
+
+
+KERNEL_CELL = """
+import os, sys
+from durable_mp import durable_execution
+
+@durable_execution
+def h(event, ctx):
+    def work(_):
+        with open(os.path.join({marks!r}, str(os.getpid())), "w"):
+            pass
+        return 6 * 7
+    return ctx.step(work, name="work")
+
+print("RESULT", h.run({{"n": 1}}, store={store!r}), h.execution_id_for({{"n": 1}}))
+"""
+
+
+def _kernel_run(client, code: str) -> str:
+    reply_output = []
+
+    def keep(msg):
+        if msg["msg_type"] == "stream":
+            reply_output.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            reply_output.append("\n".join(msg["content"]["traceback"]))
+
+    reply = client.execute_interactive(code, timeout=90, output_hook=keep)
+    text = "".join(reply_output)
+    assert reply["content"]["status"] == "ok", text
+    return text
+
+
+@pytest.mark.timeout(240)
+def test_a_jupyter_kernel_restart_resumes_the_same_execution(tmp_path):
+    manager_mod = pytest.importorskip("jupyter_client.manager")
+    pytest.importorskip("ipykernel")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    store = str(tmp_path / "store")
+    cell = KERNEL_CELL.format(marks=str(marks), store=store)
+    km, client = manager_mod.start_new_kernel(kernel_name="python3")
+    try:
+        first = _kernel_run(client, "x = 1")  # a different cell number the first time
+        first = _kernel_run(client, cell)
+        km.restart_kernel(now=True)
+        client.wait_for_ready(timeout=60)
+        second = _kernel_run(client, cell)
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+    line1 = next(line for line in first.splitlines() if line.startswith("RESULT"))
+    line2 = next(line for line in second.splitlines() if line.startswith("RESULT"))
+    assert line1 == line2 and line1.split()[1] == "42", (first, second)
+    assert len(list(marks.iterdir())) == 1  # the step ran once: after the restart it was the same execution
+    assert "already SUCCEEDED" in second  # and the re-run said so

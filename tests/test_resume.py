@@ -90,3 +90,215 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_branches(tmp_path):
     repeated = sorted(i for i in range(20) if starts[i] > 1 or done_after[i] > 1)
     # in flight at the kill (max_concurrency=2) plus at most one group-commit window (~25 ms) of finished ones
     assert len(repeated) <= 4, f"only work in flight at the kill may repeat, got {repeated}"
+
+
+# -- fix and resume (DESIGN.md §2): a FAILED execution run again keeps what succeeded ---------------
+
+from durable_mp import ExecutionFailedError, durable_execution  # noqa: E402
+from durable_mp.config import StepConfig  # noqa: E402
+from durable_mp.retries import RetryPresets  # noqa: E402
+from durable_mp.store.facade import Store  # noqa: E402
+
+
+def _ran(markers):
+    out: dict[int, int] = {}
+    for name in os.listdir(markers):
+        index = int(name.split("-")[1])
+        out[index] = out.get(index, 0) + 1
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_fix_and_resume_runs_only_the_failed_item_again(tmp_path):
+    markers, flag, store = tmp_path / "m", tmp_path / "broken", str(tmp_path / "store")
+    markers.mkdir()
+    flag.touch()
+
+    def make():
+        config = StepConfig(retry_strategy=RetryPresets.none())
+
+        def item(ctx, x, index, items):
+            def work(step_ctx):
+                with open(os.path.join(markers, f"item-{index}-{step_ctx.attempt}-{os.getpid()}-{time.time()}"),
+                          "w"):
+                    pass
+                if index == 13 and os.path.exists(flag):
+                    raise ValueError("item 13 is broken")
+                return x * x
+            return ctx.step(work, name="work", config=config)
+
+        @durable_execution
+        def handler(event, ctx):
+            result = ctx.map(list(range(20)), item, name="twenty")
+            result.throw_if_error()
+            return result.get_results()
+
+        return handler
+
+    with pytest.raises(ExecutionFailedError, match="item 13 is broken"):
+        make().run({"job": "squares"}, store=store, max_workers=2)
+    first = _ran(markers)  # a failure stops the map from starting more items (running ones finish)
+    assert first[13] == 1 and set(first.values()) == {1}
+    with Store(store) as st:
+        (rec,) = st.list_executions()
+        assert rec.status == "FAILED"
+
+    flag.unlink()  # the fix
+    assert make().run({"job": "squares"}, store=store, max_workers=2) == [i * i for i in range(20)]
+    counts = _ran(markers)
+    assert counts[13] == 2 and all(counts[i] == 1 for i in range(20) if i != 13), counts  # only 13 again
+    with Store(store) as st:
+        (rec,) = st.list_executions()
+        assert rec.status == "SUCCEEDED" and rec.error is None
+        steps = {r.parent_id: r for r in st.ops(rec.exec_id) if r.name == "work"}
+        items = {int(r.name.rsplit("-", 1)[1]): r for r in st.ops(rec.exec_id) if r.sub_type == "MapIteration"}
+    step13 = steps[items[13].op_id]
+    assert step13.status == "SUCCEEDED" and step13.attempt == 2  # attempt numbering continued
+    assert [a.number for a in step13.attempts] == [1, 2] and step13.attempts[0].error is not None
+    assert items[13].status == "SUCCEEDED" and items[13].attempt == 2  # the map item's numbering continued too
+    assert len(items[13].attempts) == 1 and "item 13 is broken" in items[13].attempts[0].error["ErrorMessage"]
+    assert all(steps[items[i].op_id].attempt == 1 for i in range(20) if i != 13)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_root_step_and_child_context_run_again_with_continuing_attempts(store_path, tmp_path):
+    flag = tmp_path / "broken"
+    flag.touch()
+    ran = tmp_path / "ran"
+
+    def note(what):
+        with open(ran, "a") as f:
+            f.write(what + "\n")
+
+    @durable_execution
+    def handler(event, ctx):
+        ctx.step(lambda _: note("ok"), name="ok")
+
+        def child(c):
+            def shaky(step_ctx):
+                note(f"shaky-{step_ctx.attempt}")
+                if flag.exists():
+                    raise OSError("disk not mounted")
+                return "mounted"
+            return c.step(shaky, name="shaky", config=StepConfig(retry_strategy=RetryPresets.none()))
+
+        return ctx.run_in_child_context(child, name="child")
+
+    with pytest.raises(ExecutionFailedError):
+        handler.run(None, store=store_path, execution_id="root")
+    flag.unlink()
+    assert handler.run(None, store=store_path, execution_id="root") == "mounted"
+    assert ran.read_text().split() == ["ok", "shaky-1", "shaky-2"]
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_execution_can_be_kept_failed_as_in_the_reference(store_path, tmp_path):
+    flag = tmp_path / "broken"
+    flag.touch()
+    calls = []
+
+    @durable_execution(resume_failed=False)
+    def handler(event, ctx):
+        calls.append(1)
+        if flag.exists():
+            raise ValueError("broken")
+        return "fixed"
+
+    with pytest.raises(ExecutionFailedError):
+        handler.run(None, store=store_path, execution_id="kept")
+    flag.unlink()
+    with pytest.raises(ExecutionFailedError, match="failed in an earlier run"):
+        handler.run(None, store=store_path, execution_id="kept")
+    assert calls == [1]  # nothing ran
+    assert handler.run(None, store=store_path, execution_id="kept", resume_failed=True) == "fixed"
+
+
+RENAME_JOB = textwrap.dedent(
+    """
+    import os, sys, time
+    from durable_mp import durable_execution
+
+    NAME = sys.argv[3]
+    MARKERS = sys.argv[2]
+
+    def item(ctx, x, index, items):
+        def first(step_ctx):
+            open(os.path.join(MARKERS, f"first-{index}-{time.time()}"), "w").close()
+            return x
+        v = ctx.step(first, name=NAME)
+        def second(step_ctx):
+            open(os.path.join(MARKERS, f"second-{index}-{time.time()}"), "w").close()
+            if os.path.exists(os.path.join(MARKERS, "..", "hang")):
+                time.sleep(60)  # the driver is killed here
+            return v + 1
+        return ctx.step(second, name="second")
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([1, 2, 3], item, name="three").get_results()
+
+    if __name__ == "__main__":
+        try:
+            print(handler.run(None, store=sys.argv[1], execution_id="rename", max_workers=3))
+        except Exception as exc:
+            print(type(exc).__name__, exc, file=sys.stderr)
+            sys.exit(3)
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_renaming_a_step_after_a_kill_stops_without_failing_and_reverting_resumes(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(RENAME_JOB)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    store = str(tmp_path / "store")
+    (tmp_path / "hang").touch()
+    proc = subprocess.Popen([sys.executable, str(script), store, str(markers), "first"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len([n for n in os.listdir(markers) if n.startswith("second")]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the "first" checkpoints are committed (group commit: milliseconds)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    (tmp_path / "hang").unlink()
+
+    renamed = subprocess.run([sys.executable, str(script), store, str(markers), "renamed"],
+                             capture_output=True, text=True, timeout=120)
+    assert renamed.returncode == 3 and "NonDeterministicExecutionError" in renamed.stderr, renamed.stderr
+    assert "revert" in renamed.stderr.lower()  # says how to go on
+    with Store(store) as st:
+        assert st.get_execution("rename").status == "RUNNING"  # not FAILED: still resumable
+
+    reverted = subprocess.run([sys.executable, str(script), store, str(markers), "first"],
+                              capture_output=True, text=True, timeout=120)
+    assert reverted.returncode == 0, reverted.stderr
+    assert reverted.stdout.strip() == "[2, 3, 4]"
+    assert len([n for n in os.listdir(markers) if n.startswith("first")]) == 3  # never ran again
+    with Store(store) as st:
+        assert st.get_execution("rename").status == "SUCCEEDED"
+
+
+@pytest.mark.timeout(120)
+def test_non_determinism_at_the_root_leaves_the_execution_resumable(store_path):
+    names = ["first"]
+
+    @durable_execution
+    def handler(event, ctx):
+        ctx.step(lambda _: 1, name=names[0])
+        if names[0] == "first" and len(names) == 1:
+            raise KeyboardInterrupt  # a killed run: stays RUNNING
+        return "done"
+
+    with pytest.raises(KeyboardInterrupt):
+        handler.run(None, store=store_path, execution_id="nd-root")
+    names[0] = "renamed"
+    with pytest.raises(ExecutionFailedError, match="name checkpoint='first' current='renamed'") as info:
+        handler.run(None, store=store_path, execution_id="nd-root")
+    assert info.value.error.type.endswith("NonDeterministicExecutionError") and "stopped, not failed" in str(info.value)
+    with Store(store_path) as st:
+        assert st.get_execution("nd-root").status == "RUNNING"
+    names[:] = ["first", "reverted"]
+    assert handler.run(None, store=store_path, execution_id="nd-root") == "done"

@@ -87,6 +87,7 @@ class Dispatcher:
         self.last_memory_poll = 0.0
         self.callback_waiters: dict[tuple[Worker, int], OpRecord] = {}  # (worker, request id) -> callback
         self.stats = {"crashes": 0, "timeouts": 0, "memory_kills": 0, "redispatched": 0}
+        self.reopened: dict[tuple[str, int], int] = {}  # (batch token, index) -> attempts before a re-run
 
     # -- public -------------------------------------------------------------------------------
     def run_batch(self, spec: BatchSpec) -> tuple[dict[int, Any], CompletionReason]:
@@ -99,8 +100,8 @@ class Dispatcher:
         if spec.resuming and batch.queue:
             parents = self.store.parents_with_children(self.execution_id)
             batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
-        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done),
-                                       failed=sum(1 for r in spec.done.values() if r.status == OpStatus.FAILED))
+            self._continue_attempts(batch)
+        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done))
         self.failures = FailureLog(spec.name or spec.sub_type, spec.n)
         batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
         completed = False
@@ -123,6 +124,17 @@ class Dispatcher:
             if completed:
                 self.failures.close(batch.branches.count(BranchState.SUCCEEDED))
             self.failures = NULL_FAILURE_LOG
+
+    def _continue_attempts(self, batch: BatchRun) -> None:
+        """Branches a fix-and-resume re-run reopened (``core.reopen``) keep their earlier attempts.
+
+        Only a reopened branch record is STARTED with attempts; its new record continues them.
+        """
+        queued = set(batch.queue)
+        for index, rec in self.store.branch_records(self.execution_id, batch.spec.op_id).items():
+            if index in queued and rec.status == OpStatus.STARTED and rec.attempts:
+                batch.crash_log[index] = list(rec.attempts)
+                self.reopened[(batch.token, index)] = rec.attempt
 
     def call(self, func: Callable[..., Any], attempt: int, extra: dict[str, Any], timeout: float | None) -> Any:
         """Run one attempt of a driver-level step in a worker so it can be killed on timeout."""
@@ -391,7 +403,8 @@ class Dispatcher:
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
-                data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts)).dumps()
+                data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts),
+                                    attempt=rec.attempt + self.reopened.pop((batch.token, index), 0)).dumps()
             reported.add(index)
             staged.append((key, data))
             records[index] = data

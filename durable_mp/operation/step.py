@@ -21,6 +21,7 @@ from durable_mp import serdes as _serdes
 from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.core.remote import user_frame
+from durable_mp.core.reopen import RERUN_BASE
 from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.operation.replay import build_error
@@ -111,6 +112,9 @@ def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Ca
     base = rec or OpRecord(op_id, ctx.record_parent, OpType.STEP, sub_type, name, OpStatus.STARTED, time.time())
     attempt = base.attempt
     attempts = list(base.attempts)
+    # attempts made before a fix-and-resume re-run (core.reopen): numbering continues, the budget restarts
+    first = (base.extra or {}).get(RERUN_BASE, 0)
+    rerun_extra = {RERUN_BASE: first} if first else None
     error = _carried_error(rec, config.step_semantics)
     if error is not None:  # an attempt of an earlier run the retry strategy has not judged
         attempts = _with_cut_short_attempt(base, attempts, error)
@@ -148,14 +152,15 @@ def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Ca
                 return _serdes.deserialize(config.serdes, payload, op_id=op_id, execution_id=state.execution_id,
                                            what=what)
         err = ErrorObject.from_exception(error)
-        decision = strategy(error, attempt)
+        decision = strategy(error, attempt - first)
         if decision.should_retry:
             delay = decision.delay_seconds
             # loud by default: a retried step is otherwise silent for as long as its backoff lasts
-            logger.warning(retry_message(name, attempt, max_attempts(strategy), err, delay))
+            logger.warning(retry_message(name, attempt - first, max_attempts(strategy), err, delay))
             attempts[-1] = attempts[-1]._replace(retry_delay=delay)
             state.emit(base._replace(status=OpStatus.PENDING, attempt=attempt, error=err.to_dict(),
-                                     next_attempt_ts=time.time() + delay, attempts=tuple(attempts), extra=None))
+                                     next_attempt_ts=time.time() + delay, attempts=tuple(attempts),
+                                     extra=rerun_extra))
             state.sleep(delay)
             error = None
             continue
