@@ -1,10 +1,14 @@
 """Serializers for checkpointed values.
 
-durable_mp's default is ``PickleSerDes`` (the reference defaults to the JSON-based
-``ExtendedTypeSerDes``): results cross process boundaries anyway, and pickle lets numpy
-arrays, dataclasses and ``BatchResult`` round-trip.  Plain pickle is tried first (fast,
-by reference); only what it refuses (lambdas, closures, classes defined in
-``__main__`` of a notebook) goes through cloudpickle, by value.
+durable_mp's default (``DefaultSerDes``) writes what the reference's default
+``ExtendedTypeSerDes`` can represent *exactly* (JSON scalars, lists, tuples, str-keyed
+dicts, bytes, UUID, Decimal, datetime, date, ``BatchResult``) as the reference's
+``{"t","v"}`` envelope, byte for byte, so histories, ``show`` and the reference's payload
+assertions read it; anything else (numpy arrays, dataclasses, int-keyed dicts, subclasses
+of those types) falls back to pickle protocol 5.  The payload's type tells them apart on
+reading: ``str`` is an envelope, ``bytes`` a pickle.  Plain pickle is tried first (fast,
+by reference); only what it refuses (lambdas, closures, classes defined in ``__main__``
+of a notebook) goes through cloudpickle, by value.
 
 The module-level ``serialize``/``deserialize`` are what the engine calls: ``None`` picks
 the default, and every failure becomes a ``SerDesError`` naming what was being
@@ -20,7 +24,7 @@ import pickle
 import struct
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -31,8 +35,8 @@ from durable_mp.core.serdes_base import Payload, SerDes, SerDesContext
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 
 __all__ = [
-    "DEFAULT_SERDES", "ExtendedTypeSerDes", "JsonSerDes", "PassThroughSerDes", "Payload", "PickleSerDes",
-    "SerDes", "SerDesContext", "deserialize", "serialize",
+    "DEFAULT_SERDES", "DefaultSerDes", "ExtendedTypeSerDes", "JsonSerDes", "PassThroughSerDes", "Payload",
+    "PickleSerDes", "SerDes", "SerDesContext", "deserialize", "serialize",
 ]
 
 T = TypeVar("T")
@@ -138,8 +142,12 @@ def unpickle(data: Any) -> Any:
 
 def serialize_parts(serdes: SerDes | None, value: Any, *, op_id: str = "", execution_id: str = "",
                     what: str) -> Payload | Parts:
-    """Like ``serialize``, but the default serdes leaves large buffers uncopied (``Parts``)."""
-    if serdes is not None and serdes.__class__ is not PickleSerDes:
+    """Like ``serialize``, but pickling leaves large buffers uncopied (``Parts``)."""
+    if serdes is None or serdes.__class__ is DefaultSerDes:
+        text = envelope_of(value)
+        if text is not None:
+            return text
+    elif serdes.__class__ is not PickleSerDes:
         return serialize(serdes, value, op_id=op_id, execution_id=execution_id, what=what)
     try:
         parts = pickle_parts(value)
@@ -266,7 +274,64 @@ class ExtendedTypeSerDes(SerDes[T]):
         return _decode(obj[_TYPE], obj[_VALUE])
 
 
-DEFAULT_SERDES: SerDes[Any] = PickleSerDes()
+# -- the default: the reference's envelope where it is exact, pickle elsewhere ----------------
+# Exact types only: a subclass (IntEnum, OrderedDict, a str subclass) would come back as its
+# base type from JSON, so it is pickled instead.
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_ENVELOPE_LEAVES = frozenset({bytes, uuid.UUID, Decimal, date})
+_dumps_compact = json.JSONEncoder(separators=(",", ":")).encode  # what the reference's json.dumps writes
+
+
+def _exact(obj: Any) -> bool:
+    """True if the reference's envelope of ``obj`` decodes back to an equal object of the same types."""
+    cls = obj.__class__
+    if cls in _JSON_SCALARS or cls in _ENVELOPE_LEAVES:
+        return True
+    if cls is list or cls is tuple:
+        return all(_exact(item) for item in obj)
+    if cls is dict:
+        return all(key.__class__ is str and _exact(value) for key, value in obj.items())
+    if cls is datetime:  # a zoneinfo zone would come back as a fixed offset
+        return obj.tzinfo is None or obj.tzinfo.__class__ is timezone
+    if cls is BatchResult:
+        return _exact(obj.to_dict())
+    return False
+
+
+_EXTENDED: ExtendedTypeSerDes[Any] = ExtendedTypeSerDes()
+decode_envelope: Callable[[str], Any] = _EXTENDED.deserialize  # a str payload of DefaultSerDes
+
+
+def envelope_of(value: Any) -> str | None:
+    """The reference's ``ExtendedTypeSerDes`` payload of ``value``, or None where it is not exact.
+
+    A JSON scalar (most map results) is one type check and one ``json`` call.
+    """
+    try:
+        if value.__class__ in _JSON_SCALARS:
+            return _dumps_compact(value)
+        if not _exact(value):
+            return None
+        return _EXTENDED.serialize(value)
+    except (ValueError, RecursionError, SerDesError):  # an int past JSON's digit limit, a cycle
+        return None
+
+
+class DefaultSerDes(SerDes[Any]):
+    """The reference's envelope (a ``str``) where it is exact, else pickle (``bytes``)."""
+
+    def serialize(self, value: Any, serdes_context: SerDesContext | None = None) -> Payload:
+        text = envelope_of(value)
+        return text if text is not None else PICKLE_SERDES.serialize(value, serdes_context or SerDesContext())
+
+    def deserialize(self, data: Payload, serdes_context: SerDesContext | None = None) -> Any:
+        if data.__class__ is str:
+            return _EXTENDED.deserialize(data)
+        return unpickle(data)
+
+
+PICKLE_SERDES: SerDes[Any] = PickleSerDes()
+DEFAULT_SERDES: SerDes[Any] = DefaultSerDes()
 # The reference's module-level instances, for code that names them.
 DEFAULT_JSON_SERDES: SerDes[Any] = JsonSerDes()
 EXTENDED_TYPES_SERDES: SerDes[Any] = ExtendedTypeSerDes()

@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import os
-import pickle
 import re
 import time
 
@@ -1356,7 +1355,7 @@ def test_recorded_example_program(branch_1_fails):
     assert names_of(res) == expected
     for op in res.get_all_operations()[1:]:
         if op.status is OperationStatus.SUCCEEDED:
-            assert pickle.loads(op.result) == {"branch": int(op.name[-1]), "attempt": 1}
+            assert ExtendedTypeSerDes().deserialize(op.result) == {"branch": int(op.name[-1]), "attempt": 1}
         else:
             assert (op.error.message, op.error.type) == ("branch 1 exploded", "ValueError")
 

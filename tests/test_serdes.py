@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 import threading
@@ -43,14 +44,44 @@ def round_trip(value, serdes=None):
     return data, sd.deserialize(serdes, data, what="test value")
 
 
-# --- PickleSerDes (the default) ---------------------------------------------------------
+# --- DefaultSerDes: the reference's envelope where exact, pickle elsewhere ---------------
+
+# Payloads as the reference's ExtendedTypeSerDes writes them (json.dumps, compact separators).
+REFERENCE_PAYLOADS = [
+    (7, "7"),
+    ("エラー", '"\\u30a8\\u30e9\\u30fc"'),
+    (None, "null"),
+    ([1, 2.5, None, True], "[1,2.5,null,true]"),
+    ({"a": [1, 2.5, None]}, '{"t":"m","v":{"a":{"t":"l","v":[{"t":"i","v":1},{"t":"f","v":2.5},{"t":"n","v":null}]}}}'),
+    ((1, "a"), '{"t":"t","v":[{"t":"i","v":1},{"t":"s","v":"a"}]}'),
+    (b"x", '{"t":"B","v":"eA=="}'),
+]
 
 
-def test_default_is_pickle_and_returns_bytes():
-    assert isinstance(sd.DEFAULT_SERDES, sd.PickleSerDes)
-    data, back = round_trip({"a": [1, 2.5, None]})
-    assert isinstance(data, bytes) and back == {"a": [1, 2.5, None]}
-    assert data[:2] == b"\x80\x05"  # protocol 5
+@pytest.mark.parametrize(("value", "payload"), REFERENCE_PAYLOADS)
+def test_default_writes_the_reference_envelope_byte_for_byte(value, payload):
+    data, back = round_trip(value)
+    assert data == payload and data == sd.ExtendedTypeSerDes().serialize(value)
+    assert back == value and type(back) is type(value)
+
+
+class Flag(int):
+    """An int subclass: JSON would bring it back as a plain int."""
+
+
+@pytest.mark.parametrize("value", [{1: "int keys"}, Flag(3), [Point(1, 2.5)], 10 ** 5000,
+                                   collections.OrderedDict(a=1), np.arange(3)],
+                         ids=["int-keys", "int-subclass", "dataclass", "huge-int", "ordered-dict", "array"])
+def test_default_pickles_what_the_envelope_cannot_bring_back_exactly(value):
+    data, back = round_trip(value)
+    assert isinstance(data, bytes) and data[:2] == b"\x80\x05"  # pickle protocol 5
+    assert type(back) is type(value)
+    assert np.array_equal(back, value) if isinstance(value, np.ndarray) else back == value
+
+
+def test_default_reads_old_pickle_checkpoints():
+    old = sd.PickleSerDes().serialize({"a": 1}, sd.SerDesContext())
+    assert sd.deserialize(None, old, what="old checkpoint") == {"a": 1}
 
 
 def test_numpy_array_round_trip():
@@ -82,7 +113,7 @@ def test_lambda_and_closure_fall_back_to_cloudpickle():
 
 def test_pickle_rejects_text_payload_with_a_clear_error():
     with pytest.raises(SerDesError, match="PickleSerDes expects bytes"):
-        sd.deserialize(None, '{"a": 1}', what="result of step 'fetch'")
+        sd.deserialize(sd.PickleSerDes(), '{"a": 1}', what="result of step 'fetch'")
 
 
 # --- error reporting --------------------------------------------------------------------

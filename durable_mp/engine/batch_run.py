@@ -14,7 +14,7 @@ from typing import Any
 from durable_mp.core.records import Attempt, OpRecord
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine.lifecycle import BranchTable
-from durable_mp.serdes import PickleSerDes
+from durable_mp.serdes import DefaultSerDes, PickleSerDes
 
 SMOOTHING = 0.3  # weight of the newest chunk in the running item-time and CPU-share estimates
 
@@ -68,7 +68,7 @@ class BatchRun:
         self.stopping = False  # failure-triggered completion: start nothing new, let running branches finish
         self.closed = False
         # default pickle serdes: results can be decoded right here, as they arrive
-        self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ is PickleSerDes
+        self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ in (PickleSerDes, DefaultSerDes)
 
     @property
     def is_map(self) -> bool:

@@ -53,13 +53,14 @@ from durable_mp.engine.scheduling import (
 from durable_mp.engine.wire import big
 from durable_mp.exceptions import MemoryLimitExceededError, StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.serdes import OOB_MAGIC, unpickle
+from durable_mp.serdes import OOB_MAGIC, decode_envelope, unpickle
 
 log = logging.getLogger("durable_mp.dispatch")
 
 MAX_WAIT_SECONDS = 1.0
 CALLBACK_POLL_SECONDS = 0.1
 DEFAULT_MAX_CRASH_RETRIES = 3
+TEXT_RECORD = ord("S")  # first byte of OpRecord.dumps() when the result is a str payload
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
 PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
@@ -410,9 +411,12 @@ class Dispatcher:
             records[index] = data
             if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
                 try:
-                    if data.__class__ is bytes:  # a small record: its pickled result follows the header
+                    if data.__class__ is bytes:  # a small record: its result follows the header
                         payload = data[5 + int.from_bytes(data[1:5], "little"):]
-                        value = unpickle(payload) if payload.startswith(OOB_MAGIC) else pickle.loads(payload)
+                        if data[0] == TEXT_RECORD:  # the default serdes' JSON envelope
+                            value = decode_envelope(payload.decode())
+                        else:
+                            value = unpickle(payload) if payload.startswith(OOB_MAGIC) else pickle.loads(payload)
                     else:
                         value = unpickle(result_view(data))
                     records[index] = succeeded_item(index, value)
