@@ -21,7 +21,7 @@ from durable_mp.core.errors import DurableExecutionsError, ErrorDetails, PickleB
 from durable_mp.core.errors import InvalidStateError as InvalidStateError  # re-export
 from durable_mp.core.errors import ValidationError as ValidationError  # re-export
 from durable_mp.core.remote import RemoteTraceback as RemoteTraceback  # re-export: its public home
-from durable_mp.core.remote import origin_type, remote_traceback, user_frame
+from durable_mp.core.remote import origin_note, remote_traceback
 
 
 class TerminationReason(Enum):
@@ -265,14 +265,7 @@ class ExecutionFailedError(DurableExecutionsError):
 
 def _where(error: ErrorDetails) -> str:
     """`` (raised as ZeroDivisionError at /path/job.py:12 in f)``: what a wrapper's one line hides."""
-    origin = origin_type(error.stack_trace)
-    frame = user_frame(error.stack_trace)
-    parts = []
-    if origin and origin != error.type and not (error.type or "").endswith("." + origin):
-        parts.append(f"raised as {origin}")
-    if frame is not None:
-        parts.append(f"at {frame}")
-    return f" ({' '.join(parts)})" if parts else ""
+    return origin_note(error.type, error.stack_trace)
 
 
 class ExecutionLockedError(DurableExecutionsError):

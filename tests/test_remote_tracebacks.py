@@ -118,3 +118,16 @@ def test_error_object_helpers_read_type_and_user_frame():
     rebuilt = err.to_exception()
     assert isinstance(rebuilt.__cause__, RemoteTraceback)
     assert ErrorObject("m", "T", None, ["line 1\n"]).to_exception().__cause__ is None  # not a traceback
+
+
+def test_show_names_the_original_type_and_the_users_line(store_path):
+    import subprocess
+    import sys
+
+    with pytest.raises(ExecutionFailedError):
+        map_then_throw.run(None, store=store_path, execution_id="remote-show")
+    out = subprocess.run([sys.executable, "-m", "durable_mp", "show", "remote-show", "--store", store_path],
+                         capture_output=True, text=True, timeout=60).stdout
+    where = f"at {HERE}:{DIVIDE_LINE} in divide"
+    assert f"error: ChildContextError: integer division or modulo by zero (raised as ZeroDivisionError {where})" in out
+    assert f"error: ZeroDivisionError: integer division or modulo by zero ({where})" in out

@@ -121,5 +121,21 @@ def user_frame(stack_trace: Sequence[str] | None) -> Frame | None:
     return (own or outside or frames)[-1]
 
 
-__all__ = ["Frame", "RemoteTraceback", "is_traceback", "origin_type", "remote_traceback", "traceback_text",
-           "user_frame"]
+def origin_note(error_type: str | None, stack_trace: Sequence[str] | None) -> str:
+    """`` (raised as ZeroDivisionError at /path/job.py:12 in f)``: what a one-line error hides.
+
+    The original type is named when the stored type is another (a ``ChildContextError``
+    wrapping it); empty when the stored failure has no traceback.
+    """
+    origin = origin_type(stack_trace)
+    frame = user_frame(stack_trace)
+    parts = []
+    if origin and origin != error_type and not (error_type or "").endswith("." + origin):
+        parts.append(f"raised as {origin}")
+    if frame is not None:
+        parts.append(f"at {frame}")
+    return f" ({' '.join(parts)})" if parts else ""
+
+
+__all__ = ["Frame", "RemoteTraceback", "is_traceback", "origin_note", "origin_type", "remote_traceback",
+           "traceback_text", "user_frame"]

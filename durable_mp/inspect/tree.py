@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.core.remote import origin_note
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
 BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
@@ -39,12 +40,15 @@ def error_type(error: dict | None) -> str:
 
 
 def error_line(error: dict | None, limit: int = 200) -> str:
-    """``Type: message`` on one line, cut to ``limit`` characters."""
+    """``Type: message (raised as X at file:line in f)`` on one line, cut to ``limit`` characters."""
     if not error:
         return ""
     message = " ".join(str(error.get("ErrorMessage") or "").split())
     text = f"{error_type(error) or 'Error'}: {message}" if message else (error_type(error) or "Error")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    note = origin_note(error.get("ErrorType"), error.get("StackTrace"))  # the user's line, from the traceback
+    room = max(limit - len(note), limit // 2)
+    text = text if len(text) <= room else text[: room - 1] + "…"
+    return (text + note)[:limit]
 
 
 def is_crash(error: dict | None) -> bool:
