@@ -146,3 +146,107 @@ def test_cli_completes_a_callback_of_a_running_execution(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+SILENT_JOB = '''
+import json
+import sys
+from durable_mp import durable_execution
+from durable_mp.config import CallbackConfig, Duration
+
+@durable_execution
+def handler(event, ctx):
+    cb = ctx.create_callback(name="approval", config=CallbackConfig(
+        timeout=Duration.from_seconds(120), heartbeat_timeout=Duration.from_seconds(60)))
+    return {"got": cb.result()}
+
+if __name__ == "__main__":
+    print(json.dumps(handler.run({}, store=sys.argv[1], execution_id="outside")), flush=True)
+'''
+
+
+def _cli(store, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_an_outside_system_finds_the_callback_id_and_succeeds_it_without_a_result(tmp_path):
+    """The handler tells nobody the id: list, show and history must; --success alone gives None."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(SILENT_JOB)
+    store = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, str(script), store], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        rows: list = []
+        while time.monotonic() < deadline:
+            listed = _cli(store, "list", "--json")
+            rows = json.loads(listed.stdout) if listed.returncode == 0 and listed.stdout.strip() else []
+            if rows and rows[0]["waiting_callbacks"]:
+                break
+            time.sleep(0.05)
+        [waiting] = rows[0]["waiting_callbacks"]
+        assert waiting["name"] == "approval"
+        cid = waiting["id"]
+        assert f"waiting for callback 'approval': {cid}" in _cli(store, "list").stdout
+        assert f"callback id {cid}" in _cli(store, "show", "outside").stdout
+        events = json.loads(_cli(store, "history", "outside", "--json").stdout)
+        started = next(e for e in events if e["EventType"] == "CallbackStarted")
+        assert started["CallbackStartedDetails"] == {"CallbackId": cid, "Timeout": 120, "HeartbeatTimeout": 60}
+        ok = _cli(store, "callback", cid, "--success")
+        assert ok.returncode == 0, ok.stderr
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert json.loads(out) == {"got": None}
+        assert json.loads(_cli(store, "list", "--json").stdout)[0]["waiting_callbacks"] == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("empty", [b"", "", None])
+def test_an_empty_success_gives_none(store_path, tmp_path, empty):
+    id_file = tmp_path / "cid"
+
+    @durable_execution
+    def handler(event, ctx):
+        cb = ctx.create_callback(name="empty")
+        id_file.write_text(cb.callback_id)
+        return [cb.result()]
+
+    thread = answer_when_asked(id_file, store_path, lambda cid, st: send_callback_success(cid, empty, store=st))
+    assert handler.run(None, store=store_path, execution_id=f"empty-{empty!r}") == [None]
+    thread.join()
+
+
+def test_a_timed_out_callback_is_timed_out_with_the_references_error(store_path):
+    from durable_mp.core.records import OpStatus
+    from durable_mp.inspect.history import build_history
+    from durable_mp.store.facade import Store
+
+    @durable_execution
+    def handler(event, ctx):
+        cb = ctx.create_callback(name="late", config=CallbackConfig(timeout=Duration.from_seconds(1)))
+        try:
+            cb.result()
+        except CallbackTimeoutError as exc:
+            return [type(exc).__name__, str(exc), exc.error_type]
+        return "no timeout"
+
+    assert handler.run(None, store=store_path, execution_id="late") == [
+        "CallbackTimeoutError", "Callback timed out", "Callback.Timeout"]
+    with Store(store_path) as store:
+        [rec] = store.ops("late")
+        events = build_history(store.get_execution("late"), store.ops("late"))
+    assert rec.status == OpStatus.TIMED_OUT
+    assert rec.error == {"ErrorMessage": "Callback timed out", "ErrorType": "Callback.Timeout"}
+    timed_out = [e for e in events if e.event_type.startswith("Callback") and e.event_type != "CallbackStarted"]
+    assert [e.event_type for e in timed_out] == ["CallbackTimedOut"]
+    assert timed_out[0].details["Error"]["Payload"]["ErrorType"] == "Callback.Timeout"

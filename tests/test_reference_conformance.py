@@ -1201,13 +1201,14 @@ def const(ctx):
     return 42
 
 
-REFERENCE_HISTORY = [  # §7, event_id order, without the two InvocationCompleted events
+REFERENCE_HISTORY = [  # §7, event_id order, its two InvocationCompleted events as one (one run, no suspension)
     ("ExecutionStarted", None, None), ("ContextStarted", "Parallel", "p"),
     ("ContextStarted", "ParallelBranch", "parallel-branch-0"), ("StepStarted", "Step", "s"),
     ("StepSucceeded", "Step", "s"), ("ContextStarted", "ParallelBranch", "parallel-branch-1"),
     ("ContextSucceeded", "ParallelBranch", "parallel-branch-1"),
     ("ContextSucceeded", "ParallelBranch", "parallel-branch-0"), ("ContextSucceeded", "Parallel", "p"),
-    ("WaitStarted", "Wait", "w"), ("WaitSucceeded", "Wait", "w"), ("ExecutionSucceeded", None, None)]
+    ("WaitStarted", "Wait", "w"), ("WaitSucceeded", "Wait", "w"), ("InvocationCompleted", None, None),
+    ("ExecutionSucceeded", None, None)]
 
 
 @processes
@@ -1215,7 +1216,8 @@ def test_history_of_parallel_then_wait():
     """§7 observed history of ``parallel([step, const]); wait(2s)``: the same events, numbered from 1,
     in the same order up to the interleaving of the two branches, which really run at the same
     time (each branch's and the step's events nest in their parents').  Documented difference
-    (``durable_mp.inspect.history``; README: no suspension): no ``InvocationCompleted``."""
+    (``durable_mp.inspect.history``; README: no suspension): one ``InvocationCompleted`` per driver run,
+    where the reference has one per suspension."""
     @durable_execution
     def handler(event, ctx):
         r = ctx.parallel([with_step, const], name="p")
@@ -1227,7 +1229,7 @@ def test_history_of_parallel_then_wait():
         assert json.loads(runner.wait_for_result(arn).result) == ["done", 42]
         events = runner.get_execution_history(arn).events
     got = [(e.event_type, e.sub_type, e.name if e.sub_type else None) for e in events]
-    assert [e.event_id for e in events] == list(range(1, 13))
+    assert [e.event_id for e in events] == list(range(1, 14))
     assert sorted(got, key=str) == sorted(REFERENCE_HISTORY, key=str)
     assert got[:2] == REFERENCE_HISTORY[:2] and got[-4:] == REFERENCE_HISTORY[-4:]
     at = {event: n for n, event in enumerate(got)}

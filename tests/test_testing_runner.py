@@ -269,7 +269,8 @@ def test_batch_result_return_and_history():
     assert ("ContextFailed", "parallel-branch-1") in kinds
     assert [e.event_id for e in events] == list(range(1, len(events) + 1))
     done = next(e for e in events if e.event_type == "ContextSucceeded" and e.name == "p")
-    assert done.details["CompletionReason"] == "ALL_COMPLETED" and done.to_dict()["Name"] == "p"
+    assert '"completionReason":{"t":"s","v":"ALL_COMPLETED"}' in done.details["Result"]["Payload"]
+    assert done.to_dict()["Name"] == "p"
 
 
 @durable_with_child_context

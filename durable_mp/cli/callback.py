@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction, store_opt: argparse.ArgumentPars
                                    "waiting execution continues.")
     p.add_argument("callback_id", metavar="ID")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--success", metavar="RESULT", help="succeed with RESULT (text, e.g. JSON)")
+    what.add_argument("--success", metavar="RESULT", nargs="?", const="",
+                      help="succeed with RESULT (text, e.g. JSON); without RESULT the callback's result is None")
     what.add_argument("--failure", metavar="MESSAGE", help="fail with MESSAGE (CallbackExternalError)")
     what.add_argument("--heartbeat", action="store_true", help="keep a callback with a heartbeat timeout alive")
     p.add_argument("--error-type", default="CallbackExternalError", help="error type reported with --failure")

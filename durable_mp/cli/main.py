@@ -33,7 +33,7 @@ from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, St
 from durable_mp.execution import DurableFunction, dumps_value
 from durable_mp.inspect.history import build_history, format_history
 from durable_mp.inspect.report import write_report
-from durable_mp.inspect.tree import OpTree, error_line, render_tree
+from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
@@ -256,7 +256,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             end = rec.ended_ts if rec.ended_ts is not None else (time.time() if status == RUNNING else None)
             rows.append({"id": rec.exec_id, "handler": rec.handler, "status": status, "started": _when(rec.created_ts),
                          "duration_s": None if end is None else round(end - rec.created_ts, 3),
-                         "ops_done": done, "ops_total": total, "runs": rec.runs})
+                         "ops_done": done, "ops_total": total, "runs": rec.runs,
+                         "waiting_callbacks": waiting_callbacks(rec.exec_id, ops) if rec.status == RUNNING else []})
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -268,8 +269,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         dur = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"
         table.append((r["id"], r["handler"], r["status"], r["started"], dur, f"{r['ops_done']}/{r['ops_total']}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
+    for row, r in zip(table, [{}, *rows], strict=True):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        for cb in r.get("waiting_callbacks", ()):  # what `durable-mp callback ID` needs
+            print(f"  waiting for callback {cb['name'] or cb['operation_id']!r}: {cb['id']}")
     return EXIT_OK
 
 

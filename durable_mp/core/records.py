@@ -35,9 +35,10 @@ class OpStatus:
     PENDING = "PENDING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"  # a callback nobody completed in time (the reference's status)
 
 
-TERMINAL = frozenset({OpStatus.SUCCEEDED, OpStatus.FAILED})
+TERMINAL = frozenset({OpStatus.SUCCEEDED, OpStatus.FAILED, OpStatus.TIMED_OUT})
 
 
 class Attempt(NamedTuple):

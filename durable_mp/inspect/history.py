@@ -2,37 +2,56 @@
 
 durable_mp stores one checkpoint per operation (its latest state plus the list of its
 attempts), not a log of events.  The events the reference service would have written
-follow from those records:
+follow from those records, with the fields and ``*Details`` objects the reference's
+``GetDurableExecutionHistory`` returns (``tests/data/reference_history`` holds recorded
+ones; ``tests/test_history_reference.py`` compares):
 
-* the execution: ``ExecutionStarted`` (creation time) ... ``ExecutionSucceeded/Failed``;
+* the execution: ``ExecutionStarted`` (``Input``) ... ``ExecutionSucceeded`` (``Result``)
+  or ``ExecutionFailed`` (``Error``);
 * a context (``Parallel``, ``Map``, ``ParallelBranch``, ``MapIteration``,
-  ``RunInChildContext``): ``ContextStarted``, then ``ContextSucceeded/Failed`` unless it
-  is still ``STARTED`` (running, or abandoned by early completion);
-* a step: per attempt ``StepStarted`` then ``StepSucceeded`` or ``StepFailed``; a failed
-  attempt that was retried carries ``RetryDetails(CurrentAttempt, NextAttemptDelaySeconds)``
-  and is followed by the next attempt's ``StepStarted``, as in the reference;
-* a wait: ``WaitStarted`` (with its scheduled end) and ``WaitSucceeded``.
+  ``RunInChildContext``, ``WaitForCallback``): ``ContextStarted`` then
+  ``ContextSucceeded`` (``Result``; a batch's is its ``BatchResult``) or ``ContextFailed``;
+* a step: per attempt ``StepStarted`` then ``StepSucceeded`` (``Result``) or ``StepFailed``
+  (``Error``, ``RetryDetails``); ``WaitForCondition`` checks likewise, a check that goes
+  on polling carrying ``RetryDetails``;
+* a wait: ``WaitStarted`` (``Duration``, ``ScheduledEndTimestamp``) and ``WaitSucceeded``;
+* a callback: ``CallbackStarted`` (``CallbackId``, ``Timeout``/``HeartbeatTimeout`` when
+  set) then ``CallbackSucceeded``, ``CallbackFailed`` or ``CallbackTimedOut``;
+* ``InvocationCompleted`` closes each driver run (a run is one invocation); a run whose
+  driver stopped before the execution ended carries an ``Error``;
+* ``WorkerCrashed`` (durable_mp's own; the reference has no worker processes) marks each
+  worker that died under a branch or step, with its pid.
 
-Events are numbered 1.. in timestamp order, with the tree deciding ties and clock
-jitter between processes: a parent's start comes before anything inside it and its end
-after, so the sequence always nests.  ``InvocationCompleted`` has no counterpart (a
-durable_mp run does not suspend between invocations) and is not produced.
+Payloads are the reference's: what its default serializer makes of the stored value
+(``Truncated`` with no ``Payload`` when the value has no JSON form or is too large).
+Events are numbered 1.. in timestamp order, with the tree deciding ties and clock jitter
+between processes: a parent's start comes before anything inside it and its end after.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import heapq
 import json
-import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-from durable_mp.core.records import OpRecord, OpStatus, OpType
-from durable_mp.inspect.tree import OpTree, error_line
+from durable_mp import serdes as _serdes
+from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionReason
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.inspect.runs import CRASH_TYPE, DEATH_TYPES, crash_facts
+from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.operation.callback import encode_callback_id
 from durable_mp.store.records import FAILED, SUCCEEDED, ExecutionRecord
 
-PAYLOAD_PREVIEW_CHARS = 1000  # execution input/result longer than this (as JSON) are not inlined
+MAX_PAYLOAD_CHARS = 256 * 1024  # the reference's checkpoint limit; larger payloads are marked Truncated
+MAX_BATCH_PAYLOAD_ITEMS = 10_000  # a bigger batch's BatchResult is not rebuilt for the history
+STOPPED_RUN = "DriverStopped"  # error type of an invocation whose driver ended before the execution
+WORKER_CRASHED_EVENT = "WorkerCrashed"
+_EXTENDED: _serdes.ExtendedTypeSerDes[Any] = _serdes.ExtendedTypeSerDes()
+_NO_VALUE = object()
 
 
 def iso(ts: float | None) -> str | None:
@@ -48,129 +67,232 @@ class Event:
 
     event_type: str
     timestamp: float
-    op_id: str
+    op_id: str  # "" for an invocation (it belongs to no operation)
     name: str | None
     sub_type: str | None = None
     parent_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     event_id: int = 0
     depth: int = 0
+    note: str = ""  # a short human summary for the table (not part of the JSON)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "EventType": self.event_type,
-            "SubType": self.sub_type,
-            "EventId": self.event_id,
-            "Id": self.op_id,
-            "Name": self.name,
-            "EventTimestamp": iso(self.timestamp),
-            "ParentId": self.parent_id,
-        }
-        if self.details:
-            out[f"{self.event_type}Details"] = self.details
+        out: dict[str, Any] = {"EventType": self.event_type, "EventTimestamp": iso(self.timestamp),
+                               "EventId": self.event_id}
+        if self.sub_type is not None:
+            out["SubType"] = self.sub_type
+        if self.op_id:
+            out["Id"] = self.op_id
+        if self.name is not None:
+            out["Name"] = self.name
+        if self.parent_id:
+            out["ParentId"] = self.parent_id
+        out[f"{self.event_type}Details"] = self.details
         return out
 
 
 def _error(error: dict | None) -> dict:
-    return {"Payload": dict(error or {}), "Truncated": False}
+    return {"Truncated": False, "Payload": dict(error or {})}
 
 
-def _size(payload: bytes | str | None) -> int | None:
-    if payload is None:
-        return None
-    return len(payload.encode()) if isinstance(payload, str) else len(payload)
+def _text_payload(text: str | None) -> dict:
+    if text is None:
+        return {"Truncated": False}
+    if len(text) > MAX_PAYLOAD_CHARS:
+        return {"Truncated": True}
+    return {"Truncated": False, "Payload": text}
 
 
-def _payload(data: bytes | None) -> dict:
-    """``{"Payload": json, "Size": n}`` for a pickled execution input/result (JSON when it is)."""
-    out: dict[str, Any] = {"Size": _size(data) or 0}
+def _value(data: bytes | str | None) -> Any:
+    """The stored value of a result, or ``_NO_VALUE`` if it cannot be loaded here."""
     if data is None:
-        return out
+        return None
     try:
-        text = json.dumps(pickle.loads(data), ensure_ascii=False)
-    except Exception:  # noqa: BLE001 - not JSON, or needs classes this process cannot import
-        return out
-    if len(text) <= PAYLOAD_PREVIEW_CHARS:
-        out["Payload"] = text
-    else:
-        out["Truncated"] = True
-    return out
+        if isinstance(data, str):  # the default serdes' envelope (the reference's format)
+            return _EXTENDED.deserialize(data)
+        return _serdes.unpickle(data)
+    except Exception:  # noqa: BLE001 - another serdes' text, or classes this process cannot import
+        return _NO_VALUE
+
+
+def _encoded(value: Any) -> str | None:
+    """The reference's default serializer's text for ``value``, or None if it has none."""
+    if value is _NO_VALUE:
+        return None
+    try:
+        return _EXTENDED.serialize(value)
+    except Exception:  # noqa: BLE001 - no JSON form (arrays, arbitrary objects): no payload
+        return None
+
+
+def _result(rec: OpRecord) -> dict:
+    """``{"Truncated", "Payload"}`` for an operation's stored result."""
+    data = rec.result
+    if isinstance(data, str):
+        if rec.op_type == OpType.CONTEXT and rec.sub_type == "WaitForCallback" and (rec.extra or {}).get("raw"):
+            return _text_payload(_encoded(data))  # the callback's text, serialized as the reference does
+        return _text_payload(data)  # already JSON (a JSON serdes) or a callback's raw payload
+    if data is None:
+        return _text_payload(None)
+    if isinstance(data, bytes | bytearray | memoryview) and len(data) > MAX_PAYLOAD_CHARS * 4:
+        return {"Truncated": True}
+    text = _encoded(_value(data))
+    return {"Truncated": True} if text is None else _text_payload(text)
+
+
+def _batch_result(tree: OpTree, rec: OpRecord) -> dict:
+    """A finished batch's ``BatchResult`` as the reference serializes it, rebuilt from its branches."""
+    branches = [c for c in tree.children(rec.op_id) if is_branch(c)]
+    reason = (rec.extra or {}).get("completion_reason")
+    if reason is None or len(branches) > MAX_BATCH_PAYLOAD_ITEMS:
+        return _result(rec)
+    items: list[BatchItem[Any]] = []
+    for c in branches:
+        index = tree.index.get(c.op_id, len(items))
+        if c.status == OpStatus.SUCCEEDED:
+            value = _value(c.result)
+            if value is _NO_VALUE:
+                return {"Truncated": True}
+            items.append(BatchItem(index, BatchItemStatus.SUCCEEDED, value))
+        elif c.status == OpStatus.FAILED:
+            items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(c.error or {})))
+        else:
+            items.append(BatchItem(index, BatchItemStatus.STARTED))
+    try:
+        batch = BatchResult(items, CompletionReason(reason))
+    except (ValueError, TypeError):
+        return _result(rec)
+    return _text_payload(_encoded(batch))
+
+
+def _execution_payload(data: bytes | None) -> dict:
+    """The execution's input/result as JSON text (the reference JSON-encodes both)."""
+    if data is None:
+        return {"Truncated": False}
+    value = _value(data)
+    if value is _NO_VALUE:
+        return {"Truncated": True}
+    try:
+        return _text_payload(json.dumps(value))
+    except (TypeError, ValueError):
+        return {"Truncated": True}
 
 
 def _seconds(value: float) -> int:
     return max(0, int(round(value)))
 
 
+def _retry(current: int, delay: float | None) -> dict:
+    return {"CurrentAttempt": current, "NextAttemptDelaySeconds": _seconds(delay or 0.0)}
+
+
 def _step_events(rec: OpRecord, ev) -> list[Event]:
-    """StepStarted / StepFailed(+retry) ... per attempt, then the terminal event."""
+    """StepStarted / StepFailed(+retry) ... per attempt, ending with the terminal event."""
     out: list[Event] = []
     attempts = list(rec.attempts)
+    polling = rec.sub_type == "WaitForCondition"
     for i, att in enumerate(attempts):
-        out.append(ev("StepStarted", att.start_ts))
+        out.append(ev("StepStarted", att.start_ts, {}))
         last = i == len(attempts) - 1
         end = att.end_ts if att.end_ts is not None else att.start_ts
-        if att.error is None:
-            if last and rec.status == OpStatus.SUCCEEDED:
-                break  # the terminal event below
-            out.append(ev("StepSucceeded", end, {"RetryDetails": {"CurrentAttempt": att.number}}))
-            continue
-        if last and rec.status == OpStatus.FAILED:
-            break
-        retry: dict[str, Any] = {"CurrentAttempt": att.number}
-        if getattr(att, "retry_delay", None) is not None:  # what the retry strategy decided
-            retry["NextAttemptDelaySeconds"] = _seconds(att.retry_delay)
+        if last and rec.is_terminal and (att.error is None) == (rec.status == OpStatus.SUCCEEDED):
+            break  # the terminal event below
+        if att.retry_delay is not None:
+            delay: float | None = att.retry_delay
         elif not last:
-            retry["NextAttemptDelaySeconds"] = _seconds(attempts[i + 1].start_ts - end)
-        elif rec.next_attempt_ts is not None:
-            retry["NextAttemptDelaySeconds"] = _seconds(rec.next_attempt_ts - end)
-        out.append(ev("StepFailed", end, {"Error": _error(att.error), "RetryDetails": retry}))
+            delay = attempts[i + 1].start_ts - end
+        else:
+            delay = (rec.next_attempt_ts - end) if rec.next_attempt_ts is not None else None
+        if att.error is None:  # a condition check that keeps polling (or an older retried success)
+            out.append(ev("StepSucceeded", end, {"Result": {"Truncated": False},
+                                                 "RetryDetails": _retry(att.number, delay)}))
+            continue
+        out.append(ev("StepFailed", end, {"Error": _error(att.error), "RetryDetails": _retry(att.number, delay)},
+                      error_line(att.error, 120)))
+        if error_type(att.error) == CRASH_TYPE:  # the step ran in a worker that died
+            out.append(_crash_event(att, ev))
     if rec.status == OpStatus.STARTED and rec.attempt > len(attempts):
         # the running attempt (only checkpointed for at-most-once steps)
-        out.append(ev("StepStarted", attempts[-1].end_ts if attempts and attempts[-1].end_ts else rec.start_ts))
-    if not attempts and rec.status in (OpStatus.SUCCEEDED, OpStatus.FAILED):
-        out.append(ev("StepStarted", rec.start_ts))
+        out.append(ev("StepStarted", attempts[-1].end_ts if attempts and attempts[-1].end_ts else rec.start_ts, {}))
+    if not attempts and rec.is_terminal:
+        out.append(ev("StepStarted", rec.start_ts, {}))
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
     if rec.status == OpStatus.SUCCEEDED:
-        out.append(ev("StepSucceeded", end, {"ResultSize": _size(rec.result),
-                                             "RetryDetails": {"CurrentAttempt": rec.attempt}}))
+        out.append(ev("StepSucceeded", end, {"Result": _result(rec)},
+                      f"attempt {rec.attempt}" if rec.attempt > 1 and not polling else ""))
     elif rec.status == OpStatus.FAILED:
-        out.append(ev("StepFailed", end, {"Error": _error(rec.error),
-                                          "RetryDetails": {"CurrentAttempt": rec.attempt}}))
+        out.append(ev("StepFailed", end, {"Error": _error(rec.error), "RetryDetails": _retry(max(rec.attempt, 1), 0)},
+                      error_line(rec.error, 120)))
     return out
 
 
-def _own_events(rec: OpRecord, depth: int) -> tuple[list[Event], list[Event]]:
+def _callback_events(rec: OpRecord, execution_id: str, ev) -> tuple[list[Event], list[Event]]:
+    extra = rec.extra or {}
+    started: dict[str, Any] = {"CallbackId": encode_callback_id(execution_id, rec.parent_id, rec.op_id)}
+    if extra.get("deadline"):
+        started["Timeout"] = _seconds(extra["deadline"] - rec.start_ts)
+    if extra.get("heartbeat_timeout"):
+        started["HeartbeatTimeout"] = _seconds(extra["heartbeat_timeout"])
+    end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+    after: list[Event] = []
+    if rec.status == OpStatus.SUCCEEDED:
+        after = [ev("CallbackSucceeded", end, {"Result": _result(rec)})]
+    elif rec.status == OpStatus.TIMED_OUT:
+        after = [ev("CallbackTimedOut", end, {"Error": _error(rec.error)}, error_line(rec.error, 120))]
+    elif rec.status == OpStatus.FAILED:
+        after = [ev("CallbackFailed", end, {"Error": _error(rec.error)}, error_line(rec.error, 120))]
+    return [ev("CallbackStarted", rec.start_ts, started, f"callback id {started['CallbackId']}")], after
+
+
+def _crash_event(att: Attempt, ev) -> Event:
+    return ev(WORKER_CRASHED_EVENT, att.end_ts or att.start_ts,
+              {"Pid": att.pid, "Attempt": att.number, "Error": _error(att.error)},
+              f"worker pid {att.pid}: {error_line(att.error, 100)}")
+
+
+def _crash_events(rec: OpRecord, ev) -> list[Event]:
+    """``WorkerCrashed`` for each worker that died (or was killed) while running this branch."""
+    out = [_crash_event(att, ev) for att in rec.attempts if error_type(att.error) in DEATH_TYPES]
+    if not out and error_type(rec.error) in DEATH_TYPES:  # older records: only the final error
+        out.append(ev(WORKER_CRASHED_EVENT, rec.end_ts or rec.start_ts,
+                      {"Pid": rec.pid, "Attempt": rec.attempt, "Error": _error(rec.error)},
+                      error_line(rec.error, 100)))
+    return out
+
+
+def _own_events(tree: OpTree, rec: OpRecord, depth: int) -> tuple[list[Event], list[Event]]:
     """(events before the children of ``rec``, events after them)."""
     parent = rec.parent_id or None
 
-    def ev(kind: str, ts: float, details: dict | None = None) -> Event:
-        return Event(kind, ts, rec.op_id, rec.name, rec.sub_type, parent, details or {}, depth=depth)
+    def ev(kind: str, ts: float, details: dict, note: str = "") -> Event:
+        return Event(kind, ts, rec.op_id, rec.name, rec.sub_type, parent, details, depth=depth, note=note)
 
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
     if rec.op_type == OpType.STEP:
         return _step_events(rec, ev), []
+    if rec.op_type == OpType.CALLBACK:
+        return _callback_events(rec, tree.execution.exec_id, ev)
     if rec.op_type == OpType.WAIT:
         extra = rec.extra or {}
-        started = {}
+        started: dict[str, Any] = {}
         if extra.get("scheduled_end") is not None:
             started = {"Duration": _seconds(extra["scheduled_end"] - rec.start_ts),
                        "ScheduledEndTimestamp": iso(extra["scheduled_end"])}
         after = [ev("WaitSucceeded", end, {"Duration": started.get("Duration")})] \
             if rec.status == OpStatus.SUCCEEDED else []
-        return [ev("WaitStarted", rec.start_ts, started)], after
+        return [ev("WaitStarted", rec.start_ts, started, f"{started.get('Duration')}s" if started else "")], after
     kind = "Context" if rec.op_type == OpType.CONTEXT else rec.op_type.title()
+    first = min([rec.start_ts] + [a.start_ts for a in rec.attempts])
+    before = [ev(f"{kind}Started", first, {})]
+    if is_branch(rec):
+        before += _crash_events(rec, ev)
     after = []
     if rec.status == OpStatus.SUCCEEDED:
-        details: dict[str, Any] = {}
-        if rec.result is not None:
-            details["ResultSize"] = _size(rec.result)
-        extra = rec.extra or {}
-        if "completion_reason" in extra:
-            details["CompletionReason"] = extra["completion_reason"]
-        after = [ev(f"{kind}Succeeded", end, details)]
+        result = _batch_result(tree, rec) if is_batch(rec) else _result(rec)
+        after = [ev(f"{kind}Succeeded", end, {"Result": result}, (rec.extra or {}).get("completion_reason", ""))]
     elif rec.status == OpStatus.FAILED:
-        after = [ev(f"{kind}Failed", end, {"Error": _error(rec.error)})]
-    return [ev(f"{kind}Started", rec.start_ts)], after
+        after = [ev(f"{kind}Failed", end, {"Error": _error(rec.error)}, error_line(rec.error, 120))]
+    return before, after
 
 
 def _monotone(events: list[Event], floor: float) -> list[tuple[float, Event]]:
@@ -184,10 +306,13 @@ def _monotone(events: list[Event], floor: float) -> list[tuple[float, Event]]:
 
 
 def _subtree(tree: OpTree, rec: OpRecord, depth: int, floor: float) -> list[tuple[float, Event]]:
-    before, after = _own_events(rec, depth)
+    before, after = _own_events(tree, rec, depth)
     head = _monotone(before, floor)
-    start_key = head[-1][0] if head else max(floor, rec.start_ts)
+    start_key = head[0][0] if head else max(floor, rec.start_ts)
     body = _merge([_subtree(tree, child, depth + 1, start_key) for child in tree.children(rec.op_id)])
+    if len(head) > 1:  # crash events interleave with the children by time, after the start
+        body = _merge([head[1:], body])
+        head = head[:1]
     inner_end = body[-1][0] if body else start_key
     return head + body + _monotone(after, inner_end)
 
@@ -198,45 +323,51 @@ def _merge(streams: list[list[tuple[float, Event]]]) -> list[tuple[float, Event]
     return [(key, e) for key, _n, _i, e in heapq.merge(*tagged)]
 
 
+def _invocations(tree: OpTree) -> list[Event]:
+    """One ``InvocationCompleted`` per driver run that is over."""
+    out = []
+    for run in crash_facts(tree).runs:
+        if run.running:
+            continue
+        details: dict[str, Any] = {"StartTimestamp": iso(run.start), "EndTimestamp": iso(run.end),
+                                   "RequestId": f"run-{run.number}"}
+        note = f"run {run.number}"
+        if not run.finished:
+            message = (f"the driver of run {run.number} stopped (killed or interrupted) before the execution "
+                       f"finished; its last record was written at {iso(run.end)}")
+            details["Error"] = {"ErrorType": STOPPED_RUN, "ErrorMessage": message}
+            note += f": {STOPPED_RUN}"
+        out.append(Event("InvocationCompleted", run.end, "", None, details=details, note=note))
+    return out
+
+
 def build_history(execution: ExecutionRecord, ops: list[OpRecord]) -> list[Event]:
     """All events of ``execution`` in order, ``event_id`` from 1."""
     tree = OpTree(execution, ops)
     ex = execution
     started = Event("ExecutionStarted", ex.created_ts, ex.exec_id, ex.exec_id, None, None,
-                    {"Input": _payload(ex.input), "Handler": ex.handler})
+                    {"Input": _execution_payload(ex.input)}, note=ex.handler)
     body = _merge([_subtree(tree, rec, 0, ex.created_ts) for rec in tree.children("")])
+    keys = [key for key, _e in body]
     events = [started] + [e for _key, e in body]
+    # an invocation ends after everything it recorded: insert each by its end time
+    for inv in reversed(_invocations(tree)):
+        stopped = "Error" in inv.details  # a finished run's invocation closes everything recorded
+        events.insert(1 + (bisect.bisect_right(keys, inv.timestamp) if stopped else len(keys)), inv)
     end = max([ex.ended_ts or ex.created_ts] + [e.timestamp for e in events])
     if ex.status == SUCCEEDED:
         events.append(Event("ExecutionSucceeded", ex.ended_ts or end, ex.exec_id, ex.exec_id, None, None,
-                            {"Result": _payload(ex.result)}))
+                            {"Result": _execution_payload(ex.result)}))
     elif ex.status == FAILED:
         events.append(Event("ExecutionFailed", ex.ended_ts or end, ex.exec_id, ex.exec_id, None, None,
-                            {"Error": _error(ex.error)}))
+                            {"Error": _error(ex.error)}, note=error_line(ex.error, 120)))
     for n, e in enumerate(events, 1):
         e.event_id = n
     return events
 
 
 def _summary(e: Event) -> str:
-    d = e.details
-    parts = []
-    if "Error" in d:
-        parts.append(error_line(d["Error"].get("Payload"), 120))
-    retry = d.get("RetryDetails") or {}
-    if e.event_type == "StepFailed" and "NextAttemptDelaySeconds" in retry:
-        parts.append(f"attempt {retry['CurrentAttempt']}, retry in {retry['NextAttemptDelaySeconds']}s")
-    elif e.event_type in ("StepSucceeded", "StepFailed") and retry.get("CurrentAttempt", 1) > 1:
-        parts.append(f"attempt {retry['CurrentAttempt']}")
-    if d.get("ResultSize") is not None:
-        parts.append(f"result {d['ResultSize']} B")
-    if "CompletionReason" in d:
-        parts.append(d["CompletionReason"])
-    if e.event_type == "WaitStarted" and d.get("Duration") is not None:
-        parts.append(f"{d['Duration']}s")
-    if e.event_type == "ExecutionStarted":
-        parts.append(str(d.get("Handler")))
-    return "; ".join(p for p in parts if p)
+    return e.note
 
 
 def format_history(events: list[Event]) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.core.remote import origin_note
+from durable_mp.operation.callback import encode_callback_id
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
 BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
@@ -49,6 +50,17 @@ def error_line(error: dict | None, limit: int = 200) -> str:
     room = max(limit - len(note), limit // 2)
     text = text if len(text) <= room else text[: room - 1] + "…"
     return (text + note)[:limit]
+
+
+def callback_id_of(exec_id: str, rec: OpRecord) -> str:
+    """The id ``send_callback_success`` / ``durable-mp callback`` take for a callback record."""
+    return encode_callback_id(exec_id, rec.parent_id, rec.op_id)
+
+
+def waiting_callbacks(exec_id: str, ops: list[OpRecord]) -> list[dict]:
+    """``{"id", "name", "operation_id"}`` of every callback still waiting for its sender."""
+    return [{"id": callback_id_of(exec_id, r), "name": r.name, "operation_id": r.op_id}
+            for r in ops if r.op_type == OpType.CALLBACK and r.status == OpStatus.STARTED]
 
 
 def is_crash(error: dict | None) -> bool:
@@ -148,6 +160,9 @@ def _node_text(rec: OpRecord, tree: OpTree) -> str:
         line += f"  {extra['completion_reason']} ({extra.get('reported', '?')} of {extra.get('total', '?')} reported)"
     if is_branch(rec) and rec.pid:
         line += f"  pid {rec.pid}"
+    if rec.op_type == OpType.CALLBACK:
+        # what an outside system needs to complete it (durable-mp callback ID --success ...)
+        line += f"  callback id {callback_id_of(tree.execution.exec_id, rec)}"
     if rec.op_type == OpType.STEP:
         n = max(rec.attempt, len(rec.attempts))
         line += f"  {n} attempt{'s' if n != 1 else ''}"

@@ -25,7 +25,6 @@ from durable_mp.exceptions import (
     CallbackError,
     CallbackExternalError,
     CallbackSubmitterError,
-    CallbackTimeoutError,
     StepError,
     ValidationError,
 )
@@ -36,6 +35,9 @@ from durable_mp.store.facade import Store
 from durable_mp.types import WaitForCallbackContext
 
 CALLBACK_POLL_SECONDS = 0.1
+TIMEOUT_MESSAGE = "Callback timed out"  # the reference's message and error types (its CallbackTimeoutType)
+TIMEOUT_TYPE = "Callback.Timeout"
+HEARTBEAT_TYPE = "Callback.Heartbeat"
 SUB_CALLBACK = "Callback"
 SUB_WAIT_FOR_CALLBACK = "WaitForCallback"
 
@@ -54,10 +56,15 @@ def decode_callback_id(callback_id: str) -> tuple[str, str, str]:
         raise ValidationError(f"not a durable_mp callback id: {callback_id!r}") from exc
 
 
-def timed_out_record(rec: OpRecord) -> OpRecord:
-    err = ErrorObject.from_exception(CallbackTimeoutError(f"callback {rec.name!r} timed out"))
-    return rec._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict(),
-                        extra={**(rec.extra or {}), "raise": "CallbackTimeoutError"})
+def timed_out_record(rec: OpRecord, now: float | None = None) -> OpRecord:
+    """``rec`` TIMED_OUT with the reference's error (``Callback.Timeout`` / ``Callback.Heartbeat``)."""
+    now = time.time() if now is None else now
+    extra = rec.extra or {}
+    deadline = extra.get("deadline")
+    kind = TIMEOUT_TYPE if deadline and now >= deadline else HEARTBEAT_TYPE
+    err = ErrorObject(TIMEOUT_MESSAGE, kind, None, None)
+    return rec._replace(status=OpStatus.TIMED_OUT, end_ts=now, error=err.to_dict(),
+                        extra={**extra, "raise": "CallbackTimeoutError"})
 
 
 def callback_deadline(rec: OpRecord) -> float | None:
@@ -97,12 +104,12 @@ class Callback:
         """The payload the sender passed (a ``str`` unless a serdes is configured).
 
         Raises ``CallbackTimeoutError`` on timeout, ``CallbackExternalError`` if the sender
-        reported failure.
+        reported failure.  A success sent without a result gives None.
         """
         rec = self._rec
         if not rec.is_terminal:
             rec = self._rec = self._ctx.state.wait_callback(rec)
-        if rec.status == OpStatus.FAILED:
+        if rec.status in (OpStatus.FAILED, OpStatus.TIMED_OUT):
             raise_stored(rec, "CallbackExternalError")
         if rec.result is None or self._serdes is None:
             return rec.result
@@ -134,8 +141,9 @@ def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, Wai
     if rec is not None and rec.is_terminal:
         return ctx._replayed(rec, _serdes.PassThroughSerDes() if config.serdes is None else config.serdes,
                              f"callback {name!r}", "CallbackError")
+    # raw: the result is the callback's own text, not a serdes payload (history serializes it)
     base = rec or OpRecord(op_id, ctx.record_parent, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name,
-                           OpStatus.STARTED, time.time())
+                           OpStatus.STARTED, time.time(), extra={"raw": True} if config.serdes is None else None)
     if rec is None:
         ctx.state.emit(base)
     child = ctx.create_child_context(op_id)
@@ -152,7 +160,7 @@ def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, Wai
     except CallbackError as exc:
         err = ErrorObject.from_exception(exc)
         ctx.state.emit(base._replace(status=OpStatus.FAILED, end_ts=time.time(), error=err.to_dict(),
-                                     extra={"raise": type(exc).__name__}))
+                                     extra={**(base.extra or {}), "raise": type(exc).__name__}))
         raise
     payload = value if config.serdes is None else _serdes.serialize(
         config.serdes, value, op_id=op_id, execution_id=ctx.state.execution_id, what=f"callback {name!r}")
@@ -178,8 +186,13 @@ def _complete(callback_id: str, store: Any, update: Callable[[OpRecord], OpRecor
 
 
 def send_callback_success(callback_id: str, result: bytes | str | None = None, *, store: Any = None) -> None:
-    """Complete a callback with ``result`` (bytes are decoded as UTF-8 when they are text)."""
-    if isinstance(result, bytes):
+    """Complete a callback with ``result`` (bytes are decoded as UTF-8 when they are text).
+
+    An empty or missing result is allowed, as in the reference: ``callback.result()`` is None.
+    """
+    if not result:
+        result = None
+    elif isinstance(result, bytes):
         try:
             result = result.decode()
         except UnicodeDecodeError:

@@ -60,6 +60,7 @@ def run_wait_for_condition(ctx: DurableContextProtocol, check: Callable[[Any, An
                                          result=payload, attempts=tuple(attempts)))
             return _serdes.deserialize(config.serdes, payload, op_id=op_id, execution_id=exec_id, what=what)
         delay = decision.delay_seconds
+        attempts[-1] = attempts[-1]._replace(retry_delay=delay)  # the history's NextAttemptDelaySeconds
         ctx.state.emit(base._replace(status=OpStatus.PENDING, attempt=attempt, result=payload,
                                      next_attempt_ts=time.time() + delay, attempts=tuple(attempts)))
         ctx.state.sleep(delay)

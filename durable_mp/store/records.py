@@ -131,7 +131,9 @@ def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionR
             f"Wait for it to finish or stop that process; the lock of a dead driver is taken over "
             f"automatically.")
     if rec.status == RUNNING:
-        rec = rec._replace(runs=rec.runs + 1, started_ts=now)
+        # run_starts: every run's start, so inspection can tell the runs (and the gaps) apart
+        extra = {**(rec.extra or {}), "run_starts": [*(rec.extra or {}).get("run_starts", ()), now]}
+        rec = rec._replace(runs=rec.runs + 1, started_ts=now, extra=extra)
     return rec._replace(owner_pid=me[0], owner_create_time=me[1])
 
 
