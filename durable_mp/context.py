@@ -21,6 +21,7 @@ from durable_mp.config import (
     ChildConfig,
     Duration,
     MapConfig,
+    NestingType,
     ParallelBranch,
     ParallelConfig,
     StepConfig,
@@ -63,6 +64,9 @@ SUB_CHILD = "RunInChildContext"
 SUB_PARALLEL = "Parallel"
 SUB_PARALLEL_BRANCH = "ParallelBranch"
 SUB_MAP = "Map"
+# In a batch record's extra: FLAT branches are still recorded (their results are the
+# items' checkpoints), but views show their operations as the batch's own children.
+NESTING_KEY = "nesting"
 SUB_MAP_ITERATION = "MapIteration"
 SUB_WAIT_FOR_CONDITION = "WaitForCondition"
 
@@ -256,7 +260,8 @@ class DurableContext:
             base._replace(
                 status=OpStatus.SUCCEEDED,
                 end_ts=time.time(),
-                extra={"completion_reason": reason.value, "total": n, "reported": len(records)},
+                extra={"completion_reason": reason.value, "total": n, "reported": len(records),
+                       **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
             )
         )
         return self._batch_result(records, reason, item_serdes)

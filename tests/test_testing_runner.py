@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import time
@@ -298,3 +299,33 @@ def test_skip_time_false_really_waits():
     wait = res.get_wait("w")
     assert wait.end_timestamp >= wait.scheduled_end_timestamp, "woke only once the wait was over"
     assert json.loads(res.result) == os.getpid(), "the handler runs in this process"
+
+
+def test_flat_nesting_shows_no_branch_operations():
+    """``NestingType.FLAT`` as the reference defines it: the branches' operations are children of
+    the batch operation (no branch CONTEXT operation), their ids still derived from the branch."""
+    from durable_mp.config import MapConfig, NestingType
+
+    @durable_execution
+    def handler(event, ctx):
+        flat = ctx.parallel([lambda c: c.step(lambda _: "one", name="task1"),
+                             lambda c: c.step(lambda _: "two", name="task2")],
+                            name="flat", config=ParallelConfig(nesting_type=NestingType.FLAT))
+        mapped = ctx.map([1, 2], lambda c, item, i, _: c.step(lambda _: item * 10, name=f"m{i}"),
+                         name="flat_map", config=MapConfig(nesting_type=NestingType.FLAT))
+        nested = ctx.parallel([lambda c: c.step(lambda _: "three", name="task3")], name="nested")
+        return flat.get_results() + mapped.get_results() + nested.get_results()
+
+    with DurableFunctionTestRunner(handler=handler) as runner:
+        res = runner.run(execution_timeout=60)
+    assert json.loads(res.result) == ["one", "two", 10, 20, "three"]
+    for name, steps in (("flat", ["task1", "task2"]), ("flat_map", ["m0", "m1"])):
+        batch = res.get_context(name)
+        assert [(op.operation_type, op.name) for op in batch.child_operations] == \
+            [(OperationType.STEP, step) for step in steps]
+        for index, op in enumerate(batch.child_operations):
+            assert op.parent_id == batch.operation_id
+            # the id is the one the step has inside its (virtual) branch context
+            branch_id = hashlib.blake2b(f"{batch.operation_id}-{index}".encode()).hexdigest()[:64]
+            assert op.operation_id == hashlib.blake2b(f"{branch_id}-1".encode()).hexdigest()[:64]
+    assert [op.operation_type for op in res.get_context("nested").child_operations] == [OperationType.CONTEXT]
