@@ -46,6 +46,7 @@ from durable_mp.exceptions import (
 )
 from durable_mp.execution import DurableFunction, durable_execution
 from durable_mp.lambda_service import ErrorObject, InvocationStatus
+from durable_mp.pmap import map  # noqa: A004 - durable_mp.map, as Executor.map
 from durable_mp.retries import WithRetryConfig, with_retry
 from durable_mp.types import StepContext
 
@@ -93,5 +94,6 @@ __all__ = [
     "durable_step",
     "durable_wait_for_callback",
     "durable_with_child_context",
+    "map",
     "with_retry",
 ]

@@ -19,7 +19,7 @@ SURFACE = {
         "StepInterruptedError", "WaitForConditionError", "ValidationError", "SerDesError",
         "NonDeterministicExecutionError", "__version__",
         "DurableFunction", "ExecutionFailedError", "WorkerCrashedError", "StepTimeoutError",
-        "MemoryLimitExceededError", "ExecutionLockedError", "StoreError",
+        "MemoryLimitExceededError", "ExecutionLockedError", "StoreError", "map",
     ],
     "durable_mp.config": [
         "ParallelConfig", "MapConfig", "CompletionConfig", "StepConfig", "StepSemantics", "ChildConfig",
