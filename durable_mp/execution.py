@@ -32,6 +32,7 @@ from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
+from durable_mp.engine.start import check_start_method
 from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
@@ -137,6 +138,7 @@ class DurableFunction:
         progress: bool | None = None,
         backend: Any = None,
         resume_failed: bool | None = None,
+        start_method: str | None = None,
     ) -> Any:
         """Run (or resume) the execution and return the handler's result.
 
@@ -161,6 +163,11 @@ class DurableFunction:
         progress = progress if progress is not None else opts.get("progress")
         backend = backend if backend is not None else opts.get("backend")
         resume_failed = resume_failed if resume_failed is not None else opts.get("resume_failed", True)
+        start_method = start_method if start_method is not None else opts.get("start_method")
+        try:  # "fork", "forkserver" or "spawn"; None: the platform's default (engine.start)
+            start_method = check_start_method(start_method)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
         if backend not in (None, "local", "dask") and type(backend).__name__ != "Client":
             raise ValidationError(f"backend must be 'local', 'dask' or a distributed.Client, got {backend!r}")
         _positive("max_workers", max_workers)
@@ -173,7 +180,8 @@ class DurableFunction:
         try:
             return self._run(db, execution_id, event, max_workers=max_workers, skip_time=bool(skip_time),
                              max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
-                             progress=progress, backend=backend, resume_failed=bool(resume_failed))
+                             progress=progress, backend=backend, resume_failed=bool(resume_failed),
+                             start_method=start_method)
         finally:
             if owned:
                 db.close()
@@ -205,7 +213,7 @@ class DurableFunction:
         raise failed from exc
 
     def _run(self, db: Store, execution_id: str, event: Any, *, max_workers, skip_time, max_worker_memory,
-             max_crash_retries, progress, backend, resume_failed) -> Any:
+             max_crash_retries, progress, backend, resume_failed, start_method=None) -> Any:
         fingerprint = code_fingerprint(self.func)
 
         def fresh() -> ExecutionRecord:
@@ -228,7 +236,7 @@ class DurableFunction:
                 event = pickle.loads(rec.input)
             settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
             if backend in (None, "local"):
-                pool: Any = WorkerPool(settings)
+                pool: Any = WorkerPool(settings, start_method)
 
                 def make_dispatcher() -> Any:
                     pool.ensure(max_workers or os.cpu_count() or 1)
@@ -322,7 +330,7 @@ def durable_execution(
 
     ``boto3_client`` and ``plugins`` are accepted for source compatibility and ignored.
     Options (``store``, ``max_workers``, ``skip_time``, ``max_worker_memory``,
-    ``max_crash_retries``, ``progress``, ``resume_failed``) become defaults for ``run``.
+    ``max_crash_retries``, ``progress``, ``resume_failed``, ``start_method``) become defaults for ``run``.
     """
     if func is None:
         return lambda f: DurableFunction(f, **options)

@@ -2,7 +2,7 @@
 
 ::
 
-    driver                                    worker (forked)
+    driver                                    worker (fork / forkserver / spawn: engine.start)
     ┌──────────────────────────┐  RunChunk    ┌─────────────────────────┐
     │ Dispatcher ──wire.send───┼─────────────▶│ reader thread → inbox    │
     │   wait(conns+sentinels) ◀┼── Records ───┤ main: run_branch / index │
@@ -10,9 +10,10 @@
     │ WorkerPool.reap: wait4 ──┼── exit code, peak RSS (rusage)          │
     └──────────────────────────┘              └─────────────────────────┘
 
-Why fork and our own bookkeeping instead of ``multiprocessing.Pool``: a replacement
-worker must start in milliseconds (re-dispatch after a crash), and ``os.wait4`` gives
-the dead worker's exit status *and* peak RSS, which the crash report needs.  A death is
+Why our own bookkeeping instead of ``multiprocessing.Pool``: a replacement worker must
+start in milliseconds under ``fork`` (re-dispatch after a crash), and ``os.wait4`` gives
+the dead worker's exit status *and* peak RSS, which the crash report needs (under
+``forkserver`` the server is the parent: it runs ``wait4`` and reports both).  A death is
 seen from the process itself (a pidfd, readable once the process has exited), as
 ``concurrent.futures`` watches process sentinels: waiting for EOF on the pipe would
 wait for every helper process the worker forked, since they inherit the pipe.
@@ -27,7 +28,6 @@ import select
 import signal
 import sys
 import time
-import warnings
 from multiprocessing import Pipe
 from typing import Any
 
@@ -36,9 +36,19 @@ import psutil
 from durable_mp.engine import wire
 from durable_mp.engine.lifecycle import WorkerState, check_worker_move
 from durable_mp.engine.protocol import Quit
+from durable_mp.engine.start import (
+    SLOT_BYTES,
+    ForkServer,
+    boot_message,
+    check_start_method,
+    new_slot,
+    socket_pair,
+    spawn_process,
+)
+from durable_mp.engine.wire import send as wire_send
 from durable_mp.engine.worker import IDLE, SLOT_FORMAT, worker_main
 
-SLOT_BYTES = 16
+__all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
 QUIT_WAIT_SECONDS = 1.0
 
@@ -144,15 +154,18 @@ def _sentinel(pid: int, conn: Any) -> tuple[int, bool]:
 class Death:
     """How a worker ended: exit code or signal, and its peak RSS in bytes."""
 
-    __slots__ = ("pid", "exitcode", "signal", "peak_rss")
+    __slots__ = ("pid", "exitcode", "signal", "peak_rss", "known")
 
     def __init__(self, pid: int, status: int | None, peak_rss: int) -> None:
         self.pid = pid
+        self.known = status is not None
         self.exitcode = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
         self.signal = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
         self.peak_rss = peak_rss
 
     def describe(self) -> str:
+        if not self.known:
+            return "exit status and peak RSS not known (the process had not been reaped yet)"
         if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
@@ -168,36 +181,68 @@ class Death:
 
 
 class WorkerPool:
-    """A set of forked workers owned by one driver for one execution."""
+    """The workers owned by one driver for one execution, started by ``start_method`` (``engine.start``)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], start_method: str | None = None) -> None:
         self.settings = settings
+        self.start_method = check_start_method(start_method)
         self.workers: list[Worker] = []
         self.unreaped: set[int] = set()
         self.parent_pid = os.getpid()
         self.spawned = 0
+        self.server: ForkServer | None = None
 
     def __len__(self) -> int:
         return len(self.workers)
 
     def spawn(self) -> Worker:
+        if self.start_method == "fork":
+            pid, conn, slot = self._fork()
+        else:
+            pid, conn, slot = self._start_fresh()
+        worker = Worker(pid, conn, slot)
+        worker.move(WorkerState.IDLE)
+        self.workers.append(worker)
+        self.spawned += 1
+        return worker
+
+    def _start_fresh(self) -> tuple[int, Any, mmap.mmap]:
+        """A worker from the fork server or a new interpreter: pipe and slot passed by descriptor."""
+        conn, child_conn = socket_pair()
+        slot, slot_fd = new_slot()
+        try:
+            if self.start_method == "forkserver":
+                if self.server is None or not self.server.alive():  # none yet, or it was killed: a new one
+                    if self.server is not None:
+                        self.server.close()
+                    self.server = ForkServer(self.settings)
+                pid = self.server.start(child_conn.fileno(), slot_fd)
+            else:
+                pid = spawn_process("spawned_worker", [child_conn.fileno(), slot_fd],
+                                    [str(child_conn.fileno()), str(slot_fd)])
+                # the boot message waits in the socket until the new interpreter reads it
+                wire_send(conn, boot_message(self.parent_pid, self.settings))
+        finally:
+            child_conn.close()
+            os.close(slot_fd)
+        return pid, conn, slot
+
+    def _fork(self) -> tuple[int, Any, mmap.mmap]:
+        """``os.fork``.  Python 3.12+ warns here when the driver has threads: not silenced (README)."""
         parent_conn, child_conn = Pipe(duplex=True)
         slot = mmap.mmap(-1, SLOT_BYTES)
         memoryview(slot).cast(SLOT_FORMAT)[0] = IDLE
         sys.stdout.flush()
         sys.stderr.flush()
-        with warnings.catch_warnings():
-            # Python >= 3.12 warns when forking a process with threads (the store's
-            # committer).  The child never touches the store, its locks or its thread: it
-            # only runs worker_main on objects created after the fork.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
-            pid = os.fork()
+        pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
                 parent_conn.close()
                 for other in self.workers:
                     other.close_handles()
+                if self.server is not None:
+                    self.server.sock.close()
                 worker_main(child_conn, slot, self.parent_pid, self.settings)
             except BaseException:  # noqa: BLE001
                 code = 1
@@ -214,11 +259,7 @@ class WorkerPool:
                 finally:
                     os._exit(code)
         child_conn.close()
-        worker = Worker(pid, parent_conn, slot)
-        worker.move(WorkerState.IDLE)
-        self.workers.append(worker)
-        self.spawned += 1
-        return worker
+        return pid, parent_conn, slot
 
     def ensure(self, count: int) -> None:
         while len(self.workers) < count:
@@ -238,6 +279,12 @@ class WorkerPool:
         (uninterruptible sleep in the kernel) is collected later by ``reap_zombies``.
         """
         self._forget(worker)
+        if self.server is not None:  # the fork server is the parent: it reaps and reports
+            report = self.server.death(worker.pid, KILL_WAIT_SECONDS)
+            if report is None:
+                self.unreaped.add(worker.pid)
+                return Death(worker.pid, None, 0)
+            return Death(worker.pid, report[0], report[1] * 1024)
         status, maxrss_kib = None, 0
         deadline = time.monotonic() + KILL_WAIT_SECONDS
         while True:
@@ -260,10 +307,15 @@ class WorkerPool:
         deadline = time.monotonic() + wait_seconds
         while self.unreaped:
             for pid in list(self.unreaped):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
+                if self.server is not None:
+                    done = pid if self.server.death(pid, 0.0) is not None else 0
+                    if self.server.closed:
+                        done = pid  # the server killed and reaped what was left
+                else:
+                    try:
+                        done, _ = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        done = pid
                 if done:
                     self.unreaped.discard(pid)
             if not self.unreaped or time.monotonic() >= deadline:
@@ -299,3 +351,6 @@ class WorkerPool:
         for worker in list(self.workers):
             self.kill(worker)
         self.reap_zombies(wait_seconds=KILL_WAIT_SECONDS * 10)
+        if self.server is not None:
+            self.server.close()
+            self.unreaped.clear()

@@ -64,6 +64,7 @@ OUTBOX_FLUSH_SECONDS = 0.005
 PAYLOAD_CACHE_SIZE = 4
 PARENT_CHECK_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
+NO_PDEATHSIG_ENV = "DURABLE_MP_NO_PDEATHSIG"  # set: rely on the parent watch alone, as without prctl (tests)
 SLOT_FORMAT: Final = "q"
 IDLE = -1
 SUCCEEDED = OpStatus.SUCCEEDED
@@ -362,14 +363,23 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when the driver dies, even while user code holds the GIL in a C loop."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:
+def die_with_parent(parent_pid: int, watch_thread: bool = True) -> None:
+    """Exit when the parent (the driver, or the fork server) dies, even while user code holds the GIL in a C loop.
+
+    ``prctl(PR_SET_PDEATHSIG)`` on Linux; everywhere, a thread that polls ``getppid``
+    (a process whose parent died is re-parented), so without ``prctl`` (macOS) a worker
+    still never outlives its driver by more than ``PARENT_CHECK_SECONDS``.  The fork
+    server passes ``watch_thread=False``: it must stay single-threaded and polls itself.
+    """
+    if not os.environ.get(NO_PDEATHSIG_ENV):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    if not watch_thread:
+        return
 
     def watch() -> None:
         while True:
@@ -403,7 +413,7 @@ def _default_signals() -> None:
 def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any]) -> None:
     """Serve chunks until told to quit or the driver goes away."""
     _default_signals()
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     channel = Channel(conn)
     root = logging.getLogger()
     for handler in list(root.handlers):
