@@ -47,7 +47,7 @@ from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.replay import build_error, raise_stored
-from durable_mp.operation.signature import check_branch, check_map, check_step
+from durable_mp.operation.signature import check_branch, check_child, check_map, check_step
 from durable_mp.operation.step import run_step
 
 # The reference's examples import these from ``context``: re-exported from ``types``.
@@ -153,6 +153,7 @@ class DurableContext:
     ) -> T:
         """Run ``func(child_context)``; its operations are grouped (and replayed) under one op."""
         config = config or ChildConfig()
+        check_child(func)
         name = op_name(func, name) if name is None else name
         op_id = self._next_id()
         child = self.create_child_context(op_id, is_virtual=config.is_virtual)
@@ -217,7 +218,8 @@ class DurableContext:
     def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
         op_id = self._next_id()
         rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
-        policy = CompletionPolicy(config.completion_config, n)  # ValidationError before any checkpoint
+        # ValidationError before any checkpoint; under skip_time outcomes count in index order
+        policy = CompletionPolicy(config.completion_config, n, ordered=bool(self.state.skip_time))
         if config.max_concurrency is not None and config.max_concurrency < 1:
             raise ValidationError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
         item_serdes = config.item_serdes or config.serdes

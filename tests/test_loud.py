@@ -179,3 +179,15 @@ def test_a_fail_fast_map_says_every_item_that_ran_failed_alike(store_path, caplo
     if failed > 1:  # the default completion stops starting items after the first failure
         assert any(f"every item of 'fail-fast' that ran failed the same way ({failed} of 40" in m
                    for m in failures), failures
+
+
+@durable_execution
+def no_arg_child(event, ctx):
+    return ctx.run_in_child_context(lambda: 3)
+
+
+def test_child_context_function_without_context_fails_at_once(store_path):
+    with pytest.raises(ExecutionFailedError) as info:
+        no_arg_child.run(None, store=store_path, execution_id="sig-child")
+    assert "child context function" in str(info.value) and "func(ctx)" in str(info.value)
+    assert ops_of(store_path, "sig-child") == []
