@@ -10,6 +10,7 @@ small and use two workers: a spawned worker pays a whole interpreter start.
 from __future__ import annotations
 
 import importlib
+import json
 import multiprocessing
 import os
 import signal
@@ -266,3 +267,32 @@ def test_unknown_start_method_is_refused(store_path):
     with pytest.raises(ValidationError, match="start_method must be one of fork, forkserver, spawn"):
         handler.run(None, store=store_path, start_method="vfork")
     assert default_start_method() == ("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+CLI_JOB = textwrap.dedent(
+    """
+    import os
+    from durable_mp import durable_execution
+
+    def branch(ctx):  # pickled by reference: the worker imports this file (the loader's sys.path entry)
+        return os.getppid()
+
+    @durable_execution
+    def job(event, ctx):
+        return ctx.parallel([branch, branch]).get_results()
+    """
+)
+
+
+def test_cli_start_method_option(method, tmp_path):
+    path = tmp_path / f"cli_job_{method}.py"
+    path.write_text(CLI_JOB)
+    argv = [sys.executable, "-m", "durable_mp", "run", f"{path}:job", "--start-method", method,
+            "--max-workers", "2", "--store", str(tmp_path / "store")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 0, err
+    parents = set(json.loads(out))
+    assert (parents == {proc.pid}) == (method != "forkserver"), "fork-server workers are the server's children"
+    bad = subprocess.run(argv[:5] + ["--start-method", "vfork"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'vfork'" in bad.stderr

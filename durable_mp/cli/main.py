@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from durable_mp.cli.loader import HandlerError, load_handler
+from durable_mp.engine.start import START_METHODS
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
 from durable_mp.inspect.history import build_history, format_history
@@ -137,7 +138,7 @@ def _drive(handler: DurableFunction, store: Store, exec_id: str, event: Any, arg
     log.info("execution %r: handler %s, store %s", exec_id, handler.handler_ref, store.path)
     try:
         result = handler.run(event, execution_id=exec_id, store=store, max_workers=args.max_workers,
-                             progress=args.progress)
+                             progress=args.progress, start_method=args.start_method)
     except ExecutionFailedError as exc:
         print(f"{PROG}: execution {exec_id!r} failed: {error_line(exc.error.to_dict(), 500)}", file=sys.stderr)
         return EXIT_FAILED
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_opt.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS, help=store_help)
     runner = argparse.ArgumentParser(add_help=False)
     runner.add_argument("--max-workers", type=_positive_int, metavar="N", help="worker processes (default: CPUs)")
+    runner.add_argument("--start-method", choices=START_METHODS, default=None,
+                        help="how workers start (default: the handler's option, else fork on Linux, spawn elsewhere)")
     runner.add_argument("--log-level", type=_level, metavar="LEVEL", default=None,
                         help="log to stderr at this level: DEBUG, INFO, WARNING (default), ERROR")
     runner.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
