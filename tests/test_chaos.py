@@ -94,12 +94,9 @@ DRIVER_OUTSIDE = {"driver_sigkill", "driver_sigterm"} | STORE_FAULTS
 # Engine bugs this test finds on today's main, each recognised by its signature, so that
 # any other failure still fails: a round that hits one makes the case xfail (not strict).
 # Delete an entry once its fix is in.  Found and since fixed: a committed step in a nested
-# branch without a record ran again after a crash (pinned below); issue #8 defects 2 and 5.
-KNOWN_BUGS = {
-    "drain-twice": "a worker that died while idle makes Pool.close raise IllegalTransition DRAINING -> "
-                   "DRAINING (its Quit cannot be sent, then kill() drains it again): the run fails after "
-                   "the handler returned, the execution stays RUNNING",
-}
+# branch without a record ran again after a crash (pinned below); issue #8 defects 2 and 5; a worker
+# that died idle made Pool.close drain it twice (pinned below).
+KNOWN_BUGS: dict[str, str] = {}
 
 
 class KnownBug(Exception):
@@ -574,7 +571,6 @@ IDLE_DEATH_JOB = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=False, reason=KNOWN_BUGS["drain-twice"])
 def test_workers_that_died_idle_do_not_fail_the_end_of_the_run(tmp_path):
     """Found by the chaos test (a worker SIGTERMed just before the run ended)."""
     script = tmp_path / "idle_death.py"

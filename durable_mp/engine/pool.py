@@ -323,8 +323,8 @@ class WorkerPool:
             time.sleep(0.005)
 
     def kill(self, worker: Worker) -> Death:
-        if worker.status is not WorkerState.DEAD:
-            worker.move(WorkerState.DRAINING)
+        if worker.status is not WorkerState.DEAD and worker.status is not WorkerState.DRAINING:
+            worker.move(WorkerState.DRAINING)  # a worker asked to quit is draining already
         try:
             os.kill(worker.pid, signal.SIGKILL)
         except ProcessLookupError:
