@@ -102,7 +102,8 @@ class Dispatcher:
             parents = self.store.parents_with_children(self.execution_id)
             batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
             self._continue_attempts(batch)
-        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done))
+        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done),
+                                       failed=sum(1 for r in spec.done.values() if r.status == OpStatus.FAILED))
         self.failures = FailureLog(spec.name or spec.sub_type, spec.n)
         batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
         completed = False
