@@ -168,8 +168,8 @@ def test_failed_execution_exits_1_and_is_shown(jobs, store_path, capsys):
     assert last["EventType"] == "ExecutionFailed"
     assert last["ExecutionFailedDetails"]["Error"]["Payload"]["ErrorType"] == "ValueError"
 
-    # resume of a finished execution reports its stored outcome
-    code, out, err = in_process(capsys, "resume", "bad", store=store_path)
+    # resume --no-resume-failed of a failed execution reports its stored outcome (the reference's rule)
+    code, out, err = in_process(capsys, "resume", "bad", "--no-resume-failed", store=store_path)
     assert code == 1 and "ValueError: boom" in one_line(err)
 
 
@@ -455,3 +455,60 @@ def test_resume_finds_a_handler_from_a_script_run_with_plain_python(tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=other_dir, env={**os.environ, "FAST": "1"})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [0, 2, 4, 6, 8, 10]
+
+
+FIXABLE = textwrap.dedent(
+    """
+    import os
+    from durable_mp import durable_execution
+    from durable_mp.config import StepConfig
+    from durable_mp.retries import RetryPresets
+
+    HERE = os.path.dirname(os.path.abspath(__file__))
+
+    def item(ctx, x, index, items):
+        def work(sc):
+            open(os.path.join(HERE, "marks", f"{index}-{sc.attempt}"), "w").close()
+            if index == 13 and os.path.exists(os.path.join(HERE, "broken")):
+                raise ValueError("item 13 is broken")
+            return x + 1
+        return ctx.step(work, name="work", config=StepConfig(retry_strategy=RetryPresets.none()))
+
+    @durable_execution(max_workers=2)
+    def job(event, ctx):
+        result = ctx.map(list(range(event["n"])), item, name="items")
+        result.throw_if_error()
+        return result.get_results()
+    """
+)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("again", ["run", "resume"])
+def test_run_and_resume_of_a_failed_execution_run_only_what_failed(tmp_path, store_path, again):
+    """Fix and resume from the command line: run, see item 13 fail, fix, run (or resume) again."""
+    job = tmp_path / "fixable.py"
+    job.write_text(FIXABLE)
+    (tmp_path / "marks").mkdir()
+    (tmp_path / "broken").touch()
+    first = run_cli("run", f"{job}:job", "--id", "fixme", "--input", '{"n": 20}', store=store_path, timeout=120)
+    assert first.returncode == 1 and "item 13 is broken" in first.stderr
+    before = set(os.listdir(tmp_path / "marks"))
+    assert "13-1" in before
+
+    kept = run_cli(again, *([f"{job}:job", "--id", "fixme", "--input", '{"n": 20}'] if again == "run" else ["fixme"]),
+                   "--no-resume-failed", store=store_path)
+    assert kept.returncode == 1 and "item 13 is broken" in kept.stderr
+    assert set(os.listdir(tmp_path / "marks")) == before  # nothing ran
+
+    (tmp_path / "broken").unlink()  # the fix
+    args = [f"{job}:job", "--id", "fixme", "--input", '{"n": 20}'] if again == "run" else ["fixme"]
+    fixed = run_cli(again, *args, store=store_path, timeout=120)
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout) == [i + 1 for i in range(20)]
+    assert "resuming it" in fixed.stderr
+    new = set(os.listdir(tmp_path / "marks")) - before
+    assert "13-2" in new and not any(name.split("-")[0] in {m.split("-")[0] for m in before} and name != "13-2"
+                                     for name in new)  # only item 13 (and items never started) ran again
+    with Store(store_path) as st:
+        assert st.get_execution("fixme").status == "SUCCEEDED"

@@ -302,3 +302,64 @@ def test_non_determinism_at_the_root_leaves_the_execution_resumable(store_path):
         assert st.get_execution("nd-root").status == "RUNNING"
     names[:] = ["first", "reverted"]
     assert handler.run(None, store=store_path, execution_id="nd-root") == "done"
+
+
+# -- honest re-runs: a stored result is returned with one line saying so -------------------------------
+
+NOTICE_JOB = textwrap.dedent(
+    """
+    import sys
+    from durable_mp import durable_execution
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.step(lambda _: ANSWER, name="answer")
+
+    ANSWER = 1
+
+    if __name__ == "__main__":
+        print(handler.run({"n": 1}, store=sys.argv[1]))
+    """
+)
+
+
+def test_a_stored_result_is_returned_with_one_line_saying_so(store_path, capsys):
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.step(lambda _: 7, name="seven")
+
+    assert handler.run(None, store=store_path, execution_id="told") == 7
+    assert capsys.readouterr().err == ""  # a first run says nothing
+    assert handler.run(None, store=store_path, execution_id="told") == 7
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "'told' already SUCCEEDED at " in lines[0] and "nothing ran" in lines[0]
+    assert f"durable-mp delete told --store {store_path}" in lines[0] and "execution_id" in lines[0]
+    assert "CHANGED" not in lines[0]
+
+
+def test_a_configured_logger_gets_the_notice_instead_of_stderr(store_path, capsys, caplog):
+    @durable_execution
+    def handler(event, ctx):
+        return 1
+
+    handler.run(None, store=store_path, execution_id="logged")
+    with caplog.at_level("INFO", logger="durable_mp"):
+        handler.run(None, store=store_path, execution_id="logged")
+    assert capsys.readouterr().err == ""
+    assert [r.levelname for r in caplog.records if "already SUCCEEDED" in r.getMessage()] == ["INFO"]
+
+
+@pytest.mark.timeout(120)
+def test_the_notice_says_when_the_code_changed_since_the_stored_result(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(NOTICE_JOB)
+    store = str(tmp_path / "store")
+    first = subprocess.run([sys.executable, str(script), store], capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and first.stdout.strip() == "1", first.stderr
+    same = subprocess.run([sys.executable, str(script), store], capture_output=True, text=True, timeout=60)
+    assert same.stdout.strip() == "1" and "already SUCCEEDED" in same.stderr and "CHANGED" not in same.stderr
+    script.write_text(NOTICE_JOB.replace("ANSWER = 1", "ANSWER = 2"))  # a helper changed, not the handler
+    changed = subprocess.run([sys.executable, str(script), store], capture_output=True, text=True, timeout=60)
+    assert changed.stdout.strip() == "1"  # still the stored result ...
+    assert "code CHANGED since that run" in changed.stderr and "durable-mp delete" in changed.stderr  # ... said so

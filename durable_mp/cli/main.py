@@ -37,7 +37,7 @@ from durable_mp.inspect.report import write_report
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
-from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
+from durable_mp.store.records import FAILED, RUNNING, ExecutionRecord, owner_alive
 
 PROG = "durable-mp"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -138,9 +138,14 @@ def _drive(handler: DurableFunction, store: Store, exec_id: str, event: Any, arg
     log.info("execution %r: handler %s, store %s", exec_id, handler.handler_ref, store.path)
     try:
         result = handler.run(event, execution_id=exec_id, store=store, max_workers=args.max_workers,
-                             progress=args.progress, start_method=args.start_method)
+                             progress=args.progress, resume_failed=args.resume_failed,
+                             start_method=args.start_method)
     except ExecutionFailedError as exc:
         print(f"{PROG}: execution {exec_id!r} failed: {error_line(exc.error.to_dict(), 500)}", file=sys.stderr)
+        stopped = store.get_execution(exec_id)
+        if stopped is not None and stopped.status == RUNNING:  # non-determinism: the run failed, not the execution
+            print(f"{PROG}: the code no longer matches the checkpoints of {exec_id!r}; it was stopped, not failed: "
+                  f"revert the change and continue with: {PROG} resume {exec_id}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with: {PROG} resume {exec_id}", file=sys.stderr)
@@ -234,9 +239,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
             except HandlerError as exc:
                 raise CliError(f"cannot resume {rec.exec_id!r}: {exc}") from None
 
-        if rec.status != RUNNING:
+        if rec.status != RUNNING and not (rec.status == FAILED and args.resume_failed):
             log.info("execution %r already finished (%s)", rec.exec_id, rec.status)
-            return _stored_outcome(rec, load)
+            if rec.status == FAILED:
+                return _stored_outcome(rec, load)
+            try:  # the handler's run says so (and whether its code changed); the stored value is enough
+                handler = load()
+            except CliError:
+                return _stored_outcome(rec, load)
+            return _drive(handler, store, rec.exec_id, None, args)
         handler = load()
         if handler.handler_ref != rec.handler:
             log.warning("resuming %r with handler %s; it was started with %s", rec.exec_id, handler.handler_ref,
@@ -380,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log to stderr at this level: DEBUG, INFO, WARNING (default), ERROR")
     runner.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars for parallel/map on stderr (default: when stderr is a terminal)")
+    runner.add_argument("--resume-failed", action=argparse.BooleanOptionalAction, default=True,
+                        help="run a FAILED execution again, replaying what succeeded and running what failed "
+                             "(default); --no-resume-failed keeps it failed and prints its stored error")
 
     parser = argparse.ArgumentParser(prog=PROG, description="Run, inspect and resume durable_mp executions.")
     parser.add_argument("--store", metavar="PATH", default=None, help=store_help)
@@ -387,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[store_opt, runner], help="run (or resume) an execution",
                        description="Import HANDLER, run it durably and print its result as JSON. Running the "
-                                   "same id again resumes it, or returns the stored result if it finished.")
+                                   "same id again resumes it (also a FAILED one: fix the code, run again), "
+                                   "or returns the stored result if it SUCCEEDED.")
     p.add_argument("handler", metavar="MODULE:HANDLER", help="e.g. pkg.jobs:handler or path/to/jobs.py:handler")
     p.add_argument("--input", metavar="JSON", help="the event, as JSON (default: {})")
     p.add_argument("--input-file", metavar="PATH", help="read the event as JSON from PATH ('-' = stdin)")
@@ -395,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", parents=[store_opt, runner], help="continue an unfinished execution",
-                       description="Continue execution ID with the handler and input recorded for it. A finished "
-                                   "execution prints its stored result.")
+                       description="Continue execution ID with the handler and input recorded for it, like "
+                                   "`run` with its id: an interrupted or FAILED execution resumes, a SUCCEEDED "
+                                   "one prints its stored result.")
     p.add_argument("id", metavar="ID")
     p.add_argument("--handler", metavar="MODULE:HANDLER", help="use this handler instead of the recorded one")
     p.set_defaults(func=cmd_resume)
