@@ -191,3 +191,20 @@ def test_child_context_function_without_context_fails_at_once(store_path):
         no_arg_child.run(None, store=store_path, execution_id="sig-child")
     assert "child context function" in str(info.value) and "func(ctx)" in str(info.value)
     assert ops_of(store_path, "sig-child") == []
+
+
+def test_parallel_failures_are_named_by_branch_and_an_unnamed_map_by_its_function(store_path, caplog):
+    def broken(ctx):
+        raise OSError("disk gone")
+
+    @durable_execution
+    def handler(event, ctx):
+        ctx.parallel([lambda c: 1, broken])
+        ctx.map([1, 2], always_fails, config=TOLERANT)
+
+    with caplog.at_level(logging.WARNING):
+        handler.run(None, store=store_path)
+    failures = [r.getMessage() for r in caplog.records if r.name == "durable_mp.failures"]
+    assert any(m.startswith("Parallel: branch 1 failed: OSError: disk gone") for m in failures), failures
+    assert any(m.startswith("always_fails: item 0 failed: KeyError") for m in failures), failures
+    assert any(m.startswith("all 2 items of 'always_fails' failed the same way") for m in failures), failures

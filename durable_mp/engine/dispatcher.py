@@ -104,7 +104,7 @@ class Dispatcher:
             self._continue_attempts(batch)
         self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done),
                                        failed=sum(1 for r in spec.done.values() if r.status == OpStatus.FAILED))
-        self.failures = FailureLog(spec.name or spec.sub_type, spec.n)
+        self.failures = FailureLog.of(spec)
         batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
         completed = False
         try:

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from durable_mp.core.remote import Frame, user_frame
+from durable_mp.core.spec import BatchSpec
 
 log = logging.getLogger("durable_mp.failures")
 
@@ -24,13 +25,22 @@ SUMMARY_KINDS = 3
 class FailureLog:
     """Failures of one running batch, keyed by (error type, user frame)."""
 
-    __slots__ = ("name", "total", "failed", "kinds")
+    __slots__ = ("name", "total", "noun", "nouns", "failed", "kinds")
 
-    def __init__(self, name: str, total: int) -> None:
+    def __init__(self, name: str, total: int, noun: str = "item") -> None:
         self.name = name
         self.total = total
+        self.noun = noun  # "item" of a map, "branch" of a parallel
+        self.nouns = "branches" if noun == "branch" else noun + "s"
         self.failed = 0
         self.kinds: dict[tuple[str, str | None], list[Any]] = {}  # key -> [count, message, frame]
+
+    @classmethod
+    def of(cls, spec: BatchSpec) -> FailureLog:
+        """The log of one batch, named as the user knows it: its name, else its map function's."""
+        func_name = getattr(spec.func, "__name__", None) if spec.func is not None else None
+        name = spec.name or (func_name if func_name and func_name != "<lambda>" else spec.sub_type)
+        return cls(name, spec.n, "item" if spec.funcs is None else "branch")
 
     def note(self, index: int, error: dict[str, Any] | None) -> None:
         """One failed item; the first of its kind is logged at WARNING with its type, message and frame."""
@@ -45,8 +55,8 @@ class FailureLog:
             seen[0] += 1
             return
         self.kinds[key] = [1, message, frame]
-        log.warning("%s: item %d failed: %s%s (further items failing this way are not logged one by one)",
-                    self.name, index, _one_line(kind, message), _at(frame))
+        log.warning("%s: %s %d failed: %s%s (further %s failing this way are not logged one by one)",
+                    self.name, self.noun, index, _one_line(kind, message), _at(frame), self.nouns)
 
     def close(self, succeeded: int) -> None:
         """The closing line: how many items failed, and how; plain words when all that ran failed alike.
@@ -59,10 +69,10 @@ class FailureLog:
         if len(self.kinds) == 1 and not succeeded:
             (kind, _), (count, message, frame) = next(iter(self.kinds.items()))
             if self.failed == self.total:
-                head = f"all {self.total} items of {self.name!r} failed the same way"
+                head = f"all {self.total} {self.nouns} of {self.name!r} failed the same way"
             else:
-                head = (f"every item of {self.name!r} that ran failed the same way ({self.failed} of {self.total}; "
-                        f"the batch stopped starting items)")
+                head = (f"every {self.noun} of {self.name!r} that ran failed the same way ({self.failed} of "
+                        f"{self.total}; the batch stopped starting {self.nouns})")
             log.warning("%s: %s%s; the function itself is probably at fault, not the data",
                         head, _one_line(kind, message), _at(frame))
             return
@@ -71,7 +81,7 @@ class FailureLog:
         more = len(ranked) - SUMMARY_KINDS
         if more > 0:
             named.append(f"{more} more kind(s)")
-        log.warning("%s: %d of %d items failed (%s)", self.name, self.failed, self.total, "; ".join(named))
+        log.warning("%s: %d of %d %s failed (%s)", self.name, self.failed, self.total, self.nouns, "; ".join(named))
 
 
 class NullFailureLog:
