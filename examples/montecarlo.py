@@ -4,8 +4,9 @@
     python examples/montecarlo.py --crash     # branch 7 segfaults its worker once: only it re-runs
     (Ctrl-C or kill -9 it midway, then run the same command again: it resumes)
 
-Progress bars show on a terminal; `python -m durable_mp show montecarlo-pi` afterwards
-prints the operation tree.
+Progress bars show on a terminal. The execution id is montecarlo-pi-<branches>:
+
+    python -m durable_mp show montecarlo-pi-64    # afterwards: the operation tree
 """
 
 import argparse

@@ -1,9 +1,10 @@
 """The blog post's dashboard handler, unchanged but for the import.
 
 Three "API calls" sleep 2 s, 3 s and 2 s; run in parallel they take about 3 s.
-Run it twice: the second run returns the checkpointed result at once.
 
-    python examples/seed_dashboard.py
+    python examples/seed_dashboard.py           # a new execution (id seed-<time>) every run
+    python examples/seed_dashboard.py my-run    # run it twice: the second run returns the
+                                                # checkpointed result at once, and says so
 """
 
 import json
