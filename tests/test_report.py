@@ -171,9 +171,11 @@ def test_report_marks_a_worker_crash(jobs, tmp_path, store_path, capsys):
     crashed = next(b for b in p.bars if b["data-name"] == "parallel-branch-1")
     assert crashed["data-status"] == "failed" and crashed["data-crash"] == "WorkerCrashedError"
     assert crashed["data-pid"].isdigit(), "the crash is drawn in the row of the worker that died last"
-    (marker,) = p.markers
-    assert marker["data-op-id"] == crashed["data-op-id"] and marker["data-pid"] == crashed["data-pid"]
+    # one marker per death, each in the row of the worker that died; the last one is the branch's row
+    assert len(p.markers) == 2 and {m["data-op-id"] for m in p.markers} == {crashed["data-op-id"]}
+    assert crashed["data-pid"] in {m["data-pid"] for m in p.markers}
     assert p.summary["crashes"] == 2, "max_crash_retries=2: two worker deaths, each kept as an attempt"
+    assert p.summary["redispatched"] == 1 and p.summary["failed_branches"] == 1
     assert "crashed its worker 2 times" in text  # the failures table
 
 
@@ -204,8 +206,10 @@ def test_redispatched_branch_and_abandoned_branch():
     b = {x["data-name"]: x for x in r.bars if x["data-kind"] == "branch"}
     assert b["parallel-branch-0"]["data-redispatched"] == "1" and b["parallel-branch-0"]["data-pid"] == "222"
     assert b["parallel-branch-1"]["data-status"] == "started"
-    (marker,) = r.markers
-    assert marker["data-pid"] == "111" and marker["data-op-id"] == b0
+    worker_marker, driver_marker = sorted(r.markers, key=lambda m: m["data-pid"])
+    assert worker_marker["data-pid"] == "111" and worker_marker["data-op-id"] == b0
+    assert driver_marker["data-pid"] == "driver", "run 1's driver stopped: marked at its last record"
+    assert 'class="gap"' in text and r.summary["gaps_s"] == [2.0], "no driver from 102.0 (last record) to 104.0"
     first = next(x for x in r.bars if x["data-name"] == "first")
     assert first["data-pid"] == "111"
     assert r.summary["redispatched"] == 1 and r.summary["runs"] == 2

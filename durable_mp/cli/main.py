@@ -34,6 +34,7 @@ from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, St
 from durable_mp.execution import DurableFunction, dumps_value
 from durable_mp.inspect.history import build_history, format_history
 from durable_mp.inspect.report import write_report
+from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
@@ -296,7 +297,7 @@ def _tree(args: argparse.Namespace) -> OpTree:
 
 def cmd_show(args: argparse.Namespace) -> int:
     tree = _tree(args)
-    print(render_tree(tree, None if args.all else args.limit))
+    print(render_tree(tree, None if args.all else args.limit, crash_facts(tree)))
     return EXIT_OK
 
 

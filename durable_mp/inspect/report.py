@@ -18,8 +18,9 @@ import os
 
 from durable_mp.core.records import OpStatus
 from durable_mp.inspect.history import iso
+from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.timeline import DRIVER, NO_WORKER, Bar, Timeline, build_timeline
-from durable_mp.inspect.tree import OpTree, error_line
+from durable_mp.inspect.tree import OpTree, error_line, error_type
 
 LABEL_W = 200  # px, row labels
 PLOT_W = 1100  # px, the time axis
@@ -45,6 +46,7 @@ svg text{font:12px system-ui,sans-serif;fill:#1f2328}
 svg .tick{stroke:#eaeef2} svg .tick-label{fill:#57606a;font-size:11px}
 svg .row-bg{fill:#f6f8fa} svg .row-label{font-size:12px}
 svg .run-line{stroke:#0969da;stroke-dasharray:4 3} svg .run-label{fill:#0969da;font-size:11px}
+svg .gap{fill:#eaeef2;fill-opacity:.75;stroke:#8c959f;stroke-dasharray:2 2} svg .gap-label{fill:#57606a;font-size:11px}
 .bar{cursor:pointer} .bar:hover,.bar.hl{stroke:#0969da!important;stroke-width:2px!important}
 .branch{stroke-width:1px} .branch.succeeded{fill:#d3f0d9;stroke:#2e9e44}
 .branch.failed{fill:#f9d3d1;stroke:#d1342f} .branch.started{fill:#eceff1;stroke:#8c959f;stroke-dasharray:3 2}
@@ -158,12 +160,20 @@ def _chart(tl: Timeline) -> str:
                      f'<text class="tick-label" x="{tx:.2f}" y="{AXIS_H - 12}" text-anchor="middle">'
                      f'{_e(_fmt_offset(n * step, step))}</text>')
         n += 1
-    ex = tl.execution
-    if ex is not None and ex.runs > 1 and tl.start < ex.started_ts <= tl.end:
-        rx = x(ex.started_ts)
-        ticks.append(f'<line class="run-line" data-run="{ex.runs}" x1="{rx:.2f}" y1="{AXIS_H - 4}" x2="{rx:.2f}" '
-                     f'y2="{height}"><title>run {ex.runs} (resumed) started here</title></line>'
-                     f'<text class="run-label" x="{rx + 4:.2f}" y="{AXIS_H - 2}">run {ex.runs}</text>')
+    for g0, g1 in tl.gaps:  # no driver existed here: drawn as a gap, never as a bar running through
+        gx0, gx1 = x(g0), x(g1)
+        ticks.append(f'<rect class="gap" data-kind="gap" data-start="{_e(iso(g0))}" data-end="{_e(iso(g1))}" '
+                     f'x="{gx0:.2f}" y="{AXIS_H - 4}" width="{max(gx1 - gx0, 1.0):.2f}" height="{height - AXIS_H + 4}">'
+                     f'<title>{_e(f"no driver for {g1 - g0:.1f}s: it stopped; the execution waited for a resume")}'
+                     f'</title></rect>'
+                     f'<text class="gap-label" x="{(gx0 + gx1) / 2:.2f}" y="{AXIS_H - 2}" text-anchor="middle">'
+                     f'no driver</text>')
+    for run in tl.runs[1:]:
+        if tl.start < run.start <= tl.end:
+            rx = x(run.start)
+            ticks.append(f'<line class="run-line" data-run="{run.number}" x1="{rx:.2f}" y1="{AXIS_H - 4}" '
+                         f'x2="{rx:.2f}" y2="{height}"><title>run {run.number} (resumed) started here</title></line>'
+                         f'<text class="run-label" x="{rx + 4:.2f}" y="{AXIS_H - 14}">run {run.number}</text>')
     bars = sorted(tl.bars, key=lambda b: (not b.container, b.start))  # containers first, leaves on top
     body = [_bar_svg(b, x, row_y[b.row]) for b in bars]
     marks = []
@@ -194,7 +204,9 @@ def _legend() -> str:
         out.append(f'<span><svg width="28" height="16"><rect class="{cls}" x="1" y="{(16 - h) / 2}" width="26" '
                    f'height="{h}" rx="2"/></svg> {label}</span>')
     out.append('<span><svg width="16" height="14"><path class="crash-marker" d="M2,1 L14,1 L8,12 Z"/></svg> '
-               'worker crash</span>')
+               'worker crash / stopped driver</span>')
+    out.append('<span><svg width="28" height="16"><rect class="gap" x="1" y="1" width="26" height="14"/></svg> '
+               'no driver (between runs)</span>')
     return '<div class="legend">' + "".join(out) + "</div>"
 
 
@@ -211,21 +223,49 @@ def _summary_table(tl: Timeline, tree: OpTree) -> str:
         ("status", _e(s["status"])),
         ("created", _e(_dt.datetime.fromtimestamp(ex.created_ts).strftime("%Y-%m-%d %H:%M:%S"))),
         ("duration", _e(f"{s['duration_s']:.3f} s" + ("" if ex.ended_ts else " (not finished)"))),
-        ("runs", _e(s["runs"])),
         ("operations", _e(f"{done} finished of {total} recorded")),
         ("worker processes", _e(s["workers"])),
         ("branches", _e(counts(s["branches"]))),
         ("steps", _e(counts(s["steps"]))),
         ("step attempts", _e(f"{s['attempts']} ({s['retries']} retried)")),
-        ("worker crashes", _e(f"{s['crashes']} branch(es) failed with WorkerCrashedError, "
-                              f"{s['redispatched']} re-dispatched, {s['kills']} attempt(s) killed "
-                              f"(timeout / memory)")),
+        ("worker crashes", _e(f"{s['crashes']} worker crash(es), {s['kills']} attempt(s) killed (timeout / memory); "
+                              f"{s['redispatched']} branch(es) re-dispatched; "
+                              f"{s['failed_branches']} branch(es) failed")),
+        ("runs", _e(_runs_text(tl))),
     ]
     if tl.hidden:
         rows.append(("not drawn", _e(f"{tl.hidden} ordinary bars (showing every failure and a sample)")))
     body = "".join(f'<tr data-key="{_e(k)}"><th>{_e(k)}</th><td>{v}</td></tr>' for k, v in rows)
     data = _e(json.dumps(s, sort_keys=True))
     return f'<table class="summary" id="summary" data-summary="{data}">{body}</table>'
+
+
+def _runs_text(tl: Timeline) -> str:
+    s = tl.summary
+    if len(tl.runs) <= 1:
+        cut = bool(tl.runs) and not tl.runs[0].finished and not tl.runs[0].running
+        return "1 (its driver stopped before the execution finished; resume it)" if cut else "1"
+    gaps = ", ".join(f"{g:.1f} s" for g in s["gaps_s"]) or "none"
+    stopped = sum(1 for r in tl.runs if not r.finished and not r.running)
+    return (f"{len(tl.runs)} ({stopped} stopped before finishing; gaps without a driver: {gaps}); "
+            f"{s['reran_after_resume']} branch(es) started before a resume re-ran after it, "
+            f"{s['ran_in_resumed_runs']} finished in resumed runs")
+
+
+def _crash_rows(tree: OpTree) -> str:
+    """One row per worker death: which branch, which pid, what it cost."""
+    facts = crash_facts(tree)
+    rows = []
+    for d in facts.deaths[:MAX_FAILURE_ROWS]:
+        rec = tree.ops.get(d.op_id)
+        then = "failed" if rec is not None and rec.status == OpStatus.FAILED and error_type(rec.error) == d.kind \
+            else ("re-dispatched" if d.op_id in facts.redispatched else "")
+        rows.append(f'<tr data-op-id="{_e(d.op_id)}" data-pid="{d.pid}"><td>{_e(d.name)}</td><td>{d.pid}</td>'
+                    f'<td>{_e(then)}</td><td class="err">{_e(error_line(d.error, 500))}</td></tr>')
+    if not rows:
+        return ""
+    return ('<h2>Worker crashes</h2><table id="crashes"><tr><th>branch / step</th><th>pid</th><th>then</th>'
+            '<th>error</th></tr>' + "".join(rows) + "</table>")
 
 
 def _failures(tree: OpTree) -> str:
@@ -242,7 +282,7 @@ def _failures(tree: OpTree) -> str:
     if len(failed) > MAX_FAILURE_ROWS:
         rows.append(f"<tr><td colspan=3>… {len(failed) - MAX_FAILURE_ROWS} more</td></tr>")
     if not rows:
-        return "<p>No failures.</p>"
+        return "<p>No operation failed.</p>"
     return '<table id="failures"><tr><th>operation</th><th>name</th><th>error</th></tr>' + "".join(rows) + "</table>"
 
 
@@ -259,7 +299,7 @@ def render_report(tree: OpTree) -> str:
         + "<h2>Timeline</h2>" + _legend()
         + f'<div class="chart">{_chart(tl)}</div>'
         + '<div id="details">Click a bar for its details.</div>'
-        + "<h2>Failures</h2>" + _failures(tree)
+        + "<h2>Failures</h2>" + _failures(tree) + _crash_rows(tree)
         + f"<script>{_JS}</script></body></html>\n"
     )
 

@@ -22,88 +22,13 @@ already holds; the driver records nothing extra per item during a run:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.inspect.crash_model import CRASH_TYPE, DEATH_TYPES, CrashFacts, DriverRun, WorkerDeath
 from durable_mp.inspect.tree import OpTree, error_type, is_branch
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
-DEATH_TYPES = frozenset({"WorkerCrashedError", "MemoryLimitExceededError", "StepTimeoutError"})
-CRASH_TYPE = "WorkerCrashedError"
-
-
-@dataclass(frozen=True)
-class DriverRun:
-    """One driver's run of the execution (one invocation)."""
-
-    number: int
-    start: float
-    end: float
-    finished: bool  # False: the driver stopped (killed / interrupted) before the execution ended
-    running: bool = False  # the current run, driver alive
-
-
-@dataclass(frozen=True)
-class WorkerDeath:
-    """A worker that died (or was killed for a timeout / memory limit) while running ``op_id``."""
-
-    op_id: str
-    name: str
-    pid: int
-    ts: float
-    attempt: int
-    error: dict
-    kind: str  # WorkerCrashedError | MemoryLimitExceededError | StepTimeoutError
-
-
-@dataclass
-class CrashFacts:
-    runs: list[DriverRun]
-    deaths: list[WorkerDeath]
-    redispatched: set[str] = field(default_factory=set)  # branch op ids that ran again
-    failed_branches: list[str] = field(default_factory=list)
-    ran_in_run: dict[int, int] = field(default_factory=dict)  # run number -> branches finished in it
-    reran_after_resume: set[str] = field(default_factory=set)  # branch op ids started before a resume, finished after
-    in_flight_unknown: bool = False  # a driver stopped mid-batch: branches it had running may have left no record
-
-    @property
-    def crashes(self) -> int:
-        return sum(1 for d in self.deaths if d.kind == CRASH_TYPE)
-
-    @property
-    def kills(self) -> int:
-        return sum(1 for d in self.deaths if d.kind != CRASH_TYPE)
-
-    def summary(self) -> dict:
-        """The counts every view prints (JSON-ready)."""
-        return {
-            "runs": len(self.runs),
-            "worker_crashes": self.crashes,
-            "worker_kills": self.kills,
-            "redispatched": len(self.redispatched),
-            "failed_branches": len(self.failed_branches),
-            "reran_after_resume": len(self.reran_after_resume),
-            "ran_in_resumed_runs": sum(n for k, n in self.ran_in_run.items() if k > 1),
-        }
-
-    def sentence(self) -> str:
-        """One line for ``show``: empty when nothing crashed and nothing was resumed."""
-        s = self.summary()
-        parts = []
-        if len(self.runs) > 1:
-            stopped = sum(1 for r in self.runs if not r.finished and not r.running)
-            parts.append(f"{len(self.runs)} driver runs ({stopped} stopped before finishing)")
-        if self.deaths:
-            parts.append(f"{s['worker_crashes']} worker crash(es), {s['worker_kills']} kill(s) (timeout / memory)")
-        if self.deaths or self.redispatched:
-            parts.append(f"{s['redispatched']} branch(es) re-dispatched")
-        if len(self.runs) > 1:
-            parts.append(f"{s['reran_after_resume']} branch(es) started before a resume re-ran after it, "
-                         f"{s['ran_in_resumed_runs']} finished in resumed runs")
-        if self.failed_branches:
-            parts.append(f"{s['failed_branches']} branch(es) failed")
-        return "; ".join(parts)
-
+__all__ = ["CRASH_TYPE", "DEATH_TYPES", "CrashFacts", "DriverRun", "WorkerDeath", "crash_facts", "driver_runs"]
 
 def run_starts(ex: ExecutionRecord) -> list[float]:
     """Start time of every run known to the store, oldest first."""

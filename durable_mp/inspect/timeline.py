@@ -15,10 +15,15 @@ Crashes leave two kinds of traces, and both are marked:
 
 A worker that died before streaming any record of a branch leaves no trace in the store;
 the dispatcher only logs such a crash.
+
+Counts come from ``inspect.runs.crash_facts``, the derivation ``show`` and ``history`` use
+too.  Driver runs are drawn: the time between a stopped driver's last record and the next
+run's start is a gap (``Timeline.gaps``), and bars of the driver row are cut there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import re
 from collections import Counter
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.inspect.runs import CrashFacts, DriverRun, crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
 from durable_mp.store.records import ExecutionRecord
 
@@ -76,6 +82,8 @@ class Timeline:
     summary: dict = field(default_factory=dict)
     hidden: int = 0
     execution: ExecutionRecord | None = None
+    runs: list[DriverRun] = field(default_factory=list)
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # no driver between a stop and a resume
 
 
 def _status(rec_status: str) -> str:
@@ -150,8 +158,6 @@ def build_timeline(tree: OpTree) -> Timeline:
                             parent=branch.op_id if branch is not None else ""))
             if rec.attempts:
                 bars.extend(_attempt_bars(tree, rec, _worker_or(row)))
-            if is_crash(rec.error):
-                markers.append(Marker(row, tree.end_of(rec), error_line(rec.error), rec.op_id))
         elif rec.op_type == OpType.STEP:
             step_bars = _attempt_bars(tree, rec, _step_row(branch))
             bars.extend(step_bars)
@@ -166,33 +172,52 @@ def build_timeline(tree: OpTree) -> Timeline:
             bars.append(Bar(kind, rec.op_id, rec.name or rec.sub_type, _status(rec.status), DRIVER,
                             rec.start_ts, tree.end_of(rec), error=error_line(rec.error)))
 
+    facts = crash_facts(tree)
+    for death in facts.deaths:  # every worker death or kill, where it happened
+        markers.append(Marker(death.pid or NO_WORKER, death.ts, f"{death.name}: {error_line(death.error)}",
+                              death.op_id))
     by_id = {b.op_id: b for b in bars if b.kind == "branch"}
-    redispatched = 0
+    dead = {(d.op_id, d.pid) for d in facts.deaths}
     for op_id, pids in inside.items():
         bar = by_id.get(op_id)
         if bar is None:
             continue
-        others = sorted(p for p in pids if p != bar.row)
-        if not others:
-            continue
-        bar.redispatched = True
-        redispatched += 1
-        for pid in others:
+        for pid in sorted(p for p in pids if p != bar.row and (op_id, p) not in dead):
             markers.append(Marker(pid, last_seen[(op_id, pid)],
-                                  f"{bar.name}: worker pid {pid} stopped (crash or killed driver); "
-                                  f"the branch was re-dispatched and finished in row {bar.row}", op_id))
+                                  f"{bar.name}: worker pid {pid} stopped (its driver was killed or interrupted); "
+                                  f"the branch ran again in row {bar.row}", op_id))
+    for bar in by_id.values():
+        bar.redispatched = bar.op_id in facts.redispatched
+    gaps = _gaps(facts.runs)
+    for run in facts.runs:
+        if not run.finished and not run.running:
+            markers.append(Marker(DRIVER, run.end, f"run {run.number}: the driver stopped (killed or interrupted) "
+                                                   f"before the execution finished", ""))
+    bars = _cut_at_gaps(bars, gaps)
 
     timeline = _layout(tree, bars, markers)
-    timeline.summary = _summary(tree, bars, markers, redispatched)
+    timeline.runs, timeline.gaps = facts.runs, gaps
+    timeline.summary = _summary(tree, bars, markers, facts)
     return timeline
 
 
-def _worker_deaths(bars: list[Bar]) -> int:
-    """Deaths recorded as attempts of a branch, or (older records) only as its final error."""
-    with_attempts = {b.op_id for b in bars if b.kind == "attempt" and b.crash == "WorkerCrashedError"}
-    return (sum(1 for b in bars if b.kind == "attempt" and b.crash == "WorkerCrashedError")
-            + sum(1 for b in bars if b.kind == "branch" and b.crash == "WorkerCrashedError"
-                  and b.op_id not in with_attempts))
+def _cut_at_gaps(bars: list[Bar], gaps: list[tuple[float, float]]) -> list[Bar]:
+    """Driver-row bars split where no driver existed (a killed run until its resume)."""
+    if not gaps:
+        return bars
+    out = []
+    for bar in bars:
+        if bar.row != DRIVER:
+            out.append(bar)
+            continue
+        start = bar.start
+        for g0, g1 in gaps:
+            if g0 < bar.end and g1 > start and g0 > start:
+                out.append(dataclasses.replace(bar, start=start, end=g0))
+                start = g1
+        if start < bar.end:
+            out.append(dataclasses.replace(bar, start=start))
+    return out
 
 
 def _unusual(bar: Bar) -> bool:
@@ -256,10 +281,11 @@ def _pack(bars: list[Bar]) -> int:
     return max(count, 1)
 
 
-def _summary(tree: OpTree, bars: list[Bar], markers: list[Marker], redispatched: int) -> dict:
+def _summary(tree: OpTree, bars: list[Bar], markers: list[Marker], facts: CrashFacts) -> dict:
     ex = tree.execution
     branches = Counter(b.status for b in bars if b.kind == "branch")
-    attempts = [b for b in bars if b.kind == "attempt"]
+    # step attempts only: a branch's "attempts" are the deaths of its workers, counted as crashes
+    attempts = [b for b in bars if b.kind == "attempt" and tree.ops[b.op_id].op_type == OpType.STEP]
     steps = Counter(_status(r.status) for r in tree.ops.values() if r.op_type == OpType.STEP)
     workers = {b.row for b in bars if isinstance(b.row, int) and b.row != 0 and b.kind != "context"}
     end = ex.ended_ts if ex.ended_ts is not None else max([ex.started_ts] + [b.end for b in bars])
@@ -274,8 +300,17 @@ def _summary(tree: OpTree, bars: list[Bar], markers: list[Marker], redispatched:
         "steps": dict(steps),
         "attempts": len(attempts),
         "retries": sum(1 for b in attempts if b.status == "retried"),
-        "crashes": _worker_deaths(bars),
-        "redispatched": redispatched,
-        "kills": sum(1 for b in bars if b.crash and b.crash != "WorkerCrashedError"),
+        "crashes": facts.crashes,
+        "redispatched": len(facts.redispatched),
+        "kills": facts.kills,
+        "failed_branches": len(facts.failed_branches),
+        "reran_after_resume": len(facts.reran_after_resume),
+        "ran_in_resumed_runs": sum(n for k, n in facts.ran_in_run.items() if k > 1),
+        "driver_runs": len(facts.runs),
+        "gaps_s": [round(g1 - g0, 3) for g0, g1 in _gaps(facts.runs)],
         "markers": len(markers),
     }
+
+
+def _gaps(runs: list[DriverRun]) -> list[tuple[float, float]]:
+    return [(a.end, b.start) for a, b in zip(runs, runs[1:], strict=False) if b.start > a.end]

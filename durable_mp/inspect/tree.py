@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.core.remote import origin_note
+from durable_mp.inspect.crash_model import CrashFacts
 from durable_mp.operation.callback import encode_callback_id
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
@@ -46,7 +47,7 @@ def error_line(error: dict | None, limit: int = 200) -> str:
         return ""
     message = " ".join(str(error.get("ErrorMessage") or "").split())
     text = f"{error_type(error) or 'Error'}: {message}" if message else (error_type(error) or "Error")
-    note = origin_note(error.get("ErrorType"), error.get("StackTrace"))  # the user's line, from the traceback
+    note = origin_note(error.get("ErrorType"), error.get("StackTrace"), message)  # the user's line, from the traceback
     room = max(limit - len(note), limit // 2)
     text = text if len(text) <= room else text[: room - 1] + "…"
     return (text + note)[:limit]
@@ -151,7 +152,24 @@ def _duration(rec: OpRecord, tree: OpTree) -> str:
     return f"running for {max(0.0, time.time() - rec.start_ts):.1f}s"
 
 
-def _node_text(rec: OpRecord, tree: OpTree) -> str:
+def _crash_text(rec: OpRecord, facts: CrashFacts | None) -> str:
+    """What crashed under a branch and what followed, from the facts every view shares."""
+    if facts is None or not is_branch(rec):
+        return ""
+    deaths = [d for d in facts.deaths if d.op_id == rec.op_id]
+    notes = []
+    if deaths:
+        pids = ", ".join(str(d.pid) for d in deaths)
+        kinds = sorted({d.kind for d in deaths})
+        notes.append(f"{len(deaths)} worker death(s) ({'/'.join(kinds)}; pid {pids})")
+    if rec.op_id in facts.reran_after_resume:
+        notes.append("started before a resume, re-ran after it")
+    elif rec.op_id in facts.redispatched:
+        notes.append("re-dispatched")
+    return ("  ⚠ " + "; ".join(notes)) if notes else ""
+
+
+def _node_text(rec: OpRecord, tree: OpTree, facts: CrashFacts | None = None) -> str:
     index = tree.index.get(rec.op_id)
     parts = [f"[{index}] " if index is not None else "", rec.sub_type, " ", rec.name or "-"]
     line = "".join(parts) + f"  {rec.status}  {_duration(rec, tree)}"
@@ -160,6 +178,7 @@ def _node_text(rec: OpRecord, tree: OpTree) -> str:
         line += f"  {extra['completion_reason']} ({extra.get('reported', '?')} of {extra.get('total', '?')} reported)"
     if is_branch(rec) and rec.pid:
         line += f"  pid {rec.pid}"
+    line += _crash_text(rec, facts)
     if rec.op_type == OpType.CALLBACK:
         # what an outside system needs to complete it (durable-mp callback ID --success ...)
         line += f"  callback id {callback_id_of(tree.execution.exec_id, rec)}"
@@ -176,14 +195,16 @@ def _node_text(rec: OpRecord, tree: OpTree) -> str:
     return line
 
 
-def _select(children: list[OpRecord], limit: int | None) -> tuple[list[int], int]:
+def _select(children: list[OpRecord], limit: int | None,
+            flagged: frozenset[str] = frozenset()) -> tuple[list[int], int]:
     """Indices of the children to show: first/last ``limit // 2`` plus unusual ones."""
     n = len(children)
     if limit is None or n <= limit:
         return list(range(n)), 0
     half = max(1, limit // 2)
     keep = set(range(half)) | set(range(max(half, n - half), n))
-    unusual = [i for i in range(half, n - half) if children[i].status != OpStatus.SUCCEEDED]
+    unusual = [i for i in range(half, n - half)
+               if children[i].status != OpStatus.SUCCEEDED or children[i].op_id in flagged]
     keep.update(unusual[:limit])
     return sorted(keep), n - len(keep)
 
@@ -193,8 +214,12 @@ def _gap_text(hidden: list[OpRecord]) -> str:
     return f"… {len(hidden)} more: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
 
-def render_tree(tree: OpTree, limit: int | None = 10) -> str:
-    """The operation tree as indented text, with large batches summarized."""
+def render_tree(tree: OpTree, limit: int | None = 10, facts: CrashFacts | None = None) -> str:
+    """The operation tree as indented text, with large batches summarized.
+
+    ``facts`` (``inspect.runs.crash_facts``) adds what crashed and ran again, counted as
+    ``report`` and ``history`` count it.
+    """
     ex = tree.execution
     end = ex.ended_ts if ex.ended_ts is not None else time.time()
     done, total = tree.done_total()
@@ -202,10 +227,19 @@ def render_tree(tree: OpTree, limit: int | None = 10) -> str:
              f"{done}/{total} operations finished"]
     if ex.error:
         lines.append(f"  error: {error_line(ex.error, 400)}")
+    flagged: frozenset[str] = frozenset()
+    if facts is not None:
+        flagged = frozenset(facts.redispatched | {d.op_id for d in facts.deaths})
+        if facts.sentence():
+            lines.append(f"  crashes and runs: {facts.sentence()}")
+        for run in facts.runs:
+            if not run.finished and not run.running:
+                lines.append(f"  run {run.number}: driver stopped (killed or interrupted) after "
+                             f"{time.strftime('%H:%M:%S', time.localtime(run.end))}")
 
     def emit(op_id: str, prefix: str) -> None:
         children = tree.children(op_id)
-        shown, _hidden = _select(children, limit)
+        shown, _hidden = _select(children, limit, flagged)
         entries: list[OpRecord | list[OpRecord]] = []  # a node, or a gap of hidden siblings
         prev = -1
         for i in shown:
@@ -221,7 +255,7 @@ def render_tree(tree: OpTree, limit: int | None = 10) -> str:
             if isinstance(item, list):
                 lines.append(prefix + branch + _gap_text(item))
                 continue
-            lines.append(prefix + branch + _node_text(item, tree))
+            lines.append(prefix + branch + _node_text(item, tree, facts))
             if item.status == OpStatus.FAILED and item.error:
                 lines.append(prefix + cont + "   error: " + error_line(item.error, 300))
             emit(item.op_id, prefix + cont)
