@@ -265,7 +265,7 @@ class ExecutionFailedError(DurableExecutionsError):
 
 def _where(error: ErrorDetails) -> str:
     """`` (raised as ZeroDivisionError at /path/job.py:12 in f)``: what a wrapper's one line hides."""
-    return origin_note(error.type, error.stack_trace)
+    return origin_note(error.type, error.stack_trace, error.message)
 
 
 class ExecutionLockedError(DurableExecutionsError):

@@ -121,16 +121,18 @@ def user_frame(stack_trace: Sequence[str] | None) -> Frame | None:
     return (own or outside or frames)[-1]
 
 
-def origin_note(error_type: str | None, stack_trace: Sequence[str] | None) -> str:
+def origin_note(error_type: str | None, stack_trace: Sequence[str] | None, message: str | None = None) -> str:
     """`` (raised as ZeroDivisionError at /path/job.py:12 in f)``: what a one-line error hides.
 
     The original type is named when the stored type is another (a ``ChildContextError``
-    wrapping it); empty when the stored failure has no traceback.
+    wrapping it) and the message does not name it already; empty when the stored failure
+    has no traceback.
     """
     origin = origin_type(stack_trace)
     frame = user_frame(stack_trace)
     parts = []
-    if origin and origin != error_type and not (error_type or "").endswith("." + origin):
+    if (origin and origin != error_type and not (error_type or "").endswith("." + origin)
+            and f"{origin}:" not in (message or "")):
         parts.append(f"raised as {origin}")
     if frame is not None:
         parts.append(f"at {frame}")
