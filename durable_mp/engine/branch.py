@@ -13,8 +13,11 @@ from typing import Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.engine.state import take_skipped_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
+
+SKIPPED_KEY = "skipped"  # in a branch record's extra: seconds of delay it skipped under skip_time
 
 
 class BranchSource:
@@ -53,10 +56,14 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     op_id = operation_id(source.batch_op_id, index)
     name = source.name(index)
     start = time.time()
+    take_skipped_seconds()  # a fresh count for this branch
 
     def record(status: str, payload: Any = None, exc: BaseException | None = None,
                extra: dict[str, Any] | None = None) -> OpRecord:
         error = None if exc is None else ErrorObject.from_exception(exc).to_dict()
+        skipped = take_skipped_seconds()  # under skip_time: the policy orders outcomes by it
+        if skipped:
+            extra = {**(extra or {}), SKIPPED_KEY: skipped}
         rec: OpRecord = OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
                                  start, time.time(), payload, error, 1, pid=_pid(), extra=extra)
         return rec
