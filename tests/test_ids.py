@@ -249,17 +249,28 @@ def test_ipython_default_id_does_not_depend_on_the_cell_number():
 
 KERNEL_CELL = """
 import os, sys
-from durable_mp import durable_execution
+from durable_mp import durable_execution, ExecutionFailedError
+from durable_mp.config import StepConfig
+from durable_mp.retries import RetryPresets
 
 @durable_execution
 def h(event, ctx):
     def work(_):
-        with open(os.path.join({marks!r}, str(os.getpid())), "w"):
-            pass
+        open(os.path.join({marks!r}, "work-" + str(os.getpid())), "w").close()
         return 6 * 7
-    return ctx.step(work, name="work")
+    def check(_):
+        open(os.path.join({marks!r}, "check-" + str(os.getpid())), "w").close()
+        if os.path.exists({flag!r}):
+            raise ValueError("not yet")
+        return True
+    value = ctx.step(work, name="work")
+    ctx.step(check, name="check", config=StepConfig(retry_strategy=RetryPresets.none()))
+    return value
 
-print("RESULT", h.run({{"n": 1}}, store={store!r}), h.execution_id_for({{"n": 1}}))
+try:
+    print("RESULT", h.run({{"n": 1}}, store={store!r}), h.execution_id_for({{"n": 1}}))
+except ExecutionFailedError as exc:
+    print("FAILED", h.execution_id_for({{"n": 1}}))
 """
 
 
@@ -280,24 +291,30 @@ def _kernel_run(client, code: str) -> str:
 
 @pytest.mark.timeout(240)
 def test_a_jupyter_kernel_restart_resumes_the_same_execution(tmp_path):
+    """Fix and resume across a kernel restart: the failed step runs again, the finished one replays."""
     manager_mod = pytest.importorskip("jupyter_client.manager")
     pytest.importorskip("ipykernel")
     marks = tmp_path / "marks"
     marks.mkdir()
+    flag = tmp_path / "broken"
+    flag.touch()
     store = str(tmp_path / "store")
-    cell = KERNEL_CELL.format(marks=str(marks), store=store)
+    cell = KERNEL_CELL.format(marks=str(marks), store=store, flag=str(flag))
     km, client = manager_mod.start_new_kernel(kernel_name="python3")
     try:
-        first = _kernel_run(client, "x = 1")  # a different cell number the first time
+        _kernel_run(client, "x = 1")  # another cell number the first time
         first = _kernel_run(client, cell)
         km.restart_kernel(now=True)
         client.wait_for_ready(timeout=60)
+        flag.unlink()  # the fix
         second = _kernel_run(client, cell)
+        third = _kernel_run(client, cell)
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=True)
-    line1 = next(line for line in first.splitlines() if line.startswith("RESULT"))
-    line2 = next(line for line in second.splitlines() if line.startswith("RESULT"))
-    assert line1 == line2 and line1.split()[1] == "42", (first, second)
-    assert len(list(marks.iterdir())) == 1  # the step ran once: after the restart it was the same execution
-    assert "already SUCCEEDED" in second  # and the re-run said so
+    failed = next(line for line in first.splitlines() if line.startswith("FAILED"))
+    resumed = next(line for line in second.splitlines() if line.startswith("RESULT"))
+    assert resumed.split()[1] == "42" and resumed.split()[2] == failed.split()[1], (first, second)
+    kinds = sorted(name.split("-")[0] for name in os.listdir(marks))
+    assert kinds == ["check", "check", "work"], kinds  # after the restart it was the same execution
+    assert "already SUCCEEDED" in third and third.splitlines()[-1] == resumed  # and a re-run says so

@@ -363,3 +363,38 @@ def test_the_notice_says_when_the_code_changed_since_the_stored_result(tmp_path)
     changed = subprocess.run([sys.executable, str(script), store], capture_output=True, text=True, timeout=60)
     assert changed.stdout.strip() == "1"  # still the stored result ...
     assert "code CHANGED since that run" in changed.stderr and "durable-mp delete" in changed.stderr  # ... said so
+
+
+@pytest.mark.timeout(180)
+def test_fix_and_resume_reaches_a_failed_item_of_a_nested_map(store_path, tmp_path):
+    flag = tmp_path / "broken"
+    flag.touch()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def leaf(ctx, x, index, items):
+        open(os.path.join(marks, f"{x}-{time.time()}"), "w").close()
+        if x == 7 and flag.exists():
+            raise ValueError("leaf 7 is broken")
+        return x
+
+    def outer(ctx, group, index, groups):
+        inner = ctx.map(group, leaf, name=f"inner-{index}")
+        inner.throw_if_error()
+        return sum(inner.get_results())
+
+    @durable_execution
+    def handler(event, ctx):
+        result = ctx.map([[0, 1, 2, 3], [4, 5, 6, 7]], outer, name="outer")
+        result.throw_if_error()
+        return result.get_results()
+
+    with pytest.raises(ExecutionFailedError, match="leaf 7 is broken"):
+        handler.run(None, store=store_path, execution_id="nested", max_workers=2)
+    before = {name.split("-")[0] for name in os.listdir(marks)}
+    assert "7" in before
+    flag.unlink()
+    assert handler.run(None, store=store_path, execution_id="nested", max_workers=2) == [6, 22]
+    ran = [name.split("-")[0] for name in os.listdir(marks)]
+    assert ran.count("7") == 2
+    assert all(ran.count(x) == 1 for x in before - {"7"})  # the finished leaves replayed
