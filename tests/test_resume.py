@@ -398,3 +398,21 @@ def test_fix_and_resume_reaches_a_failed_item_of_a_nested_map(store_path, tmp_pa
     ran = [name.split("-")[0] for name in os.listdir(marks)]
     assert ran.count("7") == 2
     assert all(ran.count(x) == 1 for x in before - {"7"})  # the finished leaves replayed
+
+
+def test_a_failed_execution_being_resumed_by_a_live_driver_is_locked():
+    """Two drivers running a FAILED execution again would both reopen and run it."""
+    import psutil
+
+    from durable_mp.exceptions import ExecutionLockedError
+    from durable_mp.store.records import ExecutionRecord, claim, this_process
+
+    parent = psutil.Process(os.getppid())
+    other = (parent.pid, parent.create_time())  # a live process that is not this one
+    rec = ExecutionRecord("x", "FAILED", "m:h", None, None, {"ErrorMessage": "m"}, 0.0, 0.0, 1.0,
+                          other[0], other[1], 1)
+    with pytest.raises(ExecutionLockedError):
+        claim(rec, this_process(), time.time())
+    released = rec._replace(owner_pid=0, owner_create_time=0.0)
+    assert claim(released, this_process(), time.time()).owner_pid == os.getpid()
+    assert claim(rec._replace(status="SUCCEEDED"), this_process(), time.time()).owner_pid == os.getpid()

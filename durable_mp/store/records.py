@@ -121,10 +121,12 @@ def _when(ts: float) -> str:
 def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionRecord:
     """The record after ``me`` takes the lock of an existing execution.
 
-    Raises ``ExecutionLockedError`` while another live process owns it RUNNING.  Taking
+    Raises ``ExecutionLockedError`` while another live process owns it RUNNING (or FAILED:
+    it is resuming it, DESIGN.md §2).  Taking
     over a RUNNING execution (dead owner, released after Ctrl-C) starts a new run.
     """
-    if rec.status == RUNNING and not _is(rec, me) and owner_alive(rec):
+    # a FAILED execution with a live owner is being resumed by it (fix and resume), or read
+    if rec.status in (RUNNING, FAILED) and not _is(rec, me) and owner_alive(rec):
         raise ExecutionLockedError(
             f"execution {rec.exec_id!r} is being run by another live driver: pid {rec.owner_pid} "
             f"(process started {_when(rec.owner_create_time)}), running since {_when(rec.started_ts)}. "
