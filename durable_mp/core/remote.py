@@ -10,6 +10,7 @@ to hang in a ``__cause__`` chain (shown the way ``concurrent.futures`` shows its
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sysconfig
@@ -24,12 +25,16 @@ _FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::\s?(?P<message>.*))?$")
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-# Frames in the standard library or installed packages are rarely the line to fix.
-_LIBRARY_DIRS = tuple(
-    os.path.abspath(p) + os.sep
-    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    if p
-)
+
+
+@functools.lru_cache(maxsize=1)
+def _library_dirs() -> tuple[str, ...]:
+    """Where the standard library and installed packages live: their frames are rarely the line to fix.
+
+    Computed on first use: ``sysconfig.get_paths()`` costs ~10 ms, too much for every import.
+    """
+    paths = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return tuple(os.path.abspath(p) + os.sep for p in paths if p)
 
 
 class Frame(NamedTuple):
@@ -117,7 +122,7 @@ def user_frame(stack_trace: Sequence[str] | None) -> Frame | None:
         return None
     outside = [f for f in frames if not os.path.abspath(f.file).startswith(_PACKAGE_DIR)]
     own = [f for f in outside
-           if not os.path.abspath(f.file).startswith(_LIBRARY_DIRS) and not f.file.startswith("<frozen")]
+           if not os.path.abspath(f.file).startswith(_library_dirs()) and not f.file.startswith("<frozen")]
     return (own or outside or frames)[-1]
 
 
