@@ -193,7 +193,10 @@ class DurableFunction:
             reopened = _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=True)
             _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished operations "
                             f"replay, {reopened} failed one(s) run again (resume_failed=False keeps it failed)")
-            rec = rec._replace(status=RUNNING, error=None, ended_ts=None, runs=rec.runs + 1, started_ts=time.time())
+            now = time.time()  # run_starts / failed_runs: inspection tells this run from a killed one
+            rec = rec._replace(status=RUNNING, error=None, ended_ts=None, runs=rec.runs + 1, started_ts=now, extra={
+                **extra, "run_starts": [*extra.get("run_starts", ()), now],
+                "failed_runs": [*extra.get("failed_runs", ()), rec.runs]})
         elif extra.get(_rerun.STOPPED_KEY) == _rerun.STOPPED_BY_NON_DETERMINISM:
             _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=False)
         db.put_execution(_rerun.with_extra(rec, **{_rerun.CODE_KEY: fingerprint, _rerun.STOPPED_KEY: None}))

@@ -222,3 +222,36 @@ def test_a_driver_killed_mid_map_and_resumed(job, tmp_path):
         if bar["data-pid"] == "driver":
             assert bar["data-end"] <= g0 or bar["data-start"] >= g1, bar
     assert any(m["data-pid"] == "driver" for m in report.markers), "the stopped driver is marked"
+
+
+def test_a_failed_run_fixed_and_resumed_is_not_called_a_stopped_driver(tmp_path):
+    """Fix and resume (DESIGN.md §2): run 1 ended FAILED, run 2 resumed it; no driver was killed."""
+    from durable_mp import durable_execution
+    from durable_mp.config import StepConfig
+    from durable_mp.inspect.history import build_history
+    from durable_mp.retries import RetryStrategyConfig, create_retry_strategy
+    from durable_mp.inspect.runs import crash_facts
+    from durable_mp.inspect.tree import OpTree
+    from durable_mp.exceptions import ExecutionFailedError
+
+    fixed = tmp_path / "fixed"
+    store = str(tmp_path / "store")
+
+    @durable_execution
+    def handler(event, ctx):
+        ctx.step(lambda sc: 1, name="fine")
+        once = StepConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=1)))
+        return ctx.step(lambda sc: 2 if fixed.exists() else 1 / 0, name="buggy", config=once)
+
+    with pytest.raises(ExecutionFailedError):
+        handler.run({}, execution_id="fix", store=store)
+    fixed.touch()
+    assert handler.run({}, execution_id="fix", store=store) == 2
+    with Store(store, readonly=True) as db:
+        ex, ops = db.get_execution("fix"), db.ops("fix")
+    events = build_history(ex, ops)
+    invocations = [e for e in events if e.event_type == "InvocationCompleted"]
+    assert len(invocations) == 2 and all("Error" not in e.details for e in invocations)
+    facts = crash_facts(OpTree(ex, ops))
+    assert [r.failed for r in facts.runs] == [True, False] and all(r.finished for r in facts.runs)
+    assert "stopped" not in facts.sentence()

@@ -21,6 +21,7 @@ class DriverRun:
     end: float
     finished: bool  # False: the driver stopped (killed / interrupted) before the execution ended
     running: bool = False  # the current run, driver alive
+    failed: bool = False  # the run ended with the execution FAILED; a later run resumed it (fix and resume)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class CrashFacts:
         parts = []
         if len(self.runs) > 1:
             stopped = sum(1 for r in self.runs if not r.finished and not r.running)
-            parts.append(f"{len(self.runs)} driver runs ({stopped} stopped before finishing)")
+            failed = sum(1 for r in self.runs if r.failed)
+            how = ([f"{stopped} stopped before finishing"] * bool(stopped)
+                   + [f"{failed} ended FAILED, then resumed"] * bool(failed))
+            parts.append(f"{len(self.runs)} driver runs" + (f" ({', '.join(how)})" if how else ""))
         if self.deaths:
             parts.append(f"{s['worker_crashes']} worker crash(es), {s['worker_kills']} kill(s) (timeout / memory)")
         if self.deaths or self.redispatched:

@@ -331,7 +331,7 @@ def _invocations(tree: OpTree) -> list[Event]:
             continue
         details: dict[str, Any] = {"StartTimestamp": iso(run.start), "EndTimestamp": iso(run.end),
                                    "RequestId": f"run-{run.number}"}
-        note = f"run {run.number}"
+        note = f"run {run.number}" + (": the execution failed; a later run resumed it" if run.failed else "")
         if not run.finished:
             message = (f"the driver of run {run.number} stopped (killed or interrupted) before the execution "
                        f"finished; its last record was written at {iso(run.end)}")
@@ -351,8 +351,10 @@ def build_history(execution: ExecutionRecord, ops: list[OpRecord]) -> list[Event
     keys = [key for key, _e in body]
     events = [started] + [e for _key, e in body]
     # an invocation ends after everything it recorded: insert each by its end time
-    for inv in reversed(_invocations(tree)):
-        stopped = "Error" in inv.details  # a finished run's invocation closes everything recorded
+    invocations = _invocations(tree)
+    last = invocations[-1] if invocations else None
+    for inv in reversed(invocations):
+        stopped = inv is not last  # only the last run's invocation closes everything recorded
         events.insert(1 + (bisect.bisect_right(keys, inv.timestamp) if stopped else len(keys)), inv)
     end = max([ex.ended_ts or ex.created_ts] + [e.timestamp for e in events])
     if ex.status == SUCCEEDED:

@@ -58,12 +58,14 @@ def _activity(ops: list[OpRecord]) -> list[float]:
 def driver_runs(ex: ExecutionRecord, ops: list[OpRecord]) -> list[DriverRun]:
     starts = run_starts(ex)
     seen = _activity(ops)
+    failed = {int(n) for n in (ex.extra or {}).get("failed_runs") or ()}
     runs = []
     for k, start in enumerate(starts):
         nxt = starts[k + 1] if k + 1 < len(starts) else None
         if nxt is not None:
             before = [t for t in seen if start <= t < nxt]
-            runs.append(DriverRun(k + 1, start, max(before) if before else start, finished=False))
+            end = max(before) if before else start
+            runs.append(DriverRun(k + 1, start, end, finished=k + 1 in failed, failed=k + 1 in failed))
             continue
         if ex.status != RUNNING:
             runs.append(DriverRun(k + 1, start, max(ex.ended_ts or start, start), finished=True))
