@@ -71,6 +71,20 @@ SUB_MAP_ITERATION = "MapIteration"
 SUB_WAIT_FOR_CONDITION = "WaitForCondition"
 
 
+class DetachedContext:
+    """A parent's context seen from a branch in another process: its logger, no operations."""
+
+    def __init__(self, execution_id: str, op_id: str) -> None:
+        self.execution_id = execution_id
+        self.operation_id = op_id
+        self.logger = Logger(extra={"executionArn": execution_id, "parentId": op_id or None})
+
+    def __getattr__(self, name: str) -> Any:
+        raise ValidationError(
+            f"DurableContext.{name} of an enclosing context was used inside a branch, which runs in "
+            f"another process: use the context the branch function receives")
+
+
 class DurableContext:
     """Entry point of every durable operation inside a handler or branch."""
 
@@ -84,6 +98,14 @@ class DurableContext:
         self.is_virtual = False
         self._parent_logger = logger
         self._logger: Logger | None = None
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        """A branch function that closes over its parent's context travels with a stand-in.
+
+        The reference's branches are threads and may use the parent's ``logger``; here they
+        run in other processes, where only the logger can work (module ``DetachedContext``).
+        """
+        return DetachedContext, (self.state.execution_id, self._op_id)
 
     @property
     def logger(self) -> Logger:

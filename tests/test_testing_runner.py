@@ -329,3 +329,25 @@ def test_flat_nesting_shows_no_branch_operations():
             branch_id = hashlib.blake2b(f"{batch.operation_id}-{index}".encode()).hexdigest()[:64]
             assert op.operation_id == hashlib.blake2b(f"{branch_id}-1".encode()).hexdigest()[:64]
     assert [op.operation_type for op in res.get_context("nested").child_operations] == [OperationType.CONTEXT]
+
+
+def test_a_branch_may_log_through_its_parents_context():
+    """The reference's examples log with the enclosing context inside map functions (threads there);
+    the parent's context reaches the worker as a stand-in whose logger works."""
+
+    @durable_execution
+    def handler(event, ctx):
+        def item(c, value, index, _):
+            ctx.logger.info("item %s", value)  # the enclosing context, not c
+            return value * 2
+
+        def misuse(c, value, index, _):
+            return ctx.step(lambda _: value)
+
+        good = ctx.map([1, 2], item).get_results()
+        bad = ctx.map([1], misuse, config=None).all[0].error
+        return {"good": good, "bad": [bad.type, "use the context the branch function receives" in bad.message]}
+
+    with DurableFunctionTestRunner(handler=handler) as runner:
+        res = runner.run(execution_timeout=60)
+    assert json.loads(res.result) == {"good": [2, 4], "bad": ["durable_mp.exceptions.ValidationError", True]}
