@@ -208,3 +208,17 @@ def test_parallel_failures_are_named_by_branch_and_an_unnamed_map_by_its_functio
     assert any(m.startswith("Parallel: branch 1 failed: OSError: disk gone") for m in failures), failures
     assert any(m.startswith("always_fails: item 0 failed: KeyError") for m in failures), failures
     assert any(m.startswith("all 2 items of 'always_fails' failed the same way") for m in failures), failures
+
+
+def test_signature_checks_of_a_callable_class_are_cached_per_class():
+    from durable_mp.decorators import durable_step
+    from durable_mp.operation import signature
+
+    @durable_step
+    def work(step_ctx, x):
+        return x
+
+    signature.check_step(work(1))
+    key = signature._cache_key(work(2), 1)
+    assert key is not None and key in signature._FITS
+    assert signature._cache_key(functools.partial(add, 1), 1) is None  # depends on the bound arguments
