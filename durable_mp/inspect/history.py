@@ -369,7 +369,11 @@ def build_history(execution: ExecutionRecord, ops: list[OpRecord]) -> list[Event
 
 
 def _summary(e: Event) -> str:
-    return e.note
+    parts = [e.note] if e.note else []
+    retry = e.details.get("RetryDetails") or {}
+    if e.event_type == "StepFailed" and retry.get("NextAttemptDelaySeconds"):
+        parts.append(f"attempt {retry['CurrentAttempt']}, retry in {retry['NextAttemptDelaySeconds']}s")
+    return "; ".join(parts)
 
 
 def format_history(events: list[Event]) -> str:
