@@ -166,7 +166,8 @@ def _chart(tl: Timeline) -> str:
                      f'x="{gx0:.2f}" y="{AXIS_H - 4}" width="{max(gx1 - gx0, 1.0):.2f}" height="{height - AXIS_H + 4}">'
                      f'<title>{_e(f"no driver for {g1 - g0:.1f}s: it stopped; the execution waited for a resume")}'
                      f'</title></rect>'
-                     f'<text class="gap-label" x="{(gx0 + gx1) / 2:.2f}" y="{AXIS_H - 2}" text-anchor="middle">'
+                     f'<text class="gap-label" x="{(gx0 + gx1) / 2:.2f}" y="{(AXIS_H + height) / 2:.1f}" '
+                     f'text-anchor="middle">'
                      f'no driver</text>')
     for run in tl.runs[1:]:
         if tl.start < run.start <= tl.end:
