@@ -45,7 +45,6 @@ class CrashFacts:
     failed_branches: list[str] = field(default_factory=list)
     ran_in_run: dict[int, int] = field(default_factory=dict)  # run number -> branches finished in it
     reran_after_resume: set[str] = field(default_factory=set)  # branch op ids started before a resume, finished after
-    in_flight_unknown: bool = False  # a driver stopped mid-batch: branches it had running may have left no record
 
     @property
     def crashes(self) -> int:

@@ -16,7 +16,8 @@ already holds; the driver records nothing extra per item during a run:
 * **ran again after a resume**: branches that finished in a resumed run although an
   earlier run had started them (a step of theirs recorded before the resume).  A branch
   that was in flight when its driver was killed but had finished no step leaves no record
-  of that first start; ``in_flight_unknown`` says so instead of guessing.
+  of that first start: it counts only as finished in the resumed run (the store cannot
+  tell it from an item first started there).
 """
 
 from __future__ import annotations
@@ -150,6 +151,4 @@ def crash_facts(tree: OpTree) -> CrashFacts:
                 if run_of(runs, first_seen) < finished_in:
                     facts.reran_after_resume.add(rec.op_id)
                     facts.redispatched.add(rec.op_id)
-    facts.in_flight_unknown = any(not r.finished and not r.running for r in runs[:-1]) or (
-        bool(runs) and not runs[-1].finished and not runs[-1].running)
     return facts
