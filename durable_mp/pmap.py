@@ -79,6 +79,30 @@ def execution_id_for(func: Callable[..., Any], items: list[Any], name: str | Non
     return f"{ID_PREFIX}-{label}-{digest.hexdigest()}"
 
 
+class _MapHandler:
+    """The handler of one ``map`` call, wearing ``func``'s module and code.
+
+    ``identity.code_fingerprint`` reads them, so a re-run that returns a stored result says
+    when *func's* code changed since (not this module's), and the record names the script.
+    """
+
+    def __init__(self, run: Callable[[Any, DurableContext], list[Any]], func: Callable[..., Any], label: str) -> None:
+        self._body = run  # not "run": DurableFunction copies this __dict__ (functools.update_wrapper)
+        self.__qualname__ = self.__name__ = f"durable_mp.map[{label}]"
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            self.__module__ = getattr(func, "__module__", None) or __name__
+            self.__code__ = code
+        else:  # a callable object: named by this module (its repr below is stable)
+            self.__module__ = __name__
+
+    def __call__(self, event: Any, ctx: DurableContext) -> list[Any]:
+        return self._body(event, ctx)
+
+    def __repr__(self) -> str:
+        return f"<{self.__qualname__}>"
+
+
 def _raise_first_failure(result: BatchResult[Any], total: int) -> None:
     failed = next((item for item in result.all if item.status is BatchItemStatus.FAILED), None)
     if failed is None:
@@ -139,14 +163,13 @@ def map(  # noqa: A001 - durable_mp.map, as Executor.map
     mapped = _CallPlain(func)
     total = len(values)
 
-    def handler(event: Any, ctx: DurableContext) -> list[Any]:
+    def run_items(event: Any, ctx: DurableContext) -> list[Any]:
         result = ctx.map(values, mapped, name=label, config=config)
         if not tolerate_failures:
             _raise_first_failure(result, total)
         return _with_errors(result, total)
 
-    handler.__qualname__ = f"durable_mp.map[{label}]"
-    durable = DurableFunction(handler)
+    durable = DurableFunction(_MapHandler(run_items, func, label))
     return durable.run(None, execution_id=exec_id, store=store, max_workers=max_workers, progress=progress,
                        max_crash_retries=max_crash_retries, max_worker_memory=max_worker_memory)
 

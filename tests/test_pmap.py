@@ -185,3 +185,36 @@ def test_fix_and_rerun_keeps_the_finished_items(store_path, tmp_path, monkeypatc
     ran_again = {i for i in second if second[i] > first.get(i, 0)}
     assert 5 in ran_again
     assert not ran_again & (set(first) - {5}), "items that succeeded in the first run must not run again"
+
+
+CHANGING = textwrap.dedent(
+    """
+    import sys
+    import durable_mp
+
+    def scale(x):
+        return x * FACTOR
+
+    FACTOR = 2
+
+    if __name__ == "__main__":
+        print(durable_mp.map(scale, [1, 2, 3], store=sys.argv[1], progress=False), flush=True)
+    """
+)
+
+
+def test_a_stored_result_after_a_code_change_says_the_code_changed(store_path, tmp_path):
+    script = tmp_path / "scale.py"
+    script.write_text(CHANGING)
+
+    def run():
+        done = subprocess.run([sys.executable, str(script), store_path], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip(), done.stderr
+
+    assert run()[0] == "[2, 4, 6]"
+    out, err = run()
+    assert out == "[2, 4, 6]" and "stored result" in err and "CHANGED" not in err
+    script.write_text(CHANGING.replace("FACTOR = 2", "FACTOR = 3"))
+    out, err = run()
+    assert out == "[2, 4, 6]" and "CHANGED" in err  # same call, same execution: said plainly
