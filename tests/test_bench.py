@@ -29,6 +29,7 @@ TINY = {
     "payload": {"cases": [[1, 2], [2, 2]]},
     "recovery": {"branches": 3, "step_ms": 5, "driver_branches": 6, "driver_step_ms": 60},
     "memory": {"items": 3000, "skip": False},
+    "start": {"items": 200},
 }
 
 
@@ -198,6 +199,6 @@ def test_cli_rejects_unknown_scenarios_and_bad_repeats():
 
 
 def test_scenarios_are_registered_in_order():
-    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "recovery", "memory"]
+    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "recovery", "memory", "start"]
     for module in bench.SCENARIOS.values():
         assert isinstance(module.params(True), dict) and isinstance(module.params(False), dict)
