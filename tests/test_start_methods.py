@@ -240,7 +240,7 @@ def test_driver_sigkilled_workers_exit_without_prctl_and_a_rerun_resumes(method,
     started = {name for name in os.listdir(markers)}
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=150, env={**env, "STEP_SECONDS": "0"})
     assert rerun.returncode == 0, rerun.stderr
-    assert rerun.stdout.strip() == str([3 * i for i in range(6)])
+    assert rerun.stdout.strip() == str([3 * i for i in range(6)]), rerun.stderr
     assert {name for name in os.listdir(markers)} == {f"start-{i}" for i in range(6)}
     assert all(_marks(str(markers), name) == 2 for name in started), "the interrupted steps ran again"
 

@@ -100,7 +100,8 @@ def spawn_process(entry: str, fds: list[int], argv: list[str]) -> int:
     for fd in fds:
         os.set_inheritable(fd, True)
     try:
-        return os.posix_spawn(sys.executable, _interpreter_args(entry) + argv, os.environ,
+        # its own process group from the first instruction: a Ctrl-C at the terminal reaches only the driver
+        return os.posix_spawn(sys.executable, _interpreter_args(entry) + argv, os.environ, setpgroup=0,
                               file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)])
     finally:
         for fd in fds:
