@@ -149,6 +149,7 @@ def serialize_parts(serdes: SerDes | None, value: Any, *, op_id: str = "", execu
     if serdes is None or serdes.__class__ is DefaultSerDes:
         text = envelope_of(value)
         if text is not None:
+            _check_size(len(text), what, value)
             return text
     elif serdes.__class__ is not PickleSerDes:
         return serialize(serdes, value, op_id=op_id, execution_id=execution_id, what=what)
