@@ -326,7 +326,12 @@ class WorkerPool:
         if worker.status is not WorkerState.DEAD and worker.status is not WorkerState.DRAINING:
             worker.move(WorkerState.DRAINING)  # a worker asked to quit is draining already
         try:
-            os.kill(worker.pid, signal.SIGKILL)
+            if worker.status is WorkerState.DEAD:
+                pass  # reaped already, its handles closed: its pid may be another process's by now
+            elif worker._sentinel_owned:  # by pidfd: a fork-server worker's pid is free for reuse once reaped
+                signal.pidfd_send_signal(worker.sentinel, signal.SIGKILL)
+            else:
+                os.kill(worker.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         return self.reap(worker)
