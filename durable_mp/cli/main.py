@@ -32,6 +32,7 @@ from durable_mp.cli.loader import HandlerError, load_handler
 from durable_mp.engine.start import START_METHODS
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
+from durable_mp.history_payloads import HistoryPayloads
 from durable_mp.inspect.history import build_history, format_history
 from durable_mp.inspect.report import write_report
 from durable_mp.inspect.runs import crash_facts
@@ -303,7 +304,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     tree = _tree(args)
-    events = build_history(tree.execution, list(tree.ops.values()))
+    events = build_history(tree.execution, list(tree.ops.values()), HistoryPayloads())
     if args.json:
         print(json.dumps([e.to_dict() for e in events], indent=2))
     else:

@@ -34,24 +34,54 @@ import bisect
 import datetime as _dt
 import heapq
 import json
+import pickle
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from durable_mp import serdes as _serdes
-from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionReason
+from durable_mp.core.callback_ids import encode_callback_id
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.inspect.runs import CRASH_TYPE, DEATH_TYPES, crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch
-from durable_mp.lambda_service import ErrorObject
-from durable_mp.operation.callback import encode_callback_id
 from durable_mp.store.records import FAILED, SUCCEEDED, ExecutionRecord
 
 MAX_PAYLOAD_CHARS = 256 * 1024  # the reference's checkpoint limit; larger payloads are marked Truncated
 MAX_BATCH_PAYLOAD_ITEMS = 10_000  # a bigger batch's BatchResult is not rebuilt for the history
 STOPPED_RUN = "DriverStopped"  # error type of an invocation whose driver ended before the execution
 WORKER_CRASHED_EVENT = "WorkerCrashed"
-_EXTENDED: _serdes.ExtendedTypeSerDes[Any] = _serdes.ExtendedTypeSerDes()
 _NO_VALUE = object()
+
+
+class PayloadCodec(Protocol):
+    """How stored payloads become the reference's payload text.
+
+    ``inspect`` uses only ``core`` and ``store`` (DESIGN.md §6), so the reference's
+    serializer and ``BatchResult`` come in from outside: ``durable_mp.history_payloads``
+    (the CLI and the test runner pass it).  Every method raises when it cannot.
+    """
+
+    def value(self, data: bytes | str) -> Any:
+        """The value a stored payload holds."""
+
+    def encode(self, value: Any) -> str:
+        """The reference's default serializer's text for ``value``."""
+
+    def batch_result(self, items: list[tuple[int, str, Any, dict | None]], reason: str) -> Any:
+        """A ``BatchResult`` of ``(index, status, value, error)`` items."""
+
+
+class StoredPayloads:
+    """Without the serializers: stored text is shown as is, pickles are loaded, nothing re-encoded."""
+
+    def value(self, data: bytes | str) -> Any:
+        if isinstance(data, str):
+            raise ValueError("text payloads are shown as stored")
+        return pickle.loads(data)
+
+    def encode(self, value: Any) -> str:
+        raise NotImplementedError("no serializer given (durable_mp.history_payloads.HistoryPayloads)")
+
+    def batch_result(self, items: list[tuple[int, str, Any, dict | None]], reason: str) -> Any:
+        raise NotImplementedError("no BatchResult given (durable_mp.history_payloads.HistoryPayloads)")
 
 
 def iso(ts: float | None) -> str | None:
@@ -103,73 +133,73 @@ def _text_payload(text: str | None) -> dict:
     return {"Truncated": False, "Payload": text}
 
 
-def _value(data: bytes | str | None) -> Any:
+def _value(codec: PayloadCodec, data: bytes | str | None) -> Any:
     """The stored value of a result, or ``_NO_VALUE`` if it cannot be loaded here."""
     if data is None:
         return None
     try:
-        if isinstance(data, str):  # the default serdes' envelope (the reference's format)
-            return _EXTENDED.deserialize(data)
-        return _serdes.unpickle(data)
+        return codec.value(data)
     except Exception:  # noqa: BLE001 - another serdes' text, or classes this process cannot import
         return _NO_VALUE
 
 
-def _encoded(value: Any) -> str | None:
+def _encoded(codec: PayloadCodec, value: Any) -> str | None:
     """The reference's default serializer's text for ``value``, or None if it has none."""
     if value is _NO_VALUE:
         return None
     try:
-        return _EXTENDED.serialize(value)
+        return codec.encode(value)
     except Exception:  # noqa: BLE001 - no JSON form (arrays, arbitrary objects): no payload
         return None
 
 
-def _result(rec: OpRecord) -> dict:
+def _result(codec: PayloadCodec, rec: OpRecord) -> dict:
     """``{"Truncated", "Payload"}`` for an operation's stored result."""
     data = rec.result
     if isinstance(data, str):
         if rec.op_type == OpType.CONTEXT and rec.sub_type == "WaitForCallback" and (rec.extra or {}).get("raw"):
-            return _text_payload(_encoded(data))  # the callback's text, serialized as the reference does
-        return _text_payload(data)  # already JSON (a JSON serdes) or a callback's raw payload
+            text = _encoded(codec, data)  # the callback's text, serialized as the reference does
+            return {"Truncated": True} if text is None else _text_payload(text)
+        return _text_payload(data)  # already the reference's envelope (or a JSON serdes' / a callback's text)
     if data is None:
         return _text_payload(None)
     if isinstance(data, bytes | bytearray | memoryview) and len(data) > MAX_PAYLOAD_CHARS * 4:
         return {"Truncated": True}
-    text = _encoded(_value(data))
+    text = _encoded(codec, _value(codec, data))
     return {"Truncated": True} if text is None else _text_payload(text)
 
 
-def _batch_result(tree: OpTree, rec: OpRecord) -> dict:
+def _batch_result(codec: PayloadCodec, tree: OpTree, rec: OpRecord) -> dict:
     """A finished batch's ``BatchResult`` as the reference serializes it, rebuilt from its branches."""
     branches = [c for c in tree.children(rec.op_id) if is_branch(c)]
     reason = (rec.extra or {}).get("completion_reason")
     if reason is None or len(branches) > MAX_BATCH_PAYLOAD_ITEMS:
-        return _result(rec)
-    items: list[BatchItem[Any]] = []
+        return _result(codec, rec)
+    items: list[tuple[int, str, Any, dict | None]] = []
     for c in branches:
         index = tree.index.get(c.op_id, len(items))
         if c.status == OpStatus.SUCCEEDED:
-            value = _value(c.result)
+            value = _value(codec, c.result)
             if value is _NO_VALUE:
                 return {"Truncated": True}
-            items.append(BatchItem(index, BatchItemStatus.SUCCEEDED, value))
+            items.append((index, OpStatus.SUCCEEDED, value, None))
         elif c.status == OpStatus.FAILED:
-            items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(c.error or {})))
+            items.append((index, OpStatus.FAILED, None, c.error or {}))
         else:
-            items.append(BatchItem(index, BatchItemStatus.STARTED))
+            items.append((index, OpStatus.STARTED, None, None))
     try:
-        batch = BatchResult(items, CompletionReason(reason))
-    except (ValueError, TypeError):
-        return _result(rec)
-    return _text_payload(_encoded(batch))
+        batch = codec.batch_result(items, reason)
+    except Exception:  # noqa: BLE001 - no BatchResult here, or a reason it does not know
+        return _result(codec, rec)
+    text = _encoded(codec, batch)
+    return {"Truncated": True} if text is None else _text_payload(text)
 
 
-def _execution_payload(data: bytes | None) -> dict:
+def _execution_payload(codec: PayloadCodec, data: bytes | None) -> dict:
     """The execution's input/result as JSON text (the reference JSON-encodes both)."""
     if data is None:
         return {"Truncated": False}
-    value = _value(data)
+    value = _value(codec, data)
     if value is _NO_VALUE:
         return {"Truncated": True}
     try:
@@ -186,7 +216,7 @@ def _retry(current: int, delay: float | None) -> dict:
     return {"CurrentAttempt": current, "NextAttemptDelaySeconds": _seconds(delay or 0.0)}
 
 
-def _step_events(rec: OpRecord, ev) -> list[Event]:
+def _step_events(codec: PayloadCodec, rec: OpRecord, ev) -> list[Event]:
     """StepStarted / StepFailed(+retry) ... per attempt, ending with the terminal event."""
     out: list[Event] = []
     attempts = list(rec.attempts)
@@ -218,7 +248,7 @@ def _step_events(rec: OpRecord, ev) -> list[Event]:
         out.append(ev("StepStarted", rec.start_ts, {}))
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
     if rec.status == OpStatus.SUCCEEDED:
-        out.append(ev("StepSucceeded", end, {"Result": _result(rec)},
+        out.append(ev("StepSucceeded", end, {"Result": _result(codec, rec)},
                       f"attempt {rec.attempt}" if rec.attempt > 1 and not polling else ""))
     elif rec.status == OpStatus.FAILED:
         out.append(ev("StepFailed", end, {"Error": _error(rec.error), "RetryDetails": _retry(max(rec.attempt, 1), 0)},
@@ -226,7 +256,7 @@ def _step_events(rec: OpRecord, ev) -> list[Event]:
     return out
 
 
-def _callback_events(rec: OpRecord, execution_id: str, ev) -> tuple[list[Event], list[Event]]:
+def _callback_events(codec: PayloadCodec, rec: OpRecord, execution_id: str, ev) -> tuple[list[Event], list[Event]]:
     extra = rec.extra or {}
     started: dict[str, Any] = {"CallbackId": encode_callback_id(execution_id, rec.parent_id, rec.op_id)}
     if extra.get("deadline"):
@@ -236,7 +266,7 @@ def _callback_events(rec: OpRecord, execution_id: str, ev) -> tuple[list[Event],
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
     after: list[Event] = []
     if rec.status == OpStatus.SUCCEEDED:
-        after = [ev("CallbackSucceeded", end, {"Result": _result(rec)})]
+        after = [ev("CallbackSucceeded", end, {"Result": _result(codec, rec)})]
     elif rec.status == OpStatus.TIMED_OUT:
         after = [ev("CallbackTimedOut", end, {"Error": _error(rec.error)}, error_line(rec.error, 120))]
     elif rec.status == OpStatus.FAILED:
@@ -260,7 +290,7 @@ def _crash_events(rec: OpRecord, ev) -> list[Event]:
     return out
 
 
-def _own_events(tree: OpTree, rec: OpRecord, depth: int) -> tuple[list[Event], list[Event]]:
+def _own_events(codec: PayloadCodec, tree: OpTree, rec: OpRecord, depth: int) -> tuple[list[Event], list[Event]]:
     """(events before the children of ``rec``, events after them)."""
     parent = rec.parent_id or None
 
@@ -269,9 +299,9 @@ def _own_events(tree: OpTree, rec: OpRecord, depth: int) -> tuple[list[Event], l
 
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
     if rec.op_type == OpType.STEP:
-        return _step_events(rec, ev), []
+        return _step_events(codec, rec, ev), []
     if rec.op_type == OpType.CALLBACK:
-        return _callback_events(rec, tree.execution.exec_id, ev)
+        return _callback_events(codec, rec, tree.execution.exec_id, ev)
     if rec.op_type == OpType.WAIT:
         extra = rec.extra or {}
         started: dict[str, Any] = {}
@@ -288,7 +318,7 @@ def _own_events(tree: OpTree, rec: OpRecord, depth: int) -> tuple[list[Event], l
         before += _crash_events(rec, ev)
     after = []
     if rec.status == OpStatus.SUCCEEDED:
-        result = _batch_result(tree, rec) if is_batch(rec) else _result(rec)
+        result = _batch_result(codec, tree, rec) if is_batch(rec) else _result(codec, rec)
         after = [ev(f"{kind}Succeeded", end, {"Result": result}, (rec.extra or {}).get("completion_reason", ""))]
     elif rec.status == OpStatus.FAILED:
         after = [ev(f"{kind}Failed", end, {"Error": _error(rec.error)}, error_line(rec.error, 120))]
@@ -305,11 +335,12 @@ def _monotone(events: list[Event], floor: float) -> list[tuple[float, Event]]:
     return out
 
 
-def _subtree(tree: OpTree, rec: OpRecord, depth: int, floor: float) -> list[tuple[float, Event]]:
-    before, after = _own_events(tree, rec, depth)
+def _subtree(codec: PayloadCodec, tree: OpTree, rec: OpRecord, depth: int,
+             floor: float) -> list[tuple[float, Event]]:
+    before, after = _own_events(codec, tree, rec, depth)
     head = _monotone(before, floor)
     start_key = head[0][0] if head else max(floor, rec.start_ts)
-    body = _merge([_subtree(tree, child, depth + 1, start_key) for child in tree.children(rec.op_id)])
+    body = _merge([_subtree(codec, tree, child, depth + 1, start_key) for child in tree.children(rec.op_id)])
     if len(head) > 1:  # crash events interleave with the children by time, after the start
         body = _merge([head[1:], body])
         head = head[:1]
@@ -341,13 +372,19 @@ def _invocations(tree: OpTree) -> list[Event]:
     return out
 
 
-def build_history(execution: ExecutionRecord, ops: list[OpRecord]) -> list[Event]:
-    """All events of ``execution`` in order, ``event_id`` from 1."""
+def build_history(execution: ExecutionRecord, ops: list[OpRecord],
+                  codec: PayloadCodec | None = None) -> list[Event]:
+    """All events of ``execution`` in order, ``event_id`` from 1.
+
+    ``codec`` (``durable_mp.history_payloads.HistoryPayloads()``) gives payloads in the
+    reference's encoding where the store holds pickles; without it they are as stored.
+    """
+    codec = codec or StoredPayloads()
     tree = OpTree(execution, ops)
     ex = execution
     started = Event("ExecutionStarted", ex.created_ts, ex.exec_id, ex.exec_id, None, None,
-                    {"Input": _execution_payload(ex.input)}, note=ex.handler)
-    body = _merge([_subtree(tree, rec, 0, ex.created_ts) for rec in tree.children("")])
+                    {"Input": _execution_payload(codec, ex.input)}, note=ex.handler)
+    body = _merge([_subtree(codec, tree, rec, 0, ex.created_ts) for rec in tree.children("")])
     keys = [key for key, _e in body]
     events = [started] + [e for _key, e in body]
     # an invocation ends after everything it recorded: insert each by its end time
@@ -359,7 +396,7 @@ def build_history(execution: ExecutionRecord, ops: list[OpRecord]) -> list[Event
     end = max([ex.ended_ts or ex.created_ts] + [e.timestamp for e in events])
     if ex.status == SUCCEEDED:
         events.append(Event("ExecutionSucceeded", ex.ended_ts or end, ex.exec_id, ex.exec_id, None, None,
-                            {"Result": _execution_payload(ex.result)}))
+                            {"Result": _execution_payload(codec, ex.result)}))
     elif ex.status == FAILED:
         events.append(Event("ExecutionFailed", ex.ended_ts or end, ex.exec_id, ex.exec_id, None, None,
                             {"Error": _error(ex.error)}, note=error_line(ex.error, 120)))

@@ -14,10 +14,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+from durable_mp.core.callback_ids import encode_callback_id
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.core.remote import origin_note
 from durable_mp.inspect.crash_model import CrashFacts
-from durable_mp.operation.callback import encode_callback_id
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
 BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})

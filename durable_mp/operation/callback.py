@@ -12,14 +12,13 @@ A callback id is the operation's key (execution, parent, operation id), URL-safe
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
+from durable_mp.core.callback_ids import decode_callback_id, encode_callback_id
 from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.exceptions import (
     CallbackError,
@@ -40,20 +39,6 @@ TIMEOUT_TYPE = "Callback.Timeout"
 HEARTBEAT_TYPE = "Callback.Heartbeat"
 SUB_CALLBACK = "Callback"
 SUB_WAIT_FOR_CALLBACK = "WaitForCallback"
-
-
-def encode_callback_id(execution_id: str, parent_id: str, op_id: str) -> str:
-    raw = json.dumps([execution_id, parent_id, op_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_callback_id(callback_id: str) -> tuple[str, str, str]:
-    try:
-        raw = base64.urlsafe_b64decode(callback_id + "=" * (-len(callback_id) % 4))
-        execution_id, parent_id, op_id = json.loads(raw)
-        return str(execution_id), str(parent_id), str(op_id)
-    except (ValueError, TypeError) as exc:
-        raise ValidationError(f"not a durable_mp callback id: {callback_id!r}") from exc
 
 
 def timed_out_record(rec: OpRecord, now: float | None = None) -> OpRecord:
@@ -214,5 +199,5 @@ def send_callback_heartbeat(callback_id: str, *, store: Any = None) -> None:
     _complete(callback_id, store, lambda rec: rec._replace(extra={**(rec.extra or {}), "heartbeat": time.time()}))
 
 
-__all__ = ["Callback", "CallbackExternalError", "send_callback_failure", "send_callback_heartbeat",
-           "send_callback_success"]
+__all__ = ["Callback", "CallbackExternalError", "decode_callback_id", "encode_callback_id", "send_callback_failure",
+           "send_callback_heartbeat", "send_callback_success"]

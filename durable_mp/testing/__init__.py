@@ -55,6 +55,7 @@ from durable_mp.config import NestingType
 from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.exceptions import ExecutionFailedError
 from durable_mp.execution import SUCCEEDED, DurableFunction, durable_execution, envelope_of
+from durable_mp.history_payloads import HistoryPayloads
 from durable_mp.inspect.history import build_history
 from durable_mp.inspect.tree import OpTree
 from durable_mp.lambda_service import ErrorObject, InvocationStatus, OperationStatus, OperationSubType, OperationType
@@ -389,7 +390,7 @@ class DurableFunctionTestRunner:
         execution = self.store.get_execution(execution_arn)
         if execution is None:
             raise ValueError(f"unknown execution {execution_arn!r}")
-        events = build_history(execution, self.store.ops(execution_arn))
+        events = build_history(execution, self.store.ops(execution_arn), HistoryPayloads())
         return HistoryResponse([HistoryEvent(e.event_type, _when(e.timestamp), e.sub_type, e.event_id, e.op_id,
                                              e.name, e.parent_id, dict(e.details)) for e in events])
 
