@@ -61,11 +61,16 @@ JOBS = textwrap.dedent(
     def big(event, ctx):
         return ctx.map(list(range(event["n"])), lambda c, x, i, xs: b"x" * 4096, name="blobs").success_count
 
-    def slow_branch(i, markers, pause):
+    def slow_branch(i, markers, pause, hold=None):
         def run(ctx):
             first = ctx.step(lambda sc: i, name=f"first-{i}")
             def second(sc):
-                time.sleep(pause)
+                if hold:  # held until the test lets go (a loaded machine must not end it early)
+                    deadline = time.time() + 60
+                    while not os.path.exists(hold) and time.time() < deadline:
+                        time.sleep(0.05)
+                else:
+                    time.sleep(pause)
                 open(os.path.join(markers, f"done-{i}"), "w").close()
                 return first + 100
             # a step with a timeout is watched by the driver, so the checkpoint of
@@ -75,7 +80,8 @@ JOBS = textwrap.dedent(
 
     @durable_execution
     def slow(event, ctx):
-        r = ctx.parallel([slow_branch(i, event["markers"], event.get("pause", 0.4)) for i in range(event["n"])], name="slow",
+        r = ctx.parallel([slow_branch(i, event["markers"], event.get("pause", 0.4), event.get("hold"))
+                          for i in range(event["n"])], name="slow",
                          config=ParallelConfig(max_concurrency=3))
         return r.get_results()
 
@@ -333,7 +339,8 @@ def test_sigkilled_run_is_resumed_and_reported(jobs, tmp_path, store_path, capsy
 def test_locked_execution_cannot_be_resumed_or_deleted(jobs, tmp_path, store_path):
     markers = tmp_path / "markers"
     markers.mkdir()
-    event = json.dumps({"n": 3, "markers": str(markers), "pause": 3})
+    hold = tmp_path / "let-go"
+    event = json.dumps({"n": 3, "markers": str(markers), "hold": str(hold)})
     proc = subprocess.Popen([sys.executable, "-m", "durable_mp", "run", f"{jobs}:slow", "--id", "busy",
                              "--input", event, "--store", store_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -345,7 +352,8 @@ def test_locked_execution_cannot_be_resumed_or_deleted(jobs, tmp_path, store_pat
         gone = run_cli("delete", "busy", store=store_path)
         assert gone.returncode == 2 and "is running" in one_line(gone.stderr)
     finally:
-        out, err = proc.communicate(timeout=30)
+        hold.write_text("")
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out) == [100, 101, 102]
 

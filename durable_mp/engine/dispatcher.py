@@ -660,6 +660,12 @@ class Dispatcher:
         for worker in self.pool.workers:
             if worker.task is None:
                 continue
+            if worker.running_index() is None:
+                # not running a branch yet (a loaded machine may take a while to wake it): a worker
+                # blocked on its pipe is not a branch waiting on I/O
+                worker.cpu_mark = None
+                self.io_waiting.pop(worker.pid, None)
+                continue
             cpu = worker.cpu_seconds()
             if worker.cpu_mark is None:
                 worker.cpu_mark = (now, cpu)
