@@ -170,3 +170,36 @@ def test_worker_lifecycle():
         check_worker_move(WorkerState.DEAD, WorkerState.IDLE, 1)
     with pytest.raises(IllegalTransition):
         check_worker_move(WorkerState.DRAINING, WorkerState.BUSY, 1)
+
+
+def test_bulk_moves_match_one_by_one_moves_and_refuse_illegal_ones():
+    one, bulk = BranchTable(6), BranchTable(6)
+    for i in range(4):
+        one.move(i, BranchState.DISPATCHED)
+    bulk.move_many([0, 1, 2, 3], BranchState.DISPATCHED)
+    for i in (0, 2):
+        one.finish(i, BranchState.SUCCEEDED)
+    bulk.finish_many([0, 2], BranchState.SUCCEEDED)
+    assert [one.state(i) for i in range(6)] == [bulk.state(i) for i in range(6)]
+    assert one.counts == bulk.counts
+    with pytest.raises(IllegalTransition):
+        bulk.finish_many([4], BranchState.SUCCEEDED)  # never dispatched
+    with pytest.raises(IllegalTransition):
+        bulk.move_many([0], BranchState.DISPATCHED)  # finished
+
+
+def test_bulk_policy_events_match_one_by_one_events():
+    one, bulk = CompletionPolicy(CompletionConfig.first_successful(), 5), \
+        CompletionPolicy(CompletionConfig.first_successful(), 5)
+    for i in (0, 1, 2):
+        one.on_started(i)
+    bulk.on_started_many([0, 1, 2])
+    for i in (0, 2):
+        one.on_finished(i, True)
+    bulk.on_succeeded_many([0, 2])
+    assert (one.succeeded_count, one.started_count, one.decision()) == \
+        (bulk.succeeded_count, bulk.started_count, bulk.decision())
+    with pytest.raises(InvalidStateError):
+        bulk.on_succeeded_many([0])  # finished twice
+    with pytest.raises(InvalidStateError):
+        bulk.on_started_many([7])

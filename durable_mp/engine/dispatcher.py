@@ -260,11 +260,8 @@ class Dispatcher:
         names = None
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
-        on_started = spec.policy.on_started
-        move = batch.branches.move
-        for index in indices:
-            move(index, BranchState.DISPATCHED)
-            on_started(index)
+        batch.branches.move_many(indices, BranchState.DISPATCHED)
+        spec.policy.on_started_many(indices)
         return names, checkpoints
 
     def _return_unstarted(self, batch: BatchRun, indices: list[int]) -> None:
@@ -405,6 +402,7 @@ class Dispatcher:
         virtual = batch.spec.policy.virtual_time
         staged = []
         failed = 0
+        ok: list[int] = []  # succeeded: recorded in the branch table and the policy in one call each
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
@@ -426,12 +424,15 @@ class Dispatcher:
                     records[index] = succeeded_item(index, value)
                 except Exception:  # noqa: BLE001 - the BatchResult build reports it with context
                     pass
-            finish(index, BranchState.SUCCEEDED if succeeded else BranchState.FAILED)
-            if virtual:  # skip_time: the policy orders outcomes by the delays they skipped
-                rec = OpRecord.loads(b"".join(data) if isinstance(data, list) else data)
-                on_finished(index, succeeded, (rec.extra or {}).get(SKIPPED_KEY, 0.0))
+            if succeeded and not virtual:
+                ok.append(index)
             else:
-                on_finished(index, succeeded)
+                finish(index, BranchState.SUCCEEDED if succeeded else BranchState.FAILED)
+                if virtual:  # skip_time: the policy orders outcomes by the delays they skipped
+                    rec = OpRecord.loads(b"".join(data) if isinstance(data, list) else data)
+                    on_finished(index, succeeded, (rec.extra or {}).get(SKIPPED_KEY, 0.0))
+                else:
+                    on_finished(index, succeeded)
             if tick is not None:
                 tick(succeeded)
             if not succeeded:
@@ -442,6 +443,9 @@ class Dispatcher:
                 if rec.extra and rec.extra.get("fatal"):
                     raise FatalBranchError(rec)
                 self.failures.note(index, rec.error)
+        if ok:
+            batch.branches.finish_many(ok, BranchState.SUCCEEDED)
+            batch.spec.policy.on_succeeded_many(ok)
         self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
         seen = task.seen
         if seen is not None:  # what this worker's budgets count as already known

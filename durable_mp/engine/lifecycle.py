@@ -82,6 +82,28 @@ class BranchTable:
         self.counts[src] -= 1
         self.counts[to] += 1
 
+    def move_many(self, indices: list[int], to: BranchState) -> None:
+        """``move`` for a chunk (one call on the dispatch hot path)."""
+        states, legal, counts = self._states, _LEGAL, self.counts
+        for index in indices:
+            src = states[index]
+            if not legal[src][to]:
+                raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
+            states[index] = to
+            counts[src] -= 1
+        counts[to] += len(indices)
+
+    def finish_many(self, indices: list[int], to: BranchState) -> None:
+        """``finish`` for several reported outcomes."""
+        states, legal, counts = self._states, _LEGAL, self.counts
+        for index in indices:
+            src = states[index]
+            if not legal[_B.RUNNING if src == _B.DISPATCHED else src][to]:
+                raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
+            states[index] = to
+            counts[src] -= 1
+        counts[to] += len(indices)
+
     def replayed(self, index: int, succeeded: bool) -> None:
         """A branch finished in an earlier run (resume): terminal without running."""
         self.move(index, _B.DISPATCHED)

@@ -35,7 +35,7 @@ import psutil
 
 from durable_mp.engine import wire
 from durable_mp.engine.lifecycle import WorkerState, check_worker_move
-from durable_mp.engine.protocol import Quit
+from durable_mp.engine.protocol import Quit, RunChunk
 from durable_mp.engine.start import (
     SLOT_BYTES,
     ForkServer,
@@ -80,7 +80,10 @@ class Worker:
         self.status = to
 
     def send(self, msg: Any) -> None:
-        wire.send(self.conn, msg, gathered=True, sentinel=self.sentinel)
+        # only a chunk carrying the batch payload has an out-of-band frame: every other message
+        # takes the C pickler (the frame-aware one calls back into Python for every object)
+        gathered = msg.__class__ is RunChunk and msg.payload is not None
+        wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
 
     def recv(self) -> Any:
         return wire.recv(self.conn, self.sentinel)
