@@ -42,6 +42,7 @@ from durable_mp.engine.start import (
     boot_message,
     check_start_method,
     new_slot,
+    run_worker,
     socket_pair,
     spawn_process,
 )
@@ -239,28 +240,16 @@ class WorkerPool:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # child
-            code = 0
-            try:
+
+            def body() -> None:
                 parent_conn.close()
                 for other in self.workers:
                     other.close_handles()
                 if self.server is not None:
                     self.server.sock.close()
                 worker_main(child_conn, slot, self.parent_pid, self.settings)
-            except BaseException:  # noqa: BLE001
-                code = 1
-                try:
-                    import traceback
 
-                    traceback.print_exc()
-                except BaseException:  # noqa: BLE001
-                    pass
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
+            run_worker(body)
         child_conn.close()
         return pid, parent_conn, slot
 

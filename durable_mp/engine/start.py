@@ -121,7 +121,7 @@ def _apply_boot(boot: dict[str, Any]) -> None:
         __import__(name)
 
 
-def _run_worker(body: Callable[[], None]) -> None:
+def run_worker(body: Callable[[], None]) -> None:
     """Run a worker body and end the process: exit code 0, or 1 with the traceback on stderr."""
     code = 0
     try:
@@ -153,7 +153,7 @@ def spawned_worker() -> None:
         _apply_boot(boot)
         worker_main(conn, slot, boot["parent_pid"], boot["settings"])
 
-    _run_worker(body)
+    run_worker(body)
 
 
 # -- forkserver -------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def fork_server() -> None:
                 os.close(wake_w)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _run_worker(functools.partial(_forked_worker, fds[0], fds[1], boot["settings"]))
+                run_worker(functools.partial(_forked_worker, fds[0], fds[1], boot["settings"]))
             for fd in fds:
                 os.close(fd)
             children.add(pid)
