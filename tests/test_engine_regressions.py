@@ -316,3 +316,17 @@ def test_reaping_a_worker_that_does_not_exit_in_time_does_not_block(monkeypatch)
         pool.reap_zombies(wait_seconds=5)
         pool.close()
     assert not pool.unreaped
+
+
+# -- a branch's traceback starts at the user's code ------------------------------------------
+def test_a_failed_branch_traceback_starts_in_user_code(store_path):
+    def boom(ctx):
+        raise RuntimeError("orders service down")
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([boom]).all[0].error.stack_trace
+
+    trace = "".join(handler.run(None, store=store_path))
+    assert "engine/branch.py" not in trace, trace
+    assert __file__ in trace and "orders service down" in trace

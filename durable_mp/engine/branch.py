@@ -60,7 +60,7 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
 
     def record(status: str, payload: Any = None, exc: BaseException | None = None,
                extra: dict[str, Any] | None = None) -> OpRecord:
-        error = None if exc is None else ErrorObject.from_exception(exc).to_dict()
+        error = None if exc is None else ErrorObject.from_exception(_from_user_code(exc)).to_dict()
         skipped = take_skipped_seconds()  # under skip_time: the policy orders outcomes by it
         if skipped:
             extra = {**(extra or {}), SKIPPED_KEY: skipped}
@@ -82,6 +82,18 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
         return record(OpStatus.FAILED, exc=exc)
     return record(OpStatus.SUCCEEDED, payload)
+
+
+def _from_user_code(exc: BaseException) -> BaseException:
+    """The exception with this module's own frames (``run_branch``, ``BranchSource.call``) left out.
+
+    A branch's stored traceback is read by people looking for their failing line; the
+    engine's frames above it say nothing.  If every frame is ours, nothing is left out.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return exc.with_traceback(tb) if tb is not None else exc
 
 
 class FatalBranchError(Exception):
