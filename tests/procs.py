@@ -35,3 +35,16 @@ def leftover_children(seconds: float = 5.0) -> list:
         except psutil.Error:
             pass
     return alive
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: a driver started with ``start_new_session``
+    and every worker or helper it started."""
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+        except (OSError, psutil.Error):
+            pass
+    return out

@@ -53,6 +53,7 @@ import chaos_job
 import durable_mp
 from durable_mp.exceptions import StoreError
 from durable_mp.store import Store
+from procs import session_processes
 
 JOB = pathlib.Path(chaos_job.__file__)
 # The drivers import the durable_mp this test imported, not whatever the path finds first.
@@ -149,15 +150,6 @@ def live_children(pid: int) -> list[psutil.Process]:
     return out
 
 
-def session_processes(sid: int) -> list[int]:
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc.pid)
-        except (OSError, psutil.Error):
-            pass
-    return out
 
 
 def alive(pid: int, create_time: float) -> bool:

@@ -17,6 +17,7 @@ import pytest
 
 from durable_mp import ExecutionLockedError
 from durable_mp.store.facade import Store
+from procs import session_processes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,15 +72,6 @@ def start(script, store, n, **env):
                             env={**os.environ, **env})
 
 
-def session_processes(sid: int) -> list[int]:
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc.pid)
-        except (ProcessLookupError, psutil.Error, PermissionError):
-            pass
-    return out
 
 
 def wait_gone(sid: int, seconds: float = 10.0) -> list[int]:

@@ -28,6 +28,7 @@ from durable_mp.engine.start import START_METHODS, default_start_method
 from durable_mp.engine.worker import NO_PDEATHSIG_ENV
 from durable_mp.retries import RetryPresets
 from durable_mp.store.facade import Store
+from procs import session_processes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -193,15 +194,6 @@ JOB = textwrap.dedent(
 )
 
 
-def _session(sid: int) -> list[int]:
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc.pid)
-        except (ProcessLookupError, psutil.Error, PermissionError):
-            pass
-    return out
 
 
 def _descendants_gone(pids: list[int], seconds: float) -> list[int]:
@@ -234,7 +226,7 @@ def test_driver_sigkilled_workers_exit_without_prctl_and_a_rerun_resumes(method,
         proc.wait(timeout=10)
         assert _descendants_gone(helpers, 15) == [], "a worker (or the fork server) outlived its driver"
     finally:
-        for pid in _session(proc.pid):
+        for pid in session_processes(proc.pid):
             os.kill(pid, signal.SIGKILL)
         proc.communicate()
     started = {name for name in os.listdir(markers)}

@@ -73,7 +73,7 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
         payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
                                           execution_id=source.execution_id,
                                           what=f"result of branch {index} ({name})")
-        if payload.__class__ is list:  # buffers (a numpy result): copy what may still change
+        if isinstance(payload, list):  # serdes.Parts (a numpy result): copy what may still change
             payload = snapshot(payload)
     except (KeyboardInterrupt, OrphanedChildException):
         raise
@@ -122,7 +122,7 @@ def snapshot(parts: Any) -> Any:
     memory would otherwise carry whatever the array holds when it is finally sent (a map
     function that reuses one output buffer).
     """
-    if parts.__class__ is not list:  # bytes, a serdes' str, None: immutable
+    if not isinstance(parts, list):  # bytes, a serdes' str, None: immutable
         return parts
     return [part if part.__class__ is bytes else bytes(part) for part in parts]
 

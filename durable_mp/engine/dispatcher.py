@@ -309,6 +309,7 @@ class Dispatcher:
             handles[worker.conn] = worker
             handles[worker.sentinel] = worker
         ready = wait(list(handles), timeout=self._wait_seconds(batch))
+        exited = {handles[h].pid for h in ready if h is handles[h].sentinel}  # their process has ended
         seen: set[int] = set()
         for handle in ready:
             worker = handles[handle]
@@ -316,7 +317,7 @@ class Dispatcher:
                 continue
             seen.add(worker.pid)
             if worker.task is not None and worker in self.pool.workers:
-                self._read(worker)
+                self._read(worker, worker.pid in exited)
         if self.callback_waiters:
             self._poll_callbacks()
         self._watchdog(batch)
@@ -336,12 +337,12 @@ class Dispatcher:
             waits.append(CPU_SAMPLE_SECONDS)
         return max(0.0, min(waits))
 
-    def _read(self, worker: Worker) -> None:
-        """Handle every complete message the worker sent; then, if it is dead, its death."""
+    def _read(self, worker: Worker, exited: bool) -> None:
+        """Handle every complete message the worker sent; then, if its sentinel fired, its death."""
         while worker.task is not None and worker in self.pool.workers:
             try:
                 if not worker.conn.poll():
-                    if worker.is_dead():
+                    if exited and worker.is_dead():  # (without a pidfd the sentinel is the pipe itself)
                         self._on_death(worker)
                     return
                 msg = worker.recv()

@@ -35,7 +35,7 @@ import cloudpickle
 
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 from durable_mp.engine import wire
-from durable_mp.engine.branch import BranchSource, run_branch, snapshot
+from durable_mp.engine.branch import BranchSource, run_branch
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
     Budget,
@@ -141,7 +141,10 @@ class Outbox:
     ``send_lock`` keeps the messages of one chunk in order (Records ... ChunkDone).
     """
 
-    wrap = staticmethod(wire.big)  # a record's buffers: joined, or a frame of their own when large
+    # a record's buffers: joined, or a frame of their own when large.  They are never the user's
+    # memory: results are copied where they are serialized (``branch.run_branch``), steps and
+    # child contexts serialize to bytes
+    wrap = staticmethod(wire.big)
 
     def __init__(self, channel: Channel | None) -> None:
         self.channel = channel
@@ -157,7 +160,7 @@ class Outbox:
         self._watch_ids = itertools.count(1)
 
     def add(self, rec: OpRecord) -> None:
-        data = self.wrap(_frozen_parts(rec))
+        data = self.wrap(rec.dumps_parts())
         with self.lock:
             self.nested.append((rec.parent_id, rec.op_id, data))
             self.gathered = self.gathered or data.__class__ is wire.Gather
@@ -165,7 +168,7 @@ class Outbox:
 
     def add_item(self, index: int, rec: OpRecord) -> None:
         """A branch's terminal record, pickled here so the driver stores the bytes as they are."""
-        data = self.wrap(_frozen_parts(rec))
+        data = self.wrap(rec.dumps_parts())
         with self.lock:
             self.items.append((index, rec.status == SUCCEEDED, branch_key(index), data))
             self.gathered = self.gathered or data.__class__ is wire.Gather
@@ -241,15 +244,6 @@ class Outbox:
         task_id = self.task_id
         reply: OpRecord = self.channel.request(lambda rid: CallbackWait(rid, task_id, rec), gathered=False)
         return reply
-
-
-def _frozen_parts(rec: OpRecord) -> list[Any]:
-    """The record's buffers, copied where they may still change (see ``branch.snapshot``)."""
-    parts: list[Any] = rec.dumps_parts()
-    if len(parts) == 1 and parts[0].__class__ is bytes:  # the common small record
-        return parts
-    frozen: list[Any] = snapshot(parts)
-    return frozen
 
 
 class WorkerShared:
@@ -422,8 +416,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
     root.addHandler(_ForwardHandler(channel, current))
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings)
-    cache: OrderedDict[str, BranchSource] = OrderedDict()
-    counts: dict[str, list[int]] = {}
+    cache: OrderedDict[str, tuple[BranchSource, list[int]]] = OrderedDict()
     threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:
         msg = channel.inbox.get()
@@ -431,29 +424,27 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
         if kind is Kind.QUIT:
             return
         if kind is Kind.RUN_CHUNK:
-            _run_chunk(msg, shared, outbox, cache, current, channel.stopped, counts)
+            _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
         elif kind is Kind.RUN_CALL:
             _run_call(msg, channel)
 
 
-def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox, cache: OrderedDict[str, BranchSource],
-               current: Any, stopped: set[str], counts: dict[str, list[int]]) -> None:
-    source = cache.get(msg.token)
-    if source is None:
-        source = cache[msg.token] = load_source(msg.payload, shared.execution_id)
+def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
+               cache: OrderedDict[str, tuple[BranchSource, list[int]]], current: Any, stopped: set[str]) -> None:
+    """Run a chunk's branches in order; ``cache`` holds, per batch token, its source and the
+    [failures, successes] this worker produced for the batch (what its budgets count)."""
+    cached = cache.get(msg.token)
+    if cached is None:
+        cached = cache[msg.token] = (load_source(msg.payload, shared.execution_id), [0, 0])
         while len(cache) > PAYLOAD_CACHE_SIZE:
             cache.popitem(last=False)
+    source, outcomes = cached
     if msg.names:
         source.names = msg.names
     outbox.task_id = msg.task_id
     checkpoints = msg.checkpoints
     budget: Budget = msg.budget
     limited = budget.failures is not None or budget.successes is not None
-    outcomes = counts.get(msg.token)  # [failures, successes] this worker produced for the batch
-    if outcomes is None:
-        outcomes = counts[msg.token] = [0, 0]
-        while len(counts) > PAYLOAD_CACHE_SIZE:
-            del counts[next(iter(counts))]
     empty: dict[str, OpRecord] = {}
     wall, cpu = time.monotonic(), time.process_time()
     indices = msg.indices
