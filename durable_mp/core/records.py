@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import struct
 from typing import Any, NamedTuple
 
 PICKLE_PROTOCOL = 5
@@ -113,6 +114,8 @@ class OpRecord(NamedTuple):
     @classmethod
     def loads(cls, data: bytes | memoryview) -> "OpRecord":
         view = memoryview(data)
+        if view[0] == _ITEM_ORD:
+            return _load_item(view)
         size = int.from_bytes(view[1:5], "little")
         rec = cls(*pickle.loads(view[5:5 + size]))
         kind = view[0:1].tobytes()
@@ -129,17 +132,83 @@ _SMALL_BYTES = 64 * 1024  # results up to this size are copied into the record's
 
 
 def result_view(data: bytes) -> Any:
-    """The raw result inside ``OpRecord.dumps()`` bytes, without decoding the record.
+    """The raw result inside record bytes (either format), without decoding the record.
 
     None unless the result is bytes.  Small results come back as ``bytes`` (a slice is
     cheaper than a view), large ones as a ``memoryview`` (no copy).
     """
-    if data[0] != _BYTES_ORD:
+    kind, start = result_span(data)
+    if kind != _BYTES:
         return None
-    start = 5 + int.from_bytes(data[1:5], "little")
     if len(data) - start <= _SMALL_BYTES and data.__class__ is bytes:
         return data[start:]
     return memoryview(data)[start:]
+
+
+def result_span(data: Any) -> tuple[bytes, int]:
+    """(result kind ``N``/``S``/``B``, offset of the raw result) of record bytes in either format."""
+    if data[0] == _ITEM_ORD:
+        f = _ITEM_HEAD.unpack_from(data, 1)
+        return f[_ITEM_KIND], 1 + _ITEM_HEAD.size + f[4] + f[5] + f[6] + f[7]
+    return bytes(data[0:1]), 5 + int.from_bytes(data[1:5], "little")
+
+
+# -- the compact record of a succeeded batch item ------------------------------------------
+# A map over a million tiny items writes a million of these, and a resumed run reads them
+# back; a pickled OpRecord costs a pickler and a 15-tuple each way.  Only a plain success
+# (no error, no extra, no earlier attempts) takes this form; everything else is an OpRecord.
+#   b"I" | start, end (f64) | pid (u32) | attempt (u16) | len op_id, parent_id, sub_type (u8)
+#        | len name (u16) | result kind (N/S/B) | op_id | parent_id | sub_type | name | result
+_ITEM = b"I"
+_ITEM_ORD = _ITEM[0]
+_ITEM_HEAD = struct.Struct("<ddIHBBBHc")
+_ITEM_KIND = 8
+_ITEM_STATUS = "SUCCEEDED"
+
+
+def item_prefix(parent_id: str, sub_type: str) -> tuple[bytes, bytes]:
+    """The constant parts of a batch's compact item records: (parent_id, sub_type) bytes."""
+    return parent_id.encode(), sub_type.encode()
+
+
+def item_record(op_id: str, parent: bytes, sub_type: bytes, name: str, start: float, end: float, pid: int,
+                result: bytes | str | None, attempt: int = 1) -> bytes:
+    """The compact record of a succeeded batch item (``OpRecord.loads`` reads it back).
+
+    ``parent`` and ``sub_type`` come from ``item_prefix``.  ``result`` is the serialized
+    payload: ``str`` from a JSON serdes, ``bytes`` from pickle, or None.
+    """
+    if result is None:
+        kind, raw = _NONE, b""
+    elif result.__class__ is str:
+        kind, raw = _TEXT, result.encode()  # type: ignore[union-attr]
+    else:
+        kind, raw = _BYTES, result  # type: ignore[assignment]
+    op = op_id.encode()
+    label = name.encode()
+    return b"".join((_ITEM, _ITEM_HEAD.pack(start, end, pid, attempt, len(op), len(parent), len(sub_type),
+                                            len(label), kind), op, parent, sub_type, label, raw))
+
+
+def item_status(data: Any) -> str:
+    """The status of record bytes (either format); a compact item is read without decoding it."""
+    if data[0] == _ITEM_ORD:
+        return _ITEM_STATUS
+    return OpRecord.loads(data).status
+
+
+def _load_item(view: memoryview) -> OpRecord:
+    start, end, pid, attempt, lo, lp, ls, ln, kind = _ITEM_HEAD.unpack_from(view, 1)
+    at = 1 + _ITEM_HEAD.size
+    head = view[at:at + lo + lp + ls + ln].tobytes()
+    op_id, parent_id = head[:lo].decode(), head[lo:lo + lp].decode()
+    sub_type, name = head[lo + lp:lo + lp + ls].decode(), head[lo + lp + ls:].decode()
+    result: Any = None
+    if kind != _NONE:
+        raw = view[at + lo + lp + ls + ln:].tobytes()
+        result = raw.decode() if kind == _TEXT else raw
+    return OpRecord(op_id, parent_id, OpType.CONTEXT, sub_type, name, _ITEM_STATUS, start, end, result, None,
+                    attempt, None, (), pid, None)
 
 
 def operation_id(parent_id: str | None, n: int) -> str:
