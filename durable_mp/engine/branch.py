@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from durable_mp import serdes as _serdes
-from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
+from durable_mp.core.records import OpRecord, OpStatus, OpType, item_record, operation_id
+from durable_mp.engine.protocol import NOT_SENT
 from durable_mp.engine.state import take_skipped_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
@@ -53,6 +54,25 @@ class BranchSource:
 
 def run_branch(source: BranchSource, index: int, make_context: Callable[[str], Any]) -> OpRecord:
     """Execute branch ``index`` and return its terminal record (SUCCEEDED or FAILED)."""
+    rec: OpRecord = run_branch_compact(source, index, make_context, None)[0]
+    return rec
+
+
+# serdes for which a scalar's decoded payload is the scalar itself
+_PLAIN_SERDES = (type(None), _serdes.DefaultSerDes, _serdes.PickleSerDes)
+_SCALARS = frozenset({int, str, float, bool, type(None)})  # immutable: the value itself can travel too
+_COMPACT_MAX_BYTES = 64 * 1024  # larger results keep their own frame on the wire (``wire.big``)
+
+
+def run_branch_compact(source: BranchSource, index: int, make_context: Callable[[str], Any],
+                       compact: tuple[bytes, bytes, int] | None) -> tuple[Any, Any]:
+    """Execute branch ``index``: ``(record, value)``.
+
+    With ``compact = (parent, sub_type, pid)`` (``core.records.item_prefix`` + this
+    process's pid), a plain success with a small result comes back as compact record
+    bytes and, if it is an immutable scalar, its value (else ``NOT_SENT``).  Every other
+    outcome is an ``OpRecord`` (and ``None``), exactly as ``run_branch`` returns it.
+    """
     op_id = operation_id(source.batch_op_id, index)
     name = source.name(index)
     start = time.time()
@@ -78,10 +98,21 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
     except (KeyboardInterrupt, OrphanedChildException):
         raise
     except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
-        return record(OpStatus.FAILED, exc=exc, extra={"fatal": True, "raise": type(exc).__name__})
+        return record(OpStatus.FAILED, exc=exc, extra={"fatal": True, "raise": type(exc).__name__}), None
     except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
-        return record(OpStatus.FAILED, exc=exc)
-    return record(OpStatus.SUCCEEDED, payload)
+        return record(OpStatus.FAILED, exc=exc), None
+    if compact is not None and payload.__class__ is not list and (payload is None
+                                                                  or len(payload) <= _COMPACT_MAX_BYTES):
+        end = time.time()
+        skipped = take_skipped_seconds()
+        if not skipped:
+            parent, sub_type, pid = compact
+            plain = value.__class__ in _SCALARS and source.item_serdes.__class__ in _PLAIN_SERDES
+            return (item_record(op_id, parent, sub_type, name, start, end, pid, payload),
+                    value if plain else NOT_SENT)
+        # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them
+        return record(OpStatus.SUCCEEDED, payload, extra={SKIPPED_KEY: skipped}), None
+    return record(OpStatus.SUCCEEDED, payload), None
 
 
 def _from_user_code(exc: BaseException) -> BaseException:

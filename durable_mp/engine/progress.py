@@ -28,6 +28,9 @@ class NullBar:
     def item(self, succeeded: bool) -> None:
         pass
 
+    def succeeded(self, count: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -120,6 +123,10 @@ class TqdmBar:
             self.failed += 1
             self.bar.set_postfix(failed=self.failed, refresh=False)
         self.bar.update(1)
+
+    def succeeded(self, count: int) -> None:
+        """``count`` branches succeeded (one update for a message's worth of map items)."""
+        self.bar.update(count)
 
     def close(self) -> None:
         self.bar.close()

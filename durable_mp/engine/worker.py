@@ -33,9 +33,9 @@ from typing import Any, Final
 
 import cloudpickle
 
-from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
+from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, item_prefix, operation_id
 from durable_mp.engine import wire
-from durable_mp.engine.branch import BranchSource, run_branch
+from durable_mp.engine.branch import BranchSource, run_branch_compact
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
     Budget,
@@ -46,6 +46,7 @@ from durable_mp.engine.protocol import (
     Log,
     Records,
     RunCall,
+    Succeeded,
     RunChunk,
     SyncRequest,
     WatchEnd,
@@ -152,6 +153,7 @@ class Outbox:
         self.send_lock = threading.RLock()
         self.nested: list[tuple[str, str, Any]] = []
         self.items: list[tuple[int, bool, str, Any]] = []
+        self.succeeded = Succeeded([], [], [])  # plain successes, as columns
         self.gathered = False  # some waiting record is a wire.Gather (large: its own frame)
         self.task_id = 0
         self.last_send = time.monotonic()
@@ -174,6 +176,18 @@ class Outbox:
             self.gathered = self.gathered or data.__class__ is wire.Gather
         self._due()
 
+    def add_succeeded(self, index: int, data: bytes, value: Any) -> None:
+        """A plain success as compact record bytes (``branch.run_branch_compact``), and its value."""
+        with self.lock:
+            succeeded = self.succeeded
+            succeeded.indices.append(index)
+            succeeded.records.append(data)
+            succeeded.values.append(value)
+        if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
+            self.flush()
+        elif not self.pending.is_set():
+            self._due()
+
     def _due(self) -> None:
         if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
             self.flush()
@@ -193,25 +207,30 @@ class Outbox:
             except OSError:  # the driver is gone; the worker is about to exit
                 return
 
-    def _take(self) -> tuple[list[Any], list[Any], bool]:
+    def _take(self) -> tuple[list[Any], list[Any], Succeeded | None, bool]:
         with self.lock:
-            taken = self.nested, self.items, self.gathered
+            succeeded: Succeeded | None = self.succeeded
+            if succeeded is not None and succeeded.indices:
+                self.succeeded = Succeeded([], [], [])
+            else:
+                succeeded = None
+            taken = self.nested, self.items, succeeded, self.gathered
             self.nested, self.items, self.gathered = [], [], False
         return taken
 
     def flush(self) -> None:
         """Send the waiting records, if any."""
         with self.send_lock:
-            nested, items, gathered = self._take()
+            nested, items, succeeded, gathered = self._take()
             self.last_send = time.monotonic()
-            if nested or items:
-                self._send(Records(self.task_id, nested, items), gathered)
+            if nested or items or succeeded:
+                self._send(Records(self.task_id, nested, items, succeeded), gathered)
 
     def chunk_done(self, unstarted: list[int], cpu_share: float) -> None:
         with self.send_lock:
-            nested, items, gathered = self._take()
+            nested, items, succeeded, gathered = self._take()
             self.last_send = time.monotonic()
-            self._send(ChunkDone(self.task_id, nested, items, unstarted, cpu_share), gathered)
+            self._send(ChunkDone(self.task_id, nested, items, unstarted, cpu_share, succeeded), gathered)
 
     def _send(self, msg: Any, gathered: bool) -> None:
         assert self.channel is not None
@@ -221,9 +240,9 @@ class Outbox:
         """Send everything and wait until the driver has committed it."""
         assert self.channel is not None
         with self.send_lock:
-            nested, items, _ = self._take()
+            nested, items, succeeded, _ = self._take()
             task_id = self.task_id
-        self.channel.request(lambda rid: SyncRequest(rid, task_id, nested, items))
+        self.channel.request(lambda rid: SyncRequest(rid, task_id, nested, items, succeeded))
 
     def watch_start(self, rec: OpRecord, timeout: float | None) -> int:
         """Tell the driver a watched step starts; returns the watch's id."""
@@ -449,15 +468,23 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     wall, cpu = time.monotonic(), time.process_time()
     indices = msg.indices
     unstarted: list[int] = []
+    compact = (*item_prefix(source.batch_op_id, source.item_sub_type), os.getpid())
+    fresh = WorkerState(shared, empty)  # a branch without checkpoints only reads an empty dict
+    token = msg.token
     for position, index in enumerate(indices):
-        if msg.token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
+        if token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
             unstarted = list(indices[position:])
             break
         current[0] = index
-        state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
-        rec = run_branch(source, index, state.context)
-        outbox.add_item(index, rec)
-        outcomes[rec.status == SUCCEEDED] += 1  # [0]: failures, [1]: successes
+        ckpt = checkpoints.get(index) if checkpoints else None
+        state = fresh if not ckpt else WorkerState(shared, ckpt)
+        rec, value = run_branch_compact(source, index, state.context, compact)
+        if rec.__class__ is bytes:  # a plain success
+            outbox.add_succeeded(index, rec, value)
+            outcomes[1] += 1
+        else:
+            outbox.add_item(index, rec)
+            outcomes[rec.status == SUCCEEDED] += 1  # [0]: failures, [1]: successes
     current[0] = IDLE
     # share of a core the chunk used: tells the driver whether the batch is CPU-bound
     outbox.chunk_done(unstarted, (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6))

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
+from durable_mp.core.records import branch_key
 from durable_mp.exceptions import CheckpointFailedError
 from durable_mp.store.records import MAX_ID_BYTES, SEP, check_id
 
@@ -117,14 +118,28 @@ class GroupCommit:
                 if not (key.__class__ is str and key.isascii() and len(key) <= MAX_ID_BYTES) or SEP in key:
                     check_id("op_id", key)
                 group[key] = data
-            added = len(group) - before
-            if added:
-                was = self._staged_count
-                self._staged_count = was + added
-                if was == 0:
-                    self._wake_committer()
-                if self._staged_count >= self._flush_count:
-                    self._start_commit(block=self._staged_count >= BACKPRESSURE_FACTOR * self._flush_count)
+            self._added(len(group) - before)
+
+    def stage_items(self, exec_id: str, parent_id: str, indices: list[int], records: list[Any]) -> None:
+        """Stage the records of batch items ``indices`` under their ``branch_key``s (keys need no check)."""
+        with self.lock:
+            if self._failure is not None:
+                raise self._failure
+            group = self._staged.get((exec_id, parent_id))
+            if group is None:
+                group = self._new_group(exec_id, parent_id)
+            before = len(group)
+            group.update(zip(map(branch_key, indices), records))
+            self._added(len(group) - before)
+
+    def _added(self, added: int) -> None:
+        if added:
+            was = self._staged_count
+            self._staged_count = was + added
+            if was == 0:
+                self._wake_committer()
+            if self._staged_count >= self._flush_count:
+                self._start_commit(block=self._staged_count >= BACKPRESSURE_FACTOR * self._flush_count)
 
     def _new_group(self, exec_id: str, parent_id: str) -> Group:
         self._check_group(exec_id, parent_id)

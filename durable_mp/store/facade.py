@@ -73,6 +73,9 @@ class Store:
     # of one parent under one lock.  The checkpoint hot path (one call per worker message), so
     # it is ``GroupCommit.stage_many`` itself, bound in ``__init__`` without a wrapper.
     stage_many: Callable[[str, str, Iterable[tuple[str, Any]]], None]
+    # ``stage_items(exec_id, parent_id, indices, records)``: batch items' records under their
+    # ``branch_key``s (``GroupCommit.stage_items``, bound the same way).
+    stage_items: Callable[[str, str, list[int], list[Any]], None]
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, map_size: int = DEFAULT_MAP_SIZE,
                  readonly: bool = False, create: bool = True, flush_count: int = FLUSH_COUNT,
@@ -88,6 +91,7 @@ class Store:
                                   flush_seconds=flush_seconds, clock=clock)
         self._lock = self._group.lock  # reads of the overlay and of LMDB together see one state
         self.stage_many = self._group.stage_many
+        self.stage_items = self._group.stage_items
         self._shared: SharedEnv | None = None
         self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
         self._env_id = self._shared.key  # names this environment in the per-thread lock registry
