@@ -145,13 +145,13 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     rows = runner.measure(NAME, variants)
     res = ScenarioResult(NAME, TITLE, {**p, "workers": n, "driver_steps": DRIVER_STEPS}, rows)
     for method in methods():
-        first, steps, bulk = res.row(method, FIRST), res.row(method, FIRST_STEPS), res.row(method, MANY)
+        first, after_steps, bulk = res.row(method, FIRST), res.row(method, FIRST_STEPS), res.row(method, MANY)
         if first is None or first.median is None:
             continue
         whole = first.info_median("whole_s")
         res.facts[f"{method}: first branch starts after (ms)"] = ms(first.median)
-        if steps is not None:
-            res.facts[f"{method}: ... with {DRIVER_STEPS} driver steps first (ms)"] = ms(steps.median)
+        if after_steps is not None:
+            res.facts[f"{method}: ... with {DRIVER_STEPS} driver steps first (ms)"] = ms(after_steps.median)
         res.facts[f"{method}: whole 1-item job (ms)"] = ms(whole)
         if bulk is not None and bulk.median is not None and whole is not None:
             per_item = max(0.0, bulk.median - whole) / max(1, items - 1)
