@@ -249,7 +249,10 @@ class DurableFunction:
                     pool.start(workers)  # they boot while the run is prepared and the handler's first steps run
 
                 def make_dispatcher() -> Any:
-                    pool.ensure(workers)  # the first batch waits here for the workers started above
+                    # fork: one worker now (it sets itself up while the first batch's payload is built);
+                    # the dispatcher forks the others when it has a chunk for them, so the first branch
+                    # runs while they are forked, and a small batch forks only what it uses
+                    pool.ensure(workers if start_method in EARLY_START_METHODS else 1)
                     return Dispatcher(db, execution_id, pool, max_workers=max_workers,
                                       max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
                                       progress=_progress.choose(progress), poll_callback=poll_callback)
