@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
-import psutil
 
 from durable_mp import rerun as _rerun
 from durable_mp.context import DurableContext
@@ -38,8 +37,13 @@ from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.callback import poll_callback
 from durable_mp.store.facade import ExecutionRecord, Store
+from durable_mp.store.records import this_process
 
 RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
+# Start methods whose workers start when the execution does, not at its first parallel/map.
+# Not fork: a forked worker is a copy of the driver when it forks, and a handler's first steps
+# may set what its branches read (fork is fast enough to start at the first batch, bench ``start``).
+EARLY_START_METHODS = frozenset({"forkserver", "spawn"})
 
 
 def dumps_value(value: Any) -> bytes:
@@ -188,7 +192,7 @@ class DurableFunction:
 
     def _prepare_rerun(self, db: Store, rec: ExecutionRecord, fingerprint: str) -> None:
         """Before running an existing execution: reopen what must run again, record the code."""
-        extra = rec.extra or {}
+        original, extra = rec, rec.extra or {}
         if rec.status == FAILED:
             reopened = _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=True)
             _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished operations "
@@ -199,7 +203,9 @@ class DurableFunction:
                 "failed_runs": [*extra.get("failed_runs", ()), rec.runs]})
         elif extra.get(_rerun.STOPPED_KEY) == _rerun.STOPPED_BY_NON_DETERMINISM:
             _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=False)
-        db.put_execution(_rerun.with_extra(rec, **{_rerun.CODE_KEY: fingerprint, _rerun.STOPPED_KEY: None}))
+        updated = _rerun.with_extra(rec, **{_rerun.CODE_KEY: fingerprint, _rerun.STOPPED_KEY: None})
+        if updated != original:  # a new execution holds all this already: no second fsync before the first branch
+            db.put_execution(updated)
 
     def _stop_resumable(self, db: Store, execution_id: str, exc: Exception) -> None:
         """Leave the execution RUNNING (resumable) after a non-determinism error, and say what to do.
@@ -221,12 +227,13 @@ class DurableFunction:
 
         def fresh() -> ExecutionRecord:
             now = time.time()
-            me = psutil.Process()
+            pid, create_time = this_process()  # the owner acquire() records anyway (cached: no psutil call)
             return ExecutionRecord(execution_id, RUNNING, self.handler_ref, dumps_value(event), None, None, now, now,
-                                   None, me.pid, me.create_time(), 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
+                                   None, pid, create_time, 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
 
         rec, _created = db.acquire(execution_id, fresh)
         restore_sigterm = _stop_cleanly_on_sigterm()
+        pool: Any = None
         try:
             if rec.status == SUCCEEDED:
                 _rerun.announce(*_rerun.stored_result_notice(db, rec, fingerprint))
@@ -234,15 +241,18 @@ class DurableFunction:
             if rec.status == FAILED and not resume_failed:
                 raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}), execution_id=execution_id,
                                            stored=True)
-            self._prepare_rerun(db, rec, fingerprint)
-            if rec.input is not None:
-                event = pickle.loads(rec.input)
             settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
             if backend in (None, "local"):
-                pool: Any = WorkerPool(settings, start_method)
+                pool = WorkerPool(settings, start_method)
+                workers = max_workers or os.cpu_count() or 1
+                if start_method in EARLY_START_METHODS:
+                    pool.start(workers)  # they boot while the run is prepared and the handler's first steps run
 
                 def make_dispatcher() -> Any:
-                    pool.ensure(max_workers or os.cpu_count() or 1)
+                    # fork: one worker now (it sets itself up while the first batch's payload is built);
+                    # the dispatcher forks the others when it has a chunk for them, so the first branch
+                    # runs while they are forked, and a small batch forks only what it uses
+                    pool.ensure(workers if start_method in EARLY_START_METHODS else 1)
                     return Dispatcher(db, execution_id, pool, max_workers=max_workers,
                                       max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
                                       progress=_progress.choose(progress), poll_callback=poll_callback)
@@ -255,6 +265,9 @@ class DurableFunction:
                     return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
                                           max_crash_retries=max_crash_retries, progress=_progress.choose(progress))
 
+            self._prepare_rerun(db, rec, fingerprint)
+            if rec.input is not None:
+                event = pickle.loads(rec.input)
             state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time, poll_callback=poll_callback)
             try:
                 result = self.func(event, DurableContext(state, ""))
@@ -277,6 +290,8 @@ class DurableFunction:
                 status=SUCCEEDED, result=dumps_value(result), ended_ts=time.time()))
             return result
         finally:
+            if pool is not None:
+                pool.close()  # idempotent; here for a failure before the handler ran (no process is left)
             restore_sigterm()
             db.release(execution_id)
 

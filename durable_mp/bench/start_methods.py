@@ -1,24 +1,50 @@
 """``start``: what each worker start method (fork, forkserver, spawn) costs, side by side.
 
-Two jobs per method, interleaved by the runner: a one-item map (the time to the first
-result: store, worker start, one item, last commit, shutdown) and a map over many
-trivial items.  The difference between the two, per item, is the per-item overhead once
-the workers run.  README "Start methods" chooses the default from these numbers.
+Three things per method, interleaved by the runner:
+
+* **time to the first branch** (issue #11 target 3): from entering ``handler.run`` to the
+  moment the first map item's body starts in a worker.  The item returns ``time.time()``
+  (one clock for every process on Linux), the bench takes ``time.time()`` just before
+  ``run``.  Measured twice: a handler that maps at once, and one that first runs two
+  cheap steps in the driver (the workers can start meanwhile).  The baseline is the same
+  moment for a ``ProcessPoolExecutor``: from creating it to its first task's body.  Each
+  of these runs also reports its whole-job time (store open, worker start, one item,
+  last commit, shutdown) beside it;
+* a map over many trivial items; the difference to the one-item job, per item, is the
+  per-item overhead once the workers run.
+
+README "Start methods" chooses the default from these numbers.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 from durable_mp import durable_execution
-from durable_mp.bench.core import Runner, Sample, ScenarioResult, Variant, check, run_durable, workers
+from durable_mp.bench.core import (
+    Runner,
+    Sample,
+    ScenarioResult,
+    Target,
+    Variant,
+    check,
+    fresh_store,
+    run_durable,
+    workers,
+)
 from durable_mp.engine.start import START_METHODS, default_start_method
 
 NAME = "start"
-TITLE = "worker start methods: time to the first result and per-item overhead"
+TITLE = "worker start methods: time to the first branch and per-item overhead"
 
-FIRST = "first result (1-item map)"
+FIRST = "first branch starts (map at once)"
+FIRST_STEPS = "first branch starts (2 driver steps first)"
 MANY = "many-item map"
+PPE = "ppe"  # each first-branch group's baseline: ProcessPoolExecutor, created and given one task
+DRIVER_STEPS = 2
+TARGET_SECONDS = 0.020  # issue #11 target 3, for the default start method
 
 
 def params(quick: bool) -> dict:
@@ -29,6 +55,19 @@ def map_item(ctx, x: int, index: int, inputs: list) -> int:
     return 2 * x
 
 
+def stamp_item(ctx, x: int, index: int, inputs: list) -> float:
+    """The first thing the branch body does: note when it started (wall clock, the same in every process)."""
+    return time.time()
+
+
+def stamp() -> float:
+    return time.time()
+
+
+def _cheap_step(step_ctx) -> int:
+    return 1
+
+
 @durable_execution
 def map_handler(event: dict, context) -> list[int]:
     result = context.map(list(range(event["items"])), map_item, name="start")
@@ -36,18 +75,56 @@ def map_handler(event: dict, context) -> list[int]:
     return result.get_results()
 
 
+@durable_execution
+def first_handler(event: dict, context) -> float:
+    """A one-item map (after ``event["steps"]`` cheap driver steps); returns when its item started."""
+    for k in range(event["steps"]):
+        context.step(_cheap_step, name=f"prepare-{k}")
+    result = context.map([0], stamp_item, name="first")
+    result.throw_if_error()
+    return float(result.get_results()[0])
+
+
 def methods() -> list[str]:
-    """The start methods this platform has, the default first (it is each group's baseline)."""
+    """The start methods this platform has, the default first."""
     have = [m for m in START_METHODS if m in multiprocessing.get_all_start_methods()]
     default = default_start_method()
     return [default] + [m for m in have if m != default]
 
 
+def first_branch(method: str, steps: int, n: int) -> Sample:
+    """Seconds from entering ``run`` to the first item's body; the whole run in ``info``."""
+    with fresh_store(NAME) as (path, execution_id):
+        t0 = time.time()
+        started = first_handler.run({"steps": steps}, store=path, execution_id=execution_id, max_workers=n,
+                                    start_method=method, progress=False)
+        whole = time.time() - t0
+    check(t0 < started <= t0 + whole, f"the first branch under {method} did not start during the run")
+    return Sample(started - t0, {"whole_s": whole})
+
+
+def ppe_first_task(method: str, n: int) -> Sample:
+    """The same moment for ``ProcessPoolExecutor``: creating it, submitting one task, its body starting.
+
+    Only under ``fork``: multiprocessing's fork server would outlive the scenario.
+    """
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method)) as ex:
+        started = ex.submit(stamp).result()
+    whole = time.time() - t0
+    return Sample(started - t0, {"whole_s": whole})
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 1)
+
+
 def run(p: dict, runner: Runner) -> ScenarioResult:
     n = workers()
     items = p["items"]
+    default = default_start_method()
 
-    def job(method: str, count: int):
+    def many(method: str, count: int):
         def go() -> Sample:
             wall, out, _ = run_durable(map_handler, {"items": count}, NAME, max_workers=n, start_method=method)
             check(out == [2 * x for x in range(count)], f"durable_mp map results differ under {method}")
@@ -55,19 +132,36 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         return go
 
     variants = []
+    for group, steps in ((FIRST, 0), (FIRST_STEPS, DRIVER_STEPS)):
+        variants.append(Variant(PPE, lambda: ppe_first_task("fork", n), lambda: ppe_first_task("fork", n),
+                                baseline=True, group=group, note="ProcessPoolExecutor (fork): create, first task"))
+        for method in methods():
+            def go(m: str = method, s: int = steps) -> Sample:
+                return first_branch(m, s, n)
+            variants.append(Variant(method, go, go, group=group, note="default" if method == default else None))
     for method in methods():
-        base = method == default_start_method()
-        note = "default" if base else None
-        variants.append(Variant(method, job(method, 1), job(method, 1), work=1, unit="items", baseline=base,
-                                group=FIRST, note=note))
-        variants.append(Variant(method, job(method, items), job(method, 100), work=items, unit="items",
-                                baseline=base, group=MANY, note=note))
+        variants.append(Variant(method, many(method, items), many(method, 100), work=items, unit="items",
+                                baseline=method == default, group=MANY, note="default" if method == default else None))
     rows = runner.measure(NAME, variants)
-    res = ScenarioResult(NAME, TITLE, {**p, "workers": n}, rows)
+    res = ScenarioResult(NAME, TITLE, {**p, "workers": n, "driver_steps": DRIVER_STEPS}, rows)
     for method in methods():
-        first, many = res.row(method, FIRST), res.row(method, MANY)
-        if first and many and first.median is not None and many.median is not None:
-            res.facts[f"{method}: time to first result"] = f"{first.median * 1e3:.0f} ms"
-            per_item = max(0.0, many.median - first.median) / max(1, items - 1)
-            res.facts[f"{method}: per-item overhead"] = f"{per_item * 1e6:.1f} us"
+        first, after_steps, bulk = res.row(method, FIRST), res.row(method, FIRST_STEPS), res.row(method, MANY)
+        if first is None or first.median is None:
+            continue
+        whole = first.info_median("whole_s")
+        res.facts[f"{method}: first branch starts after (ms)"] = ms(first.median)
+        if after_steps is not None:
+            res.facts[f"{method}: ... with {DRIVER_STEPS} driver steps first (ms)"] = ms(after_steps.median)
+        res.facts[f"{method}: whole 1-item job (ms)"] = ms(whole)
+        if bulk is not None and bulk.median is not None and whole is not None:
+            per_item = max(0.0, bulk.median - whole) / max(1, items - 1)
+            res.facts[f"{method}: per-item overhead (us)"] = round(per_item * 1e6, 1)
+    base = res.row(PPE, FIRST)
+    res.facts["ppe (fork): first task starts after (ms)"] = ms(base.median if base else None)
+    for group, label in ((FIRST, "map at once"), (FIRST_STEPS, f"{DRIVER_STEPS} driver steps first")):
+        row = res.row(default, group)
+        res.targets.append(Target(f"start: {default} (default) run() -> first branch, {label} (ms)",
+                                  ms(row.median if row else None), TARGET_SECONDS * 1e3, "<=", "ms"))
+        res.targets.append(Target(f"start: {default} first branch / ppe first task, {label}",
+                                  res.compare(default, PPE, group), 1.0, "<=", "x", own=True))
     return res

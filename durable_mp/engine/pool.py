@@ -58,7 +58,7 @@ class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
     __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watches", "proc", "cpu_mark",
-                 "started", "sentinel", "status", "_sentinel_owned")
+                 "started", "sentinel", "status", "_sentinel_owned", "used")
 
     def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
@@ -73,6 +73,7 @@ class Worker:
         self.cpu_mark: tuple[float, float] | None = None
         self.started = time.monotonic()
         self.status = WorkerState.STARTING
+        self.used = False  # sent anything yet?  An unused worker holds nothing: closing kills it at once
         self.sentinel, self._sentinel_owned = _sentinel(pid, conn)
         os.set_blocking(conn.fileno(), False)
 
@@ -84,6 +85,7 @@ class Worker:
         # only a chunk carrying the batch payload has an out-of-band frame: every other message
         # takes the C pickler (the frame-aware one calls back into Python for every object)
         gathered = msg.__class__ is RunChunk and msg.payload is not None
+        self.used = True
         wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
 
     def recv(self) -> Any:
@@ -195,37 +197,86 @@ class WorkerPool:
         self.parent_pid = os.getpid()
         self.spawned = 0
         self.server: ForkServer | None = None
+        self.requested: list[tuple[Any, mmap.mmap]] = []  # (pipe, slot) of fork-server workers not answered yet
 
     def __len__(self) -> int:
         return len(self.workers)
 
     def spawn(self) -> Worker:
+        if self.start_method == "forkserver":
+            self._request()
+            self._collect()
+            return self.workers[-1]
         if self.start_method == "fork":
             pid, conn, slot = self._fork()
         else:
             pid, conn, slot = self._start_fresh()
+        return self._add(pid, conn, slot)
+
+    def _add(self, pid: int, conn: Any, slot: mmap.mmap) -> Worker:
         worker = Worker(pid, conn, slot)
         worker.move(WorkerState.IDLE)
         self.workers.append(worker)
         self.spawned += 1
         return worker
 
-    def _start_fresh(self) -> tuple[int, Any, mmap.mmap]:
-        """A worker from the fork server or a new interpreter: pipe and slot passed by descriptor."""
+    def start(self, count: int) -> None:
+        """Begin starting workers up to ``count``, waiting for none of them to be ready.
+
+        Called when an execution starts, so the workers boot while the driver opens the
+        execution and runs the handler's first steps.  A spawned interpreter boots on
+        its own (its boot message and first chunk wait in its pipe); the fork server is
+        sent requests it serves once it has booted, and ``ensure`` (at the first batch)
+        collects their pids.  ``fork`` forks now.
+        """
+        while len(self.workers) + len(self.requested) < count:
+            if self.start_method == "forkserver":
+                self._request()
+            else:
+                self.spawn()
+
+    def _request(self) -> None:
+        """Ask the fork server (started if there is none, or it died) for one more worker."""
+        if self.server is None or not self.server.alive():
+            if self.server is not None:
+                self.server.close()
+                self._drop_requests()  # a dead server answers nothing: those workers never existed
+            self.server = ForkServer(self.settings)
         conn, child_conn = socket_pair()
         slot, slot_fd = new_slot()
         try:
-            if self.start_method == "forkserver":
-                if self.server is None or not self.server.alive():  # none yet, or it was killed: a new one
-                    if self.server is not None:
-                        self.server.close()
-                    self.server = ForkServer(self.settings)
-                pid = self.server.start(child_conn.fileno(), slot_fd)
-            else:
-                pid = spawn_process("spawned_worker", [child_conn.fileno(), slot_fd],
-                                    [str(child_conn.fileno()), str(slot_fd)])
-                # the boot message waits in the socket until the new interpreter reads it
-                wire_send(conn, boot_message(self.parent_pid, self.settings))
+            self.server.request(child_conn.fileno(), slot_fd)
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            child_conn.close()
+            os.close(slot_fd)
+        self.requested.append((conn, slot))
+
+    def _drop_requests(self) -> None:
+        for conn, slot in self.requested:
+            conn.close()
+            slot.close()
+        self.requested.clear()
+
+    def _collect(self) -> None:
+        """Wait for the fork server's answers to the requests sent so far, in order."""
+        assert self.server is not None or not self.requested
+        while self.requested:
+            pid = self.server.started()  # type: ignore[union-attr]
+            conn, slot = self.requested.pop(0)
+            self._add(pid, conn, slot)
+
+    def _start_fresh(self) -> tuple[int, Any, mmap.mmap]:
+        """A new interpreter (``spawn``): pipe and slot passed by descriptor."""
+        conn, child_conn = socket_pair()
+        slot, slot_fd = new_slot()
+        try:
+            pid = spawn_process("spawned_worker", [child_conn.fileno(), slot_fd],
+                                [str(child_conn.fileno()), str(slot_fd)])
+            # the boot message waits in the socket until the new interpreter reads it
+            wire_send(conn, boot_message(self.parent_pid, self.settings))
         finally:
             child_conn.close()
             os.close(slot_fd)
@@ -254,8 +305,9 @@ class WorkerPool:
         return pid, parent_conn, slot
 
     def ensure(self, count: int) -> None:
-        while len(self.workers) < count:
-            self.spawn()
+        """``count`` workers, ready to be sent work (what ``start`` began is waited for here)."""
+        self.start(count)
+        self._collect()
 
     def _forget(self, worker: Worker) -> None:
         if worker in self.workers:
@@ -329,10 +381,14 @@ class WorkerPool:
         return self.reap(worker)
 
     def close(self) -> None:
-        """Ask idle workers to quit, kill the rest; leave no process behind."""
+        """Ask idle workers to quit, kill the rest; leave no process behind.  Idempotent.
+
+        A worker never sent anything is killed without asking: it holds no work, and one
+        still booting (spawn) would read the request only once its imports are done.
+        """
         quitting = []
         for worker in list(self.workers):
-            if worker.task is None and worker.status is WorkerState.IDLE:
+            if worker.task is None and worker.status is WorkerState.IDLE and worker.used:
                 worker.move(WorkerState.DRAINING)
                 try:
                     worker.send(Quit())
@@ -349,5 +405,8 @@ class WorkerPool:
             self.kill(worker)
         self.reap_zombies(wait_seconds=KILL_WAIT_SECONDS * 10)
         if self.server is not None:
+            if self.requested:  # a server still booting: do not wait for it, its workers die with it
+                self.server.kill()
+                self._drop_requests()
             self.server.close()
             self.unreaped.clear()

@@ -178,15 +178,38 @@ class ForkServer:
             theirs.close()
         self.sock.sendall(pickle.dumps(boot_message(os.getpid(), settings)))
         self.deaths: dict[int, tuple[int, int]] = {}  # pid -> (wait status, peak RSS in KiB)
+        self.requested = 0  # workers asked for whose pid has not been read yet
         self.closed = False
 
     def start(self, conn_fd: int, slot_fd: int) -> int:
         """Fork a worker serving ``conn_fd`` with its slot ``slot_fd``; return its pid."""
+        self.request(conn_fd, slot_fd)
+        return self.started()
+
+    def request(self, conn_fd: int, slot_fd: int) -> None:
+        """Ask for a worker without waiting: a server still booting finds the request when it serves.
+
+        The kernel holds the descriptors in flight, so the caller may close its copies at once.
+        """
         socket.send_fds(self.sock, [b"start"], [conn_fd, slot_fd])
+        self.requested += 1
+
+    def started(self) -> int:
+        """The pid of the oldest requested worker not yet answered (the server answers in order)."""
         while True:
             msg = self._read(None)
             if msg[0] == "started":
+                self.requested -= 1
                 return int(msg[1])
+
+    def kill(self) -> None:
+        """End the server at once (a worker it started dies with it: parent-death signal, pipe EOF)."""
+        if not self.closed:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.close()
 
     def death(self, pid: int, wait_seconds: float) -> tuple[int, int] | None:
         """``(status, peak RSS KiB)`` of a worker once the server has reaped it, waiting up to ``wait_seconds``."""

@@ -376,22 +376,30 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+def _load_prctl() -> Any:
+    """libc's ``prctl``, looked up at import: a forked worker inherits it instead of loading it as it starts."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no prctl (macOS)
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def die_with_parent(parent_pid: int, watch_thread: bool = True) -> None:
     """Exit when the parent (the driver, or the fork server) dies, even while user code holds the GIL in a C loop.
 
-    ``prctl(PR_SET_PDEATHSIG)`` on Linux; everywhere, a thread that polls ``getppid``
-    (a process whose parent died is re-parented), so without ``prctl`` (macOS) a worker
-    still never outlives its driver by more than ``PARENT_CHECK_SECONDS``.  The fork
-    server passes ``watch_thread=False``: it must stay single-threaded and polls itself.
+    ``prctl(PR_SET_PDEATHSIG)`` on Linux; where that is not available (macOS), a thread
+    that polls ``getppid`` (a process whose parent died is re-parented), so a worker still
+    never outlives its driver by more than ``PARENT_CHECK_SECONDS``.  The fork server
+    passes ``watch_thread=False``: it must stay single-threaded and polls itself.
     """
-    if not os.environ.get(NO_PDEATHSIG_ENV):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    signalled = not os.environ.get(NO_PDEATHSIG_ENV) and _PRCTL is not None and \
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-    if not watch_thread:
+    if not watch_thread or signalled:  # the kernel kills us with the parent: a thread would only cost start time
         return
 
     def watch() -> None:
