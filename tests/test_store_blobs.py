@@ -192,3 +192,29 @@ def test_a_driver_killed_mid_payload_loses_nothing_committed_and_resumes(tmp_pat
     with Store(store) as st:
         assert st.sweep_blobs("e") == 0  # the re-run's acquire already removed the crash's leftovers
     assert refs >= n
+
+
+def test_gc_removes_the_blobs_of_an_execution_whose_delete_was_interrupted(tmp_path):
+    from durable_mp.store.maintenance import collect
+
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.acquire("e", new_exec)
+        store.release("e")
+        store.acquire("gone", lambda: new_exec("gone"))
+        store.release("gone")
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("gone", record("a", os.urandom(BIG)))
+        store.flush()
+        kept = blob_files(path, "e")
+        real_remove_all = blobs.remove_all
+        blobs.remove_all = lambda root, exec_id: None  # the driver dies between the two deletes
+        try:
+            store.delete_execution("gone")
+        finally:
+            blobs.remove_all = real_remove_all
+        assert blob_files(path, "gone")
+        collect(store, older_than_s=1e9)  # deletes nothing old; still removes the leftovers
+        assert not blobs.exec_dir(path, "gone").exists()
+        assert blob_files(path, "e") == kept
+        assert store.get_op("e", "p", "a") is not None

@@ -184,3 +184,24 @@ def has_blobs(root: pathlib.Path, exec_id: str) -> bool:
         return bool(os.listdir(exec_dir(root, exec_id)))
     except FileNotFoundError:
         return False
+
+
+def exec_dirs(root: pathlib.Path) -> set[str]:
+    """The names of every execution's blob directory."""
+    try:
+        return set(os.listdir(root / BLOBS_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def remove_stale(root: pathlib.Path, listed: set[str], live_exec_ids: Iterable[str]) -> int:
+    """Remove the blob directories in ``listed`` that belong to no execution in ``live_exec_ids``; how many.
+
+    They are what a crash between deleting an execution's records and its blobs leaves.
+    ``listed`` must be read *before* ``live_exec_ids``: an execution created in between
+    has no blob directory in ``listed`` yet, so it is never mistaken for a stale one.
+    """
+    stale = listed - {exec_dir_name(e.encode()) for e in live_exec_ids}
+    for name in stale:
+        shutil.rmtree(root / BLOBS_DIR / name, ignore_errors=True)
+    return len(stale)
