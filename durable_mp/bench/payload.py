@@ -142,7 +142,7 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
             Variant("fdatasync", disk, disk if not variants else None, **work,
                     note="the same bytes written + fdatasync'd per array, store's file system"),
             Variant("durable_mp.map", durable, durable if not variants else None, **work,
-                    note="each array committed to LMDB"),
+                    note="each array committed (blob file, then its LMDB reference)"),
         ]
     return variants
 
