@@ -218,3 +218,46 @@ def test_gc_removes_the_blobs_of_an_execution_whose_delete_was_interrupted(tmp_p
         assert not blobs.exec_dir(path, "gone").exists()
         assert blob_files(path, "e") == kept
         assert store.get_op("e", "p", "a") is not None
+
+
+WORKER_KILL_JOB = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    import numpy as np
+    from durable_mp import durable_execution
+
+    MARK = sys.argv[2]
+
+    def make(i):
+        a = np.full(4 * 1024 * 1024, float(i))  # 32 MiB: the kill lands while it is pickled or sent
+        if i == 3 and not os.path.exists(MARK):
+            open(MARK, "w").close()
+            threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return a
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.map(list(range(6)), lambda c, x, i, xs: make(x), name="arrays")
+        r.throw_if_error()
+        return [(float(a[0]), float(a[-1]), a.shape[0]) for a in r.get_results()]
+
+    if __name__ == "__main__":
+        print(handler.run({}, store=sys.argv[1], execution_id="e", max_workers=2), flush=True)
+    """
+)
+
+
+def test_a_worker_killed_while_returning_a_large_result_is_rerun_and_no_partial_result_is_stored(tmp_path):
+    pytest.importorskip("numpy")
+    script, store, mark = tmp_path / "job.py", tmp_path / "store", tmp_path / "killed"
+    script.write_text(WORKER_KILL_JOB)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    run = subprocess.run([sys.executable, str(script), str(store), str(mark)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert mark.exists()
+    n = 4 * 1024 * 1024
+    assert run.stdout.strip() == str([(float(i), float(i), n) for i in range(6)])
+    with Store(store, readonly=True) as st:
+        items = [r for r in st.ops("e") if r.status == "SUCCEEDED" and r.parent_id and r.result]
+    assert len(items) == 6 and all(len(r.result) > 8 * n for r in items)
