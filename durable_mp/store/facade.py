@@ -27,6 +27,9 @@
   mistaken for a live owner, and a dead owner's lock is simply taken over.  Within the
   process, one thread at a time holds it (``records.HOLDERS``).
 * The map grows by doubling when a transaction finds it full.
+* **Large values** (``blobs.BLOB_BYTES`` and up, a numpy result) are written by the
+  committer to a blob file, synced, and only then committed as a reference
+  (``store/blobs.py``); reads resolve references transparently.
 
 Opening, permission checks and the per-process sharing of an environment live in
 ``env``; execution records, id rules and the lock policy in ``records``.
@@ -47,6 +50,7 @@ import lmdb
 
 from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord
 from durable_mp.exceptions import StoreError
+from durable_mp.store import blobs
 from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
@@ -168,7 +172,11 @@ class Store:
         self._prefix(exec_id, parent_id)
 
     def _put_items(self, items: Items) -> None:
-        """A batch of the group commit, in one durable write transaction."""
+        """A batch of the group commit, in one durable write transaction.
+
+        Large values go to a blob file first (synced before the transaction commits).
+        """
+        items = blobs.spill(self.path, items)
         self._write(lambda txn, sh: txn.cursor(db=sh.ops).putmulti(items))
 
     # -- transactions ----------------------------------------------------------------------
@@ -230,6 +238,8 @@ class Store:
         self._stats["map_grows"] += 1
 
     def _load(self, data: bytes, where: str) -> OpRecord:
+        if data[:1] == b"\0" and blobs.is_ref(data):  # a large value, committed to a blob file
+            data = blobs.load(self.path, data, where)
         try:
             return OpRecord.loads(data)
         except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged record
@@ -291,6 +301,7 @@ class Store:
 
             self._group.drain()
             found = self._write(delete)
+            blobs.remove_all(self.path, exec_id)  # after the records: a crash in between leaves only orphans
             return self._group.discard(exec_id) or found
 
     def acquire(self, exec_id: str, make_new: Callable[[], ExecutionRecord]) -> tuple[ExecutionRecord, bool]:
@@ -323,10 +334,28 @@ class Store:
         self._writable()
         HOLDERS.hold((self._env_id, exec_id))  # before the transaction: two threads cannot both pass
         try:
-            return self._write(take)
+            out = self._write(take)
         except BaseException:
             HOLDERS.drop((self._env_id, exec_id))
             raise
+        try:
+            self.sweep_blobs(exec_id)
+        except (OSError, StoreError):
+            pass  # leftovers only cost space; the next acquire tries again
+        return out
+
+    def sweep_blobs(self, exec_id: str) -> int:
+        """Remove the execution's blob files no committed record refers to (a crash's leftovers); how many.
+
+        Call only while holding the execution (``acquire`` does): nobody else writes its blobs then.
+        """
+        if self.readonly or not blobs.has_blobs(self.path, exec_id):
+            return 0  # the common case: an execution without large values costs one listdir
+        with self._lock:
+            self._group.drain()  # a batch being written may have a blob not yet committed
+            prefix = self._exec_key(exec_id) + b"\0"
+            values = self._read(lambda txn, sh: list(self._scan(txn, sh.ops, prefix).values()))
+            return blobs.sweep(self.path, exec_id, values)
 
     def release(self, exec_id: str) -> None:
         """Clear the execution's owner (its status stays).  A live other owner is left alone.

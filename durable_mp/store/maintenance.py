@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import lmdb
 
 from durable_mp.exceptions import ExecutionLockedError, StoreError
+from durable_mp.store import blobs
 from durable_mp.store.facade import Store
 from durable_mp.store.env import DATA_FILE, FILE_MODE, LOCK_FILE, MAX_DBS
 from durable_mp.store.records import FAILED, RUNNING, SUCCEEDED, ExecutionRecord, owner_alive
@@ -60,7 +61,11 @@ def collect(store: Store, older_than_s: float, *, dry_run: bool = False, now: fl
     """Delete finished executions that ended more than ``older_than_s`` seconds ago."""
     cutoff = (time.time() if now is None else now) - older_than_s
     deleted, kept = [], 0
-    for rec in store.list_executions():
+    listed = blobs.exec_dirs(store.path)  # before the executions: see blobs.remove_stale
+    executions = store.list_executions()
+    if not dry_run and listed:
+        blobs.remove_stale(store.path, listed, (rec.exec_id for rec in executions))
+    for rec in executions:
         if not finished(rec):
             kept += 1
             continue

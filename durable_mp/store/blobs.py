@@ -1,0 +1,207 @@
+"""Large checkpoint values live in blob files beside LMDB; LMDB holds a small reference.
+
+Why: LMDB copies a large value into freshly allocated overflow pages, ``pwrite``s them
+and syncs data and meta page separately, which on this kind of disk reaches about half of
+what one ``write`` + ``fdatasync`` of the same bytes does.  So the committer writes every
+value of at least ``BLOB_BYTES`` of one batch (per execution) into one new file, syncs it
+once, and only then commits the batch's LMDB transaction with references in their place.
+
+Durability and crashes: a reference is committed only after its file's data and its
+directory entry are fsync'd, so a committed reference never names a missing or partial
+file (a crash before the commit leaves an unreferenced file, an *orphan*).  Files are
+never rewritten; a record that is replaced or deleted leaves its old file behind until
+``sweep`` (run when an execution's lock is taken, and by ``delete_execution``) removes
+every file of that execution no committed record refers to.
+
+Layout: ``<store>/blobs/<blake2b(exec_id)>/<unique>.blob``, directories 0700, files 0600,
+inside the store directory whose permissions the store already checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import struct
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from durable_mp.exceptions import StoreError
+
+BLOB_BYTES = 256 * 1024  # values this large and larger are written to a blob file
+BLOBS_DIR = "blobs"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# A reference: magic, offset and length in the file, then its path relative to the store.
+# No record starts with NUL (``OpRecord.dumps`` starts with b"N", b"S" or b"B"), so the two never mix.
+MAGIC = b"\x00dmpblob1"
+_POS = struct.Struct("<QQ")
+_NAME = re.compile(rb"^blobs/[0-9a-f]{32}/[0-9a-f]{32}\.blob$")
+
+
+def is_ref(data: Any) -> bool:
+    return bool(data[:len(MAGIC)] == MAGIC)
+
+
+def exec_dir_name(exec_key: bytes) -> str:
+    return hashlib.blake2b(exec_key, digest_size=16).hexdigest()
+
+
+def exec_dir(root: pathlib.Path, exec_id: str) -> pathlib.Path:
+    return root / BLOBS_DIR / exec_dir_name(exec_id.encode())
+
+
+def _mkdir(path: pathlib.Path) -> bool:
+    """Create ``path`` (0700) if missing; whether it was created."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return False
+    os.chmod(path, DIR_MODE)  # umask may have removed bits; never added any
+    return True
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: Any) -> int:
+    view = memoryview(data).cast("B")
+    size = view.nbytes
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+    return size
+
+
+def spill(root: pathlib.Path, items: list[tuple[bytes, Any]],
+          threshold: int = BLOB_BYTES) -> list[tuple[bytes, Any]]:
+    """``items`` with every large value written durably to a blob file and replaced by its reference.
+
+    Keys are full LMDB keys (``exec_id NUL parent NUL op``).  Returns ``items`` itself
+    when nothing is large (the common case costs one ``len`` per item).
+    """
+    big = [i for i, (_, value) in enumerate(items) if len(value) >= threshold]
+    if not big:
+        return items
+    by_exec: dict[bytes, list[int]] = {}
+    for i in big:
+        key = items[i][0]
+        by_exec.setdefault(key[:key.index(b"\0")], []).append(i)
+    out = list(items)
+    top = root / BLOBS_DIR
+    if _mkdir(top):
+        _fsync_dir(root)
+    for exec_key, indices in by_exec.items():
+        folder = exec_dir_name(exec_key)
+        where = top / folder
+        if _mkdir(where):
+            _fsync_dir(top)
+        rel = f"{BLOBS_DIR}/{folder}/{uuid.uuid4().hex}.blob"
+        fd = os.open(root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            offset = 0
+            for i in indices:
+                key, value = out[i]
+                size = _write_all(fd, value)
+                out[i] = (key, MAGIC + _POS.pack(offset, size) + rel.encode())
+                offset += size
+            os.fdatasync(fd)  # the data (and the file's size) before any reference to it
+        finally:
+            os.close(fd)
+        _fsync_dir(where)  # the file's name, too
+    return out
+
+
+def load(root: pathlib.Path, ref: Any, where: str) -> bytes:
+    """The value a reference stands for; ``StoreError`` if its file is missing or short."""
+    view = memoryview(ref)
+    offset, size = _POS.unpack_from(view, len(MAGIC))
+    rel = bytes(view[len(MAGIC) + _POS.size:])
+    if not _NAME.match(rel):
+        raise StoreError(f"checkpoint {where} in {root} has a malformed blob reference {rel!r}")
+    path = root / rel.decode()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"checkpoint {where} in {root}: its blob {rel.decode()} cannot be read "
+                         f"({exc.strerror}); was the store copied without its blobs directory?") from None
+    try:
+        data = os.pread(fd, size, offset) if size else b""
+        while len(data) < size:  # pread may return less for a very large value
+            more = os.pread(fd, size - len(data), offset + len(data))
+            if not more:
+                raise StoreError(f"checkpoint {where} in {root}: its blob {rel.decode()} is truncated")
+            data += more
+    finally:
+        os.close(fd)
+    return data
+
+
+def ref_name(ref: Any) -> str | None:
+    """The file name (no directory) a reference points to, or None for an ordinary value."""
+    if not is_ref(ref):
+        return None
+    return bytes(memoryview(ref)[len(MAGIC) + _POS.size:]).decode().rsplit("/", 1)[-1]
+
+
+def sweep(root: pathlib.Path, exec_id: str, committed: Iterable[Any]) -> int:
+    """Remove the execution's blob files that no value in ``committed`` refers to; how many.
+
+    The caller holds the execution's lock and has no commit in flight, so no file being
+    written for it can be mistaken for an orphan.
+    """
+    where = exec_dir(root, exec_id)
+    try:
+        names = set(os.listdir(where))
+    except FileNotFoundError:
+        return 0
+    for value in committed:
+        name = ref_name(value)
+        if name is not None:
+            names.discard(name)
+    for name in names:
+        try:
+            os.unlink(where / name)
+        except FileNotFoundError:
+            pass
+    return len(names)
+
+
+def remove_all(root: pathlib.Path, exec_id: str) -> None:
+    """Delete the execution's blob directory (after its records are deleted)."""
+    shutil.rmtree(exec_dir(root, exec_id), ignore_errors=True)
+
+
+def has_blobs(root: pathlib.Path, exec_id: str) -> bool:
+    try:
+        return bool(os.listdir(exec_dir(root, exec_id)))
+    except FileNotFoundError:
+        return False
+
+
+def exec_dirs(root: pathlib.Path) -> set[str]:
+    """The names of every execution's blob directory."""
+    try:
+        return set(os.listdir(root / BLOBS_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def remove_stale(root: pathlib.Path, listed: set[str], live_exec_ids: Iterable[str]) -> int:
+    """Remove the blob directories in ``listed`` that belong to no execution in ``live_exec_ids``; how many.
+
+    They are what a crash between deleting an execution's records and its blobs leaves.
+    ``listed`` must be read *before* ``live_exec_ids``: an execution created in between
+    has no blob directory in ``listed`` yet, so it is never mistaken for a stale one.
+    """
+    stale = listed - {exec_dir_name(e.encode()) for e in live_exec_ids}
+    for name in stale:
+        shutil.rmtree(root / BLOBS_DIR / name, ignore_errors=True)
+    return len(stale)

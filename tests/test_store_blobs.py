@@ -1,0 +1,263 @@
+"""Large checkpoint values in blob files: durable before their reference, read back, cleaned up, crash-safe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import lmdb
+import pytest
+
+from durable_mp.core.records import OpRecord
+from durable_mp.exceptions import StoreError
+from durable_mp.store import blobs
+from durable_mp.store.facade import Store
+from durable_mp.store.records import ExecutionRecord
+from procs import session_processes
+
+pytestmark = pytest.mark.timeout(180)
+
+BIG = blobs.BLOB_BYTES + 17
+
+
+def record(op_id: str, result: bytes) -> OpRecord:
+    return OpRecord(op_id, "p", "STEP", "Step", op_id, "SUCCEEDED", 1.0, 2.0, result)
+
+
+def raw_values(path) -> dict[bytes, bytes]:
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8)
+    try:
+        db = env.open_db(b"ops", create=False)
+        with env.begin() as txn:
+            return dict(txn.cursor(db=db))
+    finally:
+        env.close()
+
+
+def blob_files(path, exec_id="e") -> list[str]:
+    try:
+        return sorted(os.listdir(blobs.exec_dir(path, exec_id)))
+    except FileNotFoundError:
+        return []
+
+
+def new_exec(exec_id: str = "e") -> ExecutionRecord:
+    now = time.time()
+    return ExecutionRecord(exec_id, "RUNNING", "m:h", None, None, None, now, now, None, 0, 0.0, 1)
+
+
+def test_a_large_value_is_committed_as_a_reference_and_reads_back(tmp_path):
+    path = tmp_path / "s"
+    big, small = os.urandom(BIG), b"tiny"
+    with Store(path) as store:
+        store.stage("e", record("a", big))
+        store.stage("e", record("b", small))
+        store.stage("e", record("c", big[::-1]))
+        store.flush()
+    values = raw_values(path)
+    refs = [v for v in values.values() if blobs.is_ref(v)]
+    assert len(refs) == 2 and all(len(v) < 200 for v in refs)  # both large ones, one file for the batch
+    assert len(blob_files(path)) == 1
+    mode = stat.S_IMODE(os.stat(blobs.exec_dir(path, "e") / blob_files(path)[0]).st_mode)
+    assert mode == 0o600
+    with Store(path, readonly=True) as store:
+        assert store.get_op("e", "p", "a").result == big
+        assert store.get_op("e", "p", "b").result == small
+        assert {r.op_id: r.result for r in store.children("e", "p")} == {"a": big, "b": small, "c": big[::-1]}
+        assert len(store.ops("e")) == 3
+
+
+def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, monkeypatch):
+    events = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(blobs.os, "fdatasync", lambda fd: (events.append("blob"), real_fdatasync(fd))[1])
+    monkeypatch.setattr(blobs.os, "fsync", lambda fd: (events.append("dir"), real_fsync(fd))[1])
+    with Store(tmp_path / "s") as store:
+        real_write = store._write
+        monkeypatch.setattr(store, "_write", lambda fn: (events.append("commit"), real_write(fn))[1])
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.flush()
+    first_commit = events.index("commit")
+    assert "blob" in events[:first_commit] and events[first_commit - 1] == "dir", events
+
+
+def test_a_missing_blob_is_a_store_error_not_a_partial_result(tmp_path):
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.flush()
+    (blobs.exec_dir(path, "e") / blob_files(path)[0]).unlink()
+    with Store(path) as store, pytest.raises(StoreError, match="blob"):
+        store.get_op("e", "p", "a")
+
+
+def test_a_truncated_blob_is_a_store_error(tmp_path):
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.flush()
+    os.truncate(blobs.exec_dir(path, "e") / blob_files(path)[0], 1000)
+    with Store(path) as store, pytest.raises(StoreError, match="truncated"):
+        store.get_op("e", "p", "a")
+
+
+def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.flush()
+        kept = blob_files(path)
+        orphan = blobs.exec_dir(path, "e") / ("0" * 32 + ".blob")  # what a crash before the commit leaves
+        orphan.write_bytes(b"partial")
+        assert store.sweep_blobs("e") == 1
+        assert blob_files(path) == kept  # the referenced one stays
+        assert store.get_op("e", "p", "a") is not None
+        orphan.write_bytes(b"partial")
+        store.acquire("e", new_exec)
+        store.release("e")
+        assert blob_files(path) == kept
+        assert store.delete_execution("e")
+        assert not blobs.exec_dir(path, "e").exists()
+
+
+def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.flush()
+        new = os.urandom(BIG)
+        store.stage("e", record("a", new))
+        store.flush()
+        assert len(blob_files(path)) == 2
+        assert store.sweep_blobs("e") == 1
+        assert store.get_op("e", "p", "a").result == new
+
+
+JOB = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from durable_mp import durable_execution
+
+    def make(i):
+        return np.full(512 * 1024, float(i))  # 4 MiB each
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.map(list(range(event["n"])), lambda c, x, i, xs: make(x), name="arrays")
+        r.throw_if_error()
+        return [(float(a[0]), float(a[-1]), a.shape[0]) for a in r.get_results()]
+
+    if __name__ == "__main__":
+        print(handler.run({"n": int(sys.argv[2])}, store=sys.argv[1], execution_id="e", max_workers=2), flush=True)
+    """
+)
+
+
+def test_a_driver_killed_mid_payload_loses_nothing_committed_and_resumes(tmp_path):
+    pytest.importorskip("numpy")
+    script, store = tmp_path / "job.py", tmp_path / "store"
+    script.write_text(JOB)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    n = 64
+    proc = subprocess.Popen([sys.executable, str(script), str(store), str(n)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # One batch is in flight at a time: a second blob file means the first batch's records are committed.
+        while len(blob_files(store)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(blob_files(store)) >= 2, "no blob was written"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Every committed record reads back whole: a reference never names a partial blob.
+    with Store(store, readonly=True) as st:
+        done = {r.op_id: r for r in st.ops("e") if r.status == "SUCCEEDED" and r.parent_id and r.result}
+    assert 0 < len(done) < n, "the kill should land mid-payload"
+    assert all(len(r.result) > 4 * 1024 * 1024 for r in done.values())
+    rerun = subprocess.run([sys.executable, str(script), str(store), str(n)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.strip() == str([(float(i), float(i), 512 * 1024) for i in range(n)])
+    refs = sum(1 for v in raw_values(store).values() if blobs.is_ref(v))
+    with Store(store) as st:
+        assert st.sweep_blobs("e") == 0  # the re-run's acquire already removed the crash's leftovers
+    assert refs >= n
+
+
+def test_gc_removes_the_blobs_of_an_execution_whose_delete_was_interrupted(tmp_path):
+    from durable_mp.store.maintenance import collect
+
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.acquire("e", new_exec)
+        store.release("e")
+        store.acquire("gone", lambda: new_exec("gone"))
+        store.release("gone")
+        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("gone", record("a", os.urandom(BIG)))
+        store.flush()
+        kept = blob_files(path, "e")
+        real_remove_all = blobs.remove_all
+        blobs.remove_all = lambda root, exec_id: None  # the driver dies between the two deletes
+        try:
+            store.delete_execution("gone")
+        finally:
+            blobs.remove_all = real_remove_all
+        assert blob_files(path, "gone")
+        collect(store, older_than_s=1e9)  # deletes nothing old; still removes the leftovers
+        assert not blobs.exec_dir(path, "gone").exists()
+        assert blob_files(path, "e") == kept
+        assert store.get_op("e", "p", "a") is not None
+
+
+WORKER_KILL_JOB = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    import numpy as np
+    from durable_mp import durable_execution
+
+    MARK = sys.argv[2]
+
+    def make(i):
+        a = np.full(4 * 1024 * 1024, float(i))  # 32 MiB: the kill lands while it is pickled or sent
+        if i == 3 and not os.path.exists(MARK):
+            open(MARK, "w").close()
+            threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return a
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.map(list(range(6)), lambda c, x, i, xs: make(x), name="arrays")
+        r.throw_if_error()
+        return [(float(a[0]), float(a[-1]), a.shape[0]) for a in r.get_results()]
+
+    if __name__ == "__main__":
+        print(handler.run({}, store=sys.argv[1], execution_id="e", max_workers=2), flush=True)
+    """
+)
+
+
+def test_a_worker_killed_while_returning_a_large_result_is_rerun_and_no_partial_result_is_stored(tmp_path):
+    pytest.importorskip("numpy")
+    script, store, mark = tmp_path / "job.py", tmp_path / "store", tmp_path / "killed"
+    script.write_text(WORKER_KILL_JOB)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    run = subprocess.run([sys.executable, str(script), str(store), str(mark)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert mark.exists()
+    n = 4 * 1024 * 1024
+    assert run.stdout.strip() == str([(float(i), float(i), n) for i in range(6)])
+    with Store(store, readonly=True) as st:
+        items = [r for r in st.ops("e") if r.status == "SUCCEEDED" and r.parent_id and r.result]
+    assert len(items) == 6 and all(len(r.result) > 8 * n for r in items)
