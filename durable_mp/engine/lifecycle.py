@@ -104,6 +104,19 @@ class BranchTable:
             counts[src] -= 1
         counts[to] += len(indices)
 
+    def replayed_many(self, outcomes: dict[int, bool]) -> None:
+        """``replayed`` for every branch a resume found finished: ``{index: succeeded}``, one pass."""
+        states, counts = self._states, self.counts
+        ok = 0
+        for index, succeeded in outcomes.items():
+            if states[index] != _B.PENDING:
+                raise IllegalTransition(f"branch {index}: {BranchState(states[index]).name} -> replayed")
+            states[index] = _B.SUCCEEDED if succeeded else _B.FAILED
+            ok += succeeded
+        counts[_B.PENDING] -= len(outcomes)
+        counts[_B.SUCCEEDED] += ok
+        counts[_B.FAILED] += len(outcomes) - ok
+
     def replayed(self, index: int, succeeded: bool) -> None:
         """A branch finished in an earlier run (resume): terminal without running."""
         self.move(index, _B.DISPATCHED)

@@ -383,13 +383,23 @@ class Store:
         return {int(key[1:]): rec for key, rec in self._children(exec_id, batch_op_id).items()
                 if key.startswith(BRANCH_KEY_PREFIX)}
 
-    def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
+    def branch_raw(self, exec_id: str, batch_op_id: str) -> dict[int, Any]:
+        """``branch_records`` undecoded (``OpRecord.dumps()`` bytes): a resume of a big map
+        probes their statuses and decodes a result only when it is asked for."""
+        return {int(key[1:]): data for key, data in self._children_raw(exec_id, batch_op_id).items()
+                if key.startswith(BRANCH_KEY_PREFIX)}
+
+    def _children_raw(self, exec_id: str, parent_id: str) -> dict[str, Any]:
         with self._lock:
             prefix = self._prefix(exec_id, parent_id)
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
             for group in reversed(self._group.pending((exec_id, parent_id))):
                 found.update(group)
-            return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
+            return found
+
+    def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
+        found = self._children_raw(exec_id, parent_id)
+        return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
 
     def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
         """Every descendant of ``op_id`` (not itself), by op id, from one consistent snapshot."""
