@@ -96,10 +96,11 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     cpu = [f for f in res.facts["driver CPU growth per 10x items"] if f is not None]
     res.targets.append(Target("growth: driver CPU per 10x items (max)", max(cpu) if cpu else None, 10, "<=", "x"))
     big = next((r for r in item_rows if r.work == 1_000_000), None)
-    peak = max((s["peak_rss_mb"] for s in big.info), default=None) if big else None
-    res.targets.append(Target("growth: driver peak RSS, 1M-item map (MB, max)", peak, RSS_LIMIT_MB, "<=", "MB"))
     if big is None:
-        res.notes.append("quick run: 1,000,000 items are measured only in a full run")
+        res.notes.append("the 600 MB driver target is for 1,000,000 items, measured only in a full run")
+    else:
+        peak = max(s["peak_rss_mb"] for s in big.info)
+        res.targets.append(Target("growth: driver peak RSS, 1M-item map (MB, max)", peak, RSS_LIMIT_MB, "<=", "MB"))
     return res
 
 

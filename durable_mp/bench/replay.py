@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 
-from durable_mp.bench.core import Row, Runner, ScenarioResult, Target, count_records, fresh_store, workers
+from durable_mp.bench.core import BenchError, Row, Runner, ScenarioResult, Target, count_records, fresh_store, workers
 from durable_mp.bench.growth import MB, job
 
 NAME = "replay"
@@ -39,6 +39,8 @@ def _killed_halfway(path: str, execution_id: str, items: int, n: int, after: flo
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, all at once, as a power cut would
         proc.wait()
+    else:
+        raise BenchError(f"the run to be killed ended before its kill after {after:.2f} s (exit {proc.returncode})")
 
 
 def run(p: dict, runner: Runner) -> ScenarioResult:
@@ -61,6 +63,8 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
             runner.progress.show(f"{NAME}: resuming it  repeat {rep + 1}")
             data = job("run", str(items), str(n), path, half_id, marks, cwd=cwd)
             resumed.append(data)
+            if not os.path.exists(marks):
+                raise BenchError("the resumed run dispatched no item: the kill came after the map had ended")
             with open(marks) as f:
                 first.append({"wall": min(float(line) for line in f) - data["t_start"], "cpu": data["cpu"],
                               "peak_rss": data["peak_rss"]})
