@@ -386,20 +386,33 @@ class Store:
     def branch_raw(self, exec_id: str, batch_op_id: str) -> dict[int, Any]:
         """``branch_records`` undecoded (``OpRecord.dumps()`` bytes): a resume of a big map
         probes their statuses and decodes a result only when it is asked for."""
-        return {int(key[1:]): data for key, data in self._children_raw(exec_id, batch_op_id).items()
-                if key.startswith(BRANCH_KEY_PREFIX)}
+        with self._lock:
+            prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
+            n = len(prefix)
 
-    def _children_raw(self, exec_id: str, parent_id: str) -> dict[str, Any]:
+            def scan(txn: Txn, sh: SharedEnv) -> dict[int, Any]:  # one pass: no key decoded to str
+                out: dict[int, Any] = {}
+                cur = txn.cursor(db=sh.ops)
+                if not cur.set_range(prefix):
+                    return out
+                for key, value in cur.iternext():
+                    if not key.startswith(prefix):
+                        break
+                    out[int(key[n:])] = value
+                return out
+
+            found = self._read(scan)
+            for group in reversed(self._group.pending((exec_id, batch_op_id))):
+                found.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
+            return found
+
+    def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
         with self._lock:
             prefix = self._prefix(exec_id, parent_id)
             found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
             for group in reversed(self._group.pending((exec_id, parent_id))):
                 found.update(group)
-            return found
-
-    def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
-        found = self._children_raw(exec_id, parent_id)
-        return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
+            return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
 
     def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
         """Every descendant of ``op_id`` (not itself), by op id, from one consistent snapshot."""
