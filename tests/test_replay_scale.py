@@ -58,6 +58,8 @@ def test_bulk_replay_of_branches_equals_one_by_one():
         single.replayed(index, ok)
     assert [bulk.state(i) for i in range(500)] == [single.state(i) for i in range(500)]
     assert bulk.counts == single.counts and bulk.count(BranchState.PENDING) == 200
+    assert bulk.pending() == [i for i in range(500) if i not in outcomes]
+    assert BranchTable(3).pending() == [0, 1, 2]
     with pytest.raises(IllegalTransition):
         bulk.replayed_many({next(iter(outcomes)): True})  # already replayed
 

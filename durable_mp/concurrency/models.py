@@ -162,8 +162,11 @@ class CompletionPolicy:
                 raise InvalidStateError(f"item index {index} out of range for {total} items")
             if states[index] != _PENDING:
                 raise InvalidStateError(f"item {index} finished twice")
-            states[index] = _SUCCEEDED if succeeded else _FAILED
-            ok += succeeded
+            if succeeded:
+                states[index] = _SUCCEEDED
+                ok += 1
+            else:
+                states[index] = _FAILED
         self._ended += len(outcomes)
         self._succeeded += ok
         self._failed += len(outcomes) - ok

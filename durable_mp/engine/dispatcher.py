@@ -98,7 +98,7 @@ class Dispatcher:
         batch.records = spec.replay_done()
         replayed = spec.done_succeeded()
         batch.branches.replayed_many(replayed)
-        batch.queue.extend(i for i in range(spec.n) if i not in replayed)
+        batch.queue.extend(batch.branches.pending())
         if spec.resuming and batch.queue:
             # hashing every queued item's id is only needed when some operation other than the
             # root and this batch has children (an item may have checkpoints under it)
