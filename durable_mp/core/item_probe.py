@@ -16,8 +16,11 @@ from durable_mp.core.records import TERMINAL, OpRecord, OpStatus
 _STATUS = OpRecord._fields.index("status")
 
 
-def item_status(data: Any) -> str:
+def item_status(data: Any, _loads: Any = pickle.loads, _int: Any = int.from_bytes) -> str:
     """The status of an item record, given as an ``OpRecord`` or its ``dumps()`` bytes."""
+    if data.__class__ is bytes:  # the store's case: slicing the small header beats a memoryview
+        status: str = _loads(data[5:5 + _int(data[1:5], "little")])[_STATUS]
+        return status
     if isinstance(data, OpRecord):
         return data.status
     view = memoryview(data)
