@@ -27,6 +27,7 @@ from durable_mp.config import (
     StepConfig,
     timeout_seconds,
 )
+from durable_mp.core.item_probe import split_terminal
 from durable_mp.core.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
 from durable_mp.core.spec import BatchSpec
 
@@ -252,9 +253,11 @@ class DurableContext:
         base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
         if rec is None:
             self.state.emit(base)
-            done: dict[int, OpRecord] = {}
+            done: dict[int, Any] = {}
+            done_ok: dict[int, bool] = {}
+            unfinished: dict[int, Any] = {}
         else:
-            done = {i: r for i, r in self._child_records(op_id, n).items() if r.is_terminal}
+            done, done_ok, unfinished = split_terminal(self._child_records(op_id, n))
         spec = BatchSpec(
             op_id=op_id,
             sub_type=sub_type,
@@ -271,6 +274,8 @@ class DurableContext:
             policy=policy,
             done=done,
             resuming=rec is not None,
+            unfinished=unfinished,
+            done_ok=done_ok,
             execution_id=self.state.execution_id,
         )
         try:
@@ -290,10 +295,10 @@ class DurableContext:
         )
         return self._batch_result(records, reason, item_serdes)
 
-    def _child_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
+    def _child_records(self, batch_op_id: str, n: int) -> dict[int, Any]:
         return {i: r for i, r in self.state.branch_records(batch_op_id, n).items() if i < n}
 
-    def _batch_result(self, records: dict[int, OpRecord], reason: CompletionReason, item_serdes) -> BatchResult:
+    def _batch_result(self, records: dict[int, Any], reason: CompletionReason, item_serdes) -> BatchResult:
         items = []
         exec_id = self.state.execution_id
         for index in sorted(records):

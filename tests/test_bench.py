@@ -30,6 +30,8 @@ TINY = {
     "recovery": {"branches": 3, "step_ms": 5, "driver_branches": 6, "driver_step_ms": 60},
     "memory": {"items": 3000, "skip": False},
     "start": {"items": 200},
+    "growth": {"items": [300, 3000], "result_mb": [1, 2], "branches": 1, "repeats": 1},
+    "replay": {"items": 20_000, "kill_at": 0.6, "repeats": 1},
 }
 
 
@@ -199,6 +201,7 @@ def test_cli_rejects_unknown_scenarios_and_bad_repeats():
 
 
 def test_scenarios_are_registered_in_order():
-    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "recovery", "memory", "start"]
+    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "recovery", "memory", "start",
+                                        "growth", "replay"]
     for module in bench.SCENARIOS.values():
         assert isinstance(module.params(True), dict) and isinstance(module.params(False), dict)

@@ -12,11 +12,11 @@ import time
 import traceback
 from types import ModuleType
 
-from durable_mp.bench import cpu, memory, overhead, payload, recovery, seed, start_methods
+from durable_mp.bench import cpu, growth, memory, overhead, payload, recovery, replay, seed, start_methods
 from durable_mp.bench.core import BenchError, Progress, Runner, ScenarioResult, Target
 
 SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (seed, cpu, overhead, payload, recovery, memory,
-                                                        start_methods)}
+                                                        start_methods, growth, replay)}
 
 DEFAULT_REPEATS = 5
 QUICK_REPEATS = 3

@@ -145,6 +145,33 @@ class CompletionPolicy:
         elif state != _STARTED:
             raise InvalidStateError(f"item {index} cannot start: it already finished")
 
+    def on_replayed(self, outcomes: dict[int, bool]) -> None:
+        """Items that finished in an earlier run (resume), ``{index: succeeded}``: one pass.
+
+        The same as ``on_started`` + ``on_finished`` for each, without a call per item.
+        """
+        if self._virtual:
+            for index, succeeded in outcomes.items():
+                self.on_started(index)
+                self.on_finished(index, succeeded)
+            return
+        states, total = self._states, self._total
+        ok = 0
+        for index, succeeded in outcomes.items():
+            if not 0 <= index < total:
+                raise InvalidStateError(f"item index {index} out of range for {total} items")
+            if states[index] != _PENDING:
+                raise InvalidStateError(f"item {index} finished twice")
+            if succeeded:
+                states[index] = _SUCCEEDED
+                ok += 1
+            else:
+                states[index] = _FAILED
+        self._ended += len(outcomes)
+        self._succeeded += ok
+        self._failed += len(outcomes) - ok
+        self._dirty = True
+
     def on_started_many(self, indices: list[int]) -> None:
         """``on_started`` for a chunk of items (one call on the dispatch hot path)."""
         states = self._states

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from durable_mp.core.records import OpRecord, OpStatus
+from durable_mp.core.item_probe import succeeded
 
 
 @dataclass
@@ -15,6 +15,9 @@ class BatchSpec:
     ``funcs`` is set for parallel (one callable per branch), ``func`` + ``inputs`` for
     map.  ``done`` holds branches that already have a terminal checkpoint (resume);
     ``resuming`` says whether partial checkpoints may exist under other branches.
+    A record in ``done`` / ``unfinished`` is an ``OpRecord`` or its stored bytes
+    (``core.item_probe`` reads their status; results are decoded only for the BatchResult).
+    ``unfinished`` holds the non-terminal records of a resumed batch (reopened attempts).
     """
 
     op_id: str
@@ -31,14 +34,20 @@ class BatchSpec:
     branch_timeout: float | None
     policy: Any
     execution_id: str = ""
-    done: dict[int, OpRecord] = field(default_factory=dict)
+    done: dict[int, Any] = field(default_factory=dict)
     resuming: bool = False
+    unfinished: dict[int, Any] = field(default_factory=dict)
+    done_ok: dict[int, bool] | None = None  # {index: succeeded} of ``done``, when the caller probed it
 
-    def replay_done(self) -> dict[int, OpRecord]:
+    def done_succeeded(self) -> dict[int, bool]:
+        """``{index: succeeded}`` of the branches in ``done``, each status probed once."""
+        if self.done_ok is None:
+            self.done_ok = {index: succeeded(rec) for index, rec in self.done.items()}
+        return self.done_ok
+
+    def replay_done(self) -> dict[int, Any]:
         """Tell the completion policy about branches finished in an earlier run; their records."""
-        for index, rec in self.done.items():
-            self.policy.on_started(index)
-            self.policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+        self.policy.on_replayed(self.done_succeeded())
         return dict(self.done)
 
     def item_name(self, index: int) -> str:

@@ -24,6 +24,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from durable_mp.concurrency.models import CompletionReason, succeeded_item
+from durable_mp.core.item_probe import as_record
 from durable_mp.core.records import (Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_span,
                                      result_view)
 from durable_mp.core.spec import BatchSpec
@@ -115,15 +116,18 @@ class Dispatcher:
         batch = BatchRun(spec)
         policy = spec.policy
         batch.records = spec.replay_done()
-        for index, rec in spec.done.items():
-            batch.branches.replayed(index, rec.status == OpStatus.SUCCEEDED)
-        batch.queue.extend(i for i in range(spec.n) if i not in spec.done)
+        replayed = spec.done_succeeded()
+        batch.branches.replayed_many(replayed)
+        batch.queue.extend(batch.branches.pending())
         if spec.resuming and batch.queue:
-            parents = self.store.parents_with_children(self.execution_id)
-            batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
+            # hashing every queued item's id is only needed when some operation other than the
+            # root and this batch has children (an item may have checkpoints under it)
+            parents = self.store.parents_with_children(self.execution_id) - {"", spec.op_id}
+            if parents:
+                batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
             self._continue_attempts(batch)
-        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(spec.done),
-                                       failed=sum(1 for r in spec.done.values() if r.status == OpStatus.FAILED))
+        self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(replayed),
+                                       failed=len(replayed) - sum(replayed.values()))
         self.failures = FailureLog.of(spec)
         batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
         completed = False
@@ -153,9 +157,11 @@ class Dispatcher:
         """Branches a fix-and-resume re-run reopened (``core.reopen``) keep their earlier attempts.
 
         Only a reopened branch record is STARTED with attempts; its new record continues them.
+        The resumed batch's unfinished records came with its spec: the finished ones are not decoded.
         """
         queued = set(batch.queue)
-        for index, rec in self.store.branch_records(self.execution_id, batch.spec.op_id).items():
+        for index, data in batch.spec.unfinished.items():
+            rec = as_record(data)
             if index in queued and rec.status == OpStatus.STARTED and rec.attempts:
                 batch.crash_log[index] = list(rec.attempts)
                 self.reopened[(batch.token, index)] = rec.attempt

@@ -40,8 +40,8 @@ class DriverState(ExecutionState):
         rec: OpRecord | None = self.store.get_op(self.execution_id, parent_id, op_id)
         return rec
 
-    def branch_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
-        records: dict[int, OpRecord] = self.store.branch_records(self.execution_id, batch_op_id)
+    def branch_records(self, batch_op_id: str, n: int) -> dict[int, Any]:
+        records: dict[int, Any] = self.store.branch_raw(self.execution_id, batch_op_id)  # decoded on demand
         return records
 
     def emit(self, rec: OpRecord, sync: bool = False) -> None:

@@ -104,6 +104,30 @@ class BranchTable:
             counts[src] -= 1
         counts[to] += len(indices)
 
+    def replayed_many(self, outcomes: dict[int, bool]) -> None:
+        """``replayed`` for every branch a resume found finished: ``{index: succeeded}``, one pass."""
+        states, counts = self._states, self.counts
+        pending, done, failed = int(_B.PENDING), int(_B.SUCCEEDED), int(_B.FAILED)  # plain ints: no enum per item
+        ok = 0
+        for index, succeeded in outcomes.items():
+            if states[index] != pending:
+                raise IllegalTransition(f"branch {index}: {BranchState(states[index]).name} -> replayed")
+            if succeeded:
+                states[index] = done
+                ok += 1
+            else:
+                states[index] = failed
+        counts[_B.PENDING] -= len(outcomes)
+        counts[_B.SUCCEEDED] += ok
+        counts[_B.FAILED] += len(outcomes) - ok
+
+    def pending(self) -> list[int]:
+        """The indices of the branches still PENDING, in order (a resume's queue)."""
+        pending = int(_B.PENDING)
+        if self.counts[_B.PENDING] == len(self._states):
+            return list(range(len(self._states)))
+        return [i for i, s in enumerate(self._states) if s == pending]
+
     def replayed(self, index: int, succeeded: bool) -> None:
         """A branch finished in an earlier run (resume): terminal without running."""
         self.move(index, _B.DISPATCHED)

@@ -416,6 +416,29 @@ class Store:
         return {int(key[1:]): rec for key, rec in self._children(exec_id, batch_op_id).items()
                 if key.startswith(BRANCH_KEY_PREFIX)}
 
+    def branch_raw(self, exec_id: str, batch_op_id: str) -> dict[int, Any]:
+        """``branch_records`` undecoded (``OpRecord.dumps()`` bytes): a resume of a big map
+        probes their statuses and decodes a result only when it is asked for."""
+        with self._lock:
+            prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
+            n = len(prefix)
+
+            def scan(txn: Txn, sh: SharedEnv) -> dict[int, Any]:  # one pass: no key decoded to str
+                out: dict[int, Any] = {}
+                cur = txn.cursor(db=sh.ops)
+                if not cur.set_range(prefix):
+                    return out
+                for key, value in cur.iternext():
+                    if not key.startswith(prefix):
+                        break
+                    out[int(key[n:])] = value
+                return out
+
+            found = self._read(scan)
+            for group in reversed(self._group.pending((exec_id, batch_op_id))):
+                found.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
+            return found
+
     def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
         with self._lock:
             prefix = self._prefix(exec_id, parent_id)

@@ -1,0 +1,57 @@
+"""Read an item record's status without building the record (replay of a big map).
+
+A resumed map only needs to know which items ended and how; decoding a million
+``OpRecord`` objects (and copying their results) to learn that is what made a resume
+slow.  ``item_status`` is the one call to swap when the compact item-record format with
+its own status probe lands in ``core.records``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from durable_mp.core.records import TERMINAL, OpRecord, OpStatus
+
+_STATUS = OpRecord._fields.index("status")
+
+
+def item_status(data: Any, _loads: Any = pickle.loads, _int: Any = int.from_bytes) -> str:
+    """The status of an item record, given as an ``OpRecord`` or its ``dumps()`` bytes."""
+    if data.__class__ is bytes:  # the store's case: slicing the small header beats a memoryview
+        status: str = _loads(data[5:5 + _int(data[1:5], "little")])[_STATUS]
+        return status
+    if isinstance(data, OpRecord):
+        return data.status
+    view = memoryview(data)
+    size = int.from_bytes(view[1:5], "little")
+    return pickle.loads(view[5:5 + size])[_STATUS]  # the header only; the result stays where it is
+
+
+def is_terminal(data: Any) -> bool:
+    return item_status(data) in TERMINAL
+
+
+def succeeded(data: Any) -> bool:
+    return item_status(data) == OpStatus.SUCCEEDED
+
+
+def as_record(data: Any) -> OpRecord:
+    """The full record, decoded only when someone needs more than its status."""
+    return data if isinstance(data, OpRecord) else OpRecord.loads(data)
+
+
+def split_terminal(records: dict[int, Any]) -> tuple[dict[int, Any], dict[int, bool], dict[int, Any]]:
+    """``(ended, {index: succeeded} of ended, unfinished)``: item records split by one status probe each."""
+    ended: dict[int, Any] = {}
+    ok: dict[int, bool] = {}
+    unfinished: dict[int, Any] = {}
+    terminal, success = TERMINAL, OpStatus.SUCCEEDED
+    for index, rec in records.items():
+        status = item_status(rec)
+        if status in terminal:
+            ended[index] = rec
+            ok[index] = status == success
+        else:
+            unfinished[index] = rec
+    return ended, ok, unfinished
