@@ -25,8 +25,16 @@ from typing import Any
 
 from durable_mp.concurrency.models import CompletionReason, succeeded_item
 from durable_mp.core.item_probe import as_record
-from durable_mp.core.records import (Attempt, OpRecord, OpStatus, OpType, branch_key, operation_id, result_span,
-                                     result_view)
+from durable_mp.core.records import (
+    Attempt,
+    OpRecord,
+    OpStatus,
+    OpType,
+    branch_key,
+    operation_id,
+    result_span,
+    result_view,
+)
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
@@ -45,8 +53,18 @@ from durable_mp.engine.faults import (
 from durable_mp.engine.lifecycle import BranchState, IllegalTransition, WorkerState
 from durable_mp.engine.payload import build_payload
 from durable_mp.engine.pool import Worker, WorkerPool
-from durable_mp.engine.protocol import (NOT_SENT, UNLIMITED, Budget, Kind, Reply, RunCall, RunChunk, StopBatch,
-                                       Succeeded, kind_of)
+from durable_mp.engine.protocol import (
+    NOT_SENT,
+    UNLIMITED,
+    Budget,
+    Kind,
+    Reply,
+    RunCall,
+    RunChunk,
+    StopBatch,
+    Succeeded,
+    kind_of,
+)
 from durable_mp.engine.scheduling import (
     chunk_size,
     concurrency_limit,
@@ -482,16 +500,16 @@ class Dispatcher:
             return
         if batch.crash_log and not batch.crash_log.keys().isdisjoint(indices):  # rare: keep the deaths
             self._finish_items(task, [(i, True, branch_key(i), OpRecord.loads(data).dumps())
-                                      for i, data in zip(indices, done.records)])
+                                      for i, data in zip(indices, done.records, strict=False)])
             return
         records = batch.records
         if batch.decode_results:  # keep the value, not the record: a big map's BatchResult fits in RAM
             values = done.values
             if NOT_SENT in values:
-                values = [_decoded(data) if value is NOT_SENT else value for value, data in zip(values, done.records)]
-            records.update(zip(indices, map(succeeded_item, indices, values)))
+                values = [_decoded(data) if value is NOT_SENT else value for value, data in zip(values, done.records, strict=False)]
+            records.update(zip(indices, map(succeeded_item, indices, values), strict=False))
         else:
-            records.update(zip(indices, done.records))
+            records.update(zip(indices, done.records, strict=False))
         batch.branches.finish_many(indices, BranchState.SUCCEEDED)
         batch.spec.policy.on_succeeded_many(indices)
         self.bar.succeeded(len(indices))

@@ -129,7 +129,7 @@ class GroupCommit:
             if group is None:
                 group = self._new_group(exec_id, parent_id)
             before = len(group)
-            group.update(zip(map(branch_key, indices), records))
+            group.update(zip(map(branch_key, indices), records, strict=False))
             self._added(len(group) - before)
 
     def _added(self, added: int) -> None:
