@@ -506,7 +506,8 @@ class Dispatcher:
         if batch.decode_results:  # keep the value, not the record: a big map's BatchResult fits in RAM
             values = done.values
             if NOT_SENT in values:
-                values = [_decoded(data) if value is NOT_SENT else value for value, data in zip(values, done.records, strict=False)]
+                values = [_decoded(data) if value is NOT_SENT else value
+                          for value, data in zip(values, done.records, strict=True)]
             records.update(zip(indices, map(succeeded_item, indices, values), strict=False))
         else:
             records.update(zip(indices, done.records, strict=False))
