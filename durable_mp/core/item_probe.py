@@ -12,12 +12,18 @@ import pickle
 from typing import Any
 
 from durable_mp.core.records import TERMINAL, OpRecord, OpStatus
+from durable_mp.core.records import item_status as records_item_status
 
 _STATUS = OpRecord._fields.index("status")
 
 
+_COMPACT = ord("I")
+
+
 def item_status(data: Any, _loads: Any = pickle.loads, _int: Any = int.from_bytes) -> str:
     """The status of an item record, given as an ``OpRecord`` or its ``dumps()`` bytes."""
+    if data[0] == _COMPACT:  # a compact item record (``records.item_record``): always a plain success
+        return records_item_status(data)
     if data.__class__ is bytes:  # the store's case: slicing the small header beats a memoryview
         status: str = _loads(data[5:5 + _int(data[1:5], "little")])[_STATUS]
         return status
