@@ -505,10 +505,13 @@ class Dispatcher:
         records = batch.records
         if batch.decode_results:  # keep the value, not the record: a big map's BatchResult fits in RAM
             values = done.values
-            if NOT_SENT in values:
-                values = [_decoded(data) if value is NOT_SENT else value
-                          for value, data in zip(values, done.records, strict=True)]
-            records.update(zip(indices, map(succeeded_item, indices, values), strict=False))
+            if NOT_SENT not in values:
+                records.update(zip(indices, map(succeeded_item, indices, values), strict=True))
+            else:  # decode here; a record that cannot be read here stays bytes (the BatchResult build reports it)
+                for index, value, data in zip(indices, values, done.records, strict=True):
+                    if value is NOT_SENT:
+                        value = _decoded(data)
+                    records[index] = data if value is NOT_SENT else succeeded_item(index, value)
         else:
             records.update(zip(indices, done.records, strict=False))
         batch.branches.finish_many(indices, BranchState.SUCCEEDED)
