@@ -435,6 +435,9 @@ class Store:
                 return out
 
             found = self._read(scan)
+            for index, data in found.items():  # a large value is a reference to its blob file: read it
+                if data[:1] == b"\0" and blobs.is_ref(data):
+                    found[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
             for group in reversed(self._group.pending((exec_id, batch_op_id))):
                 found.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
             return found
