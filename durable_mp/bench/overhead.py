@@ -3,7 +3,7 @@
 What is left when the work is nothing: durable_mp's per-item cost (ship the item, record,
 pipe, group commit) against ``ProcessPoolExecutor.map`` with a good chunksize and joblib's
 auto batching, neither of which records anything.  The store's record count after the run
-shows that each item really got its own checkpoint.  Target: >= 100,000 items/s.
+shows that each item really got its own checkpoint.  Target (issue 11): >= 200,000 items/s.
 """
 
 from __future__ import annotations
@@ -88,5 +88,5 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     dmp = res.row("durable_mp.map")
     res.facts = {"records in the store after a durable_mp run": dmp.info_median("records"),
                  "of which succeeded map items": dmp.info_median("item_records")}
-    res.targets.append(Target("overhead: durable_mp.map items/s", dmp.throughput, 100_000, ">=", "items/s"))
+    res.targets.append(Target("overhead: durable_mp.map items/s", dmp.throughput, 200_000, ">=", "items/s"))
     return res
