@@ -108,11 +108,7 @@ class GroupCommit:
         short ASCII.  ``data`` may be ``bytes`` or a buffer received out of band (kept, not copied).
         """
         with self.lock:
-            if self._failure is not None:
-                raise self._failure
-            group = self._staged.get((exec_id, parent_id))
-            if group is None:
-                group = self._new_group(exec_id, parent_id)
+            group = self._group_for(exec_id, parent_id)
             before = len(group)
             for key, data in entries:
                 if not (key.__class__ is str and key.isascii() and len(key) <= MAX_ID_BYTES) or SEP in key:
@@ -123,14 +119,17 @@ class GroupCommit:
     def stage_items(self, exec_id: str, parent_id: str, indices: list[int], records: list[Any]) -> None:
         """Stage the records of batch items ``indices`` under their ``branch_key``s (keys need no check)."""
         with self.lock:
-            if self._failure is not None:
-                raise self._failure
-            group = self._staged.get((exec_id, parent_id))
-            if group is None:
-                group = self._new_group(exec_id, parent_id)
+            group = self._group_for(exec_id, parent_id)
             before = len(group)
             group.update(zip(map(branch_key, indices), records, strict=False))
             self._added(len(group) - before)
+
+    def _group_for(self, exec_id: str, parent_id: str) -> Group:
+        """The staged group of one parent (under ``lock``); raises once the store is latched unwritable."""
+        if self._failure is not None:
+            raise self._failure
+        group = self._staged.get((exec_id, parent_id))
+        return group if group is not None else self._new_group(exec_id, parent_id)
 
     def _added(self, added: int) -> None:
         if added:
