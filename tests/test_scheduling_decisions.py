@@ -188,6 +188,44 @@ def test_bulk_moves_match_one_by_one_moves_and_refuse_illegal_ones():
         bulk.move_many([0], BranchState.DISPATCHED)  # finished
 
 
+@given(st.lists(st.tuples(st.sampled_from(["move", "finish"]), st.sampled_from(list(BranchState)),
+                          st.lists(st.integers(0, 7), max_size=6) | st.tuples(st.integers(0, 7), st.integers(0, 8)).map(
+                              lambda ab: list(range(ab[0], min(8, ab[0] + ab[1]))))),
+                max_size=12))
+def test_bulk_moves_of_any_indices_agree_with_one_by_one_moves(steps):
+    """Consecutive runs (slice path), scattered and repeated indices: same states, counts and
+    errors as moving one branch at a time; a refused bulk move changes nothing."""
+    one, bulk = BranchTable(8), BranchTable(8)
+    for how, to, indices in steps:
+        single = one.finish if how == "finish" else one.move
+        snapshot = [one.state(i) for i in range(8)], list(one.counts)
+        try:
+            for index in indices:
+                single(index, to)
+        except IllegalTransition:
+            one_failed = True
+            for i, state in enumerate(snapshot[0]):  # one-by-one moves may half-apply: roll back to compare
+                one._states[i] = state
+            one.counts[:] = snapshot[1]
+        else:
+            one_failed = False
+        before = [bulk.state(i) for i in range(8)], list(bulk.counts)
+        try:
+            (bulk.finish_many if how == "finish" else bulk.move_many)(indices, to)
+        except IllegalTransition:
+            assert one_failed
+            if len(set(indices)) == len(indices):  # all checked before anything moved
+                assert ([bulk.state(i) for i in range(8)], bulk.counts) == before
+            for i, state in enumerate(before[0]):
+                bulk._states[i] = state
+            bulk.counts[:] = before[1]
+        else:
+            assert not one_failed
+        assert [one.state(i) for i in range(8)] == [bulk.state(i) for i in range(8)]
+        assert one.counts == bulk.counts
+        assert sum(bulk.counts) == 8
+
+
 def test_bulk_policy_events_match_one_by_one_events():
     one, bulk = CompletionPolicy(CompletionConfig.first_successful(), 5), \
         CompletionPolicy(CompletionConfig.first_successful(), 5)

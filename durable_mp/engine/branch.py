@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from hashlib import blake2b as _blake2b
 from typing import Any
 
 from durable_mp import serdes as _serdes
-from durable_mp.core.records import OpRecord, OpStatus, OpType, item_record, operation_id
+from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
 from durable_mp.engine.protocol import NOT_SENT
 from durable_mp.engine.state import take_skipped_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
@@ -54,7 +55,7 @@ class BranchSource:
 
 def run_branch(source: BranchSource, index: int, make_context: Callable[[str], Any]) -> OpRecord:
     """Execute branch ``index`` and return its terminal record (SUCCEEDED or FAILED)."""
-    rec: OpRecord = run_branch_compact(source, index, make_context, None)[0]
+    rec: OpRecord = BranchRunner(source, make_context, compact=False).run(index)[0]
     return rec
 
 
@@ -64,55 +65,91 @@ _SCALARS = frozenset({int, str, float, bool, type(None)})  # immutable: the valu
 _COMPACT_MAX_BYTES = 64 * 1024  # larger results keep their own frame on the wire (``wire.big``)
 
 
-def run_branch_compact(source: BranchSource, index: int, make_context: Callable[[str], Any],
-                       compact: tuple[bytes, bytes, int] | None) -> tuple[Any, Any]:
-    """Execute branch ``index``: ``(record, value)``.
+class BranchRunner:
+    """Runs a batch's branches one index at a time, turning each outcome into a record.
 
-    With ``compact = (parent, sub_type, pid)`` (``core.records.item_prefix`` + this
-    process's pid), a plain success with a small result comes back as compact record
-    bytes and, if it is an immutable scalar, its value (else ``NOT_SENT``).  Every other
-    outcome is an ``OpRecord`` (and ``None``), exactly as ``run_branch`` returns it.
+    Built once per chunk, so what is the same for every item (the function, the id
+    prefix, the serdes check, the compact record's constant parts) is looked up once:
+    a map over a million tiny items spends most of its time here.
+
+    With ``compact=True``, ``run`` returns a plain success with a small result as compact
+    record bytes (``core.records.item_record``) and, if it is an immutable scalar under a
+    pickle-compatible serdes, its value (else ``NOT_SENT``).  Every other outcome is an
+    ``OpRecord`` (and ``None``).
     """
-    op_id = operation_id(source.batch_op_id, index)
-    name = source.name(index)
-    start = time.time()
-    take_skipped_seconds()  # a fresh count for this branch
 
-    def record(status: str, payload: Any = None, exc: BaseException | None = None,
-               extra: dict[str, Any] | None = None) -> OpRecord:
+    __slots__ = ("source", "make_context", "compact", "skip_time", "id_prefix", "parent", "sub_type", "pid",
+                 "default_serdes", "plain_values", "func", "inputs")
+
+    def __init__(self, source: BranchSource, make_context: Callable[[str], Any], *, compact: bool,
+                 skip_time: bool = True) -> None:
+        self.source = source
+        self.make_context = make_context
+        self.compact = compact
+        self.skip_time = skip_time  # False: no sleep can be skipped, so there are no seconds to count
+        # operation_id's input, ``f"{parent}-{index}"``, without formatting the parent each time
+        self.id_prefix = f"{source.batch_op_id}-".encode() if source.batch_op_id else None
+        self.parent, self.sub_type = item_prefix(source.batch_op_id, source.item_sub_type)
+        self.pid = _pid()
+        serdes_class = source.item_serdes.__class__
+        self.default_serdes = serdes_class is type(None) or serdes_class is _serdes.DefaultSerDes
+        self.plain_values = serdes_class in _PLAIN_SERDES
+        self.func = source.func if source.funcs is None and source.names is None else None
+        self.inputs = source.inputs
+
+    def run(self, index: int) -> tuple[Any, Any]:
+        """Execute branch ``index``: ``(record, value)`` (see the class docstring)."""
+        source = self.source
+        op_id = (_blake2b(b"%s%d" % (self.id_prefix, index)).hexdigest()[:64] if self.id_prefix is not None
+                 else operation_id(source.batch_op_id, index))
+        func = self.func
+        name = f"map-item-{index}" if func is not None else source.name(index)
+        start = time.time()
+        if self.skip_time:
+            take_skipped_seconds()  # a fresh count for this branch
+        try:
+            context = self.make_context(op_id)
+            if func is not None:
+                value = func(context, self.inputs[index], index, self.inputs)  # type: ignore[index]
+            else:
+                value = source.call(context, index)
+            text = _serdes.envelope_of(value) if self.default_serdes else None
+            if text is not None and len(text) <= _COMPACT_MAX_BYTES:
+                payload: Any = text
+            else:
+                payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
+                                                  execution_id=source.execution_id,
+                                                  what=f"result of branch {index} ({name})")
+                if isinstance(payload, list):  # serdes.Parts (a numpy result): copy what may still change
+                    payload = snapshot(payload)
+        except (KeyboardInterrupt, OrphanedChildException):
+            raise
+        except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
+            return self._record(op_id, name, start, OpStatus.FAILED, exc=exc,
+                                extra={"fatal": True, "raise": type(exc).__name__}), None
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
+            return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
+        skipped = take_skipped_seconds() if self.skip_time else 0.0
+        if skipped:  # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them
+            return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, extra={SKIPPED_KEY: skipped},
+                                counted=True), None
+        if self.compact and payload.__class__ is not list and (payload is None
+                                                               or len(payload) <= _COMPACT_MAX_BYTES):
+            plain = value.__class__ in _SCALARS and self.plain_values
+            return (item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload),
+                    value if plain else NOT_SENT)
+        return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, counted=True), None
+
+    def _record(self, op_id: str, name: str, start: float, status: str, payload: Any = None,
+                exc: BaseException | None = None, extra: dict[str, Any] | None = None,
+                counted: bool = False) -> OpRecord:
+        source = self.source
         error = None if exc is None else ErrorObject.from_exception(_from_user_code(exc)).to_dict()
-        skipped = take_skipped_seconds()  # under skip_time: the policy orders outcomes by it
+        skipped = take_skipped_seconds() if self.skip_time and not counted else 0.0
         if skipped:
             extra = {**(extra or {}), SKIPPED_KEY: skipped}
-        rec: OpRecord = OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
-                                 start, time.time(), payload, error, 1, pid=_pid(), extra=extra)
-        return rec
-
-    try:
-        value = source.call(make_context(op_id), index)
-        payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
-                                          execution_id=source.execution_id,
-                                          what=f"result of branch {index} ({name})")
-        if isinstance(payload, list):  # serdes.Parts (a numpy result): copy what may still change
-            payload = snapshot(payload)
-    except (KeyboardInterrupt, OrphanedChildException):
-        raise
-    except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
-        return record(OpStatus.FAILED, exc=exc, extra={"fatal": True, "raise": type(exc).__name__}), None
-    except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
-        return record(OpStatus.FAILED, exc=exc), None
-    if compact is not None and payload.__class__ is not list and (payload is None
-                                                                  or len(payload) <= _COMPACT_MAX_BYTES):
-        end = time.time()
-        skipped = take_skipped_seconds()
-        if not skipped:
-            parent, sub_type, pid = compact
-            plain = value.__class__ in _SCALARS and source.item_serdes.__class__ in _PLAIN_SERDES
-            return (item_record(op_id, parent, sub_type, name, start, end, pid, payload),
-                    value if plain else NOT_SENT)
-        # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them
-        return record(OpStatus.SUCCEEDED, payload, extra={SKIPPED_KEY: skipped}), None
-    return record(OpStatus.SUCCEEDED, payload), None
+        return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
+                        start, time.time(), payload, error, 1, pid=self.pid, extra=extra)
 
 
 def _from_user_code(exc: BaseException) -> BaseException:

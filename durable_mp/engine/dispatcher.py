@@ -739,12 +739,12 @@ class Dispatcher:
                 worker.cpu_mark = None
                 self.io_waiting.pop(worker.pid, None)
                 continue
-            cpu = worker.cpu_seconds()
             if worker.cpu_mark is None:
-                worker.cpu_mark = (now, cpu)
+                worker.cpu_mark = (now, worker.cpu_seconds())
                 continue
             then, cpu_then = worker.cpu_mark
-            if now - then >= CPU_SAMPLE_SECONDS:
+            if now - then >= CPU_SAMPLE_SECONDS:  # reading /proc once per period, not per message
+                cpu = worker.cpu_seconds()
                 share = (cpu - cpu_then) / (now - then)
                 self.io_waiting[worker.pid] = is_waiting_on_io(share, worker.state() == "running")
                 worker.cpu_mark = (now, cpu)

@@ -84,25 +84,43 @@ class BranchTable:
 
     def move_many(self, indices: list[int], to: BranchState) -> None:
         """``move`` for a chunk (one call on the dispatch hot path)."""
-        states, legal, counts = self._states, _LEGAL, self.counts
-        for index in indices:
-            src = states[index]
-            if not legal[src][to]:
-                raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
-            states[index] = to
-            counts[src] -= 1
-        counts[to] += len(indices)
+        self._move_all(indices, to, finish=False)
 
     def finish_many(self, indices: list[int], to: BranchState) -> None:
         """``finish`` for several reported outcomes."""
-        states, legal, counts = self._states, _LEGAL, self.counts
-        for index in indices:
-            src = states[index]
-            if not legal[_B.RUNNING if src == _B.DISPATCHED else src][to]:
+        self._move_all(indices, to, finish=True)
+
+    def _move_all(self, indices: list[int], to: BranchState, *, finish: bool) -> None:
+        """Check and apply one move for many branches, counting sources per state, not per branch.
+
+        A chunk's indices are usually consecutive: then reading and writing the states are
+        slice operations.  Repeated indices take the one-at-a-time path, where the second
+        move of a branch is checked against the first (and raises).
+        """
+        n = len(indices)
+        if not n:
+            return
+        states, counts = self._states, self.counts
+        first = indices[0]
+        run = indices[-1] - first == n - 1 and indices == list(range(first, first + n))
+        if not run and len(set(indices)) != n:
+            for index in indices:
+                self.finish(index, to) if finish else self.move(index, to)
+            return
+        sources = states[first:first + n] if run else bytes(map(states.__getitem__, indices))
+        for src in set(sources):
+            via = _B.RUNNING if finish and src == _B.DISPATCHED else src
+            if not _LEGAL[via][to]:
+                index = indices[sources.index(src)]
                 raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
-            states[index] = to
-            counts[src] -= 1
-        counts[to] += len(indices)
+        for src in set(sources):
+            counts[src] -= sources.count(src)
+        if run:
+            states[first:first + n] = bytes((to,)) * n
+        else:
+            for index in indices:
+                states[index] = to
+        counts[to] += n
 
     def replayed_many(self, outcomes: dict[int, bool]) -> None:
         """``replayed`` for every branch a resume found finished: ``{index: succeeded}``, one pass."""

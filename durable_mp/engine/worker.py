@@ -33,9 +33,9 @@ from typing import Any, Final
 
 import cloudpickle
 
-from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, item_prefix, operation_id
+from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 from durable_mp.engine import wire
-from durable_mp.engine.branch import BranchSource, run_branch_compact
+from durable_mp.engine.branch import BranchRunner, BranchSource
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
     Budget,
@@ -177,7 +177,7 @@ class Outbox:
         self._due()
 
     def add_succeeded(self, index: int, data: bytes, value: Any) -> None:
-        """A plain success as compact record bytes (``branch.run_branch_compact``), and its value."""
+        """A plain success as compact record bytes (``branch.BranchRunner``), and its value."""
         with self.lock:
             succeeded = self.succeeded
             succeeded.indices.append(index)
@@ -476,8 +476,9 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     wall, cpu = time.monotonic(), time.process_time()
     indices = msg.indices
     unstarted: list[int] = []
-    compact = (*item_prefix(source.batch_op_id, source.item_sub_type), os.getpid())
     fresh = WorkerState(shared, empty)  # a branch without checkpoints only reads an empty dict
+    runner = BranchRunner(source, fresh.context, compact=True, skip_time=shared.skip_time)
+    fresh_context = runner.make_context
     token = msg.token
     for position, index in enumerate(indices):
         if token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
@@ -485,8 +486,11 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
             break
         current[0] = index
         ckpt = checkpoints.get(index) if checkpoints else None
-        state = fresh if not ckpt else WorkerState(shared, ckpt)
-        rec, value = run_branch_compact(source, index, state.context, compact)
+        if ckpt:
+            runner.make_context = WorkerState(shared, ckpt).context
+        elif runner.make_context is not fresh_context:
+            runner.make_context = fresh_context
+        rec, value = runner.run(index)
         if rec.__class__ is bytes:  # a plain success
             outbox.add_succeeded(index, rec, value)
             outcomes[1] += 1

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from durable_mp.core.records import branch_key
+from durable_mp.core.records import branch_keys
 from durable_mp.exceptions import CheckpointFailedError
 from durable_mp.store.records import MAX_ID_BYTES, SEP, check_id
 
@@ -121,7 +121,7 @@ class GroupCommit:
         with self.lock:
             group = self._group_for(exec_id, parent_id)
             before = len(group)
-            group.update(zip(map(branch_key, indices), records, strict=False))
+            group.update(zip(map(branch_keys, indices), records, strict=False))
             self._added(len(group) - before)
 
     def _group_for(self, exec_id: str, parent_id: str) -> Group:
