@@ -241,3 +241,34 @@ def test_bulk_policy_events_match_one_by_one_events():
         bulk.on_succeeded_many([0])  # finished twice
     with pytest.raises(InvalidStateError):
         bulk.on_started_many([7])
+
+
+_INDEX_LISTS = st.lists(st.integers(-1, 8), max_size=6) | st.tuples(st.integers(0, 7), st.integers(0, 9)).map(
+    lambda ab: list(range(ab[0], ab[0] + ab[1])))  # runs, some past the end
+
+
+@given(st.lists(st.tuples(st.sampled_from(["start", "succeed"]), _INDEX_LISTS), max_size=10))
+def test_bulk_policy_events_of_any_indices_agree_with_one_by_one_events(steps):
+    """Runs (slice path), scattered, repeated and out-of-range indices: same counts, states
+    and errors as one event per item."""
+    def policy() -> CompletionPolicy:
+        return CompletionPolicy(CompletionConfig.all_completed(), 8)
+
+    one, bulk = policy(), policy()
+    for how, indices in steps:
+        single = one.on_started if how == "start" else (lambda i: one.on_finished(i, True))
+        try:
+            for index in indices:
+                single(index)
+        except InvalidStateError:
+            one_failed = True
+        else:
+            one_failed = False
+        try:
+            (bulk.on_started_many if how == "start" else bulk.on_succeeded_many)(indices)
+        except InvalidStateError:
+            assert one_failed
+        else:
+            assert not one_failed
+        assert (one.succeeded_count, one.started_count, bytes(one._states)) == \
+            (bulk.succeeded_count, bulk.started_count, bytes(bulk._states))

@@ -32,6 +32,7 @@ from durable_mp.core.completion import (
     complete_batch,
     continue_batch,
 )
+from durable_mp.core.runs import set_states, states_of
 from durable_mp.exceptions import BatchCompletionError, ChildContextError, InvalidStateError, ValidationError
 from durable_mp.lambda_service import ErrorObject
 
@@ -47,6 +48,7 @@ R = TypeVar("R")
 
 # Per-item state in CompletionPolicy, one byte each.
 _PENDING, _STARTED, _SUCCEEDED, _FAILED = 0, 1, 2, 3
+_ONLY_UNFINISHED = frozenset({_PENDING, _STARTED})  # states a bulk start or success may move from
 _AS_ITEM_STATUS = (None, BatchItemStatus.STARTED, BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED)
 _FROM_ITEM_STATUS = {status: code for code, status in enumerate(_AS_ITEM_STATUS)}
 
@@ -174,36 +176,30 @@ class CompletionPolicy:
 
     def on_started_many(self, indices: list[int]) -> None:
         """``on_started`` for a chunk of items (one call on the dispatch hot path)."""
-        states = self._states
-        total = self._total
-        for index in indices:
-            if not 0 <= index < total:
-                raise InvalidStateError(f"item index {index} out of range for {total} items")
-            state = states[index]
-            if state == _PENDING:
-                states[index] = _STARTED
-                self._started += 1
-            elif state != _STARTED:
-                raise InvalidStateError(f"item {index} cannot start: it already finished")
+        sources = self._bulk_sources(indices)
+        if sources is None or not _ONLY_UNFINISHED.issuperset(sources):
+            for index in indices:  # the one-at-a-time path says which item is wrong
+                self.on_started(index)
+            return
+        self._started += sources.count(_PENDING)
+        set_states(self._states, indices, _STARTED)
         self._dirty = True
 
+    def _bulk_sources(self, indices: list[int]) -> bytes | None:
+        """The states of ``indices`` if a bulk update may read them at once (distinct, in range)."""
+        if not indices or len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= self._total:
+            return None
+        return states_of(self._states, indices)
+
     def on_succeeded_many(self, indices: list[int]) -> None:
-        """``on_finished(index, True)`` for several items (the hot path of a map; not under virtual time)."""
-        if self._virtual:
-            for index in indices:
+        """``on_finished(index, True)`` for several items (the hot path of a map)."""
+        sources = None if self._virtual else self._bulk_sources(indices)
+        if sources is None or not _ONLY_UNFINISHED.issuperset(sources):
+            for index in indices:  # virtual time holds outcomes; a wrong item raises here
                 self.on_finished(index, True)
             return
-        states = self._states
-        total = self._total
-        for index in indices:
-            if not 0 <= index < total:
-                raise InvalidStateError(f"item index {index} out of range for {total} items")
-            state = states[index]
-            if state == _STARTED:
-                self._started -= 1
-            elif state != _PENDING:
-                raise InvalidStateError(f"item {index} finished twice")
-            states[index] = _SUCCEEDED
+        self._started -= sources.count(_STARTED)
+        set_states(self._states, indices, _SUCCEEDED)
         self._ended += len(indices)
         self._succeeded += len(indices)
         self._dirty = True

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
+from durable_mp.core.runs import set_states, states_of
+
 
 class IllegalTransition(RuntimeError):
     """The engine tried a move its state machine forbids (an internal error)."""
@@ -93,34 +95,25 @@ class BranchTable:
     def _move_all(self, indices: list[int], to: BranchState, *, finish: bool) -> None:
         """Check and apply one move for many branches, counting sources per state, not per branch.
 
-        A chunk's indices are usually consecutive: then reading and writing the states are
-        slice operations.  Repeated indices take the one-at-a-time path, where the second
-        move of a branch is checked against the first (and raises).
+        Repeated indices take the one-at-a-time path, where the second move of a branch is
+        checked against the first (and raises); otherwise nothing moves unless all may.
         """
-        n = len(indices)
-        if not n:
-            return
-        states, counts = self._states, self.counts
-        first = indices[0]
-        run = indices[-1] - first == n - 1 and indices == list(range(first, first + n))
-        if not run and len(set(indices)) != n:
+        if len(set(indices)) != len(indices):
             for index in indices:
                 self.finish(index, to) if finish else self.move(index, to)
             return
-        sources = states[first:first + n] if run else bytes(map(states.__getitem__, indices))
-        for src in set(sources):
+        states, counts = self._states, self.counts
+        sources = states_of(states, indices)
+        present = set(sources)
+        for src in present:
             via = _B.RUNNING if finish and src == _B.DISPATCHED else src
             if not _LEGAL[via][to]:
                 index = indices[sources.index(src)]
                 raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
-        for src in set(sources):
+        for src in present:
             counts[src] -= sources.count(src)
-        if run:
-            states[first:first + n] = bytes((to,)) * n
-        else:
-            for index in indices:
-                states[index] = to
-        counts[to] += n
+        set_states(states, indices, to)
+        counts[to] += len(indices)
 
     def replayed_many(self, outcomes: dict[int, bool]) -> None:
         """``replayed`` for every branch a resume found finished: ``{index: succeeded}``, one pass."""

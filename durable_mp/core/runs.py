@@ -1,0 +1,37 @@
+"""Index lists that are one consecutive run: the shape of almost every map chunk.
+
+Per-item state lives in ``bytearray``s (the branch table, the completion policy); a
+consecutive run of indices lets a bulk update read and write them as one slice instead
+of one Python step per item.
+"""
+
+from __future__ import annotations
+
+
+def run_start(indices: list[int]) -> int | None:
+    """The first index if ``indices`` is ``[a, a+1, ..., a+n-1]`` (n >= 1), else None."""
+    if not indices:
+        return None
+    first = indices[0]
+    n = len(indices)
+    if indices[-1] - first != n - 1 or indices != list(range(first, first + n)):
+        return None
+    return first
+
+
+def states_of(states: bytearray, indices: list[int]) -> bytes:
+    """The states at ``indices`` (a slice when they are one run); indices must be in range."""
+    first = run_start(indices)
+    if first is not None and first >= 0:
+        return bytes(states[first:first + len(indices)])
+    return bytes(map(states.__getitem__, indices))
+
+
+def set_states(states: bytearray, indices: list[int], state: int) -> None:
+    """Set every index in ``indices`` to ``state`` (one slice assignment for a run)."""
+    first = run_start(indices)
+    if first is not None and first >= 0:
+        states[first:first + len(indices)] = bytes((state,)) * len(indices)
+        return
+    for index in indices:
+        states[index] = state
