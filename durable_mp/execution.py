@@ -277,7 +277,7 @@ class DurableFunction:
                 if _rerun.is_non_determinism(exc):  # the code changed under a checkpoint: stop, do not fail
                     self._stop_resumable(db, execution_id, exc)
                 error = ErrorObject.from_exception(exc)
-                db.put_execution(db.get_execution(execution_id)._replace(
+                db.finish_execution(db.get_execution(execution_id)._replace(
                     status=FAILED, error=error.to_dict(), ended_ts=time.time()))
                 raise ExecutionFailedError(error, execution_id=execution_id) from exc
             except BaseException:  # Ctrl-C, SystemExit: keep RUNNING, resumable
@@ -286,7 +286,7 @@ class DurableFunction:
                 raise
             pool.close()
             db.flush()
-            db.put_execution(db.get_execution(execution_id)._replace(
+            db.finish_execution(db.get_execution(execution_id)._replace(
                 status=SUCCEEDED, result=dumps_value(result), ended_ts=time.time()))
             return result
         finally:

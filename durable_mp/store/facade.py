@@ -274,6 +274,14 @@ class Store:
         self._write_or_latch(lambda txn, sh: txn.put(key, data, db=sh.executions),
                              f"writing execution {rec.exec_id!r}")
 
+    def finish_execution(self, rec: ExecutionRecord) -> None:
+        """Write a run's outcome and give up its ownership in one durable write.
+
+        ``release`` afterwards finds nothing to clear and writes nothing: a run's end
+        costs one fsync, not two.  The process-wide holder is still dropped by ``release``.
+        """
+        self.put_execution(unclaim(rec, this_process()) or rec)  # a live other owner's claim stays
+
     def list_executions(self) -> list[ExecutionRecord]:
         """Every execution, oldest first."""
         raws = self._read(lambda txn, sh: list(txn.cursor(db=sh.executions)))
@@ -368,14 +376,18 @@ class Store:
             return  # another live thread of this process holds it
         me = this_process()
 
-        def clear(txn: Txn, sh: SharedEnv) -> None:
+        def cleared(txn: Txn, sh: SharedEnv) -> ExecutionRecord | None:
             raw = txn.get(key, db=sh.executions)
-            rec = None if raw is None else unclaim(self._load_exec(raw, exec_id), me)
+            return None if raw is None else unclaim(self._load_exec(raw, exec_id), me)
+
+        def clear(txn: Txn, sh: SharedEnv) -> None:
+            rec = cleared(txn, sh)
             if rec is not None:
                 txn.put(key, rec.dumps(), db=sh.executions)
 
         try:
-            self._write(clear)
+            if self._read(cleared) is not None:  # a run that ended with ``finish_execution`` has nothing to clear
+                self._write(clear)
         except StoreError:
             if self._group.failure is None:
                 raise  # on a latched store, the CheckpointFailedError already reported says it all
