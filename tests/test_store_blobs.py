@@ -54,7 +54,7 @@ def new_exec(exec_id: str = "e") -> ExecutionRecord:
 def test_a_large_value_is_committed_as_a_reference_and_reads_back(tmp_path):
     path = tmp_path / "s"
     big, small = os.urandom(BIG), b"tiny"
-    with Store(path) as store:
+    with Store(path, flush_seconds=60) as store:  # one batch however slow the machine is (flush() commits it)
         store.stage("e", record("a", big))
         store.stage("e", record("b", small))
         store.stage("e", record("c", big[::-1]))
