@@ -75,7 +75,7 @@ class BatchRun:
         return self.spec.funcs is None
 
     def observe(self, seconds: float, items: int, cpu_share: float | None = None) -> None:
-        """Learn from a finished chunk: per-item time (round trip included), share of a core used."""
+        """Learn from a finished chunk: per-item time (the worker's, or the round trip), share of a core used."""
         took = seconds / max(items, 1)
         keep = 1 - SMOOTHING
         self.item_seconds = took if self.item_seconds is None else keep * self.item_seconds + SMOOTHING * took

@@ -416,7 +416,9 @@ class Dispatcher:
                         self._return_unstarted(task.batch, msg.unstarted)
                     ran = len(task.indices) - len(msg.unstarted)
                     if ran:
-                        task.batch.observe(time.time() - task.started, ran, msg.cpu_share)
+                        # the worker's own time for the chunk: a tiny item's round trip would
+                        # otherwise look like its cost and keep the chunks of a small map small
+                        task.batch.observe(msg.seconds or time.time() - task.started, ran, msg.cpu_share)
                 self._task_done(worker)
         elif kind is Kind.WATCH_START:
             worker.watches[msg.watch_id] = Watch(msg.record, msg.timeout)

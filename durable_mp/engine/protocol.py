@@ -17,7 +17,7 @@ Reply          D → W     the answer to request ``request_id``
 Quit           D → W     exit when idle
 Records        W → D     finished records: nested operations and branch outcomes (plain
                          successes as columns: ``Succeeded``)
-ChunkDone      W → D     the chunk ended; which of its indices never started; CPU share
+ChunkDone      W → D     the chunk ended; which of its indices never started; CPU share, seconds
 SyncRequest    W → D     commit these records, then reply (AT_MOST_ONCE START)
 CallbackWait   W → D     reply when callback ``record`` is completed or timed out
 WatchStart     W → D     a step with a timeout (or memory watch) starts: ``watch_id``
@@ -145,6 +145,7 @@ class ChunkDone(NamedTuple):
     unstarted: list[int]
     cpu_share: float
     succeeded: Succeeded | None = None
+    seconds: float = 0.0  # the chunk's wall time in the worker: its items' cost without the round trip
 
 
 class SyncRequest(NamedTuple):

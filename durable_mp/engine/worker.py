@@ -226,11 +226,11 @@ class Outbox:
             if nested or items or succeeded:
                 self._send(Records(self.task_id, nested, items, succeeded), gathered)
 
-    def chunk_done(self, unstarted: list[int], cpu_share: float) -> None:
+    def chunk_done(self, unstarted: list[int], cpu_share: float, seconds: float = 0.0) -> None:
         with self.send_lock:
             nested, items, succeeded, gathered = self._take()
             self.last_send = time.monotonic()
-            self._send(ChunkDone(self.task_id, nested, items, unstarted, cpu_share, succeeded), gathered)
+            self._send(ChunkDone(self.task_id, nested, items, unstarted, cpu_share, succeeded, seconds), gathered)
 
     def _send(self, msg: Any, gathered: bool) -> None:
         assert self.channel is not None
@@ -499,7 +499,8 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
             outcomes[rec.status == SUCCEEDED] += 1  # [0]: failures, [1]: successes
     current[0] = IDLE
     # share of a core the chunk used: tells the driver whether the batch is CPU-bound
-    outbox.chunk_done(unstarted, (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6))
+    took = max(time.monotonic() - wall, 1e-6)
+    outbox.chunk_done(unstarted, (time.process_time() - cpu) / took, took)
 
 
 def _run_call(msg: RunCall, channel: Channel) -> None:
