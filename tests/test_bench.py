@@ -131,6 +131,9 @@ def test_scenario_specific_measurements():
     assert dmp.info[0]["item_records"] == 300  # one checkpoint per item
     assert dmp.info[0]["records"] >= 301  # plus the map itself
     assert over.targets[0].unit == "items/s"
+    # CPU per item of the driver and of its workers (reaped when the pool closes): both did work
+    assert dmp.info[0]["driver"] > 0 and dmp.info[0]["workers"] > 0
+    assert over.facts["durable_mp: workers CPU per item, start-up included (us, median)"] > 0
 
     rec = run_scenario("recovery", _runner(), params=TINY["recovery"])
     crashed = rec.row("durable_mp, 1 worker killed", "worker SIGKILL")

@@ -13,6 +13,7 @@ import math
 from durable_mp import durable_execution
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, count_records,
                                    joblib_or_none, joblib_parallel, ppe, run_durable, stop_helpers, timed,
+                                   timed_cpu,
                                    workers)
 
 NAME = "overhead"
@@ -42,6 +43,15 @@ def map_handler(event: dict, context) -> list[int]:
     return result.get_results()
 
 
+def per_item_cpu(cpu: dict[str, float], items: int) -> dict[str, float]:
+    """Microseconds of driver and worker CPU per item (``timed_cpu``'s seconds over the items)."""
+    return {"driver": cpu["driver_s"] / items * 1e6, "workers": cpu["workers_s"] / items * 1e6}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def run(p: dict, runner: Runner) -> ScenarioResult:
     n = workers()
     items = list(range(p["items"]))
@@ -53,10 +63,11 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         def go():
             with ppe(n) as ex:
                 return list(ex.map(double, todo, chunksize=chunksize))
-        wall, out = timed(go)
+        cpu: dict[str, float] = {}
+        wall, out = timed_cpu(go, cpu)
         if todo is items:
             check(out == expected, "ProcessPoolExecutor results differ")
-        return Sample(wall)
+        return Sample(wall, per_item_cpu(cpu, len(todo)))
 
     def with_joblib(todo=items) -> Sample:
         wall, out = timed(lambda: joblib_parallel(joblib, n)(joblib.delayed(double)(x) for x in todo))
@@ -65,12 +76,15 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         return Sample(wall)
 
     def durable(count=len(items)) -> Sample:
-        wall, out, seen = run_durable(map_handler, {"items": count}, NAME, max_workers=n, inspect=count_records)
+        cpu: dict[str, float] = {}
+        wall, out, seen = run_durable(map_handler, {"items": count}, NAME, max_workers=n, inspect=count_records,
+                                      cpu=cpu)
         if count == len(items):
             check(out == expected, "durable_mp map results differ")
             done = seen["by_kind"].get("MapIteration:SUCCEEDED", 0)
             check(done == count, f"the store holds {done} succeeded map-item records, expected {count}")
-        return Sample(wall, {"records": seen["records"], "item_records": seen["by_kind"].get("MapIteration:SUCCEEDED")})
+        return Sample(wall, {"records": seen["records"], "item_records": seen["by_kind"].get("MapIteration:SUCCEEDED"),
+                             **per_item_cpu(cpu, count)})
 
     work = dict(work=len(items), unit="items")
     rows = []
@@ -88,5 +102,8 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     dmp = res.row("durable_mp.map")
     res.facts = {"records in the store after a durable_mp run": dmp.info_median("records"),
                  "of which succeeded map items": dmp.info_median("item_records")}
+    for name, row in (("durable_mp", dmp), ("ppe", res.row("ppe"))):
+        for part in ("driver", "workers"):
+            res.facts[f"{name}: {part} CPU per item, start-up included (us, median)"] = _round(row.info_median(part))
     res.targets.append(Target("overhead: durable_mp.map items/s", dmp.throughput, 200_000, ">=", "items/s"))
     return res
