@@ -86,23 +86,17 @@ def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, m
     assert "blob" in events[:first_commit] and events[first_commit - 1] == "dir", events
 
 
-def test_a_missing_blob_is_a_store_error_not_a_partial_result(tmp_path):
+@pytest.mark.parametrize("damage, error", [
+    (lambda blob: blob.unlink(), "blob"),  # missing: a store error, not a partial result
+    (lambda blob: os.truncate(blob, 1000), "truncated"),
+])
+def test_a_missing_or_truncated_blob_is_a_store_error(tmp_path, damage, error):
     path = tmp_path / "s"
     with Store(path) as store:
         store.stage("e", record("a", os.urandom(BIG)))
         store.flush()
-    (blobs.exec_dir(path, "e") / blob_files(path)[0]).unlink()
-    with Store(path) as store, pytest.raises(StoreError, match="blob"):
-        store.get_op("e", "p", "a")
-
-
-def test_a_truncated_blob_is_a_store_error(tmp_path):
-    path = tmp_path / "s"
-    with Store(path) as store:
-        store.stage("e", record("a", os.urandom(BIG)))
-        store.flush()
-    os.truncate(blobs.exec_dir(path, "e") / blob_files(path)[0], 1000)
-    with Store(path) as store, pytest.raises(StoreError, match="truncated"):
+    damage(blobs.exec_dir(path, "e") / blob_files(path)[0])
+    with Store(path) as store, pytest.raises(StoreError, match=error):
         store.get_op("e", "p", "a")
 
 

@@ -32,7 +32,7 @@ from durable_mp.core.completion import (
     complete_batch,
     continue_batch,
 )
-from durable_mp.core.runs import set_states, states_of
+from durable_mp.core.runs import run_start, set_states, states_of
 from durable_mp.exceptions import BatchCompletionError, ChildContextError, InvalidStateError, ValidationError
 from durable_mp.lambda_service import ErrorObject
 
@@ -176,30 +176,32 @@ class CompletionPolicy:
 
     def on_started_many(self, indices: list[int]) -> None:
         """``on_started`` for a chunk of items (one call on the dispatch hot path)."""
-        sources = self._bulk_sources(indices)
-        if sources is None or not _ONLY_UNFINISHED.issuperset(sources):
+        bulk = self._bulk_sources(indices)
+        if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
             for index in indices:  # the one-at-a-time path says which item is wrong
                 self.on_started(index)
             return
-        self._started += sources.count(_PENDING)
-        set_states(self._states, indices, _STARTED)
+        self._started += bulk[0].count(_PENDING)
+        set_states(self._states, indices, _STARTED, bulk[1])
         self._dirty = True
 
-    def _bulk_sources(self, indices: list[int]) -> bytes | None:
-        """The states of ``indices`` if a bulk update may read them at once (distinct, in range)."""
+    def _bulk_sources(self, indices: list[int]) -> tuple[bytes, int | None] | None:
+        """The states of ``indices`` and their ``run_start``, if a bulk update may read them at once
+        (distinct, in range)."""
         if not indices or len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= self._total:
             return None
-        return states_of(self._states, indices)
+        first = run_start(indices)
+        return states_of(self._states, indices, first), first
 
     def on_succeeded_many(self, indices: list[int]) -> None:
         """``on_finished(index, True)`` for several items (the hot path of a map)."""
-        sources = None if self._virtual else self._bulk_sources(indices)
-        if sources is None or not _ONLY_UNFINISHED.issuperset(sources):
+        bulk = None if self._virtual else self._bulk_sources(indices)
+        if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
             for index in indices:  # virtual time holds outcomes; a wrong item raises here
                 self.on_finished(index, True)
             return
-        self._started -= sources.count(_STARTED)
-        set_states(self._states, indices, _SUCCEEDED)
+        self._started -= bulk[0].count(_STARTED)
+        set_states(self._states, indices, _SUCCEEDED, bulk[1])
         self._ended += len(indices)
         self._succeeded += len(indices)
         self._dirty = True

@@ -9,28 +9,26 @@ from __future__ import annotations
 
 
 def run_start(indices: list[int]) -> int | None:
-    """The first index if ``indices`` is ``[a, a+1, ..., a+n-1]`` (n >= 1), else None."""
+    """The first index if ``indices`` is ``[a, a+1, ..., a+n-1]`` with n >= 1 and a >= 0, else None."""
     if not indices:
         return None
     first = indices[0]
     n = len(indices)
-    if indices[-1] - first != n - 1 or indices != list(range(first, first + n)):
+    if first < 0 or indices[-1] - first != n - 1 or indices != list(range(first, first + n)):
         return None
     return first
 
 
-def states_of(states: bytearray, indices: list[int]) -> bytes:
-    """The states at ``indices`` (a slice when they are one run); indices must be in range."""
-    first = run_start(indices)
-    if first is not None and first >= 0:
+def states_of(states: bytearray, indices: list[int], first: int | None) -> bytes:
+    """The states at ``indices``; ``first`` is their ``run_start`` (a slice when they are one run)."""
+    if first is not None:
         return bytes(states[first:first + len(indices)])
     return bytes(map(states.__getitem__, indices))
 
 
-def set_states(states: bytearray, indices: list[int], state: int) -> None:
-    """Set every index in ``indices`` to ``state`` (one slice assignment for a run)."""
-    first = run_start(indices)
-    if first is not None and first >= 0:
+def set_states(states: bytearray, indices: list[int], state: int, first: int | None) -> None:
+    """Set every index in ``indices`` to ``state``; ``first`` is their ``run_start`` (one slice for a run)."""
+    if first is not None:
         states[first:first + len(indices)] = bytes((state,)) * len(indices)
         return
     for index in indices:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
-from durable_mp.core.runs import set_states, states_of
+from durable_mp.core.runs import run_start, set_states, states_of
 
 
 class IllegalTransition(RuntimeError):
@@ -103,7 +103,8 @@ class BranchTable:
                 self.finish(index, to) if finish else self.move(index, to)
             return
         states, counts = self._states, self.counts
-        sources = states_of(states, indices)
+        first = run_start(indices)  # once: both the read and the write use it
+        sources = states_of(states, indices, first)
         present = set(sources)
         for src in present:
             via = _B.RUNNING if finish and src == _B.DISPATCHED else src
@@ -112,7 +113,7 @@ class BranchTable:
                 raise IllegalTransition(f"branch {index}: {BranchState(src).name} -> {to.name}")
         for src in present:
             counts[src] -= sources.count(src)
-        set_states(states, indices, to)
+        set_states(states, indices, to, first)
         counts[to] += len(indices)
 
     def replayed_many(self, outcomes: dict[int, bool]) -> None:
