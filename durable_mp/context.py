@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from durable_mp import serdes as _serdes
-from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
+from durable_mp.concurrency.models import BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason, ItemColumns
 from durable_mp.config import (
     ChildConfig,
     Duration,
@@ -249,7 +249,7 @@ class DurableContext:
         if rec is not None and rec.is_terminal:
             reason = CompletionReason(rec.extra["completion_reason"])
             records = self._child_records(op_id, n)
-            return self._batch_result(records, reason, item_serdes)
+            return self._batch_result(records, reason, item_serdes, n)
         base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
         if rec is None:
             self.state.emit(base)
@@ -293,19 +293,21 @@ class DurableContext:
                        **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
             )
         )
-        return self._batch_result(records, reason, item_serdes)
+        return self._batch_result(records, reason, item_serdes, n)
 
     def _child_records(self, batch_op_id: str, n: int) -> dict[int, Any]:
-        return {i: r for i, r in self.state.branch_records(batch_op_id, n).items() if i < n}
+        records = self.state.branch_records(batch_op_id, n)
+        if records and max(records) >= n:  # items past the end (a shorter re-run): not this batch's
+            records = {i: r for i, r in records.items() if i < n}
+        return records
 
-    def _batch_result(self, records: dict[int, Any], reason: CompletionReason, item_serdes) -> BatchResult:
-        items = []
+    def _batch_result(self, records: Any, reason: CompletionReason, item_serdes, n: int) -> BatchResult:
+        """The BatchResult on columns: records not decoded yet (bytes, ``OpRecord``) are decoded here."""
+        columns = records if isinstance(records, ItemColumns) else ItemColumns.of(records, n)
         exec_id = self.state.execution_id
-        for index in sorted(records):
-            r = records[index]
-            if r.__class__ is BatchItem:  # decoded by the dispatcher as it arrived
-                items.append(r)
-                continue
+        raw = columns.raw
+        for index in sorted(raw):
+            r = raw[index]
             if not isinstance(r, OpRecord):  # a worker's record bytes (or buffer)
                 r = OpRecord.loads(r)
             if r.status == OpStatus.SUCCEEDED:
@@ -313,14 +315,14 @@ class DurableContext:
                     value = _serdes.deserialize(item_serdes, r.result, op_id=r.op_id, execution_id=exec_id,
                                                 what=f"result of branch {index} ({r.name})")
                 except SerDesError as exc:  # the branch ran; only its result is unreadable here
-                    items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_exception(exc)))
+                    columns.set_item(index, BatchItemStatus.FAILED, None, ErrorObject.from_exception(exc))
                     continue
-                items.append(BatchItem(index, BatchItemStatus.SUCCEEDED, value, None))
+                columns.set_item(index, BatchItemStatus.SUCCEEDED, value)
             elif r.status == OpStatus.FAILED:
-                items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(r.error)))
+                columns.set_item(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(r.error))
             else:
-                items.append(BatchItem(index, BatchItemStatus.STARTED, None, None))
-        return BatchResult(items, reason)
+                columns.set_item(index, BatchItemStatus.STARTED)
+        return BatchResult.of_columns(columns, reason)
 
     def wait(self, duration: Duration, name: str | None = None) -> None:
         """Sleep durably: a resumed execution only waits for what is left."""

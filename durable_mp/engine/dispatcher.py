@@ -23,7 +23,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
-from durable_mp.concurrency.models import CompletionReason, succeeded_item
+from durable_mp.concurrency.models import CompletionReason
 from durable_mp.core.item_probe import as_record
 from durable_mp.core.records import (
     Attempt,
@@ -130,10 +130,10 @@ class Dispatcher:
         self.reopened: dict[tuple[str, int], int] = {}  # (batch token, index) -> attempts before a re-run
 
     # -- public -------------------------------------------------------------------------------
-    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, Any], CompletionReason]:
+    def run_batch(self, spec: BatchSpec) -> tuple[Any, CompletionReason]:  # ItemColumns
         batch = BatchRun(spec)
         policy = spec.policy
-        batch.records = spec.replay_done()
+        spec.replay_into(batch.records)
         replayed = spec.done_succeeded()
         batch.branches.replayed_many(replayed)
         batch.queue.extend(batch.branches.pending())
@@ -461,7 +461,7 @@ class Dispatcher:
             if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
                 value = _decoded(data)
                 if value is not NOT_SENT:
-                    records[index] = succeeded_item(index, value)
+                    records.set_value(index, value)
             if succeeded and not virtual:
                 ok.append(index)
             else:
@@ -506,12 +506,15 @@ class Dispatcher:
         if batch.decode_results:  # keep the value, not the record: a big map's BatchResult fits in RAM
             values = done.values
             if NOT_SENT not in values:
-                records.update(zip(indices, map(succeeded_item, indices, values), strict=True))
+                records.set_values(indices, values)
             else:  # decode here; a record that cannot be read here stays bytes (the BatchResult build reports it)
                 for index, value, data in zip(indices, values, done.records, strict=True):
                     if value is NOT_SENT:
                         value = _decoded(data)
-                    records[index] = data if value is NOT_SENT else succeeded_item(index, value)
+                    if value is NOT_SENT:
+                        records[index] = data
+                    else:
+                        records.set_value(index, value)
         else:
             records.update(zip(indices, done.records, strict=False))
         batch.branches.finish_many(indices, BranchState.SUCCEEDED)

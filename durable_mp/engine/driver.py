@@ -49,8 +49,8 @@ class DriverState(ExecutionState):
         if sync:
             self.store.flush()
 
-    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
-        outcome: tuple[dict[int, OpRecord], Any] = self.dispatcher.run_batch(spec)
+    def run_batch(self, spec: BatchSpec) -> tuple[Any, Any]:  # (ItemColumns, CompletionReason)
+        outcome: tuple[Any, Any] = self.dispatcher.run_batch(spec)
         return outcome
 
     def run_step_body(self, func: Any, step_ctx: Any, watch: Any) -> Any:

@@ -51,6 +51,7 @@ import lmdb
 from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord
 from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
+from durable_mp.store.branch_scan import first_bytes, scan_branches
 from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
@@ -421,23 +422,12 @@ class Store:
         probes their statuses and decodes a result only when it is asked for."""
         with self._lock:
             prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
-            n = len(prefix)
 
-            def scan(txn: Txn, sh: SharedEnv) -> dict[int, Any]:  # one pass: no key decoded to str
-                out: dict[int, Any] = {}
-                cur = txn.cursor(db=sh.ops)
-                if not cur.set_range(prefix):
-                    return out
-                for key, value in cur.iternext():
-                    if not key.startswith(prefix):
-                        break
-                    out[int(key[n:])] = value
-                return out
-
-            found = self._read(scan)
-            for index, data in found.items():  # a large value is a reference to its blob file: read it
-                if data[:1] == b"\0" and blobs.is_ref(data):
-                    found[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
+            found = self._read(lambda txn, sh: scan_branches(txn, sh.ops, prefix))
+            if 0 in first_bytes(found.values()):  # a large value is a reference to its blob file: read it
+                for index, data in found.items():
+                    if data[:1] == b"\0" and blobs.is_ref(data):
+                        found[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
             for group in reversed(self._group.pending((exec_id, batch_op_id))):
                 found.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
             return found
