@@ -37,6 +37,7 @@ from durable_mp.decorators import durable_step as durable_step
 from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
 from durable_mp.decorators import durable_with_child_context as durable_with_child_context
 from durable_mp.engine.branch import FatalBranchError
+from durable_mp.engine.result_decode import COMPACT_ITEM, UNREAD, fast_decodable, success_value
 from durable_mp.engine.state import register_context_factory
 from durable_mp.exceptions import (
     ChildContextError,
@@ -306,6 +307,8 @@ class DurableContext:
         columns = records if isinstance(records, ItemColumns) else ItemColumns.of(records, n)
         exec_id = self.state.execution_id
         raw = columns.raw
+        if raw and fast_decodable(item_serdes):
+            self._decode_compact(columns)
         for index in sorted(raw):
             r = raw[index]
             if not isinstance(r, OpRecord):  # a worker's record bytes (or buffer)
@@ -323,6 +326,21 @@ class DurableContext:
             else:
                 columns.set_item(index, BatchItemStatus.STARTED)
         return BatchResult.of_columns(columns, reason)
+
+    @staticmethod
+    def _decode_compact(columns: ItemColumns) -> None:
+        """Compact item records (plain successes) of a default serdes: values decoded straight from the bytes."""
+        raw = columns.raw
+        indices, values = [], []
+        for index in sorted(raw):
+            data = raw[index]
+            if data.__class__ is bytes and data[0] == COMPACT_ITEM:
+                value = success_value(data)
+                if value is not UNREAD:
+                    del raw[index]
+                    indices.append(index)
+                    values.append(value)
+        columns.set_values(indices, values)
 
     def wait(self, duration: Duration, name: str | None = None) -> None:
         """Sleep durably: a resumed execution only waits for what is left."""

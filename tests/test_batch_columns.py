@@ -147,3 +147,34 @@ class TestItemColumns:
     def test_of_records(self):
         cols = ItemColumns.of({0: b"r0", 2: BatchItem(2, S, 5)}, 3)
         assert cols.raw == {0: b"r0"} and cols.values[2] == 5 and len(cols) == 2
+
+
+def _compact(index: int, payload):
+    from durable_mp.core.records import item_prefix, item_record, operation_id
+    parent, sub = item_prefix("batch", "MapIteration")
+    return item_record(operation_id("batch", index), parent, sub, f"map-item-{index}", 1.0, 2.0, 1, payload)
+
+
+def test_resumed_records_decode_the_same_on_the_fast_path(monkeypatch):
+    """Compact records decoded straight from their bytes give the BatchResult the general path gives."""
+    import types
+
+    from durable_mp import context as context_mod
+    from durable_mp.core.records import OpRecord, OpStatus, OpType
+    from durable_mp.serdes import envelope_of, pickle_parts
+
+    failed = OpRecord("op-3", "batch", OpType.CONTEXT, "MapIteration", "map-item-3", OpStatus.FAILED, 1.0,
+                      error=_error(3).to_dict())
+    records = {0: _compact(0, pickle.dumps({"a": 1})), 1: _compact(1, envelope_of([1, "x"])), 2: _compact(2, None),
+               3: failed.dumps(), 5: _compact(5, b"not a pickle"), 6: _compact(6, pickle_parts(b"z" * 300_000)),
+               7: _compact(7, pickle.dumps(7))}
+    records = {i: (b"".join(r) if isinstance(r, list) else r) for i, r in records.items()}
+    fake = types.SimpleNamespace(state=types.SimpleNamespace(execution_id="ex"),
+                                 _decode_compact=context_mod.DurableContext._decode_compact)
+    build = context_mod.DurableContext._batch_result
+    fast = build(fake, ItemColumns.of(dict(records), 9), CompletionReason.ALL_COMPLETED, None, 9)
+    monkeypatch.setattr(context_mod, "fast_decodable", lambda serdes: False)
+    slow = build(fake, ItemColumns.of(dict(records), 9), CompletionReason.ALL_COMPLETED, None, 9)
+    assert fast == slow
+    assert _public(fast) == _public(slow)
+    assert fast.get_results()[:2] == [{"a": 1}, [1, "x"]] and fast.get_results()[-1] == 7 and fast.total_count == 7
