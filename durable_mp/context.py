@@ -37,7 +37,7 @@ from durable_mp.decorators import durable_step as durable_step
 from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
 from durable_mp.decorators import durable_with_child_context as durable_with_child_context
 from durable_mp.engine.branch import FatalBranchError
-from durable_mp.engine.result_decode import COMPACT_ITEM, UNREAD, fast_decodable, success_value
+from durable_mp.engine.result_decode import COMPACT_ITEM, IN_STORE, UNREAD, fast_decodable, success_value
 from durable_mp.engine.state import register_context_factory
 from durable_mp.exceptions import (
     ChildContextError,
@@ -258,7 +258,7 @@ class DurableContext:
             done_ok: dict[int, bool] = {}
             unfinished: dict[int, Any] = {}
         else:
-            done, done_ok, unfinished = split_terminal(self._child_records(op_id, n))
+            done, done_ok, unfinished = self._replayed_items(op_id, n)
         spec = BatchSpec(
             op_id=op_id,
             sub_type=sub_type,
@@ -294,7 +294,26 @@ class DurableContext:
                        **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
             )
         )
-        return self._batch_result(records, reason, item_serdes, n)
+        return self._batch_result(records, reason, item_serdes, n, op_id)
+
+    def _replayed_items(self, op_id: str, n: int) -> tuple[dict[int, Any], dict[int, bool], dict[int, Any]]:
+        """``split_terminal`` of a resumed batch's item records; plain successes stay in the store.
+
+        A resumed million-item map only needs to know which items are done before it
+        dispatches the rest: their records are ``IN_STORE`` until the BatchResult is built.
+        """
+        outcomes = getattr(self.state, "branch_outcomes", None)
+        if outcomes is None:  # a state without a store of its own (a worker's nested batch)
+            return split_terminal(self._child_records(op_id, n))
+        plain, others = outcomes(op_id, COMPACT_ITEM)
+        if plain and max(plain) >= n:  # items past the end (a shorter re-run): not this batch's
+            plain = [i for i in plain if i < n]
+        if others and max(others) >= n:
+            others = {i: r for i, r in others.items() if i < n}
+        done, done_ok, unfinished = split_terminal(others)
+        done.update(dict.fromkeys(plain, IN_STORE))
+        done_ok.update(dict.fromkeys(plain, True))
+        return done, done_ok, unfinished
 
     def _child_records(self, batch_op_id: str, n: int) -> dict[int, Any]:
         records = self.state.branch_records(batch_op_id, n)
@@ -302,11 +321,14 @@ class DurableContext:
             records = {i: r for i, r in records.items() if i < n}
         return records
 
-    def _batch_result(self, records: Any, reason: CompletionReason, item_serdes, n: int) -> BatchResult:
+    def _batch_result(self, records: Any, reason: CompletionReason, item_serdes, n: int,
+                      op_id: str | None = None) -> BatchResult:
         """The BatchResult on columns: records not decoded yet (bytes, ``OpRecord``) are decoded here."""
         columns = records if isinstance(records, ItemColumns) else ItemColumns.of(records, n)
         exec_id = self.state.execution_id
         raw = columns.raw
+        if raw and op_id is not None:
+            self._read_in_store(columns, op_id, fast_decodable(item_serdes))
         if raw and fast_decodable(item_serdes):
             self._decode_compact(columns)
         for index in sorted(raw):
@@ -326,6 +348,30 @@ class DurableContext:
             else:
                 columns.set_item(index, BatchItemStatus.STARTED)
         return BatchResult.of_columns(columns, reason)
+
+    def _read_in_store(self, columns: ItemColumns, op_id: str, fast: bool) -> None:
+        """The records ``_replayed_items`` left in the store, read in one pass and decoded as they come."""
+        raw = columns.raw
+        waiting = [index for index, r in raw.items() if r is IN_STORE]
+        if not waiting:
+            return
+        waiting.sort()
+        indices: list[int] = []
+        values: list[Any] = []
+
+        def take(index: int, data: Any) -> None:
+            if data is None:
+                raise NonDeterministicExecutionError(f"the record of item {index} of batch {op_id} disappeared")
+            value = success_value(data) if fast else UNREAD
+            if value is UNREAD:  # the general path decodes it (and reports what it cannot)
+                raw[index] = data
+            else:
+                del raw[index]
+                indices.append(index)
+                values.append(value)
+
+        self.state.branch_each(op_id, waiting, take)
+        columns.set_values(indices, values)
 
     @staticmethod
     def _decode_compact(columns: ItemColumns) -> None:

@@ -15,6 +15,7 @@ from durable_mp.core.records import result_span, result_view
 from durable_mp.serdes import OOB_MAGIC, DefaultSerDes, PickleSerDes, decode_envelope, unpickle
 
 UNREAD: Any = object()
+IN_STORE: Any = object()  # a replayed item whose record stays in the store until the result is built
 COMPACT_ITEM = ord("I")  # first byte of a compact item record (``core.records.item_record``): a plain success
 
 

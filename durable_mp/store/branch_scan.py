@@ -9,9 +9,11 @@ are parsed with ``map``, and the first bytes of all values are gathered into one
 
 from __future__ import annotations
 
-from itertools import takewhile
+from itertools import islice, takewhile
 from operator import itemgetter
 from typing import Any
+
+from durable_mp.core.records import branch_key
 
 _KEY, _VALUE, _FIRST = itemgetter(0), itemgetter(1), itemgetter(0)
 
@@ -41,3 +43,33 @@ def scan_branches(txn: Any, db: Any, prefix: bytes) -> dict[int, Any]:
 def first_bytes(values: Any) -> bytes:
     """The first byte of every value, in order (``values`` are non-empty bytes)."""
     return bytes(map(_FIRST, values))
+
+
+def scan_outcomes(txn: Any, db: Any, prefix: bytes, plain: int) -> tuple[list[int], dict[int, Any]]:
+    """``(indices whose value starts with the byte plain, {index: value} of the others)``.
+
+    A resume needs only to know which items ended as plain successes (compact records,
+    first byte ``plain``); their values stay in the store until the result is built.
+    Keys come from one key-only pass, first bytes from a second pass in which each
+    value is dropped as soon as its first byte is read.
+    """
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix) or prefix[-1] == 0xFF:
+        return [], {}
+    end = prefix[:-1] + bytes([prefix[-1] + 1])
+    keys = list(takewhile(end.__gt__, cur.iternext(keys=True, values=False)))
+    indices = list(map(int, map(itemgetter(slice(len(prefix), None)), keys)))
+    cur.set_range(prefix)
+    firsts = bytes(map(_FIRST, islice(cur.iternext(keys=False, values=True), len(keys))))
+    if firsts.count(plain) == len(firsts):
+        return indices, {}
+    compact = [i for i, first in zip(indices, firsts, strict=True) if first == plain]
+    others = {i: txn.get(key, db=db) for i, key, first in zip(indices, keys, firsts, strict=True) if first != plain}
+    return compact, others
+
+
+def read_each(txn: Any, db: Any, parent: bytes, indices: Any, fn: Any) -> None:
+    """``fn(index, value)`` for the stored record of each item of ``indices`` (keys under ``parent``), in one read."""
+    get = txn.get
+    for index in indices:
+        fn(index, get(parent + branch_key(index).encode(), db=db))
