@@ -226,3 +226,31 @@ def test_columns_take_replayed_records_in_bulk_like_one_by_one():
     assert bulk == single and len(bulk) == 3 and bulk.raw == records
     with pytest.raises(IndexError):
         ItemColumns(2).add_records({2: b"x"})
+
+
+def test_branch_outcomes_split_plain_successes_from_the_rest_and_read_them_back(tmp_path):
+    from durable_mp.core.records import item_prefix, item_record
+    parent, sub = item_prefix("batch", "MapIteration")
+
+    def compact(i: int) -> bytes:
+        return item_record(operation_id("batch", i), parent, sub, f"map-item-{i}", 1.0, 2.0, 1, b"%d" % i)
+
+    with Store(str(tmp_path / "store")) as store:
+        for i in range(12):
+            data = _item(i, OpStatus.FAILED).dumps() if i in (3, 8) else compact(i)
+            store.stage_raw("ex", "batch", branch_key(i), data)
+        store.stage_raw("ex", "other", branch_key(1), compact(1))
+        store.flush()
+        store.stage_raw("ex", "batch", branch_key(5), _item(5, OpStatus.STARTED).dumps())  # staged wins
+        store.stage_raw("ex", "batch", branch_key(12), compact(12))
+        plain, others = store.branch_outcomes("ex", "batch", ord("I"))
+        assert plain == [0, 1, 2, 4, 6, 7, 9, 10, 11]
+        assert sorted(others) == [3, 5, 8, 12]
+        assert OpRecord.loads(others[5]).status == OpStatus.STARTED and others[12] == compact(12)
+        seen: dict[int, bytes] = {}
+        store.branch_each("ex", "batch", plain, seen.__setitem__)
+        assert seen == {i: compact(i) for i in plain}
+        assert store.branch_outcomes("ex", "none", ord("I")) == ([], {})
+        store.flush()
+        plain, others = store.branch_outcomes("ex", "batch", ord("I"))
+        assert plain == [0, 1, 2, 4, 6, 7, 9, 10, 11, 12] and sorted(others) == [3, 5, 8]
