@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from durable_mp import serdes as _serdes
-from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason
+from durable_mp.concurrency.models import BatchItemStatus, BatchResult, CompletionPolicy, CompletionReason, ItemColumns
 from durable_mp.config import (
     ChildConfig,
     Duration,
@@ -37,6 +37,7 @@ from durable_mp.decorators import durable_step as durable_step
 from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
 from durable_mp.decorators import durable_with_child_context as durable_with_child_context
 from durable_mp.engine.branch import FatalBranchError
+from durable_mp.engine.result_decode import COMPACT_ITEM, IN_STORE, UNREAD, fast_decodable, success_value
 from durable_mp.engine.state import register_context_factory
 from durable_mp.exceptions import (
     ChildContextError,
@@ -249,7 +250,7 @@ class DurableContext:
         if rec is not None and rec.is_terminal:
             reason = CompletionReason(rec.extra["completion_reason"])
             records = self._child_records(op_id, n)
-            return self._batch_result(records, reason, item_serdes)
+            return self._batch_result(records, reason, item_serdes, n)
         base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
         if rec is None:
             self.state.emit(base)
@@ -257,7 +258,7 @@ class DurableContext:
             done_ok: dict[int, bool] = {}
             unfinished: dict[int, Any] = {}
         else:
-            done, done_ok, unfinished = split_terminal(self._child_records(op_id, n))
+            done, done_ok, unfinished = self._replayed_items(op_id, n)
         spec = BatchSpec(
             op_id=op_id,
             sub_type=sub_type,
@@ -293,19 +294,45 @@ class DurableContext:
                        **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
             )
         )
-        return self._batch_result(records, reason, item_serdes)
+        return self._batch_result(records, reason, item_serdes, n, op_id)
+
+    def _replayed_items(self, op_id: str, n: int) -> tuple[dict[int, Any], dict[int, bool], dict[int, Any]]:
+        """``split_terminal`` of a resumed batch's item records; plain successes stay in the store.
+
+        A resumed million-item map only needs to know which items are done before it
+        dispatches the rest: their records are ``IN_STORE`` until the BatchResult is built.
+        """
+        outcomes = getattr(self.state, "branch_outcomes", None)
+        if outcomes is None:  # a state without a store of its own (a worker's nested batch)
+            return split_terminal(self._child_records(op_id, n))
+        plain, others = outcomes(op_id, COMPACT_ITEM)
+        if plain and max(plain) >= n:  # items past the end (a shorter re-run): not this batch's
+            plain = [i for i in plain if i < n]
+        if others and max(others) >= n:
+            others = {i: r for i, r in others.items() if i < n}
+        done, done_ok, unfinished = split_terminal(others)
+        done.update(dict.fromkeys(plain, IN_STORE))
+        done_ok.update(dict.fromkeys(plain, True))
+        return done, done_ok, unfinished
 
     def _child_records(self, batch_op_id: str, n: int) -> dict[int, Any]:
-        return {i: r for i, r in self.state.branch_records(batch_op_id, n).items() if i < n}
+        records = self.state.branch_records(batch_op_id, n)
+        if records and max(records) >= n:  # items past the end (a shorter re-run): not this batch's
+            records = {i: r for i, r in records.items() if i < n}
+        return records
 
-    def _batch_result(self, records: dict[int, Any], reason: CompletionReason, item_serdes) -> BatchResult:
-        items = []
+    def _batch_result(self, records: Any, reason: CompletionReason, item_serdes, n: int,
+                      op_id: str | None = None) -> BatchResult:
+        """The BatchResult on columns: records not decoded yet (bytes, ``OpRecord``) are decoded here."""
+        columns = records if isinstance(records, ItemColumns) else ItemColumns.of(records, n)
         exec_id = self.state.execution_id
-        for index in sorted(records):
-            r = records[index]
-            if r.__class__ is BatchItem:  # decoded by the dispatcher as it arrived
-                items.append(r)
-                continue
+        raw = columns.raw
+        if raw and op_id is not None:
+            self._read_in_store(columns, op_id, fast_decodable(item_serdes))
+        if raw and fast_decodable(item_serdes):
+            self._decode_compact(columns)
+        for index in sorted(raw):
+            r = raw[index]
             if not isinstance(r, OpRecord):  # a worker's record bytes (or buffer)
                 r = OpRecord.loads(r)
             if r.status == OpStatus.SUCCEEDED:
@@ -313,14 +340,53 @@ class DurableContext:
                     value = _serdes.deserialize(item_serdes, r.result, op_id=r.op_id, execution_id=exec_id,
                                                 what=f"result of branch {index} ({r.name})")
                 except SerDesError as exc:  # the branch ran; only its result is unreadable here
-                    items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_exception(exc)))
+                    columns.set_item(index, BatchItemStatus.FAILED, None, ErrorObject.from_exception(exc))
                     continue
-                items.append(BatchItem(index, BatchItemStatus.SUCCEEDED, value, None))
+                columns.set_item(index, BatchItemStatus.SUCCEEDED, value)
             elif r.status == OpStatus.FAILED:
-                items.append(BatchItem(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(r.error)))
+                columns.set_item(index, BatchItemStatus.FAILED, None, ErrorObject.from_dict(r.error))
             else:
-                items.append(BatchItem(index, BatchItemStatus.STARTED, None, None))
-        return BatchResult(items, reason)
+                columns.set_item(index, BatchItemStatus.STARTED)
+        return BatchResult.of_columns(columns, reason)
+
+    def _read_in_store(self, columns: ItemColumns, op_id: str, fast: bool) -> None:
+        """The records ``_replayed_items`` left in the store, read in one pass and decoded as they come."""
+        raw = columns.raw
+        waiting = [index for index, r in raw.items() if r is IN_STORE]
+        if not waiting:
+            return
+        waiting.sort()
+        indices: list[int] = []
+        values: list[Any] = []
+
+        def take(index: int, data: Any) -> None:
+            if data is None:
+                raise NonDeterministicExecutionError(f"the record of item {index} of batch {op_id} disappeared")
+            value = success_value(data) if fast else UNREAD
+            if value is UNREAD:  # the general path decodes it (and reports what it cannot)
+                raw[index] = data
+            else:
+                del raw[index]
+                indices.append(index)
+                values.append(value)
+
+        self.state.branch_each(op_id, waiting, take)
+        columns.set_values(indices, values)
+
+    @staticmethod
+    def _decode_compact(columns: ItemColumns) -> None:
+        """Compact item records (plain successes) of a default serdes: values decoded straight from the bytes."""
+        raw = columns.raw
+        indices, values = [], []
+        for index in sorted(raw):
+            data = raw[index]
+            if data.__class__ is bytes and data[0] == COMPACT_ITEM:
+                value = success_value(data)
+                if value is not UNREAD:
+                    del raw[index]
+                    indices.append(index)
+                    values.append(value)
+        columns.set_values(indices, values)
 
     def wait(self, duration: Duration, name: str | None = None) -> None:
         """Sleep durably: a resumed execution only waits for what is left."""

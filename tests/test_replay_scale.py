@@ -177,3 +177,80 @@ def test_fix_and_resume_of_a_map_reruns_only_the_failed_items_and_equals_a_fresh
     fresh = _handler(fresh_markers, broken, after, fresh_seen)
     assert fresh.run({"job": 1}, store=str(tmp_path / "fresh-store"), max_workers=2) == ["SUCCEEDED"] * 60
     assert _key(seen[1]) == _key(fresh_seen[0])
+
+
+def test_branch_scan_reads_exactly_the_batch_keys(tmp_path):
+    """Neighbouring prefixes ('#' sorts before '$'; another batch, another execution) are not read."""
+    with Store(str(tmp_path / "store")) as store:
+        for i in (0, 1, 2, 10, 11, 100, 1000):
+            store.stage_raw("ex", "batch", branch_key(i), _item(i, OpStatus.SUCCEEDED, b"%d" % i).dumps())
+        store.stage_raw("ex", "batch", "$after", _item(5, OpStatus.SUCCEEDED).dumps())
+        store.stage_raw("ex", "batch", "step-under-batch", _item(6, OpStatus.SUCCEEDED).dumps())
+        store.stage_raw("ex", "batch2", branch_key(3), _item(3, OpStatus.SUCCEEDED).dumps())
+        store.stage_raw("ex", "batc", branch_key(4), _item(4, OpStatus.SUCCEEDED).dumps())
+        store.stage_raw("ex2", "batch", branch_key(9), _item(9, OpStatus.SUCCEEDED).dumps())
+        store.flush()
+        raw = store.branch_raw("ex", "batch")
+        assert sorted(raw) == [0, 1, 2, 10, 11, 100, 1000]
+        assert all(OpRecord.loads(raw[i]).result == b"%d" % i for i in raw)
+        assert store.branch_raw("ex", "nothing") == {}
+
+
+def test_split_terminal_of_compact_records_only_and_mixed():
+    from durable_mp.core.records import item_prefix, item_record
+    parent, sub = item_prefix("batch", "MapIteration")
+    compact = {i: item_record(operation_id("batch", i), parent, sub, f"map-item-{i}", 1.0, 2.0, 1, b"r")
+               for i in range(6)}
+    ended, ok, unfinished = split_terminal(dict(compact))
+    assert ended == compact and ok == dict.fromkeys(compact, True) and unfinished == {}
+    mixed = {**compact, 6: _item(6, OpStatus.STARTED).dumps(), 7: _item(7, OpStatus.FAILED)}
+    ended, ok, unfinished = split_terminal(mixed)
+    assert sorted(ended) == [0, 1, 2, 3, 4, 5, 7] and ok[7] is False and list(unfinished) == [6]
+    assert split_terminal({}) == ({}, {}, {})
+
+
+def test_pending_after_replay_lists_the_rest_in_order():
+    table = BranchTable(10)
+    table.replayed_many({3: True, 0: False, 9: True})
+    assert table.pending() == [1, 2, 4, 5, 6, 7, 8]
+    table.move(1, BranchState.DISPATCHED)
+    assert table.pending() == [2, 4, 5, 6, 7, 8]
+
+
+def test_columns_take_replayed_records_in_bulk_like_one_by_one():
+    from durable_mp.concurrency.columns import ItemColumns
+    records = {5: b"r5", 0: b"r0", 3: _item(3, OpStatus.FAILED)}
+    bulk, single = ItemColumns(6), ItemColumns(6)
+    bulk.add_records(records)
+    single.update(records.items())
+    assert bulk == single and len(bulk) == 3 and bulk.raw == records
+    with pytest.raises(IndexError):
+        ItemColumns(2).add_records({2: b"x"})
+
+
+def test_branch_outcomes_split_plain_successes_from_the_rest_and_read_them_back(tmp_path):
+    from durable_mp.core.records import item_prefix, item_record
+    parent, sub = item_prefix("batch", "MapIteration")
+
+    def compact(i: int) -> bytes:
+        return item_record(operation_id("batch", i), parent, sub, f"map-item-{i}", 1.0, 2.0, 1, b"%d" % i)
+
+    with Store(str(tmp_path / "store")) as store:
+        for i in range(12):
+            data = _item(i, OpStatus.FAILED).dumps() if i in (3, 8) else compact(i)
+            store.stage_raw("ex", "batch", branch_key(i), data)
+        store.stage_raw("ex", "other", branch_key(1), compact(1))
+        store.flush()
+        store.stage_raw("ex", "batch", branch_key(5), _item(5, OpStatus.STARTED).dumps())  # staged wins
+        store.stage_raw("ex", "batch", branch_key(12), compact(12))
+        plain, others = store.branch_outcomes("ex", "batch", ord("I"))
+        assert plain == [0, 1, 2, 4, 6, 7, 9, 10, 11]
+        assert sorted(others) == [3, 5, 8, 12]
+        assert OpRecord.loads(others[5]).status == OpStatus.STARTED and others[12] == compact(12)
+        seen: dict[int, bytes] = {}
+        store.branch_each("ex", "batch", plain, seen.__setitem__)
+        assert seen == {i: compact(i) for i in plain}
+        assert store.branch_outcomes("ex", "none", ord("I")) == ([], {})
+        store.flush()
+        plain, others = store.branch_outcomes("ex", "batch", ord("I"))
+        assert plain == [0, 1, 2, 4, 6, 7, 9, 10, 11, 12] and sorted(others) == [3, 5, 8]

@@ -19,8 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Generic, TypeVar
 
+from durable_mp.concurrency.columns import AS_ITEM_STATUS, ItemColumns
+from durable_mp.concurrency.columns import FAILED as COL_FAILED
+from durable_mp.concurrency.columns import STARTED as COL_STARTED
+from durable_mp.concurrency.columns import SUCCEEDED as COL_SUCCEEDED
 from durable_mp.config import CompletionConfig
 from durable_mp.core.completion import (
     BatchItemStatus,
@@ -37,7 +42,7 @@ from durable_mp.exceptions import BatchCompletionError, ChildContextError, Inval
 from durable_mp.lambda_service import ErrorObject
 
 __all__ = [
-    "BatchCompletionError", "BatchItem", "BatchItemStatus", "BatchResult", "CompletionDecision",
+    "BatchCompletionError", "BatchItem", "BatchItemStatus", "BatchResult", "CompletionDecision", "ItemColumns",
     "CompletionItemStatus", "CompletionOutcome", "CompletionPolicy", "CompletionReason",
     "CompletionStatus", "complete_batch", "continue_batch",
 ]
@@ -408,6 +413,10 @@ class BatchResult(Generic[R]):
 
     Items never started (early completion) are absent, so ``total_count`` may be less
     than the number of inputs; started-but-unfinished ones are ``STARTED``.
+
+    The engine builds it on ``ItemColumns`` (``of_columns``): ``all`` and its
+    ``BatchItem`` objects are made the first time ``all`` is read; counts, results and
+    errors are read from the columns until then.  Once ``all`` exists it is the truth.
     """
 
     all: list[BatchItem[R]]
@@ -420,6 +429,42 @@ class BatchResult(Generic[R]):
         object.__setattr__(self, "all", items)
         if not isinstance(self.completion_reason, CompletionReason):
             object.__setattr__(self, "completion_reason", CompletionReason(self.completion_reason))
+
+    @classmethod
+    def of_columns(cls, columns: ItemColumns, completion_reason: CompletionReason) -> BatchResult[R]:
+        """A result on decoded columns (no ``RAW`` entry), which it then owns."""
+        if columns.raw:
+            raise ValidationError(f"{len(columns.raw)} item records are not decoded")
+        result = object.__new__(cls)
+        object.__setattr__(result, "_columns", columns)
+        object.__setattr__(result, "completion_reason", CompletionReason(completion_reason))
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when ``all`` is not set yet (a result on columns): build it once.
+        if name == "all":
+            columns = self.__dict__.get("_columns")
+            if columns is not None:
+                items = _items_of(columns)
+                self.__dict__["all"] = items
+                del self.__dict__["_columns"]  # ``all`` is the truth from now on (it may be mutated)
+                return items
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, BatchResult)
+        mine, theirs = self.__dict__.get("_columns"), other.__dict__.get("_columns")
+        if mine is not None and theirs is not None:
+            return mine == theirs and self.completion_reason == other.completion_reason
+        return (self.all, self.completion_reason) == (other.all, other.completion_reason)
+
+    def __hash__(self) -> int:
+        return hash((self.all, self.completion_reason))  # TypeError, as the dataclass's: ``all`` is a list
+
+    def _cols(self) -> ItemColumns | None:
+        return self.__dict__.get("_columns")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], completion_config: CompletionConfig | None = None) -> BatchResult[R]:
@@ -446,23 +491,37 @@ class BatchResult(Generic[R]):
         return cls(items, policy.decision() or CompletionReason.ALL_COMPLETED)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"all": [item.to_dict() for item in self.all], "completionReason": self.completion_reason.value}
+        columns = self._cols()
+        items = self.all if columns is None else map(_item_at, repeat(columns), columns.present())
+        return {"all": [item.to_dict() for item in items], "completionReason": self.completion_reason.value}
+
+    def _with_status(self, status: BatchItemStatus) -> list[BatchItem[R]]:
+        columns = self._cols()
+        if columns is not None:
+            return [_item_at(columns, index) for index in columns.indices_of(_COLUMN_OF[status])]
+        return [item for item in self.all if item.status is status]
 
     def succeeded(self) -> list[BatchItem[R]]:
-        return [item for item in self.all if item.status is BatchItemStatus.SUCCEEDED]
+        return self._with_status(BatchItemStatus.SUCCEEDED)
 
     def failed(self) -> list[BatchItem[R]]:
-        return [item for item in self.all if item.status is BatchItemStatus.FAILED]
+        return self._with_status(BatchItemStatus.FAILED)
 
     def started(self) -> list[BatchItem[R]]:
-        return [item for item in self.all if item.status is BatchItemStatus.STARTED]
+        return self._with_status(BatchItemStatus.STARTED)
 
     def get_results(self) -> list[R]:
         """Results of the succeeded items, in input order (``None`` results included)."""
+        columns = self._cols()
+        if columns is not None:
+            return columns.results()
         return [item.result for item in self.all if item.status is BatchItemStatus.SUCCEEDED]  # type: ignore[misc]
 
     def get_errors(self) -> list[ErrorObject | None]:
         """One entry per failed item, in input order."""
+        columns = self._cols()
+        if columns is not None:
+            return [columns.errors.get(index) for index in columns.indices_of(COL_FAILED)]
         return [item.error for item in self.all if item.status is BatchItemStatus.FAILED]
 
     @property
@@ -484,25 +543,39 @@ class BatchResult(Generic[R]):
             return BatchItemStatus.SUCCEEDED
         return BatchItemStatus.FAILED if self.has_failure else BatchItemStatus.SUCCEEDED
 
+    def _count(self, status: BatchItemStatus) -> int:
+        columns = self._cols()
+        if columns is not None:
+            return columns.count(_COLUMN_OF[status])
+        return sum(1 for item in self.all if item.status is status)
+
     @property
     def has_failure(self) -> bool:
-        return any(item.status is BatchItemStatus.FAILED for item in self.all)
+        return self._count(BatchItemStatus.FAILED) > 0
 
     @property
     def success_count(self) -> int:
-        return sum(1 for item in self.all if item.status is BatchItemStatus.SUCCEEDED)
+        return self._count(BatchItemStatus.SUCCEEDED)
 
     @property
     def failure_count(self) -> int:
-        return sum(1 for item in self.all if item.status is BatchItemStatus.FAILED)
+        return self._count(BatchItemStatus.FAILED)
 
     @property
     def started_count(self) -> int:
-        return sum(1 for item in self.all if item.status is BatchItemStatus.STARTED)
+        return self._count(BatchItemStatus.STARTED)
 
     @property
     def total_count(self) -> int:
-        return len(self.all)
+        columns = self._cols()
+        return len(columns) if columns is not None else len(self.all)
+
+    def _first_failed(self) -> BatchItem[R] | None:
+        columns = self._cols()
+        if columns is not None:
+            index = columns.status.find(COL_FAILED)
+            return None if index < 0 else _item_at(columns, index)
+        return next((item for item in self.all if item.status is BatchItemStatus.FAILED), None)
 
     def throw_if_error(self) -> None:
         """Raise for the first failed item (lowest index), else for a custom failure.
@@ -511,10 +584,31 @@ class BatchResult(Generic[R]):
         ``DurableOperationError`` rebuilt from them; a batch a custom predicate declared
         failed with no failed item raises ``BatchCompletionError``.
         """
-        first_failed = next((item for item in self.all if item.status is BatchItemStatus.FAILED), None)
+        first_failed = self._first_failed()
         if first_failed is not None:
             if first_failed.error is None:
                 raise ChildContextError(message=f"Batch item {first_failed.index} failed without an ErrorObject.")
             first_failed.error.raise_as_operation_error(ChildContextError)
         if self.completion_reason is CompletionReason.CUSTOM_COMPLETION_FAILED:
             raise BatchCompletionError(self.completion_reason)
+
+
+_COLUMN_OF = {BatchItemStatus.SUCCEEDED: COL_SUCCEEDED, BatchItemStatus.FAILED: COL_FAILED,
+              BatchItemStatus.STARTED: COL_STARTED}
+
+
+def _item_at(columns: ItemColumns, index: int) -> BatchItem:
+    """The ``BatchItem`` of item ``index`` of decoded columns (built like ``succeeded_item``)."""
+    item = _new(BatchItem)
+    code = columns.status[index]
+    _set(item, "__dict__", {"index": index, "status": AS_ITEM_STATUS[code],
+                            "result": columns.values[index] if code == COL_SUCCEEDED else None,
+                            "error": columns.errors.get(index) if code == COL_FAILED else None})
+    return item
+
+
+def _items_of(columns: ItemColumns) -> list[BatchItem]:
+    status = columns.status
+    if status.count(COL_SUCCEEDED) == len(status):
+        return list(map(succeeded_item, range(len(status)), columns.values))
+    return [_item_at(columns, index) for index in columns.present()]

@@ -9,6 +9,7 @@ its own status probe lands in ``core.records``.
 from __future__ import annotations
 
 import pickle
+from operator import itemgetter
 from typing import Any
 
 from durable_mp.core.records import TERMINAL, OpRecord, OpStatus
@@ -49,6 +50,8 @@ def as_record(data: Any) -> OpRecord:
 
 def split_terminal(records: dict[int, Any]) -> tuple[dict[int, Any], dict[int, bool], dict[int, Any]]:
     """``(ended, {index: succeeded} of ended, unfinished)``: item records split by one status probe each."""
+    if records and _all_compact(records.values()):  # the usual resumed map: every record a plain success
+        return records, dict.fromkeys(records, True), {}
     ended: dict[int, Any] = {}
     ok: dict[int, bool] = {}
     unfinished: dict[int, Any] = {}
@@ -61,3 +64,15 @@ def split_terminal(records: dict[int, Any]) -> tuple[dict[int, Any], dict[int, b
         else:
             unfinished[index] = rec
     return ended, ok, unfinished
+
+
+def _all_compact(records: Any) -> bool:
+    """Every record is compact-item bytes (``item_record``), told by one C-level pass over first bytes."""
+    try:
+        firsts = bytes(map(_first, records))
+    except (TypeError, IndexError):  # an OpRecord (its first field is a str) or an empty value
+        return False
+    return firsts.count(_COMPACT) == len(firsts)
+
+
+_first = itemgetter(0)

@@ -7,6 +7,8 @@ of one Python step per item.
 
 from __future__ import annotations
 
+from durable_mp.core.bytemaps import fill_at
+
 
 def run_start(indices: list[int]) -> int | None:
     """The first index if ``indices`` is ``[a, a+1, ..., a+n-1]`` with n >= 1 and a >= 0, else None."""
@@ -31,5 +33,4 @@ def set_states(states: bytearray, indices: list[int], state: int, first: int | N
     if first is not None:
         states[first:first + len(indices)] = bytes((state,)) * len(indices)
         return
-    for index in indices:
-        states[index] = state
+    fill_at(states, indices, state)

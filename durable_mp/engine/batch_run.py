@@ -11,6 +11,7 @@ import uuid
 from collections import defaultdict, deque
 from typing import Any
 
+from durable_mp.concurrency.columns import ItemColumns
 from durable_mp.core.records import Attempt, OpRecord
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine.lifecycle import BranchTable
@@ -59,7 +60,7 @@ class BatchRun:
         self.branches = BranchTable(spec.n)
         self.queue: deque[int] = deque()
         self.needs_ckpt: set[int] = set()  # branches that may have checkpoints under them (resume, re-dispatch)
-        self.records: dict[int, Any] = {}  # OpRecord, a worker's record bytes, or a decoded BatchItem
+        self.records = ItemColumns(spec.n)  # decoded results, or OpRecords / a worker's record bytes
         self.crashes: defaultdict[int, int] = defaultdict(int)
         self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
         self.item_seconds: float | None = None

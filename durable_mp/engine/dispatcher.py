@@ -23,7 +23,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
-from durable_mp.concurrency.models import CompletionReason, succeeded_item
+from durable_mp.concurrency.models import CompletionReason
 from durable_mp.core.item_probe import as_record
 from durable_mp.core.records import (
     Attempt,
@@ -32,8 +32,6 @@ from durable_mp.core.records import (
     OpType,
     branch_key,
     operation_id,
-    result_span,
-    result_view,
 )
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine import pickling
@@ -65,6 +63,7 @@ from durable_mp.engine.protocol import (
     Succeeded,
     kind_of,
 )
+from durable_mp.engine.result_decode import UNREAD, success_value
 from durable_mp.engine.scheduling import (
     chunk_size,
     concurrency_limit,
@@ -74,7 +73,6 @@ from durable_mp.engine.scheduling import (
 from durable_mp.engine.wire import big
 from durable_mp.exceptions import MemoryLimitExceededError, StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.serdes import OOB_MAGIC, decode_envelope, unpickle
 
 log = logging.getLogger("durable_mp.dispatch")
 
@@ -84,25 +82,6 @@ DEFAULT_MAX_CRASH_RETRIES = 3
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
 PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
-
-
-def _decoded(data: Any) -> Any:
-    """The value in a succeeded record's bytes (either format), or ``NOT_SENT`` if it cannot be read here.
-
-    What cannot be read here is reported with its context when the BatchResult is built.
-    """
-    try:
-        if data.__class__ is bytes:  # a small record: its result follows the header
-            kind, start = result_span(data)
-            payload = data[start:]
-            if kind == b"S":  # the default serdes' JSON envelope
-                return decode_envelope(payload.decode())
-            if kind == b"N":  # no payload: the serdes decides what that means, when the BatchResult is built
-                return NOT_SENT
-            return unpickle(payload) if payload.startswith(OOB_MAGIC) else pickle.loads(payload)
-        return unpickle(result_view(data))
-    except Exception:  # noqa: BLE001
-        return NOT_SENT
 
 
 class Dispatcher:
@@ -130,10 +109,10 @@ class Dispatcher:
         self.reopened: dict[tuple[str, int], int] = {}  # (batch token, index) -> attempts before a re-run
 
     # -- public -------------------------------------------------------------------------------
-    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, Any], CompletionReason]:
+    def run_batch(self, spec: BatchSpec) -> tuple[Any, CompletionReason]:  # ItemColumns
         batch = BatchRun(spec)
         policy = spec.policy
-        batch.records = spec.replay_done()
+        spec.replay_into(batch.records)
         replayed = spec.done_succeeded()
         batch.branches.replayed_many(replayed)
         batch.queue.extend(batch.branches.pending())
@@ -461,9 +440,9 @@ class Dispatcher:
             staged.append((key, data))
             records[index] = data
             if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
-                value = _decoded(data)
-                if value is not NOT_SENT:
-                    records[index] = succeeded_item(index, value)
+                value = success_value(data)  # UNREAD stays bytes: the BatchResult build reports it
+                if value is not UNREAD:
+                    records.set_value(index, value)
             if succeeded and not virtual:
                 ok.append(index)
             else:
@@ -508,12 +487,15 @@ class Dispatcher:
         if batch.decode_results:  # keep the value, not the record: a big map's BatchResult fits in RAM
             values = done.values
             if NOT_SENT not in values:
-                records.update(zip(indices, map(succeeded_item, indices, values), strict=True))
+                records.set_values(indices, values)
             else:  # decode here; a record that cannot be read here stays bytes (the BatchResult build reports it)
                 for index, value, data in zip(indices, values, done.records, strict=True):
                     if value is NOT_SENT:
-                        value = _decoded(data)
-                    records[index] = data if value is NOT_SENT else succeeded_item(index, value)
+                        value = success_value(data)
+                    if value is UNREAD:
+                        records[index] = data
+                    else:
+                        records.set_value(index, value)
         else:
             records.update(zip(indices, done.records, strict=False))
         batch.branches.finish_many(indices, BranchState.SUCCEEDED)

@@ -44,13 +44,21 @@ class DriverState(ExecutionState):
         records: dict[int, Any] = self.store.branch_raw(self.execution_id, batch_op_id)  # decoded on demand
         return records
 
+    def branch_outcomes(self, batch_op_id: str, plain: int) -> tuple[list[int], dict[int, Any]]:
+        """(plain successes left in the store, other item records): ``Store.branch_outcomes``."""
+        out: tuple[list[int], dict[int, Any]] = self.store.branch_outcomes(self.execution_id, batch_op_id, plain)
+        return out
+
+    def branch_each(self, batch_op_id: str, indices: Any, fn: Any) -> None:
+        self.store.branch_each(self.execution_id, batch_op_id, indices, fn)
+
     def emit(self, rec: OpRecord, sync: bool = False) -> None:
         self.store.stage(self.execution_id, rec)
         if sync:
             self.store.flush()
 
-    def run_batch(self, spec: BatchSpec) -> tuple[dict[int, OpRecord], Any]:
-        outcome: tuple[dict[int, OpRecord], Any] = self.dispatcher.run_batch(spec)
+    def run_batch(self, spec: BatchSpec) -> tuple[Any, Any]:  # (ItemColumns, CompletionReason)
+        outcome: tuple[Any, Any] = self.dispatcher.run_batch(spec)
         return outcome
 
     def run_step_body(self, func: Any, step_ctx: Any, watch: Any) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
+from durable_mp.core.bytemaps import mask, positions
 from durable_mp.core.runs import run_start, set_states, states_of
 
 
@@ -44,6 +45,7 @@ BRANCH_MOVES: dict[BranchState, frozenset[BranchState]] = {
     _B.ABANDONED: frozenset(),
 }
 TERMINAL = frozenset({_B.SUCCEEDED, _B.FAILED, _B.ABANDONED})
+_PENDING_MASK = mask(_B.PENDING)
 _LEGAL = [[False] * len(BranchState) for _ in BranchState]
 for _src, _dsts in BRANCH_MOVES.items():
     for _dst in _dsts:
@@ -135,10 +137,9 @@ class BranchTable:
 
     def pending(self) -> list[int]:
         """The indices of the branches still PENDING, in order (a resume's queue)."""
-        pending = int(_B.PENDING)
         if self.counts[_B.PENDING] == len(self._states):
             return list(range(len(self._states)))
-        return [i for i, s in enumerate(self._states) if s == pending]
+        return positions(self._states, _PENDING_MASK)
 
     def replayed(self, index: int, succeeded: bool) -> None:
         """A branch finished in an earlier run (resume): terminal without running."""

@@ -51,6 +51,7 @@ import lmdb
 from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord
 from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
+from durable_mp.store.branch_scan import first_bytes, read_each, scan_branches, scan_outcomes
 from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
@@ -433,26 +434,40 @@ class Store:
         probes their statuses and decodes a result only when it is asked for."""
         with self._lock:
             prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
-            n = len(prefix)
 
-            def scan(txn: Txn, sh: SharedEnv) -> dict[int, Any]:  # one pass: no key decoded to str
-                out: dict[int, Any] = {}
-                cur = txn.cursor(db=sh.ops)
-                if not cur.set_range(prefix):
-                    return out
-                for key, value in cur.iternext():
-                    if not key.startswith(prefix):
-                        break
-                    out[int(key[n:])] = value
-                return out
-
-            found = self._read(scan)
-            for index, data in found.items():  # a large value is a reference to its blob file: read it
-                if data[:1] == b"\0" and blobs.is_ref(data):
-                    found[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
+            found = self._read(lambda txn, sh: scan_branches(txn, sh.ops, prefix))
+            if 0 in first_bytes(found.values()):  # a large value is a reference to its blob file: read it
+                for index, data in found.items():
+                    if data[:1] == b"\0" and blobs.is_ref(data):
+                        found[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
             for group in reversed(self._group.pending((exec_id, batch_op_id))):
                 found.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
             return found
+
+    def branch_outcomes(self, exec_id: str, batch_op_id: str, plain: int) -> tuple[list[int], dict[int, Any]]:
+        """``(indices, others)``: items whose stored record starts with the byte ``plain`` (a plain
+        success: their values stay in the store), and every other item record undecoded, as
+        ``branch_raw`` gives it (staged records included)."""
+        with self._lock:
+            prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
+            indices, others = self._read(lambda txn, sh: scan_outcomes(txn, sh.ops, prefix, plain))
+            for index, data in others.items():  # a large value is a reference to its blob file: read it
+                if data[:1] == b"\0" and blobs.is_ref(data):
+                    others[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
+            staged: dict[int, Any] = {}
+            for group in reversed(self._group.pending((exec_id, batch_op_id))):
+                staged.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
+            if staged:  # uncommitted records win over stored ones
+                indices = [i for i in indices if i not in staged]
+                others.update(staged)
+            return indices, others
+
+    def branch_each(self, exec_id: str, batch_op_id: str, indices: Any, fn: Callable[[int, Any], None]) -> None:
+        """``fn(index, stored bytes)`` for each item of ``indices`` whose record ``branch_outcomes`` left
+        in the store, in one read transaction (its values are not all held at once)."""
+        with self._lock:
+            parent = self._prefix(exec_id, batch_op_id)
+            self._read(lambda txn, sh: read_each(txn, sh.ops, parent, indices, fn))
 
     def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
         with self._lock:
