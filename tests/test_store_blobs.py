@@ -291,6 +291,15 @@ def test_a_driver_killed_mid_payload_loses_nothing_committed_and_resumes(tmp_pat
         done = {r.op_id: r for r in st.ops("e") if r.status == "SUCCEEDED" and r.parent_id and r.result}
     assert 0 < len(done) < n, "the kill should land mid-payload"
     assert all(len(r.result) > 4 * 1024 * 1024 for r in done.values())
+    # each committed array reads back whole and as written: constant, one distinct index each
+    from durable_mp.serdes import unpickle
+
+    firsts = []
+    for r in done.values():
+        a = unpickle(r.result)
+        assert a.shape == (512 * 1024,) and (a == a[0]).all()
+        firsts.append(float(a[0]))
+    assert len(set(firsts)) == len(firsts) and set(firsts) <= {float(i) for i in range(n)}
     rerun = subprocess.run([sys.executable, str(script), str(store), str(n)], env=env, capture_output=True,
                            text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
