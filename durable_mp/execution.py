@@ -284,10 +284,11 @@ class DurableFunction:
                 pool.close()
                 db.flush()
                 raise
-            pool.close()
+            pool.begin_close()  # the workers exit while the last records and the result are committed
             db.flush()
             db.finish_execution(db.get_execution(execution_id)._replace(
                 status=SUCCEEDED, result=dumps_value(result), ended_ts=time.time()))
+            pool.close()
             return result
         finally:
             if pool is not None:
@@ -330,6 +331,9 @@ class _DaskSession:
 
             self._client, self._owned = client_for(self.backend)
         return self._client
+
+    def begin_close(self) -> None:
+        """Nothing to start early: ``close`` does it all."""
 
     def close(self) -> None:
         if self._client is not None and self._owned:

@@ -13,6 +13,17 @@ acknowledged, and results arrive one by one, so the disk cannot be handed them a
 once (a single fdatasync at the end would measure the page cache, not the promise).
 The arrays are made before the timing: only the writes and syncs are timed.
 
+What the two write, side by side: the same bytes (durable_mp adds a record header of
+about a hundred bytes per array).  The baseline: one file, one ``fdatasync`` per array, no
+file creation, no directory fsync, no LMDB.  durable_mp: a group commit per batch of the
+arrays that arrived while the previous batch was being synced; per batch one append to
+the execution's blob file (writeback started per array) and its ``fdatasync``, a
+directory fsync only when the file is new, then one LMDB commit of the references (two
+syncs: data pages, meta page).  So durable_mp syncs less often than the baseline but pays
+for LMDB and the file's creation; all of the baseline's time is disk time, while
+durable_mp also makes the arrays, pickles them and moves them through the pipes
+(ProcessPoolExecutor's work) on the same two cores.
+
 Target (issue #11): durable_mp MB/s >= 0.9x ``min(ppe, fdatasync)`` MB/s, for 1 MB and 16 MB.
 """
 

@@ -198,6 +198,7 @@ class WorkerPool:
         self.spawned = 0
         self.server: ForkServer | None = None
         self.requested: list[tuple[Any, mmap.mmap]] = []  # (pipe, slot) of fork-server workers not answered yet
+        self.quitting: list[Worker] = []  # asked to quit by begin_close, not yet reaped
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -380,21 +381,28 @@ class WorkerPool:
             pass
         return self.reap(worker)
 
+    def begin_close(self) -> None:
+        """Ask idle workers to quit, without waiting: they exit while the driver commits its last records.
+
+        ``close`` waits for them (and kills the rest).
+        """
+        for worker in list(self.workers):
+            if worker.task is None and worker.status is WorkerState.IDLE and worker.used:
+                worker.move(WorkerState.DRAINING)
+                try:
+                    worker.send(Quit())
+                    self.quitting.append(worker)
+                except (OSError, EOFError):
+                    pass
+
     def close(self) -> None:
         """Ask idle workers to quit, kill the rest; leave no process behind.  Idempotent.
 
         A worker never sent anything is killed without asking: it holds no work, and one
         still booting (spawn) would read the request only once its imports are done.
         """
-        quitting = []
-        for worker in list(self.workers):
-            if worker.task is None and worker.status is WorkerState.IDLE and worker.used:
-                worker.move(WorkerState.DRAINING)
-                try:
-                    worker.send(Quit())
-                    quitting.append(worker)
-                except (OSError, EOFError):
-                    pass
+        self.begin_close()
+        quitting, self.quitting = self.quitting, []
         deadline = time.monotonic() + QUIT_WAIT_SECONDS
         for worker in quitting:
             while time.monotonic() < deadline and not worker.is_dead():

@@ -2,16 +2,26 @@
 
 Why: LMDB copies a large value into freshly allocated overflow pages, ``pwrite``s them
 and syncs data and meta page separately, which on this kind of disk reaches about half of
-what one ``write`` + ``fdatasync`` of the same bytes does.  So the committer writes every
-value of at least ``BLOB_BYTES`` of one batch (per execution) into one new file, syncs it
-once, and only then commits the batch's LMDB transaction with references in their place.
+what one ``write`` + ``fdatasync`` of the same bytes does.  So the committer appends every
+value of at least ``BLOB_BYTES`` of one batch (per execution) to the execution's open blob
+file, syncs it once, and only then commits the batch's LMDB transaction with references
+in their place.  Each value's writeback is started as soon as it is written
+(``sync_file_range``), so the disk works while the next value is copied and the final
+``fdatasync`` waits only for the rest.
 
-Durability and crashes: a reference is committed only after its file's data and its
-directory entry are fsync'd, so a committed reference never names a missing or partial
-file (a crash before the commit leaves an unreferenced file, an *orphan*).  Files are
-never rewritten; a record that is replaced or deleted leaves its old file behind until
-``sweep`` (run when an execution's lock is taken, and by ``delete_execution``) removes
-every file of that execution no committed record refers to.
+One file per execution and ``BlobWriter`` (one store session), appended to batch after
+batch until it holds ``FILE_BYTES``: a new file costs a create and a directory fsync, an
+appended batch only its ``fdatasync`` (which covers the file's new size).
+
+Durability and crashes: a reference is committed only after its bytes, the file's size
+and (for a new file) its directory entry are synced, so a committed reference never names
+a missing or partial file.  A crash before the commit leaves unreferenced bytes: at the
+end of a file other references keep (harmless: nothing points there), or a whole file
+nothing refers to (an *orphan*).  A file whose write or sync failed is never written
+again (after a failed fsync the kernel may report later ones as clean): the retry starts
+a new file.  Bytes are never rewritten; a record that is replaced or deleted leaves its
+old bytes behind until ``sweep`` (run when an execution's lock is taken, and by
+``delete_execution``) removes every file of that execution no committed record refers to.
 
 Layout: ``<store>/blobs/<blake2b(exec_id)>/<unique>.blob``, directories 0700, files 0600,
 inside the store directory whose permissions the store already checks.
@@ -19,6 +29,7 @@ inside the store directory whose permissions the store already checks.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import pathlib
@@ -32,6 +43,7 @@ from typing import Any
 from durable_mp.exceptions import StoreError
 
 BLOB_BYTES = 256 * 1024  # values this large and larger are written to a blob file
+FILE_BYTES = 64 * 2**20  # a blob file this large gets no more values: a new one is started
 BLOBS_DIR = "blobs"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -72,6 +84,27 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None: then writeback simply starts at the ``fdatasync``."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages of the range; wait for nothing
+
+
+def start_writeback(fd: int, offset: int, size: int) -> None:
+    """Start writing ``size`` bytes at ``offset`` to the disk now, without waiting (a hint: the sync still follows)."""
+    if _SYNC_FILE_RANGE is not None and size:
+        _SYNC_FILE_RANGE(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
+
+
 def _write_all(fd: int, data: Any) -> int:
     view = memoryview(data).cast("B")
     size = view.nbytes
@@ -80,43 +113,96 @@ def _write_all(fd: int, data: Any) -> int:
     return size
 
 
-def spill(root: pathlib.Path, items: list[tuple[bytes, Any]],
-          threshold: int = BLOB_BYTES) -> list[tuple[bytes, Any]]:
-    """``items`` with every large value written durably to a blob file and replaced by its reference.
+class _OpenFile:
+    """A blob file being appended to: its descriptor, name relative to the store, and size."""
 
-    Keys are full LMDB keys (``exec_id NUL parent NUL op``).  Returns ``items`` itself
-    when nothing is large (the common case costs one ``len`` per item).
+    __slots__ = ("fd", "rel", "size", "where")
+
+    def __init__(self, fd: int, rel: str, where: pathlib.Path) -> None:
+        self.fd = fd
+        self.rel = rel
+        self.size = 0
+        self.where = where  # its directory (fsync'd once, after the file's first sync)
+
+
+class BlobWriter:
+    """Writes a store's large values, one open file per execution (see the module docstring).
+
+    Used by one thread at a time (the store's committer); ``forget`` and ``close`` are
+    called only while no commit is in flight.
     """
-    big = [i for i, (_, value) in enumerate(items) if len(value) >= threshold]
-    if not big:
-        return items
-    by_exec: dict[bytes, list[int]] = {}
-    for i in big:
-        key = items[i][0]
-        by_exec.setdefault(key[:key.index(b"\0")], []).append(i)
-    out = list(items)
-    top = root / BLOBS_DIR
-    if _mkdir(top):
-        _fsync_dir(root)
-    for exec_key, indices in by_exec.items():
+
+    def __init__(self, root: pathlib.Path, threshold: int = BLOB_BYTES, file_bytes: int | None = None) -> None:
+        self.root = root
+        self.threshold = threshold
+        self.file_bytes = FILE_BYTES if file_bytes is None else file_bytes
+        self._files: dict[bytes, _OpenFile] = {}  # exec key -> the file its next values are appended to
+
+    def spill(self, items: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+        """``items`` with every large value written durably to a blob file and replaced by its reference.
+
+        Keys are full LMDB keys (``exec_id NUL parent NUL op``).  Returns ``items`` itself
+        when nothing is large (the common case costs one ``len`` per item).
+        """
+        threshold = self.threshold
+        big = [i for i, (_, value) in enumerate(items) if len(value) >= threshold]
+        if not big:
+            return items
+        by_exec: dict[bytes, list[int]] = {}
+        for i in big:
+            key = items[i][0]
+            by_exec.setdefault(key[:key.index(b"\0")], []).append(i)
+        out = list(items)
+        for exec_key, indices in by_exec.items():
+            try:
+                self._append(exec_key, out, indices)
+            except BaseException:
+                self.forget(exec_key)  # never write to it again: a retry starts a new file
+                raise
+        return out
+
+    def _append(self, exec_key: bytes, out: list[tuple[bytes, Any]], indices: list[int]) -> None:
+        """Append the values ``out[i]`` (``i`` in ``indices``) of one execution and sync them; set their references."""
+        f = self._files.get(exec_key)
+        fresh = f is None
+        if f is None:
+            f = self._files[exec_key] = self._new_file(exec_key)
+        fd, rel = f.fd, f.rel.encode()
+        offset = f.size
+        for i in indices:
+            key, value = out[i]
+            size = _write_all(fd, value)
+            start_writeback(fd, offset, size)  # the disk starts on it while the next value is copied
+            out[i] = (key, MAGIC + _POS.pack(offset, size) + rel)
+            offset += size
+        os.fdatasync(fd)  # the data and the file's new size, before any reference to them
+        if fresh:
+            _fsync_dir(f.where)  # the file's name, too
+        f.size = offset
+        if offset >= self.file_bytes:
+            self.forget(exec_key)  # full: the next batch starts a new file
+
+    def _new_file(self, exec_key: bytes) -> _OpenFile:
+        top = self.root / BLOBS_DIR
+        if _mkdir(top):
+            _fsync_dir(self.root)
         folder = exec_dir_name(exec_key)
         where = top / folder
         if _mkdir(where):
             _fsync_dir(top)
         rel = f"{BLOBS_DIR}/{folder}/{uuid.uuid4().hex}.blob"
-        fd = os.open(root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        try:
-            offset = 0
-            for i in indices:
-                key, value = out[i]
-                size = _write_all(fd, value)
-                out[i] = (key, MAGIC + _POS.pack(offset, size) + rel.encode())
-                offset += size
-            os.fdatasync(fd)  # the data (and the file's size) before any reference to it
-        finally:
-            os.close(fd)
-        _fsync_dir(where)  # the file's name, too
-    return out
+        fd = os.open(self.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        return _OpenFile(fd, rel, where)
+
+    def forget(self, exec_key: bytes) -> None:
+        """Close the execution's open file: its next values go to a new one (before a sweep or delete)."""
+        f = self._files.pop(exec_key, None)
+        if f is not None:
+            os.close(f.fd)
+
+    def close(self) -> None:
+        for exec_key in list(self._files):
+            self.forget(exec_key)
 
 
 def load(root: pathlib.Path, ref: Any, where: str) -> bytes:

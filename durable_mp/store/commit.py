@@ -7,7 +7,9 @@ one durable transaction when it is due (``flush_count`` records, or ``flush_seco
 after its oldest record); while that commit runs, the next batch gathers, so batches
 size themselves to the fsync latency and the driver never waits for the disk.
 ``flush()`` waits until everything staged is durable; staging blocks (back-pressure) only
-if ``BACKPRESSURE_FACTOR`` batches pile up behind a slow disk.
+if ``BACKPRESSURE_FACTOR`` batches pile up behind a slow disk.  A batch holding a large
+value (``blobs.BLOB_BYTES``, a numpy result) is due at once: waiting would gather only a
+few more of them, while the disk could be writing the first.
 
 A batch is never dropped.  A commit that fails is retried with the same batch
 (``COMMIT_ATTEMPTS`` in all, pauses doubling from ``COMMIT_RETRY_DELAY_S``), the batch
@@ -28,6 +30,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from durable_mp.core.records import branch_keys
 from durable_mp.exceptions import CheckpointFailedError
+from durable_mp.store.blobs import BLOB_BYTES
 from durable_mp.store.records import MAX_ID_BYTES, SEP, check_id
 
 COMMITTER_POLL_SECONDS = 0.05  # the committer re-reads the clock at least this often (injected clocks)
@@ -93,6 +96,7 @@ class GroupCommit:
         self._staged: Batch = {}
         self._staged_count = 0
         self._staged_since = 0.0
+        self._staged_large = False  # a large value is staged: the batch is due now
         # The batch the committer is writing: still visible to reads until committed.
         self._committing: Batch | None = None
         self._failure: CheckpointFailedError | None = None  # latched: the store is unwritable
@@ -110,11 +114,17 @@ class GroupCommit:
         with self.lock:
             group = self._group_for(exec_id, parent_id)
             before = len(group)
+            large = False
             for key, data in entries:
                 if not (key.__class__ is str and key.isascii() and len(key) <= MAX_ID_BYTES) or SEP in key:
                     check_id("op_id", key)
                 group[key] = data
+                if len(data) >= BLOB_BYTES:
+                    large = True
             self._added(len(group) - before)
+            if large:
+                self._staged_large = True
+                self._start_commit(block=False)  # hands it over now unless a commit is running
 
     def stage_items(self, exec_id: str, parent_id: str, indices: list[int], records: list[Any]) -> None:
         """Stage the records of batch items ``indices`` under their ``branch_key``s (keys need no check)."""
@@ -200,6 +210,7 @@ class GroupCommit:
             return
         self._committing, self._staged = self._staged, {}
         self._staged_count = 0
+        self._staged_large = False
         self._wake_committer()
 
     def _wake_committer(self) -> None:
@@ -237,9 +248,10 @@ class GroupCommit:
                     return None
                 if self._staged_count:
                     due_in = self._staged_since + self._flush_seconds - self._clock()
-                    if self._closing or self._staged_count >= self._flush_count or due_in <= 0:
+                    if self._closing or self._staged_large or self._staged_count >= self._flush_count or due_in <= 0:
                         self._committing, self._staged = self._staged, {}
                         self._staged_count = 0
+                        self._staged_large = False
                         break
                     self._changed.wait(timeout=min(due_in, COMMITTER_POLL_SECONDS))
                 elif self._closing:

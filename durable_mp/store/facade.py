@@ -27,8 +27,8 @@
   mistaken for a live owner, and a dead owner's lock is simply taken over.  Within the
   process, one thread at a time holds it (``records.HOLDERS``).
 * The map grows by doubling when a transaction finds it full.
-* **Large values** (``blobs.BLOB_BYTES`` and up, a numpy result) are written by the
-  committer to a blob file, synced, and only then committed as a reference
+* **Large values** (``blobs.BLOB_BYTES`` and up, a numpy result) are appended by the
+  committer to the execution's blob file, synced, and only then committed as a reference
   (``store/blobs.py``); reads resolve references transparently.
 
 Opening, permission checks and the per-process sharing of an environment live in
@@ -97,6 +97,7 @@ class Store:
         self._lock = self._group.lock  # reads of the overlay and of LMDB together see one state
         self.stage_many = self._group.stage_many
         self.stage_items = self._group.stage_items
+        self._blobs = blobs.BlobWriter(self.path)  # used by the committer thread only
         self._shared: SharedEnv | None = None
         self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
         self._env_id = self._shared.key  # names this environment in the per-thread lock registry
@@ -135,6 +136,7 @@ class Store:
             try:
                 self._group.close()  # joins the committer: never under the lock it needs to finish
             finally:
+                self._blobs.close()
                 with self._lock:
                     self._shared = None
                 release_shared(shared)
@@ -177,7 +179,7 @@ class Store:
 
         Large values go to a blob file first (synced before the transaction commits).
         """
-        items = blobs.spill(self.path, items)
+        items = self._blobs.spill(items)
         self._write(lambda txn, sh: txn.cursor(db=sh.ops).putmulti(items))
 
     # -- transactions ----------------------------------------------------------------------
@@ -309,6 +311,7 @@ class Store:
                 return found
 
             self._group.drain()
+            self._blobs.forget(key)  # its directory goes: the next value of this id starts a new file
             found = self._write(delete)
             blobs.remove_all(self.path, exec_id)  # after the records: a crash in between leaves only orphans
             return self._group.discard(exec_id) or found
@@ -358,10 +361,15 @@ class Store:
 
         Call only while holding the execution (``acquire`` does): nobody else writes its blobs then.
         """
-        if self.readonly or not blobs.has_blobs(self.path, exec_id):
-            return 0  # the common case: an execution without large values costs one listdir
+        if self.readonly:
+            return 0
         with self._lock:
             self._group.drain()  # a batch being written may have a blob not yet committed
+            # Another process may have swept or deleted this store session's open file since its
+            # last commit (or this sweep may): a run never appends to a file it did not create.
+            self._blobs.forget(self._exec_key(exec_id))
+            if not blobs.has_blobs(self.path, exec_id):
+                return 0  # the common case: an execution without large values costs one listdir
             prefix = self._exec_key(exec_id) + b"\0"
             values = self._read(lambda txn, sh: list(self._scan(txn, sh.ops, prefix).values()))
             return blobs.sweep(self.path, exec_id, values)
