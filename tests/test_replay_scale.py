@@ -10,6 +10,8 @@ import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from durable_mp import durable_execution
 from durable_mp.concurrency.models import CompletionPolicy
@@ -19,6 +21,7 @@ from durable_mp.core.records import OpRecord, OpStatus, OpType, branch_key, oper
 from durable_mp.engine.lifecycle import BranchState, BranchTable, IllegalTransition
 from durable_mp.exceptions import ExecutionFailedError, InvalidStateError
 from durable_mp.retries import RetryPresets
+from durable_mp.store.branch_scan import key_indices
 from durable_mp.store.facade import Store
 
 ALL_STATUSES = [OpStatus.STARTED, OpStatus.SUCCEEDED, OpStatus.FAILED, OpStatus.TIMED_OUT, OpStatus.PENDING]
@@ -49,9 +52,10 @@ def test_split_terminal_separates_ended_from_unfinished_and_says_which_succeeded
         assert (ended if i in ended else unfinished)[i] is data  # the stored bytes, not a decoded copy
 
 
-def test_bulk_replay_of_branches_equals_one_by_one():
+@pytest.mark.parametrize("ok_share", [0.7, 1.0])
+def test_bulk_replay_of_branches_equals_one_by_one(ok_share):
     rng = random.Random(7)
-    outcomes = {i: rng.random() < 0.7 for i in rng.sample(range(500), 300)}
+    outcomes = {i: rng.random() < ok_share for i in rng.sample(range(500), 300)}
     bulk, single = BranchTable(500), BranchTable(500)
     bulk.replayed_many(outcomes)
     for index, ok in outcomes.items():
@@ -62,6 +66,9 @@ def test_bulk_replay_of_branches_equals_one_by_one():
     assert BranchTable(3).pending() == [0, 1, 2]
     with pytest.raises(IllegalTransition):
         bulk.replayed_many({next(iter(outcomes)): True})  # already replayed
+    with pytest.raises(IllegalTransition):
+        bulk.replayed_many({i: True for i in range(500)})  # some were replayed already
+    assert bulk.counts == single.counts
 
 
 @pytest.mark.parametrize("config", [
@@ -70,9 +77,10 @@ def test_bulk_replay_of_branches_equals_one_by_one():
     CompletionConfig.first_successful(),
 ])
 @pytest.mark.parametrize("virtual", [False, True])
-def test_bulk_replay_in_the_policy_equals_one_by_one(config, virtual):
+@pytest.mark.parametrize("ok_share", [0.9, 1.0])
+def test_bulk_replay_in_the_policy_equals_one_by_one(config, virtual, ok_share):
     rng = random.Random(11)
-    outcomes = {i: rng.random() < 0.9 for i in rng.sample(range(100), 60)}
+    outcomes = {i: rng.random() < ok_share for i in rng.sample(range(100), 60)}
     bulk = CompletionPolicy(config, 100, virtual_time=virtual)
     single = CompletionPolicy(config, 100, virtual_time=virtual)
     bulk.on_replayed(outcomes)
@@ -87,6 +95,8 @@ def test_bulk_replay_in_the_policy_equals_one_by_one(config, virtual):
         bulk.on_replayed({next(iter(outcomes)): True})
     with pytest.raises(InvalidStateError):
         CompletionPolicy(config, 100).on_replayed({100: True})
+    with pytest.raises(InvalidStateError):
+        CompletionPolicy(config, 100).on_replayed({-1: True})
 
 
 def test_raw_item_records_include_staged_ones_and_decode_to_the_records(tmp_path):
@@ -194,6 +204,18 @@ def test_branch_scan_reads_exactly_the_batch_keys(tmp_path):
         assert sorted(raw) == [0, 1, 2, 10, 11, 100, 1000]
         assert all(OpRecord.loads(raw[i]).result == b"%d" % i for i in raw)
         assert store.branch_raw("ex", "nothing") == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(0, 3000), max_size=600), st.integers(0, 2000))
+def test_key_indices_reads_every_key_as_its_number(members, run_from):
+    """Runs are read from their ends, the rest key by key: always the same numbers, in order."""
+    indices = sorted(members | set(range(run_from, run_from + 500)))  # one long run and scattered ones
+    prefix = b"ex\0batch\0"
+    keys = [prefix + branch_key(i).encode() for i in indices]
+    assert key_indices(keys, len(prefix) + 1) == indices  # after the '#' of branch_key
+    mixed_width = sorted([prefix + b"#7", prefix + b"#10", prefix + b"#8"])  # not fixed width: parsed one by one
+    assert key_indices(mixed_width, len(prefix) + 1) == [10, 7, 8]
 
 
 def test_split_terminal_of_compact_records_only_and_mixed():
