@@ -283,7 +283,7 @@ class ExtendedTypeSerDes(SerDes[T]):
 # base type from JSON, so it is pickled instead.
 _ENVELOPE_LEAVES = frozenset({uuid.UUID, Decimal, date})
 # The reference checkpoints no value past 256 KiB (it stores a summary), so no envelope format
-# binds beyond that: bytes longer than this are pickled, their buffer as is, instead of going
+# binds beyond that: bytes longer than this are pickled instead of going
 # through base64 in JSON (about 8x slower each way, a third larger).
 ENVELOPE_BYTES_MAX = 256 * 1024
 _dumps_compact = json.JSONEncoder(separators=(",", ":")).encode  # what the reference's json.dumps writes

@@ -83,7 +83,7 @@ def test_default_pickles_what_the_envelope_cannot_bring_back_exactly(value):
                          ids=["bytes", "in-a-list", "in-a-dict"])
 def test_default_pickles_bytes_past_the_reference_checkpoint_limit(wrap):
     """The reference never checkpoints a value past 256 KiB, so no envelope format binds there:
-    a large bytes result is pickled (its buffer kept as is), not base64 in JSON (~8x slower)."""
+    a large bytes result is pickled, not base64 in JSON (~8x slower)."""
     limit = sd.ENVELOPE_BYTES_MAX
     at_limit, past = wrap(b"\x01" * limit), wrap(b"\x02" * (limit + 1))
     assert isinstance(round_trip(at_limit)[0], str)  # up to the limit: the reference's envelope
