@@ -282,29 +282,52 @@ class ExtendedTypeSerDes(SerDes[T]):
 # Exact types only: a subclass (IntEnum, OrderedDict, a str subclass) would come back as its
 # base type from JSON, so it is pickled instead.
 _ENVELOPE_LEAVES = frozenset({uuid.UUID, Decimal, date})
-# The reference checkpoints no value past 256 KiB (it stores a summary), so no envelope format
-# binds beyond that: bytes longer than this are pickled instead of going
-# through base64 in JSON (about 8x slower each way, a third larger).
-ENVELOPE_BYTES_MAX = 256 * 1024
+# The reference checkpoints no value whose payload is past 256 KiB (it stores a summary), so
+# no envelope format binds beyond that: such values are pickled.  Base64 in JSON, a Python
+# call per wrapped element and 6-char escapes of non-ASCII text made them 10-30x slower to
+# write and read than pickle (a 64 MB bytes result moved at about 30 MB/s).
+ENVELOPE_MAX_CHARS = 256 * 1024
 _dumps_compact = json.JSONEncoder(separators=(",", ":")).encode  # what the reference's json.dumps writes
 
 
-def _exact(obj: Any) -> bool:
-    """True if the reference's envelope of ``obj`` decodes back to an equal object of the same types."""
+def _room_after(obj: Any, room: int) -> int:
+    """``room`` less a lower bound of the length of ``obj``'s envelope, or -1 if that is past
+    ``room`` or the envelope would not bring ``obj`` back equal and of the same types.
+
+    The bound holds for both forms a value can take (plain JSON lists, tagged envelopes): at
+    least one character and a separator per scalar, the text of a str, base64 of bytes.  It
+    lets a large value be sent to pickle before any of it is encoded.
+    """
     cls = obj.__class__
-    if cls in _SCALAR_JSON or cls in _ENVELOPE_LEAVES:
-        return True
-    if cls is bytes:
-        return len(obj) <= ENVELOPE_BYTES_MAX
-    if cls is list or cls is tuple:
-        return all(_exact(item) for item in obj)
-    if cls is dict:
-        return all(key.__class__ is str and _exact(value) for key, value in obj.items())
-    if cls is datetime:  # a zoneinfo zone would come back as a fixed offset
-        return obj.tzinfo is None or obj.tzinfo.__class__ is timezone
-    if cls is BatchResult:
-        return _exact(obj.to_dict())
-    return False
+    if cls is str:
+        room -= len(obj) + 2
+    elif cls in _SCALAR_JSON or cls in _ENVELOPE_LEAVES:
+        room -= 2
+    elif cls is bytes:
+        room -= 4 * (len(obj) // 3) + 2
+    elif cls is list or cls is tuple:
+        room -= 2
+        for item in obj:
+            room = _room_after(item, room)
+            if room < 0:
+                return -1
+    elif cls is dict:
+        room -= 2
+        for key, value in obj.items():
+            if key.__class__ is not str:
+                return -1
+            room = _room_after(value, room - len(key) - 3)
+            if room < 0:
+                return -1
+    elif cls is datetime:  # a zoneinfo zone would come back as a fixed offset
+        if not (obj.tzinfo is None or obj.tzinfo.__class__ is timezone):
+            return -1
+        room -= 2
+    elif cls is BatchResult:
+        room = _room_after(obj.to_dict(), room)
+    else:
+        return -1
+    return room if room >= 0 else -1
 
 
 _EXTENDED: ExtendedTypeSerDes[Any] = ExtendedTypeSerDes()
@@ -342,19 +365,22 @@ _SCALAR_JSON: dict[type, Callable[[Any], str]] = {
 
 
 def envelope_of(value: Any) -> str | None:
-    """The reference's ``ExtendedTypeSerDes`` payload of ``value``, or None where it is not exact.
+    """The reference's ``ExtendedTypeSerDes`` payload of ``value``, or None where it is not exact
+    or longer than ``ENVELOPE_MAX_CHARS`` (then the value is pickled).
 
     A JSON scalar (most map results) is one dict look-up and one C call.
     """
     try:
         scalar = _SCALAR_JSON.get(value.__class__)
         if scalar is not None:
-            return scalar(value)
-        if not _exact(value):
+            text = scalar(value)
+        elif _room_after(value, ENVELOPE_MAX_CHARS) < 0:
             return None
-        return _EXTENDED.serialize(value)
+        else:
+            text = _EXTENDED.serialize(value)
     except (ValueError, RecursionError, SerDesError):  # an int past JSON's digit limit, a cycle
         return None
+    return text if len(text) <= ENVELOPE_MAX_CHARS else None
 
 
 class DefaultSerDes(SerDes[Any]):

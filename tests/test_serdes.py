@@ -79,17 +79,45 @@ def test_default_pickles_what_the_envelope_cannot_bring_back_exactly(value):
     assert np.array_equal(back, value) if isinstance(value, np.ndarray) else back == value
 
 
-@pytest.mark.parametrize("wrap", [lambda b: b, lambda b: [b"small", b], lambda b: {"blob": b}],
-                         ids=["bytes", "in-a-list", "in-a-dict"])
-def test_default_pickles_bytes_past_the_reference_checkpoint_limit(wrap):
-    """The reference never checkpoints a value past 256 KiB, so no envelope format binds there:
-    a large bytes result is pickled, not base64 in JSON (~8x slower)."""
-    limit = sd.ENVELOPE_BYTES_MAX
-    at_limit, past = wrap(b"\x01" * limit), wrap(b"\x02" * (limit + 1))
-    assert isinstance(round_trip(at_limit)[0], str)  # up to the limit: the reference's envelope
-    data, back = round_trip(past)
-    assert isinstance(data, bytes) and data[:2] == b"\x80\x05" and back == past
-    parts = sd.serialize_parts(None, past, what="result")  # what a worker sends: no str, no base64
+# Values of every shape whose envelope length grows with n: where it crosses the limit is found below.
+GROWING = {
+    "bytes": lambda n: b"\x01" * n,
+    "bytes-in-a-list": lambda n: [b"small", b"\x02" * n],
+    "bytes-in-a-dict": lambda n: {"blob": b"\x03" * n},
+    "floats": lambda n: [i + 0.5 for i in range(n)],  # a plain JSON list
+    "tuples": lambda n: [(i, "x") for i in range(n)],  # wrapped leaves
+    "ascii": lambda n: "a" * n,
+    "japanese": lambda n: "日本語"[:1] * n,  # \\uXXXX escapes: 6 chars each
+    "dict": lambda n: {f"k{i}": i for i in range(n)},
+}
+
+
+def _envelope_fits(value) -> bool:
+    return len(sd.ExtendedTypeSerDes().serialize(value)) <= sd.ENVELOPE_MAX_CHARS
+
+
+@pytest.mark.parametrize("kind", GROWING)
+def test_default_pickles_what_is_past_the_reference_checkpoint_limit(kind):
+    """The reference checkpoints nothing past 256 KiB (it stores a summary), so no envelope format
+    binds there: such a value is pickled, not enveloped (base64 in JSON, a Python call per
+    element: 10-30x slower both ways).  Up to the limit, the reference's envelope, byte for byte."""
+    make = GROWING[kind]
+    lo, hi = 0, 1
+    while _envelope_fits(make(hi)):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the largest n whose envelope fits is lo
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _envelope_fits(make(mid)) else (lo, mid)
+    for n in (lo - 1, lo, hi, hi + 1):
+        value = make(n)
+        data, back = round_trip(value)
+        assert isinstance(data, str) == (n <= lo), (kind, n)
+        if isinstance(data, str):
+            assert data == sd.ExtendedTypeSerDes().serialize(value)
+        else:
+            assert data[:2] == b"\x80\x05"
+        assert back == value and type(back) is type(value)
+    parts = sd.serialize_parts(None, make(hi), what="result")  # what a worker sends: no envelope
     assert not isinstance(parts, str)
 
 
