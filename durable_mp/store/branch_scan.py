@@ -3,7 +3,7 @@
 A resumed million-item map reads half a million records before it can dispatch anything;
 a Python loop over the cursor (a prefix test, a slice and an ``int`` per key) cost about
 2 µs a record.  Here the cursor is drained with ``takewhile`` over a C comparison, keys
-are parsed with ``map``, and the first bytes of all values are gathered into one
+are read as runs of consecutive indices (``key_indices``), and the first bytes of all values are gathered into one
 ``bytes`` so callers can test every record's format without a loop of their own.
 """
 
@@ -36,7 +36,7 @@ def scan_branches(txn: Any, db: Any, prefix: bytes) -> dict[int, Any]:
             pairs.append((key, value))
     else:
         pairs = list(takewhile((end,).__gt__, cur.iternext()))
-    indices = map(int, map(itemgetter(slice(len(prefix), None)), map(_KEY, pairs)))
+    indices = key_indices(list(map(_KEY, pairs)), len(prefix))
     return dict(zip(indices, map(_VALUE, pairs), strict=True))
 
 
