@@ -15,6 +15,7 @@ from typing import Any
 
 from durable_mp.core.bytemaps import fill_at, mask, positions
 from durable_mp.core.completion import BatchItemStatus
+from durable_mp.core.runs import run_start
 from durable_mp.lambda_service import ErrorObject
 
 # One status byte per item.  RAW: a record (``OpRecord`` or its bytes) not decoded yet.
@@ -109,15 +110,15 @@ class ItemColumns:
         if not indices:
             return
         status = self.status
-        first = indices[0]
-        end = first + len(indices)
         raw, errors = self.raw, self.errors
         if (raw and not raw.keys().isdisjoint(indices)) or (errors and not errors.keys().isdisjoint(indices)):
             for index, value in zip(indices, values, strict=True):
                 self.set_value(index, value)
                 self.errors.pop(index, None)
             return
-        if indices[-1] == end - 1 and end <= len(status) and indices == list(range(first, end)):
+        first = run_start(indices)
+        if first is not None and first + len(indices) <= len(status):
+            end = first + len(indices)
             self.values[first:end] = values  # a contiguous chunk (the usual case): two slice copies
             status[first:end] = _ONE * len(indices)
             return

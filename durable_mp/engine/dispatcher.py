@@ -23,7 +23,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
-from durable_mp.concurrency.models import CompletionReason
+from durable_mp.concurrency.models import BatchItemStatus, CompletionReason
 from durable_mp.core.item_probe import as_record
 from durable_mp.core.records import (
     Attempt,
@@ -438,11 +438,13 @@ class Dispatcher:
                                     attempt=rec.attempt + self.reopened.pop((batch.token, index), 0)).dumps()
             reported.add(index)
             staged.append((key, data))
-            records[index] = data
-            if succeeded and decode:  # keep the value, not the record: a big map's BatchResult fits in RAM
-                value = success_value(data)  # UNREAD stays bytes: the BatchResult build reports it
-                if value is not UNREAD:
-                    records.set_value(index, value)
+            # keep the value, not the record: a big map's BatchResult fits in RAM; a record that
+            # cannot be read here stays bytes (the BatchResult build reports it)
+            value = success_value(data) if succeeded and decode else UNREAD
+            if value is UNREAD:
+                records[index] = data
+            else:
+                records.set_item(index, BatchItemStatus.SUCCEEDED, value)
             if succeeded and not virtual:
                 ok.append(index)
             else:
