@@ -48,6 +48,7 @@ from durable_mp.exceptions import (
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.operation.naming import op_name
+from durable_mp.operation.nesting import batch_payload, nesting_extra
 from durable_mp.operation.replay import build_error, raise_stored
 from durable_mp.operation.signature import check_branch, check_child, check_map, check_step
 from durable_mp.operation.step import run_step
@@ -66,9 +67,6 @@ SUB_CHILD = "RunInChildContext"
 SUB_PARALLEL = "Parallel"
 SUB_PARALLEL_BRANCH = "ParallelBranch"
 SUB_MAP = "Map"
-# In a batch record's extra: FLAT branches are still recorded (their results are the
-# items' checkpoints), but views show their operations as the batch's own children.
-NESTING_KEY = "nesting"
 SUB_MAP_ITERATION = "MapIteration"
 SUB_WAIT_FOR_CONDITION = "WaitForCondition"
 
@@ -251,7 +249,8 @@ class DurableContext:
             reason = CompletionReason(rec.extra["completion_reason"])
             records = self._child_records(op_id, n)
             return self._batch_result(records, reason, item_serdes, n)
-        base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
+        base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time(),
+                               extra=nesting_extra(config.nesting_type) or None)
         if rec is None:
             self.state.emit(base)
             done: dict[int, Any] = {}
@@ -286,15 +285,18 @@ class DurableContext:
             cls_name = (rec.extra or {}).get("raise", "ExecutionError")
             error = build_error(ErrorObject.from_dict(rec.error or {}), cls_name)
             raise error from None
+        reported = len(records)
+        batch = self._batch_result(records, reason, item_serdes, n, op_id)
         self.state.emit(
             base._replace(
                 status=OpStatus.SUCCEEDED,
                 end_ts=time.time(),
-                extra={"completion_reason": reason.value, "total": n, "reported": len(records),
-                       **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
+                result=batch_payload(config, batch, op_id, self.state.execution_id),
+                extra={"completion_reason": reason.value, "total": n, "reported": reported,
+                       **nesting_extra(config.nesting_type)},
             )
         )
-        return self._batch_result(records, reason, item_serdes, n, op_id)
+        return batch
 
     def _replayed_items(self, op_id: str, n: int) -> tuple[dict[int, Any], dict[int, bool], dict[int, Any]]:
         """``split_terminal`` of a resumed batch's item records; plain successes stay in the store.

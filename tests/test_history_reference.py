@@ -44,6 +44,7 @@ import pytest
 
 import durable_mp.cli.main as cli
 from durable_mp import durable_execution
+from durable_mp.core.records import operation_id
 from durable_mp.operation.callback import decode_callback_id, send_callback_success
 from durable_mp.store.facade import Store
 
@@ -102,6 +103,26 @@ def _short_type(error: dict) -> dict:
     return out
 
 
+def _short_envelope_errors(node: object) -> object:
+    """``_short_type`` for every error map inside a (default-serdes) envelope: a BatchResult's items."""
+    if isinstance(node, list):
+        return [_short_envelope_errors(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _short_envelope_errors(v) for k, v in node.items() if k != "StackTrace"}
+    kind = out.get("ErrorType")
+    if isinstance(kind, dict) and isinstance(kind.get("v"), str):
+        out["ErrorType"] = {**kind, "v": kind["v"].rsplit(".exceptions.", 1)[-1]}
+    return out
+
+
+def _batch_payload(result: dict) -> dict:
+    text = result.get("Payload")
+    if not isinstance(text, str) or '"t":"br"' not in text:
+        return result
+    return {**result, "Payload": json.dumps(_short_envelope_errors(json.loads(text)), sort_keys=True)}
+
+
 def _normalise_event(e: dict) -> dict:
     e = {k: v for k, v in e.items() if k != "EventTimestamp"}
     kind = e["EventType"]
@@ -117,6 +138,8 @@ def _normalise_event(e: dict) -> dict:
         details["CallbackId"] = RUN_ID
         details.pop("Timeout", None)
         details.pop("HeartbeatTimeout", None)
+    if kind == "ContextSucceeded" and e.get("SubType") in ("Map", "Parallel") and "Result" in details:
+        details["Result"] = _batch_payload(details["Result"])
     if "Error" in details:
         details["Error"] = {"Payload": _short_type(details["Error"].get("Payload") or {})}
     if f"{kind}Details" in e or kind == "InvocationCompleted":
@@ -132,34 +155,58 @@ def _collapse_invocations(events: list[dict]) -> list[dict]:
     return [e for i, e in enumerate(events) if e["EventType"] != "InvocationCompleted" or i == keep]
 
 
+MAX_BRANCHES = 64  # branch indices searched when attributing an event to its branch
+MAX_BRANCH_OPS = 16  # operation counter values searched inside a FLAT branch
+
+
+def _branch_index(batch_id: str) -> dict[str, int]:
+    """Op id -> branch index for the operations directly under a batch.
+
+    NESTED: the branch's context op (``operation_id(batch, i)``).  FLAT: the branch has no
+    op; its operations hang off the batch with ids ``operation_id(operation_id(batch, i), k)``.
+    """
+    out: dict[str, int] = {}
+    for i in range(MAX_BRANCHES):
+        branch = operation_id(batch_id, i)
+        out[branch] = i
+        for k in range(1, MAX_BRANCH_OPS + 1):
+            out[operation_id(branch, k)] = i
+    return out
+
+
 def _group_branches(events: list[dict]) -> list[dict]:
-    """Inside each batch, the events of branch 0, then of branch 1, ... (order within kept)."""
+    """Inside each batch, the events of branch 0, then of branch 1, ... (order within kept), recursively."""
     parent = {e["Id"]: e.get("ParentId") for e in events if "Id" in e}
     batches = {e["Id"] for e in events if e.get("SubType") in ("Parallel", "Map")}
-    branch_rank: dict[str, int] = {}
-    for e in events:
-        if e["EventType"] == "ContextStarted" and e.get("ParentId") in batches:
-            branch_rank.setdefault(e["Id"], int(e["Name"].rsplit("-", 1)[-1]))
+    indices: dict[str, dict[str, int]] = {}
 
-    def branch_of(op_id: str | None) -> str | None:
-        while op_id is not None and op_id not in branch_rank:
+    def top_under(op_id: str | None, batch_id: str) -> str | None:
+        """The ancestor of ``op_id`` (or itself) whose parent is ``batch_id``; None if not inside it."""
+        while op_id is not None and op_id != batch_id:
+            if parent.get(op_id) == batch_id:
+                return op_id
             op_id = parent.get(op_id)
-        return op_id
+        return None
 
-    out: list[dict] = []
-    i = 0
-    while i < len(events):
-        e = events[i]
-        out.append(e)
-        i += 1
-        if e["EventType"] == "ContextStarted" and e["Id"] in batches:
-            inner = []
-            while i < len(events) and branch_of(events[i].get("Id")) is not None \
-                    and parent.get(branch_of(events[i].get("Id"))) == e["Id"]:
-                inner.append(events[i])
-                i += 1
-            out.extend(sorted(inner, key=lambda x: branch_rank[branch_of(x["Id"])]))
-    return out
+    def group(seq: list[dict]) -> list[dict]:
+        out: list[dict] = []
+        i = 0
+        while i < len(seq):
+            e = seq[i]
+            out.append(e)
+            i += 1
+            if e["EventType"] == "ContextStarted" and e["Id"] in batches:
+                batch_id = e["Id"]
+                index = indices.setdefault(batch_id, _branch_index(batch_id))
+                inner = []
+                while i < len(seq) and top_under(seq[i].get("Id"), batch_id) is not None:
+                    inner.append(seq[i])
+                    i += 1
+                inner.sort(key=lambda x: index.get(top_under(x["Id"], batch_id), MAX_BRANCHES))
+                out.extend(group(inner))
+        return out
+
+    return group(events)
 
 
 def normalise(events: list[dict]) -> list[dict]:

@@ -173,7 +173,8 @@ def _batch_result(codec: PayloadCodec, tree: OpTree, rec: OpRecord) -> dict:
     """A finished batch's ``BatchResult`` as the reference serializes it, rebuilt from its branches."""
     branches = [c for c in tree.children(rec.op_id) if is_branch(c)]
     reason = (rec.extra or {}).get("completion_reason")
-    if reason is None or len(branches) > MAX_BATCH_PAYLOAD_ITEMS:
+    if rec.result is not None or reason is None or len(branches) > MAX_BATCH_PAYLOAD_ITEMS:
+        # a batch with a configured serdes checkpointed its BatchResult as that serdes encoded it
         return _result(codec, rec)
     items: list[tuple[int, str, Any, dict | None]] = []
     for c in branches:
