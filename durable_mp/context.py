@@ -95,7 +95,7 @@ class DurableContext:
         # parent_id of this context's records: its own id, or a virtual context's enclosing one
         self._parent_id = op_id if parent_id is None else parent_id
         self._counter = 0
-        self.is_virtual = False
+        self.is_virtual = self._parent_id != op_id  # a FLAT branch, or ChildConfig(is_virtual=True)
         self._parent_logger = logger
         self._logger: Logger | None = None
 
@@ -150,10 +150,8 @@ class DurableContext:
         return rec is not None and rec.is_terminal
 
     def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> DurableContext:
-        child = DurableContext(self.state, operation_id, logger=self.logger,
-                               parent_id=self._parent_id if is_virtual else None)
-        child.is_virtual = is_virtual
-        return child
+        return DurableContext(self.state, operation_id, logger=self.logger,
+                              parent_id=self._parent_id if is_virtual else None)
 
     def set_logger(self, new_logger: Any) -> None:
         self.logger.set_logger(new_logger)
@@ -277,6 +275,7 @@ class DurableContext:
             unfinished=unfinished,
             done_ok=done_ok,
             execution_id=self.state.execution_id,
+            flat=config.nesting_type is NestingType.FLAT,
         )
         try:
             records, reason = self.state.run_batch(spec)

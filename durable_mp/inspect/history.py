@@ -299,6 +299,8 @@ def _own_events(codec: PayloadCodec, tree: OpTree, rec: OpRecord, depth: int) ->
         return Event(kind, ts, rec.op_id, rec.name, rec.sub_type, parent, details, depth=depth, note=note)
 
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+    if tree.is_virtual(rec):  # a FLAT branch records no events of its own; its worker deaths are still told
+        return _crash_events(rec, ev), []
     if rec.op_type == OpType.STEP:
         return _step_events(codec, rec, ev), []
     if rec.op_type == OpType.CALLBACK:

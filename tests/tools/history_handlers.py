@@ -274,7 +274,7 @@ def _more_handlers(sdk: str) -> dict[str, Callable[[Any, Any], Any]]:
         [1, 2, 3], fails_odd, name="m", config=MapConfig(completion_config=CompletionConfig.all_completed())))
     h["map_fail_fast"] = lambda e, ctx: summary(ctx.map([2, 1, 4], fails_odd, name="m", config=one_by_one()))
     h["map_first_successful"] = lambda e, ctx: summary(ctx.map(
-        [1, 2, 4], fails_odd, name="m", config=one_by_one(completion_config=CompletionConfig.first_successful())))
+        [1, 2], fails_odd, name="m", config=one_by_one(completion_config=CompletionConfig.first_successful())))
     h["map_tolerated_count"] = lambda e, ctx: summary(ctx.map(
         [1, 3, 2, 5, 4], fails_odd, name="m",
         config=one_by_one(completion_config=CompletionConfig(tolerated_failure_count=1))))
@@ -291,7 +291,7 @@ def _more_handlers(sdk: str) -> dict[str, Callable[[Any, Any], Any]]:
         [lambda c: "a", raises, lambda c: c.step(lambda sc: "b", name="b")], name="p",
         config=ParallelConfig(completion_config=CompletionConfig.all_completed())))
     h["parallel_first_successful"] = lambda e, ctx: summary(ctx.parallel(
-        [raises, lambda c: "second", lambda c: "third"], name="p",
+        [raises, lambda c: "second"], name="p",
         config=ParallelConfig(max_concurrency=1, completion_config=CompletionConfig.first_successful())))
     h["parallel_named"] = lambda e, ctx: ctx.parallel(
         [ParallelBranch(lambda c: 1, name="left"), ParallelBranch(lambda c: 2, name="right")], name="p").get_results()
@@ -343,7 +343,7 @@ def _more_handlers(sdk: str) -> dict[str, Callable[[Any, Any], Any]]:
                                                 config=MapConfig(nesting_type=FLAT)).get_results(),
         name="m", config=MapConfig(nesting_type=FLAT)).get_results()
     h["map_flat_first_successful"] = lambda e, ctx: summary(ctx.map(
-        [1, 2, 4], fails_odd, name="m",
+        [1, 2], fails_odd, name="m",
         config=one_by_one(nesting_type=FLAT, completion_config=CompletionConfig.first_successful())))
     h["parallel_flat_wait"] = lambda e, ctx: ctx.parallel(
         [lambda c: c.wait(Duration.from_seconds(WAIT_SECONDS), name="nap") or "rested"], name="p",
