@@ -9,6 +9,8 @@ the same payload text.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import importlib
 import json
 from collections.abc import Callable
@@ -348,6 +350,20 @@ def _more_handlers(sdk: str) -> dict[str, Callable[[Any, Any], Any]]:
     h["parallel_flat_wait"] = lambda e, ctx: ctx.parallel(
         [lambda c: c.wait(Duration.from_seconds(WAIT_SECONDS), name="nap") or "rested"], name="p",
         config=ParallelConfig(nesting_type=FLAT)).get_results()
+    h["wait_for_condition_in_flat_parallel"] = lambda e, ctx: ctx.parallel(
+        [lambda c: c.wait_for_condition(grow, config=poll_until(2), name="poll"), lambda c: "quick"], name="p",
+        config=ParallelConfig(nesting_type=FLAT)).get_results()
+    h["map_nested_with_flat_inner"] = lambda e, ctx: ctx.map(
+        [1, 2], lambda c, item, i, items: c.map([item, item + 10], double, name=f"inner{i}",
+                                                config=MapConfig(nesting_type=FLAT)).get_results(),
+        name="m").get_results()
+
+    def extended_types(event: Any, ctx: Any) -> Any:
+        value = ctx.step(lambda sc: {"pair": (1, 2), "price": decimal.Decimal("1.50"), "raw": b"hi",
+                                     "day": datetime.date(2020, 1, 2)}, name="typed")
+        return sorted(value)
+
+    h["step_extended_types"] = extended_types
     return h
 
 
