@@ -48,7 +48,7 @@ from durable_mp.exceptions import (
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.operation.naming import op_name
-from durable_mp.operation.nesting import batch_payload, nesting_extra
+from durable_mp.operation.nesting import batch_payload, check_nesting, nesting_extra
 from durable_mp.operation.replay import build_error, raise_stored
 from durable_mp.operation.signature import check_branch, check_child, check_map, check_step
 from durable_mp.operation.step import run_step
@@ -238,6 +238,8 @@ class DurableContext:
     def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
         op_id = self._next_id()
         rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
+        if rec is not None:
+            check_nesting(rec, config.nesting_type)
         # ValidationError before any checkpoint; under skip_time outcomes count on a virtual clock
         policy = CompletionPolicy(config.completion_config, n, virtual_time=bool(self.state.skip_time))
         if config.max_concurrency is not None and config.max_concurrency < 1:

@@ -17,13 +17,16 @@ import time
 import pytest
 
 from durable_mp import ExecutionFailedError, durable_execution
-from durable_mp.config import NestingType, ParallelConfig
+from durable_mp.exceptions import NonDeterministicExecutionError
+from durable_mp.config import MapConfig, NestingType, ParallelConfig, StepConfig
 from durable_mp.core.records import OpType, operation_id
+from durable_mp.retries import RetryPresets
 from durable_mp.store.facade import Store
 
 pytestmark = pytest.mark.timeout(180)
 
 BLOCKED_ITEM = 5
+NO_RETRY = StepConfig(retry_strategy=RetryPresets.none())
 JOB = textwrap.dedent(
     """
     import os, sys, time
@@ -140,7 +143,7 @@ def _flat_parallel_handler(markers, fail_flag):
                 raise RuntimeError("not yet")
             return sum(batch.get_results())
 
-        return ctx.step(check, name="check")
+        return ctx.step(check, name="check", config=NO_RETRY)
 
     return durable_execution(handler)
 
@@ -168,3 +171,31 @@ def test_a_finished_flat_parallel_replays_from_its_checkpoints(store_path, tmp_p
     for i, kid in enumerate(sorted(kids, key=lambda r: r.name)):  # ids still prefixed by the branch's id
         assert kid.op_id == operation_id(operation_id(batch.op_id, i), 2)
 
+
+
+@pytest.mark.parametrize("first, then", [(NestingType.NESTED, NestingType.FLAT), (NestingType.FLAT, NestingType.NESTED)])
+def test_resuming_a_batch_under_the_other_nesting_type_is_non_deterministic(store_path, tmp_path, first, then):
+    """The branches' checkpoints hang elsewhere under the other nesting: they would silently run again."""
+    flag = tmp_path / "fail"
+    flag.write_text("")
+
+    def handler_of(nesting):
+        def handler(event, ctx):
+            batch = ctx.map([1, 2], lambda c, item, i, items: c.step(lambda sc: item, name=f"s{i}"), name="m",
+                            config=MapConfig(nesting_type=nesting))
+
+            def check(step_ctx):
+                if os.path.exists(flag):
+                    raise RuntimeError("not yet")
+                return batch.get_results()
+
+            return ctx.step(check, name="check", config=NO_RETRY)
+        return durable_execution(handler)
+
+    with pytest.raises(ExecutionFailedError):
+        handler_of(first).run({}, execution_id="flip", store=store_path, max_workers=1)
+    flag.unlink()
+    with pytest.raises(ExecutionFailedError, match="Non-deterministic branch nesting") as stopped:
+        handler_of(then).run({}, execution_id="flip", store=store_path, max_workers=1)
+    assert isinstance(stopped.value.__cause__, NonDeterministicExecutionError)
+    assert handler_of(first).run({}, execution_id="flip", store=store_path, max_workers=1) == [1, 2]
