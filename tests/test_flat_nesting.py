@@ -20,6 +20,7 @@ from durable_mp import ExecutionFailedError, durable_execution
 from durable_mp.exceptions import NonDeterministicExecutionError
 from durable_mp.config import MapConfig, NestingType, ParallelConfig, StepConfig
 from durable_mp.core.records import OpType, operation_id
+from durable_mp.engine.worker import OUTBOX_FLUSH_SECONDS
 from durable_mp.retries import RetryPresets
 from durable_mp.store.facade import Store
 
@@ -199,3 +200,64 @@ def test_resuming_a_batch_under_the_other_nesting_type_is_non_deterministic(stor
         handler_of(then).run({}, execution_id="flip", store=store_path, max_workers=1)
     assert isinstance(stopped.value.__cause__, NonDeterministicExecutionError)
     assert handler_of(first).run({}, execution_id="flip", store=store_path, max_workers=1) == [1, 2]
+
+
+def _crashing_flat_map(markers: str):
+    def item(ctx, value, index, items):
+        def work(step_ctx):
+            with open(os.path.join(markers, f"work-{index}"), "a") as f:
+                f.write("x")
+            return value * 10
+
+        tens = ctx.step(work, name=f"work-{index}")
+
+        def after(step_ctx):
+            with open(os.path.join(markers, f"after-{index}"), "a") as f:
+                f.write("x")
+            if index == 1 and _counts(markers, "after")[1] == 1:
+                time.sleep(4 * OUTBOX_FLUSH_SECONDS)  # the first step's record has left the worker's outbox
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies in the branch's second step
+            return tens + 1
+
+        return ctx.step(after, name=f"after-{index}")
+
+    def handler(event, ctx):
+        return ctx.map([0, 1, 2], item, name="flat-map",
+                       config=MapConfig(nesting_type=NestingType.FLAT, max_concurrency=1)).get_results()
+
+    return durable_execution(handler)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_flat_branch_whose_worker_died_is_redispatched_with_its_own_checkpoints(store_path, tmp_path,
+                                                                                  start_method):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    result = _crashing_flat_map(str(markers)).run({}, execution_id="flat-crash", store=store_path,
+                                                  start_method=start_method, max_workers=1)
+    assert result == [1, 11, 21]
+    assert _counts(markers, "work") == {0: 1, 1: 1, 2: 1}  # the dead branch's first step replayed
+    assert _counts(markers, "after") == {0: 1, 1: 2, 2: 1}
+    _assert_flat_records(store_path, "flat-crash", "flat-map")
+
+
+def _rec(op_id: str, name: str):
+    from durable_mp.core.records import OpRecord, OpStatus
+
+    return OpRecord(op_id, "batch", OpType.STEP, "Step", name, OpStatus.SUCCEEDED, 0.0)
+
+
+def test_flat_branch_ops_follow_a_branchs_ids_and_stop_at_the_first_gap():
+    from durable_mp.core.nesting import flat_branch_ops
+
+    branch0, branch1 = operation_id("batch", 0), operation_id("batch", 1)
+    virtual = operation_id(branch0, 2)  # a virtual child context: no record of its own
+    under = {r.op_id: r for r in [
+        _rec(operation_id(branch0, 1), "a"), _rec(operation_id(virtual, 1), "in-virtual"),
+        _rec(operation_id(branch0, 3), "c"), _rec(operation_id(branch0, 5), "after-a-gap"),
+        _rec(operation_id(branch1, 1), "other-branch"),
+    ]}
+    got = flat_branch_ops("batch", 0, under.get)
+    assert [r.name for r in got] == ["a", "in-virtual", "c"]
+    assert [r.name for r in flat_branch_ops("batch", 1, under.get)] == ["other-branch"]
+    assert flat_branch_ops("batch", 2, under.get) == []
