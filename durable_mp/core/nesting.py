@@ -28,9 +28,9 @@ def is_flat(extra: dict | None) -> bool:
     return bool(extra) and extra.get(NESTING_KEY) == FLAT  # type: ignore[union-attr]
 
 
-def branch_record_parent(batch_op_id: str, branch_op_id: str, flat: bool) -> str:
-    """``parent_id`` of the operations a branch records: the branch, or under FLAT the batch."""
-    return batch_op_id if flat else branch_op_id
+def branch_record_parent(batch_op_id: str, flat: bool) -> str | None:
+    """``parent_id`` of the operations a branch records: None for the branch's own id, FLAT the batch."""
+    return batch_op_id if flat else None
 
 
 def flat_branch_ops(batch_op_id: str, index: int, get: Callable[[str], OpRecord | None]) -> list[OpRecord]:

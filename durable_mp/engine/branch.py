@@ -57,7 +57,7 @@ class BranchSource:
         return self.func(ctx, self.inputs[index], index, self.inputs)
 
 
-def run_branch(source: BranchSource, index: int, make_context: Callable[[str, str], Any]) -> OpRecord:
+def run_branch(source: BranchSource, index: int, make_context: Callable[[str, str | None], Any]) -> OpRecord:
     """Execute branch ``index`` and return its terminal record (SUCCEEDED or FAILED)."""
     rec: OpRecord = BranchRunner(source, make_context, compact=False).run(index)[0]
     return rec
@@ -83,9 +83,9 @@ class BranchRunner:
     """
 
     __slots__ = ("source", "make_context", "compact", "skip_time", "id_prefix", "parent", "sub_type", "pid",
-                 "default_serdes", "plain_values", "func", "inputs")
+                 "default_serdes", "plain_values", "func", "inputs", "record_parent")
 
-    def __init__(self, source: BranchSource, make_context: Callable[[str, str], Any], *, compact: bool,
+    def __init__(self, source: BranchSource, make_context: Callable[[str, str | None], Any], *, compact: bool,
                  skip_time: bool = True) -> None:
         self.source = source
         self.make_context = make_context
@@ -100,6 +100,7 @@ class BranchRunner:
         self.plain_values = serdes_class in _PLAIN_SERDES
         self.func = source.func if source.funcs is None and source.names is None else None
         self.inputs = source.inputs
+        self.record_parent = branch_record_parent(source.batch_op_id, source.flat)
 
     def run(self, index: int) -> tuple[Any, Any]:
         """Execute branch ``index``: ``(record, value)`` (see the class docstring)."""
@@ -112,7 +113,7 @@ class BranchRunner:
         if self.skip_time:
             take_skipped_seconds()  # a fresh count for this branch
         try:
-            context = self.make_context(op_id, branch_record_parent(source.batch_op_id, op_id, source.flat))
+            context = self.make_context(op_id, self.record_parent)
             if func is not None:
                 value = func(context, self.inputs[index], index, self.inputs)  # type: ignore[index]
             else:
