@@ -48,6 +48,7 @@ from durable_mp.exceptions import (
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.operation.naming import op_name
+from durable_mp.operation.nesting import batch_payload, check_nesting, nesting_extra
 from durable_mp.operation.replay import build_error, raise_stored
 from durable_mp.operation.signature import check_branch, check_child, check_map, check_step
 from durable_mp.operation.step import run_step
@@ -66,9 +67,6 @@ SUB_CHILD = "RunInChildContext"
 SUB_PARALLEL = "Parallel"
 SUB_PARALLEL_BRANCH = "ParallelBranch"
 SUB_MAP = "Map"
-# In a batch record's extra: FLAT branches are still recorded (their results are the
-# items' checkpoints), but views show their operations as the batch's own children.
-NESTING_KEY = "nesting"
 SUB_MAP_ITERATION = "MapIteration"
 SUB_WAIT_FOR_CONDITION = "WaitForCondition"
 
@@ -97,7 +95,7 @@ class DurableContext:
         # parent_id of this context's records: its own id, or a virtual context's enclosing one
         self._parent_id = op_id if parent_id is None else parent_id
         self._counter = 0
-        self.is_virtual = False
+        self.is_virtual = self._parent_id != op_id  # a FLAT branch, or ChildConfig(is_virtual=True)
         self._parent_logger = logger
         self._logger: Logger | None = None
 
@@ -152,10 +150,8 @@ class DurableContext:
         return rec is not None and rec.is_terminal
 
     def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> DurableContext:
-        child = DurableContext(self.state, operation_id, logger=self.logger,
-                               parent_id=self._parent_id if is_virtual else None)
-        child.is_virtual = is_virtual
-        return child
+        return DurableContext(self.state, operation_id, logger=self.logger,
+                              parent_id=self._parent_id if is_virtual else None)
 
     def set_logger(self, new_logger: Any) -> None:
         self.logger.set_logger(new_logger)
@@ -242,6 +238,8 @@ class DurableContext:
     def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
         op_id = self._next_id()
         rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
+        if rec is not None:
+            check_nesting(rec, config.nesting_type)
         # ValidationError before any checkpoint; under skip_time outcomes count on a virtual clock
         policy = CompletionPolicy(config.completion_config, n, virtual_time=bool(self.state.skip_time))
         if config.max_concurrency is not None and config.max_concurrency < 1:
@@ -251,7 +249,8 @@ class DurableContext:
             reason = CompletionReason(rec.extra["completion_reason"])
             records = self._child_records(op_id, n)
             return self._batch_result(records, reason, item_serdes, n)
-        base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time())
+        base = rec or OpRecord(op_id, self._parent_id, OpType.CONTEXT, sub_type, name, OpStatus.STARTED, time.time(),
+                               extra=nesting_extra(config.nesting_type) or None)
         if rec is None:
             self.state.emit(base)
             done: dict[int, Any] = {}
@@ -278,6 +277,7 @@ class DurableContext:
             unfinished=unfinished,
             done_ok=done_ok,
             execution_id=self.state.execution_id,
+            flat=config.nesting_type is NestingType.FLAT,
         )
         try:
             records, reason = self.state.run_batch(spec)
@@ -286,15 +286,18 @@ class DurableContext:
             cls_name = (rec.extra or {}).get("raise", "ExecutionError")
             error = build_error(ErrorObject.from_dict(rec.error or {}), cls_name)
             raise error from None
+        reported = len(records)
+        batch = self._batch_result(records, reason, item_serdes, n, op_id)
         self.state.emit(
             base._replace(
                 status=OpStatus.SUCCEEDED,
                 end_ts=time.time(),
-                extra={"completion_reason": reason.value, "total": n, "reported": len(records),
-                       **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
+                result=batch_payload(config, batch, op_id, self.state.execution_id),
+                extra={"completion_reason": reason.value, "total": n, "reported": reported,
+                       **nesting_extra(config.nesting_type)},
             )
         )
-        return self._batch_result(records, reason, item_serdes, n, op_id)
+        return batch
 
     def _replayed_items(self, op_id: str, n: int) -> tuple[dict[int, Any], dict[int, bool], dict[int, Any]]:
         """``split_terminal`` of a resumed batch's item records; plain successes stay in the store.

@@ -25,6 +25,7 @@ from typing import Any
 
 from durable_mp.concurrency.models import BatchItemStatus, CompletionReason
 from durable_mp.core.item_probe import as_record
+from durable_mp.core.nesting import flat_branch_ops
 from durable_mp.core.records import (
     Attempt,
     OpRecord,
@@ -119,8 +120,10 @@ class Dispatcher:
         if spec.resuming and batch.queue:
             # hashing every queued item's id is only needed when some operation other than the
             # root and this batch has children (an item may have checkpoints under it)
-            parents = self.store.parents_with_children(self.execution_id) - {"", spec.op_id}
-            if parents:
+            parents = self.store.parents_with_children(self.execution_id) - {""}
+            if spec.flat and spec.op_id in parents:  # FLAT: a branch's operations hang off the batch itself
+                batch.needs_ckpt = set(batch.queue)  # which branch has some is found as it is dispatched
+            elif parents - {spec.op_id}:
                 batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
             self._continue_attempts(batch)
         self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(replayed),
@@ -279,13 +282,25 @@ class Dispatcher:
             wanted = [i for i in indices if i in batch.needs_ckpt]
             if wanted:
                 self.store.flush()
-                checkpoints = {i: self.store.subtree(self.execution_id, operation_id(spec.op_id, i)) for i in wanted}
+                checkpoints = {i: self._branch_checkpoints(spec, i) for i in wanted}
         names = None
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
         batch.branches.move_many(indices, BranchState.DISPATCHED)
         spec.policy.on_started_many(indices)
         return names, checkpoints
+
+    def _branch_checkpoints(self, spec: BatchSpec, index: int) -> dict[str, OpRecord]:
+        """Every record a branch made (its worker replays them): under its op, or FLAT, under the batch."""
+        exec_id = self.execution_id
+        out: dict[str, OpRecord] = {}
+        if not spec.flat:
+            out.update(self.store.subtree(exec_id, operation_id(spec.op_id, index)))
+            return out
+        for rec in flat_branch_ops(spec.op_id, index, lambda op_id: self.store.get_op(exec_id, spec.op_id, op_id)):
+            out[rec.op_id] = rec
+            out.update(self.store.subtree(exec_id, rec.op_id))  # a child context's or nested batch's own records
+        return out
 
     def _return_unstarted(self, batch: BatchRun, indices: list[int]) -> None:
         """Branches a worker never started: pending again; queued again unless the batch stops."""

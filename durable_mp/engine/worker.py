@@ -298,8 +298,9 @@ class WorkerState(ExecutionState):
     def watch_steps(self) -> bool:
         return self.shared.watch_steps
 
-    def context(self, op_id: str) -> Any:
-        return self.shared.context_class(self, op_id)
+    def context(self, op_id: str, parent_id: str | None = None) -> Any:
+        """A branch's context; ``parent_id`` (FLAT: the batch) when its records hang elsewhere."""
+        return self.shared.context_class(self, op_id, parent_id=parent_id)
 
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
         return self.checkpoints.get(op_id) if self.checkpoints else None
