@@ -47,11 +47,12 @@ from durable_mp.engine.start import (
     spawn_process,
 )
 from durable_mp.engine.wire import send as wire_send
-from durable_mp.engine.worker import IDLE, SLOT_FORMAT, worker_main
+from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, worker_main
 
 __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
 QUIT_WAIT_SECONDS = 1.0
+PROGRESS_MASK = (1 << PROGRESS_SHIFT) - 1
 
 
 class Worker:
@@ -98,6 +99,11 @@ class Worker:
     def running_index(self) -> int | None:
         value = self.index_view[0]
         return None if value == IDLE else int(value)
+
+    def begun(self, task_id: int) -> int:
+        """How many items of chunk ``task_id``, in order, the worker has begun (0 if not that chunk)."""
+        value = self.index_view[1]
+        return value & PROGRESS_MASK if value >> PROGRESS_SHIFT == task_id else 0
 
     def process(self) -> psutil.Process:
         if self.proc is None:

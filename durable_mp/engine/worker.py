@@ -11,9 +11,10 @@ same lock-guarded ``Channel``.
 A worker never touches the store.  Every record it produces goes into an ``Outbox``
 that is sent at most every ``OUTBOX_FLUSH_SECONDS`` (and at the end of a chunk), so a
 map over tiny items costs one message per few hundred items while a crash loses at most
-a few milliseconds of finished work.  The index of the branch being run is written into
-a shared-memory slot so the driver knows, after a crash, which branch was guilty and
-which were innocent bystanders in the same chunk.
+a few milliseconds of finished work.  The index of the branch being run, and how far
+into its chunk the worker got, are written into a shared-memory slot, so the driver
+knows after a crash which branch was guilty, which bystanders in the same chunk may
+have started (they run again with their checkpoints) and which never did.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ _PR_SET_PDEATHSIG = 1
 NO_PDEATHSIG_ENV = "DURABLE_MP_NO_PDEATHSIG"  # set: rely on the parent watch alone, as without prctl (tests)
 SLOT_FORMAT: Final = "q"
 IDLE = -1
+# slot[1]: (task id << PROGRESS_SHIFT) | how many of the chunk's items the worker has begun.  Never
+# cleared, so after a death the driver knows which items of its chunk may have started, even
+# ones that ended with their records still in the outbox (``faults.split_lost_chunk``).
+PROGRESS_SHIFT = 32
 SUCCEEDED = OpStatus.SUCCEEDED
 
 
@@ -480,11 +485,13 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     runner = BranchRunner(source, fresh.context, compact=True, skip_time=shared.skip_time)
     fresh_context = runner.make_context
     token = msg.token
+    progress = msg.task_id << PROGRESS_SHIFT
     for position, index in enumerate(indices):
         if token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
             unstarted = list(indices[position:])
             break
         current[0] = index
+        current[1] = progress + position + 1
         ckpt = checkpoints.get(index) if checkpoints else None
         if ckpt:
             runner.make_context = WorkerState(shared, ckpt).context
