@@ -35,7 +35,7 @@ import psutil
 
 from durable_mp.engine import wire
 from durable_mp.engine.lifecycle import WorkerState, check_worker_move
-from durable_mp.engine.protocol import Quit, RunChunk
+from durable_mp.engine.protocol import Quit, RunChunk, Sequence
 from durable_mp.engine.start import (
     SLOT_BYTES,
     ForkServer,
@@ -59,7 +59,7 @@ class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
     __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watches", "proc", "cpu_mark",
-                 "started", "sentinel", "status", "_sentinel_owned", "used")
+                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence")
 
     def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
@@ -75,6 +75,7 @@ class Worker:
         self.started = time.monotonic()
         self.status = WorkerState.STARTING
         self.used = False  # sent anything yet?  An unused worker holds nothing: closing kills it at once
+        self.sequence = Sequence(f"worker pid {pid}")
         self.sentinel, self._sentinel_owned = _sentinel(pid, conn)
         os.set_blocking(conn.fileno(), False)
 
@@ -90,7 +91,8 @@ class Worker:
         wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
 
     def recv(self) -> Any:
-        return wire.recv(self.conn, self.sentinel)
+        """The worker's next message; ``ProtocolError`` if it is not the one numbered next."""
+        return self.sequence.check(wire.recv(self.conn, self.sentinel))
 
     def is_dead(self) -> bool:
         """True once the process has exited (its sentinel is readable)."""
