@@ -428,6 +428,50 @@ class Store:
             data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
             return None if data is None else self._load(data, f"{exec_id}/{parent_id}/{op_id}")
 
+    def get_op_version(self, exec_id: str, parent_id: str, op_id: str) -> tuple[OpRecord | None, bytes | None]:
+        """``get_op`` and the record's stored bytes: the version ``compare_and_set`` compares against."""
+        with self._lock:
+            data: Any = None
+            for group in self._group.pending((exec_id, parent_id)):
+                data = group.get(op_id)
+                if data is not None:
+                    break
+            if data is None:
+                check_id("op_id", op_id)
+                key = self._prefix(exec_id, parent_id) + op_id.encode()
+                data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
+            if data is None:
+                return None, None
+            return self._load(data, f"{exec_id}/{parent_id}/{op_id}"), bytes(data)
+
+    def compare_and_set(self, exec_id: str, parent_id: str, op_id: str, version: bytes | None,
+                        rec: OpRecord) -> tuple[bool, OpRecord | None]:
+        """Write ``rec`` durably iff the operation is still at ``version`` and not terminal.
+
+        For completions from outside the driver (callbacks, heartbeats) and the driver's own
+        timeouts: the check and the write are one LMDB write transaction, so of two racing
+        writers that read the same version exactly one wins, and a terminal record is never
+        replaced.  Returns ``(written, current record)``; a refused caller reads the record
+        again and decides (a heartbeat moved it on: retry; it ended: report that).
+        """
+        key = self._prefix(exec_id, parent_id) + op_id.encode()
+        check_id("op_id", op_id)
+        data = rec.dumps()
+        where = f"{exec_id}/{parent_id}/{op_id}"
+
+        def swap(txn: Txn, sh: SharedEnv) -> tuple[bool, Any]:
+            current = txn.get(key, db=sh.ops)
+            stored = None if current is None else bytes(current)
+            if stored != version or (stored is not None and self._load(stored, where).is_terminal):
+                return False, stored
+            txn.put(key, data, db=sh.ops)
+            return True, data
+
+        with self._lock:
+            self._group.flush()  # nothing staged for it may land after this write
+            written, current = self._write_or_latch(swap, f"completing operation {where}")
+        return written, None if current is None else self._load(current, where)
+
     def children(self, exec_id: str, parent_id: str) -> list[OpRecord]:
         """The records whose parent is ``parent_id`` ("" = root), in no particular order."""
         return list(self._children(exec_id, parent_id).values())
