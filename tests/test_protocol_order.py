@@ -15,9 +15,12 @@ from multiprocessing import Pipe
 
 import pytest
 
+from durable_mp import durable_execution
+from durable_mp.config import StepConfig, StepSemantics
 from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.engine import protocol, wire
 from durable_mp.engine import worker as w
+from durable_mp.store.facade import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -102,3 +105,29 @@ def test_the_channel_numbers_messages_in_the_order_it_writes_them():
     assert check.last == 200
     driver_end.close()
     worker_end.close()
+
+
+@pytest.mark.timeout(120)
+def test_nested_parallels_never_leave_a_started_record_under_a_finished_one(store_path):
+    """End to end: nested parallels on threads of one worker, each step AT_MOST_ONCE (a sync per
+    step).  No record may stay STARTED under a parent recorded SUCCEEDED (issue 18 defect 2)."""
+    at_most_once = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
+
+    def leaf(c, i):
+        return c.step(lambda s: i, name=f"leaf-{i}", config=at_most_once)
+
+    def inner(c):
+        return c.parallel([lambda cc, i=i: leaf(cc, i) for i in range(6)]).success_count
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([inner] * 6).get_results()
+
+    for run in range(4):
+        assert handler.run(run, store=store_path) == [6] * 6
+        with Store(store_path) as st:
+            records = {r.op_id: r for r in st.ops(handler.execution_id_for(run))}
+        for rec in records.values():
+            parent = records.get(rec.parent_id)
+            if parent is not None and parent.status == OpStatus.SUCCEEDED:
+                assert rec.is_terminal, f"{rec.name} is {rec.status} under {parent.name} SUCCEEDED"

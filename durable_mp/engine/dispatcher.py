@@ -543,12 +543,20 @@ class Dispatcher:
                                                            index, task.started))
 
     def _record_uncounted(self, batch: BatchRun) -> None:
-        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED."""
+        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED.
+
+        Such an item may have ended already: turning its record back to STARTED is a move
+        backwards, so it is an explicit reopen (``Store.reopen``), never a plain write.
+        """
         spec = batch.spec
         now = time.time()
+        reopened = []
         for index in spec.policy.uncounted():
-            self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
-                                                           index, now))
+            rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, now)
+            batch.records[index] = rec
+            reopened.append((spec.op_id, branch_key(index), rec.dumps()))
+        if reopened:
+            self.store.reopen(self.execution_id, reopened)
 
     def _stage_nested(self, nested: list[Any]) -> None:
         """Records of operations inside branches (steps, nested batches), as the worker pickled them."""
