@@ -150,6 +150,18 @@ def test_a_lost_chunk_reruns_with_checkpoints_every_unreported_branch_the_worker
     assert split_lost_chunk([3, 4, 5], set(), None, 0) == (3, [], [4, 5])
 
 
+def test_the_workers_slot_says_how_far_into_which_chunk_it_got():
+    from array import array
+
+    from durable_mp.engine.pool import Worker
+    from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT
+
+    worker = Worker.__new__(Worker)
+    slot = array("q", [IDLE, (7 << PROGRESS_SHIFT) + 3])  # began the 3rd item of chunk 7
+    worker.index_view = memoryview(slot)
+    assert [worker.begun(task, 10) for task in (6, 7, 8)] == [10, 3, 0]  # an earlier chunk: all of it
+
+
 # -- state machines -----------------------------------------------------------------------------
 
 

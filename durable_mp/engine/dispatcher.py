@@ -618,7 +618,8 @@ class Dispatcher:
         self.stats["redispatched"] += 1
 
     def _split_lost(self, worker: Worker, task: Task) -> LostChunk:
-        return split_lost_chunk(task.indices, task.reported, worker.running_index(), worker.begun(task.id))
+        return split_lost_chunk(task.indices, task.reported, worker.running_index(),
+                                worker.begun(task.id, len(task.indices)))
 
     def _lost_task(self, worker: Worker) -> tuple[Task, int | None]:
         """After a worker is gone (death or kill alike): name the guilty branch of its chunk; the
@@ -635,7 +636,11 @@ class Dispatcher:
             self._return_unstarted(batch, lost.unstarted)
         queued = worker.queued
         if queued is not None and queued.batch is not None and not queued.batch.closed:
-            self._return_unstarted(queued.batch, queued.indices)
+            # a kill can find the worker already into its prefetched chunk (the ChunkDone before it unread)
+            begun = worker.begun(queued.id, len(queued.indices))
+            for index in reversed(queued.indices[:begun]):
+                self._requeue(queued.batch, index)
+            self._return_unstarted(queued.batch, queued.indices[begun:])
         worker.queued = None
         return task, guilty
 

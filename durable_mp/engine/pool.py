@@ -102,10 +102,17 @@ class Worker:
         value = self.index_view[0]
         return None if value == IDLE else int(value)
 
-    def begun(self, task_id: int) -> int:
-        """How many items of chunk ``task_id``, in order, the worker has begun (0 if not that chunk)."""
+    def begun(self, task_id: int, size: int) -> int:
+        """How many of the ``size`` items of chunk ``task_id``, in order, the worker has begun.
+
+        Task ids grow, so a slot naming a later chunk (prefetched, its ChunkDone for this one
+        not read yet) means the worker went through all of this one; an earlier one, none.
+        """
         value = self.index_view[1]
-        return value & PROGRESS_MASK if value >> PROGRESS_SHIFT == task_id else 0
+        slot_task = value >> PROGRESS_SHIFT
+        if slot_task == task_id:
+            return value & PROGRESS_MASK
+        return size if slot_task > task_id else 0
 
     def process(self) -> psutil.Process:
         if self.proc is None:
