@@ -102,3 +102,33 @@ def test_a_reopen_is_the_one_way_back_and_is_counted(store):
     store.stage("e", step(OpStatus.SUCCEEDED, 2))
     store.flush()
     assert store.get_op("e", "p", "s").status == OpStatus.SUCCEEDED
+
+
+def test_an_engine_bug_that_moves_a_record_back_stops_the_execution_loudly(store_path, monkeypatch):
+    """End to end: a driver that re-stages a step's STARTED record after its SUCCEEDED one (as the
+    outbox race of issue 18 defect 2 did) is stopped with the internal error; nothing is applied,
+    and the execution stays RUNNING (resumable), as with an unwritable store."""
+    from durable_mp import durable_execution
+    from durable_mp.engine.driver import DriverState
+
+    real_emit = DriverState.emit
+
+    def emit_then_replay_an_older_record(self, rec, sync=False):
+        real_emit(self, rec, sync)
+        if rec.status == OpStatus.SUCCEEDED and rec.name == "first":
+            real_emit(self, rec._replace(status=OpStatus.STARTED, end_ts=None, result=None))
+
+    monkeypatch.setattr(DriverState, "emit", emit_then_replay_an_older_record)
+
+    @durable_execution
+    def handler(event, ctx):
+        ctx.step(lambda s: "one", name="first")
+        return ctx.step(lambda s: "two", name="second")
+
+    with pytest.raises(RecordMovedBackwards, match="SUCCEEDED -> STARTED"):
+        handler.run(None, store=store_path)
+    with Store(store_path, readonly=True) as st:
+        exec_id = handler.execution_id_for(None)
+        steps = {r.name: r.status for r in st.ops(exec_id)}
+        assert steps.get("first") == OpStatus.SUCCEEDED and "second" not in steps
+        assert st.get_execution(exec_id).status == "RUNNING"
