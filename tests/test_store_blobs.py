@@ -25,8 +25,8 @@ pytestmark = pytest.mark.timeout(180)
 BIG = blobs.BLOB_BYTES + 17
 
 
-def record(op_id: str, result: bytes) -> OpRecord:
-    return OpRecord(op_id, "p", "STEP", "Step", op_id, "SUCCEEDED", 1.0, 2.0, result)
+def record(op_id: str, result: bytes, status: str = "SUCCEEDED") -> OpRecord:
+    return OpRecord(op_id, "p", "STEP", "Step", op_id, status, 1.0, 2.0, result)
 
 
 def raw_values(path) -> dict[bytes, bytes]:
@@ -138,7 +138,7 @@ def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
 def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", record("a", os.urandom(BIG), "STARTED"))  # replaced below: not terminal
         store.flush()
     with Store(path) as store:  # a later run: its values go to a file of its own
         new = os.urandom(BIG)
@@ -225,7 +225,7 @@ def test_a_run_never_appends_to_a_file_that_was_swept(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
         store.acquire("e", new_exec)
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", record("a", os.urandom(BIG), "STARTED"))
         store.flush()  # the file stays open for the next batch
         store.stage("e", record("a", b"small now"))
         store.flush()  # nothing refers to the file any more

@@ -44,6 +44,7 @@ from durable_mp.engine.faults import (
     CPU_SAMPLE_SECONDS,
     MEMORY_POLL_SECONDS,
     FaultCost,
+    LostChunk,
     death_cost,
     is_waiting_on_io,
     kill_cost,
@@ -557,12 +558,20 @@ class Dispatcher:
                                                            index, task.started))
 
     def _record_uncounted(self, batch: BatchRun) -> None:
-        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED."""
+        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED.
+
+        Such an item may have ended already: turning its record back to STARTED is a move
+        backwards, so it is an explicit reopen (``Store.reopen``), never a plain write.
+        """
         spec = batch.spec
         now = time.time()
+        reopened = []
         for index in spec.policy.uncounted():
-            self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
-                                                           index, now))
+            rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, now)
+            batch.records[index] = rec
+            reopened.append((spec.op_id, branch_key(index), rec.dumps()))
+        if reopened:
+            self.store.reopen(self.execution_id, reopened)
 
     def _stage_nested(self, nested: list[Any]) -> None:
         """Records of operations inside branches (steps, nested batches), as the worker pickled them."""
@@ -606,16 +615,11 @@ class Dispatcher:
             on_batch = task is not None and task.batch is batch
             if not on_batch and not (worker.queued is not None and worker.queued.batch is batch):
                 continue
-            running = worker.running_index()
             self.pool.kill(worker)
             if not on_batch or not record_started:
                 continue
-            unreported = task.unreported()
-            if running in unreported:
-                unreported = unreported[: unreported.index(running) + 1]
-            elif unreported:
-                unreported = unreported[:1]
-            self._record_started(batch, task, unreported)
+            lost = self._split_lost(worker, task)
+            self._record_started(batch, task, ([] if lost.guilty is None else [lost.guilty]) + lost.started)
         self.callback_waiters = {k: v for k, v in self.callback_waiters.items() if k[0] in self.pool.workers}
 
     # -- faults -------------------------------------------------------------------------------
@@ -628,18 +632,30 @@ class Dispatcher:
         batch.needs_ckpt.add(index)
         self.stats["redispatched"] += 1
 
+    def _split_lost(self, worker: Worker, task: Task) -> LostChunk:
+        return split_lost_chunk(task.indices, task.reported, worker.running_index(),
+                                worker.begun(task.id, len(task.indices)))
+
     def _lost_task(self, worker: Worker) -> tuple[Task, int | None]:
-        """After a worker is gone: return the innocent branches of its chunks, name the guilty one."""
+        """After a worker is gone (death or kill alike): name the guilty branch of its chunk; the
+        innocent ones that may have started run again with their checkpoints, the others as they were."""
         task = worker.task
-        guilty, innocent = split_lost_chunk(task.indices, task.reported, worker.running_index())
+        lost = self._split_lost(worker, task)
+        guilty = lost.guilty
         batch = task.batch
         if batch is not None and not batch.closed:
             if guilty is not None and batch.branches.state(guilty) is BranchState.DISPATCHED:
                 batch.branches.move(guilty, BranchState.RUNNING)
-            self._return_unstarted(batch, innocent)
+            for index in reversed(lost.started):
+                self._requeue(batch, index)
+            self._return_unstarted(batch, lost.unstarted)
         queued = worker.queued
         if queued is not None and queued.batch is not None and not queued.batch.closed:
-            self._return_unstarted(queued.batch, queued.indices)
+            # a kill can find the worker already into its prefetched chunk (the ChunkDone before it unread)
+            begun = worker.begun(queued.id, len(queued.indices))
+            for index in reversed(queued.indices[:begun]):
+                self._requeue(queued.batch, index)
+            self._return_unstarted(queued.batch, queued.indices[begun:])
         worker.queued = None
         return task, guilty
 
