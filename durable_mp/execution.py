@@ -195,8 +195,10 @@ class DurableFunction:
         original, extra = rec, rec.extra or {}
         if rec.status == FAILED:
             reopened = _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=True)
-            _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished operations "
-                            f"replay, {reopened} failed one(s) run again (resume_failed=False keeps it failed)")
+            if not getattr(self.func, "quiet_rerun", False):  # durable_mp.map says it in items itself
+                _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished "
+                                f"operations replay, {reopened} failed one(s) run again (resume_failed=False keeps "
+                                f"it failed)")
             now = time.time()  # run_starts / failed_runs: inspection tells this run from a killed one
             rec = rec._replace(status=RUNNING, error=None, ended_ts=None, runs=rec.runs + 1, started_ts=now, extra={
                 **extra, "run_starts": [*extra.get("run_starts", ()), now],
