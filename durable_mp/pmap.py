@@ -23,6 +23,7 @@ import builtins
 import hashlib
 import importlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -197,6 +198,31 @@ def item_error(err: ErrorObject, index: int, total: int, exec_id: str) -> BaseEx
     error.index = index  # type: ignore[attr-defined]
     error.__cause__ = remote_traceback(_user_frames(err.stack_trace))
     return error
+
+
+class MapInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a ``map``; the line saying how to resume was already printed.
+
+    Uncaught, it prints nothing more (no traceback of durable_mp's internals): see
+    ``_quiet_interrupts``.  Caught as ``KeyboardInterrupt`` it is one.
+    """
+
+
+def _quiet_excepthook(previous: Any) -> Any:
+    def hook(cls: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if not isinstance(exc, MapInterrupted):
+            previous(cls, exc, tb)
+    hook.durable_mp_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _quiet_interrupts() -> None:
+    """An uncaught ``MapInterrupted`` shows only the line already printed, in scripts and in IPython."""
+    if not getattr(sys.excepthook, "durable_mp_quiet", False):
+        sys.excepthook = _quiet_excepthook(sys.excepthook)
+    ipython = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if ipython is not None and hasattr(ipython, "set_custom_exc"):
+        ipython.set_custom_exc((MapInterrupted,), lambda shell, etype, value, tb, tb_offset=None: None)
 
 
 class _Raise(Exception):
@@ -402,11 +428,12 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
         index, err = seen.failed
         raise _Raise(item_error(err, index, total, exec_id)) from None
     except KeyboardInterrupt:
+        _quiet_interrupts()
         done, _failed = outcomes(db, exec_id)
         line = (f"{label}: interrupted with {plan.reused + len(done)} of {total} items done; run the same call "
                 f"again to resume")
         announce(line)
-        raise _Raise(KeyboardInterrupt(line)) from None
+        raise _Raise(MapInterrupted(line)) from None
     out: list[Any] = [None] * total
     if seen.batch is not None:
         for item in seen.batch.all:
@@ -436,4 +463,4 @@ def _stored_results(db: Store, exec_id: str, plan: Plan, tolerate_failures: bool
     return out
 
 
-__all__ = ["execution_id_for", "file_content_key", "file_key", "item_error", "map"]
+__all__ = ["MapInterrupted", "execution_id_for", "file_content_key", "file_key", "item_error", "map"]

@@ -37,6 +37,7 @@ from durable_mp.inspect.history import build_history, format_history
 from durable_mp.inspect.report import write_report
 from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
+from durable_mp.map_items import HANDLER_MARK
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
 from durable_mp.store.records import FAILED, RUNNING, ExecutionRecord, owner_alive
@@ -228,12 +229,28 @@ def _stored_outcome(rec: ExecutionRecord, ref_loader: Callable[[], Any]) -> int:
     return EXIT_OK
 
 
+def _how_to_resume_a_map(rec: ExecutionRecord) -> int:
+    """A ``durable_mp.map`` execution has no handler to load: its function and items live in the
+    program that called it, so the way to resume it is to run that call again."""
+    extra = rec.extra or {}
+    where = extra.get("source")
+    how = (f"run `python {where}` again" + (f" in {extra['cwd']}" if extra.get("cwd") else "") if where
+           else "run the cell or program that called it again")
+    print(f"{PROG}: {rec.exec_id!r} is a durable_mp.map call; to resume it, {how}: the same durable_mp.map call "
+          f"(same function, items and store) continues where it stopped, keeping the finished items.",
+          file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     with _LogSetup(args.log_level), _open(args, write=True) as store:
         rec = _get(store, args.id)
         extra = rec.extra or {}
         ref = args.handler or rec.handler
         source = None if args.handler else extra.get("source")
+
+        if HANDLER_MARK in (rec.handler or ""):
+            return _how_to_resume_a_map(rec)
 
         def load() -> DurableFunction:
             try:
