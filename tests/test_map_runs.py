@@ -6,6 +6,7 @@ real SIGINT, and count their items with marker files (``bench.markers``).
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -150,3 +151,60 @@ def test_each_result_is_stored_once(store_path):
 def count_item(x):
     mark(os.environ["MAP_TEST_MARKERS"], f"item-{x}")
     return x
+
+
+NOTEBOOK = [
+    """
+    import os, durable_mp
+    from durable_mp.bench.markers import mark
+    STORE, MARKS = {store!r}, {marks!r}
+
+    def lookup(x):
+        mark(MARKS, f"item-{{x}}")
+        return {{"a": 1}}[x] if x == 5 else x * 10
+    """,
+    """
+    try:
+        durable_mp.map(lookup, range(20), store=STORE, max_workers=2, progress=False)
+    except KeyError as exc:
+        print("CAUGHT", repr(exc), exc.index)
+    from durable_mp.bench.markers import counts
+    print("BEFORE", sorted(counts(MARKS, "item").items()))
+    """,
+    """
+    def lookup(x):  # the fix, in the same cell re-run
+        mark(MARKS, f"item-{{x}}")
+        return x * 10
+    """,
+    """
+    print("RESULT", durable_mp.map(lookup, range(20), store=STORE, max_workers=2, progress=False))
+    """,
+]
+
+
+@pytest.mark.timeout(150)
+def test_fixing_a_failing_function_in_a_real_kernel_keeps_the_finished_items(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    nb = nbformat.v4.new_notebook()
+    for cell in NOTEBOOK:
+        nb.cells.append(nbformat.v4.new_code_cell(textwrap.dedent(cell).format(store=str(tmp_path / "store"),
+                                                                               marks=str(marks))))
+    monkeypatch.setenv("PYTHONPATH", str(Path(durable_mp.__file__).parent.parent))
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+
+    def text(cell: int, stream: str) -> str:
+        return "".join(o.get("text", "") for o in nb.cells[cell].outputs if o.get("name") == stream)
+
+    assert "CAUGHT KeyError(5) 5" in text(1, "stdout"), nb.cells[1].outputs
+    before = dict(ast.literal_eval(text(1, "stdout").split("BEFORE ")[1]))
+    assert "RESULT " + str([x * 10 for x in range(20)]) in text(3, "stdout"), nb.cells[3].outputs
+    after = counts(str(marks), "item")
+    again = {i for i in after if after[i] > before.get(i, 0)}
+    assert 5 in again and not again & (set(before) - {5}), (before, after)
+    assert "resuming:" in text(3, "stderr") and "changed code" in text(3, "stderr"), nb.cells[3].outputs
