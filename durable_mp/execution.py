@@ -36,6 +36,7 @@ from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.callback import poll_callback
+from durable_mp.operation.signature import check_callable
 from durable_mp.store.facade import ExecutionRecord, Store
 from durable_mp.store.records import this_process
 
@@ -357,5 +358,7 @@ def durable_execution(
     ``max_crash_retries``, ``progress``, ``resume_failed``, ``start_method``) become defaults for ``run``.
     """
     if func is None:
-        return lambda f: DurableFunction(f, **options)
+        return lambda f: durable_execution(f, **options)
+    # a handler that cannot take (event, context) would fail only when it runs: refuse it now
+    check_callable(func, 2, "handler(event, context)", "durable handler")
     return DurableFunction(func, **options)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from durable_mp.concurrency.models import BatchItemStatus, BatchResult
-from durable_mp.config import CompletionConfig, MapConfig
+from durable_mp.config import CompletionConfig, MapConfig, timeout_seconds
 from durable_mp.context import DurableContext
 from durable_mp.core.digest import NotHashableError, digest_of_parts, value_digest
 from durable_mp.core.remote import remote_traceback
@@ -307,6 +307,7 @@ def map(  # noqa: A001 - durable_mp.map, as Executor.map
     """
     check_callable(func, 1, "func(item)", "durable_mp.map function")
     _check_options(on_code_change)
+    timeout = timeout_seconds(timeout, "durable_mp.map timeout (seconds per item)")
     values = list(items)
     computation = _computation(func, name)
     keys = _item_keys(values, key)
