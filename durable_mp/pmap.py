@@ -354,7 +354,7 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
         elif rec.status == SUCCEEDED:
             if not changed or on_code_change == "keep":
                 try:
-                    out = _stored_results(db, exec_id, plan, tolerate_failures)
+                    out, first_failure = _stored_results(db, exec_id, plan)
                 except MissingResults:
                     announce(f"{label}: results of an earlier run were deleted; computing the items again")
                     db.delete_execution(exec_id)
@@ -364,6 +364,8 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
                              f"stored results, nothing ran"
                              + (" (the function's code CHANGED since: on_code_change='keep' keeps the old results)"
                                 if changed else " (recompute=True runs them again)"))
+                    if first_failure is not None and not tolerate_failures:
+                        raise _Raise(first_failure)  # stored by a tolerate_failures=True call
                     return out
             else:
                 announce(f"{label}: the function's code changed since its results were computed "
@@ -456,12 +458,17 @@ def _fill_reused(db: Store, out: list[Any], plan: Plan, exec_id: str) -> None:
             out[index] = value
 
 
-def _stored_results(db: Store, exec_id: str, plan: Plan, tolerate_failures: bool) -> list[Any]:
+def _stored_results(db: Store, exec_id: str, plan: Plan) -> tuple[list[Any], BaseException | None]:
+    """A finished map's results read back from the item records, and its first failed item's error."""
     out: list[Any] = [None] * plan.total
+    failures: dict[int, BaseException] = {}
     for (ok, value), index in zip(read_items(db, exec_id, list(range(len(plan.run)))), plan.run, strict=True):
-        out[index] = value if ok else item_error(value, index, plan.total, exec_id)
+        if ok:
+            out[index] = value
+        else:
+            out[index] = failures[index] = item_error(value, index, plan.total, exec_id)
     _fill_reused(db, out, plan, exec_id)
-    return out
+    return out, failures[min(failures)] if failures else None
 
 
 __all__ = ["MapInterrupted", "execution_id_for", "file_content_key", "file_key", "item_error", "map"]

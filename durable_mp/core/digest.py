@@ -75,8 +75,23 @@ def _encoded(value: Any, where: str) -> bytes:
                                       f"({type(exc).__name__}: {exc})") from None
 
 
+def _scalar_bytes(value: Any) -> bytes | None:
+    """A plain scalar's bytes, tagged by type: the common item (an int, a path string) without ``canonical``."""
+    cls = type(value)
+    if cls is str:
+        return b"s" + value.encode("utf-8", "surrogatepass")
+    if cls is int:
+        return b"i%x" % value
+    if cls is float:
+        return b"f" + repr(value).encode()
+    return None
+
+
 def value_digest(value: Any, where: str = "value") -> bytes:
     """``DIGEST_BYTES`` bytes that name ``value`` by its content (``NotHashableError`` if it cannot)."""
+    scalar = _scalar_bytes(value)
+    if scalar is not None:  # its own hash function: no collision with the tagged stream below
+        return hashlib.blake2b(scalar, digest_size=DIGEST_BYTES, person=b"durable_mp.s").digest()
     h = hashlib.sha256()
     _feed(h, value, where, 0)
     return h.digest()[:DIGEST_BYTES]
