@@ -213,6 +213,11 @@ def _plain_globals(func: types.FunctionType) -> list[tuple[str, Any]]:
     return found
 
 
+def code_functions(func: Any) -> list[types.FunctionType]:
+    """The Python functions whose code runs when ``func`` is called (none for a builtin)."""
+    return _code_of(func)
+
+
 def _code_of(func: Any, depth: int = 0) -> list[Any]:
     """The function objects whose code runs when ``func`` is called (not builtins)."""
     if depth > MAX_DEPTH:
@@ -266,4 +271,4 @@ def code_digest(func: Callable[..., Any]) -> str:
 
 _MISSING = object()
 
-__all__ = ["callable_identity", "code_digest", "code_fingerprint", "handler_identity"]
+__all__ = ["callable_identity", "code_digest", "code_fingerprint", "code_functions", "handler_identity"]

@@ -35,7 +35,7 @@ from durable_mp.core.digest import NotHashableError, digest_of_parts, value_dige
 from durable_mp.core.remote import remote_traceback
 from durable_mp.exceptions import ChildContextError, ExecutionFailedError, ValidationError
 from durable_mp.execution import DurableFunction
-from durable_mp.identity import callable_identity, code_digest
+from durable_mp.identity import callable_identity, code_digest, code_functions
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.map_items import STORED_RESULT, MissingResults, Plan, find_reusable, outcomes, plan_of, read_items
 from durable_mp.operation.naming import op_name
@@ -139,12 +139,12 @@ class _MapHandler:
         self._body = run  # not "run": DurableFunction copies this __dict__ (functools.update_wrapper)
         self.__qualname__ = self.__name__ = f"durable_mp.map[{label}]"
         self.__durable_code__ = code
-        fn = getattr(func, "__func__", None) or getattr(func, "func", None) or func
-        module = getattr(fn, "__module__", None)
-        self.__module__ = module if isinstance(module, str) else __name__
-        fn_code = getattr(fn, "__code__", None)
-        if fn_code is not None:
-            self.__code__ = fn_code  # a script's path: where `durable-mp list` says it came from
+        fns = code_functions(func)  # a partial's function, a bound method's, a callable object's __call__
+        if fns:
+            self.__module__ = fns[0].__module__
+            self.__code__ = fns[0].__code__  # a script's path: where `durable-mp list` says it came from
+        else:  # a builtin: named by this module
+            self.__module__ = __name__
 
     def __call__(self, event: Any, ctx: DurableContext) -> Any:
         return self._body(event, ctx)

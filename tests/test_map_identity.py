@@ -322,3 +322,44 @@ def test_an_unpicklable_item_is_named(store_path):
     with pytest.raises(ValidationError, match=r"item 2 .*key=.*worker"):
         durable_mp.map(counted, [1, 2, Unpicklable()], store=store_path)
     pickle.dumps(Scaler(1))
+
+
+MAIN_SCRIPT = '''
+import functools, sys
+import durable_mp
+
+class Scaler:
+    def __init__(self, f):
+        self.f = f
+
+    def apply(self, x):
+        return x * self.f
+
+    def __call__(self, x):
+        return x + self.f
+
+def power(x, e):
+    return x ** e
+
+if __name__ == "__main__":
+    store = sys.argv[1]
+    print(durable_mp.map(Scaler(10), range(3), store=store), durable_mp.map(Scaler(20), range(3), store=store))
+    print(durable_mp.map(Scaler(2).apply, range(3), store=store), durable_mp.map(Scaler(5).apply, range(3), store=store))
+    print(durable_mp.map(functools.partial(power, e=2), range(3), store=store),
+          durable_mp.map(functools.partial(power, e=3), range(3), store=store))
+'''
+
+
+def test_callables_defined_in_a_script_run_as_main(store_path, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "callables.py"
+    script.write_text(MAIN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(durable_mp.__file__))}
+    for _ in range(2):  # the second run returns the stored results
+        done = subprocess.run([sys.executable, str(script), store_path], capture_output=True, text=True, timeout=90,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n")[:3] == ["[10, 11, 12] [20, 21, 22]", "[0, 2, 4] [0, 5, 10]",
+                                                "[0, 1, 4] [0, 1, 8]"], done.stdout
