@@ -28,6 +28,7 @@ from durable_mp.rerun import CODE_KEY
 from durable_mp.store.facade import ExecutionRecord, Store
 
 HANDLER_MARK = "durable_mp.map["  # in a map execution's handler name
+CODES_KEY = "map_codes"  # ExecutionRecord.extra: [(run, code, items done before it)] once the code changed
 STORED_RESULT = "durable_mp.map: the results are in the item records"
 
 
@@ -141,5 +142,24 @@ def read_items(store: Store, exec_id: str, batch_indices: list[int]) -> list[tup
     return out
 
 
-__all__ = ["HANDLER_MARK", "MissingResults", "Plan", "STORED_RESULT", "find_reusable", "outcomes", "plan_of",
+def describe(store: Store, rec: ExecutionRecord) -> list[str]:
+    """Lines for ``durable-mp show``: where a map's items came from and which code computed them."""
+    plan = plan_of(rec)
+    if plan is None:
+        return []
+    parts = [f"{len(plan.run)} computed here"]
+    parts += [f"{len(pairs)} reused from {source}" for source, pairs in plan.reuse.items()]
+    lines = [f"durable_mp.map: {plan.total} items: {', '.join(parts)}"]
+    extra = rec.extra or {}
+    history = extra.get(CODES_KEY)
+    if history:
+        runs = [f"run {run}: code {code}" + (f" (the fix; {done} items finished before it were kept)" if done else "")
+                for run, code, done in history]
+        lines.append("durable_mp.map code: " + "; ".join(runs))
+    elif extra.get(CODE_KEY):
+        lines.append(f"durable_mp.map code: {extra[CODE_KEY]} (of the items computed here)")
+    return lines
+
+
+__all__ = ["CODES_KEY", "HANDLER_MARK", "describe", "MissingResults", "Plan", "STORED_RESULT", "find_reusable", "outcomes", "plan_of",
            "read_items"]

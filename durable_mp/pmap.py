@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -37,10 +38,10 @@ from durable_mp.exceptions import ChildContextError, ExecutionFailedError, Valid
 from durable_mp.execution import DurableFunction
 from durable_mp.identity import callable_identity, code_digest, code_functions
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.map_items import STORED_RESULT, MissingResults, Plan, find_reusable, outcomes, plan_of, read_items
+from durable_mp.map_items import CODES_KEY, STORED_RESULT, MissingResults, Plan, find_reusable, outcomes, plan_of, read_items
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.signature import check_callable
-from durable_mp.rerun import CODE_KEY, announce, delete_command
+from durable_mp.rerun import CODE_KEY, announce, delete_command, with_extra
 from durable_mp.store.facade import FAILED, SUCCEEDED, Store
 
 T = TypeVar("T")
@@ -387,6 +388,8 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
             if changed:
                 text += (" with the changed code (taken as the fix; finished items are kept, "
                          "on_code_change='recompute' computes all again)")
+                history = (rec.extra or {}).get(CODES_KEY) or [(1, (rec.extra or {}).get(CODE_KEY), 0)]
+                db.put_execution(with_extra(rec, **{CODES_KEY: [*history, (rec.runs + 1, code, len(done))]}))
             announce(text)
     if plan is None:
         plan = Plan(computation, keys, list(range(total)))
@@ -412,7 +415,10 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
 
     def run_items(event: Plan, ctx: DurableContext) -> str:
         todo = [values[i] for i in event.run]
-        result = ctx.map(todo, mapped, name=bar, config=config)
+        named = config
+        if event.run != list(range(len(values))):  # some items reused: name each by its place in the input
+            named = dataclasses.replace(config, item_namer=lambda _item, j: f"item-{event.run[j]}")
+        result = ctx.map(todo, mapped, name=bar, config=named)
         seen.batch = result
         failed = next((item for item in result.all if item.status is BatchItemStatus.FAILED), None)
         if failed is not None and not tolerate_failures:

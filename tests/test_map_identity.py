@@ -363,3 +363,24 @@ def test_callables_defined_in_a_script_run_as_main(store_path, tmp_path):
         assert done.returncode == 0, done.stderr
         assert done.stdout.split("\n")[:3] == ["[10, 11, 12] [20, 21, 22]", "[0, 2, 4] [0, 5, 10]",
                                                 "[0, 1, 4] [0, 1, 8]"], done.stdout
+
+
+def test_show_says_which_items_were_reused_and_which_code_made_them(store_path, markers, restore_buggy, capsys):
+    from durable_mp.cli.main import main
+    from durable_mp.store.facade import Store
+
+    with pytest.raises(KeyError):
+        durable_mp.map(buggy, range(10), store=store_path, max_workers=1)
+    buggy.__code__ = fixed.__code__
+    durable_mp.map(buggy, range(10), store=store_path, max_workers=1)
+    durable_mp.map(buggy, range(12), store=store_path, max_workers=1)
+    with Store(store_path) as store:
+        first, second = [rec.exec_id for rec in store.list_executions()]
+    capsys.readouterr()
+    assert main(["show", second, "--store", store_path]) == 0
+    out = capsys.readouterr().out
+    assert f"12 items: 2 computed here, 10 reused from {first}" in out, out
+    assert main(["show", first, "--store", store_path]) == 0
+    out = capsys.readouterr().out
+    assert "10 items: 10 computed here" in out, out
+    assert "run 1: code " in out and "run 2: code " in out and "(the fix" in out, out

@@ -38,6 +38,7 @@ from durable_mp.inspect.report import write_report
 from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
 from durable_mp.map_items import HANDLER_MARK
+from durable_mp.map_items import describe as describe_map
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
 from durable_mp.store.records import FAILED, RUNNING, ExecutionRecord, owner_alive
@@ -316,6 +317,10 @@ def _tree(args: argparse.Namespace) -> OpTree:
 def cmd_show(args: argparse.Namespace) -> int:
     tree = _tree(args)
     print(render_tree(tree, None if args.all else args.limit, crash_facts(tree)))
+    if HANDLER_MARK in (tree.execution.handler or ""):
+        with _open(args) as store:
+            for line in describe_map(store, tree.execution):
+                print(line)
     return EXIT_OK
 
 
