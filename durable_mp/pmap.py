@@ -38,7 +38,16 @@ from durable_mp.exceptions import ChildContextError, ExecutionFailedError, Valid
 from durable_mp.execution import DurableFunction
 from durable_mp.identity import callable_identity, code_digest, code_functions
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.map_items import CODES_KEY, STORED_RESULT, MissingResults, Plan, find_reusable, outcomes, plan_of, read_items
+from durable_mp.map_items import (
+    CODES_KEY,
+    STORED_RESULT,
+    MissingResults,
+    Plan,
+    find_reusable,
+    outcomes,
+    plan_of,
+    read_items,
+)
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.signature import check_callable
 from durable_mp.rerun import CODE_KEY, announce, delete_command, with_extra
