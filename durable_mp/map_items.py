@@ -161,5 +161,5 @@ def describe(store: Store, rec: ExecutionRecord) -> list[str]:
     return lines
 
 
-__all__ = ["CODES_KEY", "HANDLER_MARK", "describe", "MissingResults", "Plan", "STORED_RESULT", "find_reusable", "outcomes", "plan_of",
-           "read_items"]
+__all__ = ["CODES_KEY", "HANDLER_MARK", "MissingResults", "Plan", "STORED_RESULT", "describe", "find_reusable",
+           "outcomes", "plan_of", "read_items"]
