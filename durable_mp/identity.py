@@ -137,8 +137,18 @@ def _where(func: Callable[..., Any]) -> str:
 
 
 def _state(value: Any, where: str, depth: int) -> bytes:
-    """A digest of a value a callable carries; a callable in it is named by its own identity."""
-    if callable(value) and not isinstance(value, type) and depth < MAX_DEPTH:
+    """A digest of a value a callable carries; a callable in it is named by its own identity.
+
+    A module is named by its name, a class by where it is defined and its plain class
+    attributes (a local class cannot be pickled, and its pickle would only name it anyway).
+    """
+    if isinstance(value, types.ModuleType):
+        return b"module:" + value.__name__.encode()
+    if isinstance(value, type):
+        attrs = sorted((k, v) for k, v in vars(value).items() if type(v) in _PLAIN)
+        return digest_of_parts(b"class", f"{value.__module__}:{value.__qualname__}".encode(),
+                               value_digest(attrs, f"the attributes of class {value.__qualname__}"))
+    if callable(value) and depth < MAX_DEPTH:
         try:
             return b"callable:" + callable_identity(value, depth + 1)
         except NotHashableError:

@@ -384,3 +384,22 @@ def test_show_says_which_items_were_reused_and_which_code_made_them(store_path, 
     out = capsys.readouterr().out
     assert "10 items: 10 computed here" in out, out
     assert "run 1: code " in out and "run 2: code " in out and "(the fix" in out, out
+
+
+def test_closures_over_classes_and_modules_are_named_not_pickled():
+    import json
+    import math
+
+    from durable_mp.identity import callable_identity
+
+    def make(kind, module):
+        class Local:  # a local class cannot be pickled
+            factor = kind
+
+        def f(x):
+            return module.floor(Local.factor * x)
+        return f
+
+    assert callable_identity(make(2, math)) == callable_identity(make(2, math))
+    assert callable_identity(make(2, math)) != callable_identity(make(2, json))
+    assert callable_identity(make(2, math)) != callable_identity(make(3, math))
