@@ -51,7 +51,8 @@ from durable_mp.map_items import (
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.signature import check_callable
 from durable_mp.rerun import CODE_KEY, announce, delete_command, with_extra
-from durable_mp.store.facade import FAILED, SUCCEEDED, Store
+from durable_mp.store.facade import FAILED, SUCCEEDED, ExecutionRecord, Store
+from durable_mp.store.maintenance import check_deletable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -343,6 +344,12 @@ def map(  # noqa: A001 - durable_mp.map, as Executor.map
             db.close()
 
 
+def _start_over(db: Store, rec: ExecutionRecord) -> None:
+    """Delete a map execution to compute it again; never one a live driver is running."""
+    check_deletable(rec, force=True)  # ExecutionLockedError while its driver runs
+    db.delete_execution(rec.exec_id)
+
+
 def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation: bytes, keys: bytes, exec_id: str,
          label: str, bar: str, code: str, tolerate_failures: bool, timeout: float | None, recompute: bool,
          on_code_change: str | None, run_options: dict[str, Any]) -> list[Any]:
@@ -359,7 +366,7 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
         changed = (rec.extra or {}).get(CODE_KEY) != code
         if recompute:
             announce(f"{label}: recompute=True: computing all {total} items again")
-            db.delete_execution(exec_id)
+            _start_over(db, rec)
             rec = plan = None
         elif rec.status == SUCCEEDED:
             if not changed or on_code_change == "keep":
@@ -367,7 +374,7 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
                     out, first_failure = _stored_results(db, exec_id, plan)
                 except MissingResults:
                     announce(f"{label}: results of an earlier run were deleted; computing the items again")
-                    db.delete_execution(exec_id)
+                    _start_over(db, rec)
                     rec = plan = None
                 else:
                     announce(f"{label}: all {total} items were computed at {_when(rec.ended_ts)}; returning the "
@@ -381,12 +388,12 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
                 announce(f"{label}: the function's code changed since its results were computed "
                          f"({_when(rec.ended_ts)}); computing the {total} items again "
                          f"(on_code_change='keep' would return the old results)")
-                db.delete_execution(exec_id)
+                _start_over(db, rec)
                 rec = plan = None
         elif changed and on_code_change == "recompute":
             announce(f"{label}: the function's code changed since the last run; on_code_change='recompute': "
                      f"computing all {total} items again")
-            db.delete_execution(exec_id)
+            _start_over(db, rec)
             rec = plan = None
         else:
             done, _failed = outcomes(db, exec_id)
