@@ -208,3 +208,33 @@ def test_fixing_a_failing_function_in_a_real_kernel_keeps_the_finished_items(tmp
     again = {i for i in after if after[i] > before.get(i, 0)}
     assert 5 in again and not again & (set(before) - {5}), (before, after)
     assert "resuming:" in text(3, "stderr") and "changed code" in text(3, "stderr"), nb.cells[3].outputs
+
+
+INTERRUPTED_CELL = """
+import os, signal, threading, time, durable_mp
+
+def slow(x):
+    time.sleep(0.2)
+    return x
+
+threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C (Interrupt) after 2 s
+durable_mp.map(slow, range(60), store={store!r}, max_workers=2, progress=False)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_interrupting_a_map_in_a_real_kernel_shows_one_line(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(INTERRUPTED_CELL.format(store=str(tmp_path / "store"))))
+    monkeypatch.setenv("PYTHONPATH", str(Path(durable_mp.__file__).parent.parent))
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = nb.cells[0].outputs
+    shown = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    tracebacks = [o for o in outputs if o.get("output_type") == "error"]
+    assert "interrupted with" in shown and "run the same call again to resume" in shown, outputs
+    assert sum(len(o.get("traceback", [])) for o in tracebacks) <= 2, tracebacks
