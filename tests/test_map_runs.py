@@ -76,6 +76,8 @@ def test_ctrl_c_prints_one_line_then_resume_says_how_many_items_are_done(store_p
     assert len(lines) == 1 and "run the same call again to resume" in lines[0], err
     with Store(store_path) as store:
         (rec,) = store.list_executions()
+    listed = _cli("list", "--store", store_path)
+    assert listed.returncode == 0 and "/30 items" in listed.stdout, listed
     done = _cli("resume", rec.exec_id, "--store", store_path)
     assert done.returncode == 2
     assert "durable_mp.map" in done.stderr and f"python {script}" in done.stderr, done.stderr

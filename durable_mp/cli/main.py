@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from durable_mp.cli.loader import HandlerError, load_handler
+from durable_mp.context import SUB_MAP
+from durable_mp.core.records import OpStatus
 from durable_mp.engine.start import START_METHODS
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
@@ -37,7 +39,7 @@ from durable_mp.inspect.history import build_history, format_history
 from durable_mp.inspect.report import write_report
 from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
-from durable_mp.map_items import HANDLER_MARK
+from durable_mp.map_items import HANDLER_MARK, plan_of
 from durable_mp.map_items import describe as describe_map
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
@@ -275,6 +277,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _drive(handler, store, rec.exec_id, None, args)
 
 
+def _map_items(rec: ExecutionRecord, ops: list[Any]) -> dict[str, int]:
+    """A map execution's progress in its own words: items done (reused ones included) of all its items."""
+    plan = plan_of(rec)
+    if plan is None:
+        return {}
+    batches = {r.op_id for r in ops if r.parent_id == "" and r.sub_type == SUB_MAP}
+    done = sum(1 for r in ops if r.parent_id in batches and r.status == OpStatus.SUCCEEDED)
+    return {"items_done": plan.reused + done, "items_total": plan.total}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     wanted = args.status.upper() if args.status else None
     rows: list[dict[str, Any]] = []
@@ -289,7 +301,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append({"id": rec.exec_id, "handler": rec.handler, "status": status, "started": _when(rec.created_ts),
                          "duration_s": None if end is None else round(end - rec.created_ts, 3),
                          "ops_done": done, "ops_total": total, "runs": rec.runs,
-                         "waiting_callbacks": waiting_callbacks(rec.exec_id, ops) if rec.status == RUNNING else []})
+                         "waiting_callbacks": waiting_callbacks(rec.exec_id, ops) if rec.status == RUNNING else [],
+                         **_map_items(rec, ops)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -299,7 +312,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = [("ID", "HANDLER", "STATUS", "STARTED", "DURATION", "OPS")]
     for r in rows:
         dur = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"
-        table.append((r["id"], r["handler"], r["status"], r["started"], dur, f"{r['ops_done']}/{r['ops_total']}"))
+        progress = (f"{r['items_done']}/{r['items_total']} items" if "items_total" in r
+                    else f"{r['ops_done']}/{r['ops_total']}")
+        table.append((r["id"], r["handler"], r["status"], r["started"], dur, progress))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row, r in zip(table, [{}, *rows], strict=True):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
