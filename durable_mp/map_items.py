@@ -89,18 +89,22 @@ def outcomes(store: Store, exec_id: str) -> tuple[set[int], dict[int, Any]]:
 
 def find_reusable(store: Store, plan: Plan, code: str, exclude: str) -> dict[str, list[tuple[int, int]]]:
     """For the items of ``plan``: other executions holding their results for the same computation and code."""
-    wanted: dict[bytes, list[int]] = {}
-    for index in range(plan.total):
-        wanted.setdefault(plan.key(index), []).append(index)
-    found: dict[str, list[tuple[int, int]]] = {}
+    candidates = []
     for rec in reversed(store.list_executions()):  # newest first
-        if not wanted:
-            break
         if rec.exec_id == exclude or (rec.extra or {}).get(CODE_KEY) != code:
             continue
         other = plan_of(rec)
-        if other is None or other.computation != plan.computation:
-            continue
+        if other is not None and other.computation == plan.computation:
+            candidates.append((rec, other))
+    found: dict[str, list[tuple[int, int]]] = {}
+    if not candidates:  # the usual first run: no index of the keys to build
+        return found
+    wanted: dict[bytes, list[int]] = {}
+    for index in range(plan.total):
+        wanted.setdefault(plan.key(index), []).append(index)
+    for rec, other in candidates:
+        if not wanted:
+            break
         done, _failed = outcomes(store, rec.exec_id)
         for batch_index in sorted(done):
             if batch_index >= len(other.run):

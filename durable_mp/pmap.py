@@ -436,7 +436,9 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
             named = dataclasses.replace(config, item_namer=lambda _item, j: f"item-{event.run[j]}")
         result = ctx.map(todo, mapped, name=bar, config=named)
         seen.batch = result
-        failed = next((item for item in result.all if item.status is BatchItemStatus.FAILED), None)
+        failed = None
+        if result.has_failure:  # the columns know without making an item object per item
+            failed = next((item for item in result.all if item.status is BatchItemStatus.FAILED), None)
         if failed is not None and not tolerate_failures:
             err = failed.error or ErrorObject.from_message("failed")
             seen.failed = (event.run[failed.index], err)
@@ -460,8 +462,16 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
         announce(line)
         raise _Raise(MapInterrupted(line)) from None
     out: list[Any] = [None] * total
-    if seen.batch is not None:
-        for item in seen.batch.all:
+    batch = seen.batch
+    if batch is not None and batch.success_count == len(plan.run):  # all succeeded: the values, in order
+        values_here = batch.get_results()
+        if len(plan.run) == total:
+            out = values_here
+        else:
+            for index, value in zip(plan.run, values_here, strict=True):
+                out[index] = value
+    elif batch is not None:
+        for item in batch.all:
             index = plan.run[item.index]
             if item.status is BatchItemStatus.SUCCEEDED:
                 out[index] = item.result
