@@ -377,10 +377,11 @@ def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation:
                     _start_over(db, rec)
                     rec = plan = None
                 else:
-                    announce(f"{label}: all {total} items were computed at {_when(rec.ended_ts)}; returning the "
-                             f"stored results, nothing ran"
-                             + (" (the function's code CHANGED since: on_code_change='keep' keeps the old results)"
-                                if changed else " (recompute=True runs them again)"))
+                    if total:
+                        announce(f"{label}: all {total} items were computed at {_when(rec.ended_ts)}; returning the "
+                                 f"stored results, nothing ran"
+                                 + (" (the function's code CHANGED since: on_code_change='keep' keeps the old "
+                                    "results)" if changed else " (recompute=True runs them again)"))
                     if first_failure is not None and not tolerate_failures:
                         raise _Raise(first_failure)  # stored by a tolerate_failures=True call
                     return out
