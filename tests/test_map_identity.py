@@ -403,3 +403,28 @@ def test_closures_over_classes_and_modules_are_named_not_pickled():
     assert callable_identity(make(2, math)) == callable_identity(make(2, math))
     assert callable_identity(make(2, math)) != callable_identity(make(2, json))
     assert callable_identity(make(2, math)) != callable_identity(make(3, math))
+
+
+class Model:
+    def __init__(self, weights, tag):
+        self.weights = weights
+        self.tag = tag
+
+    def predict(self, x):
+        return float(self.weights.sum()) + x
+
+
+def test_an_instance_with_array_attributes_is_hashed_from_its_buffers_not_pickled(monkeypatch):
+    from durable_mp.core import digest
+    from durable_mp.identity import callable_identity
+
+    weights = np.arange(1 << 16, dtype=np.float64)
+    base = callable_identity(Model(weights, "a").predict)
+    monkeypatch.setattr(digest.pickle, "dumps", lambda *a, **k: pytest.fail("pickled"))
+    assert callable_identity(Model(weights.copy(), "a").predict) == base
+    changed = weights.copy()
+    changed[7] = -1
+    assert callable_identity(Model(changed, "a").predict) != base
+    assert callable_identity(Model(weights, "b").predict) != base
+    assert callable_identity(Model(weights, {"k": np.ones(2)}).predict) != callable_identity(
+        Model(weights, {"k": np.zeros(2)}).predict)

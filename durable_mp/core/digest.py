@@ -57,10 +57,37 @@ def _feed(h: Any, value: Any, where: str, depth: int) -> None:
         h.update(b"L%d:" % len(value) if cls is list else b"T%d:" % len(value))
         for i, element in enumerate(value):
             _feed(h, element, f"{where}[{i}]", depth + 1)
+    elif cls is dict and depth < 64 and not all(type(k) is str and type(v) in _SCALARS for k, v in value.items()):
+        _feed_dict(h, b"D", value, where, depth)
+    elif _is_plain_object(value) and depth < 64:  # its class and attributes: an array attribute is not pickled
+        h.update(f"O{cls.__module__}:{cls.__qualname__}".encode())
+        _feed_dict(h, b"", vars(value), where, depth)
     else:
         data = _encoded(value, where)
         h.update(b"V%d:" % len(data))
         h.update(data)
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _feed_dict(h: Any, tag: bytes, value: dict, where: str, depth: int) -> None:
+    """Entries in the order of their keys' digests: the same whatever order they were inserted in."""
+    entries = sorted((value_digest(k, f"a key of {where}"), k) for k in value)
+    h.update(tag + b"%d:" % len(entries))
+    for key_digest, key in entries:
+        h.update(key_digest)
+        _feed(h, value[key], f"{where}[{key!r}]", depth + 1)
+
+
+def _is_plain_object(value: Any) -> bool:
+    """An instance whose pickle would be its class and ``__dict__``: hashed from those directly."""
+    cls = type(value)
+    return (cls.__module__ not in ("builtins", "numpy") and isinstance(getattr(value, "__dict__", None), dict)
+            and not hasattr(cls, "__slots__") and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+            and not isinstance(value, type))
 
 
 def _encoded(value: Any, where: str) -> bytes:
