@@ -82,10 +82,11 @@ def _feed_dict(h: Any, tag: bytes, value: dict, where: str, depth: int) -> None:
 
 def _is_plain_object(value: Any) -> bool:
     """An instance whose pickle would be its class and ``__dict__``: hashed from those directly."""
-    cls = type(value)
+    cls: Any = type(value)
+    base: Any = object
     return (cls.__module__ not in ("builtins", "numpy") and isinstance(getattr(value, "__dict__", None), dict)
-            and not hasattr(cls, "__slots__") and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__
+            and not hasattr(cls, "__slots__") and cls.__reduce_ex__ is base.__reduce_ex__
+            and cls.__reduce__ is base.__reduce__
             and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
             and not isinstance(value, type))
 
