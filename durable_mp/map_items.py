@@ -99,24 +99,43 @@ def find_reusable(store: Store, plan: Plan, code: str, exclude: str) -> dict[str
     found: dict[str, list[tuple[int, int]]] = {}
     if not candidates:  # the usual first run: no index of the keys to build
         return found
-    wanted: dict[bytes, list[int]] = {}
-    for index in range(plan.total):
-        wanted.setdefault(plan.key(index), []).append(index)
+    keys = _split(plan.keys)
+    first = dict(zip(keys, range(len(keys)), strict=True))
+    repeated: dict[bytes, list[int]] = {}
+    if len(first) != len(keys):  # an item given twice: each place gets the result
+        for index, key in enumerate(keys):
+            repeated.setdefault(key, []).append(index)
     for rec, other in candidates:
-        if not wanted:
+        if not first:
             break
         done, _failed = outcomes(store, rec.exec_id)
+        theirs, run = _split(other.keys), other.run
+        pairs: list[tuple[int, int]] = []
         for batch_index in sorted(done):
-            if batch_index >= len(other.run):
-                continue
-            indices = wanted.pop(other.key(other.run[batch_index]), None)
-            if indices is not None:
-                found.setdefault(rec.exec_id, []).extend((i, batch_index) for i in indices)
+            if batch_index < len(run):
+                key = theirs[run[batch_index]]
+                place = first.pop(key, None)
+                if place is None:
+                    continue
+                if repeated:
+                    pairs.extend((i, batch_index) for i in repeated[key])
+                else:
+                    pairs.append((place, batch_index))
+        if pairs:
+            found[rec.exec_id] = pairs
     return found
+
+
+def _split(keys: bytes) -> list[bytes]:
+    return [keys[i:i + DIGEST_BYTES] for i in range(0, len(keys), DIGEST_BYTES)]
 
 
 def _decode(data: Any, where: str) -> tuple[bool, Any]:
     """``(succeeded, value or ErrorObject)`` of one stored item record."""
+    if data.__class__ is bytes and data[0] == COMPACT_ITEM:  # a plain success, the usual record
+        value = success_value(data)
+        if value is not UNREAD:
+            return True, value
     if item_status(data) == OpStatus.SUCCEEDED:
         value = success_value(data)
         if value is not UNREAD:
