@@ -428,3 +428,9 @@ def test_an_instance_with_array_attributes_is_hashed_from_its_buffers_not_pickle
     assert callable_identity(Model(weights, "b").predict) != base
     assert callable_identity(Model(weights, {"k": np.ones(2)}).predict) != callable_identity(
         Model(weights, {"k": np.zeros(2)}).predict)
+
+
+def test_an_item_given_twice_is_reused_in_both_places(store_path, markers):
+    assert durable_mp.map(counted, [1, 2], store=store_path) == [2, 4]
+    assert durable_mp.map(counted, [2, 2, 1, 3, 3], store=store_path) == [4, 4, 2, 6, 6]
+    assert ran(markers) == {1: 1, 2: 1, 3: 2}  # 3 was new, given twice: both ran
