@@ -46,7 +46,11 @@ from durable_mp.exceptions import (
 )
 from durable_mp.execution import DurableFunction, durable_execution
 from durable_mp.lambda_service import ErrorObject, InvocationStatus
-from durable_mp.pmap import map  # noqa: A004 - durable_mp.map, as Executor.map
+from durable_mp.pmap import (
+    file_content_key,
+    file_key,
+    map,  # noqa: A004 - durable_mp.map, as Executor.map
+)
 from durable_mp.retries import WithRetryConfig, with_retry
 from durable_mp.types import StepContext
 
@@ -95,5 +99,7 @@ __all__ = [
     "durable_wait_for_callback",
     "durable_with_child_context",
     "map",
+    "file_key",
+    "file_content_key",
     "with_retry",
 ]

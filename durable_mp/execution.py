@@ -36,6 +36,7 @@ from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.callback import poll_callback
+from durable_mp.operation.signature import check_callable
 from durable_mp.store.facade import ExecutionRecord, Store
 from durable_mp.store.records import this_process
 
@@ -195,8 +196,10 @@ class DurableFunction:
         original, extra = rec, rec.extra or {}
         if rec.status == FAILED:
             reopened = _rerun.reopen_checkpoints(db, rec.exec_id, all_failed=True)
-            _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished operations "
-                            f"replay, {reopened} failed one(s) run again (resume_failed=False keeps it failed)")
+            if not getattr(self.func, "quiet_rerun", False):  # durable_mp.map says it in items itself
+                _rerun.announce(f"execution {rec.exec_id!r} FAILED in an earlier run; resuming it: finished "
+                                f"operations replay, {reopened} failed one(s) run again (resume_failed=False keeps "
+                                f"it failed)")
             now = time.time()  # run_starts / failed_runs: inspection tells this run from a killed one
             rec = rec._replace(status=RUNNING, error=None, ended_ts=None, runs=rec.runs + 1, started_ts=now, extra={
                 **extra, "run_starts": [*extra.get("run_starts", ()), now],
@@ -355,5 +358,7 @@ def durable_execution(
     ``max_crash_retries``, ``progress``, ``resume_failed``, ``start_method``) become defaults for ``run``.
     """
     if func is None:
-        return lambda f: DurableFunction(f, **options)
+        return lambda f: durable_execution(f, **options)
+    # a handler that cannot take (event, context) would fail only when it runs: refuse it now
+    check_callable(func, 2, "handler(event, context)", "durable handler")
     return DurableFunction(func, **options)

@@ -6,30 +6,53 @@ durable execution whose handler runs ``context.map`` over the items, so each ite
 checkpointed on its own, a dead worker costs the item it was running, and calling the
 same ``map`` again (after a crash, Ctrl-C or a fix) resumes instead of starting over.
 
-The execution id is what makes "the same call" precise.  Without ``execution_id=`` it
-hashes who ``f`` is (``identity.handler_identity``: module and name, a script's path, a
-notebook cell's source, so a kernel restart still finds it), ``name`` and the items
-(their canonical encoding, else their pickle), so re-running resumes while two different
-calls (another function, other items) never share an execution.
+Which computation a call is (DESIGN §2): ``identity.callable_identity`` names the
+function (which lambda or nested function, its closure values and defaults, a bound
+method's instance, a partial's arguments, a callable object's state) and with ``name``
+makes the computation digest; each item is named by ``key(item)`` (default: the item),
+hashed by ``core.digest``.  The execution id hashes both, so re-running the same call
+resumes it, while two calls that differ in any of these never share an execution.
+Results are reused per item across executions of the same computation and code
+(``map_items``), and the code (``identity.code_digest``) decides when they are stale.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import dataclasses
 import hashlib
-import pickle
+import importlib
+import os
+import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from durable_mp.concurrency.models import BatchItemStatus, BatchResult
-from durable_mp.config import CompletionConfig, MapConfig
+from durable_mp.config import CompletionConfig, MapConfig, timeout_seconds
 from durable_mp.context import DurableContext
-from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
-from durable_mp.core.records import PICKLE_PROTOCOL
-from durable_mp.exceptions import ChildContextError, ValidationError
+from durable_mp.core.digest import NotHashableError, digest_of_parts, value_digest
+from durable_mp.core.remote import remote_traceback
+from durable_mp.exceptions import ChildContextError, ExecutionFailedError, ValidationError
 from durable_mp.execution import DurableFunction
-from durable_mp.identity import handler_identity
+from durable_mp.identity import callable_identity, code_digest, code_functions
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.map_items import (
+    CODES_KEY,
+    STORED_RESULT,
+    MissingResults,
+    Plan,
+    find_reusable,
+    outcomes,
+    plan_of,
+    read_items,
+)
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.signature import check_callable
+from durable_mp.rerun import CODE_KEY, announce, delete_command, with_extra
+from durable_mp.store.facade import FAILED, SUCCEEDED, ExecutionRecord, Store
+from durable_mp.store.maintenance import check_deletable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,77 +80,202 @@ class _CallPlain:
         self.func = func
 
 
-def _items_digest(items: list[Any]) -> bytes:
+def _computation(func: Callable[..., Any], name: str | None) -> bytes:
+    """The digest of which computation ``func`` is (``identity.callable_identity``) and ``name``."""
     try:
-        return canonical_bytes(items, "items")
-    except NotCanonicalError:  # arrays, custom objects: their pickle (stable for the usual values)
+        ident = callable_identity(func)
+    except NotHashableError as exc:
+        if name is None:
+            raise ValidationError(
+                f"durable_mp.map cannot tell this function apart from others: {exc}. Pass name='...' to name the "
+                f"computation yourself (its state is then not hashed: a different state needs another name)."
+            ) from None
+        ident = callable_identity(func, state=False)
+    return digest_of_parts(b"map-1", ident, (name or "").encode())
+
+
+def _item_keys(values: list[Any], key: Callable[[Any], Any] | None) -> bytes:
+    """Every item's key digest, ``DIGEST_BYTES`` each, in input order."""
+    out = bytearray()
+    for index, item in enumerate(values):
         try:
-            return b"pickle\0" + pickle.dumps(items, protocol=PICKLE_PROTOCOL)
-        except Exception as exc:  # noqa: BLE001 - say what to do instead
-            raise ValidationError(f"cannot derive an execution id from the items ({exc}); pass "
-                                  f"execution_id=... to durable_mp.map") from exc
+            out += value_digest(key(item) if key is not None else item, f"item {index}")
+        except NotHashableError as exc:
+            hint = ("the key= function must return a plain value (text, numbers, tuples, bytes)" if key is not None
+                    else "pass key=... to name each item by something hashable (an item that cannot be pickled "
+                         "cannot reach a worker process either)")
+            raise ValidationError(f"durable_mp.map: {exc}; {hint}") from None
+    return bytes(out)
 
 
-def execution_id_for(func: Callable[..., Any], items: list[Any], name: str | None = None) -> str:
-    """The id ``map`` uses without ``execution_id=``: readable part + hash of function, name and items."""
-    label = name or getattr(func, "__name__", None) or type(func).__name__
-    label = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")[:NAME_CHARS] or "func"
-    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
-    for part in (handler_identity(func).encode(), (name or "").encode(), _items_digest(items)):
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part)
-    return f"{ID_PREFIX}-{label}-{digest.hexdigest()}"
+def _label_of(func: Callable[..., Any], name: str | None) -> str:
+    label = name or getattr(func, "__name__", None) or getattr(getattr(func, "func", None), "__name__", None)
+    label = label or type(func).__name__
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")[:NAME_CHARS] or "func"
+
+
+def execution_id_for(func: Callable[..., Any], items: list[Any], name: str | None = None,
+                     key: Callable[[Any], Any] | None = None) -> str:
+    """The id ``map`` uses without ``execution_id=``: readable part + hash of the computation and the item keys."""
+    digest = digest_of_parts(_computation(func, name), _item_keys(list(items), key))
+    return f"{ID_PREFIX}-{_label_of(func, name)}-{digest[:DIGEST_BYTES].hex()}"
+
+
+def file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """``key=`` for items that are file paths: path, size and modification time (a changed file runs again)."""
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def file_content_key(path: str | os.PathLike[str]) -> tuple[str, bytes]:
+    """``key=`` for file paths by content: the path and a hash of the bytes (a touched, unchanged file is reused)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return (os.path.abspath(path), h.digest())
 
 
 class _MapHandler:
-    """The handler of one ``map`` call, wearing ``func``'s module and code.
+    """The handler of one ``map`` call, wearing ``func``'s module and code fingerprint.
 
-    ``identity.code_fingerprint`` reads them, so a re-run that returns a stored result says
-    when *func's* code changed since (not this module's), and the record names the script.
+    ``identity.code_fingerprint`` reads ``__durable_code__``, so the execution records the
+    code of *func* (bytecode and constants), which decides whether results are reused.
     """
 
-    def __init__(self, run: Callable[[Any, DurableContext], list[Any]], func: Callable[..., Any], label: str) -> None:
+    quiet_rerun = True  # map() itself says what a re-run does, in items
+
+    def __init__(self, run: Callable[[Any, DurableContext], Any], func: Callable[..., Any], label: str,
+                 code: str) -> None:
         self._body = run  # not "run": DurableFunction copies this __dict__ (functools.update_wrapper)
         self.__qualname__ = self.__name__ = f"durable_mp.map[{label}]"
-        code = getattr(func, "__code__", None)
-        if code is not None:
-            self.__module__ = getattr(func, "__module__", None) or __name__
-            self.__code__ = code
-        else:  # a callable object: named by this module (its repr below is stable)
+        self.__durable_code__ = code
+        fns = code_functions(func)  # a partial's function, a bound method's, a callable object's __call__
+        if fns:
+            self.__module__ = fns[0].__module__
+            self.__code__ = fns[0].__code__  # a script's path: where `durable-mp list` says it came from
+        else:  # a builtin: named by this module
             self.__module__ = __name__
 
-    def __call__(self, event: Any, ctx: DurableContext) -> list[Any]:
+    def __call__(self, event: Any, ctx: DurableContext) -> Any:
         return self._body(event, ctx)
 
     def __repr__(self) -> str:
         return f"<{self.__qualname__}>"
 
 
-def _raise_first_failure(result: BatchResult[Any], total: int) -> None:
-    failed = next((item for item in result.all if item.status is BatchItemStatus.FAILED), None)
-    if failed is None:
-        return
-    err = failed.error
-    if err is None:
-        raise ChildContextError(message=f"item {failed.index} of {total} failed")
-    kind = f"{err.type}: " if err.type else ""
-    raise ChildContextError(message=f"item {failed.index} of {total} failed: {kind}{err.message}",
-                            error_type=err.type, data=err.data, stack_trace=err.stack_trace) from err.to_exception()
+_NOTE = "durable_mp.map: item {index} of {total} failed (execution {exec_id!r}); fix it and run the same call to resume"
 
 
-def _with_errors(result: BatchResult[Any], total: int) -> list[Any]:
-    """Results in input order; a failed item is its error (a ``ChildContextError`` from its remote traceback)."""
-    out: list[Any] = [None] * total
-    for item in result.all:
-        if item.status is BatchItemStatus.SUCCEEDED:
-            out[item.index] = item.result
-        elif item.error is not None:
-            err = item.error
-            error = ChildContextError(message=err.message, error_type=err.type, data=err.data,
-                                      stack_trace=err.stack_trace)
-            error.__cause__ = err.to_exception()
-            out[item.index] = error
+def _exception_type(name: str | None) -> type[BaseException] | None:
+    if not name:
+        return None
+    module, _, qual = name.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module) if module else builtins
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except Exception:  # noqa: BLE001 - not importable here: the caller falls back
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, Exception) else None
+
+
+def item_error(err: ErrorObject, index: int, total: int, exec_id: str) -> BaseException:
+    """The function's exception for a failed item: its own type (``except KeyError:`` catches it), the
+    worker's traceback as its cause, ``index`` set and a note saying which item failed."""
+    cls = _exception_type(err.type)
+    message = err.message or ""
+    error: BaseException
+    if cls is None:
+        error = ChildContextError(message=f"{err.type}: {message}" if err.type else message, error_type=err.type,
+                                  data=err.data, stack_trace=err.stack_trace)
+    else:
+        args: tuple[Any, ...] = (message,)
+        if issubclass(cls, KeyError):  # str(KeyError(k)) is repr(k): give the key back
+            try:
+                args = (ast.literal_eval(message),)
+            except (ValueError, SyntaxError):
+                pass
+        try:
+            error = cls(*args)
+        except Exception:  # noqa: BLE001 - an __init__ with other arguments: keep the message
+            error = cls.__new__(cls)
+            error.args = args
+    note = _NOTE.format(index=index, total=total, exec_id=exec_id)
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(note)
+    else:
+        error.__notes__ = [note]  # type: ignore[attr-defined]
+    error.index = index  # type: ignore[attr-defined]
+    error.__cause__ = remote_traceback(_user_frames(err.stack_trace))
+    return error
+
+
+class MapInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a ``map``; the line saying how to resume was already printed.
+
+    Uncaught, it prints nothing more (no traceback of durable_mp's internals): see
+    ``_quiet_interrupts``.  Caught as ``KeyboardInterrupt`` it is one.
+    """
+
+
+def _quiet_excepthook(previous: Any) -> Any:
+    def hook(cls: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if not isinstance(exc, MapInterrupted):
+            previous(cls, exc, tb)
+    hook.durable_mp_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _quiet_interrupts() -> None:
+    """An uncaught ``MapInterrupted`` shows only the line already printed, in scripts and in IPython."""
+    if not getattr(sys.excepthook, "durable_mp_quiet", False):
+        sys.excepthook = _quiet_excepthook(sys.excepthook)
+    ipython = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if ipython is not None and hasattr(ipython, "set_custom_exc"):
+        ipython.set_custom_exc((MapInterrupted,), lambda shell, etype, value, tb, tb_offset=None: None)
+
+
+class _Raise(Exception):
+    """Carries the exception ``map`` raises up to ``map`` itself, so the user's traceback is two frames."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _user_frames(stack_trace: list[str] | None) -> list[str] | None:
+    """The worker's traceback without durable_mp's own frame around the call of the function."""
+    if not stack_trace:
+        return stack_trace
+    here = f'  File "{__file__}"'
+    out: list[str] = []
+    skipping = False
+    for entry in stack_trace:
+        if entry.startswith("  File "):
+            skipping = entry.startswith(here)
+        elif not entry.startswith("    "):
+            skipping = False
+        if not skipping:
+            out.append(entry)
     return out
+
+
+class _Outcome:
+    """What the handler saw, for ``map`` to read after ``DurableFunction.run`` returned or raised."""
+
+    def __init__(self) -> None:
+        self.batch: BatchResult[Any] | None = None
+        self.failed: tuple[int, ErrorObject] | None = None
+
+
+def _check_options(on_code_change: str | None) -> None:
+    if on_code_change not in (None, "keep", "recompute"):
+        raise ValidationError(f"on_code_change must be 'keep' or 'recompute', got {on_code_change!r}")
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts or time.time()))
 
 
 def map(  # noqa: A001 - durable_mp.map, as Executor.map
@@ -135,6 +283,7 @@ def map(  # noqa: A001 - durable_mp.map, as Executor.map
     items: Iterable[T],
     *,
     name: str | None = None,
+    key: Callable[[T], Any] | None = None,
     execution_id: str | None = None,
     store: Any = None,
     max_workers: int | None = None,
@@ -143,35 +292,216 @@ def map(  # noqa: A001 - durable_mp.map, as Executor.map
     timeout: float | None = None,
     max_crash_retries: int | None = None,
     max_worker_memory: int | None = None,
+    start_method: str | None = None,
+    backend: Any = None,
+    recompute: bool = False,
+    on_code_change: str | None = None,
 ) -> list[R]:
     """``[func(x) for x in items]`` on a process pool, each item checkpointed; re-running the call resumes.
 
     ``func`` takes one item.  Results come back in input order.  The first failure stops
-    starting new items and raises ``ExecutionFailedError`` naming the item, with the
-    worker-side traceback as its cause; ``tolerate_failures=True`` runs every item and puts
-    each failed item's error (a ``ChildContextError``) in its place in the list instead.
-    ``name`` labels the progress bar and the execution; ``execution_id`` overrides the
-    derived id (see the module docstring); ``store`` is a path or ``Store`` (default
-    ``./.durable_mp``); ``timeout`` is seconds per item; ``progress`` forces the bar on or off.
+    starting new items and raises the function's own exception (``except KeyError:``
+    catches a ``KeyError``), with the item's ``index`` and the worker's traceback as its
+    cause; ``tolerate_failures=True`` runs every item and puts each failed item's
+    exception in its place in the list instead.
+
+    Results are kept per item and reused by any later call of the same computation
+    (function, the values it carries, ``name``) with the same code in the same store: a
+    longer list runs only its new items.  ``key(item)`` names an item for that (default:
+    the item itself); ``file_key``/``file_content_key`` suit items that are file paths.
+    After a successful run, changed code recomputes; after a failed or interrupted run it
+    is taken as the fix and finished items are kept.  ``on_code_change='keep'`` keeps old
+    results anyway, ``'recompute'`` always recomputes; ``recompute=True`` ignores every
+    stored result.  ``store``: a path or ``Store`` (default ``./.durable_mp``);
+    ``timeout``: seconds per item; ``start_method`` and ``backend`` ('dask' or a
+    ``distributed.Client``) as for handlers; ``execution_id`` overrides the derived id.
     """
     check_callable(func, 1, "func(item)", "durable_mp.map function")
+    _check_options(on_code_change)
+    timeout = timeout_seconds(timeout, "durable_mp.map timeout (seconds per item)")
     values = list(items)
-    exec_id = execution_id or execution_id_for(func, values, name)
-    label = name or op_name(func, None) or "map"  # op_name: not "<lambda>"
+    computation = _computation(func, name)
+    keys = _item_keys(values, key)
+    label = _label_of(func, name)
+    exec_id = execution_id or (f"{ID_PREFIX}-{label}-"
+                               f"{digest_of_parts(computation, keys)[:DIGEST_BYTES].hex()}")
+    bar = name or op_name(func, None) or "map"  # op_name: not "<lambda>"
+    code = code_digest(func)
+    owned = not isinstance(store, Store)
+    db = Store(store) if owned else store
+    try:
+        try:
+            return _run(db, func, values, computation=computation, keys=keys, exec_id=exec_id, label=label, bar=bar,
+                        code=code, tolerate_failures=tolerate_failures, timeout=timeout, recompute=recompute,
+                        on_code_change=on_code_change,
+                        run_options={"max_workers": max_workers, "progress": progress,
+                                     "max_crash_retries": max_crash_retries, "max_worker_memory": max_worker_memory,
+                                     "start_method": start_method, "backend": backend})
+        except _Raise as what:  # raised here, so its traceback is the caller's line and this one
+            raise what.error from what.error.__cause__
+    finally:
+        if owned:
+            db.close()
+
+
+def _start_over(db: Store, rec: ExecutionRecord) -> None:
+    """Delete a map execution to compute it again; never one a live driver is running."""
+    check_deletable(rec, force=True)  # ExecutionLockedError while its driver runs
+    db.delete_execution(rec.exec_id)
+
+
+def _run(db: Store, func: Callable[..., Any], values: list[Any], *, computation: bytes, keys: bytes, exec_id: str,
+         label: str, bar: str, code: str, tolerate_failures: bool, timeout: float | None, recompute: bool,
+         on_code_change: str | None, run_options: dict[str, Any]) -> list[Any]:
+    total = len(values)
+    rec = db.get_execution(exec_id)
+    plan = plan_of(rec) if rec is not None else None
+    if rec is not None and plan is not None and plan.keys != keys:
+        raise ValidationError(f"execution {exec_id!r} was created for other items; pass another execution_id "
+                              f"or delete it: {delete_command(db, exec_id)}")
+    if rec is not None and (plan is None or plan.computation != computation):
+        raise ValidationError(f"execution {exec_id!r} holds another computation; pass another execution_id "
+                              f"or delete it: {delete_command(db, exec_id)}")
+    if rec is not None and plan is not None:
+        changed = (rec.extra or {}).get(CODE_KEY) != code
+        if recompute:
+            announce(f"{label}: recompute=True: computing all {total} items again")
+            _start_over(db, rec)
+            rec = plan = None
+        elif rec.status == SUCCEEDED:
+            if not changed or on_code_change == "keep":
+                try:
+                    out, first_failure = _stored_results(db, exec_id, plan)
+                except MissingResults:
+                    announce(f"{label}: results of an earlier run were deleted; computing the items again")
+                    _start_over(db, rec)
+                    rec = plan = None
+                else:
+                    if total:
+                        announce(f"{label}: all {total} items were computed at {_when(rec.ended_ts)}; returning the "
+                                 f"stored results, nothing ran"
+                                 + (" (the function's code CHANGED since: on_code_change='keep' keeps the old "
+                                    "results)" if changed else " (recompute=True runs them again)"))
+                    if first_failure is not None and not tolerate_failures:
+                        raise _Raise(first_failure)  # stored by a tolerate_failures=True call
+                    return out
+            else:
+                announce(f"{label}: the function's code changed since its results were computed "
+                         f"({_when(rec.ended_ts)}); computing the {total} items again "
+                         f"(on_code_change='keep' would return the old results)")
+                _start_over(db, rec)
+                rec = plan = None
+        elif changed and on_code_change == "recompute":
+            announce(f"{label}: the function's code changed since the last run; on_code_change='recompute': "
+                     f"computing all {total} items again")
+            _start_over(db, rec)
+            rec = plan = None
+        else:
+            done, _failed = outcomes(db, exec_id)
+            finished = plan.reused + len(done)
+            text = f"resuming: {finished} of {total} items already done"
+            if rec.status == FAILED:
+                text = f"{label}: an earlier run FAILED; " + text + ", the failed and unfinished ones run"
+            if changed:
+                text += (" with the changed code (taken as the fix; finished items are kept, "
+                         "on_code_change='recompute' computes all again)")
+                history = (rec.extra or {}).get(CODES_KEY) or [(1, (rec.extra or {}).get(CODE_KEY), 0)]
+                db.put_execution(with_extra(rec, **{CODES_KEY: [*history, (rec.runs + 1, code, len(done))]}))
+            announce(text)
+    if plan is None:
+        plan = Plan(computation, keys, list(range(total)))
+        if not recompute:
+            plan.reuse = find_reusable(db, plan, code, exec_id)
+            taken = {index for pairs in plan.reuse.values() for index, _ in pairs}
+            plan.run = [i for i in range(total) if i not in taken]
+            if taken:
+                announce(f"{label}: {len(taken)} of {total} items were already computed by the same function "
+                         f"and code; running the other {len(plan.run)}")
+    return _execute(db, func, values, plan, exec_id=exec_id, label=label, bar=bar, code=code,
+                    tolerate_failures=tolerate_failures, timeout=timeout, run_options=run_options)
+
+
+def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan, *, exec_id: str, label: str,
+             bar: str, code: str, tolerate_failures: bool, timeout: float | None,
+             run_options: dict[str, Any]) -> list[Any]:
+    total = len(values)
     completion = CompletionConfig.all_completed() if tolerate_failures else CompletionConfig()
     config: MapConfig[Any] = MapConfig(completion_config=completion, branch_timeout=timeout)
     mapped = _CallPlain(func)
-    total = len(values)
+    seen = _Outcome()
 
-    def run_items(event: Any, ctx: DurableContext) -> list[Any]:
-        result = ctx.map(values, mapped, name=label, config=config)
-        if not tolerate_failures:
-            _raise_first_failure(result, total)
-        return _with_errors(result, total)
+    def run_items(event: Plan, ctx: DurableContext) -> str:
+        todo = [values[i] for i in event.run]
+        named = config
+        if event.run != list(range(len(values))):  # some items reused: name each by its place in the input
+            named = dataclasses.replace(config, item_namer=lambda _item, j: f"item-{event.run[j]}")
+        result = ctx.map(todo, mapped, name=bar, config=named)
+        seen.batch = result
+        failed = None
+        if result.has_failure:  # the columns know without making an item object per item
+            failed = next((item for item in result.all if item.status is BatchItemStatus.FAILED), None)
+        if failed is not None and not tolerate_failures:
+            err = failed.error or ErrorObject.from_message("failed")
+            seen.failed = (event.run[failed.index], err)
+            raise ChildContextError(message=f"item {event.run[failed.index]} of {total} failed: {err.type}: "
+                                            f"{err.message}", error_type=err.type, stack_trace=err.stack_trace)
+        return STORED_RESULT
 
-    durable = DurableFunction(_MapHandler(run_items, func, label))
-    return durable.run(None, execution_id=exec_id, store=store, max_workers=max_workers, progress=progress,
-                       max_crash_retries=max_crash_retries, max_worker_memory=max_worker_memory)
+    durable = DurableFunction(_MapHandler(run_items, func, label, code))
+    try:
+        durable.run(plan, execution_id=exec_id, store=db, **run_options)
+    except ExecutionFailedError:
+        if seen.failed is None:
+            raise
+        index, err = seen.failed
+        raise _Raise(item_error(err, index, total, exec_id)) from None
+    except KeyboardInterrupt:
+        _quiet_interrupts()
+        done, _failed = outcomes(db, exec_id)
+        line = (f"{label}: interrupted with {plan.reused + len(done)} of {total} items done; run the same call "
+                f"again to resume")
+        announce(line)
+        raise _Raise(MapInterrupted(line)) from None
+    out: list[Any] = [None] * total
+    batch = seen.batch
+    if batch is not None and batch.success_count == len(plan.run):  # all succeeded: the values, in order
+        values_here = batch.get_results()
+        if len(plan.run) == total:
+            out = values_here
+        else:
+            for index, value in zip(plan.run, values_here, strict=True):
+                out[index] = value
+    elif batch is not None:
+        for item in batch.all:
+            index = plan.run[item.index]
+            if item.status is BatchItemStatus.SUCCEEDED:
+                out[index] = item.result
+            elif item.error is not None:
+                out[index] = item_error(item.error, index, total, exec_id)
+    _fill_reused(db, out, plan, exec_id)
+    return out
 
 
-__all__ = ["execution_id_for", "map"]
+def _fill_reused(db: Store, out: list[Any], plan: Plan, exec_id: str) -> None:
+    for source, pairs in plan.reuse.items():
+        got = read_items(db, source, [batch_index for _, batch_index in pairs])
+        for (index, _), (ok, value) in zip(pairs, got, strict=True):
+            if not ok:
+                raise MissingResults(f"item {index} of execution {source!r} is no longer a success")
+            out[index] = value
+
+
+def _stored_results(db: Store, exec_id: str, plan: Plan) -> tuple[list[Any], BaseException | None]:
+    """A finished map's results read back from the item records, and its first failed item's error."""
+    out: list[Any] = [None] * plan.total
+    failures: dict[int, BaseException] = {}
+    for (ok, value), index in zip(read_items(db, exec_id, list(range(len(plan.run)))), plan.run, strict=True):
+        if ok:
+            out[index] = value
+        else:
+            out[index] = failures[index] = item_error(value, index, plan.total, exec_id)
+    _fill_reused(db, out, plan, exec_id)
+    return out, failures[min(failures)] if failures else None
+
+
+__all__ = ["MapInterrupted", "execution_id_for", "file_content_key", "file_key", "item_error", "map"]

@@ -19,7 +19,7 @@ SURFACE = {
         "StepInterruptedError", "WaitForConditionError", "ValidationError", "SerDesError",
         "NonDeterministicExecutionError", "__version__",
         "DurableFunction", "ExecutionFailedError", "WorkerCrashedError", "StepTimeoutError",
-        "MemoryLimitExceededError", "ExecutionLockedError", "StoreError", "map",
+        "MemoryLimitExceededError", "ExecutionLockedError", "StoreError", "map", "file_key", "file_content_key",
     ],
     "durable_mp.config": [
         "ParallelConfig", "MapConfig", "CompletionConfig", "StepConfig", "StepSemantics", "ChildConfig",

@@ -255,6 +255,16 @@ def run_durable(handler: Any, event: Any, tag: str, *, inspect: Callable[[str, s
     return wall, result, seen
 
 
+def run_map(func: Callable[[Any], Any], items: list, tag: str, *, cpu: dict[str, float] | None = None,
+            **options: Any) -> tuple[float, Any]:
+    """``durable_mp.map(func, items)`` once on a fresh store: ``(wall seconds, result)``, as ``run_durable``."""
+    import durable_mp
+
+    with fresh_store(tag) as (path, _execution_id):
+        options.setdefault("progress", False)
+        return timed_cpu(lambda: durable_mp.map(func, items, store=path, **options), cpu if cpu is not None else {})
+
+
 def count_records(path: str, execution_id: str) -> dict:
     """How many operation records the store holds for the execution, by sub-type and status."""
     from durable_mp.store.facade import Store

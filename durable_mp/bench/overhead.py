@@ -12,7 +12,7 @@ import math
 
 from durable_mp import durable_execution
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, count_records,
-                                   joblib_or_none, joblib_parallel, ppe, run_durable, stop_helpers, timed,
+                                   joblib_or_none, joblib_parallel, ppe, run_durable, run_map, stop_helpers, timed,
                                    timed_cpu,
                                    workers)
 
@@ -86,6 +86,13 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         return Sample(wall, {"records": seen["records"], "item_records": seen["by_kind"].get("MapIteration:SUCCEEDED"),
                              **per_item_cpu(cpu, count)})
 
+    def public_map(todo=items) -> Sample:
+        cpu: dict[str, float] = {}
+        wall, out = run_map(double, todo, NAME, max_workers=n, cpu=cpu)
+        if todo is items:
+            check(out == expected, "durable_mp.map() results differ")
+        return Sample(wall, per_item_cpu(cpu, len(todo)))
+
     work = dict(work=len(items), unit="items")
     rows = []
     try:
@@ -95,6 +102,8 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
             Variant("joblib", with_joblib if joblib else None, lambda: with_joblib(items[:100]), **work,
                     skipped=None if joblib else "joblib is not installed", note="batch_size='auto', loky reused"),
             Variant("durable_mp.map", durable, lambda: durable(100), **work, note="every item checkpointed"),
+            Variant("durable_mp.map()", public_map, lambda: public_map(items[:100]), **work,
+                    note="the public call: identity and item keys hashed, every item checkpointed"),
         ], repeats=runner.repeats * REPEAT_FACTOR)
     finally:
         stop_helpers()

@@ -35,7 +35,7 @@ import tempfile
 
 from durable_mp import durable_execution
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, joblib_or_none,
-                                   joblib_parallel, ppe, run_durable, stop_helpers, timed, workers)
+                                   joblib_parallel, ppe, run_durable, run_map, stop_helpers, timed, workers)
 
 NAME = "payload"
 TITLE = "numpy results made in the branches, checkpoint included"
@@ -145,6 +145,11 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
             check(out == expected, "durable_mp arrays differ")
             return Sample(wall)
 
+        def public_map(jobs=jobs, expected=expected) -> Sample:
+            wall, out = run_map(make_array, jobs, NAME, max_workers=n)
+            check([summary(a) for a in out] == expected, "durable_mp.map() arrays differ")
+            return Sample(wall)
+
         variants += [
             Variant("ppe", pool, pool if not variants else None, **work, baseline=True,
                     note="executor started inside the timing"),
@@ -154,6 +159,8 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
                     note="the same bytes written + fdatasync'd per array, store's file system"),
             Variant("durable_mp.map", durable, durable if not variants else None, **work,
                     note="each array committed (blob file, then its LMDB reference)"),
+            Variant("durable_mp.map()", public_map, public_map if not variants else None, **work,
+                    note="the public call on the same arrays"),
         ]
     return variants
 

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from durable_mp.cli.loader import HandlerError, load_handler
+from durable_mp.context import SUB_MAP
+from durable_mp.core.records import OpStatus
 from durable_mp.engine.start import START_METHODS
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
@@ -37,6 +39,8 @@ from durable_mp.inspect.history import build_history, format_history
 from durable_mp.inspect.report import write_report
 from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
+from durable_mp.map_items import HANDLER_MARK, plan_of
+from durable_mp.map_items import describe as describe_map
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
 from durable_mp.store.records import FAILED, RUNNING, ExecutionRecord, owner_alive
@@ -228,12 +232,28 @@ def _stored_outcome(rec: ExecutionRecord, ref_loader: Callable[[], Any]) -> int:
     return EXIT_OK
 
 
+def _how_to_resume_a_map(rec: ExecutionRecord) -> int:
+    """A ``durable_mp.map`` execution has no handler to load: its function and items live in the
+    program that called it, so the way to resume it is to run that call again."""
+    extra = rec.extra or {}
+    where = extra.get("source")
+    how = (f"run `python {where}` again" + (f" in {extra['cwd']}" if extra.get("cwd") else "") if where
+           else "run the cell or program that called it again")
+    print(f"{PROG}: {rec.exec_id!r} is a durable_mp.map call; to resume it, {how}: the same durable_mp.map call "
+          f"(same function, items and store) continues where it stopped, keeping the finished items.",
+          file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     with _LogSetup(args.log_level), _open(args, write=True) as store:
         rec = _get(store, args.id)
         extra = rec.extra or {}
         ref = args.handler or rec.handler
         source = None if args.handler else extra.get("source")
+
+        if HANDLER_MARK in (rec.handler or ""):
+            return _how_to_resume_a_map(rec)
 
         def load() -> DurableFunction:
             try:
@@ -257,6 +277,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _drive(handler, store, rec.exec_id, None, args)
 
 
+def _map_items(rec: ExecutionRecord, ops: list[Any]) -> dict[str, int]:
+    """A map execution's progress in its own words: items done (reused ones included) of all its items."""
+    plan = plan_of(rec)
+    if plan is None:
+        return {}
+    batches = {r.op_id for r in ops if r.parent_id == "" and r.sub_type == SUB_MAP}
+    done = sum(1 for r in ops if r.parent_id in batches and r.status == OpStatus.SUCCEEDED)
+    return {"items_done": plan.reused + done, "items_total": plan.total}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     wanted = args.status.upper() if args.status else None
     rows: list[dict[str, Any]] = []
@@ -271,7 +301,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append({"id": rec.exec_id, "handler": rec.handler, "status": status, "started": _when(rec.created_ts),
                          "duration_s": None if end is None else round(end - rec.created_ts, 3),
                          "ops_done": done, "ops_total": total, "runs": rec.runs,
-                         "waiting_callbacks": waiting_callbacks(rec.exec_id, ops) if rec.status == RUNNING else []})
+                         "waiting_callbacks": waiting_callbacks(rec.exec_id, ops) if rec.status == RUNNING else [],
+                         **_map_items(rec, ops)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -281,7 +312,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = [("ID", "HANDLER", "STATUS", "STARTED", "DURATION", "OPS")]
     for r in rows:
         dur = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"
-        table.append((r["id"], r["handler"], r["status"], r["started"], dur, f"{r['ops_done']}/{r['ops_total']}"))
+        progress = (f"{r['items_done']}/{r['items_total']} items" if "items_total" in r
+                    else f"{r['ops_done']}/{r['ops_total']}")
+        table.append((r["id"], r["handler"], r["status"], r["started"], dur, progress))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row, r in zip(table, [{}, *rows], strict=True):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -299,6 +332,10 @@ def _tree(args: argparse.Namespace) -> OpTree:
 def cmd_show(args: argparse.Namespace) -> int:
     tree = _tree(args)
     print(render_tree(tree, None if args.all else args.limit, crash_facts(tree)))
+    if HANDLER_MARK in (tree.execution.handler or ""):
+        with _open(args) as store:
+            for line in describe_map(store, tree.execution):
+                print(line)
     return EXIT_OK
 
 

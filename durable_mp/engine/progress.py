@@ -110,7 +110,7 @@ class TqdmBar:
             from tqdm import tqdm
 
         self.failed = failed
-        self.bar = tqdm(total=total, initial=done, desc=name, file=stream, unit="br", leave=True,
+        self.bar = tqdm(total=total, initial=done, desc=name, file=stream, unit="item", leave=True,
                         dynamic_ncols=True, mininterval=REDRAW_SECONDS)
         if failed:
             self.bar.set_postfix(failed=failed, refresh=True)

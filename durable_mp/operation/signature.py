@@ -26,6 +26,8 @@ _HINTS = {
     STEP: "write `lambda step_context: ...` or `def work(step_context)`",
     BRANCH: "write `lambda ctx: ...` or `def branch(ctx)`",
     MAP: "write `def f(ctx, item, index, items)`, or use durable_mp.map(f, items) for a plain f(item)",
+    "handler(event, context)": "write `def handler(event, context)`; a plain f(item) over many items is "
+                               "durable_mp.map(f, items)",
 }
 
 # Callables that fit, by ``_cache_key``: a map or step in a loop passes the same code object

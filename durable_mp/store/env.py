@@ -305,6 +305,9 @@ def _open_failure(path: pathlib.Path, exc: Exception) -> str:
         return (f"the durable_mp store {path} is already open in this process by a Store that was "
                 f"opened before a fork(); an LMDB environment cannot be reopened in a forked child")
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, lmdb.ReadonlyError) or "Read-only file system" in reason:
+        return (f"cannot open durable_mp store {path}: it is read-only (durable_mp writes its checkpoints there); "
+                f"pass store=... or set {STORE_ENV_VAR} to a writable directory")
     if reason.startswith(str(path) + ":"):
         reason = reason[len(str(path)) + 1:].strip()
     return f"cannot open durable_mp store {path}: not a valid LMDB store ({type(exc).__name__}: {reason})"
