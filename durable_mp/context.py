@@ -30,6 +30,7 @@ from durable_mp.config import (
 from durable_mp.core.item_probe import split_terminal
 from durable_mp.core.records import OpRecord, OpStatus, OpType, identity_mismatch, operation_id
 from durable_mp.core.spec import BatchSpec
+from durable_mp.core.vocabulary import NESTING_KEY, SubType, parallel_branch_name
 
 # The reference defines the decorators in ``context``: re-exported from ``decorators``.
 from durable_mp.decorators import durable_parallel_branch as durable_parallel_branch
@@ -60,17 +61,6 @@ from durable_mp.waits import WaitForConditionConfig
 T = TypeVar("T")
 U = TypeVar("U")
 
-SUB_STEP = "Step"
-SUB_WAIT = "Wait"
-SUB_CHILD = "RunInChildContext"
-SUB_PARALLEL = "Parallel"
-SUB_PARALLEL_BRANCH = "ParallelBranch"
-SUB_MAP = "Map"
-# In a batch record's extra: FLAT branches are still recorded (their results are the
-# items' checkpoints), but views show their operations as the batch's own children.
-NESTING_KEY = "nesting"
-SUB_MAP_ITERATION = "MapIteration"
-SUB_WAIT_FOR_CONDITION = "WaitForCondition"
 
 
 class DetachedContext:
@@ -167,7 +157,7 @@ class DurableContext:
         check_step(func)  # before anything is recorded: a wrong signature is not retried
         name = op_name(func, name)
         op_id = self._next_id()
-        rec = self._checkpoint(op_id, OpType.STEP, config.sub_type or SUB_STEP, name)
+        rec = self._checkpoint(op_id, OpType.STEP, config.sub_type or SubType.STEP, name)
         if rec is not None and rec.is_terminal:
             return self._replayed(rec, config.serdes, f"result of step {name!r}", "StepError")
         return run_step(self, op_id, name, func, config, rec)
@@ -183,7 +173,7 @@ class DurableContext:
         child = self.create_child_context(op_id, is_virtual=config.is_virtual)
         if config.is_virtual:
             return func(child)
-        sub_type = config.sub_type or SUB_CHILD
+        sub_type = config.sub_type or SubType.RUN_IN_CHILD_CONTEXT
         rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
         what = f"result of child context {name!r}"
         if rec is not None and rec.is_terminal:
@@ -213,14 +203,14 @@ class DurableContext:
         for i, f in enumerate(functions):
             if isinstance(f, ParallelBranch):
                 funcs.append(f.func)
-                names.append(f.name or f"parallel-branch-{i}")
+                names.append(f.name or parallel_branch_name(i))
             elif callable(f):
                 funcs.append(f)
-                names.append(f"parallel-branch-{i}")
+                names.append(parallel_branch_name(i))
             else:
                 raise ValidationError(f"parallel branch {i} is not callable: {type(f).__name__}")
             check_branch(funcs[-1], i)
-        return self._batch(SUB_PARALLEL, SUB_PARALLEL_BRANCH, name, config, len(funcs), names, funcs=funcs)
+        return self._batch(SubType.PARALLEL, SubType.PARALLEL_BRANCH, name, config, len(funcs), names, funcs=funcs)
 
     def map(
         self,
@@ -237,7 +227,8 @@ class DurableContext:
         names = None
         if config.item_namer is not None:
             names = [config.item_namer(item, i) for i, item in enumerate(inputs)]
-        return self._batch(SUB_MAP, SUB_MAP_ITERATION, name, config, len(inputs), names, func=func, inputs=inputs)
+        return self._batch(SubType.MAP, SubType.MAP_ITERATION, name, config, len(inputs), names, func=func,
+                           inputs=inputs)
 
     def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
         op_id = self._next_id()
@@ -394,12 +385,12 @@ class DurableContext:
         if seconds < 1:
             raise ValidationError(f"wait duration must be at least 1 second, got {seconds}")
         op_id = self._next_id()
-        rec = self._checkpoint(op_id, OpType.WAIT, SUB_WAIT, name)
+        rec = self._checkpoint(op_id, OpType.WAIT, SubType.WAIT, name)
         if rec is not None and rec.is_terminal:
             return None
         if rec is None:
             now = time.time()
-            rec = OpRecord(op_id, self._parent_id, OpType.WAIT, SUB_WAIT, name, OpStatus.STARTED, now,
+            rec = OpRecord(op_id, self._parent_id, OpType.WAIT, SubType.WAIT, name, OpStatus.STARTED, now,
                            extra={"scheduled_end": now + seconds})
             self.state.emit(rec)
         self.state.sleep_until(rec.extra["scheduled_end"])

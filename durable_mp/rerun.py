@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from durable_mp.core.records import branch_key
-from durable_mp.core.reopen import BATCH_SUB_TYPES, NON_DETERMINISM, reopen
+from durable_mp.core.reopen import NON_DETERMINISM, reopen
+from durable_mp.core.vocabulary import BATCH_SUB_TYPES
 from durable_mp.store.env import resolve_store_path
 from durable_mp.store.facade import ExecutionRecord, Store
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.vocabulary import BATCH_SUB_TYPES
 
 RERUN_BASE = "rerun_base"  # extra key of a reopened step: attempts it had made before this run
 NON_DETERMINISM = "NonDeterministicExecutionError"
-BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
 
 
 def is_non_determinism(rec: OpRecord) -> bool:

@@ -34,6 +34,7 @@ from durable_mp.core.records import (
     operation_id,
 )
 from durable_mp.core.spec import BatchSpec
+from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task, Watch
@@ -77,7 +78,6 @@ from durable_mp.lambda_service import ErrorObject
 log = logging.getLogger("durable_mp.dispatch")
 
 MAX_WAIT_SECONDS = 1.0
-CALLBACK_POLL_SECONDS = 0.1
 DEFAULT_MAX_CRASH_RETRIES = 3
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 

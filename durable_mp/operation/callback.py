@@ -20,6 +20,7 @@ from durable_mp import serdes as _serdes
 from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
 from durable_mp.core.callback_ids import decode_callback_id, encode_callback_id
 from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.core.vocabulary import SubType
 from durable_mp.exceptions import (
     CallbackError,
     CallbackExternalError,
@@ -33,12 +34,9 @@ from durable_mp.operation.replay import raise_stored
 from durable_mp.store.facade import Store
 from durable_mp.types import WaitForCallbackContext
 
-CALLBACK_POLL_SECONDS = 0.1
 TIMEOUT_MESSAGE = "Callback timed out"  # the reference's message and error types (its CallbackTimeoutType)
 TIMEOUT_TYPE = "Callback.Timeout"
 HEARTBEAT_TYPE = "Callback.Heartbeat"
-SUB_CALLBACK = "Callback"
-SUB_WAIT_FOR_CALLBACK = "WaitForCallback"
 
 
 def timed_out_record(rec: OpRecord, now: float | None = None) -> OpRecord:
@@ -104,7 +102,7 @@ class Callback:
 
 def create_callback(ctx: DurableContextProtocol, name: str | None, config: CallbackConfig | None) -> Callback:
     config = config or CallbackConfig()
-    sub_type = config.sub_type or SUB_CALLBACK
+    sub_type = config.sub_type or SubType.CALLBACK
     op_id = ctx._next_id()
     rec = ctx._checkpoint(op_id, OpType.CALLBACK, sub_type, name)
     if rec is None:
@@ -122,12 +120,12 @@ def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, Wai
     """A WaitForCallback context: create the callback, run the submitter step, wait."""
     config = config or WaitForCallbackConfig()
     op_id = ctx._next_id()
-    rec = ctx._checkpoint(op_id, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name)
+    rec = ctx._checkpoint(op_id, OpType.CONTEXT, SubType.WAIT_FOR_CALLBACK, name)
     if rec is not None and rec.is_terminal:
         return ctx._replayed(rec, _serdes.PassThroughSerDes() if config.serdes is None else config.serdes,
                              f"callback {name!r}", "CallbackError")
     # raw: the result is the callback's own text, not a serdes payload (history serializes it)
-    base = rec or OpRecord(op_id, ctx.record_parent, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name,
+    base = rec or OpRecord(op_id, ctx.record_parent, OpType.CONTEXT, SubType.WAIT_FOR_CALLBACK, name,
                            OpStatus.STARTED, time.time(), extra={"raw": True} if config.serdes is None else None)
     if rec is None:
         ctx.state.emit(base)

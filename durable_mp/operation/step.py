@@ -22,6 +22,7 @@ from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.core.remote import user_frame
 from durable_mp.core.reopen import RERUN_BASE
+from durable_mp.core.vocabulary import SubType
 from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.operation.replay import build_error
@@ -108,7 +109,7 @@ def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Ca
     at_most_once = config.step_semantics == StepSemantics.AT_MOST_ONCE_PER_RETRY
     timeout = timeout_seconds(config.timeout)
     what = f"result of step {name!r}"
-    sub_type = config.sub_type or "Step"
+    sub_type = config.sub_type or SubType.STEP
     base = rec or OpRecord(op_id, ctx.record_parent, OpType.STEP, sub_type, name, OpStatus.STARTED, time.time())
     attempt = base.attempt
     attempts = list(base.attempts)

@@ -53,8 +53,9 @@ from typing import Any, cast
 
 from durable_mp.config import NestingType
 from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.core.vocabulary import NESTING_KEY, SUCCEEDED
 from durable_mp.exceptions import ExecutionFailedError
-from durable_mp.execution import SUCCEEDED, DurableFunction, durable_execution, envelope_of
+from durable_mp.execution import DurableFunction, durable_execution, envelope_of
 from durable_mp.history_payloads import HistoryPayloads
 from durable_mp.inspect.history import build_history
 from durable_mp.inspect.tree import OpTree
@@ -68,7 +69,6 @@ __all__ = [
     "HistoryEvent", "HistoryResponse", "Operation", "StepOperation", "WaitOperation",
 ]
 
-NESTING_KEY = "nesting"  # a batch record's extra: "FLAT" for NestingType.FLAT (context._batch writes it)
 POLL_SECONDS = 0.02  # store polling of wait_for_callback; the runner is local, so polling is cheap
 NAME_LIMIT = 64  # characters of function/execution name kept in an execution ARN
 
