@@ -5,7 +5,7 @@ root) and a per-context counter that names its operations deterministically.  Ev
 operation first looks for its checkpoint; a terminal one is returned (or re-raised)
 without running user code.  How work is recorded and where branches run is the job of
 the *state* behind the context: ``DriverState`` (driver process, process pool) or
-``WorkerState`` (inside a worker, threads for nested batches).  The context itself is
+``WorkerContextState`` (inside a worker, threads for nested batches).  The context itself is
 identical in both places, which is what makes replay inside a re-dispatched branch work.
 """
 

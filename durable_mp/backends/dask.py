@@ -39,7 +39,7 @@ from durable_mp.core.vocabulary import SubType
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
-from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source
+from durable_mp.engine.worker import Outbox, WorkerContextState, WorkerShared, load_source
 from durable_mp.exceptions import StepTimeoutError, ValidationError, WorkerCrashedError
 from durable_mp.types import StepContext
 
@@ -134,7 +134,7 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
     shared = WorkerShared(outbox, settings)
     empty: dict = {}
     for index in indices:
-        state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
+        state = WorkerContextState(shared, checkpoints.get(index, empty) if checkpoints else empty)
         outbox.add_item(index, run_branch(source, index, state.context))
     return outbox.nested, outbox.items
 

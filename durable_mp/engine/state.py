@@ -1,7 +1,7 @@
 """What a ``DurableContext`` needs from the place it runs in, and the part both places share.
 
 Two states implement ``ContextState``: ``DriverState`` (the handler body, in the
-driver: store and worker pool) and ``WorkerState`` (a branch, in a worker: its
+driver: store and worker pool) and ``WorkerContextState`` (a branch, in a worker: its
 checkpoints in, records out to the driver).  The engine builds contexts for branches
 through ``context_factory()``; the context class registers itself there when it is
 imported, so the engine does not import the layer above it.

@@ -21,7 +21,7 @@ T = TypeVar("T")
 class DurableContextProtocol(Protocol):
     """The parts of a ``DurableContext`` that ``operation`` modules call."""
 
-    state: Any  # engine's DriverState or WorkerState
+    state: Any  # engine's DriverState or WorkerContextState
 
     @property
     def logger(self) -> Logger: ...
