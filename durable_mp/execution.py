@@ -35,7 +35,7 @@ from durable_mp.engine.start import check_start_method
 from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
-from durable_mp.operation.callback import poll_callback
+from durable_mp.store.callbacks import poll_callback
 from durable_mp.store.facade import ExecutionRecord, Store
 from durable_mp.store.records import this_process
 

@@ -159,7 +159,7 @@ def test_resumed_records_decode_the_same_on_the_fast_path(monkeypatch):
     """Compact records decoded straight from their bytes give the BatchResult the general path gives."""
     import types
 
-    from durable_mp import context as context_mod
+    from durable_mp.operation import batch as batch_mod
     from durable_mp.core.records import OpRecord, OpStatus, OpType
     from durable_mp.serdes import envelope_of, pickle_parts
 
@@ -169,11 +169,10 @@ def test_resumed_records_decode_the_same_on_the_fast_path(monkeypatch):
                3: failed.dumps(), 5: _compact(5, b"not a pickle"), 6: _compact(6, pickle_parts(b"z" * 300_000)),
                7: _compact(7, pickle.dumps(7))}
     records = {i: (b"".join(r) if isinstance(r, list) else r) for i, r in records.items()}
-    fake = types.SimpleNamespace(state=types.SimpleNamespace(execution_id="ex"),
-                                 _decode_compact=context_mod.DurableContext._decode_compact)
-    build = context_mod.DurableContext._batch_result
+    fake = types.SimpleNamespace(execution_id="ex")
+    build = batch_mod.batch_result
     fast = build(fake, ItemColumns.of(dict(records), 9), CompletionReason.ALL_COMPLETED, None, 9)
-    monkeypatch.setattr(context_mod, "fast_decodable", lambda serdes: False)
+    monkeypatch.setattr(batch_mod, "fast_decodable", lambda serdes: False)
     slow = build(fake, ItemColumns.of(dict(records), 9), CompletionReason.ALL_COMPLETED, None, 9)
     assert fast == slow
     assert _public(fast) == _public(slow)

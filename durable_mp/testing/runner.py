@@ -57,6 +57,7 @@ from enum import Enum
 from typing import Any, cast
 
 from durable_mp.config import NestingType
+from durable_mp.core.callback_ids import encode_callback_id
 from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.core.vocabulary import NESTING_KEY, SUCCEEDED
 from durable_mp.exceptions import ExecutionFailedError
@@ -65,7 +66,7 @@ from durable_mp.history_payloads import HistoryPayloads
 from durable_mp.inspect.history import build_history
 from durable_mp.inspect.tree import OpTree
 from durable_mp.lambda_service import ErrorObject, InvocationStatus, OperationStatus, OperationSubType, OperationType
-from durable_mp.operation import callback as _callbacks
+from durable_mp.store import callbacks as _callbacks
 from durable_mp.store.facade import Store
 
 __all__ = [
@@ -176,7 +177,7 @@ def _view(rec: OpRecord, tree: OpTree, execution_id: str) -> Operation:
                              next_attempt_timestamp=_when(rec.next_attempt_ts))
     if rec.op_type == OpType.CALLBACK:
         return CallbackOperation(**common, **payload,
-                                 callback_id=_callbacks.encode_callback_id(execution_id, rec.parent_id, rec.op_id))
+                                 callback_id=encode_callback_id(execution_id, rec.parent_id, rec.op_id))
     return ContextOperation(**common, **payload)
 
 
@@ -373,7 +374,7 @@ class DurableFunctionTestRunner:
             for rec in self.store.ops(execution_arn):
                 if rec.op_type == OpType.CALLBACK and rec.status == OpStatus.STARTED and (
                         wanted is None or rec.name in wanted):
-                    return _callbacks.encode_callback_id(execution_arn, rec.parent_id, rec.op_id)
+                    return encode_callback_id(execution_arn, rec.parent_id, rec.op_id)
             if finished:
                 raise ValueError(f"execution {execution_arn!r} finished without an active callback {name!r}")
             if time.monotonic() >= deadline:
