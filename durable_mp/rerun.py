@@ -1,4 +1,4 @@
-"""What running an existing execution again does, and says (DESIGN.md §2).
+"""What running an existing execution again does, and says (docs/architecture.md "Running a handler").
 
 - A SUCCEEDED execution returns its stored result without running anything, and says so
   in one line: which execution, when it finished, how to recompute, and whether the

@@ -207,7 +207,7 @@ def test_fail_fast_map_stops_starting_items_inside_a_chunk(store_path, tmp_path,
     assert reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
 
-# -- the seed's error isolation (DESIGN.md §1): failures let running siblings finish -------
+# -- the seed's error isolation (docs/architecture.md "Completion"): failures let running siblings finish ---
 def test_a_failing_branch_lets_its_running_siblings_finish(store_path):
     def slow(seconds, value):
         def run(ctx):

@@ -63,7 +63,7 @@ BLOG_ERROR_ISOLATION = {  # the blog post's output ("エラーの分離"), but f
 
 
 def test_seed_error_isolation_matches_the_blog(tmp_path):
-    """Branch 3 fails at once; branches 1 and 2 still finish and report (DESIGN.md §1)."""
+    """Branch 3 fails at once; branches 1 and 2 still finish and report (docs/architecture.md "Completion")."""
     run = run_example(tmp_path, "seed_error_isolation.py", "isolation")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)

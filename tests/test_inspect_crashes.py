@@ -225,7 +225,8 @@ def test_a_driver_killed_mid_map_and_resumed(job, tmp_path):
 
 
 def test_a_failed_run_fixed_and_resumed_is_not_called_a_stopped_driver(tmp_path):
-    """Fix and resume (DESIGN.md §2): run 1 ended FAILED, run 2 resumed it; no driver was killed."""
+    """Fix and resume (docs/architecture.md "Running a handler"): run 1 ended FAILED, run 2 resumed it;
+    no driver was killed."""
     from durable_mp import durable_execution
     from durable_mp.config import StepConfig
     from durable_mp.inspect.history import build_history

@@ -1,4 +1,4 @@
-"""DESIGN.md §6: dependencies point one way, and moved classes keep their public names.
+"""docs/architecture.md "Packages": dependencies point one way, and moved classes keep their public names.
 
 CI's import-cycle check catches cycles; these tests catch an import that points the wrong
 way before it closes one (every import counts, also in functions and TYPE_CHECKING blocks).

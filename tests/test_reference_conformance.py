@@ -920,7 +920,7 @@ def fail_late(ctx):
 def test_parallel_default_is_all_successful():
     """§5 observed: ``parallel`` default (all_successful) with a failing branch → FAILED, the
     other branches SUCCEEDED.  The reference (since Dec 2025) says FAILURE_TOLERANCE_EXCEEDED;
-    DESIGN.md §1 lets running branches finish and reads the reason from the final state: every
+    docs/architecture.md "Completion" lets running branches finish and reads the reason from the final state: every
     branch ran to an end, so ALL_COMPLETED (the blog post's output)."""
     @durable_execution
     def handler(event, ctx):

@@ -92,7 +92,7 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_branches(tmp_path):
     assert len(repeated) <= 4, f"only work in flight at the kill may repeat, got {repeated}"
 
 
-# -- fix and resume (DESIGN.md §2): a FAILED execution run again keeps what succeeded ---------------
+# -- fix and resume (docs/architecture.md "Running a handler"): a FAILED execution run again keeps what succeeded ---
 
 from durable_mp import ExecutionFailedError, durable_execution  # noqa: E402
 from durable_mp.config import StepConfig  # noqa: E402

@@ -1,6 +1,6 @@
 """A store that cannot be written: commits retried, then a latched, resumable stop.
 
-The promise under test (DESIGN.md §4): a failed checkpoint commit never lets an execution
+The promise under test (docs/architecture.md "Faults"): a failed checkpoint commit never lets an execution
 end SUCCEEDED with records missing.  A commit that fails once is retried and loses
 nothing; a store that stays unwritable stops the execution as interrupted (RUNNING, so a
 re-run resumes) with ``CheckpointFailedError``, a ``BaseException`` that ``except

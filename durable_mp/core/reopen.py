@@ -1,4 +1,6 @@
-"""Which checkpoints a re-run opens again, and what they become (fix and resume, DESIGN.md §2).
+"""Which checkpoints a re-run opens again, and what they become.
+
+Fix and resume: docs/architecture.md "Running a handler".
 
 Running a FAILED execution again replays every operation that SUCCEEDED and runs the
 failed ones again, as new attempts.  A FAILED checkpoint is terminal, so replay would

@@ -7,7 +7,7 @@ the store's group commit; feed outcomes to the policy; react to deaths, timeouts
 memory overruns.  Every fault costs only the branch it hit (``faults`` decides what it
 costs).
 
-Completion (DESIGN.md §1): a decision reached by *successes* (``min_successful``, a
+Completion (docs/architecture.md "Completion"): a decision reached by *successes* (``min_successful``, a
 custom predicate) terminates the branches still running, which stay STARTED; a
 decision reached by *failures* stops starting branches but lets the running ones finish
 and report, and the reason is then read from the final state.

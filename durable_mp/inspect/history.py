@@ -55,7 +55,7 @@ _NO_VALUE = object()
 class PayloadCodec(Protocol):
     """How stored payloads become the reference's payload text.
 
-    ``inspect`` uses only ``core`` and ``store`` (DESIGN.md §6), so the reference's
+    ``inspect`` uses only ``core`` and ``store`` (docs/architecture.md "Packages"), so the reference's
     serializer and ``BatchResult`` come in from outside: ``durable_mp.history_payloads``
     (the CLI and the test runner pass it).  Every method raises when it cannot.
     """

@@ -1,6 +1,6 @@
 """What an operation needs of the ``DurableContext`` it runs in.
 
-Operations sit below ``context`` (docs/architecture.md, "Packages": ``operation ←
+Operations sit below ``context`` (docs/architecture.md "Packages": ``operation ←
 context``): the context calls them, so they cannot import it.  They see it through this
 protocol instead, which ``context.DurableContext`` satisfies.  ``_next_id`` is the
 context's operation counter, shared with the operations and used nowhere else; what the

@@ -123,7 +123,7 @@ def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionR
     """The record after ``me`` takes the lock of an existing execution.
 
     Raises ``ExecutionLockedError`` while another live process owns it RUNNING (or FAILED:
-    it is resuming it, DESIGN.md §2).  Taking
+    it is resuming it, docs/architecture.md "Running a handler").  Taking
     over a RUNNING execution (dead owner, released after Ctrl-C) starts a new run.
     """
     # a FAILED execution with a live owner is being resumed by it (fix and resume), or read
