@@ -13,6 +13,7 @@ from durable_mp.operation.callback import send_callback_failure, send_callback_s
 from durable_mp.config import CallbackConfig, CompletionConfig, Duration, ParallelConfig, WaitForCallbackConfig
 from durable_mp.exceptions import CallbackExternalError, CallbackTimeoutError
 from durable_mp.lambda_service import ErrorObject
+from util import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,14 +166,6 @@ if __name__ == "__main__":
 '''
 
 
-def _cli(store, *args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, *args], capture_output=True,
-                          text=True, timeout=30)
-
-
 def test_an_outside_system_finds_the_callback_id_and_succeeds_it_without_a_result(tmp_path):
     """The handler tells nobody the id: list, show and history must; --success alone gives None."""
     import subprocess
@@ -187,7 +180,7 @@ def test_an_outside_system_finds_the_callback_id_and_succeeds_it_without_a_resul
         deadline = time.monotonic() + 30
         rows: list = []
         while time.monotonic() < deadline:
-            listed = _cli(store, "list", "--json")
+            listed = run_cli("list", "--json", store=store, timeout=30)
             rows = json.loads(listed.stdout) if listed.returncode == 0 and listed.stdout.strip() else []
             if rows and rows[0]["waiting_callbacks"]:
                 break
@@ -195,17 +188,17 @@ def test_an_outside_system_finds_the_callback_id_and_succeeds_it_without_a_resul
         [waiting] = rows[0]["waiting_callbacks"]
         assert waiting["name"] == "approval"
         cid = waiting["id"]
-        assert f"waiting for callback 'approval': {cid}" in _cli(store, "list").stdout
-        assert f"callback id {cid}" in _cli(store, "show", "outside").stdout
-        events = json.loads(_cli(store, "history", "outside", "--json").stdout)
+        assert f"waiting for callback 'approval': {cid}" in run_cli("list", store=store, timeout=30).stdout
+        assert f"callback id {cid}" in run_cli("show", "outside", store=store, timeout=30).stdout
+        events = json.loads(run_cli("history", "outside", "--json", store=store, timeout=30).stdout)
         started = next(e for e in events if e["EventType"] == "CallbackStarted")
         assert started["CallbackStartedDetails"] == {"CallbackId": cid, "Timeout": 120, "HeartbeatTimeout": 60}
-        ok = _cli(store, "callback", cid, "--success")
+        ok = run_cli("callback", cid, "--success", store=store, timeout=30)
         assert ok.returncode == 0, ok.stderr
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert json.loads(out) == {"got": None}
-        assert json.loads(_cli(store, "list", "--json").stdout)[0]["waiting_callbacks"] == []
+        assert json.loads(run_cli("list", "--json", store=store, timeout=30).stdout)[0]["waiting_callbacks"] == []
     finally:
         proc.kill()
         proc.wait()

@@ -22,6 +22,7 @@ import pytest
 import durable_mp.cli.main as cli
 from durable_mp.store.facade import Store
 from durable_mp.store.records import RUNNING, ExecutionRecord
+from util import run_cli, wait_until
 
 JOBS = textwrap.dedent(
     """
@@ -96,11 +97,6 @@ def jobs(tmp_path):
     path = tmp_path / f"jobs_{uuid.uuid4().hex[:10]}.py"
     path.write_text(JOBS)
     return str(path)
-
-
-def run_cli(*args, store, cwd=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "durable_mp", *args, "--store", str(store)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
 
 
 def in_process(capsys, *args, store):
@@ -282,13 +278,6 @@ def test_progress_flag(jobs, store_path):
     assert hidden.returncode == 0 and "4/4" not in hidden.stderr
 
 
-def _wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 @pytest.mark.timeout(60)
 def test_sigkilled_run_is_resumed_and_reported(jobs, tmp_path, store_path, capsys):
     markers = tmp_path / "markers"
@@ -298,7 +287,7 @@ def test_sigkilled_run_is_resumed_and_reported(jobs, tmp_path, store_path, capsy
                              "--input", event, "--store", store_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        _wait_for(lambda: len(os.listdir(markers)) >= 3)
+        assert wait_until(lambda: len(os.listdir(markers)) >= 3, 30.0), "timed out waiting"
         time.sleep(0.15)  # the next branches have started and checkpointed their first step
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # driver and workers, like a power cut
@@ -345,8 +334,8 @@ def test_locked_execution_cannot_be_resumed_or_deleted(jobs, tmp_path, store_pat
                              "--input", event, "--store", store_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: os.path.exists(os.path.join(store_path, "data.mdb")) and "busy" in
-                  run_cli("list", store=store_path).stdout)
+        assert wait_until(lambda: os.path.exists(os.path.join(store_path, "data.mdb")) and "busy" in
+                          run_cli("list", store=store_path).stdout, 30.0), "timed out waiting"
         second = run_cli("resume", "busy", store=store_path)
         assert second.returncode == 2 and "another live driver" in one_line(second.stderr)
         gone = run_cli("delete", "busy", store=store_path)

@@ -18,6 +18,7 @@ import pytest
 from durable_mp import ExecutionLockedError
 from durable_mp.store.facade import Store
 from procs import session_processes
+from util import marker_counts, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,16 +76,8 @@ def start(script, store, n, **env):
 
 
 def wait_gone(sid: int, seconds: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    left = session_processes(sid)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = session_processes(sid)
-    return left
-
-
-def counts(markers, prefix):
-    return {int(n.split("-")[1]): len(open(markers / n).read()) for n in os.listdir(markers) if n.startswith(prefix)}
+    wait_until(lambda: not session_processes(sid), seconds, interval=0.05)
+    return session_processes(sid)
 
 
 def committed_branches(store) -> set[int]:
@@ -94,9 +87,7 @@ def committed_branches(store) -> set[int]:
 
 
 def wait_for_starts(markers, n, seconds=60):
-    deadline = time.monotonic() + seconds
-    while sum(counts(markers, "start").values()) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: sum(marker_counts(markers, "start").values()) >= n, seconds)
 
 
 def resume_without_repeating(script, markers, store, done, step_seconds, n=12):
@@ -105,7 +96,7 @@ def resume_without_repeating(script, markers, store, done, step_seconds, n=12):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.strip() == str([3 * i for i in range(n)])
-    starts = counts(markers, "start")
+    starts = marker_counts(markers, "start")
     assert all(starts[i] == 1 for i in done)
 
 
@@ -126,14 +117,14 @@ def test_driver_kill_loop_then_completion_reruns_nothing_that_finished(job):
     n = 48  # 2.4 s of work at max_concurrency=2: three kills of at most 0.5 s land mid-run
     runs_when_committed: dict[int, int] = {}  # branch -> how often it had started when first seen committed
     for _ in range(3):
-        before = sum(counts(markers, "start").values())
+        before = sum(marker_counts(markers, "start").values())
         proc = start(script, store, n)
         wait_for_starts(markers, before + 1)  # the interpreter may start slowly on a loaded machine
         time.sleep(rng.uniform(0.2, 0.5))  # >= one 0.1 s step plus a group commit after the first start
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert wait_gone(proc.pid) == []
-        snapshot = counts(markers, "start")
+        snapshot = marker_counts(markers, "start")
         for i in committed_branches(store):
             runs_when_committed.setdefault(i, snapshot[i])
     assert 0 < len(runs_when_committed) < n, "kills should land mid-run"
@@ -141,7 +132,7 @@ def test_driver_kill_loop_then_completion_reruns_nothing_that_finished(job):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert out.strip() == str([3 * i for i in range(n)])
-    starts = counts(markers, "start")
+    starts = marker_counts(markers, "start")
     assert sorted(starts) == list(range(n))
     for i, runs in runs_when_committed.items():
         assert starts[i] == runs, f"branch {i} was checkpointed before a kill but ran again"

@@ -17,6 +17,7 @@ from durable_mp import BatchItemStatus, StepError, durable_execution
 from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig
 from durable_mp.retries import RetryPresets, RetryStrategyConfig, create_retry_strategy
 from durable_mp.store.facade import Store
+from util import marker_count
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -133,11 +134,6 @@ def test_fault_matrix(stage, kind, store_path):
         assert "crashed its worker 3 times" in item.error.message
 
 
-def _count(markers, name: str) -> int:
-    path = os.path.join(markers, name)
-    return len(open(path).read()) if os.path.exists(path) else 0
-
-
 def test_a_killed_worker_costs_only_its_branch(store_path, tmp_path):
     markers = str(tmp_path)
 
@@ -157,7 +153,7 @@ def test_a_killed_worker_costs_only_its_branch(store_path, tmp_path):
         return ctx.parallel([branch(i) for i in range(16)]).get_results()
 
     assert handler.run(None, store=store_path) == [i * 10 for i in range(16)]
-    counts = [_count(markers, f"ran-{i}") for i in range(16)]
+    counts = [marker_count(markers, f"ran-{i}") for i in range(16)]
     assert counts == [2 if i == 5 else 1 for i in range(16)]
     with Store(store_path) as st:
         rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "parallel-branch-5")

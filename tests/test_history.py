@@ -26,8 +26,9 @@ import pytest
 import durable_mp.cli.main as cli
 from durable_mp.inspect.history import build_history, format_history
 from durable_mp.cli.loader import load_handler
-from durable_mp.core.records import Attempt, OpRecord, operation_id
+from durable_mp.core.records import Attempt, operation_id
 from durable_mp.store.records import SUCCEEDED, ExecutionRecord
+from util import rec
 
 REFERENCE = [
     ("ExecutionStarted", None, None),
@@ -201,19 +202,15 @@ def test_retries_and_failures(jobs, store_path, capsys):
     assert "RuntimeError: attempt 1 failed" in text
 
 
-def _rec(op_id, parent, op_type, sub_type, name, start, end, status="SUCCEEDED", **kw):
-    return OpRecord(op_id, parent, op_type, sub_type, name, status, start, end, **kw)
-
-
 def test_order_nests_even_when_process_clocks_disagree():
     """A worker's clock a little behind the driver's must not put a child before its parent."""
     p = operation_id("", 1)
     b0 = operation_id(p, 0)
     s = operation_id(b0, 1)
     ops = [
-        _rec(p, "", "CONTEXT", "Parallel", "p", 100.0, 101.0, extra={"completion_reason": "ALL_COMPLETED"}),
-        _rec(b0, p, "CONTEXT", "ParallelBranch", "parallel-branch-0", 99.9, 100.8, pid=7),  # skewed clock
-        _rec(s, b0, "STEP", "Step", "s", 99.95, 101.5, attempt=1,  # ends after its parent: skew again
+        rec(p, "", "CONTEXT", "Parallel", "p", 100.0, 101.0, extra={"completion_reason": "ALL_COMPLETED"}),
+        rec(b0, p, "CONTEXT", "ParallelBranch", "parallel-branch-0", 99.9, 100.8, pid=7),  # skewed clock
+        rec(s, b0, "STEP", "Step", "s", 99.95, 101.5, attempt=1,  # ends after its parent: skew again
              attempts=(Attempt(1, 99.95, 101.5, 7),)),
     ]
     ex = ExecutionRecord("x", SUCCEEDED, "m:h", None, None, None, 99.0, 99.0, 102.0, 0, 0.0, 1)
@@ -234,11 +231,11 @@ def test_pending_and_abandoned_operations():
     s = operation_id(b0, 1)
     err = {"ErrorMessage": "down", "ErrorType": "ConnectionError"}
     ops = [
-        _rec(p, "", "CONTEXT", "Parallel", "p", 10.0, None, status="STARTED"),
-        _rec(b0, p, "CONTEXT", "ParallelBranch", "parallel-branch-0", 10.1, None, status="STARTED"),
-        _rec(s, b0, "STEP", "Step", "call", 10.2, None, status="PENDING", attempt=2, next_attempt_ts=16.0,
+        rec(p, "", "CONTEXT", "Parallel", "p", 10.0, None, status="STARTED"),
+        rec(b0, p, "CONTEXT", "ParallelBranch", "parallel-branch-0", 10.1, None, status="STARTED"),
+        rec(s, b0, "STEP", "Step", "call", 10.2, None, status="PENDING", attempt=2, next_attempt_ts=16.0,
              attempts=(Attempt(1, 10.2, 10.5, 7, err), Attempt(2, 11.5, 12.0, 7, err))),
-        _rec(b1, p, "CONTEXT", "ParallelBranch", "parallel-branch-1", 10.1, None, status="STARTED"),
+        rec(b1, p, "CONTEXT", "ParallelBranch", "parallel-branch-1", 10.1, None, status="STARTED"),
     ]
     ex = ExecutionRecord("y", "RUNNING", "m:h", None, None, None, 9.0, 9.0, None, 0, 0.0, 1)
     events = build_history(ex, ops)

@@ -23,6 +23,7 @@ from html.parser import HTMLParser
 import pytest
 
 from durable_mp.store.facade import Store
+from util import run_cli
 
 pytestmark = pytest.mark.timeout(120)
 POLL_S = 0.01
@@ -86,18 +87,13 @@ class Report(HTMLParser):
             self.summary = json.loads(a["data-summary"])
 
 
-def cli(store: str, *args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "durable_mp", "--store", store, *args], capture_output=True,
-                          text=True, timeout=WAIT_S, cwd=cwd)
-
-
 def views(store: str, exec_id: str, tmp_path) -> tuple[str, list[dict], Report]:
-    show = cli(store, "show", exec_id)
+    show = run_cli("show", exec_id, store=store, timeout=WAIT_S)
     assert show.returncode == 0, show.stderr
-    history = cli(store, "history", exec_id, "--json")
+    history = run_cli("history", exec_id, "--json", store=store, timeout=WAIT_S)
     assert history.returncode == 0, history.stderr
     out = str(tmp_path / f"{exec_id}.html")
-    assert cli(store, "report", exec_id, "-o", out).returncode == 0
+    assert run_cli("report", exec_id, "-o", out, store=store, timeout=WAIT_S).returncode == 0
     report = Report()
     with open(out, encoding="utf-8") as f:
         report.feed(f.read())
@@ -179,12 +175,12 @@ def test_a_driver_killed_mid_map_and_resumed(job, tmp_path):
     time.sleep(0.5)  # the killed driver's workers notice and exit
 
     show, events, _ = views(store, "d", tmp_path)
-    assert "INTERRUPTED" in cli(store, "list").stdout
+    assert "INTERRUPTED" in run_cli("list", store=store, timeout=WAIT_S).stdout
     stopped = [e for e in events if e["EventType"] == "InvocationCompleted"]
     assert len(stopped) == 1 and stopped[0]["InvocationCompletedDetails"]["Error"]["ErrorType"] == "DriverStopped"
     assert "run 1: driver stopped" in show
 
-    resumed = cli(store, "resume", "d")
+    resumed = run_cli("resume", "d", store=store, timeout=WAIT_S)
     assert resumed.returncode == 0, resumed.stderr
     show, events, report = views(store, "d", tmp_path)
 

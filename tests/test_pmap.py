@@ -22,6 +22,7 @@ import pytest
 import durable_mp
 from durable_mp import ChildContextError, ExecutionFailedError, ValidationError
 from durable_mp.pmap import execution_id_for
+from util import marker_file_indices, runs_per_index
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -90,22 +91,13 @@ def mark_and_maybe_die(x):
     return -x
 
 
-def runs_per_item(markers: Path) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for path in markers.iterdir():
-        if path.name[0].isdigit():
-            index = int(path.name.split("-")[0])
-            counts[index] = counts.get(index, 0) + 1
-    return counts
-
-
 def test_a_sigkilled_worker_costs_one_item(store_path, tmp_path, monkeypatch):
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv("PMAP_TEST_MARKERS", str(markers))
     assert durable_mp.map(mark_and_maybe_die, range(20), store=store_path, max_workers=2) == [-x for x in range(20)]
     assert (markers / "killed").exists()
-    counts = runs_per_item(markers)
+    counts = runs_per_index(markers)
     assert counts == {i: (2 if i == 7 else 1) for i in range(20)}
 
 
@@ -131,10 +123,6 @@ JOB = textwrap.dedent(
 )
 
 
-def _names(markers: Path, kind: str) -> list[int]:
-    return [int(p.name.split("-")[1]) for p in markers.iterdir() if p.name.startswith(kind + "-")]
-
-
 @pytest.mark.timeout(120)
 def test_rerunning_the_same_call_after_a_driver_kill_resumes(store_path, tmp_path):
     script = tmp_path / "job.py"
@@ -145,17 +133,17 @@ def test_rerunning_the_same_call_after_a_driver_kill_resumes(store_path, tmp_pat
     proc = subprocess.Popen([sys.executable, str(script), store_path, str(first)])
     try:
         deadline = time.monotonic() + 60
-        while len(_names(first, "done")) < 12 and time.monotonic() < deadline and proc.poll() is None:
+        while len(marker_file_indices(first, "done")) < 12 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         assert proc.poll() is None, "the job ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    done_before = set(_names(first, "done"))
+    done_before = set(marker_file_indices(first, "done"))
     run = subprocess.run([sys.executable, str(script), store_path, str(second)], capture_output=True, text=True,
                          timeout=90)
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr
-    again = set(_names(second, "start"))
+    again = set(marker_file_indices(second, "start"))
     redone = again & done_before
     # the re-run runs what had not finished; of the finished items, at most the last few whose
     # checkpoints were not yet committed when the driver died run again
@@ -178,10 +166,10 @@ def test_fix_and_rerun_keeps_the_finished_items(store_path, tmp_path, monkeypatc
     monkeypatch.setenv("PMAP_TEST_MARKERS", str(markers))
     with pytest.raises(ExecutionFailedError, match="item 5 of 12 failed"):
         durable_mp.map(buggy_until_fixed, range(12), store=store_path, max_workers=2)
-    first = runs_per_item(markers)
+    first = runs_per_index(markers)
     (markers / "fixed").touch()
     assert durable_mp.map(buggy_until_fixed, range(12), store=store_path, max_workers=2) == [x * 10 for x in range(12)]
-    second = runs_per_item(markers)
+    second = runs_per_index(markers)
     ran_again = {i for i in second if second[i] > first.get(i, 0)}
     assert 5 in ran_again
     assert not ran_again & (set(first) - {5}), "items that succeeded in the first run must not run again"

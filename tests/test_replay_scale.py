@@ -23,6 +23,7 @@ from durable_mp.exceptions import ExecutionFailedError, InvalidStateError
 from durable_mp.retries import RetryPresets
 from durable_mp.store.branch_scan import key_indices
 from durable_mp.store.facade import Store
+from util import runs_per_index
 
 ALL_STATUSES = [OpStatus.STARTED, OpStatus.SUCCEEDED, OpStatus.FAILED, OpStatus.TIMED_OUT, OpStatus.PENDING]
 
@@ -112,14 +113,6 @@ def test_raw_item_records_include_staged_ones_and_decode_to_the_records(tmp_path
         assert sorted(raw) == [0, 1, 2, 3, 4, 7] and OpRecord.loads(raw[7]) == staged
 
 
-def _marks(markers) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for name in os.listdir(markers):
-        index = int(name.split("-")[1])
-        out[index] = out.get(index, 0) + 1
-    return out
-
-
 def _key(r) -> tuple:
     return ([(b.index, b.status, b.result, b.error and b.error.message) for b in r.all],
             r.success_count, r.failure_count, r.started_count, r.total_count, r.status, r.completion_reason)
@@ -159,7 +152,7 @@ def test_a_finished_map_replays_its_batch_result_unchanged(tmp_path):
     for _ in range(2):
         with pytest.raises(ExecutionFailedError, match="fails after the map"):
             handler.run({"job": 1}, store=store, max_workers=2)
-    assert _marks(markers) == {i: 1 for i in range(60)}
+    assert runs_per_index(markers, "item") == {i: 1 for i in range(60)}
     assert _key(seen[1]) == _key(seen[0])
     assert seen[1].get_results() == [{"x": i, "sq": i * i} for i in range(60)]
 
@@ -180,7 +173,7 @@ def test_fix_and_resume_of_a_map_reruns_only_the_failed_items_and_equals_a_fresh
     broken.unlink()  # the fix
     after.unlink()
     assert handler.run({"job": 1}, store=store, max_workers=2) == ["SUCCEEDED"] * 60
-    assert _marks(markers) == {i: 2 if i in failed else 1 for i in range(60)}  # only the failed ones again
+    assert runs_per_index(markers, "item") == {i: 2 if i in failed else 1 for i in range(60)}  # only the failed ones again
 
     fresh_markers, fresh_seen = tmp_path / "fresh", []
     fresh_markers.mkdir()

@@ -12,10 +12,11 @@ import pytest
 import durable_mp.cli.main as cli
 from durable_mp.inspect import timeline
 from durable_mp.cli.loader import load_handler
-from durable_mp.core.records import Attempt, OpRecord, operation_id
+from durable_mp.core.records import Attempt, operation_id
 from durable_mp.inspect.report import render_report
 from durable_mp.store.records import SUCCEEDED, ExecutionRecord
 from durable_mp.inspect.tree import OpTree
+from util import rec
 
 JOBS = textwrap.dedent(
     """
@@ -177,10 +178,6 @@ def test_report_marks_a_worker_crash(jobs, tmp_path, store_path, capsys):
     assert p.summary["crashes"] == 2, "max_crash_retries=2: two worker deaths, each kept as an attempt"
     assert p.summary["redispatched"] == 1 and p.summary["failed_branches"] == 1
     assert "crashed its worker 2 times" in text  # the failures table
-
-
-def rec(op_id, parent, op_type, sub_type, name, start, end, status="SUCCEEDED", **kw):
-    return OpRecord(op_id, parent, op_type, sub_type, name, status, start, end, **kw)
 
 
 def _tree(ops, runs=1, started=None):

@@ -48,14 +48,6 @@ JOB = textwrap.dedent(
 )
 
 
-def _counts(markers, prefix):
-    out = {}
-    for name in os.listdir(markers):
-        if name.startswith(prefix):
-            out[int(name.split("-")[1])] = len(open(os.path.join(markers, name)).read())
-    return out
-
-
 def test_sigkilled_driver_resumes_without_rerunning_finished_branches(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB)
@@ -65,11 +57,11 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_branches(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(store), str(markers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 60
-    while len(_counts(markers, "done")) < 8 and time.monotonic() < deadline:
+    while len(marker_counts(markers, "done")) < 8 and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, like a power cut
     proc.wait(timeout=30)
-    done_before = _counts(markers, "done")
+    done_before = marker_counts(markers, "done")
     assert 8 <= len(done_before) < 20, "the kill must land mid-run"
     from durable_mp.store.facade import Store
     with Store(store) as st:
@@ -82,8 +74,8 @@ def test_sigkilled_driver_resumes_without_rerunning_finished_branches(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([i * i + 1 for i in range(20)])
 
-    done_after = _counts(markers, "done")
-    starts = _counts(markers, "start")
+    done_after = marker_counts(markers, "done")
+    starts = marker_counts(markers, "start")
     assert sorted(done_after) == list(range(20))
     for i in committed:
         assert starts[i] == 1 and done_after[i] == 1, f"branch {i} finished before the kill but ran again"
@@ -98,14 +90,7 @@ from durable_mp import ExecutionFailedError, durable_execution  # noqa: E402
 from durable_mp.config import StepConfig  # noqa: E402
 from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
-
-
-def _ran(markers):
-    out: dict[int, int] = {}
-    for name in os.listdir(markers):
-        index = int(name.split("-")[1])
-        out[index] = out.get(index, 0) + 1
-    return out
+from util import marker_counts, runs_per_index  # noqa: E402
 
 
 @pytest.mark.timeout(180)
@@ -137,7 +122,7 @@ def test_fix_and_resume_runs_only_the_failed_item_again(tmp_path):
 
     with pytest.raises(ExecutionFailedError, match="item 13 is broken"):
         make().run({"job": "squares"}, store=store, max_workers=2)
-    first = _ran(markers)  # a failure stops the map from starting more items (running ones finish)
+    first = runs_per_index(markers, "item")  # a failure stops the map from starting more items (running ones finish)
     assert first[13] == 1 and set(first.values()) == {1}
     with Store(store) as st:
         (rec,) = st.list_executions()
@@ -145,7 +130,7 @@ def test_fix_and_resume_runs_only_the_failed_item_again(tmp_path):
 
     flag.unlink()  # the fix
     assert make().run({"job": "squares"}, store=store, max_workers=2) == [i * i for i in range(20)]
-    counts = _ran(markers)
+    counts = runs_per_index(markers, "item")
     assert counts[13] == 2 and all(counts[i] == 1 for i in range(20) if i != 13), counts  # only 13 again
     with Store(store) as st:
         (rec,) = st.list_executions()

@@ -29,6 +29,7 @@ from durable_mp.engine.worker import NO_PDEATHSIG_ENV
 from durable_mp.retries import RetryPresets
 from durable_mp.store.facade import Store
 from procs import session_processes
+from util import marker_count
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,11 +45,6 @@ SEEN_BY_WORKER = "as imported"
 @pytest.fixture(params=METHODS)
 def method(request):
     return request.param
-
-
-def _marks(markers, name: str) -> int:
-    path = os.path.join(markers, name)
-    return len(open(path).read()) if os.path.exists(path) else 0
 
 
 def test_results_in_order_and_workers_started_the_asked_way(method, store_path, monkeypatch):
@@ -96,7 +92,7 @@ def test_completion_policy_stops_starting_branches(method, store_path, tmp_path)
 
     reason, _statuses = handler.run(None, store=store_path, start_method=method)
     assert reason == "FAILURE_TOLERANCE_EXCEEDED"
-    assert [_marks(markers, f"ran-{i}") for i in range(6)] == [1, 1, 0, 0, 0, 0]
+    assert [marker_count(markers, f"ran-{i}") for i in range(6)] == [1, 1, 0, 0, 0, 0]
 
 
 def test_a_killed_worker_costs_only_its_branch_and_its_death_is_described(method, store_path, tmp_path):
@@ -118,7 +114,7 @@ def test_a_killed_worker_costs_only_its_branch_and_its_death_is_described(method
 
     assert handler.run(None, store=store_path, max_workers=WORKERS, start_method=method) == [
         i * 10 for i in range(6)]
-    assert [_marks(markers, f"ran-{i}") for i in range(6)] == [2 if i == 2 else 1 for i in range(6)]
+    assert [marker_count(markers, f"ran-{i}") for i in range(6)] == [2 if i == 2 else 1 for i in range(6)]
     with Store(store_path) as st:
         rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "parallel-branch-2")
     message = rec.attempts[0].error["ErrorMessage"]
@@ -234,7 +230,7 @@ def test_driver_sigkilled_workers_exit_without_prctl_and_a_rerun_resumes(method,
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout.strip() == str([3 * i for i in range(6)]), rerun.stderr
     assert {name for name in os.listdir(markers)} == {f"start-{i}" for i in range(6)}
-    assert all(_marks(str(markers), name) == 2 for name in started), "the interrupted steps ran again"
+    assert all(marker_count(markers, name) == 2 for name in started), "the interrupted steps ran again"
 
 
 def test_a_python_c_program_runs_lambdas_under_the_method(method, tmp_path):

@@ -20,25 +20,12 @@ import psutil
 import pytest
 
 from durable_mp.exceptions import ExecutionLockedError, StoreError
-from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
-from durable_mp.store.facade import (DEFAULT_STORE_DIR, ExecutionRecord, Store, resolve_store_path,
+from durable_mp.core.records import OpStatus, operation_id
+from durable_mp.store.facade import (DEFAULT_STORE_DIR, Store, resolve_store_path,
                               validate_exec_id)
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def op(op_id: str, parent_id: str = "", status: str = OpStatus.SUCCEEDED, result=b"r", **kw) -> OpRecord:
-    return OpRecord(op_id=op_id, parent_id=parent_id, op_type=OpType.STEP, sub_type="Step", name=op_id,
-                    status=status, start_ts=1.0, end_ts=2.0, result=result, **kw)
-
-
-def execution(exec_id: str, status: str = "RUNNING", **kw) -> ExecutionRecord:
-    fields = dict(exec_id=exec_id, status=status, handler="mod:handler", input=b"event", result=None,
-                  error=None, created_ts=time.time(), started_ts=time.time(), ended_ts=None,
-                  owner_pid=0, owner_create_time=0.0, runs=1)
-    fields.update(kw)
-    return ExecutionRecord(**fields)
-
+from util import REPO, wait_until
+from util import execution_record as execution
+from util import step_record as op
 
 @pytest.fixture
 def path(tmp_path) -> pathlib.Path:
@@ -280,13 +267,6 @@ def test_subtree_is_recursive_across_committed_and_staged(store):
     assert store.subtree("e", root) == tree
 
 
-def _eventually(predicate, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "the committer thread did not commit in time"
-        time.sleep(0.005)
-
-
 def test_flush_policy_by_count_and_by_time(path):
     now = [100.0]
     with Store(path, flush_count=3, flush_seconds=0.5, clock=lambda: now[0]) as st:
@@ -302,11 +282,11 @@ def test_flush_policy_by_count_and_by_time(path):
         st.stage("e", op("b"))
         assert st.stats["flushes"] == 0
         st.stage("e", op("c"))  # third distinct record: due by count, handed to the committer
-        _eventually(lambda: st.stats["flushes"] == 1)
+        assert wait_until(lambda: st.stats["flushes"] == 1, 10.0), "the committer thread did not commit in time"
         assert st.stats["records_written"] == 3
         st.stage("e", op("d"))
         now[0] += 0.5  # due by age: the committer notices on its own, no call needed
-        _eventually(lambda: st.stats["flushes"] == 2)
+        assert wait_until(lambda: st.stats["flushes"] == 2, 10.0), "the committer thread did not commit in time"
         assert st.flush_due() is None
         assert st.get_op("e", "", "d") is not None
 

@@ -13,20 +13,15 @@ import time
 import lmdb
 import pytest
 
-from durable_mp.core.records import OpRecord
 from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
 from durable_mp.store.facade import Store
-from durable_mp.store.records import ExecutionRecord
 from procs import session_processes
+from util import execution_record, step_record, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 BIG = blobs.BLOB_BYTES + 17
-
-
-def record(op_id: str, result: bytes) -> OpRecord:
-    return OpRecord(op_id, "p", "STEP", "Step", op_id, "SUCCEEDED", 1.0, 2.0, result)
 
 
 def raw_values(path) -> dict[bytes, bytes]:
@@ -62,18 +57,13 @@ def blob_files(path, exec_id="e") -> list[str]:
         return []
 
 
-def new_exec(exec_id: str = "e") -> ExecutionRecord:
-    now = time.time()
-    return ExecutionRecord(exec_id, "RUNNING", "m:h", None, None, None, now, now, None, 0, 0.0, 1)
-
-
 def test_a_large_value_is_committed_as_a_reference_and_reads_back(tmp_path):
     path = tmp_path / "s"
     big, small = os.urandom(BIG), b"tiny"
     with Store(path, flush_seconds=60) as store:  # one batch however slow the machine is (flush() commits it)
-        store.stage("e", record("a", big))
-        store.stage("e", record("b", small))
-        store.stage("e", record("c", big[::-1]))
+        store.stage("e", step_record("a", "p", result=big))
+        store.stage("e", step_record("b", "p", result=small))
+        store.stage("e", step_record("c", "p", result=big[::-1]))
         store.flush()
     values = raw_values(path)
     refs = [v for v in values.values() if blobs.is_ref(v)]
@@ -96,7 +86,7 @@ def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, m
     with Store(tmp_path / "s") as store:
         real_write = store._write
         monkeypatch.setattr(store, "_write", lambda fn: (events.append("commit"), real_write(fn))[1])
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()
     first_commit = events.index("commit")
     assert "blob" in events[:first_commit] and events[first_commit - 1] == "dir", events
@@ -109,7 +99,7 @@ def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, m
 def test_a_missing_or_truncated_blob_is_a_store_error(tmp_path, damage, error):
     path = tmp_path / "s"
     with Store(path) as store:
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()
     damage(blobs.exec_dir(path, "e") / blob_files(path)[0])
     with Store(path) as store, pytest.raises(StoreError, match=error):
@@ -119,7 +109,7 @@ def test_a_missing_or_truncated_blob_is_a_store_error(tmp_path, damage, error):
 def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()
         kept = blob_files(path)
         orphan = blobs.exec_dir(path, "e") / ("0" * 32 + ".blob")  # what a crash before the commit leaves
@@ -128,7 +118,7 @@ def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
         assert blob_files(path) == kept  # the referenced one stays
         assert store.get_op("e", "p", "a") is not None
         orphan.write_bytes(b"partial")
-        store.acquire("e", new_exec)
+        store.acquire("e", lambda: execution_record("e"))
         store.release("e")
         assert blob_files(path) == kept
         assert store.delete_execution("e")
@@ -138,11 +128,11 @@ def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
 def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()
     with Store(path) as store:  # a later run: its values go to a file of its own
         new = os.urandom(BIG)
-        store.stage("e", record("a", new))
+        store.stage("e", step_record("a", "p", result=new))
         store.flush()
         assert len(blob_files(path)) == 2
         assert store.sweep_blobs("e") == 1
@@ -158,7 +148,7 @@ def test_batches_of_one_run_append_to_one_file_and_only_its_creation_syncs_the_d
     values = {f"v{i}": os.urandom(BIG + i) for i in range(4)}
     with Store(path) as store:
         for op, value in values.items():
-            store.stage("e", record(op, value))
+            store.stage("e", step_record(op, "p", result=value))
             store.flush()
     # blobs/ and blobs/<exec>/ made (their parents synced), one file (its directory synced once)
     assert events == ["dir", "dir", "blob", "dir", "blob", "blob", "blob"], events
@@ -173,7 +163,7 @@ def test_a_full_blob_file_is_followed_by_a_new_one(tmp_path, monkeypatch):
     values = {f"v{i}": os.urandom(BIG) for i in range(5)}
     with Store(path) as store:
         for op, value in values.items():
-            store.stage("e", record(op, value))
+            store.stage("e", step_record(op, "p", result=value))
             store.flush()
     assert len(blob_files(path)) == 3  # 2 + 2 + 1 values
     with Store(path, readonly=True) as store:
@@ -187,7 +177,7 @@ def test_writeback_of_each_value_starts_before_the_sync(tmp_path, monkeypatch):
                                                                         real_start(fd, off, n))[1])
     monkeypatch.setattr(blobs.os, "fdatasync", lambda fd: (events.append(("sync",)), real_fdatasync(fd))[1])
     with Store(tmp_path / "s") as store:
-        a, b = record("a", os.urandom(BIG)), record("b", os.urandom(BIG))
+        a, b = step_record("a", "p", result=os.urandom(BIG)), step_record("b", "p", result=os.urandom(BIG))
         store.stage_many("e", "p", [("a", a.dumps()), ("b", b.dumps())])  # one batch
         store.flush()
     size = len(a.dumps())
@@ -207,11 +197,11 @@ def test_a_blob_file_whose_sync_failed_is_never_written_again(tmp_path, monkeypa
         real_fdatasync(fd)
 
     with Store(path) as store:
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()  # the run's file exists and is open
         monkeypatch.setattr(blobs.os, "fdatasync", flaky)
         b = os.urandom(BIG)
-        store.stage("e", record("b", b))
+        store.stage("e", step_record("b", "p", result=b))
         store.flush()  # the commit is retried after the failure
         monkeypatch.setattr(blobs.os, "fdatasync", real_fdatasync)
         assert failures
@@ -224,16 +214,16 @@ def test_a_blob_file_whose_sync_failed_is_never_written_again(tmp_path, monkeypa
 def test_a_run_never_appends_to_a_file_that_was_swept(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
-        store.acquire("e", new_exec)
-        store.stage("e", record("a", os.urandom(BIG)))
+        store.acquire("e", lambda: execution_record("e"))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()  # the file stays open for the next batch
-        store.stage("e", record("a", b"small now"))
+        store.stage("e", step_record("a", "p", result=b"small now"))
         store.flush()  # nothing refers to the file any more
         store.release("e")
-        store.acquire("e", new_exec)  # its sweep removes the file
+        store.acquire("e", lambda: execution_record("e"))  # its sweep removes the file
         assert blob_files(path) == []
         b = os.urandom(BIG)
-        store.stage("e", record("b", b))
+        store.stage("e", step_record("b", "p", result=b))
         store.flush()
         store.release("e")
     with Store(path, readonly=True) as store:
@@ -309,12 +299,12 @@ def test_gc_removes_the_blobs_of_an_execution_whose_delete_was_interrupted(tmp_p
 
     path = tmp_path / "s"
     with Store(path) as store:
-        store.acquire("e", new_exec)
+        store.acquire("e", lambda: execution_record("e"))
         store.release("e")
-        store.acquire("gone", lambda: new_exec("gone"))
+        store.acquire("gone", lambda: execution_record("gone"))
         store.release("gone")
-        store.stage("e", record("a", os.urandom(BIG)))
-        store.stage("gone", record("a", os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
+        store.stage("gone", step_record("a", "p", result=os.urandom(BIG)))
         store.flush()
         kept = blob_files(path, "e")
         real_remove_all = blobs.remove_all
@@ -373,21 +363,14 @@ def test_a_worker_killed_while_returning_a_large_result_is_rerun_and_no_partial_
     assert len(items) == 6 and all(len(r.result) > 8 * n for r in items)
 
 
-def wait_for(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return condition()
-
-
 def test_a_large_value_is_committed_at_once_when_no_commit_is_running(tmp_path):
     """The disk is idle: a large value starts its commit now instead of waiting for the batch to be due."""
     with Store(tmp_path / "s", flush_count=10**9, flush_seconds=10**9, clock=lambda: 0.0) as store:
-        store.stage("e", record("small", b"tiny"))
+        store.stage("e", step_record("small", "p", result=b"tiny"))
         time.sleep(0.05)  # the committer polls the frozen clock: a small record alone is never due
         assert store.stats["flushes"] == 0
-        store.stage("e", record("a", os.urandom(BIG)))
-        assert wait_for(lambda: store.stats["flushes"] == 1), "the large value waited for its batch to be due"
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
+        assert wait_until(lambda: store.stats["flushes"] == 1), "the large value waited for its batch to be due"
         assert store.flush_due() is None  # the small record went with it
-        store.stage("e", record("b", os.urandom(BIG)))
-        assert wait_for(lambda: store.stats["flushes"] == 2)
+        store.stage("e", step_record("b", "p", result=os.urandom(BIG)))
+        assert wait_until(lambda: store.stats["flushes"] == 2)

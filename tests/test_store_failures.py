@@ -21,24 +21,17 @@ import pytest
 
 import durable_mp.store.commit as commit_mod
 from durable_mp import DurableContext, durable_execution
-from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord, OpStatus, OpType
+from durable_mp.core.records import BRANCH_KEY_PREFIX, OpStatus
 from durable_mp.exceptions import CheckpointFailedError, StoreError
 from durable_mp.store.commit import GroupCommit
-from durable_mp.store.facade import ExecutionRecord, Store, resolve_store_path
+from durable_mp.store.facade import Store, resolve_store_path
+from util import execution_record as execution
+from util import step_record as op
 
 pytestmark = pytest.mark.timeout(90)
 
 ITEMS = 50
 ITEM_RESULT_BYTES = 20_000  # inline in the record (below the shared-memory threshold), so 50 fill a small disk
-
-
-def op(op_id: str, parent_id: str = "") -> OpRecord:
-    return OpRecord(op_id=op_id, parent_id=parent_id, op_type=OpType.STEP, sub_type="Step", name=op_id,
-                    status=OpStatus.SUCCEEDED, start_ts=1.0, end_ts=2.0, result=b"r")
-
-
-def execution(exec_id: str) -> ExecutionRecord:
-    return ExecutionRecord(exec_id, "RUNNING", "m:f", None, None, None, 1.0, 1.0, None, 0, 0.0, 1)
 
 
 @pytest.fixture(autouse=True)
