@@ -76,6 +76,32 @@ def test_operations_do_not_import_the_context_that_calls_them(module):
     assert sorted(i for i in _imports_of(module) if _starts(i, ("context", "execution"))) == []
 
 
+# The one import of ``store`` in ``operation``: the callback senders' documented home re-exports them.
+STORE_REEXPORTS = {"operation.callback": {"store.callbacks.send_callback_success", "store.callbacks.send_callback_failure",
+                                          "store.callbacks.send_callback_heartbeat"}}
+
+
+@pytest.mark.parametrize("module", _package_modules("operation"))
+def test_operations_never_reach_into_the_store(module):
+    """An operation reads records through its context's state (``engine.state.ContextState``), never the store."""
+    allowed = STORE_REEXPORTS.get(module, set())
+    assert sorted(i for i in _imports_of(module) if _starts(i, ("store",)) and i not in allowed) == []
+
+
+def test_the_store_reexports_of_operations_are_only_reexports():
+    """Each allowed name is re-exported under its own name and not used by the module itself."""
+    for module, names in STORE_REEXPORTS.items():
+        path = PACKAGE / (module.replace(".", "/") + ".py")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {f"{node.module}.{a.name}"[len("durable_mp."):]: a.asname for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("durable_mp.store")
+                   for a in node.names}
+        assert set(aliases) == names
+        assert all(name.rsplit(".", 1)[1] == alias for name, alias in aliases.items())
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        assert not used & {name.rsplit(".", 1)[1] for name in names}
+
+
 @pytest.mark.parametrize("module", _package_modules("inspect"))
 def test_inspect_uses_only_core_and_store(module):
     assert sorted(i for i in _imports_of(module) if not _starts(i, ("core", "store", "inspect"))) == []
