@@ -4,7 +4,7 @@ durable_mp stores one checkpoint per operation (its latest state plus the list o
 attempts), not a log of events.  The events the reference service would have written
 follow from those records, with the fields and ``*Details`` objects the reference's
 ``GetDurableExecutionHistory`` returns (``tests/data/reference_history`` holds recorded
-ones; ``tests/test_history_reference.py`` compares):
+ones; ``tests/inspect/test_history_reference.py`` compares):
 
 * the execution: ``ExecutionStarted`` (``Input``) ... ``ExecutionSucceeded`` (``Result``)
   or ``ExecutionFailed`` (``Error``);

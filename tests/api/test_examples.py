@@ -11,8 +11,9 @@ import pytest
 
 from durable_mp.core.records import OpType
 from durable_mp.store.facade import Store
+from util import REPO
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = str(REPO / "examples")
 pytestmark = pytest.mark.timeout(120)
 
 

@@ -12,15 +12,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from durable_mp.engine import progress
+from util import REPO
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CLEAR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 BAR_JOB = textwrap.dedent(

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from util import REPO
+
+ROOT = str(REPO)
 EXAMPLES = os.path.join(ROOT, "examples")
 
 

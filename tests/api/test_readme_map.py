@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from util import REPO
+
+README = REPO / "README.md"
 
 
 def readme_block(first_line: str) -> str:

@@ -184,7 +184,7 @@ class Round:
 
     def message(self, what: str) -> str:
         return (f"chaos seed {self.seed} ({self.case}): {what}\n"
-                f"re-run: DURABLE_MP_CHAOS_SEED={self.seed} python -m pytest tests/test_chaos.py -k {self.case}\n"
+                f"re-run: DURABLE_MP_CHAOS_SEED={self.seed} python -m pytest tests/engine/test_chaos.py -k {self.case}\n"
                 f"plan: {json.dumps(self.plan)}\nevents: {self.events}\n"
                 f"last driver stderr:\n{self.stderr()[-3000:]}")
 

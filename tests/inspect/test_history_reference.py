@@ -38,7 +38,6 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -46,8 +45,9 @@ import durable_mp.cli.main as cli
 from durable_mp import durable_execution
 from durable_mp.operation.callback import decode_callback_id, send_callback_success
 from durable_mp.store.facade import Store
+from util import TESTS
 
-HERE = Path(__file__).resolve().parent
+HERE = TESTS  # data/ and tools/ are shared by the whole suite
 DATA = HERE / "data" / "reference_history"
 sys.path.insert(0, str(HERE / "tools"))
 from history_handlers import CALLBACK_RESULT, NEEDS_CALLBACK, handlers  # noqa: E402
