@@ -16,6 +16,8 @@ import durable_mp
 from durable_mp.exceptions import DurableExecutionsError, InvalidStateError, ValidationError
 from durable_mp.lambda_service import ErrorObject, error_type_name
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 PACKAGE = Path(durable_mp.__file__).parent
 FOUNDATIONS = ("config", "retries", "waits", "serdes", "types", "exceptions", "lambda_service", "jitter",
                "_compat", "logger", "concurrency.models", "decorators")

@@ -24,6 +24,8 @@ from durable_mp.lambda_service import (
 )
 from durable_mp.core.records import OpStatus, OpType
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 S, F, R = BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED, BatchItemStatus.STARTED
 
 

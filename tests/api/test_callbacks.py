@@ -31,6 +31,7 @@ def answer_when_asked(id_file, store, respond):
     return thread
 
 
+@pytest.mark.process_free
 def test_wait_for_callback_at_the_root_gets_the_senders_payload(store_path, tmp_path):
     id_file = tmp_path / "cid"
 
@@ -204,6 +205,7 @@ def test_an_outside_system_finds_the_callback_id_and_succeeds_it_without_a_resul
         proc.wait()
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("empty", [b"", "", None])
 def test_an_empty_success_gives_none(store_path, tmp_path, empty):
     id_file = tmp_path / "cid"
@@ -219,6 +221,7 @@ def test_an_empty_success_gives_none(store_path, tmp_path, empty):
     thread.join()
 
 
+@pytest.mark.process_free
 def test_a_timed_out_callback_is_timed_out_with_the_references_error(store_path):
     from durable_mp.core.records import OpStatus
     from durable_mp.inspect.history import build_history

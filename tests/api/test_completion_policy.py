@@ -20,6 +20,8 @@ from durable_mp.concurrency.models import (
 from durable_mp.config import CompletionConfig
 from durable_mp.exceptions import InvalidStateError, ValidationError
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 ALL = CompletionReason.ALL_COMPLETED
 MIN = CompletionReason.MIN_SUCCESSFUL_REACHED
 FTE = CompletionReason.FAILURE_TOLERANCE_EXCEEDED

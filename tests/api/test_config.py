@@ -29,6 +29,8 @@ from durable_mp.config import (
 from durable_mp.exceptions import ValidationError
 from durable_mp.types import StepContext, WaitForCallbackContext, WaitForConditionCheckContext
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 
 def test_duration_is_whole_seconds():
     assert Duration().to_seconds() == 0

@@ -203,6 +203,7 @@ def test_step_retries_under_skip_time_and_sees_attempt(store_path, tmp_path):
         assert after.start_ts < before.end_ts + before.retry_delay
 
 
+@pytest.mark.process_free
 def test_step_failure_after_retries_raises_step_error_at_root(store_path):
     @durable_execution
     def handler(event, ctx):
@@ -215,6 +216,7 @@ def test_step_failure_after_retries_raises_step_error_at_root(store_path):
     assert run(handler, store_path) == ("StepError", "ConnectionError", "always", "DurableOperationError")
 
 
+@pytest.mark.process_free
 def test_handler_failure_raises_execution_failed_error_and_envelope(store_path):
     @durable_execution(store=store_path, skip_time=True)
     def handler(event, ctx):
@@ -230,6 +232,7 @@ def test_handler_failure_raises_execution_failed_error_and_envelope(store_path):
     assert envelope["Error"]["ErrorType"] == "ValueError"
 
 
+@pytest.mark.process_free
 def test_envelope_success_is_json(store_path):
     @durable_execution(store=store_path)
     def handler(event, ctx):
@@ -257,6 +260,7 @@ def test_finished_execution_returns_stored_result_without_running(store_path, tm
     assert marker.read_text().count("handler") == 2
 
 
+@pytest.mark.process_free
 def test_changed_operation_sequence_is_non_deterministic(store_path):
     from durable_mp.store.facade import Store
 
@@ -316,6 +320,7 @@ def test_closures_and_lambdas_cross_the_process_boundary(store_path):
     assert run(handler, store_path) == [100, 101, 102, 103]
 
 
+@pytest.mark.process_free
 def test_wait_and_child_context_replay(store_path, tmp_path):
     marker = tmp_path / "steps"
 
@@ -334,6 +339,7 @@ def test_wait_and_child_context_replay(store_path, tmp_path):
     assert marker.read_text() == "xx"
 
 
+@pytest.mark.process_free
 def test_is_replaying_and_logger_suppression(store_path, tmp_path, caplog):
     import logging
     seen = []
@@ -359,6 +365,7 @@ def test_is_replaying_and_logger_suppression(store_path, tmp_path, caplog):
     assert first[0].executionArn == "rp"
 
 
+@pytest.mark.process_free
 def test_wait_for_condition_polls_until_the_strategy_stops(store_path):
     from durable_mp.waits import WaitForConditionConfig, WaitStrategyConfig, create_wait_strategy
 
@@ -376,6 +383,7 @@ def test_wait_for_condition_polls_until_the_strategy_stops(store_path):
     assert (rec.op_type, rec.sub_type, rec.status, rec.attempt) == ("STEP", "WaitForCondition", "SUCCEEDED", 4)
 
 
+@pytest.mark.process_free
 def test_with_retry_reruns_a_block_of_operations(store_path):
     from durable_mp.retries import WithRetryConfig, with_retry
 
@@ -452,6 +460,7 @@ def test_worker_log_records_reach_the_driver_with_the_branch_identity(store_path
     assert len(ctx_records) == 3 and all(r.parentId for r in ctx_records)
 
 
+@pytest.mark.process_free
 def test_default_execution_ids_tell_handlers_apart(store_path):
     def make(value):
         @durable_execution

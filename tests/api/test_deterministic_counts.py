@@ -68,6 +68,7 @@ def test_counts_are_the_same_on_every_run(handler, expected):
     assert seen == [expected] * RUNS
 
 
+@pytest.mark.process_free
 def test_virtual_time_policy_holds_delayed_outcomes_until_nothing_else_can_end():
     from durable_mp.concurrency.models import CompletionPolicy, CompletionReason
 

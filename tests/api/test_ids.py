@@ -22,6 +22,7 @@ BRANCH_0 = "1712f93e2f51"
 STEP_IN_BRANCH_0 = "48550629202c"
 
 
+@pytest.mark.process_free
 def test_ids_match_the_reference():
     root = operation_id("", 1)
     assert root.startswith(ROOT_FIRST) and len(root) == 64
@@ -47,6 +48,7 @@ def test_recorded_operations_carry_reference_ids_and_parents(store_path):
     assert step.op_id.startswith(STEP_IN_BRANCH_0) and step.parent_id == branch0.op_id
 
 
+@pytest.mark.process_free
 def test_record_bytes_round_trip_every_result_kind():
     base = OpRecord("a" * 64, "", "STEP", "Step", "n", "SUCCEEDED", 1.0, 2.0)
     for result in (None, b"", b"\x00raw\xff" * 100, "text ✓", ""):
@@ -115,6 +117,7 @@ def _handler():
     return handler
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("a,b", [
     ([1, 2], (1, 2)),
     ({1, 2}, frozenset({1, 2})),
@@ -133,12 +136,14 @@ def test_default_execution_ids_tell_events_apart(a, b):
     assert handler.execution_id_for(a) != handler.execution_id_for(b)
 
 
+@pytest.mark.process_free
 def test_default_execution_ids_ignore_dict_and_set_order():
     handler = _handler()
     assert handler.execution_id_for({"a": 1, 2: "b", (3,): {4, 5}}) == handler.execution_id_for(
         {(3,): {5, 4}, 2: "b", "a": 1})
 
 
+@pytest.mark.process_free
 def test_default_execution_ids_of_json_events_are_unchanged():
     """A JSON event keeps the id it had before the canonical encoding (running jobs still resume)."""
     handler = _handler()
@@ -153,6 +158,7 @@ class _Opaque:
     pass
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("event,type_name,where", [
     ({"when": _Opaque()}, "_Opaque", "event['when']"),
     ([1, {2: threading.Lock()}], "lock", "event[1][2]"),
@@ -167,6 +173,7 @@ def test_an_event_without_a_canonical_encoding_needs_an_explicit_id(event, type_
     assert "execution_id=" in message
 
 
+@pytest.mark.process_free
 def test_an_event_refused_for_the_default_id_runs_under_an_explicit_one(store_path):
     handler = _handler()
     with pytest.raises(ValidationError):
@@ -174,6 +181,7 @@ def test_an_event_refused_for_the_default_id_runs_under_an_explicit_one(store_pa
     assert handler.run({"when": _Opaque()}, store=store_path, execution_id="explicit") is None
 
 
+@pytest.mark.process_free
 def test_an_event_that_contains_itself_needs_an_explicit_id():
     handler = _handler()
     event: list = [1]

@@ -34,6 +34,7 @@ def one_arg_map(event, ctx):
     return ctx.map([1, 2, 3], lambda x: x * 2).get_results()
 
 
+@pytest.mark.process_free
 def test_one_argument_map_function_fails_at_once_with_the_expected_signature(store_path):
     with pytest.raises(ExecutionFailedError) as info:
         one_arg_map.run(None, store=store_path, execution_id="sig-map")
@@ -48,6 +49,7 @@ def no_arg_step(event, ctx):
     return ctx.step(lambda: 5)
 
 
+@pytest.mark.process_free
 def test_step_function_without_step_context_fails_at_once(store_path):
     with pytest.raises(ExecutionFailedError) as info:
         no_arg_step.run(None, store=store_path, execution_id="sig-step")
@@ -60,6 +62,7 @@ def no_arg_branch(event, ctx):
     return ctx.parallel([lambda c: 1, lambda: 2]).get_results()
 
 
+@pytest.mark.process_free
 def test_parallel_branch_without_context_fails_at_once(store_path):
     with pytest.raises(ExecutionFailedError) as info:
         no_arg_branch.run(None, store=store_path, execution_id="sig-par")
@@ -187,6 +190,7 @@ def no_arg_child(event, ctx):
     return ctx.run_in_child_context(lambda: 3)
 
 
+@pytest.mark.process_free
 def test_child_context_function_without_context_fails_at_once(store_path):
     with pytest.raises(ExecutionFailedError) as info:
         no_arg_child.run(None, store=store_path, execution_id="sig-child")
@@ -211,6 +215,7 @@ def test_parallel_failures_are_named_by_branch_and_an_unnamed_map_by_its_functio
     assert any(m.startswith("all 2 items of 'always_fails' failed the same way") for m in failures), failures
 
 
+@pytest.mark.process_free
 def test_signature_checks_of_a_callable_class_are_cached_per_class():
     from durable_mp.decorators import durable_step
     from durable_mp.operation import signature

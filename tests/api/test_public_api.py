@@ -7,6 +7,8 @@ import inspect
 
 import pytest
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 SURFACE = {
     # exactly durable_mp.__all__: the reference's top level, then durable_mp's own names
     "durable_mp": [

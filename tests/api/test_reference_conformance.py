@@ -164,12 +164,14 @@ def _missing_names(module: str, names: str) -> list[str]:
     return [n for n in names.split() if not hasattr(mod, n)]
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("module", sorted(PRESENT))
 def test_import_surface(module):
     """§0: the names users import from each public module."""
     assert _missing_names(module, PRESENT[module]) == []
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("module", sorted(MISSING))
 def test_import_surface_gaps(module):
     """§0/§2/§6: ``durable_wait_for_callback``/``with_retry`` at top level, ``.concurrency.models``,
@@ -191,12 +193,14 @@ EXAMPLES_SUITE_NAMES = {
 }
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("module", sorted(EXAMPLES_SUITE_NAMES))
 def test_import_surface_of_the_examples_suite(module):
     assert _missing_names(module, EXAMPLES_SUITE_NAMES[module]) == []
 
 
 # -- §1 entry point ------------------------------------------------------------------------------
+@pytest.mark.process_free
 @processes
 def test_runner_input_none_and_non_json_strings():
     """§1 / §9.12: ``run()`` without input → event None; a non-JSON string arrives as that string."""
@@ -211,6 +215,7 @@ def test_runner_input_none_and_non_json_strings():
     assert json.loads(run_in_runner(handler, {"a": (1, 2)}).result) == {"event": {"a": [1, 2]}}
 
 
+@pytest.mark.process_free
 @processes
 def test_result_is_plain_json_dumps_of_the_return_value():
     """§1: the envelope's Result is ``json.dumps(result)`` (plain JSON, not SerDes)."""
@@ -225,6 +230,7 @@ def test_result_is_plain_json_dumps_of_the_return_value():
     assert res.result == json.dumps(value)
 
 
+@pytest.mark.process_free
 @processes
 def test_uncaught_error_fails_the_execution_with_its_error_object():
     """§6 observed: ``ValueError("handler failed")`` → FAILED, ``ErrorObject(message='handler failed',
@@ -292,6 +298,7 @@ def test_operation_names():
         (None, "Map"), ("map-item-0", "MapIteration")], key=str)
 
 
+@pytest.mark.process_free
 @processes
 def test_wait_for_callback_operation_names_without_a_name():
     """§2: ``wait_for_callback`` without a name records CALLBACK ``create callback id`` and STEP ``submitter``."""
@@ -311,6 +318,7 @@ def test_wait_for_callback_operation_names_without_a_name():
     ]
 
 
+@pytest.mark.process_free
 @processes
 def test_wait_shorter_than_a_second_is_a_validation_error():
     """§2 / §9.14: ``Duration`` is whole seconds (``from_seconds(1.5)`` → 1) and ``wait`` < 1 s raises
@@ -331,6 +339,7 @@ def test_wait_shorter_than_a_second_is_a_validation_error():
     assert res.operations == []
 
 
+@pytest.mark.process_free
 @processes
 def test_with_retry_backs_off_with_named_waits_in_a_child_context():
     """§2: ``with_retry`` re-runs a block, backing off with ``ctx.wait(name=f"{name}-backoff-{attempt}")``
@@ -358,6 +367,7 @@ def test_with_retry_backs_off_with_named_waits_in_a_child_context():
     assert json.loads(run_in_runner(handler, '{"succeed_at": 9}').result) == ["attempt 3", "RuntimeError"]
 
 
+@pytest.mark.process_free
 @processes
 def test_wait_for_condition_is_one_step_polled_until_the_strategy_stops():
     """§2: ``wait_for_condition`` records one STEP/``WaitForCondition`` and returns the final state."""
@@ -384,6 +394,7 @@ def priced(ctx: DurableContext, qty: int) -> int:
     return price * qty
 
 
+@pytest.mark.process_free
 @processes
 def test_run_in_child_context_names_results_and_failures():
     """§2: ``run_in_child_context`` records CONTEXT/``RunInChildContext`` named by the decorator,
@@ -411,6 +422,7 @@ def virtual_child_handler(event, ctx):
                                     config=ChildConfig(is_virtual=True))
 
 
+@pytest.mark.process_free
 @processes
 def test_virtual_child_context_records_nothing_of_its_own():
     """§2 / §5: ``ChildConfig(is_virtual=True)`` checkpoints no CONTEXT op; the ids of its
@@ -421,6 +433,7 @@ def test_virtual_child_context_records_nothing_of_its_own():
     assert res.get_step("inner").operation_id == blake(f"{blake('1')}-1")
 
 
+@pytest.mark.process_free
 @processes
 def test_wait_for_callback_submitter_failure():
     """§2: a failing submitter step raises ``CallbackSubmitterError`` (fields of the escaping error)."""
@@ -438,6 +451,7 @@ def test_wait_for_callback_submitter_failure():
     assert res.get_context("x").get_step("x submitter").status is OperationStatus.FAILED
 
 
+@pytest.mark.process_free
 @processes
 def test_execution_context_carries_the_execution_arn():
     """§2: ``context.execution_context.durable_execution_arn`` is the execution's ARN."""
@@ -450,6 +464,7 @@ def test_execution_context_carries_the_execution_arn():
         assert json.loads(runner.wait_for_result(arn).result) == arn
 
 
+@pytest.mark.process_free
 @processes
 def test_logger_is_quiet_while_replaying(store_path, caplog, invocation_ends_at_first_wait):
     """§2: ``ctx.logger`` is suppressed while the context replays and adds ``executionArn`` etc."""
@@ -484,6 +499,7 @@ def at_most_once_body(step_ctx):
 RAN: list = []
 
 
+@pytest.mark.process_free
 @processes
 @pytest.mark.parametrize("semantics", ["AT_MOST_ONCE_PER_RETRY", "AT_LEAST_ONCE_PER_RETRY"])
 def test_step_semantics_after_an_interrupted_attempt(store_path, semantics):
@@ -508,6 +524,7 @@ def test_step_semantics_after_an_interrupted_attempt(store_path, semantics):
         assert out == "second attempt" and len(RAN) == 2
 
 
+@pytest.mark.process_free
 @processes
 def test_operation_errors_are_identical_on_replay(store_path, invocation_ends_at_first_wait):
     """§6: an operation error is rebuilt from its checkpoint, identically on the first run and replay."""
@@ -530,6 +547,7 @@ def test_operation_errors_are_identical_on_replay(store_path, invocation_ends_at
 
 
 # -- §3 configuration ------------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_completion_config_factories_defaults_and_validation():
     """§3: factories, the two different defaults (§9.4), and ``ValidationError`` for bad values."""
     assert CompletionConfig.first_successful() == CompletionConfig(min_successful=1)
@@ -550,6 +568,7 @@ def test_completion_config_factories_defaults_and_validation():
     assert StepConfig(sub_type="A-z_0" * 6 + "ab").sub_type
 
 
+@pytest.mark.process_free
 @processes
 def test_max_concurrency_below_one_is_an_error():
     """§3: ``max_concurrency < 1`` → error (a ``ValidationError``)."""
@@ -564,6 +583,7 @@ def test_max_concurrency_below_one_is_an_error():
     assert json.loads(run_in_runner(handler).result) == "rejected"
 
 
+@pytest.mark.process_free
 def test_retry_delay_formula():
     """§3: no retry once ``attempts_made >= max_attempts`` or the error does not match;
     delay = ``min(initial * rate**(attempts_made-1), max)``, jittered, ``max(1, ceil(..))``."""
@@ -591,6 +611,7 @@ def test_retry_delay_formula():
     assert [linear(RuntimeError(), n).delay_seconds for n in range(1, 7)] == [1, 2, 3, 4, 5, 0]
 
 
+@pytest.mark.process_free
 def test_retry_presets():
     """§3: presets' attempt counts and deterministic delays (``critical``, ``linear``, ``fixed``)."""
     def attempts(strategy):
@@ -609,6 +630,7 @@ def test_retry_presets():
     assert {RetryPresets.default()(RuntimeError(), 5).delay_seconds for _ in range(100)} <= set(range(1, 61))
 
 
+@pytest.mark.process_free
 @processes
 def test_default_step_strategy_is_six_attempts_and_step_error_fields():
     """§9.11 / §6 observed: without a strategy a step runs 6 times (``RetryPresets.default()``); the
@@ -630,6 +652,7 @@ def test_default_step_strategy_is_six_attempts_and_step_error_fields():
     assert (step.status, step.attempt) == (OperationStatus.FAILED, 6)
 
 
+@pytest.mark.process_free
 def test_extended_type_serdes_envelope():
     """§3 / §8 listing: ``ExtendedTypeSerDes`` writes primitives and lists of primitives as compact
     JSON and everything else as the ``{"t","v"}`` envelope; unsupported types → ``SerDesError``.
@@ -651,6 +674,7 @@ def test_extended_type_serdes_envelope():
         serdes.serialize({(1, 2): 3}, ctx)
 
 
+@pytest.mark.process_free
 @processes
 def test_serdes_failure_is_permanent():
     """§3: a serialization failure fails the step without retry and surfaces as ``SerDesError``, not
@@ -669,6 +693,7 @@ def test_serdes_failure_is_permanent():
     assert res.get_step("unpicklable").attempt == 1
 
 
+@pytest.mark.process_free
 @processes
 def test_results_are_round_tripped_even_on_the_first_run():
     """§3: a step's result is serialized and deserialized before it is returned."""
@@ -698,6 +723,7 @@ def test_item_serdes_or_serdes_encode_branch_results():
 
 
 # -- §4 BatchResult --------------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_batch_result_api():
     """§4: methods, counts, status rules, ``to_dict`` and ``throw_if_error``.  Deliberate difference
     (README): ``successful_results`` / ``failed_results`` exist (§9.1: absent in the reference)."""
@@ -1014,6 +1040,7 @@ def test_operation_ids_and_parents():
     assert (p.parent_id, b0.parent_id, step.parent_id) == (None, p.operation_id, b0.operation_id)
 
 
+@pytest.mark.process_free
 @processes
 def test_virtual_child_context_ops_have_the_enclosing_parent():
     """§5: ``parent_id`` of an op is the enclosing *non-virtual* context; a virtual child context
@@ -1025,6 +1052,7 @@ def test_virtual_child_context_ops_have_the_enclosing_parent():
     assert inner.parent_id is None
 
 
+@pytest.mark.process_free
 @processes
 def test_is_replaying_across_a_resumed_run(store_path, invocation_ends_at_first_wait):
     """§5 observed: ``step a; wait 5s; step b`` → ``is_replaying()`` ``[False, True]`` across two
@@ -1046,6 +1074,7 @@ def test_is_replaying_across_a_resumed_run(store_path, invocation_ends_at_first_
     assert ran == ["a", "b"]
 
 
+@pytest.mark.process_free
 @processes
 def test_non_deterministic_execution_error(store_path, invocation_ends_at_first_wait):
     """§5 observed: ``Non-deterministic operation identity at id='1ced8f5be2db…': name
@@ -1073,6 +1102,7 @@ def test_non_deterministic_execution_error(store_path, invocation_ends_at_first_
     assert cause.step_id == first
 
 
+@pytest.mark.process_free
 @processes
 def test_step_bodies_are_not_compared_on_replay(store_path, invocation_ends_at_first_wait):
     """§5: replay compares type, sub_type, name and parent, not step bodies or arguments."""
@@ -1126,6 +1156,7 @@ def test_completed_map_replays_without_rerunning_and_item_namer_runs_eagerly(
 
 
 # -- §6 exceptions ---------------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_exception_hierarchy():
     """§6: the tree of the names durable_mp has (missing names: ``test_import_surface_gaps``)."""
     for cls in (ValidationError, InvalidStateError, SerDesError, DurableOperationError, UnrecoverableError):
@@ -1150,6 +1181,7 @@ class AppError(Exception):
     pass
 
 
+@pytest.mark.process_free
 def test_error_object_from_exception():
     """§4 / §6: ``type`` is the class name for builtins, ``module.QualName`` otherwise; ``message`` is
     ``str(e)``; wire keys ``ErrorMessage/ErrorType/ErrorData/StackTrace`` with None omitted.
@@ -1182,6 +1214,7 @@ def test_throw_if_error_raises_child_context_error_from_a_rebuilt_cause():
 
 
 # -- §7 operation / history model ------------------------------------------------------------------
+@pytest.mark.process_free
 def test_operation_enums():
     """§7: enum values of the operation model."""
     assert [t.value for t in OperationType] == ["EXECUTION", "CONTEXT", "STEP", "WAIT", "CALLBACK", "CHAINED_INVOKE"]
@@ -1261,6 +1294,7 @@ def step_events():
         return [e for e in runner.get_execution_history(arn).events if e.event_type.startswith("Step")]
 
 
+@pytest.mark.process_free
 @processes
 def test_step_retry_history():
     """§7 verified: a retry is a ``StepFailed`` with ``RetryDetails(current_attempt, ...)`` followed by
@@ -1272,6 +1306,7 @@ def test_step_retry_history():
     assert events[1].details["Error"]["Payload"]["ErrorType"] == "ConnectionError"
 
 
+@pytest.mark.process_free
 @processes
 def test_step_retry_history_carries_the_scheduled_delay():
     """§7: ``RetryDetails.next_attempt_delay_seconds`` is the strategy's delay (2 s, then 2 s x 2.0
@@ -1380,6 +1415,7 @@ def test_recorded_example_payloads_with_the_reference_serdes():
         assert op.result[:60] == f'{{"t":"m","v":{{"branch":{{"t":"i","v":{i}}},"attempt":{{"t":"i","v'[:60]
 
 
+@pytest.mark.process_free
 @processes
 def test_callback_flow():
     """§8 verified (``ex_cb.py``): ``run_async`` → ``wait_for_callback(arn, name="approval")`` →
@@ -1415,6 +1451,7 @@ def test_skip_time_fast_forwards_a_wait_in_a_branch():
     assert nap.end_timestamp < nap.scheduled_end_timestamp, "woke before the wait's scheduled end"
 
 
+@pytest.mark.process_free
 def test_invocation_status_values():
     """§8: ``InvocationStatus`` is ``SUCCEEDED, FAILED, PENDING, RETRY``."""
     assert [s.value for s in InvocationStatus] == ["SUCCEEDED", "FAILED", "PENDING", "RETRY"]

@@ -107,6 +107,7 @@ def test_step_error_in_a_branch_shows_where_the_step_failed(store_path):
     assert "KeyError: 'missing-key'" in text
 
 
+@pytest.mark.process_free
 def test_error_object_helpers_read_type_and_user_frame():
     try:
         divide(None, 2, 0, [])

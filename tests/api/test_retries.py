@@ -28,6 +28,8 @@ from durable_mp.waits import (
     create_wait_strategy,
 )
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 NONE = JitterStrategy.NONE
 
 

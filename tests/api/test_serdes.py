@@ -19,6 +19,8 @@ from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResul
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 from durable_mp.lambda_service import ErrorObject
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 CTX = sd.SerDesContext()
 
 

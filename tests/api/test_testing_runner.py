@@ -92,6 +92,7 @@ def test_run_returns_the_reference_result_shape():
         res.get_operation_by_name("nope")
 
 
+@pytest.mark.process_free
 def test_input_decoding_and_a_fresh_execution_per_run():
     seen = []
 
@@ -108,6 +109,7 @@ def test_input_decoding_and_a_fresh_execution_per_run():
     assert seen == [None, "not json", {"k": [1, 2]}, 7], "every run executes afresh"
 
 
+@pytest.mark.process_free
 def test_a_failed_handler_gives_status_failed_with_the_error_object():
     @durable_execution
     def failing(event, ctx):
@@ -124,6 +126,7 @@ def test_a_failed_handler_gives_status_failed_with_the_error_object():
     assert res.get_step("first").status is OperationStatus.SUCCEEDED
 
 
+@pytest.mark.process_free
 def test_a_result_json_cannot_encode_fails_like_the_reference_envelope():
     @durable_execution
     def handler(event, ctx):
@@ -135,6 +138,7 @@ def test_a_result_json_cannot_encode_fails_like_the_reference_envelope():
     assert (res.error.type, res.error.message) == ("TypeError", "Object of type set is not JSON serializable")
 
 
+@pytest.mark.process_free
 def test_failed_step_view_carries_attempts_and_error():
     @durable_execution
     def handler(event, ctx):
@@ -158,6 +162,7 @@ def approval_handler(event, ctx):
     return {"answer": answer}
 
 
+@pytest.mark.process_free
 def test_callback_flow_of_the_reference():
     with DurableFunctionTestRunner(handler=approval_handler) as runner:
         arn = runner.run_async(input="{}")
@@ -191,6 +196,7 @@ def test_callback_created_inside_a_branch_is_found_and_completed():
     assert cb.callback_id == cid and cb.status is OperationStatus.SUCCEEDED
 
 
+@pytest.mark.process_free
 def test_callback_failure_heartbeat_and_lookup_errors():
     @durable_execution
     def handler(event, ctx):
@@ -218,6 +224,7 @@ def test_callback_failure_heartbeat_and_lookup_errors():
             runner.wait_for_result("arn:nope")
 
 
+@pytest.mark.process_free
 def test_run_timeout_and_deprecated_timeout_argument():
     @durable_execution
     def slow(event, ctx):
@@ -280,6 +287,7 @@ def checkout(ctx: DurableContext, item: str, qty: int) -> str:
     return f"{qty} x {item} = {price}"
 
 
+@pytest.mark.process_free
 def test_child_context_runner():
     with DurableChildContextTestRunner(checkout, "apple", qty=4) as runner:
         res = runner.run()
@@ -288,6 +296,7 @@ def test_child_context_runner():
     assert res.get_step("price").result == "12"
 
 
+@pytest.mark.process_free
 def test_skip_time_false_really_waits():
     @durable_execution
     def handler(event, ctx):

@@ -13,6 +13,8 @@ from durable_mp.concurrency.models import BatchItem, BatchItemStatus, BatchResul
 from durable_mp.exceptions import ChildContextError
 from durable_mp.lambda_service import ErrorObject
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 S, F, ST = BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED, BatchItemStatus.STARTED
 
 

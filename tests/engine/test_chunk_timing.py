@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+import pytest
+
 from durable_mp.engine import worker as w
 from durable_mp.engine.batch_run import BatchRun
 from durable_mp.engine.branch import BranchSource
 from durable_mp.engine.protocol import UNLIMITED, ChunkDone, RunChunk
 from durable_mp.engine.scheduling import chunk_size
+
+pytestmark = pytest.mark.process_free  # no test here starts a process
 
 
 class CapturingChannel:

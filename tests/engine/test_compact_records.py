@@ -13,6 +13,7 @@ from durable_mp.exceptions import ExecutionFailedError
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.process_free
 def test_a_compact_record_reads_back_as_the_record_it_stands_for():
     parent, sub = item_prefix("p" * 64, "MapIteration")
     data = item_record("o" * 64, parent, sub, "map-item-é", 1.5, 2.5, 4321, '{"t":"i","v":3}')

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from durable_mp.engine.dispatcher import Dispatcher
 from durable_mp.engine.faults import CPU_SAMPLE_SECONDS
+
+pytestmark = pytest.mark.process_free  # no test here starts a process
 
 
 class FakeWorker:

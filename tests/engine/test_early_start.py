@@ -188,6 +188,7 @@ def counts_execution_writes(event, context):
 WRITES: list[str] = []
 
 
+@pytest.mark.process_free
 def test_a_new_execution_is_written_once_before_the_handler_runs(store_path, monkeypatch):
     """The lock claim writes the new record durably; a second identical write was one more fsync."""
     real = Store.put_execution

@@ -20,6 +20,8 @@ from durable_mp.engine.lifecycle import (
 )
 from durable_mp.engine.protocol import UNLIMITED
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 # -- completion policy: distance to a decision ------------------------------------------------
 
 

@@ -202,6 +202,7 @@ def test_retries_and_failures(jobs, store_path, capsys):
     assert "RuntimeError: attempt 1 failed" in text
 
 
+@pytest.mark.process_free
 def test_order_nests_even_when_process_clocks_disagree():
     """A worker's clock a little behind the driver's must not put a child before its parent."""
     p = operation_id("", 1)
@@ -225,6 +226,7 @@ def test_order_nests_even_when_process_clocks_disagree():
     assert table.splitlines()[3].split()[2:] == ["StepStarted", "Step", "s"]
 
 
+@pytest.mark.process_free
 def test_pending_and_abandoned_operations():
     p = operation_id("", 1)
     b0, b1 = operation_id(p, 0), operation_id(p, 1)

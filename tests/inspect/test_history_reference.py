@@ -185,6 +185,7 @@ def test_history_matches_the_reference_event_by_event(name, store_path, capsys):
     assert len(got) == len(want), [e["EventType"] for e in got]
 
 
+@pytest.mark.process_free
 def test_every_operation_type_is_covered():
     kinds = set()
     for name in NAMES:
@@ -198,6 +199,7 @@ def test_every_operation_type_is_covered():
             "WaitForCondition", "Callback", "WaitForCallback"} <= subtypes
 
 
+@pytest.mark.process_free
 def test_callback_started_carries_a_usable_id_and_its_timeouts(store_path, capsys):
     events = run_durable_mp("callback", store_path, capsys)
     started = next(e for e in events if e["EventType"] == "CallbackStarted")

@@ -185,6 +185,7 @@ def _tree(ops, runs=1, started=None):
     return OpTree(ex, ops)
 
 
+@pytest.mark.process_free
 def test_redispatched_branch_and_abandoned_branch():
     p = operation_id("", 1)
     b0, b1 = operation_id(p, 0), operation_id(p, 1)
@@ -214,6 +215,7 @@ def test_redispatched_branch_and_abandoned_branch():
     assert set(r.row_labels) == {"driver", "worker pid 111", "worker pid 222", "no worker (pid unknown)"}
 
 
+@pytest.mark.process_free
 def test_huge_batches_keep_every_unusual_bar(monkeypatch):
     monkeypatch.setattr(timeline, "MAX_BARS", 50)
     p = operation_id("", 1)

@@ -33,6 +33,7 @@ def _item(index: int, status: str, result: object = None) -> OpRecord:
                     status, 1.0, result=result)
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("status", ALL_STATUSES)
 @pytest.mark.parametrize("result", [None, "text", b"\x00" * 10, b"y" * 100_000])
 def test_the_status_probe_reads_what_decoding_reads(status, result):
@@ -42,6 +43,7 @@ def test_the_status_probe_reads_what_decoding_reads(status, result):
     assert as_record(data) == OpRecord.loads(data) and as_record(rec) is rec
 
 
+@pytest.mark.process_free
 def test_split_terminal_separates_ended_from_unfinished_and_says_which_succeeded():
     records = {i: (_item(i, s).dumps() if i % 2 else _item(i, s)) for i, s in enumerate(ALL_STATUSES * 3)}
     ended, ok, unfinished = split_terminal(records)
@@ -53,6 +55,7 @@ def test_split_terminal_separates_ended_from_unfinished_and_says_which_succeeded
         assert (ended if i in ended else unfinished)[i] is data  # the stored bytes, not a decoded copy
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("ok_share", [0.7, 1.0])
 def test_bulk_replay_of_branches_equals_one_by_one(ok_share):
     rng = random.Random(7)
@@ -72,6 +75,7 @@ def test_bulk_replay_of_branches_equals_one_by_one(ok_share):
     assert bulk.counts == single.counts
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("config", [
     CompletionConfig(), CompletionConfig.all_completed(), CompletionConfig(tolerated_failure_count=3),
     CompletionConfig(tolerated_failure_percentage=40), CompletionConfig(min_successful=50),
@@ -100,6 +104,7 @@ def test_bulk_replay_in_the_policy_equals_one_by_one(config, virtual, ok_share):
         CompletionPolicy(config, 100).on_replayed({-1: True})
 
 
+@pytest.mark.process_free
 def test_raw_item_records_include_staged_ones_and_decode_to_the_records(tmp_path):
     with Store(str(tmp_path / "store")) as store:
         committed = [_item(i, OpStatus.SUCCEEDED, b"%d" % i) for i in range(5)]
@@ -182,6 +187,7 @@ def test_fix_and_resume_of_a_map_reruns_only_the_failed_items_and_equals_a_fresh
     assert _key(seen[1]) == _key(fresh_seen[0])
 
 
+@pytest.mark.process_free
 def test_branch_scan_reads_exactly_the_batch_keys(tmp_path):
     """Neighbouring prefixes ('#' sorts before '$'; another batch, another execution) are not read."""
     with Store(str(tmp_path / "store")) as store:
@@ -199,6 +205,7 @@ def test_branch_scan_reads_exactly_the_batch_keys(tmp_path):
         assert store.branch_raw("ex", "nothing") == {}
 
 
+@pytest.mark.process_free
 @settings(max_examples=200, deadline=None)
 @given(st.sets(st.integers(0, 3000), max_size=600), st.integers(0, 2000))
 def test_key_indices_reads_every_key_as_its_number(members, run_from):
@@ -211,6 +218,7 @@ def test_key_indices_reads_every_key_as_its_number(members, run_from):
     assert key_indices(mixed_width, len(prefix) + 1) == [10, 7, 8]
 
 
+@pytest.mark.process_free
 def test_split_terminal_of_compact_records_only_and_mixed():
     from durable_mp.core.records import item_prefix, item_record
     parent, sub = item_prefix("batch", "MapIteration")
@@ -224,6 +232,7 @@ def test_split_terminal_of_compact_records_only_and_mixed():
     assert split_terminal({}) == ({}, {}, {})
 
 
+@pytest.mark.process_free
 def test_pending_after_replay_lists_the_rest_in_order():
     table = BranchTable(10)
     table.replayed_many({3: True, 0: False, 9: True})
@@ -232,6 +241,7 @@ def test_pending_after_replay_lists_the_rest_in_order():
     assert table.pending() == [2, 4, 5, 6, 7, 8]
 
 
+@pytest.mark.process_free
 def test_columns_take_replayed_records_in_bulk_like_one_by_one():
     from durable_mp.concurrency.columns import ItemColumns
     records = {5: b"r5", 0: b"r0", 3: _item(3, OpStatus.FAILED)}
@@ -243,6 +253,7 @@ def test_columns_take_replayed_records_in_bulk_like_one_by_one():
         ItemColumns(2).add_records({2: b"x"})
 
 
+@pytest.mark.process_free
 def test_branch_outcomes_split_plain_successes_from_the_rest_and_read_them_back(tmp_path):
     from durable_mp.core.records import item_prefix, item_record
     parent, sub = item_prefix("batch", "MapIteration")

@@ -12,6 +12,8 @@ import pytest
 from durable_mp import ExecutionFailedError, durable_execution
 from durable_mp.store.facade import Store
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 
 @durable_execution
 def nothing(event, context):

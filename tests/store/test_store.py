@@ -53,6 +53,7 @@ def run(code: str, *args: str) -> str:
 
 
 # -- paths and files ---------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_resolve_store_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DURABLE_MP_STORE", raising=False)
@@ -63,6 +64,7 @@ def test_resolve_store_path(tmp_path, monkeypatch):
     assert resolve_store_path(tmp_path / "p").is_absolute()
 
 
+@pytest.mark.process_free
 def test_new_store_is_private_even_with_a_permissive_umask(path):
     old = os.umask(0)
     try:
@@ -74,6 +76,7 @@ def test_new_store_is_private_even_with_a_permissive_umask(path):
         assert stat.S_IMODE(os.stat(path / name).st_mode) == 0o600
 
 
+@pytest.mark.process_free
 def test_writable_by_others_is_refused(path):
     Store(path).close()
     os.chmod(path, 0o770)
@@ -90,6 +93,7 @@ def test_writable_by_others_is_refused(path):
     Store(path).close()
 
 
+@pytest.mark.process_free
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_owned_by_another_user_is_refused(path):
     Store(path).close()
@@ -108,6 +112,7 @@ def _assert_clean(error: StoreError) -> None:
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
 
 
+@pytest.mark.process_free
 def test_garbage_data_file_is_a_store_error(path):
     path.mkdir(mode=0o700)
     (path / "data.mdb").write_bytes(os.urandom(1 << 16))
@@ -116,6 +121,7 @@ def test_garbage_data_file_is_a_store_error(path):
     _assert_clean(info.value)
 
 
+@pytest.mark.process_free
 def test_truncated_data_file_is_a_store_error(path):
     with Store(path) as st:
         for i in range(500):
@@ -127,6 +133,7 @@ def test_truncated_data_file_is_a_store_error(path):
         _assert_clean(info.value)
 
 
+@pytest.mark.process_free
 def test_regular_file_is_a_store_error(tmp_path):
     target = tmp_path / "a-file"
     target.write_text("hello")
@@ -135,6 +142,7 @@ def test_regular_file_is_a_store_error(tmp_path):
     _assert_clean(info.value)
 
 
+@pytest.mark.process_free
 def test_foreign_lmdb_environment_is_refused(path):
     path.mkdir(mode=0o700)
     with lmdb.open(str(path), mode=0o700) as env, env.begin(write=True) as txn:
@@ -144,6 +152,7 @@ def test_foreign_lmdb_environment_is_refused(path):
     _assert_clean(info.value)
 
 
+@pytest.mark.process_free
 def test_foreign_meta_database_without_marker_is_refused(path):
     path.mkdir(mode=0o700)
     with lmdb.open(str(path), mode=0o700, max_dbs=2) as env:
@@ -154,6 +163,7 @@ def test_foreign_meta_database_without_marker_is_refused(path):
         Store(path)
 
 
+@pytest.mark.process_free
 def test_missing_store_without_create(path):
     with pytest.raises(StoreError, match="no durable_mp store"):
         Store(path, create=False)
@@ -166,6 +176,7 @@ def test_missing_store_without_create(path):
 
 
 # -- executions --------------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_execution_round_trip(store):
     assert store.get_execution("nope") is None
     rec = execution("e1", error={"ErrorType": "X"}, extra={"k": [1, 2]})
@@ -178,6 +189,7 @@ def test_execution_round_trip(store):
     assert store.get_execution("e1") == done
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("bad", ["", "x" * 201, "a\0b", "tab\there", "new\nline", "\x7f", "é" * 101, None, b"id"])
 def test_bad_execution_ids_are_rejected(store, bad):
     with pytest.raises(ValueError, match="execution id"):
@@ -186,12 +198,14 @@ def test_bad_execution_ids_are_rejected(store, bad):
         store.stage(bad, op("a"))
 
 
+@pytest.mark.process_free
 def test_good_execution_ids():
     for good in ("x" * 200, "nightly-2026-11-26", "ünïcødé job", "a/b:c"):
         assert validate_exec_id(good) == good
 
 
 # -- operations --------------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_op_round_trip_survives_reopen(path):
     a = op(operation_id(None, 1), attempts=((1, 1.0, 2.0, 123, None),), extra={"n": 3})
     b = op(operation_id(a.op_id, 0), parent_id=a.op_id, result="json text")
@@ -207,6 +221,7 @@ def test_op_round_trip_survives_reopen(path):
         assert st.children("e", a.op_id) == [b]
 
 
+@pytest.mark.process_free
 def test_prefixes_isolate_executions_and_parents(store):
     # "job" is a prefix of "job2" and parent "ab" of parent "abc": neither may leak.
     for exec_id in ("job", "job2"):
@@ -228,6 +243,7 @@ def test_prefixes_isolate_executions_and_parents(store):
         assert store.parents_with_children("job") == {"", "ab", "abc"}
 
 
+@pytest.mark.process_free
 def test_staged_records_are_visible_before_flush_and_overwrite(store):
     store.stage("e", op("s", status=OpStatus.STARTED, result=None))
     assert store.get_op("e", "", "s").status == OpStatus.STARTED
@@ -246,6 +262,7 @@ def test_staged_records_are_visible_before_flush_and_overwrite(store):
     assert store.flush_due() is None
 
 
+@pytest.mark.process_free
 def test_subtree_is_recursive_across_committed_and_staged(store):
     root = operation_id(None, 1)
     branches = [operation_id(root, i) for i in range(3)]
@@ -267,6 +284,7 @@ def test_subtree_is_recursive_across_committed_and_staged(store):
     assert store.subtree("e", root) == tree
 
 
+@pytest.mark.process_free
 def test_flush_policy_by_count_and_by_time(path):
     now = [100.0]
     with Store(path, flush_count=3, flush_seconds=0.5, clock=lambda: now[0]) as st:
@@ -291,6 +309,7 @@ def test_flush_policy_by_count_and_by_time(path):
         assert st.get_op("e", "", "d") is not None
 
 
+@pytest.mark.process_free
 def test_reads_see_records_while_they_are_being_committed(path):
     with Store(path, flush_count=1000) as st:
         for i in range(5000):
@@ -303,6 +322,7 @@ def test_reads_see_records_while_they_are_being_committed(path):
         assert st.stats["records_written"] == 5000
 
 
+@pytest.mark.process_free
 def test_close_flushes_and_closed_store_refuses(path):
     st = Store(path)
     st.stage("e", op("a"))
@@ -314,6 +334,7 @@ def test_close_flushes_and_closed_store_refuses(path):
         assert again.get_op("e", "", "a") is not None
 
 
+@pytest.mark.process_free
 def test_stores_on_one_path_share_the_environment(path):
     with Store(path) as a, Store(str(path)) as b, Store(path, readonly=True) as ro:
         a.stage("e", op("x"))
@@ -374,6 +395,7 @@ def test_sigkill_during_flushes_leaves_whole_batches(path):
 
 
 # -- growth and space --------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_map_grows_when_full(path):
     with Store(path, map_size=64 * 1024) as st:
         for batch in range(20):
@@ -412,6 +434,7 @@ def test_reader_follows_a_map_grown_by_another_process(path):
         assert len(reader.ops("e")) == 401
 
 
+@pytest.mark.process_free
 def test_delete_execution_removes_its_records_and_reuses_space(path):
     with Store(path) as st:
         for exec_id in ("job", "job2"):
@@ -464,6 +487,7 @@ def test_readonly_reads_while_a_writer_holds_the_write_lock(path):
         holder.communicate(timeout=30)
 
 
+@pytest.mark.process_free
 def test_readonly_then_writable_in_one_process_is_refused(path):
     Store(path).close()
     with Store(path, readonly=True):
@@ -472,6 +496,7 @@ def test_readonly_then_writable_in_one_process_is_refused(path):
 
 
 # -- locking -----------------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_acquire_creates_then_retakes_own_lock(store):
     rec, created = store.acquire("e", lambda: execution("e"))
     me = psutil.Process()
@@ -488,6 +513,7 @@ def test_acquire_creates_then_retakes_own_lock(store):
     store.release("missing")  # no-op
 
 
+@pytest.mark.process_free
 def test_a_second_thread_of_the_same_process_is_refused(store):
     held, finish = threading.Event(), threading.Event()
 
@@ -515,6 +541,7 @@ def test_a_second_thread_of_the_same_process_is_refused(store):
     store.release("e")
 
 
+@pytest.mark.process_free
 def test_the_lock_of_a_thread_that_ended_without_releasing_is_taken_over(store):
     thread = threading.Thread(target=lambda: store.acquire("e", lambda: execution("e")))
     thread.start()
@@ -524,6 +551,7 @@ def test_the_lock_of_a_thread_that_ended_without_releasing_is_taken_over(store):
     store.release("e")
 
 
+@pytest.mark.process_free
 @pytest.mark.timeout(60)
 def test_two_threads_never_run_one_execution_at_once(store_path):
     from durable_mp import durable_execution
@@ -549,6 +577,7 @@ def test_two_threads_never_run_one_execution_at_once(store_path):
     assert results == ["first"]
 
 
+@pytest.mark.process_free
 def test_acquire_finished_execution_does_not_start_a_run(store):
     store.put_execution(execution("done", status="SUCCEEDED", result=b"1", owner_pid=os.getppid(),
                                   owner_create_time=psutil.Process(os.getppid()).create_time()))
@@ -556,6 +585,7 @@ def test_acquire_finished_execution_does_not_start_a_run(store):
     assert not created and rec.status == "SUCCEEDED" and rec.runs == 1 and rec.owner_pid == os.getpid()
 
 
+@pytest.mark.process_free
 def test_recycled_pid_is_not_a_live_owner(store):
     parent = psutil.Process(os.getppid())  # alive, but started at another time than recorded
     store.put_execution(execution("e", owner_pid=parent.pid, owner_create_time=parent.create_time() - 100))

@@ -57,6 +57,7 @@ def blob_files(path, exec_id="e") -> list[str]:
         return []
 
 
+@pytest.mark.process_free
 def test_a_large_value_is_committed_as_a_reference_and_reads_back(tmp_path):
     path = tmp_path / "s"
     big, small = os.urandom(BIG), b"tiny"
@@ -78,6 +79,7 @@ def test_a_large_value_is_committed_as_a_reference_and_reads_back(tmp_path):
         assert len(store.ops("e")) == 3
 
 
+@pytest.mark.process_free
 def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, monkeypatch):
     events = []
     real_fdatasync, real_fsync = os.fdatasync, os.fsync
@@ -92,6 +94,7 @@ def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, m
     assert "blob" in events[:first_commit] and events[first_commit - 1] == "dir", events
 
 
+@pytest.mark.process_free
 @pytest.mark.parametrize("damage, error", [
     (lambda blob: blob.unlink(), "blob"),  # missing: a store error, not a partial result
     (lambda blob: os.truncate(blob, 1000), "truncated"),
@@ -106,6 +109,7 @@ def test_a_missing_or_truncated_blob_is_a_store_error(tmp_path, damage, error):
         store.get_op("e", "p", "a")
 
 
+@pytest.mark.process_free
 def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
@@ -125,6 +129,7 @@ def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
         assert not blobs.exec_dir(path, "e").exists()
 
 
+@pytest.mark.process_free
 def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
@@ -139,6 +144,7 @@ def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
         assert store.get_op("e", "p", "a").result == new
 
 
+@pytest.mark.process_free
 def test_batches_of_one_run_append_to_one_file_and_only_its_creation_syncs_the_directory(tmp_path, monkeypatch):
     events = []
     real_fdatasync, real_fsync = os.fdatasync, os.fsync
@@ -157,6 +163,7 @@ def test_batches_of_one_run_append_to_one_file_and_only_its_creation_syncs_the_d
         assert {op: store.get_op("e", "p", op).result for op in values} == values
 
 
+@pytest.mark.process_free
 def test_a_full_blob_file_is_followed_by_a_new_one(tmp_path, monkeypatch):
     monkeypatch.setattr(blobs, "FILE_BYTES", 2 * BIG)
     path = tmp_path / "s"
@@ -170,6 +177,7 @@ def test_a_full_blob_file_is_followed_by_a_new_one(tmp_path, monkeypatch):
         assert {op: store.get_op("e", "p", op).result for op in values} == values
 
 
+@pytest.mark.process_free
 def test_writeback_of_each_value_starts_before_the_sync(tmp_path, monkeypatch):
     events = []
     real_start, real_fdatasync = blobs.start_writeback, os.fdatasync
@@ -184,6 +192,7 @@ def test_writeback_of_each_value_starts_before_the_sync(tmp_path, monkeypatch):
     assert events == [("start", 0, size), ("start", size, len(b.dumps())), ("sync",)], events
 
 
+@pytest.mark.process_free
 def test_a_blob_file_whose_sync_failed_is_never_written_again(tmp_path, monkeypatch):
     """After a failed fsync the kernel may call the same pages clean: the retry must not trust that file."""
     path = tmp_path / "s"
@@ -211,6 +220,7 @@ def test_a_blob_file_whose_sync_failed_is_never_written_again(tmp_path, monkeypa
     assert blobs.ref_name(values[b"e\0p\0b"]) != blobs.ref_name(values[b"e\0p\0a"])
 
 
+@pytest.mark.process_free
 def test_a_run_never_appends_to_a_file_that_was_swept(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
@@ -294,6 +304,7 @@ def test_a_driver_killed_mid_payload_loses_nothing_committed_and_resumes(tmp_pat
     assert refs >= n
 
 
+@pytest.mark.process_free
 def test_gc_removes_the_blobs_of_an_execution_whose_delete_was_interrupted(tmp_path):
     from durable_mp.store.maintenance import collect
 
@@ -363,6 +374,7 @@ def test_a_worker_killed_while_returning_a_large_result_is_rerun_and_no_partial_
     assert len(items) == 6 and all(len(r.result) > 8 * n for r in items)
 
 
+@pytest.mark.process_free
 def test_a_large_value_is_committed_at_once_when_no_commit_is_running(tmp_path):
     """The disk is idle: a large value starts its commit now instead of waiting for the batch to be due."""
     with Store(tmp_path / "s", flush_count=10**9, flush_seconds=10**9, clock=lambda: 0.0) as store:

@@ -172,6 +172,7 @@ def test_a_really_full_disk_stops_the_execution_and_a_rerun_after_freeing_space_
 
 
 # -- the store alone ---------------------------------------------------------------------------
+@pytest.mark.process_free
 def test_a_failing_commit_is_retried_with_the_same_batch(tmp_path, monkeypatch):
     original = GroupCommit._commit
     seen: list[int] = []
@@ -192,6 +193,7 @@ def test_a_failing_commit_is_retried_with_the_same_batch(tmp_path, monkeypatch):
         assert len(st.ops("e")) == 10
 
 
+@pytest.mark.process_free
 def test_an_exhausted_commit_latches_every_later_write(tmp_path, monkeypatch):
     monkeypatch.setattr(GroupCommit, "_commit", lambda self, batch: (_ for _ in ()).throw(enospc()))
     threads_before = set(threading.enumerate())
@@ -219,6 +221,7 @@ def test_an_exhausted_commit_latches_every_later_write(tmp_path, monkeypatch):
         assert fresh.get_op("e", "", "z") is not None and fresh.get_op("e", "", "a") is None
 
 
+@pytest.mark.process_free
 def test_a_failing_execution_write_is_retried_then_latched(tmp_path, monkeypatch):
     st = Store(tmp_path / "s")
     calls = [0]

@@ -16,6 +16,8 @@ import pytest
 from durable_mp.exceptions import StoreError
 from durable_mp.store.facade import Store
 
+pytestmark = pytest.mark.process_free  # no test here starts a process
+
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
