@@ -79,12 +79,18 @@ def test_a_large_value_is_committed_as_a_reference_and_reads_back(tmp_path):
         assert len(store.ops("e")) == 3
 
 
-@pytest.mark.process_free
-def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, monkeypatch):
-    events = []
+
+@pytest.fixture
+def sync_events(monkeypatch) -> list[str]:
+    """What the blob writer syncs, in order: ``"blob"`` (fdatasync of a blob file), ``"dir"`` (fsync)."""
+    events: list[str] = []
     real_fdatasync, real_fsync = os.fdatasync, os.fsync
     monkeypatch.setattr(blobs.os, "fdatasync", lambda fd: (events.append("blob"), real_fdatasync(fd))[1])
     monkeypatch.setattr(blobs.os, "fsync", lambda fd: (events.append("dir"), real_fsync(fd))[1])
+    return events
+@pytest.mark.process_free
+def test_the_blob_is_synced_before_the_transaction_that_refers_to_it(tmp_path, monkeypatch, sync_events):
+    events = sync_events
     with Store(tmp_path / "s") as store:
         real_write = store._write
         monkeypatch.setattr(store, "_write", lambda fn: (events.append("commit"), real_write(fn))[1])
@@ -145,11 +151,8 @@ def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
 
 
 @pytest.mark.process_free
-def test_batches_of_one_run_append_to_one_file_and_only_its_creation_syncs_the_directory(tmp_path, monkeypatch):
-    events = []
-    real_fdatasync, real_fsync = os.fdatasync, os.fsync
-    monkeypatch.setattr(blobs.os, "fdatasync", lambda fd: (events.append("blob"), real_fdatasync(fd))[1])
-    monkeypatch.setattr(blobs.os, "fsync", lambda fd: (events.append("dir"), real_fsync(fd))[1])
+def test_batches_of_one_run_append_to_one_file_and_only_its_creation_syncs_the_directory(tmp_path, sync_events):
+    events = sync_events
     path = tmp_path / "s"
     values = {f"v{i}": os.urandom(BIG + i) for i in range(4)}
     with Store(path) as store:
