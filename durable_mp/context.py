@@ -71,7 +71,7 @@ class DurableContext:
         # parent_id of this context's records: its own id, or a virtual context's enclosing one
         self._parent_id = op_id if parent_id is None else parent_id
         self._counter = 0
-        self.is_virtual = False
+        self.is_virtual = self._parent_id != op_id  # a FLAT branch, or ChildConfig(is_virtual=True)
         self._parent_logger = logger
         self._logger: Logger | None = None
 
@@ -115,10 +115,8 @@ class DurableContext:
         return is_replayed(self.state, self._parent_id, operation_id(self._op_id, self._counter + 1))
 
     def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> DurableContext:
-        child = DurableContext(self.state, operation_id, logger=self.logger,
-                               parent_id=self._parent_id if is_virtual else None)
-        child.is_virtual = is_virtual
-        return child
+        return DurableContext(self.state, operation_id, logger=self.logger,
+                              parent_id=self._parent_id if is_virtual else None)
 
     def set_logger(self, new_logger: Any) -> None:
         self.logger.set_logger(new_logger)

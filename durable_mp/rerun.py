@@ -83,10 +83,8 @@ def reopen_checkpoints(store: Store, exec_id: str, *, all_failed: bool) -> int:
     index_of: dict[str, int] = {}
     for parent in {rec.parent_id for rec in changed if rec.parent_id in batches}:
         index_of.update((item.op_id, index) for index, item in store.branch_records(exec_id, parent).items())
-    for rec in changed:
-        key = branch_key(index_of[rec.op_id]) if rec.op_id in index_of else rec.op_id
-        store.stage_raw(exec_id, rec.parent_id, key, rec.dumps())
-    store.flush()
+    store.reopen(exec_id, [(rec.parent_id, branch_key(index_of[rec.op_id]) if rec.op_id in index_of else rec.op_id,
+                            rec.dumps()) for rec in changed])
     return sum(1 for rec in changed if rec.sub_type not in BATCH_SUB_TYPES)
 
 

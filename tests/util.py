@@ -8,6 +8,7 @@ hygiene is in ``procs.py``; the marker files the recovery scenarios write are
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,5 +96,18 @@ def run_cli(*args: str, store: Any, cwd: Any = None, timeout: float = 60) -> sub
                           text=True, timeout=timeout, cwd=cwd)
 
 
-__all__ = ["REPO", "TESTS", "execution_record", "marker_count", "marker_counts", "marker_file_indices", "rec",
+# -- documentation --------------------------------------------------------------------------------
+DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def doc_block(first_line: str) -> str:
+    """The fenced python block of the README or ``docs/`` whose source starts with ``first_line``."""
+    for doc in DOC_FILES:
+        for block in re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S):
+            if block.startswith(first_line):
+                return block
+    raise AssertionError(f"no python block of README.md or docs/ starts with {first_line!r}")
+
+
+__all__ = ["DOC_FILES", "REPO", "TESTS", "doc_block", "execution_record", "marker_count", "marker_counts", "marker_file_indices", "rec",
            "run_cli", "runs_per_index", "step_record", "wait_until"]

@@ -72,3 +72,11 @@ class ErrorDetails(Protocol):
 
 
 __all__ = ["DurableExecutionsError", "ErrorDetails", "InvalidStateError", "PickleByState", "ValidationError"]
+
+
+class InvariantError(RuntimeError):
+    """durable_mp was about to break one of its own invariants (docs/architecture.md "Invariants"): an internal error.
+
+    Raised where the state lives (the store, the driver's intake of worker messages) instead
+    of applying the change, so a bug shows up at the spot, not as a lost or doubled result.
+    """

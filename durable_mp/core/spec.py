@@ -39,6 +39,7 @@ class BatchSpec:
     resuming: bool = False
     unfinished: dict[int, Any] = field(default_factory=dict)
     done_ok: dict[int, bool] | None = None  # {index: succeeded} of ``done``, when the caller probed it
+    flat: bool = False  # NestingType.FLAT: branches run in virtual contexts (``core.nesting``)
 
     def done_succeeded(self) -> dict[int, bool]:
         """``{index: succeeded}`` of the branches in ``done``, each status probed once."""

@@ -32,10 +32,6 @@ class SubType:
 BATCH_SUB_TYPES = frozenset({SubType.PARALLEL, SubType.MAP})
 BRANCH_SUB_TYPES = frozenset({SubType.PARALLEL_BRANCH, SubType.MAP_ITERATION})
 
-# In a batch record's extra: FLAT branches are still recorded (their results are the
-# items' checkpoints), but views show their operations as the batch's own children.
-NESTING_KEY = "nesting"
-
 
 class ExecutionStatus:
     """Statuses of an execution record (a run in progress or interrupted is RUNNING)."""

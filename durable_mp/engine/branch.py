@@ -13,6 +13,7 @@ from hashlib import blake2b as _blake2b
 from typing import Any
 
 from durable_mp import serdes as _serdes
+from durable_mp.core.nesting import branch_record_parent
 from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
 from durable_mp.core.vocabulary import default_item_name, map_item_name
 from durable_mp.engine.protocol import NOT_SENT
@@ -26,11 +27,13 @@ SKIPPED_KEY = "skipped"  # in a branch record's extra: seconds of delay it skipp
 class BranchSource:
     """Where a batch's branch bodies come from: one function per branch, or func + inputs."""
 
-    __slots__ = ("funcs", "func", "inputs", "item_serdes", "batch_op_id", "item_sub_type", "names", "execution_id")
+    __slots__ = ("funcs", "func", "inputs", "item_serdes", "batch_op_id", "item_sub_type", "names", "execution_id",
+                 "flat")
 
     def __init__(self, *, funcs: Sequence[Callable[..., Any]] | None, func: Callable[..., Any] | None,
                  inputs: Sequence[Any] | None,
-                 item_serdes: Any, batch_op_id: str, item_sub_type: str, names: Any, execution_id: str) -> None:
+                 item_serdes: Any, batch_op_id: str, item_sub_type: str, names: Any, execution_id: str,
+                 flat: bool = False) -> None:
         self.funcs = funcs
         self.func = func
         self.inputs = inputs
@@ -39,6 +42,7 @@ class BranchSource:
         self.item_sub_type = item_sub_type
         self.names = names  # list, dict {index: name} or None
         self.execution_id = execution_id
+        self.flat = flat  # branches run in virtual contexts: their operations' parent is the batch
 
     def name(self, index: int) -> str:
         if self.names is not None:
@@ -54,7 +58,7 @@ class BranchSource:
         return self.func(ctx, self.inputs[index], index, self.inputs)
 
 
-def run_branch(source: BranchSource, index: int, make_context: Callable[[str], Any]) -> OpRecord:
+def run_branch(source: BranchSource, index: int, make_context: Callable[[str, str | None], Any]) -> OpRecord:
     """Execute branch ``index`` and return its terminal record (SUCCEEDED or FAILED)."""
     rec: OpRecord = BranchRunner(source, make_context, compact=False).run(index)[0]
     return rec
@@ -80,9 +84,9 @@ class BranchRunner:
     """
 
     __slots__ = ("source", "make_context", "compact", "skip_time", "id_prefix", "parent", "sub_type", "pid",
-                 "default_serdes", "plain_values", "func", "inputs")
+                 "default_serdes", "plain_values", "func", "inputs", "record_parent")
 
-    def __init__(self, source: BranchSource, make_context: Callable[[str], Any], *, compact: bool,
+    def __init__(self, source: BranchSource, make_context: Callable[[str, str | None], Any], *, compact: bool,
                  skip_time: bool = True) -> None:
         self.source = source
         self.make_context = make_context
@@ -97,6 +101,7 @@ class BranchRunner:
         self.plain_values = serdes_class in _PLAIN_SERDES
         self.func = source.func if source.funcs is None and source.names is None else None
         self.inputs = source.inputs
+        self.record_parent = branch_record_parent(source.batch_op_id, source.flat)
 
     def run(self, index: int) -> tuple[Any, Any]:
         """Execute branch ``index``: ``(record, value)`` (see the class docstring)."""
@@ -109,7 +114,7 @@ class BranchRunner:
         if self.skip_time:
             take_skipped_seconds()  # a fresh count for this branch
         try:
-            context = self.make_context(op_id)
+            context = self.make_context(op_id, self.record_parent)
             if func is not None:
                 value = func(context, self.inputs[index], index, self.inputs)  # type: ignore[index]
             else:

@@ -25,6 +25,7 @@ from typing import Any
 
 from durable_mp.concurrency.models import BatchItemStatus, CompletionReason
 from durable_mp.core.item_probe import as_record
+from durable_mp.core.nesting import flat_branch_ops
 from durable_mp.core.records import (
     Attempt,
     OpRecord,
@@ -44,6 +45,7 @@ from durable_mp.engine.faults import (
     CPU_SAMPLE_SECONDS,
     MEMORY_POLL_SECONDS,
     FaultCost,
+    LostChunk,
     death_cost,
     is_waiting_on_io,
     kill_cost,
@@ -119,8 +121,10 @@ class Dispatcher:
         if spec.resuming and batch.queue:
             # hashing every queued item's id is only needed when some operation other than the
             # root and this batch has children (an item may have checkpoints under it)
-            parents = self.store.parents_with_children(self.execution_id) - {"", spec.op_id}
-            if parents:
+            parents = self.store.parents_with_children(self.execution_id) - {""}
+            if spec.flat and spec.op_id in parents:  # FLAT: a branch's operations hang off the batch itself
+                batch.needs_ckpt = set(batch.queue)  # which branch has some is found as it is dispatched
+            elif parents - {spec.op_id}:
                 batch.needs_ckpt = {i for i in batch.queue if operation_id(spec.op_id, i) in parents}
             self._continue_attempts(batch)
         self.bar = self.progress.start(spec.name or spec.sub_type, spec.n, done=len(replayed),
@@ -279,13 +283,25 @@ class Dispatcher:
             wanted = [i for i in indices if i in batch.needs_ckpt]
             if wanted:
                 self.store.flush()
-                checkpoints = {i: self.store.subtree(self.execution_id, operation_id(spec.op_id, i)) for i in wanted}
+                checkpoints = {i: self._branch_checkpoints(spec, i) for i in wanted}
         names = None
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
         batch.branches.move_many(indices, BranchState.DISPATCHED)
         spec.policy.on_started_many(indices)
         return names, checkpoints
+
+    def _branch_checkpoints(self, spec: BatchSpec, index: int) -> dict[str, OpRecord]:
+        """Every record a branch made (its worker replays them): under its op, or FLAT, under the batch."""
+        exec_id = self.execution_id
+        out: dict[str, OpRecord] = {}
+        if not spec.flat:
+            out.update(self.store.subtree(exec_id, operation_id(spec.op_id, index)))
+            return out
+        for rec in flat_branch_ops(spec.op_id, index, lambda op_id: self.store.get_op(exec_id, spec.op_id, op_id)):
+            out[rec.op_id] = rec
+            out.update(self.store.subtree(exec_id, rec.op_id))  # a child context's or nested batch's own records
+        return out
 
     def _return_unstarted(self, batch: BatchRun, indices: list[int]) -> None:
         """Branches a worker never started: pending again; queued again unless the batch stops."""
@@ -542,12 +558,20 @@ class Dispatcher:
                                                            index, task.started))
 
     def _record_uncounted(self, batch: BatchRun) -> None:
-        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED."""
+        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED.
+
+        Such an item may have ended already: turning its record back to STARTED is a move
+        backwards, so it is an explicit reopen (``Store.reopen``), never a plain write.
+        """
         spec = batch.spec
         now = time.time()
+        reopened = []
         for index in spec.policy.uncounted():
-            self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
-                                                           index, now))
+            rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, now)
+            batch.records[index] = rec
+            reopened.append((spec.op_id, branch_key(index), rec.dumps()))
+        if reopened:
+            self.store.reopen(self.execution_id, reopened)
 
     def _stage_nested(self, nested: list[Any]) -> None:
         """Records of operations inside branches (steps, nested batches), as the worker pickled them."""
@@ -591,16 +615,11 @@ class Dispatcher:
             on_batch = task is not None and task.batch is batch
             if not on_batch and not (worker.queued is not None and worker.queued.batch is batch):
                 continue
-            running = worker.running_index()
             self.pool.kill(worker)
             if not on_batch or not record_started:
                 continue
-            unreported = task.unreported()
-            if running in unreported:
-                unreported = unreported[: unreported.index(running) + 1]
-            elif unreported:
-                unreported = unreported[:1]
-            self._record_started(batch, task, unreported)
+            lost = self._split_lost(worker, task)
+            self._record_started(batch, task, ([] if lost.guilty is None else [lost.guilty]) + lost.started)
         self.callback_waiters = {k: v for k, v in self.callback_waiters.items() if k[0] in self.pool.workers}
 
     # -- faults -------------------------------------------------------------------------------
@@ -613,18 +632,30 @@ class Dispatcher:
         batch.needs_ckpt.add(index)
         self.stats["redispatched"] += 1
 
+    def _split_lost(self, worker: Worker, task: Task) -> LostChunk:
+        return split_lost_chunk(task.indices, task.reported, worker.running_index(),
+                                worker.begun(task.id, len(task.indices)))
+
     def _lost_task(self, worker: Worker) -> tuple[Task, int | None]:
-        """After a worker is gone: return the innocent branches of its chunks, name the guilty one."""
+        """After a worker is gone (death or kill alike): name the guilty branch of its chunk; the
+        innocent ones that may have started run again with their checkpoints, the others as they were."""
         task = worker.task
-        guilty, innocent = split_lost_chunk(task.indices, task.reported, worker.running_index())
+        lost = self._split_lost(worker, task)
+        guilty = lost.guilty
         batch = task.batch
         if batch is not None and not batch.closed:
             if guilty is not None and batch.branches.state(guilty) is BranchState.DISPATCHED:
                 batch.branches.move(guilty, BranchState.RUNNING)
-            self._return_unstarted(batch, innocent)
+            for index in reversed(lost.started):
+                self._requeue(batch, index)
+            self._return_unstarted(batch, lost.unstarted)
         queued = worker.queued
         if queued is not None and queued.batch is not None and not queued.batch.closed:
-            self._return_unstarted(queued.batch, queued.indices)
+            # a kill can find the worker already into its prefetched chunk (the ChunkDone before it unread)
+            begun = worker.begun(queued.id, len(queued.indices))
+            for index in reversed(queued.indices[:begun]):
+                self._requeue(queued.batch, index)
+            self._return_unstarted(queued.batch, queued.indices[begun:])
         worker.queued = None
         return task, guilty
 

@@ -2,13 +2,15 @@
 
 The rule everywhere: the branch a fault hit pays for it (re-dispatch, or a FAILED item
 once it crashed ``max_crash_retries`` times); innocent branches of the same chunk go
-back to the queue with the checkpoints they streamed; an error charged to a running
-step goes to that step's retry strategy.  The dispatcher applies these verdicts.
+back to the queue, each with the checkpoints recorded under it if it may have started
+(``split_lost_chunk``); an error charged to a running step goes to that step's retry
+strategy.  The dispatcher applies these verdicts.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import NamedTuple
 
 CPU_SAMPLE_SECONDS = 0.1  # how often busy workers are checked for sitting idle on the CPU
 CPU_IDLE_FRACTION = 0.3  # below this share of a core (and not runnable), a busy worker waits on I/O
@@ -31,17 +33,29 @@ def kill_cost(*, step_watches: int, step_scoped: bool) -> FaultCost:
     return FaultCost.RETRY_STEP if step_scoped and step_watches == 1 else FaultCost.FAIL_BRANCH
 
 
-def split_lost_chunk(indices: list[int], reported: set[int], running: int | None) -> tuple[int | None, list[int]]:
-    """(guilty branch, innocent branches) of a chunk whose worker is gone.
+class LostChunk(NamedTuple):
+    """What became of a chunk whose worker is gone (``split_lost_chunk``)."""
 
-    The guilty one is the branch the worker was running (its shared slot), or the first
-    unreported one if the slot was already cleared; the others never started, or
-    finished and were reported.
+    guilty: int | None  # the branch charged with the death: re-dispatched with its checkpoints, or failed
+    started: list[int]  # innocent, but may have started: re-dispatched with every checkpoint under them
+    unstarted: list[int]  # never started: back to the queue as they were
+
+
+def split_lost_chunk(indices: list[int], reported: set[int], running: int | None, reached: int) -> LostChunk:
+    """Split a chunk whose worker is gone (a crash, a timeout kill, a memory kill: all alike).
+
+    ``reached`` is how many of ``indices``, in chunk order, the worker had begun (its shared
+    slot); every one of them may have started, even one that ended, since its records may
+    have died in the worker's outbox.  The guilty one is the branch the worker was running,
+    or the first unreported one if the slot was already cleared.
     """
     unreported = [i for i in indices if i not in reported]
     if running not in unreported:
         running = unreported[0] if unreported else None
-    return running, [i for i in unreported if i != running]
+    begun = set(indices[:reached])
+    started = [i for i in unreported if i in begun and i != running]
+    unstarted = [i for i in unreported if i not in begun and i != running]
+    return LostChunk(running, started, unstarted)
 
 
 def is_waiting_on_io(cpu_share: float, runnable: bool) -> bool:

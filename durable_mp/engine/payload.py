@@ -38,6 +38,7 @@ def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> by
         "func": None,
         "inputs": None,
         "names": None,
+        "flat": spec.flat,
     }
     if spec.funcs is not None:
         blobs: list[bytes | None] = []
@@ -148,4 +149,4 @@ def load_source(payload: bytes, execution_id: str) -> BranchSource:
     lazy: Any = funcs  # _LazyBranches: indexable like the sequence BranchSource expects
     return BranchSource(funcs=lazy, func=func, inputs=inputs, item_serdes=pickle.loads(meta["item_serdes"]),
                         batch_op_id=meta["op_id"], item_sub_type=meta["item_sub_type"],
-                        names=meta["names"], execution_id=execution_id)
+                        names=meta["names"], execution_id=execution_id, flat=meta.get("flat", False))

@@ -35,7 +35,7 @@ import psutil
 
 from durable_mp.engine import wire
 from durable_mp.engine.lifecycle import WorkerState, check_worker_move
-from durable_mp.engine.protocol import Quit, RunChunk
+from durable_mp.engine.protocol import Quit, RunChunk, Sequence
 from durable_mp.engine.start import (
     SLOT_BYTES,
     ForkServer,
@@ -47,18 +47,19 @@ from durable_mp.engine.start import (
     spawn_process,
 )
 from durable_mp.engine.wire import send as wire_send
-from durable_mp.engine.worker import IDLE, SLOT_FORMAT, worker_main
+from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, worker_main
 
 __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
 QUIT_WAIT_SECONDS = 1.0
+PROGRESS_MASK = (1 << PROGRESS_SHIFT) - 1
 
 
 class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
     __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watches", "proc", "cpu_mark",
-                 "started", "sentinel", "status", "_sentinel_owned", "used")
+                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence")
 
     def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
@@ -74,6 +75,7 @@ class Worker:
         self.started = time.monotonic()
         self.status = WorkerState.STARTING
         self.used = False  # sent anything yet?  An unused worker holds nothing: closing kills it at once
+        self.sequence = Sequence(f"worker pid {pid}")
         self.sentinel, self._sentinel_owned = _sentinel(pid, conn)
         os.set_blocking(conn.fileno(), False)
 
@@ -89,7 +91,8 @@ class Worker:
         wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
 
     def recv(self) -> Any:
-        return wire.recv(self.conn, self.sentinel)
+        """The worker's next message; ``ProtocolError`` if it is not the one numbered next."""
+        return self.sequence.check(wire.recv(self.conn, self.sentinel))
 
     def is_dead(self) -> bool:
         """True once the process has exited (its sentinel is readable)."""
@@ -98,6 +101,18 @@ class Worker:
     def running_index(self) -> int | None:
         value = self.index_view[0]
         return None if value == IDLE else int(value)
+
+    def begun(self, task_id: int, size: int) -> int:
+        """How many of the ``size`` items of chunk ``task_id``, in order, the worker has begun.
+
+        Task ids grow, so a slot naming a later chunk (prefetched, its ChunkDone for this one
+        not read yet) means the worker went through all of this one; an earlier one, none.
+        """
+        value = self.index_view[1]
+        slot_task = value >> PROGRESS_SHIFT
+        if slot_task == task_id:
+            return value & PROGRESS_MASK
+        return size if slot_task > task_id else 0
 
     def process(self) -> psutil.Process:
         if self.proc is None:
@@ -284,7 +299,7 @@ class WorkerPool:
         return pid, conn, slot
 
     def _fork(self) -> tuple[int, Any, mmap.mmap]:
-        """``os.fork``.  Python 3.12+ warns here when the driver has threads: not silenced (README)."""
+        """``os.fork``.  Python 3.12+ warns here when the driver has threads: not silenced (docs/handlers.md, "Start methods")."""
         parent_conn, child_conn = Pipe(duplex=True)
         slot = mmap.mmap(-1, SLOT_BYTES)
         memoryview(slot).cast(SLOT_FORMAT)[0] = IDLE

@@ -5,6 +5,13 @@ reference); ``kind_of(message)`` names its kind.  Requests a worker waits
 on carry a ``request_id`` and the driver's ``Reply`` names it, so nothing is matched
 by position: a chunk queued ahead in the pipe can never be taken for a reply.
 
+Every worker → driver message carries ``seq``, numbered 1, 2, ... per worker in the
+order the worker sent it (``worker.Channel`` stamps it as it writes the message).  The
+driver applies them in that order and refuses a gap or a reordering (``Sequence``):
+records of one operation overwrite each other in the store, so their order is their
+meaning.  The worker's ``Outbox`` takes its waiting records and sends them under one
+lock, so records leave in the order they were produced.
+
 ============== ========= ==========================================================
 message        direction meaning
 ============== ========= ==========================================================
@@ -42,6 +49,8 @@ from __future__ import annotations
 
 from enum import Enum
 from typing import Any, NamedTuple
+
+from durable_mp.core.errors import InvariantError
 
 
 class Kind(Enum):
@@ -136,6 +145,7 @@ class Records(NamedTuple):
     nested: Nested
     items: Items
     succeeded: Succeeded | None = None
+    seq: int = 0  # on every worker → driver message: its number in the worker's send order
 
 
 class ChunkDone(NamedTuple):
@@ -146,6 +156,7 @@ class ChunkDone(NamedTuple):
     cpu_share: float
     succeeded: Succeeded | None = None
     seconds: float = 0.0  # the chunk's wall time in the worker: its items' cost without the round trip
+    seq: int = 0
 
 
 class SyncRequest(NamedTuple):
@@ -154,12 +165,14 @@ class SyncRequest(NamedTuple):
     nested: Nested
     items: Items
     succeeded: Succeeded | None = None
+    seq: int = 0
 
 
 class CallbackWait(NamedTuple):
     request_id: int
     task_id: int
     record: Any  # core.records.OpRecord of the CALLBACK operation
+    seq: int = 0
 
 
 class WatchStart(NamedTuple):
@@ -167,21 +180,25 @@ class WatchStart(NamedTuple):
     watch_id: int
     record: Any  # the step's STARTED OpRecord
     timeout: float | None
+    seq: int = 0
 
 
 class WatchEnd(NamedTuple):
     task_id: int
     watch_id: int
+    seq: int = 0
 
 
 class Log(NamedTuple):
     data: dict[str, Any]
+    seq: int = 0
 
 
 class CallResult(NamedTuple):
     task_id: int
     ok: bool
     value: Any  # pickled result; or the exception (pickled, or (ErrorObject dict, class name))
+    seq: int = 0
 
 
 _KINDS: dict[type, Kind] = {
@@ -204,3 +221,26 @@ _KINDS: dict[type, Kind] = {
 def kind_of(message: Any) -> Kind:
     """The kind of a message (a ``KeyError`` for anything that is not one)."""
     return _KINDS[message.__class__]
+
+
+class ProtocolError(InvariantError):
+    """A worker's messages arrived out of order or with a gap: applying them could undo a newer record."""
+
+
+class Sequence:
+    """The driver's check of one worker's message numbers: 1, 2, 3, ... with no gap and no reordering."""
+
+    __slots__ = ("last", "who")
+
+    def __init__(self, who: str) -> None:
+        self.last = 0
+        self.who = who
+
+    def check(self, message: Any) -> Any:
+        """``message`` if it is the next one; ``ProtocolError`` otherwise (never applied)."""
+        seq = message.seq
+        if seq != self.last + 1:
+            raise ProtocolError(f"{self.who}: message {kind_of(message).value} numbered {seq} arrived after "
+                                f"{self.last}; worker messages must arrive in order, without gaps")
+        self.last = seq
+        return message

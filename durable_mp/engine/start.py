@@ -4,7 +4,7 @@
     ``os.fork`` in the driver: the fastest start, copy-on-write memory, but the child is
     a copy of a process whose other threads (the store's commit thread, tqdm's monitor)
     may hold locks at that moment.  Python 3.12+ warns about exactly that; durable_mp
-    does not silence the warning (README, "Start methods").
+    does not silence the warning (docs/handlers.md, "Start methods").
 ``spawn``
     A fresh interpreter, started by ``os.posix_spawn`` (fork+exec in C, safe while the
     driver has threads).  It imports durable_mp and reads its settings from the pipe.

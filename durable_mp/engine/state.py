@@ -54,16 +54,16 @@ class ContextState(Protocol):
     def sleep_until(self, ts: float) -> None: ...
 
 
-_CONTEXT_FACTORY: list[Callable[[Any, str], Any]] = []
+_CONTEXT_FACTORY: list[Callable[..., Any]] = []
 
 
-def register_context_factory(factory: Callable[[Any, str], Any]) -> None:
+def register_context_factory(factory: Callable[..., Any]) -> None:
     """Called once by ``durable_mp.context``: how the engine builds a branch's context."""
     _CONTEXT_FACTORY[:] = [factory]
 
 
-def context_factory() -> Callable[[Any, str], Any]:
-    """What builds a branch's context: ``factory(state, op_id)``."""
+def context_factory() -> Callable[..., Any]:
+    """What builds a branch's context: ``factory(state, op_id, parent_id=None)``."""
     if not _CONTEXT_FACTORY:
         raise RuntimeError("durable_mp internal error: durable_mp.context was never imported in this process")
     return _CONTEXT_FACTORY[0]

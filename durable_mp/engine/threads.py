@@ -30,7 +30,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
     records: dict[int, OpRecord] = spec.replay_done()
     source = BranchSource(funcs=spec.funcs, func=spec.func, inputs=spec.inputs, item_serdes=spec.item_serdes,
                           batch_op_id=spec.op_id, item_sub_type=spec.item_sub_type, names=spec.names,
-                          execution_id=spec.execution_id)
+                          execution_id=spec.execution_id, flat=spec.flat)
     todo = deque(i for i in range(spec.n) if i not in records)
     limit = spec.max_concurrency or max(1, len(todo))
     finished: queue.Queue[tuple[int, OpRecord]] = queue.Queue()
@@ -38,7 +38,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
 
     def body(index: int, branch_state: Any) -> None:
         try:
-            rec = run_branch(source, index, lambda op_id: branch_state.context(op_id))
+            rec = run_branch(source, index, branch_state.context)
         except OrphanedChildException:
             return
         finished.put((index, rec))

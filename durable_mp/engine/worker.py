@@ -11,9 +11,10 @@ same lock-guarded ``Channel``.
 A worker never touches the store.  Every record it produces goes into an ``Outbox``
 that is sent at most every ``OUTBOX_FLUSH_SECONDS`` (and at the end of a chunk), so a
 map over tiny items costs one message per few hundred items while a crash loses at most
-a few milliseconds of finished work.  The index of the branch being run is written into
-a shared-memory slot so the driver knows, after a crash, which branch was guilty and
-which were innocent bystanders in the same chunk.
+a few milliseconds of finished work.  The index of the branch being run, and how far
+into its chunk the worker got, are written into a shared-memory slot, so the driver
+knows after a crash which branch was guilty, which bystanders in the same chunk may
+have started (they run again with their checkpoints) and which never did.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ _PR_SET_PDEATHSIG = 1
 NO_PDEATHSIG_ENV = "DURABLE_MP_NO_PDEATHSIG"  # set: rely on the parent watch alone, as without prctl (tests)
 SLOT_FORMAT: Final = "q"
 IDLE = -1
+# slot[1]: (task id << PROGRESS_SHIFT) | how many of the chunk's items the worker has begun.  Never
+# cleared, so after a death the driver knows which items of its chunk may have started, even
+# ones that ended with their records still in the outbox (``faults.split_lost_chunk``).
+PROGRESS_SHIFT = 32
 SUCCEEDED = OpStatus.SUCCEEDED
 
 
@@ -81,6 +86,7 @@ class Channel:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.seq = 0  # number of the last message sent (``protocol.Sequence`` checks them in the driver)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stopped: set[str] = set()  # batch tokens the driver stopped (StopBatch)
         self._ids = itertools.count(1)
@@ -89,11 +95,13 @@ class Channel:
         self._gone = False
 
     def send(self, msg: Any, gathered: bool = False) -> None:
+        """Send ``msg`` numbered after the last one: the number and the pipe's order are one."""
         with self.lock:
-            wire.send(self.conn, msg, gathered=gathered)
+            self.seq += 1
+            wire.send(self.conn, msg._replace(seq=self.seq), gathered=gathered)
 
-    def request(self, build: Callable[[int], Any], gathered: bool = True) -> Any:
-        """Send ``build(request_id)`` and wait for the driver's reply to that id."""
+    def post(self, build: Callable[[int], Any], gathered: bool = True) -> list[Any]:
+        """Send request ``build(request_id)``; ``wait`` on what this returns for the driver's reply."""
         request_id = next(self._ids)
         slot: list[Any] = [threading.Event(), None]
         with self._waiting_lock:
@@ -101,10 +109,18 @@ class Channel:
                 raise DriverGone("the driver is gone")
             self._waiting[request_id] = slot
         self.send(build(request_id), gathered)
+        return slot
+
+    @staticmethod
+    def wait(slot: list[Any]) -> Any:
         slot[0].wait()
         if slot[1] is None:
             raise DriverGone("the driver went away before replying")
         return slot[1].value
+
+    def request(self, build: Callable[[int], Any], gathered: bool = True) -> Any:
+        """Send ``build(request_id)`` and wait for the driver's reply to that id."""
+        return self.wait(self.post(build, gathered))
 
     def read_forever(self) -> None:
         """The reader thread: route every message from the driver."""
@@ -139,7 +155,9 @@ class Outbox:
     A record waits at most ``OUTBOX_FLUSH_SECONDS``: ``add`` sends when the last message
     is older than that, and otherwise wakes a flusher thread that sends after the
     interval, so a step that finishes just before a long computation is not held back.
-    ``send_lock`` keeps the messages of one chunk in order (Records ... ChunkDone).
+    ``send_lock`` is held from taking the waiting records until their message is sent, by
+    every sender (flush, sync, chunk end, the flusher thread): records reach the driver in
+    the order they were produced, so an older record can never overwrite a newer one.
     """
 
     # a record's buffers: joined, or a frame of their own when large.  They are never the user's
@@ -237,12 +255,19 @@ class Outbox:
         self.channel.send(msg, gathered)
 
     def sync(self) -> None:
-        """Send everything and wait until the driver has committed it."""
-        assert self.channel is not None
+        """Send everything and wait until the driver has committed it.
+
+        Sent under ``send_lock`` (issue 18 defect 2: sent after releasing it, a newer record
+        taken by another thread could overtake these); only the wait is outside it.
+        """
+        channel = self.channel
+        assert channel is not None
         with self.send_lock:
             nested, items, succeeded, _ = self._take()
             task_id = self.task_id
-        self.channel.request(lambda rid: SyncRequest(rid, task_id, nested, items, succeeded))
+            self.last_send = time.monotonic()
+            reply = channel.post(lambda rid: SyncRequest(rid, task_id, nested, items, succeeded))
+        channel.wait(reply)
 
     def watch_start(self, rec: OpRecord, timeout: float | None) -> int:
         """Tell the driver a watched step starts; returns the watch's id."""
@@ -298,8 +323,9 @@ class WorkerContextState(ExecutionState):
     def watch_steps(self) -> bool:
         return self.shared.watch_steps
 
-    def context(self, op_id: str) -> Any:
-        return self.shared.context_class(self, op_id)
+    def context(self, op_id: str, parent_id: str | None = None) -> Any:
+        """A branch's context; ``parent_id`` (FLAT: the batch) when its records hang elsewhere."""
+        return self.shared.context_class(self, op_id, parent_id=parent_id)
 
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
         return self.checkpoints.get(op_id) if self.checkpoints else None
@@ -480,11 +506,13 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     runner = BranchRunner(source, fresh.context, compact=True, skip_time=shared.skip_time)
     fresh_context = runner.make_context
     token = msg.token
+    progress = msg.task_id << PROGRESS_SHIFT
     for position, index in enumerate(indices):
         if token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
             unstarted = list(indices[position:])
             break
         current[0] = index
+        current[1] = progress + position + 1
         ckpt = checkpoints.get(index) if checkpoints else None
         if ckpt:
             runner.make_context = WorkerContextState(shared, ckpt).context

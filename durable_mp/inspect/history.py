@@ -174,7 +174,8 @@ def _batch_result(codec: PayloadCodec, tree: OpTree, rec: OpRecord) -> dict:
     """A finished batch's ``BatchResult`` as the reference serializes it, rebuilt from its branches."""
     branches = [c for c in tree.children(rec.op_id) if is_branch(c)]
     reason = (rec.extra or {}).get("completion_reason")
-    if reason is None or len(branches) > MAX_BATCH_PAYLOAD_ITEMS:
+    if rec.result is not None or reason is None or len(branches) > MAX_BATCH_PAYLOAD_ITEMS:
+        # a batch with a configured serdes checkpointed its BatchResult as that serdes encoded it
         return _result(codec, rec)
     items: list[tuple[int, str, Any, dict | None]] = []
     for c in branches:
@@ -299,6 +300,8 @@ def _own_events(codec: PayloadCodec, tree: OpTree, rec: OpRecord, depth: int) ->
         return Event(kind, ts, rec.op_id, rec.name, rec.sub_type, parent, details, depth=depth, note=note)
 
     end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+    if tree.is_virtual(rec):  # a FLAT branch records no events of its own; its worker deaths are still told
+        return _crash_events(rec, ev), []
     if rec.op_type == OpType.STEP:
         return _step_events(codec, rec, ev), []
     if rec.op_type == OpType.CALLBACK:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from durable_mp.core.callback_ids import encode_callback_id
+from durable_mp.core.nesting import is_flat
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.core.remote import origin_note
 from durable_mp.core.vocabulary import BATCH_SUB_TYPES, BRANCH_SUB_TYPES
@@ -101,6 +102,13 @@ class OpTree:
 
     def children(self, op_id: str) -> list[OpRecord]:
         return self._children.get(op_id, [])
+
+    def is_virtual(self, rec: OpRecord) -> bool:
+        """An item row of a FLAT batch: the engine's outcome of a branch that is no operation (``core.nesting``)."""
+        if not is_branch(rec):
+            return False
+        owner = self.ops.get(rec.parent_id)
+        return owner is not None and is_flat(owner.extra)
 
     def walk(self, op_id: str = "", depth: int = 0) -> Iterator[tuple[OpRecord, int]]:
         """Every record under ``op_id`` depth first, with its depth (root children: 0)."""

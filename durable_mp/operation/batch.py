@@ -19,12 +19,13 @@ from durable_mp.concurrency.models import BatchItemStatus, BatchResult, Completi
 from durable_mp.config import MapConfig, NestingType, ParallelBranch, ParallelConfig, timeout_seconds
 from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.core.spec import BatchSpec
-from durable_mp.core.vocabulary import NESTING_KEY, SubType, parallel_branch_name
+from durable_mp.core.vocabulary import SubType, parallel_branch_name
 from durable_mp.engine.branch import FatalBranchError
 from durable_mp.engine.result_decode import COMPACT_ITEM, IN_STORE, UNREAD, fast_decodable, success_value
 from durable_mp.engine.state import ContextState
 from durable_mp.exceptions import NonDeterministicExecutionError, SerDesError, ValidationError
 from durable_mp.lambda_service import ErrorObject
+from durable_mp.operation.nesting import batch_payload, check_nesting, nesting_extra
 from durable_mp.operation.protocol import DurableContextProtocol
 from durable_mp.operation.replay import build_error, item_records, open_operation, resumed_items
 from durable_mp.operation.signature import check_branch, check_map
@@ -67,6 +68,8 @@ def run_batch(ctx: DurableContextProtocol, sub_type: str, item_sub_type: str, na
     state = ctx.state
     opening = open_operation(ctx, ctx._next_id(), OpType.CONTEXT, sub_type, name)
     op_id = opening.op_id
+    if opening.record is not None:
+        check_nesting(opening.record, config.nesting_type)
     # ValidationError before any checkpoint; under skip_time outcomes count on a virtual clock
     policy = CompletionPolicy(config.completion_config, n, virtual_time=bool(state.skip_time))
     if config.max_concurrency is not None and config.max_concurrency < 1:
@@ -76,7 +79,7 @@ def run_batch(ctx: DurableContextProtocol, sub_type: str, item_sub_type: str, na
     if rec is not None and rec.is_terminal:
         reason = CompletionReason((rec.extra or {})["completion_reason"])
         return batch_result(state, item_records(state, op_id, n), reason, item_serdes, n)
-    base = opening.start()
+    base = opening.start(extra=nesting_extra(config.nesting_type) or None)
     if rec is None:
         done: dict[int, Any] = {}
         done_ok: dict[int, bool] = {}
@@ -102,6 +105,7 @@ def run_batch(ctx: DurableContextProtocol, sub_type: str, item_sub_type: str, na
         unfinished=unfinished,
         done_ok=done_ok,
         execution_id=state.execution_id,
+        flat=config.nesting_type is NestingType.FLAT,
     )
     try:
         records, reason = state.run_batch(spec)
@@ -110,15 +114,18 @@ def run_batch(ctx: DurableContextProtocol, sub_type: str, item_sub_type: str, na
         cls_name = (failed.extra or {}).get("raise", "ExecutionError")
         error = build_error(ErrorObject.from_dict(failed.error or {}), cls_name)
         raise error from None
+    reported = len(records)
+    batch = batch_result(state, records, reason, item_serdes, n, op_id)
     state.emit(
         base._replace(
             status=OpStatus.SUCCEEDED,
             end_ts=time.time(),
-            extra={"completion_reason": reason.value, "total": n, "reported": len(records),
-                   **({NESTING_KEY: NestingType.FLAT.value} if config.nesting_type is NestingType.FLAT else {})},
+            result=batch_payload(config, batch, op_id, state.execution_id),
+            extra={"completion_reason": reason.value, "total": n, "reported": reported,
+                   **nesting_extra(config.nesting_type)},
         )
     )
-    return batch_result(state, records, reason, item_serdes, n, op_id)
+    return batch
 
 
 # -- the BatchResult ---------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 it returns) and hands out its ``callback_id``.  Anyone with the id and the store
 completes it (``store.callbacks.send_callback_success`` / ``send_callback_failure``, or
 ``durable-mp callback``), which writes the terminal record into the same LMDB store;
-``callback.result()`` waits for that record.  Inside a worker the wait is delegated to
+``callback.result()`` waits for that record.  Every completion from outside, and the
+driver's timeout, is compare-and-set against the record it read (``Store.compare_and_set``):
+an acknowledged completion is never overwritten, a late one is refused.  Inside a worker the wait is delegated to
 the driver, the only process that reads the store during a run.
 """
 

@@ -4,7 +4,10 @@ Anyone with a callback id and the store completes the callback with
 ``send_callback_success`` / ``send_callback_failure`` (or ``durable-mp callback``), which
 writes the terminal record into the same LMDB store.  The driver, waiting on the
 callback (``operation.callback``), reads it back with ``poll_callback``, which also
-records a timeout once the callback's deadline or heartbeat has passed.
+records a timeout once the callback's deadline or heartbeat has passed.  Every completion
+from outside, and the driver's timeout, is compare-and-set against the record it read
+(``Store.compare_and_set``): an acknowledged completion is never overwritten, a late one
+is refused.
 
 A callback id is the operation's key (execution, parent, operation id), URL-safe base64.
 """
@@ -21,6 +24,7 @@ from durable_mp.exceptions import ValidationError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.store.facade import Store
 
+COMPLETE_ATTEMPTS = 1000  # compare-and-set rounds lost to concurrent heartbeats before a sender gives up
 TIMEOUT_MESSAGE = "Callback timed out"  # the reference's message and error types (its CallbackTimeoutType)
 TIMEOUT_TYPE = "Callback.Timeout"
 HEARTBEAT_TYPE = "Callback.Heartbeat"
@@ -51,31 +55,47 @@ def callback_deadline(rec: OpRecord) -> float | None:
 
 
 def poll_callback(store: Store, execution_id: str, rec: OpRecord) -> OpRecord | None:
-    """The callback's terminal record if it has one now (a timeout is recorded here), else None."""
-    current = store.get_op(execution_id, rec.parent_id, rec.op_id) or rec
+    """The callback's terminal record if it has one now (a timeout is recorded here), else None.
+
+    The timeout is compare-and-set against the record just read: a sender that completed the
+    callback meanwhile wins, and its record is returned instead.
+    """
+    current, version = store.get_op_version(execution_id, rec.parent_id, rec.op_id)
+    current = current or rec
     if current.is_terminal:
         return current
     deadline = callback_deadline(current)
     if deadline is not None and time.time() >= deadline:
         done = timed_out_record(current)
-        store.stage(execution_id, done)
-        store.flush()
-        return done
+        written, now = store.compare_and_set(execution_id, rec.parent_id, rec.op_id, version, done)
+        if written:
+            return done
+        return now if now is not None and now.is_terminal else None  # moved on (a heartbeat): poll again
     return None
 
 
 # -- the sender's side -------------------------------------------------------------------------
 def _complete(callback_id: str, store: StoreOrPath, update: Callable[[OpRecord], OpRecord]) -> None:
+    """Apply ``update`` to a waiting callback, compare-and-set against the version read.
+
+    Racing with another sender or the driver's timeout: if the record changed since it was
+    read, it is read again; once it is terminal the late completion is refused
+    (``ValidationError``), so an acknowledged completion is never overwritten.
+    """
     execution_id, parent_id, op_id = decode_callback_id(callback_id)
     db = store if isinstance(store, Store) else Store(store, create=False)
     try:
-        rec = db.get_op(execution_id, parent_id, op_id)
-        if rec is None or rec.op_type != OpType.CALLBACK:
-            raise ValidationError(f"no callback {callback_id!r} in execution {execution_id!r}")
-        if rec.is_terminal:
-            raise ValidationError(f"callback {rec.name or callback_id!r} is already {rec.status}")
-        db.stage(execution_id, update(rec))
-        db.flush()
+        for _ in range(COMPLETE_ATTEMPTS):
+            rec, version = db.get_op_version(execution_id, parent_id, op_id)
+            if rec is None or rec.op_type != OpType.CALLBACK:
+                raise ValidationError(f"no callback {callback_id!r} in execution {execution_id!r}")
+            if rec.is_terminal:
+                raise ValidationError(f"callback {rec.name or callback_id!r} is already {rec.status}")
+            written, _ = db.compare_and_set(execution_id, parent_id, op_id, version, update(rec))
+            if written:
+                return
+        raise ValidationError(f"callback {callback_id!r} kept changing under {COMPLETE_ATTEMPTS} attempts to "
+                              f"complete it")
     finally:
         if db is not store:
             db.close()

@@ -18,6 +18,12 @@ the failure *latches*: one ``CheckpointFailedError`` (a ``BaseException``, so a 
 ``except Exception`` cannot swallow it), raised again by every later stage and flush, so
 the execution stops as interrupted and can never be recorded SUCCEEDED with records
 missing.  The unwritten batch stays in the overlay; the committer thread ends.
+
+A record never moves backwards (``store.forward``): staging a record over a newer one
+of the same key, staged or being committed, is refused here; over a committed one, the
+committing transaction refuses it (``Store``).  Either way the record is not written and
+the refusal latches like an unwritable store: every later stage and flush raises it, so
+the execution stops instead of running on from a state the engine got wrong.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
+from durable_mp.core.errors import InvariantError
 from durable_mp.core.records import branch_keys
 from durable_mp.exceptions import CheckpointFailedError
 from durable_mp.store.blobs import BLOB_BYTES
+from durable_mp.store.forward import backwards, refusal
 from durable_mp.store.records import MAX_ID_BYTES, SEP, check_id
 
 COMMITTER_POLL_SECONDS = 0.05  # the committer re-reads the clock at least this often (injected clocks)
@@ -100,6 +108,7 @@ class GroupCommit:
         # The batch the committer is writing: still visible to reads until committed.
         self._committing: Batch | None = None
         self._failure: CheckpointFailedError | None = None  # latched: the store is unwritable
+        self._refused: InvariantError | None = None  # latched: a write would have moved a record backwards
         self._committer: threading.Thread | None = None
         self._closing = False
         self.stats = {"flushes": 0, "records_written": 0, "bytes_written": 0}
@@ -113,11 +122,17 @@ class GroupCommit:
         """
         with self.lock:
             group = self._group_for(exec_id, parent_id)
+            older = self._committing.get((exec_id, parent_id)) if self._committing is not None else None
             before = len(group)
             large = False
             for key, data in entries:
                 if not (key.__class__ is str and key.isascii() and len(key) <= MAX_ID_BYTES) or SEP in key:
                     check_id("op_id", key)
+                old = group.get(key)
+                if old is None and older is not None:
+                    old = older.get(key)
+                if old is not None:
+                    self._check_forward(exec_id, parent_id, key, old, data)
                 group[key] = data
                 if len(data) >= BLOB_BYTES:
                     large = True
@@ -130,14 +145,39 @@ class GroupCommit:
         """Stage the records of batch items ``indices`` under their ``branch_key``s (keys need no check)."""
         with self.lock:
             group = self._group_for(exec_id, parent_id)
+            keys = list(map(branch_keys, indices))
+            older = self._committing.get((exec_id, parent_id)) if self._committing is not None else None
+            if (group and not group.keys().isdisjoint(keys)) or (older and not older.keys().isdisjoint(keys)):
+                for key, data in zip(keys, records, strict=False):  # rare: an item written before
+                    old = group.get(key)
+                    if old is None and older is not None:
+                        old = older.get(key)
+                    if old is not None:
+                        self._check_forward(exec_id, parent_id, key, old, data)
             before = len(group)
-            group.update(zip(map(branch_keys, indices), records, strict=False))
+            group.update(zip(keys, records, strict=False))
             self._added(len(group) - before)
+
+    def _check_forward(self, exec_id: str, parent_id: str, key: str, old: Any, new: Any) -> None:
+        """Refuse (and latch) a record that would move the uncommitted one of its key backwards."""
+        how = backwards(old, new)
+        if how is not None:
+            raise self.refuse(refusal(f"{exec_id}/{parent_id}/{key}", how))
+
+    def refuse(self, error: InvariantError) -> InvariantError:
+        """Latch a refused write: every later stage and flush raises it (the first one is kept)."""
+        with self.lock:
+            if self._refused is None:
+                self._refused = error
+            self._changed.notify_all()
+            return self._refused
 
     def _group_for(self, exec_id: str, parent_id: str) -> Group:
         """The staged group of one parent (under ``lock``); raises once the store is latched unwritable."""
         if self._failure is not None:
             raise self._failure
+        if self._refused is not None:
+            raise self._refused
         group = self._staged.get((exec_id, parent_id))
         return group if group is not None else self._new_group(exec_id, parent_id)
 
@@ -171,8 +211,7 @@ class GroupCommit:
     def maybe_flush(self) -> None:
         """Start committing the staged batch if it is due (does not wait for the commit)."""
         with self.lock:
-            if self._failure is not None:
-                raise self._failure
+            self.raise_if_failed()
             if self._staged_count and (self._staged_count >= self._flush_count
                                        or self._clock() - self._staged_since >= self._flush_seconds):
                 self._start_commit(block=False)
@@ -195,6 +234,8 @@ class GroupCommit:
             self._changed.wait()
         if self._failure is not None:
             raise self._failure
+        if self._refused is not None:
+            raise self._refused
 
     def _start_commit(self, *, block: bool) -> None:
         """Hand the staged batch to the committer thread (caller holds the lock).
@@ -292,6 +333,9 @@ class GroupCommit:
         failure = self._failure
         if failure is not None:
             raise failure
+        refused = self._refused
+        if refused is not None:
+            raise refused
 
     # -- reads and deletes (caller holds ``lock``) -------------------------------------------
     def pending(self, key: tuple[str, str]) -> list[Group]:

@@ -53,6 +53,7 @@ from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
 from durable_mp.store.branch_scan import first_bytes, read_each, scan_branches, scan_outcomes
 from durable_mp.store.commit import GroupCommit, Items, with_retries
+from durable_mp.store.forward import backwards, refusal
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
 from durable_mp.store.records import (FAILED, HOLDERS, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
@@ -91,7 +92,7 @@ class Store:
         self.readonly = readonly
         self._valid_execs: set[str] = set()
         self._closing = False
-        self._stats = {"commits": 0, "map_grows": 0}
+        self._stats = {"commits": 0, "map_grows": 0, "reopened": 0}
         self._group = GroupCommit(self._put_items, self._check_group, where=str(self.path), flush_count=flush_count,
                                   flush_seconds=flush_seconds, clock=clock)
         self._lock = self._group.lock  # reads of the overlay and of LMDB together see one state
@@ -177,10 +178,49 @@ class Store:
     def _put_items(self, items: Items) -> None:
         """A batch of the group commit, in one durable write transaction.
 
-        Large values go to a blob file first (synced before the transaction commits).
+        Large values go to a blob file first (synced before the transaction commits).  A
+        record that would move a committed one backwards (``forward``) is left out, and the
+        refusal latched (``GroupCommit.refuse``): found in the same transaction that writes,
+        so no other writer (a callback's sender) can slip in between.
         """
-        items = self._blobs.spill(items)
-        self._write(lambda txn, sh: txn.cursor(db=sh.ops).putmulti(items))
+        spilled = self._blobs.spill(items)
+        refused: dict[bytes, str] = {}  # full key -> how it would have moved backwards
+
+        def put(txn: Txn, sh: SharedEnv) -> None:
+            cur = txn.cursor(db=sh.ops)
+            found = cur.getmulti([key for key, _ in items])  # fresh keys (most of a map's) cost one probe each
+            refused.clear()
+            if found:
+                new = dict(items)
+                for key, old in found:
+                    if old[:1] == b"\0" and blobs.is_ref(old):
+                        old = blobs.load(self.path, old, key.decode(errors="replace"))
+                    how = backwards(old, new[key])
+                    if how is not None:
+                        refused[key] = how
+            cur.putmulti([item for item in spilled if item[0] not in refused] if refused else spilled)
+
+        self._write(put)
+        if refused:
+            key, how = next(iter(refused.items()))
+            self._group.refuse(refusal(key.replace(b"\0", b"/").decode(errors="replace"), how))
+
+    def reopen(self, exec_id: str, entries: list[tuple[str, str, bytes]]) -> None:
+        """Rewrite records ``(parent_id, key, data)`` durably, backwards if need be: fix-and-resume.
+
+        The one way a record moves back (``core.reopen`` decides what it becomes); it is written
+        at once, past the staged overlay, and counted in ``stats["reopened"]``.
+        """
+        for parent_id, key, _ in entries:
+            self._prefix(exec_id, parent_id)
+            check_id("op_id", key)
+        rows = sorted((f"{exec_id}{SEP}{parent}{SEP}{key}".encode(), data) for parent, key, data in entries)
+        with self._lock:
+            self._group.flush()  # the committer is idle now, and stays so while we hold the lock
+            rows = self._blobs.spill(rows)
+            self._write_or_latch(lambda txn, sh: txn.cursor(db=sh.ops).putmulti(rows),
+                                 f"reopening checkpoints of {exec_id!r}")
+            self._stats["reopened"] += len(rows)
 
     # -- transactions ----------------------------------------------------------------------
     def _env(self) -> SharedEnv:
@@ -427,6 +467,50 @@ class Store:
             key = self._prefix(exec_id, parent_id) + op_id.encode()
             data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
             return None if data is None else self._load(data, f"{exec_id}/{parent_id}/{op_id}")
+
+    def get_op_version(self, exec_id: str, parent_id: str, op_id: str) -> tuple[OpRecord | None, bytes | None]:
+        """``get_op`` and the record's stored bytes: the version ``compare_and_set`` compares against."""
+        with self._lock:
+            data: Any = None
+            for group in self._group.pending((exec_id, parent_id)):
+                data = group.get(op_id)
+                if data is not None:
+                    break
+            if data is None:
+                check_id("op_id", op_id)
+                key = self._prefix(exec_id, parent_id) + op_id.encode()
+                data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
+            if data is None:
+                return None, None
+            return self._load(data, f"{exec_id}/{parent_id}/{op_id}"), bytes(data)
+
+    def compare_and_set(self, exec_id: str, parent_id: str, op_id: str, version: bytes | None,
+                        rec: OpRecord) -> tuple[bool, OpRecord | None]:
+        """Write ``rec`` durably iff the operation is still at ``version`` and not terminal.
+
+        For completions from outside the driver (callbacks, heartbeats) and the driver's own
+        timeouts: the check and the write are one LMDB write transaction, so of two racing
+        writers that read the same version exactly one wins, and a terminal record is never
+        replaced.  Returns ``(written, current record)``; a refused caller reads the record
+        again and decides (a heartbeat moved it on: retry; it ended: report that).
+        """
+        key = self._prefix(exec_id, parent_id) + op_id.encode()
+        check_id("op_id", op_id)
+        data = rec.dumps()
+        where = f"{exec_id}/{parent_id}/{op_id}"
+
+        def swap(txn: Txn, sh: SharedEnv) -> tuple[bool, Any]:
+            current = txn.get(key, db=sh.ops)
+            stored = None if current is None else bytes(current)
+            if stored != version or (stored is not None and self._load(stored, where).is_terminal):
+                return False, stored
+            txn.put(key, data, db=sh.ops)
+            return True, data
+
+        with self._lock:
+            self._group.flush()  # nothing staged for it may land after this write
+            written, current = self._write_or_latch(swap, f"completing operation {where}")
+        return written, None if current is None else self._load(current, where)
 
     def children(self, exec_id: str, parent_id: str) -> list[OpRecord]:
         """The records whose parent is ``parent_id`` ("" = root), in no particular order."""

@@ -56,10 +56,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, cast
 
-from durable_mp.config import NestingType
 from durable_mp.core.callback_ids import encode_callback_id
+from durable_mp.core.nesting import is_flat
 from durable_mp.core.records import OpRecord, OpStatus, OpType
-from durable_mp.core.vocabulary import NESTING_KEY, SUCCEEDED
+from durable_mp.core.vocabulary import SUCCEEDED
 from durable_mp.exceptions import ExecutionFailedError
 from durable_mp.execution import DurableFunction, durable_execution, envelope_of
 from durable_mp.history_payloads import HistoryPayloads
@@ -167,8 +167,8 @@ def _view(rec: OpRecord, tree: OpTree, execution_id: str) -> Operation:
     if rec.op_type == OpType.WAIT:
         return WaitOperation(**common, scheduled_end_timestamp=_when((rec.extra or {}).get("scheduled_end")))
     children = tree.children(rec.op_id)
-    if (rec.extra or {}).get(NESTING_KEY) == NestingType.FLAT.value:  # virtual branches: their operations are ours
-        children = [grandchild._replace(parent_id=rec.op_id) for c in children for grandchild in tree.children(c.op_id)]
+    if is_flat(rec.extra):  # virtual branches: their item rows are no operations (``core.nesting``)
+        children = [c for c in children if not tree.is_virtual(c)]
     payload: dict[str, Any] = dict(
         child_operations=[_view(c, tree, execution_id) for c in children],
         result=rec.result, error=ErrorObject.from_dict(rec.error) if rec.error else None)

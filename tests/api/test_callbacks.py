@@ -9,10 +9,14 @@ import time
 import pytest
 
 from durable_mp import durable_execution
-from durable_mp.operation.callback import send_callback_failure, send_callback_success
+from durable_mp.core.callback_ids import encode_callback_id
+from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.operation.callback import send_callback_failure, send_callback_heartbeat, send_callback_success
 from durable_mp.config import CallbackConfig, CompletionConfig, Duration, ParallelConfig, WaitForCallbackConfig
-from durable_mp.exceptions import CallbackExternalError, CallbackTimeoutError
+from durable_mp.exceptions import CallbackExternalError, CallbackTimeoutError, ValidationError
 from durable_mp.lambda_service import ErrorObject
+from durable_mp.store.callbacks import poll_callback
+from durable_mp.store.facade import Store
 from util import run_cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -246,3 +250,116 @@ def test_a_timed_out_callback_is_timed_out_with_the_references_error(store_path)
     timed_out = [e for e in events if e.event_type.startswith("Callback") and e.event_type != "CallbackStarted"]
     assert [e.event_type for e in timed_out] == ["CallbackTimedOut"]
     assert timed_out[0].details["Error"]["Payload"]["ErrorType"] == "Callback.Timeout"
+
+
+# -- completions from outside are compare-and-set (issue 18 defect 3) ----------------------------------
+def _started_callback(store_path: str, exec_id: str, **extra) -> str:
+    """A STARTED callback record committed in the store, as ``create_callback`` leaves it; its id."""
+    with Store(store_path) as st:
+        rec = OpRecord("c" * 64, "", OpType.CALLBACK, "Callback", "approval", OpStatus.STARTED, time.time(),
+                       extra={"deadline": None, "heartbeat_timeout": 3600, **extra})
+        st.stage(exec_id, rec)
+    return encode_callback_id(exec_id, "", "c" * 64)
+
+
+def _stored(store_path: str, exec_id: str) -> OpRecord:
+    with Store(store_path) as st:
+        rec = st.get_op(exec_id, "", "c" * 64)
+    assert rec is not None
+    return rec
+
+
+def _race_heartbeats_and_success(store_path: str, exec_id: str, trial: int, shared: Store | None) -> None:
+    callback_id = _started_callback(store_path, exec_id)
+    start = threading.Barrier(4)
+    acked = []
+
+    def heartbeat():
+        start.wait()
+        for _ in range(15):
+            try:
+                send_callback_heartbeat(callback_id, store=shared or store_path)
+            except ValidationError:
+                return  # refused: the callback is complete
+
+    def succeed():
+        start.wait()
+        time.sleep(0.002 * (trial % 4))
+        send_callback_success(callback_id, f"ok {trial}", store=shared or store_path)
+        acked.append(True)
+
+    threads = [threading.Thread(target=heartbeat) for _ in range(3)] + [threading.Thread(target=succeed)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert acked == [True]
+
+
+@pytest.mark.parametrize("store_kind", ["shared", "own"])
+def test_an_acknowledged_success_is_never_overwritten_by_a_concurrent_heartbeat(store_path, store_kind):
+    """Heartbeats race a success, each sender with its own store handle (a process of its own) or one
+    shared handle: once ``send_callback_success`` returned, the callback is SUCCEEDED with its result."""
+    for trial in range(12):
+        exec_id = f"cas-{trial}"
+        shared = Store(store_path) if store_kind == "shared" else None
+        try:
+            _race_heartbeats_and_success(store_path, exec_id, trial, shared)
+        finally:
+            if shared is not None:
+                shared.close()
+        rec = _stored(store_path, exec_id)
+        assert (rec.status, rec.result) == (OpStatus.SUCCEEDED, f"ok {trial}"), f"trial {trial}: the success was lost"
+
+
+def _race_timeout_and_success(store_path: str, exec_id: str) -> dict:
+    callback_id = _started_callback(store_path, exec_id, heartbeat=time.time() - 7200)  # overdue
+    outcome: dict = {}
+    start = threading.Barrier(2)
+    with Store(store_path) as driver_store:
+        stale = driver_store.get_op(exec_id, "", "c" * 64)
+
+        def driver():
+            start.wait()
+            outcome["driver"] = poll_callback(driver_store, exec_id, stale)
+
+        def sender():
+            start.wait()
+            try:
+                send_callback_success(callback_id, "late?", store=store_path)
+                outcome["sender"] = "acked"
+            except ValidationError as exc:
+                outcome["sender"] = str(exc)
+
+        threads = [threading.Thread(target=driver), threading.Thread(target=sender)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    return outcome
+
+
+def test_the_drivers_timeout_and_a_success_never_both_win(store_path):
+    """The driver times the callback out while a sender succeeds it: exactly one of them is recorded,
+    and the one that lost is told (the sender by an error, the driver by the record it gets back)."""
+    for trial in range(12):
+        exec_id = f"race-{trial}"
+        outcome = _race_timeout_and_success(store_path, exec_id)
+        rec = _stored(store_path, exec_id)
+        assert outcome["driver"] is not None and outcome["driver"].status == rec.status
+        if outcome["sender"] == "acked":
+            assert (rec.status, rec.result) == (OpStatus.SUCCEEDED, "late?")
+        else:
+            assert rec.status == OpStatus.TIMED_OUT and "already TIMED_OUT" in outcome["sender"]
+
+
+def test_a_completion_after_the_timeout_is_refused_with_a_clear_error(store_path):
+    callback_id = _started_callback(store_path, "late", heartbeat=time.time() - 7200)
+    with Store(store_path) as st:
+        done = poll_callback(st, "late", st.get_op("late", "", "c" * 64))
+    assert done is not None and done.status == OpStatus.TIMED_OUT
+    with pytest.raises(ValidationError, match="'approval' is already TIMED_OUT"):
+        send_callback_success(callback_id, "too late", store=store_path)
+    with pytest.raises(ValidationError, match="already TIMED_OUT"):
+        send_callback_heartbeat(callback_id, store=store_path)
+    assert _stored(store_path, "late").status == OpStatus.TIMED_OUT

@@ -13,20 +13,12 @@ import subprocess
 import sys
 
 import pytest
+from util import doc_block
 
 from util import REPO
 
 ROOT = str(REPO)
 EXAMPLES = os.path.join(ROOT, "examples")
-
-
-def _readme_block(first_line: str) -> str:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    for block in re.findall(r"```python\n(.*?)```", text, re.S):
-        if block.startswith(first_line):
-            return block
-    raise AssertionError(f"no README python block starts with {first_line!r}")
 
 
 def _python(cwd, *args, timeout=120):
@@ -42,7 +34,7 @@ def _docstring(name: str) -> str:
 
 @pytest.mark.timeout(240)
 def test_the_readme_fix_and_resume_loop(tmp_path):
-    source = _readme_block("# squares.py")
+    source = doc_block("# squares.py")
     script = tmp_path / "squares.py"
     script.write_text(source)
 

@@ -1,29 +1,16 @@
-"""The README's ``durable_mp.map`` pipeline runs as written, and a second run returns the stored result."""
+"""The docs' ``durable_mp.map`` pipeline (docs/map.md) runs as written, and a second run returns the stored result."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import pytest
-
-from util import REPO
-
-README = REPO / "README.md"
-
-
-def readme_block(first_line: str) -> str:
-    """The fenced python block of the README that starts with ``first_line``."""
-    for block in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S):
-        if block.startswith(first_line):
-            return block
-    raise AssertionError(f"README has no python block starting with {first_line!r}")
-
+from util import doc_block
 
 @pytest.mark.timeout(120)
 def test_readme_pipeline_runs_and_a_rerun_returns_the_stored_result(tmp_path):
-    (tmp_path / "pipeline.py").write_text(readme_block("# pipeline.py"))
+    (tmp_path / "pipeline.py").write_text(doc_block("# pipeline.py"))
     (tmp_path / "in").mkdir()
     texts = {f"doc{i}.txt": " ".join(["word"] * (i + 1)) for i in range(6)}
     for name, text in texts.items():

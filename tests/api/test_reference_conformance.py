@@ -234,7 +234,7 @@ def test_result_is_plain_json_dumps_of_the_return_value():
 @processes
 def test_uncaught_error_fails_the_execution_with_its_error_object():
     """§6 observed: ``ValueError("handler failed")`` → FAILED, ``ErrorObject(message='handler failed',
-    type='ValueError', data=None, ...)``.  Deliberate difference (README): ``stack_trace``
+    type='ValueError', data=None, ...)``.  Deliberate difference (docs/compatibility.md): ``stack_trace``
     keeps the traceback instead of ``None``."""
     @durable_execution
     def handler(event, ctx):
@@ -249,7 +249,7 @@ def test_uncaught_error_fails_the_execution_with_its_error_object():
 @processes
 def test_returning_a_batch_result_from_the_handler():
     """§9.2: the reference FAILS with ``TypeError: Object of type BatchResult is not JSON serializable``.
-    Deliberate difference (README): the envelope serializes it with ``to_dict()``."""
+    Deliberate difference (docs/compatibility.md): the envelope serializes it with ``to_dict()``."""
     @durable_execution
     def handler(event, ctx):
         return ctx.parallel([lambda c: "a", lambda c: "b"])
@@ -281,7 +281,7 @@ def test_operation_names():
     """§2 / §9.8: a decorated step is named by its function; a lambda gets no name;
     ``parallel`` never derives names (branches are ``parallel-branch-{i}`` or the
     ``ParallelBranch`` name), ``map`` only from a decorator's ``_original_name``.
-    Deliberate difference (README): a plain function's step is named by ``__name__``."""
+    Deliberate difference (docs/compatibility.md): a plain function's step is named by ``__name__``."""
     @durable_execution
     def handler(event, ctx):
         ctx.step(work(1))
@@ -635,7 +635,7 @@ def test_retry_presets():
 def test_default_step_strategy_is_six_attempts_and_step_error_fields():
     """§9.11 / §6 observed: without a strategy a step runs 6 times (``RetryPresets.default()``); the
     caught failure is ``StepError(message='always', error_type='ConnectionError')`` whose
-    ``__cause__`` is a rebuilt ``DurableOperationError``.  Deliberate difference (README):
+    ``__cause__`` is a rebuilt ``DurableOperationError``.  Deliberate difference (docs/compatibility.md):
     retries sleep in place (``skip_time`` makes it instant) instead of suspending."""
     @durable_execution
     def handler(event, ctx):
@@ -802,7 +802,7 @@ def sleepy_b2(ctx):
 def test_first_successful_recorded_run(tmp_path, monkeypatch):
     """§5 recorded: ``items [[0,"STARTED",null],[1,"SUCCEEDED","b1-second"],[2,"STARTED",null]]``,
     ``MIN_SUCCESSFUL_REACHED``, ``SUCCEEDED``; the unfinished branches' ops stay STARTED.
-    Deliberate difference (README, §9.6): the still-running branches are terminated, so the
+    Deliberate difference (docs/compatibility.md, §9.6): the still-running branches are terminated, so the
     run does not wait for them (the reference joins its threads)."""
     @durable_execution
     def handler(event, ctx):
@@ -1185,7 +1185,7 @@ class AppError(Exception):
 def test_error_object_from_exception():
     """§4 / §6: ``type`` is the class name for builtins, ``module.QualName`` otherwise; ``message`` is
     ``str(e)``; wire keys ``ErrorMessage/ErrorType/ErrorData/StackTrace`` with None omitted.
-    Deliberate difference (README): ``stack_trace`` is kept for ordinary exceptions."""
+    Deliberate difference (docs/compatibility.md): ``stack_trace`` is kept for ordinary exceptions."""
     builtin = ErrorObject.from_exception(KeyError("k"))
     assert (builtin.type, builtin.message, builtin.data) == ("KeyError", "'k'", None)
     assert ErrorObject.from_exception(AppError("x")).type == f"{__name__}.AppError"
@@ -1468,7 +1468,7 @@ def bump(ctx):
 
 @processes
 def test_globals_mutated_in_branches_stay_in_the_branch():
-    """§9.13: the reference shares globals between threads.  Deliberate difference (README):
+    """§9.13: the reference shares globals between threads.  Deliberate difference (docs/compatibility.md):
     branches are processes, so the handler does not see a branch's global mutation."""
     @durable_execution
     def handler(event, ctx):

@@ -42,7 +42,8 @@ def test_a_chunk_done_reports_the_workers_own_seconds_for_the_chunk():
                           item_sub_type="MapIteration", names=None, execution_id="e")
     cache: OrderedDict = OrderedDict({"t": (source, [0, 0])})
     before = time.monotonic()
-    w._run_chunk(RunChunk(1, "t", None, [0, 1, 2, 3, 4], None, None, UNLIMITED), shared, outbox, cache, [0], set())
+    w._run_chunk(RunChunk(1, "t", None, [0, 1, 2, 3, 4], None, None, UNLIMITED), shared, outbox, cache, [w.IDLE, 0],
+                 set())
     elapsed = time.monotonic() - before
     done = [m for m in channel.sent if isinstance(m, ChunkDone)]
     assert len(done) == 1

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from durable_mp import BatchItemStatus, StepError, durable_execution
-from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig
+from durable_mp.bench.markers import counts, mark
+from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig, StepSemantics
 from durable_mp.retries import RetryPresets, RetryStrategyConfig, create_retry_strategy
 from durable_mp.store.facade import Store
 from util import marker_count
@@ -161,24 +162,70 @@ def test_a_killed_worker_costs_only_its_branch(store_path, tmp_path):
     assert "SIGKILL" in rec.attempts[0].error["ErrorMessage"] and rec.attempts[0].pid != rec.pid
 
 
+AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY,
+                          retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=3)))
+
+
+def _step_in_each_item(markers: str, kill_at: int, kill=lambda: os.kill(os.getpid(), signal.SIGKILL)):
+    """A map item whose AT_MOST_ONCE step body leaves a marker ``a<attempt>-<item>`` each time it runs.
+
+    Item ``kill_at`` kills its worker the first time, before its own step: the items before it in
+    the chunk ended, but their results may still sit in the worker's outbox.
+    """
+
+    def item(ctx, x, i, xs):
+        if x == kill_at and not os.path.exists(os.path.join(markers, "killed")):
+            open(os.path.join(markers, "killed"), "w").close()
+            kill()
+
+        def body(step_ctx):
+            mark(markers, f"a{step_ctx.attempt}-{x}")
+            return x + 1
+
+        return ctx.step(body, name=f"body-{x}", config=AT_MOST_ONCE)
+
+    return item
+
+
+def _assert_each_attempt_ran_once(markers: str, n: int) -> None:
+    first = counts(markers, "a1")
+    assert sorted(first) == list(range(n)), "every item's step body ran"
+    for attempt in (1, 2, 3):
+        ran = counts(markers, f"a{attempt}")
+        twice = {x: times for x, times in ran.items() if times != 1}
+        assert not twice, f"attempt {attempt} of these items' step bodies ran more than once: {twice}"
+
+
 def test_crash_in_a_map_chunk_redispatches_the_rest_of_the_chunk(store_path, tmp_path):
     markers = str(tmp_path)
 
-    def item(ctx, x, i, xs):
-        if x == 500 and not os.path.exists(os.path.join(markers, "killed")):
-            open(os.path.join(markers, "killed"), "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return x + 1
-
     @durable_execution
     def handler(event, ctx):
-        return ctx.map(list(range(2000)), item, config=MapConfig(
+        return ctx.map(list(range(2000)), _step_in_each_item(markers, 500), config=MapConfig(
             completion_config=CompletionConfig.all_completed())).get_results()
 
     assert handler.run(None, store=store_path) == [x + 1 for x in range(2000)]
     with Store(store_path) as st:
         iters = [r for r in st.ops(handler.execution_id_for(None)) if r.sub_type == "MapIteration"]
     assert len(iters) == 2000 and all(r.status == "SUCCEEDED" for r in iters)
+    _assert_each_attempt_ran_once(markers, 2000)
+
+
+@pytest.mark.parametrize("kill", ["sigkill", "os_exit"])
+def test_a_death_redispatches_an_ended_but_unreported_neighbour_with_its_checkpoints(store_path, tmp_path, kill):
+    """Issue 18 defect 1: item 4 ended, its records still in the worker's outbox, when item 5 killed
+    the worker.  Item 4 may have started, so it runs again with its checkpoints: its AT_MOST_ONCE
+    step body never runs twice in one attempt (found STARTED, it is an interrupted attempt)."""
+    markers = str(tmp_path)
+    kills = {"sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL), "os_exit": lambda: os._exit(3)}
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(64)), _step_in_each_item(markers, 5, kills[kill]), config=MapConfig(
+            max_concurrency=1, completion_config=CompletionConfig.all_completed())).get_results()
+
+    assert handler.run(None, store=store_path) == [x + 1 for x in range(64)]
+    _assert_each_attempt_ran_once(markers, 64)
 
 
 def test_step_timeout_kills_the_attempt_and_the_retry_strategy_decides(store_path, tmp_path):

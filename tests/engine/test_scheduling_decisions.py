@@ -138,9 +138,30 @@ def test_what_a_fault_costs():
 
 
 def test_a_lost_chunk_blames_the_running_branch_only():
-    assert split_lost_chunk([4, 5, 6, 7], {4}, 5) == (5, [6, 7])
-    assert split_lost_chunk([4, 5, 6, 7], {4, 5}, None) == (6, [7])  # slot cleared: first unreported
-    assert split_lost_chunk([4], {4}, None) == (None, [])
+    assert split_lost_chunk([4, 5, 6, 7], {4}, 5, 2) == (5, [], [6, 7])
+    assert split_lost_chunk([4, 5, 6, 7], {4, 5}, None, 0) == (6, [], [7])  # slot cleared: first unreported
+    assert split_lost_chunk([4], {4}, None, 1) == (None, [], [])
+
+
+def test_a_lost_chunk_reruns_with_checkpoints_every_unreported_branch_the_worker_had_begun():
+    # issue 18 defect 1: 4 ended but was not reported (its records died in the outbox) when 5 crashed
+    assert split_lost_chunk([3, 4, 5, 6, 7], {3}, 5, 3) == (5, [4], [6, 7])
+    # the worker ran through the whole chunk and died before ChunkDone: all of it may have started
+    assert split_lost_chunk([3, 4, 5], {3}, None, 3) == (4, [5], [])
+    # the slot names another chunk (reached 0): nothing of this one began; blame stays on the first
+    assert split_lost_chunk([3, 4, 5], set(), None, 0) == (3, [], [4, 5])
+
+
+def test_the_workers_slot_says_how_far_into_which_chunk_it_got():
+    from array import array
+
+    from durable_mp.engine.pool import Worker
+    from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT
+
+    worker = Worker.__new__(Worker)
+    slot = array("q", [IDLE, (7 << PROGRESS_SHIFT) + 3])  # began the 3rd item of chunk 7
+    worker.index_view = memoryview(slot)
+    assert [worker.begun(task, 10) for task in (6, 7, 8)] == [10, 3, 0]  # an earlier chunk: all of it
 
 
 # -- state machines -----------------------------------------------------------------------------

@@ -247,9 +247,9 @@ def test_prefixes_isolate_executions_and_parents(store):
 def test_staged_records_are_visible_before_flush_and_overwrite(store):
     store.stage("e", op("s", status=OpStatus.STARTED, result=None))
     assert store.get_op("e", "", "s").status == OpStatus.STARTED
-    store.stage("e", op("s", status=OpStatus.SUCCEEDED))  # same key: replaces, not a 2nd record
+    store.stage("e", op("s", status=OpStatus.PENDING, result=None))  # same key: replaces, not a 2nd record
     assert store.flush_due() is not None
-    assert [r.status for r in store.children("e", "")] == [OpStatus.SUCCEEDED]
+    assert [r.status for r in store.children("e", "")] == [OpStatus.PENDING]
     assert store.flush() == 1
     # a staged record shadows its committed version everywhere until flushed
     store.stage("e", op("s", status=OpStatus.FAILED))

@@ -139,7 +139,7 @@ def test_delete_removes_the_blobs_and_acquire_sweeps_orphans(tmp_path):
 def test_a_replaced_large_value_leaves_its_old_blob_to_the_sweep(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
-        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG), status="STARTED"))  # replaced below: not terminal
         store.flush()
     with Store(path) as store:  # a later run: its values go to a file of its own
         new = os.urandom(BIG)
@@ -228,7 +228,7 @@ def test_a_run_never_appends_to_a_file_that_was_swept(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
         store.acquire("e", lambda: execution_record("e"))
-        store.stage("e", step_record("a", "p", result=os.urandom(BIG)))
+        store.stage("e", step_record("a", "p", result=os.urandom(BIG), status="STARTED"))
         store.flush()  # the file stays open for the next batch
         store.stage("e", step_record("a", "p", result=b"small now"))
         store.flush()  # nothing refers to the file any more
