@@ -3,6 +3,16 @@
 Branches of ``context.parallel`` / ``context.map`` run in worker processes, every
 operation is checkpointed in an embedded LMDB store, a dead worker costs only its
 branch, and re-running a killed execution resumes from its checkpoints.
+
+The packages, from the bottom up (docs/architecture.md draws the map): ``core`` holds
+the records and the words every layer shares; ``store`` the LMDB store, written only by
+the driver with group commit; ``engine`` where branches run: the driver's dispatcher
+with its pure scheduling and fault decisions, the worker pool, the workers and the
+messages between them; ``operation`` the durable operations, each opened through
+``operation.replay``, the one place that says what the store already holds for an
+operation; and ``context`` / ``execution`` the reference's API on top.  ``inspect``
+reads executions through ``core`` and ``store`` only; ``backends.dask`` runs branches
+on a Dask cluster; ``cli`` is the command line.
 """
 
 from durable_mp.concurrency.models import (

@@ -26,7 +26,7 @@ import cloudpickle
 from durable_mp import rerun as _rerun
 from durable_mp.context import DurableContext
 from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
-from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.vocabulary import FAILED, PICKLE_PROTOCOL, RUNNING, SUCCEEDED
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
@@ -35,12 +35,11 @@ from durable_mp.engine.start import check_start_method
 from durable_mp.exceptions import ExecutionFailedError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
-from durable_mp.operation.callback import poll_callback
 from durable_mp.operation.signature import check_callable
+from durable_mp.store.callbacks import poll_callback
 from durable_mp.store.facade import ExecutionRecord, Store
 from durable_mp.store.records import this_process
 
-RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
 # Start methods whose workers start when the execution does, not at its first parallel/map.
 # Not fork: a forked worker is a copy of the driver when it forks, and a handler's first steps
 # may set what its branches read (fork is fast enough to start at the first batch, bench ``start``).

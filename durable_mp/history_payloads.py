@@ -1,6 +1,6 @@
 """The reference's payload encoding for ``durable-mp history``, kept out of ``inspect``.
 
-``inspect`` reads only ``core`` and ``store`` (DESIGN.md §6).  Turning a stored value into
+``inspect`` reads only ``core`` and ``store`` (docs/architecture.md "Packages").  Turning a stored value into
 the text the reference's history holds needs the serializers and ``BatchResult``; this
 module lends them to ``inspect.history.build_history`` (the CLI and the test runner pass
 ``HistoryPayloads()``).

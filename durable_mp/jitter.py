@@ -1,4 +1,4 @@
-"""Jitter for retry and polling delays, with an injectable random source.
+"""Backoff and jitter for retry and polling delays, with an injectable random source.
 
 Kept in its own module because ``config`` (which exposes ``JitterStrategy`` as the
 reference does) and ``retries``/``waits`` (which use it) import each other's names.
@@ -15,6 +15,11 @@ from durable_mp._compat import StrEnum
 MIN_DELAY_SECONDS = 1  # the service cannot schedule anything sooner
 
 RANDOM = random.Random()  # default source of jitter; replace or reseed in tests
+
+
+def exponential_delay(initial: float, rate: float, attempts_made: int, cap: float) -> float:
+    """``initial * rate ** (attempts_made - 1)``, at most ``cap``: the delay before the next try."""
+    return min(initial * rate ** (attempts_made - 1), cap)
 
 
 class JitterStrategy(StrEnum):

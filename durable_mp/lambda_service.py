@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from durable_mp._compat import StrEnum
 from durable_mp.core.remote import remote_traceback
+from durable_mp.core.vocabulary import SubType
 from durable_mp.exceptions import ChildContextError, DurableOperationError, SerDesError
 
 _SERDES_ERROR_TYPE = f"{SerDesError.__module__}.{SerDesError.__qualname__}"
@@ -30,19 +31,19 @@ class OperationType(Enum):
 
 
 class OperationSubType(StrEnum):
-    """Sub-types durable_mp records for its own operations (history ``SubType``)."""
+    """Sub-types durable_mp records for its own operations (history ``SubType``; values in ``core.vocabulary``)."""
 
-    STEP = "Step"
-    WAIT = "Wait"
-    CALLBACK = "Callback"
-    RUN_IN_CHILD_CONTEXT = "RunInChildContext"
-    MAP = "Map"
-    MAP_ITERATION = "MapIteration"
-    PARALLEL = "Parallel"
-    PARALLEL_BRANCH = "ParallelBranch"
-    WAIT_FOR_CALLBACK = "WaitForCallback"
-    WAIT_FOR_CONDITION = "WaitForCondition"
-    CHAINED_INVOKE = "ChainedInvoke"
+    STEP = SubType.STEP
+    WAIT = SubType.WAIT
+    CALLBACK = SubType.CALLBACK
+    RUN_IN_CHILD_CONTEXT = SubType.RUN_IN_CHILD_CONTEXT
+    MAP = SubType.MAP
+    MAP_ITERATION = SubType.MAP_ITERATION
+    PARALLEL = SubType.PARALLEL
+    PARALLEL_BRANCH = SubType.PARALLEL_BRANCH
+    WAIT_FOR_CALLBACK = SubType.WAIT_FOR_CALLBACK
+    WAIT_FOR_CONDITION = SubType.WAIT_FOR_CONDITION
+    CHAINED_INVOKE = SubType.CHAINED_INVOKE
 
 
 class OperationStatus(Enum):

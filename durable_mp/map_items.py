@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from durable_mp import serdes as _serdes
-from durable_mp.context import SUB_MAP
 from durable_mp.core.digest import DIGEST_BYTES
 from durable_mp.core.item_probe import item_status, split_terminal
 from durable_mp.core.records import OpRecord, OpStatus
+from durable_mp.core.vocabulary import SubType
 from durable_mp.engine.result_decode import COMPACT_ITEM, UNREAD, success_value
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.rerun import CODE_KEY
@@ -71,7 +71,7 @@ def plan_of(rec: ExecutionRecord) -> Plan | None:
 def batch_op_id(store: Store, exec_id: str) -> str | None:
     """The op id of the map execution's ``context.map`` (None before it started)."""
     for rec in store.children(exec_id, ""):
-        if rec.sub_type == SUB_MAP:
+        if rec.sub_type == SubType.MAP:
             return rec.op_id
     return None
 

@@ -1,4 +1,4 @@
-"""What running an existing execution again does, and says (DESIGN.md §2).
+"""What running an existing execution again does, and says (docs/architecture.md "Running a handler").
 
 - A SUCCEEDED execution returns its stored result without running anything, and says so
   in one line: which execution, when it finished, how to recompute, and whether the
@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from durable_mp.core.records import branch_key
-from durable_mp.core.reopen import BATCH_SUB_TYPES, NON_DETERMINISM, reopen
+from durable_mp.core.reopen import NON_DETERMINISM, reopen
+from durable_mp.core.vocabulary import BATCH_SUB_TYPES
 from durable_mp.store.env import resolve_store_path
 from durable_mp.store.facade import ExecutionRecord, Store
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from durable_mp.config import ChildConfig, Duration
-from durable_mp.jitter import JitterStrategy
+from durable_mp.jitter import JitterStrategy, exponential_delay
 
 __all__ = [
     "JitterStrategy", "LinearRetryStrategyConfig", "RetryContext", "RetryDecision", "RetryPresets",
@@ -138,7 +138,7 @@ def create_retry_strategy(
     cfg = config or RetryStrategyConfig()
 
     def base_delay(attempts_made: int) -> float:
-        return min(cfg.initial_delay_seconds * cfg.backoff_rate ** (attempts_made - 1), cfg.max_delay_seconds)
+        return exponential_delay(cfg.initial_delay_seconds, cfg.backoff_rate, attempts_made, cfg.max_delay_seconds)
 
     matches = _error_matcher(cfg.retryable_errors, cfg.retryable_error_types)
     return _strategy(cfg.max_attempts, matches, base_delay, cfg.jitter_strategy, rng)

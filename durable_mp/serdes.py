@@ -35,6 +35,7 @@ import cloudpickle
 
 from durable_mp.concurrency.models import BatchResult
 from durable_mp.core.serdes_base import Payload, SerDes, SerDesContext
+from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-PICKLE_PROTOCOL = 5
 MAX_PAYLOAD_BYTES = 1 << 30  # one checkpointed value; LMDB and the worker pipe take more, RAM may not
 
 

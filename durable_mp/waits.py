@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 from durable_mp.config import Duration
 from durable_mp.core.serdes_base import SerDes
 from durable_mp.exceptions import WaitForConditionError
-from durable_mp.jitter import JitterStrategy
+from durable_mp.jitter import JitterStrategy, exponential_delay
 
 __all__ = ["WaitForConditionConfig", "WaitForConditionDecision", "WaitStrategyConfig", "create_wait_strategy"]
 
@@ -76,10 +76,8 @@ def create_wait_strategy(
             raise WaitForConditionError(
                 f"wait_for_condition exhausted {config.max_attempts} attempts before the condition was met"
             )
-        base = min(
-            config.initial_delay_seconds * config.backoff_rate ** (attempts_made - 1),
-            config.max_delay_seconds,
-        )
+        base = exponential_delay(config.initial_delay_seconds, config.backoff_rate, attempts_made,
+                                 config.max_delay_seconds)
         return WaitForConditionDecision.continue_waiting(Duration(config.jitter_strategy.finalize_delay(base, rng)))
 
     return wait_strategy

@@ -2,7 +2,7 @@
 
 Branch 3 raises at once; branches 1 and 2 sleep 2 s and 3 s.  With the default
 ``ParallelConfig`` the failure ends the batch, but the running branches finish and
-report (DESIGN.md §1), so the output is the blog's: two results, one error,
+report (docs/architecture.md "Completion"), so the output is the blog's: two results, one error,
 ``FAILED`` / ``ALL_COMPLETED``.
 
     python examples/seed_error_isolation.py

@@ -1,4 +1,4 @@
-"""DESIGN.md §6: dependencies point one way, and moved classes keep their public names.
+"""docs/architecture.md "Packages": dependencies point one way, and moved classes keep their public names.
 
 CI's import-cycle check catches cycles; these tests catch an import that points the wrong
 way before it closes one (every import counts, also in functions and TYPE_CHECKING blocks).
@@ -15,6 +15,8 @@ import pytest
 import durable_mp
 from durable_mp.exceptions import DurableExecutionsError, InvalidStateError, ValidationError
 from durable_mp.lambda_service import ErrorObject, error_type_name
+
+pytestmark = pytest.mark.process_free  # no test here starts a process
 
 PACKAGE = Path(durable_mp.__file__).parent
 FOUNDATIONS = ("config", "retries", "waits", "serdes", "types", "exceptions", "lambda_service", "jitter",
@@ -74,6 +76,32 @@ def test_core_imports_only_core(module):
 @pytest.mark.parametrize("module", _package_modules("operation"))
 def test_operations_do_not_import_the_context_that_calls_them(module):
     assert sorted(i for i in _imports_of(module) if _starts(i, ("context", "execution"))) == []
+
+
+# The one import of ``store`` in ``operation``: the callback senders' documented home re-exports them.
+STORE_REEXPORTS = {"operation.callback": {"store.callbacks.send_callback_success", "store.callbacks.send_callback_failure",
+                                          "store.callbacks.send_callback_heartbeat"}}
+
+
+@pytest.mark.parametrize("module", _package_modules("operation"))
+def test_operations_never_reach_into_the_store(module):
+    """An operation reads records through its context's state (``engine.state.ContextState``), never the store."""
+    allowed = STORE_REEXPORTS.get(module, set())
+    assert sorted(i for i in _imports_of(module) if _starts(i, ("store",)) and i not in allowed) == []
+
+
+def test_the_store_reexports_of_operations_are_only_reexports():
+    """Each allowed name is re-exported under its own name and not used by the module itself."""
+    for module, names in STORE_REEXPORTS.items():
+        path = PACKAGE / (module.replace(".", "/") + ".py")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {f"{node.module}.{a.name}"[len("durable_mp."):]: a.asname for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("durable_mp.store")
+                   for a in node.names}
+        assert set(aliases) == names
+        assert all(name.rsplit(".", 1)[1] == alias for name, alias in aliases.items())
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        assert not used & {name.rsplit(".", 1)[1] for name in names}
 
 
 @pytest.mark.parametrize("module", _package_modules("inspect"))

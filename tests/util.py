@@ -1,12 +1,103 @@
-"""Helpers shared by the test modules."""
+"""Helpers the test files share: marker counts, record builders, waiting, the command line.
+
+Importable from every test directory (``pythonpath = tests`` in setup.cfg).  Process
+hygiene is in ``procs.py``; the marker files the recovery scenarios write are
+``durable_mp.bench.markers``'s (one byte appended per run).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+from durable_mp.bench.markers import counts as marker_counts  # {i: runs} of one-byte-per-run markers <prefix>-<i>
+from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.store.records import ExecutionRecord
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout: README, examples/, durable_mp/
+TESTS = REPO / "tests"
+
+
+# -- marker files: what ran, counted across processes that may be killed ------------------------
+def marker_count(directory: str | os.PathLike[str], name: str) -> int:
+    """Runs recorded in marker ``name`` (one byte appended per run); 0 if it never ran."""
+    path = os.path.join(directory, name)
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def marker_file_indices(directory: str | os.PathLike[str], prefix: str | None = None) -> list[int]:
+    """The index of every one-file-per-run marker, one entry per file.
+
+    Files are named ``<prefix>-<index>-<anything unique>``; without a prefix,
+    ``<index>-<anything unique>`` (other files are ignored).
+    """
+    out = []
+    for name in os.listdir(directory):
+        parts = name.split("-")
+        if prefix is None:
+            if name[0].isdigit():
+                out.append(int(parts[0]))
+        elif name.startswith(prefix + "-"):
+            out.append(int(parts[1]))
+    return out
+
+
+def runs_per_index(directory: str | os.PathLike[str], prefix: str | None = None) -> dict[int, int]:
+    """``{index: runs}`` of one-file-per-run markers (``marker_file_indices``)."""
+    return dict(Counter(marker_file_indices(directory, prefix)))
+
+
+# -- records ----------------------------------------------------------------------------------
+def rec(op_id: str, parent: str, op_type: str, sub_type: str, name: str | None, start: float, end: float | None,
+        status: str = OpStatus.SUCCEEDED, **kw: Any) -> OpRecord:
+    """Any operation record, fields in the order a tree or history test thinks of them."""
+    return OpRecord(op_id, parent, op_type, sub_type, name, status, start, end, **kw)
+
+
+def step_record(op_id: str, parent_id: str = "", status: str = OpStatus.SUCCEEDED, result: Any = b"r",
+                **kw: Any) -> OpRecord:
+    """A step named after its id that ran from t=1 to t=2."""
+    return OpRecord(op_id=op_id, parent_id=parent_id, op_type=OpType.STEP, sub_type="Step", name=op_id,
+                    status=status, start_ts=1.0, end_ts=2.0, result=result, **kw)
+
+
+def execution_record(exec_id: str, status: str = "RUNNING", **kw: Any) -> ExecutionRecord:
+    """An execution record with no owner, started now (``kw`` overrides any field)."""
+    now = time.time()
+    fields: dict[str, Any] = dict(exec_id=exec_id, status=status, handler="mod:handler", input=b"event", result=None,
+                                  error=None, created_ts=now, started_ts=now, ended_ts=None, owner_pid=0,
+                                  owner_create_time=0.0, runs=1)
+    fields.update(kw)
+    return ExecutionRecord(**fields)
+
+
+# -- waiting ----------------------------------------------------------------------------------
+def wait_until(predicate: Callable[[], Any], seconds: float = 30.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``seconds`` pass; its last answer, as a bool."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True
+
+
+# -- the command line -------------------------------------------------------------------------
+def run_cli(*args: str, store: Any, cwd: Any = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m durable_mp ARGS --store STORE`` in a fresh interpreter, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "durable_mp", *args, "--store", str(store)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+# -- documentation --------------------------------------------------------------------------------
+DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def doc_block(first_line: str) -> str:
@@ -16,3 +107,7 @@ def doc_block(first_line: str) -> str:
             if block.startswith(first_line):
                 return block
     raise AssertionError(f"no python block of README.md or docs/ starts with {first_line!r}")
+
+
+__all__ = ["DOC_FILES", "REPO", "TESTS", "doc_block", "execution_record", "marker_count", "marker_counts", "marker_file_indices", "rec",
+           "run_cli", "runs_per_index", "step_record", "wait_until"]

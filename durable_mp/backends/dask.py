@@ -35,10 +35,11 @@ from collections.abc import Callable
 from typing import Any
 
 from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.core.vocabulary import SubType
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
-from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source
+from durable_mp.engine.worker import Outbox, WorkerContextState, WorkerShared, load_source
 from durable_mp.exceptions import StepTimeoutError, ValidationError, WorkerCrashedError
 from durable_mp.types import StepContext
 
@@ -46,7 +47,6 @@ CHUNKS_IN_FLIGHT_PER_THREAD = 2
 _SOURCES: OrderedDict = OrderedDict()
 _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
-_WAIT_FOR_CALLBACK = "WaitForCallback"  # sub-type of wait_for_callback's context (operation.callback)
 
 
 def refusal(rec: OpRecord) -> ValidationError | None:
@@ -65,7 +65,7 @@ def refusal(rec: OpRecord) -> ValidationError | None:
             f"checkpoints reach the store only when its task ends, so the step could run twice. Use "
             f"AT_LEAST_ONCE_PER_RETRY (and make the step idempotent), run the step in the handler body (outside "
             f"parallel/map), or use the local backend")
-    if rec.op_type == OpType.CALLBACK or (rec.op_type == OpType.CONTEXT and rec.sub_type == _WAIT_FOR_CALLBACK):
+    if rec.op_type == OpType.CALLBACK or (rec.op_type == OpType.CONTEXT and rec.sub_type == SubType.WAIT_FOR_CALLBACK):
         return _callback_refusal(rec)
     return None
 
@@ -134,7 +134,7 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
     shared = WorkerShared(outbox, settings)
     empty: dict = {}
     for index in indices:
-        state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
+        state = WorkerContextState(shared, checkpoints.get(index, empty) if checkpoints else empty)
         outbox.add_item(index, run_branch(source, index, state.context))
     return outbox.nested, outbox.items
 

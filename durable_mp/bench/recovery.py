@@ -4,7 +4,7 @@
     ``work``); on its first attempt branch 0 SIGKILLs its own worker halfway through
     ``work``, after writing ``time.time()`` to a marker.  The re-dispatched attempt writes
     its start time; the difference is the death-to-re-dispatch latency.  Marker files
-    count which branches and which steps ran again (DESIGN.md: only the unfinished
+    count which branches and which steps ran again (docs/architecture.md "Faults": only the unfinished
     operation of that one branch may).  For contrast, ``ProcessPoolExecutor`` gets the
     same tasks and loses every unfinished one to ``BrokenProcessPool``.
 (b) **Driver killed.**  ``recovery_job`` runs in its own session; once a third of its

@@ -2,7 +2,7 @@
 
 The calls only sleep, so the ideal speedup over calling them one after the other is
 ``sum / max`` (7 / 3 = 2.33).  On a 2-core machine this also exercises the pool growing
-past the core count while its workers sit idle on the CPU (DESIGN.md section 3).
+past the core count while its workers sit idle on the CPU (docs/architecture.md "Scheduling").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.operation.callback import send_callback_failure, send_callback_heartbeat, send_callback_success
+from durable_mp.store.callbacks import send_callback_failure, send_callback_heartbeat, send_callback_success
 
 
 def add_parser(sub: argparse._SubParsersAction, store_opt: argparse.ArgumentParser) -> None:

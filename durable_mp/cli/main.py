@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from durable_mp.cli.loader import HandlerError, load_handler
-from durable_mp.context import SUB_MAP
 from durable_mp.core.records import OpStatus
+from durable_mp.core.vocabulary import SubType
 from durable_mp.engine.start import START_METHODS
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
@@ -282,7 +282,7 @@ def _map_items(rec: ExecutionRecord, ops: list[Any]) -> dict[str, int]:
     plan = plan_of(rec)
     if plan is None:
         return {}
-    batches = {r.op_id for r in ops if r.parent_id == "" and r.sub_type == SUB_MAP}
+    batches = {r.op_id for r in ops if r.parent_id == "" and r.sub_type == SubType.MAP}
     done = sum(1 for r in ops if r.parent_id in batches and r.status == OpStatus.SUCCEEDED)
     return {"items_done": plan.reused + done, "items_total": plan.total}
 

@@ -75,7 +75,7 @@ __all__ = ["DurableExecutionsError", "ErrorDetails", "InvalidStateError", "Pickl
 
 
 class InvariantError(RuntimeError):
-    """durable_mp was about to break one of its own invariants (DESIGN.md §3): an internal error.
+    """durable_mp was about to break one of its own invariants (docs/architecture.md "Invariants"): an internal error.
 
     Raised where the state lives (the store, the driver's intake of worker messages) instead
     of applying the change, so a bug shows up at the spot, not as a lost or doubled result.

@@ -13,7 +13,7 @@ import pickle
 import struct
 from typing import Any, NamedTuple
 
-PICKLE_PROTOCOL = 5
+from durable_mp.core.vocabulary import PICKLE_PROTOCOL as PICKLE_PROTOCOL
 
 
 class OpType:

@@ -1,4 +1,6 @@
-"""Which checkpoints a re-run opens again, and what they become (fix and resume, DESIGN.md §2).
+"""Which checkpoints a re-run opens again, and what they become.
+
+Fix and resume: docs/architecture.md "Running a handler".
 
 Running a FAILED execution again replays every operation that SUCCEEDED and runs the
 failed ones again, as new attempts.  A FAILED checkpoint is terminal, so replay would
@@ -24,10 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.vocabulary import BATCH_SUB_TYPES
 
 RERUN_BASE = "rerun_base"  # extra key of a reopened step: attempts it had made before this run
 NON_DETERMINISM = "NonDeterministicExecutionError"
-BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
 
 
 def is_non_determinism(rec: OpRecord) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from durable_mp.core.item_probe import succeeded
+from durable_mp.core.vocabulary import default_item_name
 
 
 @dataclass
@@ -59,4 +60,4 @@ class BatchSpec:
     def item_name(self, index: int) -> str:
         if self.names is not None:
             return self.names[index]
-        return f"parallel-branch-{index}" if self.funcs is not None else f"map-item-{index}"
+        return default_item_name(index, parallel=self.funcs is not None)

@@ -15,6 +15,7 @@ from typing import Any
 from durable_mp import serdes as _serdes
 from durable_mp.core.nesting import branch_record_parent
 from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
+from durable_mp.core.vocabulary import default_item_name, map_item_name
 from durable_mp.engine.protocol import NOT_SENT
 from durable_mp.engine.state import take_skipped_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
@@ -48,7 +49,7 @@ class BranchSource:
             got = self.names[index] if not isinstance(self.names, dict) else self.names.get(index)
             if got is not None:
                 return str(got)
-        return f"map-item-{index}" if self.funcs is None else f"parallel-branch-{index}"
+        return default_item_name(index, parallel=self.funcs is not None)
 
     def call(self, ctx: Any, index: int) -> Any:
         if self.funcs is not None:
@@ -108,7 +109,7 @@ class BranchRunner:
         op_id = (_blake2b(b"%s%d" % (self.id_prefix, index)).hexdigest()[:64] if self.id_prefix is not None
                  else operation_id(source.batch_op_id, index))
         func = self.func
-        name = f"map-item-{index}" if func is not None else source.name(index)
+        name = map_item_name(index) if func is not None else source.name(index)
         start = time.time()
         if self.skip_time:
             take_skipped_seconds()  # a fresh count for this branch

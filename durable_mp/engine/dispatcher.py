@@ -7,7 +7,7 @@ the store's group commit; feed outcomes to the policy; react to deaths, timeouts
 memory overruns.  Every fault costs only the branch it hit (``faults`` decides what it
 costs).
 
-Completion (DESIGN.md §1): a decision reached by *successes* (``min_successful``, a
+Completion (docs/architecture.md "Completion"): a decision reached by *successes* (``min_successful``, a
 custom predicate) terminates the branches still running, which stay STARTED; a
 decision reached by *failures* stops starting branches but lets the running ones finish
 and report, and the reason is then read from the final state.
@@ -35,6 +35,7 @@ from durable_mp.core.records import (
     operation_id,
 )
 from durable_mp.core.spec import BatchSpec
+from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task, Watch
@@ -79,7 +80,6 @@ from durable_mp.lambda_service import ErrorObject
 log = logging.getLogger("durable_mp.dispatch")
 
 MAX_WAIT_SECONDS = 1.0
-CALLBACK_POLL_SECONDS = 0.1
 DEFAULT_MAX_CRASH_RETRIES = 3
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 

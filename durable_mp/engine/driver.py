@@ -13,9 +13,8 @@ from typing import Any
 
 from durable_mp.core.records import OpRecord
 from durable_mp.core.spec import BatchSpec
+from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine.state import ExecutionState
-
-CALLBACK_POLL_SECONDS = 0.1
 
 
 class DriverState(ExecutionState):

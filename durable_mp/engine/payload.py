@@ -14,8 +14,8 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
-from durable_mp.core.records import PICKLE_PROTOCOL
 from durable_mp.core.spec import BatchSpec
+from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import BranchSource
 from durable_mp.exceptions import SerDesError

@@ -14,7 +14,7 @@ from typing import Any
 
 import cloudpickle
 
-from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 
 _DYNAMIC = "<dynamic-code>"
 _code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)

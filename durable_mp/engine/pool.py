@@ -299,7 +299,8 @@ class WorkerPool:
         return pid, conn, slot
 
     def _fork(self) -> tuple[int, Any, mmap.mmap]:
-        """``os.fork``.  Python 3.12+ warns here when the driver has threads: not silenced (docs/handlers.md, "Start methods")."""
+        """``os.fork``.  Python 3.12+ warns here when the driver has threads: not silenced
+        (docs/handlers.md, "Start methods")."""
         parent_conn, child_conn = Pipe(duplex=True)
         slot = mmap.mmap(-1, SLOT_BYTES)
         memoryview(slot).cast(SLOT_FORMAT)[0] = IDLE

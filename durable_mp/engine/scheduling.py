@@ -1,7 +1,7 @@
 """The dispatcher's decisions as pure functions: how many run, how big a chunk, what may queue ahead.
 
 Nothing here touches a process, a pipe or a clock, so every rule is unit-tested on
-plain numbers (``tests/test_scheduling_decisions.py``).
+plain numbers (``tests/engine/test_scheduling_decisions.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a ``DurableContext`` needs from the place it runs in, and the part both places share.
 
 Two states implement ``ContextState``: ``DriverState`` (the handler body, in the
-driver: store and worker pool) and ``WorkerState`` (a branch, in a worker: its
+driver: store and worker pool) and ``WorkerContextState`` (a branch, in a worker: its
 checkpoints in, records out to the driver).  The engine builds contexts for branches
 through ``context_factory()``; the context class registers itself there when it is
 imported, so the engine does not import the layer above it.
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from durable_mp.core.records import OpRecord
+from durable_mp.core.spec import BatchSpec
 
 # Seconds this thread's branch skipped under skip_time: its outcome's virtual lateness,
 # which the completion policy orders by (``CompletionPolicy(virtual_time=True)``).
@@ -29,16 +30,24 @@ def take_skipped_seconds() -> float:
 
 
 class ContextState(Protocol):
-    """The state behind a context (see the module docstring)."""
+    """The state behind a context (see the module docstring): all a context and its operations use."""
 
-    execution_id: str
-    skip_time: bool
-    watch_steps: bool
+    @property
+    def execution_id(self) -> str: ...
+    @property
+    def skip_time(self) -> bool: ...  # waits and retry delays take no time (the testing runner)
+    @property
+    def watch_steps(self) -> bool: ...  # every step is watched by the driver (memory limits)
 
+    # what the store (or the checkpoints a branch was sent with) holds
     def lookup(self, parent_id: str, op_id: str) -> OpRecord | None: ...
     def branch_records(self, batch_op_id: str, n: int) -> dict[int, Any]: ...  # OpRecords or their bytes
+    def branch_outcomes(self, batch_op_id: str, plain: int) -> tuple[list[int], dict[int, Any]] | None: ...
+    def branch_each(self, batch_op_id: str, indices: Any, fn: Callable[[int, Any], None]) -> None: ...
+
+    # what runs, and what is recorded
     def emit(self, rec: OpRecord, sync: bool = False) -> None: ...
-    def run_batch(self, spec: Any) -> tuple[dict[int, Any], Any]: ...
+    def run_batch(self, spec: BatchSpec) -> tuple[Any, Any]: ...  # (records or ItemColumns, CompletionReason)
     def run_step_body(self, func: Any, step_ctx: Any, watch: Any) -> Any: ...
     def wait_callback(self, rec: OpRecord) -> OpRecord: ...
     def sleep(self, seconds: float) -> None: ...
@@ -60,7 +69,6 @@ def context_factory() -> Callable[..., Any]:
     return _CONTEXT_FACTORY[0]
 
 
-
 class ExecutionState:
     """Durable sleeping, honouring ``skip_time`` (retry delays, waits, polls)."""
 
@@ -75,3 +83,15 @@ class ExecutionState:
 
     def sleep_until(self, ts: float) -> None:
         self.sleep(ts - time.time())
+
+    def branch_outcomes(self, batch_op_id: str, plain: int) -> tuple[list[int], dict[int, Any]] | None:
+        """Which items of a resumed batch are plain successes left in the store, and the others' records.
+
+        None here: a state without a store of its own (a worker's nested batch) reads its
+        items from ``branch_records``.  ``DriverState`` answers from the store.
+        """
+        return None
+
+    def branch_each(self, batch_op_id: str, indices: Any, fn: Callable[[int, Any], None]) -> None:
+        """``fn(index, record bytes)`` for items ``branch_outcomes`` left in the store (so never called here)."""
+        raise NotImplementedError("only a state whose branch_outcomes leaves records in the store reads them back")

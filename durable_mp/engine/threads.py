@@ -3,7 +3,7 @@
 Only top-level batches fan out to processes; a batch inside a branch already occupies a
 worker slot, and sending its branches back to the pool could deadlock a full pool.
 Threads match the reference's model (I/O-bound nested branches overlap).  Completion
-follows DESIGN.md §1 as in the dispatcher: failures stop the starting of branches and
+follows docs/architecture.md "Completion" as in the dispatcher: failures stop the starting of branches and
 let the running ones finish; successes end the batch at once.  A thread cannot be
 killed: a branch still running then is recorded STARTED, its state is cancelled, and
 its next durable operation raises ``OrphanedChildException`` so nothing it does

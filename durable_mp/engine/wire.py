@@ -23,7 +23,7 @@ import select
 import struct
 from typing import Any
 
-from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 
 OUT_OF_BAND_BYTES = 64 * 1024  # records above this size travel as their own frame
 _COUNT = struct.Struct("!I")

@@ -301,7 +301,7 @@ class WorkerShared:
         self.context_class = context_factory()
 
 
-class WorkerState(ExecutionState):
+class WorkerContextState(ExecutionState):
     """The state behind a ``DurableContext`` inside a worker: checkpoints in, records out."""
 
     __slots__ = ("shared", "checkpoints", "cancelled")
@@ -350,8 +350,8 @@ class WorkerState(ExecutionState):
     def run_batch(self, spec: Any) -> tuple[dict[int, Any], Any]:
         return run_batch_in_threads(self, spec)
 
-    def for_branch(self) -> WorkerState:
-        return WorkerState(self.shared, self.checkpoints)
+    def for_branch(self) -> WorkerContextState:
+        return WorkerContextState(self.shared, self.checkpoints)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -502,7 +502,7 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     wall, cpu = time.monotonic(), time.process_time()
     indices = msg.indices
     unstarted: list[int] = []
-    fresh = WorkerState(shared, empty)  # a branch without checkpoints only reads an empty dict
+    fresh = WorkerContextState(shared, empty)  # a branch without checkpoints only reads an empty dict
     runner = BranchRunner(source, fresh.context, compact=True, skip_time=shared.skip_time)
     fresh_context = runner.make_context
     token = msg.token
@@ -515,7 +515,7 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
         current[1] = progress + position + 1
         ckpt = checkpoints.get(index) if checkpoints else None
         if ckpt:
-            runner.make_context = WorkerState(shared, ckpt).context
+            runner.make_context = WorkerContextState(shared, ckpt).context
         elif runner.make_context is not fresh_context:
             runner.make_context = fresh_context
         rec, value = runner.run(index)

@@ -4,7 +4,7 @@ durable_mp stores one checkpoint per operation (its latest state plus the list o
 attempts), not a log of events.  The events the reference service would have written
 follow from those records, with the fields and ``*Details`` objects the reference's
 ``GetDurableExecutionHistory`` returns (``tests/data/reference_history`` holds recorded
-ones; ``tests/test_history_reference.py`` compares):
+ones; ``tests/inspect/test_history_reference.py`` compares):
 
 * the execution: ``ExecutionStarted`` (``Input``) ... ``ExecutionSucceeded`` (``Result``)
   or ``ExecutionFailed`` (``Error``);
@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from durable_mp.core.callback_ids import encode_callback_id
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.vocabulary import SubType
 from durable_mp.inspect.runs import CRASH_TYPE, DEATH_TYPES, crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch
 from durable_mp.store.records import FAILED, SUCCEEDED, ExecutionRecord
@@ -54,7 +55,7 @@ _NO_VALUE = object()
 class PayloadCodec(Protocol):
     """How stored payloads become the reference's payload text.
 
-    ``inspect`` uses only ``core`` and ``store`` (DESIGN.md §6), so the reference's
+    ``inspect`` uses only ``core`` and ``store`` (docs/architecture.md "Packages"), so the reference's
     serializer and ``BatchResult`` come in from outside: ``durable_mp.history_payloads``
     (the CLI and the test runner pass it).  Every method raises when it cannot.
     """
@@ -157,7 +158,7 @@ def _result(codec: PayloadCodec, rec: OpRecord) -> dict:
     """``{"Truncated", "Payload"}`` for an operation's stored result."""
     data = rec.result
     if isinstance(data, str):
-        if rec.op_type == OpType.CONTEXT and rec.sub_type == "WaitForCallback" and (rec.extra or {}).get("raw"):
+        if rec.op_type == OpType.CONTEXT and rec.sub_type == SubType.WAIT_FOR_CALLBACK and (rec.extra or {}).get("raw"):
             text = _encoded(codec, data)  # the callback's text, serialized as the reference does
             return {"Truncated": True} if text is None else _text_payload(text)
         return _text_payload(data)  # already the reference's envelope (or a JSON serdes' / a callback's text)
@@ -221,7 +222,7 @@ def _step_events(codec: PayloadCodec, rec: OpRecord, ev) -> list[Event]:
     """StepStarted / StepFailed(+retry) ... per attempt, ending with the terminal event."""
     out: list[Event] = []
     attempts = list(rec.attempts)
-    polling = rec.sub_type == "WaitForCondition"
+    polling = rec.sub_type == SubType.WAIT_FOR_CONDITION
     for i, att in enumerate(attempts):
         out.append(ev("StepStarted", att.start_ts, {}))
         last = i == len(attempts) - 1

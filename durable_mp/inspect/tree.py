@@ -18,11 +18,10 @@ from durable_mp.core.callback_ids import encode_callback_id
 from durable_mp.core.nesting import is_flat
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.core.remote import origin_note
+from durable_mp.core.vocabulary import BATCH_SUB_TYPES, BRANCH_SUB_TYPES
 from durable_mp.inspect.crash_model import CrashFacts
 from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
 
-BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
-BRANCH_SUB_TYPES = frozenset({"ParallelBranch", "MapIteration"})
 WORKER_CRASHED = "WorkerCrashedError"
 INDEX_SEARCH_SLACK = 1024  # ids tried past the known item count of a batch still running
 

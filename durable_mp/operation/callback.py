@@ -2,14 +2,12 @@
 
 ``context.create_callback()`` checkpoints a CALLBACK operation (STARTED, committed before
 it returns) and hands out its ``callback_id``.  Anyone with the id and the store
-completes it with ``send_callback_success`` / ``send_callback_failure`` (or
+completes it (``store.callbacks.send_callback_success`` / ``send_callback_failure``, or
 ``durable-mp callback``), which writes the terminal record into the same LMDB store;
 ``callback.result()`` waits for that record.  Every completion from outside, and the
 driver's timeout, is compare-and-set against the record it read (``Store.compare_and_set``):
 an acknowledged completion is never overwritten, a late one is refused.  Inside a worker the wait is delegated to
 the driver, the only process that reads the store during a run.
-
-A callback id is the operation's key (execution, parent, operation id), URL-safe base64.
 """
 
 from __future__ import annotations
@@ -22,66 +20,19 @@ from durable_mp import serdes as _serdes
 from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
 from durable_mp.core.callback_ids import decode_callback_id, encode_callback_id
 from durable_mp.core.records import OpRecord, OpStatus, OpType
-from durable_mp.exceptions import (
-    CallbackError,
-    CallbackExternalError,
-    CallbackSubmitterError,
-    StepError,
-    ValidationError,
-)
+from durable_mp.core.vocabulary import SubType
+from durable_mp.exceptions import CallbackError, CallbackExternalError, CallbackSubmitterError, StepError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.operation.protocol import DurableContextProtocol
-from durable_mp.operation.replay import raise_stored
-from durable_mp.store.facade import Store
+from durable_mp.operation.replay import open_operation, raise_stored
+
+# The senders write the store from outside a run, so they live in ``store.callbacks``; the
+# README documents them under this module, which keeps the names (and is the one import of
+# ``store`` in ``operation``: tests/test_layering.py).
+from durable_mp.store.callbacks import send_callback_failure as send_callback_failure
+from durable_mp.store.callbacks import send_callback_heartbeat as send_callback_heartbeat
+from durable_mp.store.callbacks import send_callback_success as send_callback_success
 from durable_mp.types import WaitForCallbackContext
-
-CALLBACK_POLL_SECONDS = 0.1
-COMPLETE_ATTEMPTS = 1000  # compare-and-set rounds lost to concurrent heartbeats before a sender gives up
-TIMEOUT_MESSAGE = "Callback timed out"  # the reference's message and error types (its CallbackTimeoutType)
-TIMEOUT_TYPE = "Callback.Timeout"
-HEARTBEAT_TYPE = "Callback.Heartbeat"
-SUB_CALLBACK = "Callback"
-SUB_WAIT_FOR_CALLBACK = "WaitForCallback"
-
-
-def timed_out_record(rec: OpRecord, now: float | None = None) -> OpRecord:
-    """``rec`` TIMED_OUT with the reference's error (``Callback.Timeout`` / ``Callback.Heartbeat``)."""
-    now = time.time() if now is None else now
-    extra = rec.extra or {}
-    deadline = extra.get("deadline")
-    kind = TIMEOUT_TYPE if deadline and now >= deadline else HEARTBEAT_TYPE
-    err = ErrorObject(TIMEOUT_MESSAGE, kind, None, None)
-    return rec._replace(status=OpStatus.TIMED_OUT, end_ts=now, error=err.to_dict(),
-                        extra={**extra, "raise": "CallbackTimeoutError"})
-
-
-def callback_deadline(rec: OpRecord) -> float | None:
-    """When a STARTED callback times out: its own timeout, or its heartbeat's."""
-    extra = rec.extra or {}
-    deadlines = [d for d in (extra.get("deadline"),) if d]
-    if extra.get("heartbeat_timeout"):
-        deadlines.append(extra.get("heartbeat", rec.start_ts) + extra["heartbeat_timeout"])
-    return min(deadlines) if deadlines else None
-
-
-def poll_callback(store: Any, execution_id: str, rec: OpRecord) -> OpRecord | None:
-    """The callback's terminal record if it has one now (a timeout is recorded here), else None.
-
-    The timeout is compare-and-set against the record just read: a sender that completed the
-    callback meanwhile wins, and its record is returned instead.
-    """
-    current, version = store.get_op_version(execution_id, rec.parent_id, rec.op_id)
-    current = current or rec
-    if current.is_terminal:
-        return current
-    deadline = callback_deadline(current)
-    if deadline is not None and time.time() >= deadline:
-        done = timed_out_record(current)
-        written, now = store.compare_and_set(execution_id, rec.parent_id, rec.op_id, version, done)
-        if written:
-            return done
-        return now if now is not None and now.is_terminal else None  # moved on (a heartbeat): poll again
-    return None
 
 
 class Callback:
@@ -113,15 +64,13 @@ class Callback:
 
 def create_callback(ctx: DurableContextProtocol, name: str | None, config: CallbackConfig | None) -> Callback:
     config = config or CallbackConfig()
-    sub_type = config.sub_type or SUB_CALLBACK
-    op_id = ctx._next_id()
-    rec = ctx._checkpoint(op_id, OpType.CALLBACK, sub_type, name)
+    opening = open_operation(ctx, ctx._next_id(), OpType.CALLBACK, config.sub_type or SubType.CALLBACK, name)
+    rec = opening.record
     if rec is None:
         now = time.time()
         timeout, heartbeat = config.timeout.to_seconds(), config.heartbeat_timeout.to_seconds()
-        rec = OpRecord(op_id, ctx.record_parent, OpType.CALLBACK, sub_type, name, OpStatus.STARTED, now,
-                       extra={"deadline": now + timeout if timeout else None,
-                              "heartbeat_timeout": heartbeat or None})
+        rec = opening.started(now=now, extra={"deadline": now + timeout if timeout else None,
+                                              "heartbeat_timeout": heartbeat or None})
         ctx.state.emit(rec, sync=True)  # the id must be resolvable before anyone can use it
     return Callback(ctx, rec, config.serdes)
 
@@ -131,15 +80,12 @@ def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, Wai
     """A WaitForCallback context: create the callback, run the submitter step, wait."""
     config = config or WaitForCallbackConfig()
     op_id = ctx._next_id()
-    rec = ctx._checkpoint(op_id, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name)
-    if rec is not None and rec.is_terminal:
-        return ctx._replayed(rec, _serdes.PassThroughSerDes() if config.serdes is None else config.serdes,
-                             f"callback {name!r}", "CallbackError")
+    opening = open_operation(ctx, op_id, OpType.CONTEXT, SubType.WAIT_FOR_CALLBACK, name)
+    if opening.is_done:
+        return opening.replay(_serdes.PassThroughSerDes() if config.serdes is None else config.serdes,
+                              f"callback {name!r}", "CallbackError")
     # raw: the result is the callback's own text, not a serdes payload (history serializes it)
-    base = rec or OpRecord(op_id, ctx.record_parent, OpType.CONTEXT, SUB_WAIT_FOR_CALLBACK, name,
-                           OpStatus.STARTED, time.time(), extra={"raw": True} if config.serdes is None else None)
-    if rec is None:
-        ctx.state.emit(base)
+    base = opening.start(extra={"raw": True} if config.serdes is None else None)
     child = ctx.create_child_context(op_id)
     prefix = f"{name} " if name else ""
     try:
@@ -162,61 +108,5 @@ def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, Wai
     return value
 
 
-# -- the sender's side ------------------------------------------------------------------------
-def _complete(callback_id: str, store: Any, update: Callable[[OpRecord], OpRecord]) -> None:
-    """Apply ``update`` to a waiting callback, compare-and-set against the version read.
-
-    Racing with another sender or the driver's timeout: if the record changed since it was
-    read, it is read again; once it is terminal the late completion is refused
-    (``ValidationError``), so an acknowledged completion is never overwritten.
-    """
-    execution_id, parent_id, op_id = decode_callback_id(callback_id)
-    db = store if isinstance(store, Store) else Store(store, create=False)
-    try:
-        for _ in range(COMPLETE_ATTEMPTS):
-            rec, version = db.get_op_version(execution_id, parent_id, op_id)
-            if rec is None or rec.op_type != OpType.CALLBACK:
-                raise ValidationError(f"no callback {callback_id!r} in execution {execution_id!r}")
-            if rec.is_terminal:
-                raise ValidationError(f"callback {rec.name or callback_id!r} is already {rec.status}")
-            written, _ = db.compare_and_set(execution_id, parent_id, op_id, version, update(rec))
-            if written:
-                return
-        raise ValidationError(f"callback {callback_id!r} kept changing under {COMPLETE_ATTEMPTS} attempts to "
-                              f"complete it")
-    finally:
-        if db is not store:
-            db.close()
-
-
-def send_callback_success(callback_id: str, result: bytes | str | None = None, *, store: Any = None) -> None:
-    """Complete a callback with ``result`` (bytes are decoded as UTF-8 when they are text).
-
-    An empty or missing result is allowed, as in the reference: ``callback.result()`` is None.
-    """
-    if not result:
-        result = None
-    elif isinstance(result, bytes):
-        try:
-            result = result.decode()
-        except UnicodeDecodeError:
-            pass
-    _complete(callback_id, store, lambda rec: rec._replace(status=OpStatus.SUCCEEDED, end_ts=time.time(),
-                                                           result=result))
-
-
-def send_callback_failure(callback_id: str, error: ErrorObject | None = None, *, store: Any = None) -> None:
-    """Fail a callback; ``callback.result()`` raises ``CallbackExternalError`` with ``error``'s fields."""
-    error = error or ErrorObject("callback failed", "CallbackExternalError", None, None)
-    _complete(callback_id, store, lambda rec: rec._replace(
-        status=OpStatus.FAILED, end_ts=time.time(), error=error.to_dict(),
-        extra={**(rec.extra or {}), "raise": "CallbackExternalError"}))
-
-
-def send_callback_heartbeat(callback_id: str, *, store: Any = None) -> None:
-    """Keep a callback with a ``heartbeat_timeout`` alive."""
-    _complete(callback_id, store, lambda rec: rec._replace(extra={**(rec.extra or {}), "heartbeat": time.time()}))
-
-
-__all__ = ["Callback", "CallbackExternalError", "decode_callback_id", "encode_callback_id", "send_callback_failure",
-           "send_callback_heartbeat", "send_callback_success"]
+__all__ = ["Callback", "CallbackExternalError", "create_callback", "decode_callback_id", "encode_callback_id",
+           "send_callback_failure", "send_callback_heartbeat", "send_callback_success", "wait_for_callback"]

@@ -1,9 +1,10 @@
 """What an operation needs of the ``DurableContext`` it runs in.
 
-Operations sit below ``context`` (DESIGN.md §6: ``operation ← context``): the context
-calls them, so they cannot import it.  They see it through this protocol instead,
-which ``context.DurableContext`` satisfies.  The leading-underscore members are the
-context's replay machinery, shared with the operations and used nowhere else.
+Operations sit below ``context`` (docs/architecture.md "Packages": ``operation ←
+context``): the context calls them, so they cannot import it.  They see it through this
+protocol instead, which ``context.DurableContext`` satisfies.  ``_next_id`` is the
+context's operation counter, shared with the operations and used nowhere else; what the
+store holds for an operation is asked through ``operation.replay``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from durable_mp.config import StepConfig
-from durable_mp.core.records import OpRecord
+from durable_mp.engine.state import ContextState
 from durable_mp.logger import Logger
 
 T = TypeVar("T")
@@ -21,7 +22,8 @@ T = TypeVar("T")
 class DurableContextProtocol(Protocol):
     """The parts of a ``DurableContext`` that ``operation`` modules call."""
 
-    state: Any  # engine's DriverState or WorkerState
+    @property
+    def state(self) -> ContextState: ...  # the engine's DriverState or WorkerContextState
 
     @property
     def logger(self) -> Logger: ...
@@ -30,10 +32,6 @@ class DurableContextProtocol(Protocol):
     def record_parent(self) -> str: ...
 
     def _next_id(self) -> str: ...
-
-    def _checkpoint(self, op_id: str, op_type: str, sub_type: str, name: str | None) -> OpRecord | None: ...
-
-    def _replayed(self, rec: OpRecord, serdes: Any, what: str, error_cls: str) -> Any: ...
 
     def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> DurableContextProtocol: ...
 

@@ -22,9 +22,12 @@ from durable_mp.config import StepConfig, StepSemantics, timeout_seconds
 from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.core.remote import user_frame
 from durable_mp.core.reopen import RERUN_BASE
-from durable_mp.exceptions import SerDesError, StepError, StepInterruptedError
+from durable_mp.core.vocabulary import SubType
+from durable_mp.exceptions import SerDesError, StepError
 from durable_mp.lambda_service import ErrorObject
-from durable_mp.operation.replay import build_error
+from durable_mp.operation.naming import op_name
+from durable_mp.operation.replay import Opening, open_operation
+from durable_mp.operation.signature import check_step
 from durable_mp.retries import RetryPresets
 from durable_mp.types import StepContext
 
@@ -50,18 +53,6 @@ class StepWatch:
     def __init__(self, record: OpRecord, timeout: float | None) -> None:
         self.record = record
         self.timeout = timeout
-
-
-def _carried_error(rec: OpRecord | None, semantics: StepSemantics) -> Exception | None:
-    """An error from an earlier run that the retry strategy has not judged yet."""
-    if rec is None:
-        return None
-    extra = rec.extra or {}
-    if rec.status == OpStatus.PENDING and extra.get("undecided"):
-        return build_error(ErrorObject.from_dict(rec.error or {}), extra.get("exc", "DurableOperationError"))
-    if rec.status == OpStatus.STARTED and semantics == StepSemantics.AT_MOST_ONCE_PER_RETRY:
-        return StepInterruptedError(f"step {rec.name!r} was interrupted during attempt {rec.attempt}", rec.op_id)
-    return None
 
 
 def _with_cut_short_attempt(rec: OpRecord, attempts: list[Attempt], error: Exception) -> list[Attempt]:
@@ -101,21 +92,31 @@ def retry_message(name: str | None, attempt: int, of: int | None, err: ErrorObje
     return f"{what} {count} failed: {err.type}: {err.message}{where}; will retry in {delay:g}s"
 
 
-def run_step(ctx: DurableContextProtocol, op_id: str, name: str | None, func: Callable, config: StepConfig,
-             rec: OpRecord | None) -> Any:
+def step(ctx: DurableContextProtocol, func: Callable, name: str | None, config: StepConfig | None) -> Any:
+    """``context.step``: replay a finished step, else run it (again) under its retry strategy."""
+    config = config or StepConfig()
+    check_step(func)  # before anything is recorded: a wrong signature is not retried
+    name = op_name(func, name)
+    opening = open_operation(ctx, ctx._next_id(), OpType.STEP, config.sub_type or SubType.STEP, name)
+    if opening.is_done:
+        return opening.replay(config.serdes, f"result of step {name!r}", "StepError")
+    return run_step(ctx, opening, func, config)
+
+
+def run_step(ctx: DurableContextProtocol, opening: Opening, func: Callable, config: StepConfig) -> Any:
     state = ctx.state
+    op_id, name, rec = opening.op_id, opening.name, opening.record
     strategy = config.retry_strategy or default_strategy()
     at_most_once = config.step_semantics == StepSemantics.AT_MOST_ONCE_PER_RETRY
     timeout = timeout_seconds(config.timeout)
     what = f"result of step {name!r}"
-    sub_type = config.sub_type or "Step"
-    base = rec or OpRecord(op_id, ctx.record_parent, OpType.STEP, sub_type, name, OpStatus.STARTED, time.time())
+    base = opening.started()
     attempt = base.attempt
     attempts = list(base.attempts)
     # attempts made before a fix-and-resume re-run (core.reopen): numbering continues, the budget restarts
-    first = (base.extra or {}).get(RERUN_BASE, 0)
+    first = opening.rerun_base
     rerun_extra = {RERUN_BASE: first} if first else None
-    error = _carried_error(rec, config.step_semantics)
+    error = opening.unjudged_error(at_most_once)
     if error is not None:  # an attempt of an earlier run the retry strategy has not judged
         attempts = _with_cut_short_attempt(base, attempts, error)
     if error is None and rec is not None and rec.status == OpStatus.PENDING and rec.next_attempt_ts:

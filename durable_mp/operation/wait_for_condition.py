@@ -13,27 +13,28 @@ from collections.abc import Callable
 from typing import Any
 
 from durable_mp import serdes as _serdes
-from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
+from durable_mp.core.records import Attempt, OpStatus, OpType
+from durable_mp.core.vocabulary import SubType
 from durable_mp.exceptions import WaitForConditionError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.operation.naming import op_name
 from durable_mp.operation.protocol import DurableContextProtocol
+from durable_mp.operation.replay import open_operation
 from durable_mp.types import WaitForConditionCheckContext
 from durable_mp.waits import WaitForConditionConfig
-
-SUB_TYPE = "WaitForCondition"
 
 
 def run_wait_for_condition(ctx: DurableContextProtocol, check: Callable[[Any, Any], Any],
                            config: WaitForConditionConfig[Any], name: str | None) -> Any:
     name = op_name(check, name)
     op_id = ctx._next_id()
-    rec = ctx._checkpoint(op_id, OpType.STEP, SUB_TYPE, name)
+    opening = open_operation(ctx, op_id, OpType.STEP, SubType.WAIT_FOR_CONDITION, name)
     what = f"state of wait_for_condition {name!r}"
     exec_id = ctx.state.execution_id
-    if rec is not None and rec.is_terminal:
-        return ctx._replayed(rec, config.serdes, what, "WaitForConditionError")
-    base = rec or OpRecord(op_id, ctx.record_parent, OpType.STEP, SUB_TYPE, name, OpStatus.STARTED, time.time())
+    if opening.is_done:
+        return opening.replay(config.serdes, what, "WaitForConditionError")
+    rec = opening.record
+    base = opening.started()
     state = config.initial_state
     if rec is not None and rec.result is not None:
         state = _serdes.deserialize(config.serdes, rec.result, op_id=op_id, execution_id=exec_id, what=what)

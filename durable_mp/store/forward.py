@@ -1,4 +1,4 @@
-"""A record's status only moves forward (DESIGN.md §3, invariants where the state lives).
+"""A record's status only moves forward (docs/architecture.md "Invariants", invariants where the state lives).
 
 STARTED → PENDING → a terminal status (SUCCEEDED, FAILED, TIMED_OUT).  A step's retry
 starts a new attempt, so a step moves forward in (attempt, status): PENDING of attempt 1

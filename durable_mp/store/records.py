@@ -20,13 +20,14 @@ from typing import Any, NamedTuple
 import psutil
 
 from durable_mp.exceptions import ExecutionLockedError
-from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.vocabulary import FAILED as FAILED
+from durable_mp.core.vocabulary import PICKLE_PROTOCOL
+from durable_mp.core.vocabulary import RUNNING as RUNNING
+from durable_mp.core.vocabulary import SUCCEEDED as SUCCEEDED
 
 MAX_EXEC_ID_CHARS = 200  # also at most this many UTF-8 bytes
 MAX_ID_BYTES = 150  # parent_id / op_id, UTF-8; with the exec id a key stays under LMDB's 511
 CREATE_TIME_TOLERANCE_S = 0.01  # process start times are in clock ticks (1/100 s)
-
-RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
 
 SEP = "\0"  # between exec_id, parent_id and op_id in a key; no id may contain it
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -122,7 +123,7 @@ def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionR
     """The record after ``me`` takes the lock of an existing execution.
 
     Raises ``ExecutionLockedError`` while another live process owns it RUNNING (or FAILED:
-    it is resuming it, DESIGN.md §2).  Taking
+    it is resuming it, docs/architecture.md "Running a handler").  Taking
     over a RUNNING execution (dead owner, released after Ctrl-C) starts a new run.
     """
     # a FAILED execution with a live owner is being resumed by it (fix and resume), or read

@@ -2,7 +2,7 @@
 
 ``handlers(sdk)`` builds them against ``"aws_durable_execution_sdk_python"`` (to record
 the reference's history, ``record_reference_history.py``) or ``"durable_mp"`` (the test,
-``tests/test_history_reference.py``).  Only names both packages export are used, so the
+``tests/inspect/test_history_reference.py``).  Only names both packages export are used, so the
 two runs execute the same code.  Every step result is a JSON value, so both SDKs store
 the same payload text.
 """

@@ -1,4 +1,4 @@
-"""Re-record the reference SDK's event histories used by ``tests/test_history_reference.py``.
+"""Re-record the reference SDK's event histories used by ``tests/inspect/test_history_reference.py``.
 
 Needs the reference and its local runner (not durable_mp dependencies)::
 

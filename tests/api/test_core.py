@@ -1,0 +1,477 @@
+"""The programming model end to end: real worker processes, a real LMDB store."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from durable_mp import (
+    BatchItemStatus,
+    BatchResult,
+    CompletionReason,
+    DurableContext,
+    ExecutionFailedError,
+    ParallelBranch,
+    StepContext,
+    durable_execution,
+    durable_parallel_branch,
+    durable_step,
+    durable_with_child_context,
+)
+from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig
+from durable_mp.retries import RetryStrategyConfig, create_retry_strategy, JitterStrategy
+from durable_mp.config import Duration
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(handler, store, event=None, **kw):
+    kw.setdefault("skip_time", True)
+    return handler.run(event, store=store, **kw)
+
+
+def test_parallel_results_in_input_order_with_successful_results(store_path):
+    @durable_execution
+    def handler(event, ctx: DurableContext):
+        def make(i):
+            def branch(c: DurableContext):
+                time.sleep(0.05 * (3 - i))  # later branches finish first
+                return c.step(lambda _: {"branch": i, "pid": os.getpid()}, name=f"work-{i}")
+            return branch
+        r = ctx.parallel([make(i) for i in range(3)], name="fanout")
+        return r
+
+    r: BatchResult = run(handler, store_path)
+    assert [it.index for it in r.all] == [0, 1, 2]
+    assert [x["branch"] for x in r.successful_results] == [0, 1, 2]
+    assert [x["branch"] for x in r.get_results()] == [0, 1, 2]
+    assert r.all[1].result["branch"] == 1
+    assert r.status == BatchItemStatus.SUCCEEDED
+    assert r.completion_reason == CompletionReason.ALL_COMPLETED
+    assert (r.success_count, r.failure_count, r.started_count, r.total_count) == (3, 0, 0, 3)
+    assert r.failed_results == []
+    assert all(x["pid"] != os.getpid() for x in r.successful_results), "branches must run in worker processes"
+
+
+def test_failed_branch_is_an_item_with_type_message_and_traceback(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        def ok(c):
+            return "fine"
+
+        def bad(c):
+            raise ValueError("branch 1 exploded")
+
+        return ctx.parallel([ok, bad, ok], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+
+    r = run(handler, store_path)
+    assert r.status == BatchItemStatus.FAILED
+    assert r.completion_reason == CompletionReason.ALL_COMPLETED
+    assert [it.status for it in r.all] == [BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED, BatchItemStatus.SUCCEEDED]
+    err = r.all[1].error
+    assert err.type == "ValueError" and err.message == "branch 1 exploded"
+    assert any("branch 1 exploded" in line for line in err.stack_trace)
+    assert any("def bad" in line or "raise ValueError" in line for line in err.stack_trace)
+    assert r.get_errors() == [err]
+    assert r.failed_results[0].index == 1
+    assert r.get_results() == ["fine", "fine"]
+
+
+def test_failed_step_in_branch_surfaces_as_step_error(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        def branch(c):
+            return c.step(lambda _: {}["missing"], name="lookup", config=StepConfig(
+                retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=1))))
+        return ctx.parallel([branch])
+
+    r = run(handler, store_path)
+    item = r.all[0]
+    assert item.status == BatchItemStatus.FAILED
+    assert item.error.type == "durable_mp.exceptions.StepError"
+    assert "missing" in item.error.message
+    with pytest.raises(Exception) as info:
+        r.throw_if_error()
+    assert type(info.value).__name__ == "ChildContextError"
+
+
+def test_map_with_item_namer_passes_item_index_and_inputs(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        cfg = MapConfig(item_namer=lambda item, i: f"sq-{item}")
+        return ctx.map([3, 4, 5], lambda c, item, i, inputs: (item * item, i, len(inputs)), name="squares", config=cfg)
+
+    r = run(handler, store_path)
+    assert r.get_results() == [(9, 0, 3), (16, 1, 3), (25, 2, 3)]
+    from durable_mp.store.facade import Store
+    with Store(store_path) as st:
+        names = sorted(rec.name for rec in st.ops(handler.execution_id_for(None)) if rec.sub_type == "MapIteration")
+    assert names == ["sq-3", "sq-4", "sq-5"]
+
+
+def test_map_default_is_fail_fast(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        def item(c, x, i, inputs):
+            if x == 1:
+                raise RuntimeError("no")
+            return x
+        return ctx.map([0, 1, 2, 3], item, config=MapConfig(max_concurrency=1))
+
+    r = run(handler, store_path)
+    assert r.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+    assert [(it.index, it.status) for it in r.all] == [(0, BatchItemStatus.SUCCEEDED), (1, BatchItemStatus.FAILED)]
+
+
+def test_empty_map_succeeds_with_no_items(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.map([], lambda c, x, i, xs: x)
+        return (r.status, r.completion_reason, r.total_count)
+
+    assert run(handler, store_path) == (BatchItemStatus.SUCCEEDED, CompletionReason.ALL_COMPLETED, 0)
+
+
+def test_nested_parallel_and_map_inside_a_branch(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        def outer(c: DurableContext):
+            inner = c.map(["x", "y"], lambda cc, s, i, xs: cc.step(lambda _: s.upper(), name=f"up-{s}"))
+            return inner.get_results()
+
+        def plain(c):
+            return "plain"
+
+        return ctx.parallel([outer, plain]).get_results()
+
+    assert run(handler, store_path) == [["X", "Y"], "plain"]
+
+
+def test_decorators_name_operations(store_path):
+    @durable_step
+    def double(step_ctx: StepContext, x: int) -> int:
+        return 2 * x
+
+    @durable_with_child_context
+    def child(c: DurableContext, x: int) -> int:
+        return c.step(double(x)) + 1
+
+    @durable_parallel_branch("the-branch")
+    def branch(c: DurableContext, x: int) -> int:
+        return c.step(double(x))
+
+    @durable_execution
+    def handler(event, ctx):
+        a = ctx.step(double(5))
+        b = ctx.run_in_child_context(child(10))
+        r = ctx.parallel([branch(1), ParallelBranch(lambda c: 7, "seven")])
+        return a, b, r.get_results()
+
+    assert run(handler, store_path) == (10, 21, [2, 7])
+    from durable_mp.store.facade import Store
+    with Store(store_path) as st:
+        names = {rec.name for rec in st.ops(handler.execution_id_for(None))}
+    assert {"double", "child", "the-branch", "seven"} <= names
+
+
+def test_step_retries_under_skip_time_and_sees_attempt(store_path, tmp_path):
+    marker = tmp_path / "attempts"
+
+    @durable_execution
+    def handler(event, ctx):
+        def flaky(step_ctx: StepContext):
+            with open(marker, "a") as f:
+                f.write(f"{step_ctx.attempt}\n")
+            if step_ctx.attempt < 3:
+                raise ConnectionError("try again")
+            return step_ctx.attempt
+
+        cfg = StepConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(
+            max_attempts=5, initial_delay=Duration.from_seconds(30), jitter_strategy=JitterStrategy.NONE)))
+        return ctx.parallel([lambda c: c.step(flaky, config=cfg)]).get_results()
+
+    assert run(handler, store_path) == [3]
+    assert marker.read_text().split() == ["1", "2", "3"]
+    from durable_mp.store.facade import Store
+    with Store(store_path) as st:
+        step = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "flaky")
+    first, second, third = step.attempts
+    assert (first.retry_delay, second.retry_delay) == (30, 60)
+    for before, after in ((first, second), (second, third)):  # skip_time: each retry began before its delay ran out
+        assert after.start_ts < before.end_ts + before.retry_delay
+
+
+@pytest.mark.process_free
+def test_step_failure_after_retries_raises_step_error_at_root(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        cfg = StepConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=2)))
+        try:
+            ctx.step(lambda _: (_ for _ in ()).throw(ConnectionError("always")), name="s", config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            return type(exc).__name__, exc.error_type, exc.message, type(exc.__cause__).__name__
+
+    assert run(handler, store_path) == ("StepError", "ConnectionError", "always", "DurableOperationError")
+
+
+@pytest.mark.process_free
+def test_handler_failure_raises_execution_failed_error_and_envelope(store_path):
+    @durable_execution(store=store_path, skip_time=True)
+    def handler(event, ctx):
+        raise ValueError("handler failed")
+
+    with pytest.raises(ExecutionFailedError) as info:
+        handler.run({"a": 1})
+    assert info.value.error.type == "ValueError"
+    assert info.value.error.message == "handler failed"
+    assert info.value.error.stack_trace
+    envelope = handler({"a": 1})
+    assert envelope["Status"] == "FAILED"
+    assert envelope["Error"]["ErrorType"] == "ValueError"
+
+
+@pytest.mark.process_free
+def test_envelope_success_is_json(store_path):
+    @durable_execution(store=store_path)
+    def handler(event, ctx):
+        return {"echo": event, "n": ctx.step(lambda _: 41) + 1}
+
+    out = handler({"x": [1, 2]}, None)
+    import json
+    assert out["Status"] == "SUCCEEDED"
+    assert json.loads(out["Result"]) == {"echo": {"x": [1, 2]}, "n": 42}
+
+
+def test_finished_execution_returns_stored_result_without_running(store_path, tmp_path):
+    marker = tmp_path / "ran"
+
+    @durable_execution
+    def handler(event, ctx):
+        with open(marker, "a") as f:
+            f.write("handler\n")
+        return ctx.map([1, 2, 3], lambda c, x, i, xs: x * 10).get_results()
+
+    assert run(handler, store_path, {"k": 1}) == [10, 20, 30]
+    assert run(handler, store_path, {"k": 1}) == [10, 20, 30]
+    assert marker.read_text().count("handler") == 1
+    assert run(handler, store_path, {"k": 2}) == [10, 20, 30]  # another event, another execution
+    assert marker.read_text().count("handler") == 2
+
+
+@pytest.mark.process_free
+def test_changed_operation_sequence_is_non_deterministic(store_path):
+    from durable_mp.store.facade import Store
+
+    calls = {"n": 0}
+
+    @durable_execution
+    def handler(event, ctx):
+        calls["n"] += 1
+        ctx.step(lambda _: 1, name="first" if calls["n"] == 1 else "renamed")
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # simulate a killed run: stays RUNNING
+        return "done"
+
+    with pytest.raises(KeyboardInterrupt):
+        run(handler, store_path, execution_id="nd")
+    with pytest.raises(ExecutionFailedError) as info:
+        run(handler, store_path, execution_id="nd")
+    assert info.value.error.type == "durable_mp.exceptions.NonDeterministicExecutionError"
+    assert "name checkpoint='first' current='renamed'" in info.value.error.message
+    with Store(store_path) as st:
+        assert st.get_execution("nd").status == "RUNNING"  # stopped, not failed: revert and run again (§2)
+
+
+def test_first_successful_terminates_the_rest_and_records_them_started(store_path, tmp_path):
+    @durable_execution
+    def handler(event, ctx):
+        def fast(c):
+            return "fast"
+
+        def slow(c):
+            time.sleep(30)
+            open(tmp_path / f"slow-ended-{os.getpid()}", "w").close()
+            return "slow"
+
+        cfg = ParallelConfig(max_concurrency=3, completion_config=CompletionConfig.first_successful())
+        return ctx.parallel([slow, fast, slow], config=cfg)
+
+    r = run(handler, store_path)
+    # the slow branches' workers are gone when run() returns: had it waited for them, they would have ended
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("slow-ended-")], \
+        "early completion must not wait for the slow branches"
+    assert r.completion_reason == CompletionReason.MIN_SUCCESSFUL_REACHED
+    assert r.status == BatchItemStatus.SUCCEEDED
+    statuses = {it.index: it.status for it in r.all}
+    assert statuses[1] == BatchItemStatus.SUCCEEDED
+    assert statuses.get(0) == BatchItemStatus.STARTED and statuses.get(2) == BatchItemStatus.STARTED
+    assert r.get_results() == ["fast"]
+
+
+def test_closures_and_lambdas_cross_the_process_boundary(store_path):
+    @durable_execution
+    def handler(event, ctx):
+        base = {"offset": 100}
+        fns = [lambda c, k=k: base["offset"] + k for k in range(4)]
+        return ctx.parallel(fns).get_results()
+
+    assert run(handler, store_path) == [100, 101, 102, 103]
+
+
+@pytest.mark.process_free
+def test_wait_and_child_context_replay(store_path, tmp_path):
+    marker = tmp_path / "steps"
+
+    @durable_execution
+    def handler(event, ctx):
+        def count(_):
+            with open(marker, "a") as f:
+                f.write("x")
+            return 1
+        a = ctx.step(count, name="a")
+        ctx.wait(Duration.from_seconds(5), name="pause")
+        b = ctx.run_in_child_context(lambda c: c.step(count, name="b") + 1, name="child")
+        return a + b
+
+    assert run(handler, store_path) == 3
+    assert marker.read_text() == "xx"
+
+
+@pytest.mark.process_free
+def test_is_replaying_and_logger_suppression(store_path, tmp_path, caplog):
+    import logging
+    seen = []
+
+    @durable_execution
+    def handler(event, ctx):
+        seen.append(ctx.is_replaying())
+        ctx.logger.info("before step")
+        ctx.step(lambda _: 1, name="a")
+        seen.append(ctx.is_replaying())
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return "ok"
+
+    with caplog.at_level(logging.INFO, logger="durable_mp"):
+        with pytest.raises(KeyboardInterrupt):
+            run(handler, store_path, execution_id="rp")
+        first = [r for r in caplog.records if r.getMessage() == "before step"]
+        assert run(handler, store_path, execution_id="rp") == "ok"
+        second = [r for r in caplog.records if r.getMessage() == "before step"]
+    assert seen == [False, False, True, False]
+    assert len(first) == 1 and len(second) == 1, "the replayed log line must be suppressed"
+    assert first[0].executionArn == "rp"
+
+
+@pytest.mark.process_free
+def test_wait_for_condition_polls_until_the_strategy_stops(store_path):
+    from durable_mp.waits import WaitForConditionConfig, WaitStrategyConfig, create_wait_strategy
+
+    @durable_execution
+    def handler(event, ctx):
+        strategy = create_wait_strategy(WaitStrategyConfig(should_continue_polling=lambda s: s < 4,
+                                                           jitter_strategy=JitterStrategy.NONE))
+        cfg = WaitForConditionConfig(wait_strategy=strategy, initial_state=0)
+        return ctx.wait_for_condition(lambda state, check_ctx: state + 1, cfg, name="poll")
+
+    assert run(handler, store_path) == 4
+    from durable_mp.store.facade import Store
+    with Store(store_path) as st:
+        rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "poll")
+    assert (rec.op_type, rec.sub_type, rec.status, rec.attempt) == ("STEP", "WaitForCondition", "SUCCEEDED", 4)
+
+
+@pytest.mark.process_free
+def test_with_retry_reruns_a_block_of_operations(store_path):
+    from durable_mp.retries import WithRetryConfig, with_retry
+
+    @durable_execution
+    def handler(event, ctx):
+        def block(c, attempt):
+            value = c.step(lambda _: attempt, name=f"try-{attempt}")
+            if value < 3:
+                raise RuntimeError(f"attempt {value} not good enough")
+            return value
+
+        cfg = WithRetryConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=5)))
+        return with_retry(ctx, block, cfg, name="block")
+
+    assert run(handler, store_path) == 3
+
+
+def test_results_round_trip_numpy_dataclasses_and_batch_results(store_path):
+    import dataclasses
+
+    import numpy as np
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: float
+
+    @durable_execution
+    def handler(event, ctx):
+        inner = ctx.parallel([lambda c: np.arange(6, dtype=np.float32).reshape(2, 3), lambda c: Point(1, 2.5)])
+        nested = ctx.run_in_child_context(lambda c: c.map([1, 2], lambda cc, x, i, xs: x * 2), name="child")
+        return inner, nested
+
+    inner, nested = run(handler, store_path)
+    arr, point = inner.get_results()
+    assert arr.dtype == np.float32 and arr.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert point.x == 1 and point.y == 2.5
+    assert nested.get_results() == [2, 4] and type(nested).__name__ == "BatchResult"
+
+
+def test_json_item_serdes_is_honoured(store_path):
+    from durable_mp.serdes import JsonSerDes
+    from durable_mp.store.facade import Store
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([1, 2], lambda c, x, i, xs: {"v": x}, config=MapConfig(item_serdes=JsonSerDes())).get_results()
+
+    assert run(handler, store_path) == [{"v": 1}, {"v": 2}]
+    with Store(store_path) as st:
+        payloads = [r.result for r in st.ops(handler.execution_id_for(None)) if r.sub_type == "MapIteration"]
+    assert sorted(payloads) == ['{"v": 1}', '{"v": 2}']
+
+
+def test_worker_log_records_reach_the_driver_with_the_branch_identity(store_path, caplog):
+    import logging
+
+    @durable_execution
+    def handler(event, ctx):
+        def branch(i):
+            def run(c):
+                logging.getLogger("user.job").warning("hello from %d", i)
+                c.logger.info("via context logger")
+                return os.getpid()
+            return run
+        return ctx.parallel([branch(i) for i in range(3)]).get_results()
+
+    with caplog.at_level(logging.INFO):
+        pids = run(handler, store_path)
+    hello = sorted((r.getMessage(), r.branchIndex, r.process) for r in caplog.records if r.name == "user.job")
+    assert [(m, b) for m, b, _ in hello] == [("hello from 0", 0), ("hello from 1", 1), ("hello from 2", 2)]
+    assert {p for *_, p in hello} <= set(pids), "records keep the worker's pid"
+    ctx_records = [r for r in caplog.records if r.getMessage() == "via context logger"]
+    assert len(ctx_records) == 3 and all(r.parentId for r in ctx_records)
+
+
+@pytest.mark.process_free
+def test_default_execution_ids_tell_handlers_apart(store_path):
+    def make(value):
+        @durable_execution
+        def handler(event, ctx):  # same qualified name, different module-level identity
+            return value
+        return handler
+
+    a, b = make("a"), make("b")
+    a.func.__module__ = "jobs.alpha"
+    b.func.__module__ = "jobs.beta"
+    assert a.execution_id_for({"x": 1}) != b.execution_id_for({"x": 1})
+    assert a.execution_id_for({"x": 1}) == a.execution_id_for({"x": 1})
+    assert a.execution_id_for({"x": 1}) != a.execution_id_for({"x": 2})
+    assert (run(a, store_path, {"x": 1}), run(b, store_path, {"x": 1})) == ("a", "b")

@@ -1,0 +1,332 @@
+"""Regression tests for the engine defects of "Engine v2" (issue 8): each failed on the old engine.
+
+Real worker processes and a real store; no wall-clock budgets (ordering, counts and
+process evidence only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from durable_mp import BatchItemStatus, CompletionReason, durable_execution
+from durable_mp.config import CompletionConfig, ParallelConfig, StepConfig, StepSemantics
+from durable_mp.retries import RetryPresets
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- 1. a result is a snapshot ---------------------------------------------------------------
+def test_a_reused_output_buffer_gives_every_item_its_own_value(store_path):
+    """A map function that fills one buffer and returns it: each result is the value at return."""
+    out = np.zeros(32 * 1024, dtype=np.float64)  # 256 KiB: travels out of band
+
+    def fill(ctx, x, i, xs):
+        out[:] = x
+        return out
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(40)), fill).get_results()
+
+    results = handler.run(None, store=store_path)
+    wrong = [i for i, r in enumerate(results) if not (r == i).all()]
+    assert wrong == [], f"items whose result was overwritten after they returned: {wrong}"
+
+
+# -- 3. replies are matched by request id, not by position ----------------------------------
+def test_at_most_once_steps_in_a_large_map_do_not_hang(store_path):
+    """A sync request (AT_MOST_ONCE START) while a prefetched chunk sits in the pipe."""
+    cfg = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
+
+    def item(ctx, x, i, xs):
+        return ctx.step(lambda s: x * 2, name="double", config=cfg)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(200)), item).get_results()
+
+    assert handler.run(None, store=store_path) == [2 * x for x in range(200)]
+
+
+# -- 4. step timeouts hold inside nested branches ------------------------------------------
+def test_a_step_timeout_inside_a_nested_parallel_is_enforced(store_path):
+    def slow(step_ctx):
+        time.sleep(30)
+        return "finished"
+
+    def inner(ctx):
+        return ctx.step(slow, name="slow", config=StepConfig(timeout=1, retry_strategy=RetryPresets.none()))
+
+    def quick(ctx):
+        return ctx.step(lambda s: "quick", name="quick")
+
+    def item(ctx, x, i, xs):
+        r = ctx.parallel([inner, quick], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+        return [(it.status.value, it.error.type if it.error else None) for it in r.all]
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([0], item).get_results()
+
+    results = handler.run(None, store=store_path)  # an ignored timeout: the step returns "finished" after 30 s
+    [(status, error), other] = results[0]
+    assert status == "FAILED" and error.endswith("StepError") and other == ("SUCCEEDED", None), results
+
+
+# -- 5. a worker ended by a signal is a worker death ---------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_ended_by_a_signal_is_redispatched(store_path, tmp_path, signum):
+    marker = tmp_path / "signalled"
+
+    def branch(ctx):
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signum)
+            time.sleep(10)
+        return "ok"
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([branch]).get_results()
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert handler.run(None, store=store_path) == ["ok"]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# -- 6. memory limits count what the worker owns -------------------------------------------
+_SHARED: dict = {}  # module level: branches below are pickled by reference and read the forked copy
+
+
+def _touch_shared(ctx):
+    return float(_SHARED["ballast"][:1000].sum())  # reads shared pages: RSS grows, USS does not
+
+
+def _read_all_shared(ctx):
+    return float(_SHARED["ballast"].sum())
+
+
+def test_memory_limit_does_not_count_pages_shared_with_the_driver(store_path):
+    _SHARED["ballast"] = ballast = np.ones(300 * 2**20 // 8)  # 300 MiB in the driver, shared copy-on-write
+    try:
+        @durable_execution(max_worker_memory=200 * 2**20)
+        def handler(event, ctx):
+            return ctx.parallel([_touch_shared, _read_all_shared]).get_results()
+
+        assert handler.run(None, store=store_path) == [1000.0, float(len(ballast))]
+    finally:
+        _SHARED.clear()
+
+
+# -- 7. a death is seen from the process, not from the pipe's EOF --------------------------
+def test_a_dead_worker_whose_helper_holds_the_pipe_is_noticed_at_once(store_path, tmp_path):
+    marker = tmp_path / "helper"
+
+    def branch_with_fork_helper(ctx):
+        if not marker.exists():
+            pid = os.fork()
+            if pid == 0:  # a library's helper process: holds every fd the worker had
+                time.sleep(20)
+                os._exit(0)
+            marker.write_text(str(pid))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "ok"
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([branch_with_fork_helper]).get_results()
+
+    try:
+        assert handler.run(None, store=store_path) == ["ok"]
+        helper = psutil.Process(int(marker.read_text()))
+        assert helper.status() != psutil.STATUS_ZOMBIE, "the death was noticed only when the helper exited"
+    finally:
+        if marker.exists():
+            try:
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# -- 9. a branch the policy would not start is never started -------------------------------
+@pytest.mark.parametrize("run", range(3))
+def test_fail_fast_with_max_concurrency_1_never_starts_the_branch_after_the_failure(store_path, tmp_path, run):
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def make(i):
+        def branch(ctx):
+            (started / str(i)).write_text("")
+            if i == 1:
+                raise ValueError("branch 1 fails")
+            return i
+        return branch
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.parallel([make(i) for i in range(3)],
+                         config=ParallelConfig(max_concurrency=1, completion_config=CompletionConfig()))
+        return r.total_count, r.completion_reason, [it.status for it in r.all]
+
+    total, reason, statuses = handler.run(None, store=store_path)
+    assert sorted(os.listdir(started)) == ["0", "1"], "branch 2 must never start"
+    assert total == 2
+    assert statuses == [BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED]
+    assert reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+
+
+@pytest.mark.parametrize("fail_at", [3, 700])  # in the first chunk; in a later chunk, queued ahead
+def test_fail_fast_map_stops_starting_items_inside_a_chunk(store_path, tmp_path, fail_at):
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def item(ctx, x, i, xs):
+        (started / str(i)).write_text("")
+        if i == fail_at:
+            raise ValueError(f"item {i} fails")
+        return x
+
+    @durable_execution(max_workers=1)
+    def handler(event, ctx):
+        r = ctx.map(list(range(2000)), item)
+        return r.total_count, r.completion_reason
+
+    total, reason = handler.run(None, store=store_path)
+    ran = sorted(int(n) for n in os.listdir(started))
+    assert ran == list(range(fail_at + 1)), f"items started after the failure: {ran[fail_at + 1:][:10]}"
+    assert total == fail_at + 1
+    assert reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+
+
+# -- the seed's error isolation (docs/architecture.md "Completion"): failures let running siblings finish ---
+def test_a_failing_branch_lets_its_running_siblings_finish(store_path):
+    def slow(seconds, value):
+        def run(ctx):
+            time.sleep(seconds)
+            return value
+        return run
+
+    def boom(ctx):
+        raise RuntimeError("orders service down")
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.parallel([slow(1, {"user": 1}), slow(1.5, {"orders": 2}), boom])
+        return (r.success_count, r.failure_count, r.status.value, r.completion_reason.value, r.get_results())
+
+    assert handler.run(None, store=store_path) == (2, 1, "FAILED", "ALL_COMPLETED", [{"user": 1}, {"orders": 2}])
+
+
+def test_first_successful_still_terminates_the_losers(store_path, tmp_path):
+    def fast(ctx):
+        return "fast"
+
+    def slow(ctx):
+        time.sleep(30)
+        return "slow"
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.parallel([fast, slow], config=ParallelConfig(completion_config=CompletionConfig.first_successful()))
+        return r.completion_reason, [it.status for it in r.all]
+
+    reason, statuses = handler.run(None, store=store_path)
+    assert reason is CompletionReason.MIN_SUCCESSFUL_REACHED
+    assert statuses == [BatchItemStatus.SUCCEEDED, BatchItemStatus.STARTED], "the loser ran to its end"
+
+
+# -- 12. a callback wait does not hold the worker's send lock ------------------------------
+def test_a_waiting_callback_does_not_stall_sibling_nested_branches(store_path, tmp_path):
+    from durable_mp.operation.callback import send_callback_success
+
+    done = tmp_path / "sibling-done"
+
+    def waiter(ctx):
+        cb = ctx.create_callback(name="approval")
+        (tmp_path / "cbid").write_text(cb.callback_id)
+        return cb.result()
+
+    def sibling(ctx):
+        while not (tmp_path / "cbid").exists():  # start once the waiter is about to block on its callback
+            time.sleep(0.01)
+        time.sleep(0.3)
+        for k in range(5):
+            ctx.step(lambda s, k=k: time.sleep(0.02) or k, name=f"s{k}")  # each record goes out on its own
+        done.write_text("")
+        return "sibling"
+
+    def item(ctx, x, i, xs):
+        r = ctx.parallel([waiter, sibling],
+                         config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+        return r.get_results()
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([0], item).get_results()
+
+    seen = {}
+
+    def complete_after_sibling():
+        deadline = time.monotonic() + 30  # a stalled sibling: the callback is completed anyway, after this
+        while time.monotonic() < deadline and not (done.exists() and (tmp_path / "cbid").exists()):
+            time.sleep(0.05)
+        seen["sibling_finished_while_waiting"] = done.exists()
+        send_callback_success((tmp_path / "cbid").read_text(), b'"yes"', store=store_path)
+
+    t = threading.Thread(target=complete_after_sibling, daemon=True)
+    t.start()
+    result = handler.run(None, store=store_path)
+    t.join(5)
+    assert seen["sibling_finished_while_waiting"], "the sibling stalled while the callback waited"
+    assert result[0][1] == "sibling"
+
+
+# -- 12. reaping never blocks the driver ------------------------------------------------------
+def test_reaping_a_worker_that_does_not_exit_in_time_does_not_block(monkeypatch):
+    """A killed worker stuck in the kernel (uninterruptible sleep) is collected later, not waited for."""
+    from durable_mp.engine import pool as pool_module
+
+    pool = pool_module.WorkerPool({"execution_id": "reap-test"})
+    worker = pool.spawn()
+    real_wait4 = os.wait4
+    stuck = {"on": True}
+
+    def wait4(pid, options):
+        if stuck["on"] and pid == worker.pid:
+            assert options & os.WNOHANG, "reap must never wait for the exit without a bound"
+            return 0, 0, None  # still there: not exited yet
+        return real_wait4(pid, options)
+
+    monkeypatch.setattr(pool_module.os, "wait4", wait4)
+    try:
+        death = pool.kill(worker)
+        assert death.exitcode is None and death.signal is None
+        assert worker.pid in pool.unreaped and worker not in pool.workers
+    finally:
+        stuck["on"] = False
+        pool.reap_zombies(wait_seconds=5)
+        pool.close()
+    assert not pool.unreaped
+
+
+# -- a branch's traceback starts at the user's code ------------------------------------------
+def test_a_failed_branch_traceback_starts_in_user_code(store_path):
+    def boom(ctx):
+        raise RuntimeError("orders service down")
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([boom]).all[0].error.stack_trace
+
+    trace = "".join(handler.run(None, store=store_path))
+    assert "engine/branch.py" not in trace, trace
+    assert __file__ in trace and "orders service down" in trace
