@@ -1,0 +1,964 @@
+"""Deterministic simulation of the engine: one process, one OS thread, every choice from a seed.
+
+What runs for real
+    ``engine.dispatcher.Dispatcher.run_batch`` as it is (record intake, chunking with
+    ``engine.scheduling``, death handling with ``engine.faults``, the ``BranchTable``
+    state machine, the ``CompletionPolicy``), the worker's ``engine.worker.Outbox`` and
+    ``Channel.send`` (batching, flush, sync, chunk done), ``scheduling.stop_chunk`` in the
+    worker, and ``store.commit.GroupCommit`` staging (overlay, hand-off, ``_commit``,
+    latching).  Records are real ``OpRecord`` / compact item bytes.
+
+What is simulated
+    * Processes and pipes.  A ``SimWorker`` is both the driver's handle (what
+      ``pool.Worker`` offers the dispatcher) and the worker process: a pipe is a FIFO
+      of message objects per direction, the sentinel is readable once the worker died.
+      ``Dispatcher`` waits through ``multiprocessing.connection.wait``; the simulation
+      replaces that one name, and inside it the scheduler runs the workers until a
+      handle is ready.
+    * Threads.  A worker's threads (its main thread running chunks, the branch threads
+      of a nested parallel, the outbox's flusher, the reader routing replies) are
+      generators; they switch only at yield points: between operations of a branch,
+      between branches of a chunk, after an item, after a write.  Each yield is one step
+      of the scheduler, which picks the next runnable thread from the seed.
+    * The write of a message.  ``Channel.send`` runs for real; its pipe write (``wire.send``)
+      is simulated.  A message sent while its thread holds the outbox's ``send_lock`` is
+      written at once (the lock orders it against every other record-carrying send); a
+      message sent without it may be overtaken: the thread stops between taking the
+      records and writing them, and the scheduler decides when the write happens.  This
+      is the window of defect 2 (``Outbox.sync`` takes under the lock, sends after).
+    * Branch bodies: a small program per map item, written as the engine's context does
+      it (``at most once`` steps record STARTED and sync before their body, nested
+      parallels record their branches STARTED and run them on threads).  A step body
+      is a deterministic value; replay returns the checkpointed value.
+    * The committer thread and the disk: a commit is a scheduler step (or happens when
+      the driver waits for it in ``flush``); a commit attempt may fail (an I/O error,
+      retried as ``GroupCommit`` does), and a store may turn unwritable (latched error).
+    * Clock: ``time`` in ``engine.worker`` and ``engine.dispatcher`` reads a simulated clock
+      the scheduler advances, so the outbox's flush timing is part of the schedule.
+
+Faults the scheduler injects: a worker death at any step (records still in the outbox,
+a write in flight, after a send), commit failures, and a driver crash (staged records
+lost, every worker gone) followed by a restart from the records that were committed.
+
+Invariants, checked at every staged record and every dispatch (``Checker``):
+    1. a record's status never moves backwards (STARTED < PENDING < terminal);
+    2. no record is staged STARTED under a parent recorded terminal;
+    3. a branch that may have started (it has records in the store) is dispatched with
+       every one of them as checkpoints;
+    4. an ``at most once`` step whose start was committed never runs that attempt's body again;
+    5. the driver applies a worker's records in the order the worker took them from its outbox;
+    6. the engine raises no internal error and never deadlocks;
+and at the end the map's result (statuses, values, completion reason, read back from the
+store) equals the fault-free result and no record is left non-terminal.
+
+A schedule is a seed: ``Sim(seed, profile).run()`` replays it exactly.  A violation
+raises ``Violation`` whose message holds the seed and the command that replays it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import random
+import sys
+import types
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from durable_mp import serdes
+from durable_mp.concurrency.models import CompletionPolicy, CompletionReason
+from durable_mp.core.item_probe import split_terminal
+from durable_mp.core.records import (
+    TERMINAL,
+    OpRecord,
+    OpStatus,
+    OpType,
+    branch_key,
+    item_prefix,
+    item_record,
+    operation_id,
+)
+from durable_mp.core.spec import BatchSpec
+from durable_mp.engine import dispatcher as dispatcher_module
+from durable_mp.engine import wire
+from durable_mp.engine import worker as worker_module
+from durable_mp.engine.branch import started_record
+from durable_mp.engine.dispatcher import Dispatcher
+from durable_mp.engine.lifecycle import WorkerState, check_worker_move
+from durable_mp.engine.pool import Death
+from durable_mp.engine.protocol import Kind, kind_of
+from durable_mp.engine.result_decode import success_value
+from durable_mp.engine.scheduling import stop_chunk
+from durable_mp.exceptions import CheckpointFailedError
+from durable_mp.store.commit import COMMIT_ATTEMPTS, GroupCommit
+from durable_mp.store.records import SEP
+
+EXEC_ID = "sim-exec"
+MAP_OP = operation_id("", 1)
+MAX_STEPS = 50_000  # scheduler steps per schedule before it counts as a livelock
+KILLED = 9  # a wait status: killed by SIGKILL
+SUB_MAP, SUB_ITEM, SUB_PARALLEL, SUB_BRANCH, SUB_STEP = "Map", "MapIteration", "Parallel", "ParallelBranch", "Step"
+REPLAY = "PYTHONPATH=. python tests/engine_sim.py {seed} {profile}"
+
+Wait = Callable[[], bool]  # what a blocked sim thread waits for
+Program = Generator[Any, None, Any]  # a sim thread's body: yields None (a yield point) or a Wait
+
+
+class Violation(AssertionError):
+    """An invariant failed in a schedule; the message says which, and how to replay it."""
+
+    def __init__(self, seed: int, profile: str, invariant: str, detail: str) -> None:
+        self.seed, self.profile, self.invariant = seed, profile, invariant
+        super().__init__(f"seed {seed} ({profile}): {invariant}: {detail}\n"
+                         f"  replay: {REPLAY.format(seed=seed, profile=profile)}")
+
+
+class DriverCrash(Exception):
+    """The simulated driver process died (SIGKILL): nothing it staged is kept."""
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+PROFILES = ("mixed", "deaths", "nested", "clean")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The job and the faults one schedule may inject, drawn from its seed."""
+
+    n: int
+    max_concurrency: int
+    max_workers: int
+    nested: tuple[bool, ...]  # per item: does it run a nested parallel?
+    deaths: int  # worker deaths allowed (below the crash retries, so no branch fails for them)
+    driver_crashes: int  # crashes and unwritable stores allowed
+    commit_failures: bool
+
+    @classmethod
+    def draw(cls, rng: random.Random, profile: str) -> Scenario:
+        n = rng.randint(4, 24)
+        nested_share = {"mixed": 0.4, "deaths": 0.0, "nested": 0.8, "clean": 0.0}[profile]
+        faults = profile in ("mixed", "deaths")
+        return cls(n=n, max_concurrency=rng.randint(1, 3), max_workers=rng.randint(1, 3),
+                   nested=tuple(rng.random() < nested_share for _ in range(n)),
+                   deaths=rng.randint(1, 2) if faults else 0,
+                   driver_crashes=rng.randint(0, 1) if profile == "mixed" else 0,
+                   commit_failures=profile == "mixed")
+
+
+def branch_count(index: int) -> int:
+    return 2 + index % 2
+
+
+def step_value(index: int, which: int) -> int:
+    return 10 * index + which
+
+
+def expected_value(index: int, nested: bool) -> int:
+    """What item ``index`` returns, fault-free."""
+    value = step_value(index, 1) + step_value(index, 2)
+    if nested:
+        k = branch_count(index)
+        value += sum(100 * index + j for j in range(k)) + 1000 * k
+    return value
+
+
+def sim_item(ctx: Any, item: Any, index: int, items: Any) -> Any:
+    """The map function the dispatcher pickles into its payload; the simulated workers run ``ItemProgram``."""
+    raise AssertionError("a simulated worker never calls the payload")
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+class SimGroupCommit(GroupCommit):
+    """The real group commit, with its committer thread replaced by scheduler steps.
+
+    ``drain`` (a caller waiting for the in-flight commit) runs that commit at once, as the
+    waiting caller would see it done; the scheduler's ``committer_step`` is the thread
+    waking on its own.  A commit retries failed attempts like ``with_retries``, then latches.
+    """
+
+    def _wake_committer(self) -> None:
+        pass  # the simulated committer runs as a scheduler step
+
+    def drain(self) -> None:
+        if self._committing is not None and self._failure is None:
+            self.commit_now()
+        if self._failure is not None:
+            raise self._failure
+
+    def commit_now(self) -> None:
+        batch = self._committing
+        assert batch is not None
+        last: Exception | None = None
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                self._commit(batch)
+                break
+            except OSError as exc:
+                last = exc
+        else:
+            assert last is not None
+            self.latch(last, "committing a batch of checkpoints")
+            return
+        self._committing = None
+
+    def committer_step(self) -> None:
+        if self._failure is not None:
+            return
+        if self._committing is not None:
+            self.commit_now()
+        elif self._staged_count:
+            self._start_commit(block=False)  # the batch is due: hand it over (written at a later step)
+
+    def busy(self) -> bool:
+        return self._failure is None and (self._committing is not None or self._staged_count > 0)
+
+
+class SimStore:
+    """What the dispatcher needs of ``store.Store``: staging through ``SimGroupCommit``, reads of
+    the overlay over ``durable`` (the committed records, which survive a driver crash)."""
+
+    def __init__(self, sim: Sim, durable: dict[tuple[str, str], bytes]) -> None:
+        self.sim = sim
+        self.durable = durable
+        self.crashed = False
+        self.group = SimGroupCommit(self._write, lambda exec_id, parent_id: None, where="/tmp",
+                                    flush_count=sim.rng.choice((4, 16, 64)), flush_seconds=0.005,
+                                    clock=sim.clock.monotonic)
+
+    def _alive(self) -> None:
+        if self.crashed:
+            raise DriverCrash("the driver is dead")
+
+    def _write(self, items: list[tuple[bytes, Any]]) -> None:
+        self.sim.maybe_fail_commit()
+        for key, data in items:
+            _, parent_id, op_key = key.decode().split(SEP)
+            self.durable[(parent_id, op_key)] = bytes(data)
+
+    # staging: every record passes the invariant checker first
+    def stage_many(self, exec_id: str, parent_id: str, entries: Iterable[tuple[str, Any]]) -> None:
+        self._alive()
+        entries = list(entries)
+        for _, data in entries:
+            self.sim.checker.staged(data)
+        self.group.stage_many(exec_id, parent_id, entries)
+
+    def stage_items(self, exec_id: str, parent_id: str, indices: list[int], records: list[Any]) -> None:
+        self._alive()
+        for data in records:
+            self.sim.checker.staged(data)
+        self.group.stage_items(exec_id, parent_id, indices, records)
+
+    def stage_raw(self, exec_id: str, parent_id: str, op_id: str, data: Any) -> None:
+        self.stage_many(exec_id, parent_id, [(op_id, data)])
+
+    def stage(self, exec_id: str, rec: OpRecord) -> None:
+        self.stage_raw(exec_id, rec.parent_id, rec.op_id, rec.dumps())
+
+    def flush(self) -> int:
+        self._alive()
+        return self.group.flush()
+
+    # reads: the committed records under the uncommitted ones, as ``Store`` reads them
+    def view(self) -> dict[tuple[str, str], Any]:
+        out: dict[tuple[str, str], Any] = dict(self.durable)
+        for (_, parent_id), group in self.group.pending_items():
+            for key, data in group.items():
+                out[(parent_id, key)] = data
+        return out
+
+    def parents_with_children(self, exec_id: str) -> set[str]:
+        return {parent_id for parent_id, _ in self.view()}
+
+    def subtree(self, exec_id: str, op_id: str, view: dict[tuple[str, str], Any] | None = None) -> dict[str, OpRecord]:
+        by_parent: dict[str, list[Any]] = {}
+        for (parent_id, _), data in (self.view() if view is None else view).items():
+            by_parent.setdefault(parent_id, []).append(data)
+        out: dict[str, OpRecord] = {}
+        frontier = [op_id]
+        while frontier:
+            for data in by_parent.get(frontier.pop(), ()):
+                rec = OpRecord.loads(bytes(data))
+                out[rec.op_id] = rec
+                frontier.append(rec.op_id)
+        return out
+
+
+# -- invariants -----------------------------------------------------------------------------------
+
+def rank(status: str) -> int:
+    return 2 if status in TERMINAL else 1 if status == OpStatus.PENDING else 0
+
+
+class Checker:
+    """The invariants, checked where the simulation sees records move."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.status: dict[str, str] = {}  # op id -> status of its newest staged record
+        self.ran: set[tuple[str, int]] = set()  # (op id, attempt) of at-most-once bodies that ran
+
+    def fail(self, invariant: str, detail: str) -> None:
+        raise Violation(self.sim.seed, self.sim.profile, invariant, detail)
+
+    def rebuild(self, durable: dict[tuple[str, str], bytes]) -> None:
+        """After a driver restart: what is visible is what was committed."""
+        self.status = {}
+        for data in durable.values():
+            rec = OpRecord.loads(data)
+            self.status[rec.op_id] = rec.status
+
+    def staged(self, data: Any) -> None:
+        rec = OpRecord.loads(bytes(data))
+        old = self.status.get(rec.op_id)
+        if old is not None and rank(rec.status) < rank(old):
+            self.fail("a record's status moved backwards", f"{rec.sub_type} {rec.name!r} ({rec.op_id[:12]}): "
+                      f"{old} -> {rec.status}")
+        if rec.status not in TERMINAL and self.status.get(rec.parent_id, "") in TERMINAL:
+            self.fail("a record STARTED under a parent recorded terminal",
+                      f"{rec.sub_type} {rec.name!r} {rec.status} under parent {rec.parent_id[:12]} "
+                      f"{self.status[rec.parent_id]}")
+        self.status[rec.op_id] = rec.status
+
+    def dispatched(self, store: SimStore, indices: list[int], checkpoints: dict[int, dict[str, Any]] | None) -> None:
+        view = store.view()
+        for index in indices:
+            recorded = store.subtree(EXEC_ID, operation_id(MAP_OP, index), view)
+            if not recorded:
+                continue
+            sent = (checkpoints or {}).get(index) or {}
+            missing = sorted(set(recorded) - set(sent))
+            if missing:
+                self.fail("a branch that may have started was dispatched without its checkpoints",
+                          f"map item {index}: {len(missing)} of its {len(recorded)} records not sent "
+                          f"({', '.join(f'{recorded[m].name} {recorded[m].status}' for m in missing)})")
+
+    def body(self, op_id: str, name: str, attempt: int) -> None:
+        if (op_id, attempt) in self.ran:
+            self.fail("an at-most-once step whose start was committed ran its body again",
+                      f"step {name!r} attempt {attempt}")
+        self.ran.add((op_id, attempt))
+
+
+# -- workers --------------------------------------------------------------------------------------
+
+class SimThread:
+    __slots__ = ("name", "program", "waiting", "write")
+
+    def __init__(self, name: str, program: Program) -> None:
+        self.name = name
+        self.program = program
+        self.waiting: Wait | None = None
+        self.write: Any = None  # a message this thread took records for and has not written yet
+
+
+class Handle:
+    """A pipe end or a sentinel as ``wait`` sees it."""
+
+    __slots__ = ("ready",)
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.ready = ready
+
+
+class SimConn:
+    """The driver's end of a worker's pipe (``poll``) and the worker's write into it."""
+
+    def __init__(self, worker: SimWorker) -> None:
+        self.worker = worker
+
+    def poll(self) -> bool:
+        return bool(self.worker.pipe)
+
+    def fileno(self) -> int:  # never a real descriptor
+        return -1
+
+
+class SimChannel(worker_module.Channel):
+    """``worker.Channel`` with a request that does not block the OS thread: the sim thread
+    that sent it waits for the reply at its next yield (``SimWorker.reply_wait``)."""
+
+    def request(self, build: Callable[[int], Any], gathered: bool = True) -> Any:
+        request_id = next(self._ids)
+        self.conn.worker.last_request = request_id
+        self.send(build(request_id), gathered)
+        return None
+
+
+def _sim_send(conn: Any, msg: Any, *, gathered: bool = False, sentinel: int | None = None) -> None:
+    conn.worker.write(msg)
+
+
+SIM_WIRE = types.SimpleNamespace(send=_sim_send, recv=wire.recv, big=wire.big, Gather=wire.Gather)
+
+
+class SimWorker:
+    """One worker: the driver's handle (the attributes ``pool.Worker`` has) and the process behind it."""
+
+    def __init__(self, sim: Sim, pid: int, outbox_class: type[worker_module.Outbox]) -> None:
+        self.sim = sim
+        self.pid = pid
+        # driver side
+        self.conn = SimConn(self)
+        self.sentinel = Handle(lambda: self.dead)
+        self.conn_handle = Handle(lambda: bool(self.pipe))
+        self.tokens: set[str] = set()
+        self.task: Any = None
+        self.queued: Any = None
+        self.watches: dict[int, Any] = {}
+        self.cpu_mark: tuple[float, float] | None = None
+        self.status = WorkerState.STARTING
+        self.used = False
+        self.applied = 0  # outbox take number of the last records the driver applied
+        # the process
+        self.dead = False
+        self.pipe: deque[Any] = deque()  # worker -> driver
+        self.inbound: deque[Any] = deque()  # driver -> worker, before the reader thread routes it
+        self.inbox: deque[Any] = deque()
+        self.replied: set[int] = set()
+        self.last_request = 0
+        self.slot = worker_module.IDLE
+        self.outcomes: dict[str, list[int]] = {}
+        self.channel = SimChannel(self.conn)
+        self.outbox = outbox_class(self.channel)
+        self.outbox.flusher = NO_FLUSHER_THREAD  # ``_flusher_step`` is the flusher thread
+        self.taken: dict[int, int] = {}  # id(records list) -> take number
+        self.takes = itertools.count(1)
+        self._wrap_take()
+        self.threads: list[SimThread] = [SimThread("main", self._main())]
+        self.current: SimThread | None = None
+
+    def _wrap_take(self) -> None:
+        """Number every take of the outbox, so the driver's order can be checked against it."""
+        take = getattr(self.outbox, "_take", None)
+        if take is None:
+            return
+
+        def numbered() -> Any:
+            taken = take()
+            if taken[0] or taken[1] or taken[2]:  # records, not an empty sync
+                self.taken[id(taken[0])] = next(self.takes)
+            return taken
+
+        self.outbox._take = numbered  # type: ignore[method-assign]
+
+    # -- driver side (``pool.Worker``) -----------------------------------------------------------
+    def move(self, to: WorkerState) -> None:
+        check_worker_move(self.status, to, self.pid)
+        self.status = to
+
+    def send(self, msg: Any) -> None:
+        if self.dead:
+            raise BrokenPipeError("simulated worker is dead")
+        self.used = True
+        if kind_of(msg) is Kind.RUN_CHUNK:
+            self.sim.checker.dispatched(self.sim.store, msg.indices, msg.checkpoints)
+        self.inbound.append(msg)
+
+    def recv(self) -> Any:
+        msg = self.pipe.popleft()
+        nested = getattr(msg, "nested", None)
+        if nested is not None:
+            number = self.taken.pop(id(nested), None)
+            if number is not None:
+                if number < self.applied:
+                    self.sim.checker.fail("a worker's records were applied out of order",
+                                          f"worker {self.pid}: take {number} applied after take {self.applied} "
+                                          f"({type(msg).__name__})")
+                self.applied = number
+        return msg
+
+    def is_dead(self) -> bool:
+        return self.dead
+
+    def running_index(self) -> int | None:
+        return None if self.slot == worker_module.IDLE else self.slot
+
+    def over(self, limit: int) -> int:
+        return 0
+
+    def cpu_seconds(self) -> float:
+        return self.sim.clock.now
+
+    def state(self) -> str:
+        return "running"
+
+    def close_handles(self) -> None:
+        pass
+
+    # -- the process -----------------------------------------------------------------------------
+    def write(self, msg: Any) -> None:
+        """``wire.send`` of the worker: at once under the outbox's send lock, else when the scheduler says."""
+        thread = self.current
+        if self.outbox.send_lock._is_owned() or thread is None:  # type: ignore[attr-defined]
+            self.pipe.append(msg)
+        else:
+            assert thread.write is None
+            thread.write = msg
+
+    def reply_wait(self) -> Wait:
+        request_id = self.last_request
+        return lambda: request_id in self.replied
+
+    def spawn(self, name: str, program: Program) -> None:
+        self.threads.append(SimThread(name, program))
+
+    def die(self) -> None:
+        self.dead = True
+        self.threads = []  # the shared slot keeps the index it held: the driver reads it after the death
+
+    def actions(self) -> list[Callable[[], None]]:
+        out: list[Callable[[], None]] = []
+        if self.dead:
+            return out
+        for thread in self.threads:
+            if thread.write is not None:
+                out.append(lambda t=thread: self._complete_write(t))
+            elif thread.waiting is None or thread.waiting():
+                out.append(lambda t=thread: self._step(t))
+        if self.inbound:
+            out.append(self._route)
+        if self.outbox.pending.is_set():
+            out.append(self._flusher_step)
+        return out
+
+    def _complete_write(self, thread: SimThread) -> None:
+        self.pipe.append(thread.write)
+        thread.write = None
+
+    def _step(self, thread: SimThread) -> None:
+        thread.waiting = None
+        self.current = thread
+        try:
+            waiting = next(thread.program)
+        except StopIteration:
+            self.threads.remove(thread)
+            return
+        finally:
+            self.current = None
+        thread.waiting = waiting
+
+    def _route(self) -> None:
+        """The reader thread: replies wake their requester, StopBatch raises a flag, work goes to the inbox."""
+        msg = self.inbound.popleft()
+        kind = kind_of(msg)
+        if kind is Kind.REPLY:
+            self.replied.add(msg.request_id)
+        elif kind is Kind.STOP_BATCH:
+            self.channel.stopped.add(msg.token)
+        else:
+            self.inbox.append(msg)
+
+    def _flusher_step(self) -> None:
+        self.outbox.pending.clear()
+        self.current = None
+        self.outbox.flush()
+
+    def _main(self) -> Program:
+        while True:
+            yield lambda: bool(self.inbox)
+            msg = self.inbox.popleft()
+            if kind_of(msg) is Kind.QUIT:
+                return
+            yield from self._run_chunk(msg)
+
+    def _run_chunk(self, msg: Any) -> Program:
+        """``worker._run_chunk``, with a yield point after each item."""
+        outbox = self.outbox
+        outcomes = self.outcomes.setdefault(msg.token, [0, 0])
+        outbox.task_id = msg.task_id
+        budget = msg.budget
+        limited = budget.failures is not None or budget.successes is not None
+        unstarted: list[int] = []
+        for position, index in enumerate(msg.indices):
+            if msg.token in self.channel.stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
+                unstarted = list(msg.indices[position:])
+                break
+            self.slot = index
+            checkpoints = (msg.checkpoints or {}).get(index) or {}
+            data, value = yield from ItemProgram(self, index, checkpoints).run()
+            outbox.add_succeeded(index, data, value)
+            outcomes[1] += 1
+            yield None
+        self.slot = worker_module.IDLE
+        yield None
+        ran = len(msg.indices) - len(unstarted)
+        outbox.chunk_done(unstarted, 1.0, 0.0005 * max(ran, 1))
+
+
+NO_FLUSHER_THREAD = object()  # stands in Outbox.flusher: the outbox never starts its own thread
+
+
+class ItemProgram:
+    """One map item's body, as the context runs it: step ``a`` (at most once), then either a
+    nested parallel of at-most-once steps or step ``b`` (at least once)."""
+
+    def __init__(self, worker: SimWorker, index: int, checkpoints: dict[str, OpRecord]) -> None:
+        self.w = worker
+        self.index = index
+        self.ckpt = checkpoints
+        self.op_id = operation_id(MAP_OP, index)
+        self.clock = worker.sim.clock
+
+    def run(self) -> Program:
+        index = self.index
+        yield None  # user code before the first step
+        value = yield from self.step(self.op_id, operation_id(self.op_id, 1), "a", step_value(index, 1), True)
+        yield None
+        value += yield from self.step(self.op_id, operation_id(self.op_id, 2), "b", step_value(index, 2), False)
+        if self.w.sim.scenario.nested[index]:
+            yield None
+            value += yield from self.nested_parallel(operation_id(self.op_id, 3))
+        parent, sub_type = item_prefix(MAP_OP, SUB_ITEM)
+        text = serdes.envelope_of(value)
+        assert text is not None
+        now = self.clock.time()
+        return item_record(self.op_id, parent, sub_type, f"map-item-{index}", now, now, self.w.pid, text), value
+
+    def step(self, parent_id: str, op_id: str, name: str, value: int, at_most_once: bool) -> Program:
+        rec = self.ckpt.get(op_id)
+        if rec is not None and rec.status == OpStatus.SUCCEEDED:
+            assert isinstance(rec.result, bytes)
+            replayed: int = pickle.loads(rec.result)
+            return replayed
+        attempt = 1 if rec is None else rec.attempt + (1 if at_most_once else 0)
+        start = OpRecord(op_id, parent_id, OpType.STEP, SUB_STEP, name, OpStatus.STARTED, self.clock.time(),
+                         attempt=attempt, pid=self.w.pid)
+        outbox = self.w.outbox
+        if at_most_once:  # the start is committed before the body runs (``WorkerState.emit(sync=True)``)
+            outbox.add(start)
+            outbox.sync()
+            yield self.w.reply_wait()
+            self.w.sim.checker.body(op_id, name, attempt)
+        yield None
+        outbox.add(start._replace(status=OpStatus.SUCCEEDED, end_ts=self.clock.time(),
+                                  result=pickle.dumps(value)))
+        return value
+
+    def nested_parallel(self, par_id: str) -> Program:
+        """``threads.run_batch_in_threads`` for a parallel of k branches, each one at-most-once step."""
+        k = branch_count(self.index)
+        rec = self.ckpt.get(par_id)
+        children = {j: self.ckpt.get(operation_id(par_id, j)) for j in range(k)}
+        values: dict[int, int] = {}
+        for j, child in children.items():
+            if child is not None and child.status == OpStatus.SUCCEEDED:
+                assert isinstance(child.result, bytes)
+                values[j] = pickle.loads(child.result)
+        if rec is not None and rec.status in TERMINAL:
+            return sum(values.values()) + 1000 * len(values)
+        outbox = self.w.outbox
+        base = rec or OpRecord(par_id, self.op_id, OpType.CONTEXT, SUB_PARALLEL, "nested", OpStatus.STARTED,
+                               self.clock.time())
+        if rec is None:
+            outbox.add(base)
+        finished: deque[tuple[int, OpRecord]] = deque()
+        running = 0
+        for j in range(k):
+            if j in values:
+                continue
+            outbox.add(started_record(par_id, SUB_BRANCH, f"branch-{j}", j, self.clock.time()))
+            self.w.spawn(f"branch-{self.index}.{j}", self.branch(par_id, j, finished))
+            running += 1
+            yield None
+        while running:
+            yield lambda: bool(finished)
+            j, done = finished.popleft()
+            running -= 1
+            outbox.add(done)
+            assert isinstance(done.result, bytes)
+            values[j] = pickle.loads(done.result)
+        yield None
+        outbox.add(base._replace(status=OpStatus.SUCCEEDED, end_ts=self.clock.time(),
+                                 extra={"completion_reason": CompletionReason.ALL_COMPLETED.value, "total": k}))
+        return sum(values.values()) + 1000 * len(values)
+
+    def branch(self, par_id: str, j: int, finished: deque[tuple[int, OpRecord]]) -> Program:
+        branch_id = operation_id(par_id, j)
+        value = yield from self.step(branch_id, operation_id(branch_id, 1), f"branch-{j}-step",
+                                     100 * self.index + j, True)
+        yield None
+        finished.append((j, OpRecord(branch_id, par_id, OpType.CONTEXT, SUB_BRANCH, f"branch-{j}",
+                                     OpStatus.SUCCEEDED, self.clock.time(), self.clock.time(),
+                                     pickle.dumps(value), attempt=1)))
+
+
+# -- the driver side ------------------------------------------------------------------------------
+
+class SimPool:
+    """What the dispatcher uses of ``pool.WorkerPool``."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.workers: list[SimWorker] = []
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def spawn(self) -> SimWorker:
+        worker = SimWorker(self.sim, next(self.sim.pids), self.sim.outbox_class)
+        worker.move(WorkerState.IDLE)
+        self.workers.append(worker)
+        self.sim.live.append(worker)
+        return worker
+
+    def reap(self, worker: SimWorker) -> Death:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if worker.status is not WorkerState.DEAD:
+            worker.move(WorkerState.DEAD)
+        worker.die()
+        return Death(worker.pid, KILLED, 0)
+
+    def kill(self, worker: SimWorker) -> Death:
+        if worker.status is not WorkerState.DEAD and worker.status is not WorkerState.DRAINING:
+            worker.move(WorkerState.DRAINING)
+        return self.reap(worker)
+
+
+class SimClock:
+    """The only clock the simulated engine reads (``time`` in worker and dispatcher)."""
+
+    EPOCH = 1_800_000_000.0
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.EPOCH + self.now
+
+    def process_time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Outcome:
+    """The map's result as the store keeps it: reason and (status, value) per item."""
+
+    reason: str
+    items: tuple[tuple[str, Any], ...]
+
+
+class Sim:
+    """One schedule: ``Sim(seed, profile).run()`` returns the outcome or raises ``Violation``."""
+
+    def __init__(self, seed: int, profile: str = "mixed",
+                 outbox_class: type[worker_module.Outbox] = worker_module.Outbox) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}")
+        self.seed = seed
+        self.profile = profile
+        self.rng = random.Random(seed)
+        self.scenario = Scenario.draw(self.rng, profile)
+        self.outbox_class = outbox_class
+        self.clock = SimClock()
+        self.checker = Checker(self)
+        self.durable: dict[tuple[str, str], bytes] = {}
+        self.store = SimStore(self, self.durable)
+        self.pids = itertools.count(1000)
+        self.live: list[SimWorker] = []
+        self.deaths_left = self.scenario.deaths
+        self.crashes_left = self.scenario.driver_crashes
+        self.unwritable = False  # the disk refuses every write until the driver restarts
+        self.steps = 0
+        self.trace: list[str] = []  # what happened, for replay checks and reports
+
+    # -- one schedule ----------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        saved = dispatcher_module.wait, dispatcher_module.time, worker_module.time, worker_module.wire
+        dispatcher_module.wait = self.wait  # type: ignore[assignment]
+        dispatcher_module.time = worker_module.time = self.clock  # type: ignore[assignment]
+        worker_module.wire = SIM_WIRE  # type: ignore[assignment]
+        quiet, dispatcher_module.log.disabled = dispatcher_module.log.disabled, True  # deaths are the point here
+        try:
+            while True:
+                try:
+                    outcome = self._drive()
+                    break
+                except (DriverCrash, CheckpointFailedError) as exc:
+                    self.trace.append(f"driver restart ({type(exc).__name__})")
+                    self._restart()
+                except Violation:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any engine error is a finding, with its seed
+                    raise Violation(self.seed, self.profile, "the engine raised an internal error",
+                                    f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            dispatcher_module.log.disabled = quiet
+            (dispatcher_module.wait, dispatcher_module.time, worker_module.time,  # type: ignore[assignment]
+             worker_module.wire) = saved
+        self._final_checks(outcome)
+        return outcome
+
+    def _drive(self) -> Outcome:
+        """One driver lifetime: resume the map from the store and run it to its end."""
+        store = self.store
+        scenario = self.scenario
+        view = store.view()
+        raw = view.get(("", MAP_OP))
+        map_rec = OpRecord.loads(raw) if raw is not None else None
+        if map_rec is None or not map_rec.is_terminal:
+            if map_rec is None:
+                map_rec = OpRecord(MAP_OP, "", OpType.CONTEXT, SUB_MAP, "sim-map", OpStatus.STARTED, self.clock.time())
+                store.stage(EXEC_ID, map_rec)
+                records: dict[int, Any] = {}
+            else:
+                keys = {branch_key(i): i for i in range(scenario.n)}
+                records = {keys[key]: data for (parent, key), data in view.items() if parent == MAP_OP}
+            done, done_ok, unfinished = split_terminal(records)
+            spec = BatchSpec(op_id=MAP_OP, sub_type=SUB_MAP, item_sub_type=SUB_ITEM, name="sim-map", n=scenario.n,
+                             names=None, funcs=None, func=sim_item, inputs=list(range(scenario.n)), item_serdes=None,
+                             max_concurrency=scenario.max_concurrency, branch_timeout=None,
+                             policy=CompletionPolicy(None, scenario.n), execution_id=EXEC_ID, done=done,
+                             resuming=raw is not None, unfinished=unfinished, done_ok=done_ok)
+            dispatcher = Dispatcher(store, EXEC_ID, SimPool(self), max_workers=scenario.max_workers,  # type: ignore[arg-type]
+                                    max_worker_memory=None)
+            dispatcher.ncpu = scenario.max_workers
+            _, reason = dispatcher.run_batch(spec)
+            store.stage(EXEC_ID, map_rec._replace(status=OpStatus.SUCCEEDED, end_ts=self.clock.time(),
+                                                  extra={"completion_reason": reason.value}))
+        store.flush()
+        return self._outcome()
+
+    def _restart(self) -> None:
+        for worker in self.live:
+            worker.die()
+        self.live = []
+        self.store.crashed = True
+        self.unwritable = False
+        self.store = SimStore(self, self.durable)
+        self.checker.rebuild(self.durable)
+
+    def _outcome(self) -> Outcome:
+        map_rec = OpRecord.loads(self.durable[("", MAP_OP)])
+        items = []
+        for index in range(self.scenario.n):
+            data = self.durable.get((MAP_OP, branch_key(index)))
+            if data is None:
+                items.append(("MISSING", None))
+                continue
+            rec = OpRecord.loads(data)
+            items.append((rec.status, success_value(data) if rec.status == OpStatus.SUCCEEDED else None))
+        return Outcome((map_rec.extra or {}).get("completion_reason", "?"), tuple(items))
+
+    def expected(self) -> Outcome:
+        return Outcome(CompletionReason.ALL_COMPLETED.value,
+                       tuple((OpStatus.SUCCEEDED, expected_value(i, nested))
+                             for i, nested in enumerate(self.scenario.nested)))
+
+    def _final_checks(self, outcome: Outcome) -> None:
+        expected = self.expected()
+        if outcome != expected:
+            wrong = [(i, got, want) for i, (got, want) in enumerate(zip(outcome.items, expected.items, strict=True))
+                     if got != want]
+            self.checker.fail("the result differs from the fault-free result",
+                              f"reason {outcome.reason} (expected {expected.reason}); items (index, got, expected): "
+                              f"{wrong[:4]}")
+        left = [OpRecord.loads(data) for data in self.durable.values()]
+        unfinished = [r for r in left if not r.is_terminal]
+        if unfinished:
+            self.checker.fail("a record is left non-terminal after the job succeeded",
+                              ", ".join(f"{r.sub_type} {r.name!r} {r.status}" for r in unfinished[:4]))
+
+    # -- the scheduler -----------------------------------------------------------------------------
+    def wait(self, handles: list[Any], timeout: float | None = None) -> list[Any]:
+        """``multiprocessing.connection.wait`` for the dispatcher: run the world until a handle is ready."""
+        rng = self.rng
+        while True:
+            self.steps += 1
+            if self.steps > MAX_STEPS:
+                self.checker.fail("no progress", f"{MAX_STEPS} scheduler steps")
+            ready = [h for h in handles if self._ready(h)]
+            actions = self._actions()
+            if ready and (not actions or rng.random() < 0.3):
+                return ready
+            if not actions:
+                self.checker.fail("deadlock", "the driver waits and nothing can run")
+            rng.choice(actions)()
+
+    @staticmethod
+    def _ready(handle: Any) -> bool:
+        if isinstance(handle, SimConn):
+            return handle.poll()
+        return bool(handle.ready())
+
+    def _actions(self) -> list[Callable[[], None]]:
+        actions: list[Callable[[], None]] = []
+        for worker in self.live:
+            actions.extend(worker.actions())
+        if not actions:
+            return actions  # nothing runs: time, commits and faults alone cannot unblock the driver
+        rng = self.rng
+        actions.append(self._tick)
+        if self.store.group.busy():
+            actions.append(self.store.group.committer_step)
+        if self.deaths_left and rng.random() < 0.04:
+            alive = [w for w in self.live if not w.dead]
+            if alive:
+                actions.append(lambda: self._kill(rng.choice(alive)))
+        if self.crashes_left and rng.random() < 0.004:
+            actions.append(self._crash)
+        return actions
+
+    def _tick(self) -> None:
+        self.clock.now += self.rng.choice((0.0005, 0.002, 0.006))
+
+    def _kill(self, worker: SimWorker) -> None:
+        self.deaths_left -= 1
+        self.trace.append(f"kill worker {worker.pid} at item {worker.slot}")
+        worker.die()
+
+    def _crash(self) -> None:
+        self.crashes_left -= 1
+        self.trace.append("driver crash")
+        self.store.crashed = True
+        raise DriverCrash("simulated SIGKILL of the driver")
+
+    def maybe_fail_commit(self) -> None:
+        """A commit attempt: usually written; sometimes an I/O error (retried), rarely an unwritable disk."""
+        if not self.scenario.commit_failures:
+            return
+        if self.unwritable:
+            raise OSError("simulated full disk")
+        roll = self.rng.random()
+        if roll < 0.15:
+            raise OSError("simulated I/O error")
+        if roll < 0.17 and self.crashes_left:  # every attempt of this commit fails: the store latches
+            self.crashes_left -= 1
+            self.unwritable = True
+            self.trace.append("store unwritable")
+            raise OSError("simulated full disk")
+
+
+def run_schedules(seeds: Iterable[int], profile: str, stop_at_first: bool = True,
+                  outbox_class: type[worker_module.Outbox] = worker_module.Outbox) -> list[Violation]:
+    """Run the schedules of ``seeds``; return the violations found (the first only if ``stop_at_first``)."""
+    found: list[Violation] = []
+    for seed in seeds:
+        try:
+            Sim(seed, profile, outbox_class).run()
+        except Violation as violation:
+            found.append(violation)
+            if stop_at_first:
+                break
+    return found
+
+
+if __name__ == "__main__":  # replay one schedule: python tests/engine_sim.py SEED [PROFILE]
+    seed = int(sys.argv[1])
+    sim = Sim(seed, sys.argv[2] if len(sys.argv) > 2 else "mixed")
+    print(sim.scenario)
+    try:
+        print(sim.run())
+    finally:
+        print("\n".join(sim.trace))
