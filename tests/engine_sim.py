@@ -98,12 +98,14 @@ from durable_mp.store.records import SEP
 EXEC_ID = "sim-exec"
 MAP_OP = operation_id("", 1)
 MAX_STEPS = 50_000  # scheduler steps per schedule before it counts as a livelock
+DRIVER_WAKES = 0.25  # chance, per scheduler step, that a driver with a ready handle returns from wait
 KILLED = 9  # a wait status: killed by SIGKILL
 SUB_MAP, SUB_ITEM, SUB_PARALLEL, SUB_BRANCH, SUB_STEP = "Map", "MapIteration", "Parallel", "ParallelBranch", "Step"
 REPLAY = "PYTHONPATH=. python tests/engine_sim.py {seed} {profile}"
 
 Wait = Callable[[], bool]  # what a blocked sim thread waits for
-Program = Generator[Any, None, Any]  # a sim thread's body: yields None (a yield point) or a Wait
+Program = Generator[Any, None, Any]
+Action = tuple[Callable[[Any], None], Any]  # one step the scheduler may take: (what, on what)  # a sim thread's body: yields None (a yield point) or a Wait
 
 
 class Violation(AssertionError):
@@ -138,7 +140,7 @@ class Scenario:
 
     @classmethod
     def draw(cls, rng: random.Random, profile: str) -> Scenario:
-        n = rng.randint(4, 24)
+        n = rng.randint(6, 20) if profile == "deaths" else rng.randint(3, 12)
         nested_share = {"mixed": 0.4, "deaths": 0.0, "nested": 0.8, "clean": 0.0}[profile]
         faults = profile in ("mixed", "deaths")
         return cls(n=n, max_concurrency=rng.randint(1, 3), max_workers=rng.randint(1, 3),
@@ -374,6 +376,9 @@ class SimConn:
     def poll(self) -> bool:
         return bool(self.worker.pipe)
 
+    def ready(self) -> bool:
+        return bool(self.worker.pipe)
+
     def fileno(self) -> int:  # never a real descriptor
         return -1
 
@@ -405,7 +410,6 @@ class SimWorker:
         # driver side
         self.conn = SimConn(self)
         self.sentinel = Handle(lambda: self.dead)
-        self.conn_handle = Handle(lambda: bool(self.pipe))
         self.tokens: set[str] = set()
         self.task: Any = None
         self.queued: Any = None
@@ -425,11 +429,11 @@ class SimWorker:
         self.outcomes: dict[str, list[int]] = {}
         self.channel = SimChannel(self.conn)
         self.outbox = outbox_class(self.channel)
-        self.outbox.flusher = NO_FLUSHER_THREAD  # ``_flusher_step`` is the flusher thread
+        self.outbox.flusher = NO_FLUSHER_THREAD  # ``_flusher`` is the flusher thread
         self.taken: dict[int, int] = {}  # id(records list) -> take number
         self.takes = itertools.count(1)
         self._wrap_take()
-        self.threads: list[SimThread] = [SimThread("main", self._main())]
+        self.threads: list[SimThread] = [SimThread("main", self._main()), SimThread("flusher", self._flusher())]
         self.current: SimThread | None = None
 
     def _wrap_take(self) -> None:
@@ -509,22 +513,19 @@ class SimWorker:
 
     def die(self) -> None:
         self.dead = True
+        if self in self.sim.live:
+            self.sim.live.remove(self)
         self.threads = []  # the shared slot keeps the index it held: the driver reads it after the death
 
-    def actions(self) -> list[Callable[[], None]]:
-        out: list[Callable[[], None]] = []
-        if self.dead:
-            return out
+    def actions(self, out: list[Action]) -> None:
+        """Append what this worker's threads can do next."""
         for thread in self.threads:
             if thread.write is not None:
-                out.append(lambda t=thread: self._complete_write(t))
+                out.append((self._complete_write, thread))
             elif thread.waiting is None or thread.waiting():
-                out.append(lambda t=thread: self._step(t))
+                out.append((self._step, thread))
         if self.inbound:
-            out.append(self._route)
-        if self.outbox.pending.is_set():
-            out.append(self._flusher_step)
-        return out
+            out.append((self._route, None))
 
     def _complete_write(self, thread: SimThread) -> None:
         self.pipe.append(thread.write)
@@ -542,7 +543,7 @@ class SimWorker:
             self.current = None
         thread.waiting = waiting
 
-    def _route(self) -> None:
+    def _route(self, _: None) -> None:
         """The reader thread: replies wake their requester, StopBatch raises a flag, work goes to the inbox."""
         msg = self.inbound.popleft()
         kind = kind_of(msg)
@@ -553,10 +554,13 @@ class SimWorker:
         else:
             self.inbox.append(msg)
 
-    def _flusher_step(self) -> None:
-        self.outbox.pending.clear()
-        self.current = None
-        self.outbox.flush()
+    def _flusher(self) -> Program:
+        """``Outbox._flush_loop``: woken by ``pending``, it sends what waits (its sleep is the scheduler's choice)."""
+        pending = self.outbox.pending
+        while True:
+            yield pending.is_set
+            pending.clear()
+            self.outbox.flush()
 
     def _main(self) -> Program:
         while True:
@@ -770,6 +774,7 @@ class Sim:
         self.deaths_left = self.scenario.deaths
         self.crashes_left = self.scenario.driver_crashes
         self.unwritable = False  # the disk refuses every write until the driver restarts
+        self.commit_errors = 0  # failed commit attempts (retried)
         self.steps = 0
         self.trace: list[str] = []  # what happened, for replay checks and reports
 
@@ -831,9 +836,8 @@ class Sim:
         return self._outcome()
 
     def _restart(self) -> None:
-        for worker in self.live:
+        for worker in list(self.live):
             worker.die()
-        self.live = []
         self.store.crashed = True
         self.unwritable = False
         self.store = SimStore(self, self.durable)
@@ -878,39 +882,38 @@ class Sim:
             self.steps += 1
             if self.steps > MAX_STEPS:
                 self.checker.fail("no progress", f"{MAX_STEPS} scheduler steps")
-            ready = [h for h in handles if self._ready(h)]
             actions = self._actions()
-            if ready and (not actions or rng.random() < 0.3):
-                return ready
-            if not actions:
-                self.checker.fail("deadlock", "the driver waits and nothing can run")
-            rng.choice(actions)()
+            if not actions or rng.random() < DRIVER_WAKES:  # the driver may wake if a handle is ready
+                ready = [h for h in handles if h.ready()]
+                if ready:
+                    return ready
+                if not actions:
+                    self.checker.fail("deadlock", "the driver waits and nothing can run")
+            act, arg = rng.choice(actions)
+            act(arg)
 
-    @staticmethod
-    def _ready(handle: Any) -> bool:
-        if isinstance(handle, SimConn):
-            return handle.poll()
-        return bool(handle.ready())
-
-    def _actions(self) -> list[Callable[[], None]]:
-        actions: list[Callable[[], None]] = []
+    def _actions(self) -> list[Action]:
+        actions: list[Action] = []
         for worker in self.live:
-            actions.extend(worker.actions())
+            worker.actions(actions)
         if not actions:
             return actions  # nothing runs: time, commits and faults alone cannot unblock the driver
         rng = self.rng
-        actions.append(self._tick)
-        if self.store.group.busy():
-            actions.append(self.store.group.committer_step)
-        if self.deaths_left and rng.random() < 0.04:
-            alive = [w for w in self.live if not w.dead]
-            if alive:
-                actions.append(lambda: self._kill(rng.choice(alive)))
-        if self.crashes_left and rng.random() < 0.004:
-            actions.append(self._crash)
+        roll = rng.random()
+        if roll < 0.25:
+            actions.append((self._tick, None))
+        if roll < 0.5 and self.store.group.busy():
+            actions.append((self._commit, None))
+        if self.deaths_left and roll < 0.04:
+            actions.append((self._kill, rng.choice(self.live)))
+        if self.crashes_left and roll < 0.004:
+            actions.append((self._crash, None))
         return actions
 
-    def _tick(self) -> None:
+    def _commit(self, _: None) -> None:
+        self.store.group.committer_step()
+
+    def _tick(self, _: None) -> None:
         self.clock.now += self.rng.choice((0.0005, 0.002, 0.006))
 
     def _kill(self, worker: SimWorker) -> None:
@@ -918,7 +921,7 @@ class Sim:
         self.trace.append(f"kill worker {worker.pid} at item {worker.slot}")
         worker.die()
 
-    def _crash(self) -> None:
+    def _crash(self, _: None) -> None:
         self.crashes_left -= 1
         self.trace.append("driver crash")
         self.store.crashed = True
@@ -932,6 +935,7 @@ class Sim:
             raise OSError("simulated full disk")
         roll = self.rng.random()
         if roll < 0.15:
+            self.commit_errors += 1
             raise OSError("simulated I/O error")
         if roll < 0.17 and self.crashes_left:  # every attempt of this commit fails: the store latches
             self.crashes_left -= 1
