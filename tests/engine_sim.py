@@ -106,7 +106,8 @@ MAX_STEPS = 50_000  # scheduler steps per schedule before it counts as a liveloc
 DRIVER_WAKES = 0.25  # chance, per scheduler step, that a driver with a ready handle returns from wait
 KILLED = 9  # a wait status: killed by SIGKILL
 SUB_MAP, SUB_ITEM, SUB_PARALLEL, SUB_BRANCH, SUB_STEP = "Map", "MapIteration", "Parallel", "ParallelBranch", "Step"
-REPLAY = "PYTHONPATH=. python tests/engine_sim.py {seed} {profile}"
+REPLAY = ("PYTHONPATH=. python tests/engine_sim.py {seed} {profile}  "
+          "(or DURABLE_MP_SIM_SEED={seed} python -m pytest tests/test_engine_sim.py)")
 
 # the invariants, as ``Violation.invariant`` names them
 BACKWARDS = "a record's status moved backwards"
@@ -299,7 +300,7 @@ class SimStore:
         frontier = [op_id]
         while frontier:
             for data in by_parent.get(frontier.pop(), ()):
-                rec = OpRecord.loads(bytes(data))
+                rec = self.sim.record(data)
                 out[rec.op_id] = rec
                 frontier.append(rec.op_id)
         return out
@@ -329,11 +330,11 @@ class Checker:
         """After a driver restart: what is visible is what was committed."""
         self.status = {}
         for data in durable.values():
-            rec = OpRecord.loads(data)
+            rec = self.sim.record(data)
             self.status[rec.op_id] = rec.status
 
     def staged(self, data: Any) -> None:
-        rec = OpRecord.loads(bytes(data))
+        rec = self.sim.record(data)
         old = self.status.get(rec.op_id)
         if old is not None and rank(rec.status) < rank(old):
             self.fail(BACKWARDS, f"{rec.sub_type} {rec.name!r} ({rec.op_id[:12]}): "
@@ -816,8 +817,17 @@ class Sim:
         self.crashes_left = self.scenario.driver_crashes
         self.unwritable = False  # the disk refuses every write until the driver restarts
         self.commit_errors = 0  # failed commit attempts (retried)
+        self.decoded: dict[bytes, OpRecord] = {}
         self.steps = 0
         self.trace: list[str] = []  # what happened, for replay checks and reports
+
+    def record(self, data: Any) -> OpRecord:
+        """``OpRecord.loads``, once per distinct record (the checks read every record many times)."""
+        key = bytes(data)
+        rec = self.decoded.get(key)
+        if rec is None:
+            rec = self.decoded[key] = OpRecord.loads(key)
+        return rec
 
     # -- one schedule ----------------------------------------------------------------------------
     def run(self) -> Outcome:
