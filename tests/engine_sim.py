@@ -902,7 +902,7 @@ class Sim:
             if data is None:
                 items.append(("MISSING", None))
                 continue
-            rec = OpRecord.loads(data)
+            rec = self.record(data)
             items.append((rec.status, success_value(data) if rec.status == OpStatus.SUCCEEDED else None))
         return Outcome((map_rec.extra or {}).get("completion_reason", "?"), tuple(items))
 
@@ -919,7 +919,7 @@ class Sim:
             self.checker.fail(RESULT,
                               f"reason {outcome.reason} (expected {expected.reason}); items (index, got, expected): "
                               f"{wrong[:4]}")
-        left = [OpRecord.loads(data) for data in self.durable.values()]
+        left = [self.record(data) for data in self.durable.values()]
         unfinished = [r for r in left if not r.is_terminal]
         if unfinished:
             self.checker.fail(LEFT_OPEN,
