@@ -61,6 +61,7 @@ that replays it (``python tests/engine_sim.py SEED PROFILE``).
 from __future__ import annotations
 
 import itertools
+import logging
 import pickle
 import random
 import sys
@@ -72,6 +73,7 @@ from typing import Any
 
 from durable_mp import serdes
 from durable_mp.concurrency.models import CompletionPolicy, CompletionReason
+from durable_mp.config import CompletionConfig
 from durable_mp.core.item_probe import split_terminal
 from durable_mp.core.records import (
     TERMINAL,
@@ -96,6 +98,7 @@ from durable_mp.engine.protocol import Kind, kind_of
 from durable_mp.engine.result_decode import success_value
 from durable_mp.engine.scheduling import stop_chunk
 from durable_mp.exceptions import CheckpointFailedError
+from durable_mp.lambda_service import ErrorObject
 from durable_mp.store.commit import COMMIT_ATTEMPTS, GroupCommit
 from durable_mp.store.records import SEP
 
@@ -150,6 +153,7 @@ class Scenario:
     max_concurrency: int
     max_workers: int
     nested: tuple[bool, ...]  # per item: does it run a nested parallel?
+    failing: tuple[bool, ...]  # per item: does it raise after its steps? (tolerated: the map still completes)
     deaths: int  # worker deaths allowed (below the crash retries, so no branch fails for them)
     driver_crashes: int  # crashes and unwritable stores allowed
     commit_failures: bool
@@ -161,6 +165,7 @@ class Scenario:
         faults = profile in ("mixed", "deaths")
         return cls(n=n, max_concurrency=rng.randint(1, 3), max_workers=rng.randint(1, 3),
                    nested=tuple(rng.random() < nested_share for _ in range(n)),
+                   failing=tuple(profile != "nested" and rng.random() < 0.15 for _ in range(n)),
                    deaths=rng.randint(1, 2) if faults else 0,
                    driver_crashes=rng.randint(0, 1) if profile == "mixed" else 0,
                    commit_failures=profile == "mixed")
@@ -626,8 +631,12 @@ class SimWorker:
             self.progress = (msg.task_id, position + 1)
             checkpoints = (msg.checkpoints or {}).get(index) or {}
             data, value = yield from ItemProgram(self, index, checkpoints).run()
-            outbox.add_succeeded(index, data, value)
-            outcomes[1] += 1
+            if data.__class__ is bytes:  # a plain success
+                outbox.add_succeeded(index, data, value)
+                outcomes[1] += 1
+            else:
+                outbox.add_item(index, data)
+                outcomes[data.status == OpStatus.SUCCEEDED] += 1
             yield None
         self.slot = worker_module.IDLE
         yield None
@@ -650,6 +659,7 @@ class ItemProgram:
         self.clock = worker.sim.clock
 
     def run(self) -> Program:
+        """The item's body; returns what ``BranchRunner.run`` returns: (compact record, value) or (FAILED record, None)."""
         index = self.index
         yield None  # user code before the first step
         value = yield from self.step(self.op_id, operation_id(self.op_id, 1), "a", step_value(index, 1), True)
@@ -658,6 +668,11 @@ class ItemProgram:
         if self.w.sim.scenario.nested[index]:
             yield None
             value += yield from self.nested_parallel(operation_id(self.op_id, 3))
+        now = self.clock.time()
+        if self.w.sim.scenario.failing[index]:
+            error = ErrorObject.from_exception(ValueError(f"item {index} fails ({value})")).to_dict()
+            return OpRecord(self.op_id, MAP_OP, OpType.CONTEXT, SUB_ITEM, f"map-item-{index}", OpStatus.FAILED,
+                            now, now, None, error, 1, pid=self.w.pid), None
         parent, sub_type = item_prefix(MAP_OP, SUB_ITEM)
         text = serdes.envelope_of(value)
         assert text is not None
@@ -835,7 +850,8 @@ class Sim:
         dispatcher_module.wait = self.wait  # type: ignore[assignment]
         dispatcher_module.time = worker_module.time = self.clock  # type: ignore[assignment]
         worker_module.wire = SIM_WIRE  # type: ignore[assignment]
-        quiet, dispatcher_module.log.disabled = dispatcher_module.log.disabled, True  # deaths are the point here
+        quiet = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)  # deaths and failing items are the point here, not news
         try:
             while True:
                 try:
@@ -850,7 +866,7 @@ class Sim:
                     raise Violation(self.seed, self.profile, INTERNAL,
                                     f"{type(exc).__name__}: {exc}") from exc
         finally:
-            dispatcher_module.log.disabled = quiet
+            logging.disable(quiet)
             (dispatcher_module.wait, dispatcher_module.time, worker_module.time,  # type: ignore[assignment]
              worker_module.wire) = saved
         self._final_checks(outcome)
@@ -875,7 +891,7 @@ class Sim:
             spec = BatchSpec(op_id=MAP_OP, sub_type=SUB_MAP, item_sub_type=SUB_ITEM, name="sim-map", n=scenario.n,
                              names=None, funcs=None, func=sim_item, inputs=list(range(scenario.n)), item_serdes=None,
                              max_concurrency=scenario.max_concurrency, branch_timeout=None,
-                             policy=CompletionPolicy(None, scenario.n), execution_id=EXEC_ID, done=done,
+                             policy=CompletionPolicy(self.completion_config(), scenario.n), execution_id=EXEC_ID, done=done,
                              resuming=raw is not None, unfinished=unfinished, done_ok=done_ok)
             dispatcher = Dispatcher(store, EXEC_ID, SimPool(self), max_workers=scenario.max_workers,  # type: ignore[arg-type]
                                     max_worker_memory=None)
@@ -885,6 +901,11 @@ class Sim:
                                                   extra={"completion_reason": reason.value}))
         store.flush()
         return self._outcome()
+
+    def completion_config(self) -> CompletionConfig | None:
+        """Fail-fast (the default) without failing items; else exactly as many failures as will happen are tolerated."""
+        failures = sum(self.scenario.failing)
+        return CompletionConfig(tolerated_failure_count=failures) if failures else None
 
     def _restart(self) -> None:
         for worker in list(self.live):
@@ -908,8 +929,9 @@ class Sim:
 
     def expected(self) -> Outcome:
         return Outcome(CompletionReason.ALL_COMPLETED.value,
-                       tuple((OpStatus.SUCCEEDED, expected_value(i, nested))
-                             for i, nested in enumerate(self.scenario.nested)))
+                       tuple((OpStatus.FAILED, None) if failing else (OpStatus.SUCCEEDED, expected_value(i, nested))
+                             for i, (nested, failing) in enumerate(zip(self.scenario.nested, self.scenario.failing,
+                                                                        strict=True))))
 
     def _final_checks(self, outcome: Outcome) -> None:
         expected = self.expected()
