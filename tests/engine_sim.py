@@ -103,6 +103,8 @@ from durable_mp.store.commit import COMMIT_ATTEMPTS, GroupCommit
 from durable_mp.store.records import SEP
 
 Sequence = getattr(protocol, "Sequence", None)  # the driver's check of per-worker message numbers, where it exists
+# the names the simulation replaces while a schedule runs (restored after it)
+PATCHED = ((dispatcher_module, "wait"), (dispatcher_module, "time"), (worker_module, "time"), (worker_module, "wire"))
 EXEC_ID = "sim-exec"
 MAP_OP = operation_id("", 1)
 MAX_STEPS = 50_000  # scheduler steps per schedule before it counts as a livelock
@@ -123,8 +125,8 @@ LEFT_OPEN = "a record is left non-terminal after the job succeeded"
 INTERNAL = "the engine raised an internal error"
 
 Wait = Callable[[], bool]  # what a blocked sim thread waits for
-Program = Generator[Any, None, Any]
-Action = tuple[Callable[[Any], None], Any]  # one step the scheduler may take: (what, on what)  # a sim thread's body: yields None (a yield point) or a Wait
+Program = Generator[Any, None, Any]  # a sim thread's body: yields None (a yield point) or a Wait
+Action = tuple[Callable[[Any], None], Any]  # one step the scheduler may take: (what, on what)
 
 
 class Violation(AssertionError):
@@ -382,8 +384,8 @@ class SimThread:
         self.write: Any = None  # (message, gathered) this thread is about to send: it took the records already
 
 
-class Handle:
-    """A pipe end or a sentinel as ``wait`` sees it."""
+class Sentinel:
+    """A worker's process sentinel as ``wait`` sees it: ready once the worker died."""
 
     __slots__ = ("ready",)
 
@@ -392,7 +394,7 @@ class Handle:
 
 
 class SimConn:
-    """The driver's end of a worker's pipe (``poll``) and the worker's write into it."""
+    """The driver's end of a worker's pipe: ``poll`` for ``Dispatcher._read``, ``ready`` for ``wait``."""
 
     def __init__(self, worker: SimWorker) -> None:
         self.worker = worker
@@ -402,9 +404,6 @@ class SimConn:
 
     def ready(self) -> bool:
         return bool(self.worker.pipe)
-
-    def fileno(self) -> int:  # never a real descriptor
-        return -1
 
 
 class SimChannel(worker_module.Channel):
@@ -454,7 +453,7 @@ class SimWorker:
         self.pid = pid
         # driver side
         self.conn = SimConn(self)
-        self.sentinel = Handle(lambda: self.dead)
+        self.sentinel = Sentinel(lambda: self.dead)
         self.tokens: set[str] = set()
         self.task: Any = None
         self.queued: Any = None
@@ -846,6 +845,9 @@ class Sim:
 
     # -- one schedule ----------------------------------------------------------------------------
     def run(self) -> Outcome:
+        for module, name in PATCHED:
+            if not hasattr(module, name):
+                raise RuntimeError(f"the simulation replaces {module.__name__}.{name}, which is gone: update engine_sim")
         saved = dispatcher_module.wait, dispatcher_module.time, worker_module.time, worker_module.wire
         dispatcher_module.wait = self.wait  # type: ignore[assignment]
         dispatcher_module.time = worker_module.time = self.clock  # type: ignore[assignment]
