@@ -109,6 +109,8 @@ EXEC_ID = "sim-exec"
 MAP_OP = operation_id("", 1)
 MAX_STEPS = 50_000  # scheduler steps per schedule before it counts as a livelock
 DRIVER_WAKES = 0.25  # chance, per scheduler step, that a driver with a ready handle returns from wait
+SLOW_WRITE = 0.3  # chance, per step, that a send in flight is among the choices (when other work is)
+TICKS = (0.0002, 0.001, 0.003)  # how far the clock may move in one step (the outbox batches for 5 ms)
 KILLED = 9  # a wait status: killed by SIGKILL
 SUB_MAP, SUB_ITEM, SUB_PARALLEL, SUB_BRANCH, SUB_STEP = "Map", "MapIteration", "Parallel", "ParallelBranch", "Step"
 REPLAY = ("PYTHONPATH=. python tests/engine_sim.py {seed} {profile}  "
@@ -479,6 +481,7 @@ class SimWorker:
         self.taken: dict[int, int] = {}  # id(records list) -> take number
         self.takes = itertools.count(1)
         self._wrap_take()
+        self.flusher_wakes: float | None = None  # the flusher thread sleeps until then
         self.threads: list[SimThread] = [SimThread("main", self._main()), SimThread("flusher", self._flusher())]
         self.current: SimThread | None = None
 
@@ -560,11 +563,11 @@ class SimWorker:
             self.sim.live.remove(self)
         self.threads = []  # the shared slot keeps the index it held: the driver reads it after the death
 
-    def actions(self, out: list[Action]) -> None:
-        """Append what this worker's threads can do next."""
+    def actions(self, out: list[Action], writes: list[Action]) -> None:
+        """Append what this worker's threads can do next (sends in flight go to ``writes``)."""
         for thread in self.threads:
             if thread.write is not None:
-                out.append((self._complete_write, thread))
+                writes.append((self._complete_write, thread))
             elif thread.waiting is None or thread.waiting():
                 out.append((self._step, thread))
         if self.inbound:
@@ -599,10 +602,15 @@ class SimWorker:
             self.inbox.append(msg)
 
     def _flusher(self) -> Program:
-        """``Outbox._flush_loop``: woken by ``pending``, it sends what waits (its sleep is the scheduler's choice)."""
+        """``Outbox._flush_loop``: woken by ``pending``, it sleeps ``OUTBOX_FLUSH_SECONDS`` of the
+        simulated clock, then sends what waits."""
         pending = self.outbox.pending
+        clock = self.sim.clock
         while True:
             yield pending.is_set
+            self.flusher_wakes = clock.now + worker_module.OUTBOX_FLUSH_SECONDS
+            yield lambda: clock.now >= self.flusher_wakes  # type: ignore[operator]
+            self.flusher_wakes = None
             pending.clear()
             self.outbox.flush()
 
@@ -969,11 +977,16 @@ class Sim:
 
     def _actions(self) -> list[Action]:
         actions: list[Action] = []
+        writes: list[Action] = []
         for worker in self.live:
-            worker.actions(actions)
-        if not actions:
-            return actions  # nothing runs: time, commits and faults alone cannot unblock the driver
+            worker.actions(actions, writes)
         rng = self.rng
+        # a send in flight is offered less often than other work: the windows it opens stay open longer
+        actions.extend(w for w in writes if not actions or rng.random() < SLOW_WRITE)
+        if not actions:  # nothing runs: only time may unblock someone (a sleeping flusher)
+            if any(worker.flusher_wakes is not None for worker in self.live):
+                actions.append((self._tick, None))
+            return actions
         roll = rng.random()
         if roll < 0.25:
             actions.append((self._tick, None))
@@ -989,7 +1002,7 @@ class Sim:
         self.store.group.committer_step()
 
     def _tick(self, _: None) -> None:
-        self.clock.now += self.rng.choice((0.0005, 0.002, 0.006))
+        self.clock.now += self.rng.choice(TICKS)
 
     def _kill(self, worker: SimWorker) -> None:
         self.deaths_left -= 1
