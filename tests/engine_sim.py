@@ -24,7 +24,10 @@ What is simulated
       made without the outbox's ``send_lock`` held is where its thread may be preempted,
       and the scheduler performs it later (a send under the lock happens at once, since
       the lock orders it against every other record-carrying send).  That is the window
-      of defect 2 (``Outbox.sync`` took under the lock and sent after releasing it).
+      of defect 2 (``Outbox.sync`` took under the lock and sent after releasing it).  The
+      scheduler offers a send in flight less often than other work (``SLOW_WRITE``), so
+      such a window stays open while other threads run a whole step; the flusher sleeps
+      ``OUTBOX_FLUSH_SECONDS`` of simulated time before it sends, as the real one does.
     * Branch bodies: a small program per map item, recording what the engine's context
       records: step ``a`` (at most once: STARTED is synced, so committed, before its body),
       step ``b`` (at least once), and for some items a nested parallel whose branches are
