@@ -3,6 +3,13 @@
 ``DURABLE_MP_SIM_SEED=<n>`` runs only schedule ``n`` in every test here (replaying a failure);
 ``DURABLE_MP_SIM_SCHEDULES=<n>`` runs ``n`` schedules in ``test_schedules`` (10,000 by default).
 A failure names its seed and the command that replays it.
+
+Found on main before the fixes of issue 18 (branch ``engine``), which pass 6,000 schedules:
+* defect 1, profile ``deaths``: 127 of seeds 0-999, first 1, 4, 22, 38 (``NO_CHECKPOINTS``; with
+  that check ignored, step ``a`` ran its at-most-once body again, e.g. seed 1);
+* defect 2, profile ``nested``: 509 of seeds 0-599, first 0, 1, 4, 5 (``OUT_OF_ORDER``; with that
+  check ignored, a parallel branch SUCCEEDED -> STARTED, e.g. seed 24, and left STARTED under
+  its SUCCEEDED parallel).
 """
 
 from __future__ import annotations
