@@ -128,6 +128,9 @@ OUT_OF_ORDER = "a worker's records were applied out of order"
 RESULT = "the result differs from the fault-free result"
 LEFT_OPEN = "a record is left non-terminal after the job succeeded"
 INTERNAL = "the engine raised an internal error"
+INVARIANTS = {"BACKWARDS": BACKWARDS, "UNDER_TERMINAL": UNDER_TERMINAL, "NO_CHECKPOINTS": NO_CHECKPOINTS,
+              "RAN_TWICE": RAN_TWICE, "OUT_OF_ORDER": OUT_OF_ORDER, "RESULT": RESULT, "LEFT_OPEN": LEFT_OPEN,
+              "INTERNAL": INTERNAL}  # by the names the command line's --ignore takes
 
 Wait = Callable[[], bool]  # what a blocked sim thread waits for
 Program = Generator[Any, None, Any]  # a sim thread's body: yields None (a yield point) or a Wait
@@ -137,10 +140,12 @@ Action = tuple[Callable[[Any], None], Any]  # one step the scheduler may take: (
 class Violation(AssertionError):
     """An invariant failed in a schedule; the message says which, and how to replay it."""
 
-    def __init__(self, seed: int, profile: str, invariant: str, detail: str) -> None:
+    def __init__(self, seed: int, profile: str, invariant: str, detail: str, ignored: Iterable[str] = ()) -> None:
         self.seed, self.profile, self.invariant = seed, profile, invariant
+        names = [name for name, text in INVARIANTS.items() if text in set(ignored)]
+        profile_args = f"{profile} --ignore {' '.join(sorted(names))}" if names else profile
         super().__init__(f"seed {seed} ({profile}): {invariant}: {detail}\n"
-                         f"  replay: {REPLAY.format(seed=seed, profile=profile)}")
+                         f"  replay: {REPLAY.format(seed=seed, profile=profile_args)}")
 
 
 class DriverCrash(Exception):
@@ -336,7 +341,7 @@ class Checker:
         if invariant in self.sim.ignore:  # see what a violation leads to, if this check did not stop it
             self.sim.trace.append(f"ignored {invariant}: {detail}")
             return
-        raise Violation(self.sim.seed, self.sim.profile, invariant, detail)
+        raise Violation(self.sim.seed, self.sim.profile, invariant, detail, self.sim.ignore)
 
     def rebuild(self, durable: dict[tuple[str, str], bytes]) -> None:
         """After a driver restart: what is visible is what was committed."""
@@ -1049,11 +1054,21 @@ def run_schedules(seeds: Iterable[int], profile: str, stop_at_first: bool = True
     return found
 
 
-if __name__ == "__main__":  # replay one schedule: python tests/engine_sim.py SEED [PROFILE]
-    seed = int(sys.argv[1])
-    sim = Sim(seed, sys.argv[2] if len(sys.argv) > 2 else "mixed")
+def main(argv: list[str]) -> None:
+    """Replay one schedule: ``python tests/engine_sim.py SEED [PROFILE] [--ignore NAME ...]``.
+
+    ``NAME`` is an invariant's constant (``OUT_OF_ORDER``, ``NO_CHECKPOINTS``, ...): it is only
+    traced, so the replay shows what else the defect leads to.
+    """
+    ignore = [INVARIANTS[name] for name in argv[argv.index("--ignore") + 1:]] if "--ignore" in argv else []
+    args = argv[: argv.index("--ignore")] if "--ignore" in argv else argv
+    sim = Sim(int(args[0]), args[1] if len(args) > 1 else "mixed", ignore=ignore)
     print(sim.scenario)
     try:
         print(sim.run())
     finally:
         print("\n".join(sim.trace))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
