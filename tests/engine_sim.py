@@ -6,7 +6,8 @@ What runs for real
     state machine, the ``CompletionPolicy``.  In the worker: ``engine.worker.Outbox``
     (batching, flush, sync, chunk done) and ``Channel.send`` (its lock and, where the
     protocol has them, its message numbers), ``scheduling.stop_chunk``.  In the store:
-    ``store.commit.GroupCommit`` staging (overlay, hand-off, ``_commit``, latching).
+    ``store.commit.GroupCommit`` staging (overlay, hand-off, ``_commit``, latching) and,
+    where it exists, ``store.forward``'s refusal of a record moving backwards.
     Records are real ``OpRecord`` bytes and compact item records.
 
 What is simulated
@@ -96,7 +97,7 @@ from durable_mp.engine import worker as worker_module
 from durable_mp.engine.branch import started_record
 from durable_mp.engine.dispatcher import Dispatcher
 from durable_mp.engine.lifecycle import WorkerState, check_worker_move
-from durable_mp.engine.pool import Death
+from durable_mp.engine.pool import Death, Worker
 from durable_mp.engine.protocol import Kind, kind_of
 from durable_mp.engine.result_decode import success_value
 from durable_mp.engine.scheduling import stop_chunk
@@ -105,6 +106,12 @@ from durable_mp.lambda_service import ErrorObject
 from durable_mp.store.commit import COMMIT_ATTEMPTS, GroupCommit
 from durable_mp.store.records import SEP
 
+try:  # the store's refusal of records moving backwards (issue 18), where it exists
+    from durable_mp.store import forward as store_forward
+except ImportError:
+    store_forward = None
+
+PROGRESS_SHIFT = getattr(worker_module, "PROGRESS_SHIFT", None)  # where the slot records a chunk's progress
 Sequence = getattr(protocol, "Sequence", None)  # the driver's check of per-worker message numbers, where it exists
 # the names the simulation replaces while a schedule runs (restored after it)
 PATCHED = ((dispatcher_module, "wait"), (dispatcher_module, "time"), (worker_module, "time"), (worker_module, "wire"))
@@ -269,10 +276,21 @@ class SimStore:
             raise DriverCrash("the driver is dead")
 
     def _write(self, items: list[tuple[bytes, Any]]) -> None:
+        """``Store._put_items``: one atomic write; where the store refuses records moving backwards
+        (``store.forward``), a record that would move a committed one backwards is left out and
+        the refusal latched, as there."""
         self.sim.maybe_fail_commit()
+        refused = None
         for key, data in items:
             _, parent_id, op_key = key.decode().split(SEP)
+            old = self.durable.get((parent_id, op_key))
+            how = store_forward.backwards(old, data) if store_forward is not None and old is not None else None
+            if how is not None:
+                refused = refused or store_forward.refusal(f"{parent_id}/{op_key}", how)
+                continue
             self.durable[(parent_id, op_key)] = bytes(data)
+        if refused is not None:
+            self.group.refuse(refused)
 
     # staging: every record passes the invariant checker first
     def stage_many(self, exec_id: str, parent_id: str, entries: Iterable[tuple[str, Any]]) -> None:
@@ -480,8 +498,8 @@ class SimWorker:
         self.inbox: deque[Any] = deque()
         self.replied: set[int] = set()
         self.last_request = 0
-        self.slot = worker_module.IDLE
-        self.progress = (0, 0)  # (task id, items of it begun): the slot's second word
+        # the shared slot, read by ``pool.Worker``'s own methods: [running index, chunk progress word]
+        self.index_view = [worker_module.IDLE, 0]
         self.outcomes: dict[str, list[int]] = {}
         self.channel = SimChannel(self.conn)
         self.outbox = outbox_class(self.channel)
@@ -538,12 +556,9 @@ class SimWorker:
     def is_dead(self) -> bool:
         return self.dead
 
-    def running_index(self) -> int | None:
-        return None if self.slot == worker_module.IDLE else self.slot
-
-    def begun(self, task_id: int) -> int:
-        """``pool.Worker.begun``: how many items of chunk ``task_id`` the worker has begun."""
-        return self.progress[1] if self.progress[0] == task_id else 0
+    running_index = Worker.running_index  # the driver reads the slot as it does for a real worker
+    if hasattr(Worker, "begun"):  # how far into a chunk the worker got (where the slot records it)
+        begun = Worker.begun
 
     def over(self, limit: int) -> int:
         return 0
@@ -642,8 +657,9 @@ class SimWorker:
             if msg.token in self.channel.stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
                 unstarted = list(msg.indices[position:])
                 break
-            self.slot = index
-            self.progress = (msg.task_id, position + 1)
+            self.index_view[0] = index
+            if PROGRESS_SHIFT is not None:
+                self.index_view[1] = (msg.task_id << PROGRESS_SHIFT) + position + 1
             checkpoints = (msg.checkpoints or {}).get(index) or {}
             data, value = yield from ItemProgram(self, index, checkpoints).run()
             if data.__class__ is bytes:  # a plain success
@@ -653,7 +669,7 @@ class SimWorker:
                 outbox.add_item(index, data)
                 outcomes[data.status == OpStatus.SUCCEEDED] += 1
             yield None
-        self.slot = worker_module.IDLE
+        self.index_view[0] = worker_module.IDLE
         yield None
         ran = len(msg.indices) - len(unstarted)
         outbox.chunk_done(unstarted, 1.0, 0.0005 * max(ran, 1))
@@ -1014,7 +1030,7 @@ class Sim:
 
     def _kill(self, worker: SimWorker) -> None:
         self.deaths_left -= 1
-        self.trace.append(f"kill worker {worker.pid} at item {worker.slot}")
+        self.trace.append(f"kill worker {worker.pid} at item {worker.index_view[0]}")
         worker.die()
 
     def _crash(self, _: None) -> None:
