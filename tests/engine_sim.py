@@ -844,7 +844,8 @@ class Sim:
     """One schedule: ``Sim(seed, profile).run()`` returns the outcome or raises ``Violation``."""
 
     def __init__(self, seed: int, profile: str = "mixed",
-                 outbox_class: type[worker_module.Outbox] = worker_module.Outbox, ignore: Iterable[str] = ()) -> None:
+                 outbox_class: type[worker_module.Outbox] = worker_module.Outbox, ignore: Iterable[str] = (),
+                 dispatcher_class: type[Dispatcher] = Dispatcher) -> None:
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}")
         self.seed = seed
@@ -852,6 +853,7 @@ class Sim:
         self.rng = random.Random(seed)
         self.scenario = Scenario.draw(self.rng, profile)
         self.outbox_class = outbox_class
+        self.dispatcher_class = dispatcher_class  # a deliberately broken one, in the tests of the checker
         self.ignore = frozenset(ignore)  # invariants only traced, not raised (to show what else catches a defect)
         self.clock = SimClock()
         self.checker = Checker(self)
@@ -927,7 +929,7 @@ class Sim:
                              max_concurrency=scenario.max_concurrency, branch_timeout=None,
                              policy=CompletionPolicy(self.completion_config(), scenario.n), execution_id=EXEC_ID, done=done,
                              resuming=raw is not None, unfinished=unfinished, done_ok=done_ok)
-            dispatcher = Dispatcher(store, EXEC_ID, SimPool(self), max_workers=scenario.max_workers,  # type: ignore[arg-type]
+            dispatcher = self.dispatcher_class(store, EXEC_ID, SimPool(self), max_workers=scenario.max_workers,  # type: ignore[arg-type]
                                     max_worker_memory=None)
             dispatcher.ncpu = scenario.max_workers
             _, reason = dispatcher.run_batch(spec)
@@ -1056,13 +1058,13 @@ class Sim:
             raise OSError("simulated full disk")
 
 
-def run_schedules(seeds: Iterable[int], profile: str, stop_at_first: bool = True,
-                  outbox_class: type[worker_module.Outbox] = worker_module.Outbox) -> list[Violation]:
-    """Run the schedules of ``seeds``; return the violations found (the first only if ``stop_at_first``)."""
+def run_schedules(seeds: Iterable[int], profile: str, stop_at_first: bool = True, **kwargs: Any) -> list[Violation]:
+    """Run the schedules of ``seeds`` (``kwargs`` go to ``Sim``); return the violations found
+    (the first only if ``stop_at_first``)."""
     found: list[Violation] = []
     for seed in seeds:
         try:
-            Sim(seed, profile, outbox_class).run()
+            Sim(seed, profile, **kwargs).run()
         except Violation as violation:
             found.append(violation)
             if stop_at_first:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from typing import Any
 
 import pytest
-from engine_sim import PROFILES, Sim, Violation, run_schedules
+from engine_sim import BACKWARDS, NO_CHECKPOINTS, PROFILES, RAN_TWICE, Sim, Violation, run_schedules
 
 from durable_mp.core.records import OpRecord, OpStatus
+from durable_mp.engine.batch_run import BatchRun
+from durable_mp.engine.dispatcher import Dispatcher
 from durable_mp.engine.worker import Outbox
 
 SCHEDULES = int(os.environ.get("DURABLE_MP_SIM_SCHEDULES", "10000"))
@@ -92,6 +95,24 @@ def test_a_broken_outbox_is_caught_with_its_seed() -> None:
     assert violation.invariant == "a record's status moved backwards"
     assert f"seed {violation.seed} (clean)" in str(violation)
     assert f"tests/engine_sim.py {violation.seed} clean" in str(violation)
+
+
+class ForgetsCheckpoints(Dispatcher):
+    """A deliberately broken dispatcher: it re-dispatches every branch without its checkpoints."""
+
+    def _prepare_chunk(self, batch: BatchRun, indices: list[int]) -> Any:
+        batch.needs_ckpt.clear()
+        return super()._prepare_chunk(batch, indices)
+
+
+@pytest.mark.timeout(120)
+def test_a_dispatcher_that_forgets_checkpoints_is_caught() -> None:
+    """Worker deaths send branches back; without their checkpoints the checker stops the schedule."""
+    found = run_schedules(range(200), "deaths", dispatcher_class=ForgetsCheckpoints)
+    assert found, "a dispatcher that drops checkpoints went unnoticed for 200 schedules"
+    assert found[0].invariant == NO_CHECKPOINTS, str(found[0])
+    ran_twice = run_schedules(range(400), "deaths", dispatcher_class=ForgetsCheckpoints, ignore=[NO_CHECKPOINTS])
+    assert ran_twice and ran_twice[0].invariant in (RAN_TWICE, BACKWARDS), str(ran_twice[:1])
 
 
 @pytest.mark.timeout(120)
