@@ -161,6 +161,9 @@ class DriverCrash(Exception):
 
 # -- scenarios ------------------------------------------------------------------------------------
 
+# mixed: nested parallels, failing items, worker deaths, commit failures, a driver crash or unwritable store;
+# deaths: larger maps of top-level steps and worker deaths (defect 1); nested: nested parallels and no
+# fault (defect 2); clean: top-level steps and failing items, no fault.
 PROFILES = ("mixed", "deaths", "nested", "clean")
 
 
