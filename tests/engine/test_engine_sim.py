@@ -43,7 +43,6 @@ def check(found: list[Violation]) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="defects 1 and 2 of issue 18: fixed on branch engine")
 def test_schedules() -> None:
     """Every profile in turn (seed % 4): deaths, commit failures, driver crashes, nested parallels."""
     for profile in PROFILES:
@@ -51,14 +50,12 @@ def test_schedules() -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="defect 1 of issue 18: fixed on branch engine")
 def test_a_worker_death_redispatches_finished_neighbours_with_their_checkpoints() -> None:
     """Defect 1: an item finished but still in the dead worker's outbox went back without its checkpoints."""
     check(run_schedules(seeds(1000), "deaths"))
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="defect 2 of issue 18: fixed on branch engine")
 def test_nested_parallel_records_reach_the_driver_in_order() -> None:
     """Defect 2: ``Outbox.sync`` took records under the send lock and sent them after, so newer records
     of another thread could overtake them (a nested branch recorded STARTED over its SUCCEEDED)."""
@@ -94,7 +91,7 @@ def test_a_broken_outbox_is_caught_with_its_seed() -> None:
     violation = found[0]
     assert violation.invariant == "a record's status moved backwards"
     assert f"seed {violation.seed} (clean)" in str(violation)
-    assert f"tests/engine_sim.py {violation.seed} clean" in str(violation)
+    assert f"tests/engine/engine_sim.py {violation.seed} clean" in str(violation)
 
 
 class ForgetsCheckpoints(Dispatcher):

@@ -59,7 +59,7 @@ else a defect leads to.
 
 A schedule is a seed and a profile (``PROFILES``): ``Sim(seed, profile).run()`` replays it
 exactly.  A violation raises ``Violation``, whose message names the seed and the command
-that replays it (``python tests/engine_sim.py SEED PROFILE``).
+that replays it (``python tests/engine/engine_sim.py SEED PROFILE``).
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ SLOW_WRITE = 0.3  # chance, per step, that a send in flight is among the choices
 TICKS = (0.0002, 0.001, 0.003)  # how far the clock may move in one step (the outbox batches for 5 ms)
 KILLED = 9  # a wait status: killed by SIGKILL
 SUB_MAP, SUB_ITEM, SUB_PARALLEL, SUB_BRANCH, SUB_STEP = "Map", "MapIteration", "Parallel", "ParallelBranch", "Step"
-REPLAY = ("PYTHONPATH=. python tests/engine_sim.py {seed} {profile}  "
-          "(or DURABLE_MP_SIM_SEED={seed} python -m pytest tests/test_engine_sim.py)")
+REPLAY = ("PYTHONPATH=. python tests/engine/engine_sim.py {seed} {profile}  "
+          "(or DURABLE_MP_SIM_SEED={seed} python -m pytest tests/engine/test_engine_sim.py)")
 
 # the invariants, as ``Violation.invariant`` names them
 BACKWARDS = "a record's status moved backwards"
@@ -1076,7 +1076,7 @@ def run_schedules(seeds: Iterable[int], profile: str, stop_at_first: bool = True
 
 
 def main(argv: list[str]) -> None:
-    """Replay one schedule: ``python tests/engine_sim.py SEED [PROFILE] [--ignore NAME ...]``.
+    """Replay one schedule: ``python tests/engine/engine_sim.py SEED [PROFILE] [--ignore NAME ...]``.
 
     ``NAME`` is an invariant's constant (``OUT_OF_ORDER``, ``NO_CHECKPOINTS``, ...): it is only
     traced, so the replay shows what else the defect leads to.
