@@ -27,12 +27,13 @@ from durable_mp import rerun as _rerun
 from durable_mp.context import DurableContext
 from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
 from durable_mp.core.records import PICKLE_PROTOCOL
+from durable_mp.core.text import safe_str, type_name
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
 from durable_mp.engine.start import check_start_method
-from durable_mp.exceptions import ExecutionFailedError, ValidationError
+from durable_mp.exceptions import ExecutionFailedError, SerDesError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.callback import poll_callback
@@ -52,6 +53,16 @@ def dumps_value(value: Any) -> bytes:
         return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
     except Exception:  # noqa: BLE001 - lambdas, local classes
         return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def _dumps_result(result: Any) -> bytes:
+    """The handler's result pickled for the execution record; a value that cannot be is the handler's
+    error (a ``SerDesError`` naming it), so the execution ends FAILED instead of staying RUNNING."""
+    try:
+        return dumps_value(result)
+    except Exception as error:
+        raise SerDesError(f"Cannot serialize the handler's result (value of type {type_name(result)}) for the "
+                          f"execution record: {type(error).__name__}: {safe_str(error)}") from error
 
 
 def _digest(handler: Callable, event: Any) -> str:
@@ -271,6 +282,7 @@ class DurableFunction:
             state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time, poll_callback=poll_callback)
             try:
                 result = self.func(event, DurableContext(state, ""))
+                stored = _dumps_result(result)
             except Exception as exc:  # noqa: BLE001 - any handler error fails the execution
                 pool.close()
                 db.flush()
@@ -287,7 +299,7 @@ class DurableFunction:
             pool.begin_close()  # the workers exit while the last records and the result are committed
             db.flush()
             db.finish_execution(db.get_execution(execution_id)._replace(
-                status=SUCCEEDED, result=dumps_value(result), ended_ts=time.time()))
+                status=SUCCEEDED, result=stored, ended_ts=time.time()))
             pool.close()
             return result
         finally:

@@ -231,3 +231,26 @@ def test_a_bad_user_object_in_a_root_step_run_by_a_worker_fails_the_step(stage, 
         for text in ["Cannot serialize result of", *RETURNED[kind][1:]]:
             assert text in message, (text, message)
     assert "died" not in message
+
+
+@pytest.mark.parametrize("kind", RESULTS)
+def test_a_handler_result_that_cannot_be_stored_fails_the_execution_naming_it(kind, store_path):
+    """Not RUNNING forever: the execution ends FAILED, its error names the handler's result and its type."""
+    from durable_mp.exceptions import ExecutionFailedError
+    from durable_mp.store.facade import Store
+
+    @durable_execution
+    def handler(event, ctx):
+        ctx.step(lambda _: 1, name="one")
+        return _value(kind)
+
+    for run in range(2):  # a re-run (fix-and-resume of the FAILED execution) fails the same clear way
+        with pytest.raises(ExecutionFailedError) as caught:
+            handler.run(None, store=store_path, execution_id="bad-result")
+        error = caught.value.error
+        assert error.type.rsplit(".", 1)[-1] == "SerDesError", (run, error)
+        for text in ["handler's result", *RETURNED[kind][1:]]:
+            assert text in error.message, (run, text, error.message)
+        with Store(store_path) as db:
+            rec = db.get_execution("bad-result")
+        assert rec.status == "FAILED" and rec.error["ErrorMessage"] == error.message
