@@ -83,3 +83,42 @@ def test_a_resume_after_a_driver_crash_keeps_an_unpicklable_items_failure(tmp_pa
     assert "map item 3" in items[3][2] and "lock" in items[3][2]
     with Store(store) as db:
         assert db.get_execution("job").status == "SUCCEEDED"
+
+
+def test_fix_and_resume_of_an_exhausted_wait_for_condition_starts_a_fresh_attempt_budget(tmp_path):
+    """Like a reopened step, a reopened wait_for_condition gets its whole budget again (5 polls here)."""
+    from durable_mp import durable_execution
+    from durable_mp.config import Duration
+    from durable_mp.exceptions import ExecutionFailedError
+    from durable_mp.waits import WaitForConditionConfig, WaitStrategyConfig, create_wait_strategy
+
+    fixed = tmp_path / "fixed"
+    polls: list[tuple[bool, int]] = []  # (fixed?, state) of every poll
+
+    def check(state, check_ctx):
+        polls.append((fixed.exists(), state))
+        return state + 1
+
+    def keep_polling(state):  # the broken job never gets there; the fixed one needs 4 polls of this run
+        return not fixed.exists() or sum(1 for was_fixed, _ in polls if was_fixed) < 4
+
+    config = WaitForConditionConfig(
+        wait_strategy=create_wait_strategy(WaitStrategyConfig(
+            should_continue_polling=keep_polling, max_attempts=5, initial_delay=Duration.from_seconds(1))),
+        initial_state=0)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.wait_for_condition(check, config, name="poll")
+
+    store = str(tmp_path / "store")
+    with pytest.raises(ExecutionFailedError, match="exhausted 5 attempts"):
+        handler.run(None, store=store, execution_id="wfc", skip_time=True)
+    assert len(polls) == 5
+    fixed.touch()
+    handler.run(None, store=store, execution_id="wfc", skip_time=True)
+    # 4 polls, from the initial state: a failed operation runs again from its start, as a step does
+    assert [state for was_fixed, state in polls if was_fixed] == [0, 1, 2, 3]
+    with Store(store) as db:
+        rec = next(r for r in db.ops("wfc") if r.sub_type == "WaitForCondition")
+    assert rec.status == "SUCCEEDED" and rec.attempt == 9  # numbering continues across the runs
