@@ -122,3 +122,69 @@ def test_fix_and_resume_of_an_exhausted_wait_for_condition_starts_a_fresh_attemp
     with Store(store) as db:
         rec = next(r for r in db.ops("wfc") if r.sub_type == "WaitForCondition")
     assert rec.status == "SUCCEEDED" and rec.attempt == 9  # numbering continues across the runs
+
+
+# A job that fails until a file exists; its re-run can be held between taking the execution's
+# lock and starting the re-run (``_prepare_rerun``), the window another process's gc/delete hits.
+HELD_RERUN_JOB = textwrap.dedent(
+    """
+    import os, sys, time
+    import durable_mp.execution as execution
+    from durable_mp import durable_execution
+
+    store, fixed, held, go = sys.argv[1:5]
+
+    @durable_execution
+    def handler(event, ctx):
+        half = ctx.step(lambda _: 21, name="half")
+        if not os.path.exists(fixed):
+            raise ValueError("not fixed yet")
+        return half * 2
+
+    if held != "-":
+        resume = execution.DurableFunction._prepare_rerun
+
+        def held_rerun(self, *args, **kwargs):
+            open(held, "w").close()  # the lock is taken, the re-run has not started
+            while not os.path.exists(go):
+                time.sleep(0.01)
+            return resume(self, *args, **kwargs)
+
+        execution.DurableFunction._prepare_rerun = held_rerun
+    print(handler.run(None, store=store, execution_id="job"), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("command", [["delete", "job"], ["gc", "--older-than", "0s"]])
+def test_gc_and_delete_leave_a_failed_execution_another_driver_is_resuming(command, tmp_path):
+    import durable_mp.cli.main as cli
+
+    script = tmp_path / "job.py"
+    script.write_text(HELD_RERUN_JOB)
+    store, fixed, held, go = (str(tmp_path / name) for name in ("store", "fixed", "held", "go"))
+    first = subprocess.run([sys.executable, str(script), store, fixed, "-", go], capture_output=True, text=True,
+                           timeout=90)
+    assert first.returncode != 0 and "not fixed yet" in first.stderr
+    with Store(store) as db:
+        assert db.get_execution("job").status == "FAILED"
+
+    open(fixed, "w").close()
+    driver = subprocess.Popen([sys.executable, str(script), store, fixed, held, go], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: os.path.exists(held))
+        code = cli.main([*command, "--store", store])
+        with Store(store) as db:
+            rec = db.get_execution("job")
+            assert rec is not None, f"{command[0]} removed an execution a live driver holds"
+            assert rec.owner_pid == driver.pid and len(db.ops("job")) == 1
+        if command[0] == "delete":
+            assert code != 0
+    finally:
+        open(go, "w").close()
+        out, err = driver.communicate(timeout=90)
+    assert driver.returncode == 0, err[-3000:]
+    assert out.strip() == "42"
+    with Store(store) as db:
+        assert db.get_execution("job").status == "SUCCEEDED"
