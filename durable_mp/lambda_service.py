@@ -82,6 +82,15 @@ def error_type_name(error: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _text(value: Any) -> str | None:
+    """A field of an operation error as the plain string a checkpoint holds (user code may set anything)."""
+    return value if value is None or value.__class__ is str else safe_str(value)
+
+
+def _lines(value: Any) -> list[str] | None:
+    return None if value is None else [_text(line) or "" for line in value]
+
+
 # A checkpointed value as the reference types it (its serdes writes strings; durable_mp's
 # default may also write pickle bytes).
 OperationPayload = str
@@ -122,9 +131,9 @@ class ErrorObject:
         """
         if isinstance(error, SerDesError):
             # Pinned to the base type so replay rebuilds it as SerDesError.
-            return cls(error.message, _SERDES_ERROR_TYPE, error.data, error.stack_trace)
+            return cls(_text(error.message), _SERDES_ERROR_TYPE, _text(error.data), _lines(error.stack_trace))
         if isinstance(error, DurableOperationError):
-            return cls(error.message, error_type_name(error), error.data, error.stack_trace)
+            return cls(_text(error.message), error_type_name(error), _text(error.data), _lines(error.stack_trace))
         message = safe_str(error)
         try:
             stack_trace = traceback.format_exception(error)

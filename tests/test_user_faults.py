@@ -66,6 +66,10 @@ class ResultPicklingRaises:
 
 
 def _raise(kind: str) -> None:
+    if kind == "operation_error_fields":  # the user's own StepError, its fields not strings
+        from durable_mp import StepError
+
+        raise StepError(StrRaises(), "custom", data=HoldsALock(), stack_trace=[StrRaises()])
     raise {"str_raises": StrRaises, "str_and_repr_raise": StrAndReprRaise, "str_not_str": StrReturnsNonStr,
            "unpicklable_exc": HoldsALock, "pickling_raises_exc": PicklingRaises}[kind]()
 
@@ -98,7 +102,8 @@ class BadSerDes(SerDes):
         return int(data)
 
 
-EXCEPTIONS = ("str_raises", "str_and_repr_raise", "str_not_str", "unpicklable_exc", "pickling_raises_exc")
+EXCEPTIONS = ("str_raises", "str_and_repr_raise", "str_not_str", "unpicklable_exc", "pickling_raises_exc",
+              "operation_error_fields")
 RESULTS = ("unpicklable_result", "pickling_raises_result")
 SERDES = ("serdes_dict", "serdes_int", "serdes_list", "serdes_raises")
 
@@ -110,6 +115,7 @@ RAISED = {
     "str_not_str": ("StrReturnsNonStr", ["str() raised TypeError"]),
     "unpicklable_exc": ("HoldsALock", ["holds a lock"]),
     "pickling_raises_exc": ("PicklingRaises", ["cannot be pickled either"]),
+    "operation_error_fields": ("StepError", ["StrRaises object: str() raised RuntimeError"]),
 }
 RETURNED = {
     "unpicklable_result": ["Cannot serialize result of", "_thread.lock"],
@@ -197,7 +203,8 @@ def test_a_bad_user_object_fails_only_its_branch_with_a_clear_error(stage, kind,
     assert error_type.rsplit(".", 1)[-1] == expected_type, (error_type, message)
     for text in texts:
         assert text in message, (text, message)
-    if stage.endswith("_raises"):  # the traceback names the user's exception and where it was raised
+    if stage.endswith("_raises") and kind != "operation_error_fields":  # the traceback names the user's
+        # exception and where it was raised (an operation error carries its own, here a list of one non-str)
         assert RAISED[kind][0] in trace and "in _raise" in trace, trace
     assert "crashed its worker" not in message
 
@@ -225,7 +232,7 @@ def test_a_bad_user_object_in_a_root_step_run_by_a_worker_fails_the_step(stage, 
         assert error_type == "StepError"
         for text in texts:
             assert text in message, (text, message)
-        assert expected_type in trace, trace
+        assert expected_type in trace or kind == "operation_error_fields", trace
     else:
         assert error_type == "SerDesError", message
         for text in ["Cannot serialize result of", *RETURNED[kind][1:]]:
@@ -254,3 +261,38 @@ def test_a_handler_result_that_cannot_be_stored_fails_the_execution_naming_it(ki
         with Store(store_path) as db:
             rec = db.get_execution("bad-result")
         assert rec.status == "FAILED" and rec.error["ErrorMessage"] == error.message
+
+
+def _raise_base(kind: str) -> None:
+    raise {"keyboard_interrupt": KeyboardInterrupt, "system_exit": SystemExit,
+           "generator_exit": GeneratorExit}[kind]("user raised it")
+
+
+@pytest.mark.parametrize("level", ["top", "nested"])
+@pytest.mark.parametrize("where", ["branch", "step"])
+@pytest.mark.parametrize("kind", ["keyboard_interrupt", "system_exit", "generator_exit"])
+def test_a_base_exception_raised_by_user_code_in_a_worker_fails_only_its_branch(kind, where, level, store_path):
+    """A worker ignores SIGINT's KeyboardInterrupt (its signals are the defaults: a signal kills it), so one
+    raised there was raised by the user's code: like SystemExit, it fails that branch, not the worker."""
+    def bad(ctx):
+        if where == "branch":
+            _raise_base(kind)
+        return ctx.step(lambda _: _raise_base(kind), name="bad-step", config=StepConfig(retry_strategy=NO_RETRY))
+
+    def batch(ctx):
+        return _summary(ctx.parallel([lambda c: 0, bad, lambda c: 2],
+                                     config=ParallelConfig(completion_config=ALL_COMPLETED)))
+
+    @durable_execution
+    def handler(event, ctx):
+        if level == "top":
+            return batch(ctx)
+        return ctx.parallel([batch], config=ParallelConfig(completion_config=ALL_COMPLETED)).all[0].result
+
+    items = handler.run(None, store=store_path, skip_time=True)
+    assert [(s, r) for s, r, _, _, _ in items] == [("SUCCEEDED", 0), ("FAILED", None), ("SUCCEEDED", 2)]
+    _, _, error_type, message, trace = items[1]
+    expected = {"keyboard_interrupt": "KeyboardInterrupt", "system_exit": "SystemExit",
+                "generator_exit": "GeneratorExit"}[kind]
+    assert error_type.rsplit(".", 1)[-1] == expected and message == "user raised it", (error_type, message)
+    assert "_raise_base" in trace

@@ -124,12 +124,14 @@ class BranchRunner:
                                                   what=f"result of branch {index} ({name})")
                 if isinstance(payload, list):  # serdes.Parts (a numpy result): copy what may still change
                     payload = snapshot(payload)
-        except (KeyboardInterrupt, OrphanedChildException):
+        except OrphanedChildException:
             raise
         except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc,
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
-        except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only, and so does
+            # KeyboardInterrupt: branches run in worker processes, whose SIGINT kills them (worker._default_signals),
+            # so one raised here was raised by the user's code
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
         skipped = take_skipped_seconds() if self.skip_time else 0.0
         if skipped:  # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them

@@ -511,7 +511,7 @@ def _run_call(msg: RunCall, channel: Channel) -> None:
         value = func(StepContext(Logger(extra=extra), attempt))
         data = _pickle_result(value, extra)
         channel.send(CallResult(msg.task_id, True, data))
-    except (KeyboardInterrupt, OrphanedChildException):
+    except OrphanedChildException:  # a KeyboardInterrupt here is the step's own (SIGINT kills a worker): it travels
         raise
     except BaseException as exc:  # noqa: BLE001
         try:
