@@ -55,13 +55,16 @@ def dumps_value(value: Any) -> bytes:
         return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
 
 
-def _dumps_result(result: Any) -> bytes:
-    """The handler's result pickled for the execution record; a value that cannot be is the handler's
-    error (a ``SerDesError`` naming it), so the execution ends FAILED instead of staying RUNNING."""
+def _dumps_result(result: Any, what: str = "result") -> bytes:
+    """The handler's result (or event) pickled for the execution record, or a ``SerDesError`` naming it.
+
+    A result that cannot be pickled is the handler's error, so the execution ends FAILED
+    instead of staying RUNNING; an event that cannot be is refused before anything is recorded.
+    """
     try:
         return dumps_value(result)
     except Exception as error:
-        raise SerDesError(f"Cannot serialize the handler's result (value of type {type_name(result)}) for the "
+        raise SerDesError(f"Cannot serialize the handler's {what} (value of type {type_name(result)}) for the "
                           f"execution record: {type(error).__name__}: {safe_str(error)}") from error
 
 
@@ -239,8 +242,9 @@ class DurableFunction:
         def fresh() -> ExecutionRecord:
             now = time.time()
             pid, create_time = this_process()  # the owner acquire() records anyway (cached: no psutil call)
-            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, dumps_value(event), None, None, now, now,
-                                   None, pid, create_time, 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
+            stored = _dumps_result(event, "event")
+            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, stored, None, None, now, now, None, pid,
+                                   create_time, 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
 
         rec, _created = db.acquire(execution_id, fresh)
         restore_sigterm = _stop_cleanly_on_sigterm()

@@ -296,3 +296,18 @@ def test_a_base_exception_raised_by_user_code_in_a_worker_fails_only_its_branch(
                 "generator_exit": "GeneratorExit"}[kind]
     assert error_type.rsplit(".", 1)[-1] == expected and message == "user raised it", (error_type, message)
     assert "_raise_base" in trace
+
+
+def test_an_event_that_cannot_be_stored_is_refused_naming_it_and_records_nothing(store_path):
+    from durable_mp import SerDesError
+    from durable_mp.store.facade import Store
+
+    @durable_execution
+    def handler(event, ctx):
+        return "ran"
+
+    with pytest.raises(SerDesError, match=r"handler's event \(value of type _thread.lock\)"):
+        handler.run(threading.Lock(), store=store_path, execution_id="bad-event")
+    with Store(store_path) as db:
+        assert db.get_execution("bad-event") is None
+    assert handler.run(None, store=store_path, execution_id="bad-event") == "ran"  # nothing was left locked

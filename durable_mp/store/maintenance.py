@@ -72,6 +72,7 @@ def collect(store: Store, older_than_s: float, *, dry_run: bool = False, now: fl
     executions = store.list_executions()
     if not dry_run and listed:
         blobs.remove_stale(store.path, listed, (rec.exec_id for rec in executions))
+
     def collectable(rec: ExecutionRecord) -> bool:
         try:
             check_deletable(rec, force=False)
