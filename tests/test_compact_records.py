@@ -56,7 +56,8 @@ def test_a_resumed_map_reads_its_compact_records_and_reruns_only_the_failed_item
     assert len(list(ran.iterdir())) - before == 1  # item 7 only: the other 39 replayed from compact records
 
 
-@pytest.mark.parametrize("name", ["n" * 70_000, "é" * 40_000, "bad-\udc80-surrogate"])
+@pytest.mark.parametrize("name", ["n" * 70_000, "é" * 40_000, "bad-\udc80-surrogate"],
+                         ids=["70k-ascii", "80k-bytes-utf8", "surrogate"])
 def test_an_item_whose_name_does_not_fit_the_compact_record_succeeds_with_its_name(name, tmp_path):
     """A name past the compact record's 64 KiB (or not encodable as UTF-8) takes the full record."""
     from durable_mp.store.facade import Store

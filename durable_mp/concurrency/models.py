@@ -178,6 +178,9 @@ class CompletionPolicy:
             for index, succeeded in outcomes.items():
                 self.on_started(index)
                 self.on_finished(index, succeeded)
+                if not self._counted[index]:  # came after a decision: still counted, the store holds it
+                    self._counted[index] = 1  # (``uncounted`` items are recorded STARTED: never over an ended one)
+                    self._count(succeeded)
             return
         states, total = self._states, self._total
         ok = 0
