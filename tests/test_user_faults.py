@@ -87,7 +87,7 @@ class BadSerDes(SerDes):
         self.only = only
 
     def serialize(self, value, serdes_context):
-        if self.only is not None and value != self.only:
+        if self.kind == "deserialize_raises" or (self.only is not None and value != self.only):
             return str(value)
         if self.kind == "serdes_dict":
             return {"v": value}
@@ -99,6 +99,8 @@ class BadSerDes(SerDes):
 
     def deserialize(self, data, serdes_context):
         assert self.only is not None, "a value this serdes could not write is never read"
+        if self.kind == "deserialize_raises" and data == str(self.only):
+            raise StrRaises()
         return int(data)
 
 
@@ -106,6 +108,7 @@ EXCEPTIONS = ("str_raises", "str_and_repr_raise", "str_not_str", "unpicklable_ex
               "operation_error_fields")
 RESULTS = ("unpicklable_result", "pickling_raises_result")
 SERDES = ("serdes_dict", "serdes_int", "serdes_list", "serdes_raises")
+READ_BACK = ("deserialize_raises",)  # the item's payload is written, reading it back raises
 
 # What the bad branch's error must say: its type (last dotted part) and texts in its message.
 # A message must name the exception's type when its text cannot be had.
@@ -126,6 +129,8 @@ SERIALIZED = {
     "serdes_int": ["BadSerDes", "returned builtins.int", "str or bytes"],
     "serdes_list": ["BadSerDes", "returned builtins.list", "str or bytes"],
     "serdes_raises": ["BadSerDes", "StrRaises", "str() raised RuntimeError"],
+    "deserialize_raises": ["Cannot deserialize result of branch 1", "BadSerDes", "StrRaises",
+                           "str() raised RuntimeError"],
 }
 
 
@@ -155,6 +160,8 @@ def _expected(stage: str, kind: str) -> tuple[str, list[str]]:
         return RAISED[kind]
     if stage == "branch_serdes":
         return "SerDesError", ["result of branch 1", *SERIALIZED[kind]]
+    if stage == "branch_deserialize":
+        return "SerDesError", SERIALIZED[kind]
     if stage == "branch_returns":
         return "SerDesError", [RETURNED[kind][0] + " branch 1", *RETURNED[kind][1:]]
     if stage == "step_raises":
@@ -165,7 +172,8 @@ def _expected(stage: str, kind: str) -> tuple[str, list[str]]:
 
 
 CASES = ([("branch_raises", k) for k in EXCEPTIONS] + [("branch_returns", k) for k in RESULTS]
-         + [("branch_serdes", k) for k in SERDES] + [("step_raises", k) for k in EXCEPTIONS]
+         + [("branch_serdes", k) for k in SERDES] + [("branch_deserialize", k) for k in READ_BACK]
+         + [("step_raises", k) for k in EXCEPTIONS]
          + [("step_returns", k) for k in RESULTS] + [("step_serdes", k) for k in SERDES])
 
 
@@ -176,7 +184,7 @@ def _summary(result) -> list[tuple]:
 
 def _batch(ctx, stage: str, kind: str):
     """Three branches, the middle one bad: a map when the item serdes is the fault, else a parallel."""
-    if stage == "branch_serdes":
+    if stage in ("branch_serdes", "branch_deserialize"):
         return ctx.map([0, 1, 2], lambda c, x, i, xs: x,
                        config=MapConfig(completion_config=ALL_COMPLETED, item_serdes=BadSerDes(kind, only=1)))
     good = [lambda c, i=i: i for i in range(3)]
