@@ -26,13 +26,14 @@ import cloudpickle
 from durable_mp import rerun as _rerun
 from durable_mp.context import DurableContext
 from durable_mp.core.canonical import NotCanonicalError, canonical_bytes
+from durable_mp.core.text import safe_str, type_name
 from durable_mp.core.vocabulary import FAILED, PICKLE_PROTOCOL, RUNNING, SUCCEEDED
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
 from durable_mp.engine.start import check_start_method
-from durable_mp.exceptions import ExecutionFailedError, ValidationError
+from durable_mp.exceptions import ExecutionFailedError, SerDesError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.signature import check_callable
@@ -52,6 +53,19 @@ def dumps_value(value: Any) -> bytes:
         return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
     except Exception:  # noqa: BLE001 - lambdas, local classes
         return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def _dumps_result(result: Any, what: str = "result") -> bytes:
+    """The handler's result (or event) pickled for the execution record, or a ``SerDesError`` naming it.
+
+    A result that cannot be pickled is the handler's error, so the execution ends FAILED
+    instead of staying RUNNING; an event that cannot be is refused before anything is recorded.
+    """
+    try:
+        return dumps_value(result)
+    except Exception as error:
+        raise SerDesError(f"Cannot serialize the handler's {what} (value of type {type_name(result)}) for the "
+                          f"execution record: {type(error).__name__}: {safe_str(error)}") from error
 
 
 def _digest(handler: Callable, event: Any) -> str:
@@ -230,8 +244,9 @@ class DurableFunction:
         def fresh() -> ExecutionRecord:
             now = time.time()
             pid, create_time = this_process()  # the owner acquire() records anyway (cached: no psutil call)
-            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, dumps_value(event), None, None, now, now,
-                                   None, pid, create_time, 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
+            stored = _dumps_result(event, "event")
+            return ExecutionRecord(execution_id, RUNNING, self.handler_ref, stored, None, None, now, now, None, pid,
+                                   create_time, 1, {**self._origin(), _rerun.CODE_KEY: fingerprint})
 
         rec, _created = db.acquire(execution_id, fresh)
         restore_sigterm = _stop_cleanly_on_sigterm()
@@ -273,6 +288,7 @@ class DurableFunction:
             state = DriverState(db, execution_id, make_dispatcher, skip_time=skip_time, poll_callback=poll_callback)
             try:
                 result = self.func(event, DurableContext(state, ""))
+                stored = _dumps_result(result)
             except Exception as exc:  # noqa: BLE001 - any handler error fails the execution
                 pool.close()
                 db.flush()
@@ -289,7 +305,7 @@ class DurableFunction:
             pool.begin_close()  # the workers exit while the last records and the result are committed
             db.flush()
             db.finish_execution(db.get_execution(execution_id)._replace(
-                status=SUCCEEDED, result=dumps_value(result), ended_ts=time.time()))
+                status=SUCCEEDED, result=stored, ended_ts=time.time()))
             pool.close()
             return result
         finally:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from durable_mp._compat import StrEnum
 from durable_mp.core.remote import remote_traceback
+from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import SubType
 from durable_mp.exceptions import ChildContextError, DurableOperationError, SerDesError
 
@@ -82,6 +83,15 @@ def error_type_name(error: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _text(value: Any) -> str | None:
+    """A field of an operation error as the plain string a checkpoint holds (user code may set anything)."""
+    return value if value is None or value.__class__ is str else safe_str(value)
+
+
+def _lines(value: Any) -> list[str] | None:
+    return None if value is None else [_text(line) or "" for line in value]
+
+
 # A checkpointed value as the reference types it (its serdes writes strings; durable_mp's
 # default may also write pickle bytes).
 OperationPayload = str
@@ -117,18 +127,20 @@ class ErrorObject:
         the origin's).  For any other exception durable_mp keeps the formatted
         traceback, where the reference stores ``None``: a branch fails in another
         process, and its traceback is the only way to find the failing line.
+        Never raises: an exception whose ``str()`` raises is captured with a message
+        that says so (``safe_str``), so recording a failure cannot fail in turn.
         """
         if isinstance(error, SerDesError):
             # Pinned to the base type so replay rebuilds it as SerDesError.
-            return cls(error.message, _SERDES_ERROR_TYPE, error.data, error.stack_trace)
+            return cls(_text(error.message), _SERDES_ERROR_TYPE, _text(error.data), _lines(error.stack_trace))
         if isinstance(error, DurableOperationError):
-            return cls(error.message, error_type_name(error), error.data, error.stack_trace)
-        return cls(
-            message=str(error),
-            type=error_type_name(error),
-            data=None,
-            stack_trace=traceback.format_exception(error),
-        )
+            return cls(_text(error.message), error_type_name(error), _text(error.data), _lines(error.stack_trace))
+        message = safe_str(error)
+        try:
+            stack_trace = traceback.format_exception(error)
+        except Exception:  # noqa: BLE001 - e.g. a user's __notes__ or __cause__ that breaks the formatter
+            stack_trace = None
+        return cls(message=message, type=error_type_name(error), data=None, stack_trace=stack_trace)
 
     def to_dict(self) -> dict[str, Any]:
         """Wire form; ``None`` fields are omitted."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from durable_mp.config import ChildConfig, Duration
+from durable_mp.core.text import safe_str
 from durable_mp.jitter import JitterStrategy, exponential_delay
 
 __all__ = [
@@ -110,7 +111,7 @@ def _error_matcher(patterns: ErrorPatterns | None, types: ErrorTypes | None) -> 
     def matches(error: Exception) -> bool:
         if error_types and isinstance(error, error_types):
             return True
-        text = str(error)
+        text = safe_str(error)  # a user's broken __str__ must not break the retry decision
         return any(p.search(text) if isinstance(p, re.Pattern) else p in text for p in patterns)
 
     return matches

@@ -35,6 +35,7 @@ import cloudpickle
 
 from durable_mp.concurrency.models import BatchResult
 from durable_mp.core.serdes_base import Payload, SerDes, SerDesContext
+from durable_mp.core.text import safe_str, type_name
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 from durable_mp.exceptions import RetryableSerDesError, SerDesError
 
@@ -157,7 +158,7 @@ def serialize_parts(serdes: SerDes | None, value: Any, *, op_id: str = "", execu
         parts = pickle_parts(value)
     except Exception as error:
         raise SerDesError(f"Cannot serialize {what} (value of type {_describe(value)}) with PickleSerDes: "
-                          f"{type(error).__name__}: {error}") from error
+                          f"{type(error).__name__}: {safe_str(error)}") from error
     _check_size(parts.nbytes if isinstance(parts, Parts) else len(parts), what, value)
     return parts
 
@@ -420,10 +421,27 @@ def serialize(
     except Exception as error:
         raise SerDesError(
             f"Cannot serialize {what} (value of type {_describe(value)}) with "
-            f"{type(active).__name__}: {type(error).__name__}: {error}"
+            f"{type(active).__name__}: {type(error).__name__}: {safe_str(error)}"
         ) from error
+    if payload.__class__ is not str and payload.__class__ is not bytes:
+        payload = _as_payload(payload, active, what)
     _check_size(len(payload), what, value)
     return payload
+
+
+def _as_payload(payload: Any, serdes: SerDes, what: str) -> Payload:
+    """A custom serializer's output as the exact ``str`` or ``bytes`` a checkpoint holds.
+
+    Anything else (a dict, an int, a list that the engine would take for buffers) is the
+    serializer's bug, refused here as a ``SerDesError`` that names it, before the engine
+    tries to pickle or join it far from the user's code.
+    """
+    if isinstance(payload, str):  # a subclass would be pickled as the user's class
+        return str.__getitem__(payload, slice(None))
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    raise SerDesError(f"Cannot serialize {what}: {type(serdes).__name__}.serialize returned "
+                      f"{type_name(payload)}, a checkpoint holds str or bytes")
 
 
 def _check_size(size: int, what: str, value: Any) -> None:
@@ -447,5 +465,5 @@ def deserialize(
     except Exception as error:
         raise SerDesError(
             f"Cannot deserialize {what} (payload of type {_describe(data)}) with "
-            f"{type(active).__name__}: {type(error).__name__}: {error}"
+            f"{type(active).__name__}: {type(error).__name__}: {safe_str(error)}"
         ) from error

@@ -373,7 +373,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
         except StoreError as exc:
             raise CliError(str(exc)) from None
         n = len(store.ops(rec.exec_id))
-        store.delete_execution(rec.exec_id)
+        try:  # checked again in the deleting transaction: a driver may take the execution meanwhile
+            store.delete_execution(rec.exec_id, lambda current: check_deletable(current, force=args.force))
+        except StoreError as exc:
+            raise CliError(str(exc)) from None
     print(f"deleted execution {rec.exec_id} ({n} operation records)", file=sys.stderr)
     if args.compact:
         _compact(args)

@@ -58,6 +58,23 @@ _AS_ITEM_STATUS = (None, BatchItemStatus.STARTED, BatchItemStatus.SUCCEEDED, Bat
 _FROM_ITEM_STATUS = {status: code for code, status in enumerate(_AS_ITEM_STATUS)}
 
 
+def _percentage_limit(pct: float, total: int) -> int:
+    """The fewest failures ``tolerance_exceeded`` calls over ``pct`` percent of ``total``.
+
+    That test is the reference's float comparison ``failed / total * 100 > pct``; the
+    real-number answer ``int(pct * total / 100) + 1`` is one too many where the float
+    product rounds up past an integer (20 items at 55 %: 11 failures exceed it), which
+    let a worker start one item after the batch was decided.  Start from it and step to
+    the comparison's own boundary (at most a step or two).
+    """
+    limit = int(pct * total / 100) + 1
+    while limit > 0 and (limit - 1) / total * 100 > pct:
+        limit -= 1
+    while limit <= total and not limit / total * 100 > pct:
+        limit += 1
+    return limit
+
+
 class CompletionPolicy:
     """Completion state of one batch of ``total`` items; owned by its scheduler.
 
@@ -161,6 +178,9 @@ class CompletionPolicy:
             for index, succeeded in outcomes.items():
                 self.on_started(index)
                 self.on_finished(index, succeeded)
+                if not self._counted[index]:  # came after a decision: still counted, the store holds it
+                    self._counted[index] = 1  # (``uncounted`` items are recorded STARTED: never over an ended one)
+                    self._count(succeeded)
             return
         states, total = self._states, self._total
         ok = 0
@@ -238,7 +258,7 @@ class CompletionPolicy:
             if self._max_failures is not None:
                 limits.append(self._max_failures + 1)
             if self._max_failure_pct is not None and self._total > 0:
-                limits.append(int(self._max_failure_pct * self._total / 100) + 1)
+                limits.append(_percentage_limit(self._max_failure_pct, self._total))
             if limits:
                 failures = max(1, min(limits) - self._failed)
                 if failures + self._failed > self._total:

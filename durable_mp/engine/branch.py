@@ -7,6 +7,7 @@ branch is recorded the same way wherever it runs.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections.abc import Callable, Sequence
 from hashlib import blake2b as _blake2b
@@ -15,6 +16,7 @@ from typing import Any
 from durable_mp import serdes as _serdes
 from durable_mp.core.nesting import branch_record_parent
 from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
+from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import default_item_name, map_item_name
 from durable_mp.engine.protocol import NOT_SENT
 from durable_mp.engine.state import take_skipped_seconds
@@ -48,7 +50,7 @@ class BranchSource:
         if self.names is not None:
             got = self.names[index] if not isinstance(self.names, dict) else self.names.get(index)
             if got is not None:
-                return str(got)
+                return safe_str(got)
         return default_item_name(index, parallel=self.funcs is not None)
 
     def call(self, ctx: Any, index: int) -> Any:
@@ -128,12 +130,14 @@ class BranchRunner:
                                                   what=f"result of branch {index} ({name})")
                 if isinstance(payload, list):  # serdes.Parts (a numpy result): copy what may still change
                     payload = snapshot(payload)
-        except (KeyboardInterrupt, OrphanedChildException):
+        except OrphanedChildException:
             raise
         except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc,
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
-        except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only, and so does
+            # KeyboardInterrupt: branches run in worker processes, whose SIGINT kills them (worker._default_signals),
+            # so one raised here was raised by the user's code
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
         skipped = take_skipped_seconds() if self.skip_time else 0.0
         if skipped:  # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them
@@ -141,21 +145,42 @@ class BranchRunner:
                                 counted=True), None
         if self.compact and payload.__class__ is not list and (payload is None
                                                                or len(payload) <= _COMPACT_MAX_BYTES):
-            plain = value.__class__ in _SCALARS and self.plain_values
-            return (item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload),
-                    value if plain else NOT_SENT)
+            try:
+                data = item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload)
+            except (struct.error, UnicodeEncodeError):  # a name past 64 KiB or not UTF-8: the full record
+                pass
+            else:
+                return data, value if value.__class__ in _SCALARS and self.plain_values else NOT_SENT
         return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, counted=True), None
 
     def _record(self, op_id: str, name: str, start: float, status: str, payload: Any = None,
                 exc: BaseException | None = None, extra: dict[str, Any] | None = None,
                 counted: bool = False) -> OpRecord:
         source = self.source
-        error = None if exc is None else ErrorObject.from_exception(_from_user_code(exc)).to_dict()
+        error = None if exc is None else _error_of(exc)
         skipped = take_skipped_seconds() if self.skip_time and not counted else 0.0
         if skipped:
             extra = {**(extra or {}), SKIPPED_KEY: skipped}
         return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
                         start, time.time(), payload, error, 1, pid=self.pid, extra=extra)
+
+
+_ENGINE_ERROR = "durable_mp.exceptions.DurableExecutionsError"
+
+
+def _error_of(exc: BaseException) -> dict[str, Any]:
+    """The checkpointed error of a failed branch, whatever the user's exception does when looked at.
+
+    ``ErrorObject.from_exception`` does not raise for a broken ``__str__``; this is the
+    last line for anything else (a traceback that cannot be walked): a branch whose failure
+    cannot be recorded must still end, or its batch waits for it forever.
+    """
+    try:
+        return ErrorObject.from_exception(_from_user_code(exc)).to_dict()
+    except Exception as error:  # noqa: BLE001
+        cls = type(exc)
+        return ErrorObject(f"the branch raised {cls.__module__}.{cls.__qualname__}, which could not be recorded: "
+                           f"{type(error).__name__}: {safe_str(error)}", _ENGINE_ERROR).to_dict()
 
 
 def _from_user_code(exc: BaseException) -> BaseException:
@@ -199,6 +224,13 @@ def snapshot(parts: Any) -> Any:
     if not isinstance(parts, list):  # bytes, a serdes' str, None: immutable
         return parts
     return [part if part.__class__ is bytes else bytes(part) for part in parts]
+
+
+def failed_record(source: BranchSource, index: int, start: float, exc: BaseException) -> OpRecord:
+    """Record of a branch whose run raised past ``BranchRunner.run`` (an engine fault, not the user's)."""
+    return OpRecord(operation_id(source.batch_op_id, index), source.batch_op_id, OpType.CONTEXT,
+                    source.item_sub_type, source.name(index), OpStatus.FAILED, start, time.time(),
+                    error=_error_of(exc))
 
 
 def started_record(source_op_id: str, item_sub_type: str, name: str, index: int, start: float) -> OpRecord:

@@ -82,6 +82,7 @@ log = logging.getLogger("durable_mp.dispatch")
 MAX_WAIT_SECONDS = 1.0
 DEFAULT_MAX_CRASH_RETRIES = 3
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+_ENDED = (BranchState.SUCCEEDED, BranchState.FAILED)  # replayed from the store: never failed again
 
 PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
 
@@ -194,6 +195,8 @@ class Dispatcher:
 
     # -- scheduling -----------------------------------------------------------------------------
     def _fail_unpicklable(self, batch: BatchRun, index: int, error: Exception) -> None:
+        if batch.branches.state(index) in _ENDED:  # its record from an earlier run stands (a resume replays it)
+            return
         if index in batch.queue:
             batch.queue.remove(index)
         self._fail_item(batch, index, error)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from durable_mp.core.spec import BatchSpec
+from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import BranchSource
@@ -25,7 +26,7 @@ SHARED_PAYLOAD_BYTES = 4 * 2**20  # above this, branches sharing objects are pic
 
 def _unpicklable(what: str, obj: Any, exc: Exception) -> SerDesError:
     return SerDesError(f"{what} cannot be pickled for the worker processes "
-                       f"(object of type {type(obj).__name__}): {type(exc).__name__}: {exc}")
+                       f"(object of type {type(obj).__name__}): {type(exc).__name__}: {safe_str(exc)}")
 
 
 def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> bytes:
@@ -55,7 +56,7 @@ def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> by
             meta["func"] = pickling.dumps(spec.func)
         except Exception as exc:  # noqa: BLE001
             raise SerDesError(f"map function {getattr(spec.func, '__name__', spec.func)!r} cannot be pickled "
-                              f"for the worker processes: {type(exc).__name__}: {exc}") from exc
+                              f"for the worker processes: {type(exc).__name__}: {safe_str(exc)}") from exc
         meta["inputs"] = _pickle_inputs(spec, fail)
     return pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
 
@@ -113,7 +114,7 @@ class _LazyBranches:
             except Exception as exc:  # noqa: BLE001
                 raise SerDesError(
                     f"branch {index} ({self.names[index]}) could not be unpickled in the worker: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {safe_str(exc)}"
                 ) from exc
         return func
 
@@ -143,7 +144,7 @@ def load_source(payload: bytes, execution_id: str) -> BranchSource:
             inputs = pickling.loads(meta["inputs"])
         except Exception as exc:  # noqa: BLE001
             err = SerDesError(f"map function or inputs could not be unpickled in the worker: "
-                              f"{type(exc).__name__}: {exc}")
+                              f"{type(exc).__name__}: {safe_str(exc)}")
             func = _Unloadable(err)
             inputs = _Unloadable(err)
     lazy: Any = funcs  # _LazyBranches: indexable like the sequence BranchSource expects

@@ -21,7 +21,14 @@ from typing import Any
 from durable_mp.core.completion import CompletionReason
 from durable_mp.core.records import OpRecord, OpStatus
 from durable_mp.core.spec import BatchSpec
-from durable_mp.engine.branch import SKIPPED_KEY, BranchSource, raise_if_fatal, run_branch, started_record
+from durable_mp.engine.branch import (
+    SKIPPED_KEY,
+    BranchSource,
+    failed_record,
+    raise_if_fatal,
+    run_branch,
+    started_record,
+)
 from durable_mp.exceptions import OrphanedChildException
 
 
@@ -37,10 +44,13 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
     running: dict[int, tuple[Any, float]] = {}
 
     def body(index: int, branch_state: Any) -> None:
+        start = time.time()
         try:
             rec = run_branch(source, index, branch_state.context)
         except OrphanedChildException:
             return
+        except BaseException as exc:  # noqa: BLE001 - the batch waits for every branch it started: one must not vanish
+            rec = failed_record(source, index, start, exc)
         finished.put((index, rec))
 
     def collect() -> None:

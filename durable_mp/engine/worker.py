@@ -35,6 +35,7 @@ from typing import Any, Final
 import cloudpickle
 
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
+from durable_mp.core.text import safe_str, type_name
 from durable_mp.engine import wire
 from durable_mp.engine.branch import BranchRunner, BranchSource
 from durable_mp.engine.payload import load_source
@@ -57,7 +58,7 @@ from durable_mp.engine.protocol import (
 from durable_mp.engine.scheduling import stop_chunk
 from durable_mp.engine.state import ExecutionState, context_factory
 from durable_mp.engine.threads import run_batch_in_threads
-from durable_mp.exceptions import OrphanedChildException
+from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
 from durable_mp.types import StepContext
@@ -536,12 +537,9 @@ def _run_call(msg: RunCall, channel: Channel) -> None:
     try:
         func, attempt, extra = cloudpickle.loads(msg.payload)
         value = func(StepContext(Logger(extra=extra), attempt))
-        try:
-            data = pickle.dumps(value, protocol=PICKLE_PROTOCOL)
-        except Exception:  # noqa: BLE001
-            data = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        data = _pickle_result(value, extra)
         channel.send(CallResult(msg.task_id, True, data))
-    except (KeyboardInterrupt, OrphanedChildException):
+    except OrphanedChildException:  # a KeyboardInterrupt here is the step's own (SIGINT kills a worker): it travels
         raise
     except BaseException as exc:  # noqa: BLE001
         try:
@@ -550,3 +548,22 @@ def _run_call(msg: RunCall, channel: Channel) -> None:
         except Exception:  # noqa: BLE001 - an exception that does not survive pickling travels as text
             failure = (ErrorObject.from_exception(exc).to_dict(), type(exc).__name__)
         channel.send(CallResult(msg.task_id, False, failure))
+
+
+def _pickle_result(value: Any, extra: dict[str, Any]) -> bytes:
+    """The step's return value as bytes for the driver, or a ``SerDesError`` that says it is the result.
+
+    The driver serializes the value again with the step's serdes; this pickle only carries
+    it over the pipe, so a value it refuses is refused as the step's serdes would refuse it.
+    """
+    try:
+        try:
+            return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        except Exception:  # noqa: BLE001 - lambdas, closures: by value
+            data: bytes = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+            return data
+    except Exception as error:
+        name = extra.get("operationName")
+        what = f"result of step {name!r}" if name else "result of the step"
+        raise SerDesError(f"Cannot serialize {what} (value of type {type_name(value)}) to send it from the worker "
+                          f"to the driver: {type(error).__name__}: {safe_str(error)}") from error

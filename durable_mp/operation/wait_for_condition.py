@@ -2,7 +2,9 @@
 
 Recorded as STEP/WaitForCondition: every poll that asks to continue writes a PENDING
 checkpoint holding the state and the next poll's time, so a resumed execution continues
-from the last state instead of the initial one.
+from the last state instead of the initial one.  A fix-and-resume re-run of a failed one
+(``core.reopen``) continues the poll numbering and gives the wait strategy its whole
+attempt budget again, as a reopened step's retry strategy gets.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.core.records import Attempt, OpStatus, OpType
+from durable_mp.core.reopen import RERUN_BASE
 from durable_mp.core.vocabulary import SubType
 from durable_mp.exceptions import WaitForConditionError
 from durable_mp.lambda_service import ErrorObject
@@ -42,12 +45,14 @@ def run_wait_for_condition(ctx: DurableContextProtocol, check: Callable[[Any, An
             ctx.state.sleep_until(rec.next_attempt_ts)
     attempt = base.attempt
     attempts = list(base.attempts)
+    # polls made before a fix-and-resume re-run (core.reopen): numbering continues, the budget restarts
+    first = (base.extra or {}).get(RERUN_BASE, 0)
     while True:
         attempt += 1
         started = time.time()
         try:
             state = check(state, WaitForConditionCheckContext(ctx.logger.with_extra(attempt=attempt), attempt))
-            decision = config.wait_strategy(state, attempt)
+            decision = config.wait_strategy(state, attempt - first)
         except Exception as exc:  # noqa: BLE001 - a failing check fails the operation
             err = ErrorObject.from_exception(exc)
             attempts.append(Attempt(attempt, started, time.time(), os.getpid(), err.to_dict()))

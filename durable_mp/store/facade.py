@@ -331,9 +331,12 @@ class Store:
         recs = [self._load_exec(raw, key.decode(errors="replace")) for key, raw in raws]
         return sorted(recs, key=lambda r: r.created_ts)
 
-    def delete_execution(self, exec_id: str) -> bool:
+    def delete_execution(self, exec_id: str, check: Callable[[ExecutionRecord], None] | None = None) -> bool:
         """Delete an execution and all its operation records (staged ones too).
 
+        ``check`` sees the execution record in the deleting transaction and raises to keep
+        it: a check made before, in another transaction, could pass just before another
+        driver takes the execution's lock (``acquire``) to resume it.
         Returns whether there was anything to delete.  The freed pages are reused by later
         writes; the data file itself does not shrink.
         """
@@ -342,6 +345,10 @@ class Store:
             prefix = key + b"\0"
 
             def delete(txn: Txn, sh: SharedEnv) -> bool:
+                if check is not None:
+                    raw = txn.get(key, db=sh.executions)
+                    if raw is not None:
+                        check(self._load_exec(raw, exec_id))
                 found = bool(txn.delete(key, db=sh.executions))
                 cur = txn.cursor(db=sh.ops)
                 if cur.set_range(prefix):

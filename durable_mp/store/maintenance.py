@@ -42,9 +42,16 @@ def finished(rec: ExecutionRecord) -> bool:
 
 
 def check_deletable(rec: ExecutionRecord, *, force: bool) -> None:
-    """Raise unless ``rec`` may be deleted (finished, or abandoned and ``force``)."""
-    if rec.status == RUNNING and owner_alive(rec):
-        raise ExecutionLockedError(f"execution {rec.exec_id!r} is running (driver pid {rec.owner_pid}); "
+    """Raise unless ``rec`` may be deleted (finished, or abandoned and ``force``).
+
+    Never while a live driver holds its lock, whatever the status: a FAILED execution
+    with a live owner is being resumed (its status turns RUNNING only once its failed
+    checkpoints are reopened).  Pass it as ``Store.delete_execution``'s ``check``, so it
+    is made in the deleting transaction.
+    """
+    if rec.owner_pid and owner_alive(rec):
+        what = "running" if rec.status == RUNNING else f"{rec.status} and held by a live driver (resuming it)"
+        raise ExecutionLockedError(f"execution {rec.exec_id!r} is {what} (driver pid {rec.owner_pid}); "
                                    f"stop it before deleting it")
     if not finished(rec) and not force:
         raise StoreError(f"execution {rec.exec_id!r} is unfinished ({rec.status}) and could still be resumed; "
@@ -65,16 +72,36 @@ def collect(store: Store, older_than_s: float, *, dry_run: bool = False, now: fl
     executions = store.list_executions()
     if not dry_run and listed:
         blobs.remove_stale(store.path, listed, (rec.exec_id for rec in executions))
+
+    def collectable(rec: ExecutionRecord) -> bool:
+        try:
+            check_deletable(rec, force=False)
+        except (StoreError, ExecutionLockedError):
+            return False
+        return True
+
+    def check(rec: ExecutionRecord) -> None:  # again in the deleting transaction: a driver may have taken it since
+        if not (collectable(rec) and (rec.ended_ts or rec.created_ts) <= cutoff):
+            raise _Kept(rec.exec_id)
+
     for rec in executions:
-        if not finished(rec):
+        if not collectable(rec):
             kept += 1
             continue
         if (rec.ended_ts or rec.created_ts) > cutoff:
             continue
         if not dry_run:
-            store.delete_execution(rec.exec_id)
+            try:
+                store.delete_execution(rec.exec_id, check)
+            except _Kept:
+                kept += 1
+                continue
         deleted.append(rec.exec_id)
     return GcResult(deleted, kept)
+
+
+class _Kept(Exception):
+    """An execution gc listed as collectable was taken by a driver before its delete."""
 
 
 def data_size(path: os.PathLike[str] | str) -> int:

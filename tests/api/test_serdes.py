@@ -303,7 +303,20 @@ def test_malformed_payloads(wire, message):
 
 
 def test_extended_output_is_valid_json():
-    json.loads(EXT.serialize({"k": [1, (2, 3)]}, CTX))
+    """The envelope is JSON that says every type (a tuple is not a list), written as the reference writes it."""
+    from aws_durable_execution_sdk_python.serdes import ExtendedTypeSerDes as ReferenceSerDes
+    from aws_durable_execution_sdk_python.serdes import SerDesContext as ReferenceContext
+
+    value = {"k": [1, (2, 3)], "s": "x", "n": None}
+    text = EXT.serialize(value, CTX)
+    assert json.loads(text) == {"t": "m", "v": {
+        "k": {"t": "l", "v": [{"t": "i", "v": 1}, {"t": "t", "v": [{"t": "i", "v": 2}, {"t": "i", "v": 3}]}]},
+        "s": {"t": "s", "v": "x"},
+        "n": {"t": "n", "v": None},
+    }}
+    assert text == ReferenceSerDes().serialize(value, ReferenceContext("op", "arn"))
+    back = EXT.deserialize(text, CTX)
+    assert back == value and type(back["k"][1]) is tuple
 
 
 def test_out_of_band_payloads_round_trip_into_private_writable_arrays():

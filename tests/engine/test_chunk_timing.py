@@ -48,7 +48,11 @@ def test_a_chunk_done_reports_the_workers_own_seconds_for_the_chunk():
     done = [m for m in channel.sent if isinstance(m, ChunkDone)]
     assert len(done) == 1
     assert 5 * 0.002 <= done[0].seconds <= elapsed  # the items' time, nothing before or after the chunk
-    assert done[0].succeeded is None or done[0].succeeded.indices  # the outcomes travel with it or before
+    # every item's outcome reaches the driver exactly once, before the ChunkDone or in it, never after it
+    assert channel.sent[-1] is done[0] and all(m.task_id == 1 for m in channel.sent)
+    reported = [(i, v) for m in channel.sent if m.succeeded is not None
+                for i, v in zip(m.succeeded.indices, m.succeeded.values, strict=True)]
+    assert sorted(reported) == [(i, i) for i in range(5)]
 
 
 def test_chunks_grow_once_an_item_is_known_to_be_tiny():

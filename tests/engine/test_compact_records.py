@@ -55,3 +55,24 @@ def test_a_resumed_map_reads_its_compact_records_and_reruns_only_the_failed_item
     before = len(list(ran.iterdir()))
     assert handler.run({}, execution_id="compact", store=store, max_workers=2) == [3 * x for x in range(40)]
     assert len(list(ran.iterdir())) - before == 1  # item 7 only: the other 39 replayed from compact records
+
+
+@pytest.mark.parametrize("name", ["n" * 70_000, "é" * 40_000, "bad-\udc80-surrogate"],
+                         ids=["70k-ascii", "80k-bytes-utf8", "surrogate"])
+def test_an_item_whose_name_does_not_fit_the_compact_record_succeeds_with_its_name(name, tmp_path):
+    """A name past the compact record's 64 KiB (or not encodable as UTF-8) takes the full record."""
+    from durable_mp.store.facade import Store
+
+    @durable_execution
+    def handler(event, context):
+        result = context.map([1, 2, 3], lambda c, x, i, xs: x * 10, config=MapConfig(
+            item_namer=lambda x, i: name if i == 1 else f"item-{i}",
+            completion_config=CompletionConfig.all_completed()))
+        return [(it.status.value, it.result) for it in result.all]
+
+    store = str(tmp_path / "store")
+    assert handler.run({}, execution_id="long-name", store=store) == [
+        ("SUCCEEDED", 10), ("SUCCEEDED", 20), ("SUCCEEDED", 30)]
+    with Store(store) as s:
+        names = {rec.name for rec in s.ops("long-name") if rec.sub_type == "MapIteration"}
+    assert names == {"item-0", name, "item-2"}
