@@ -1,4 +1,9 @@
-"""The same handlers on a Dask ``distributed`` LocalCluster with process workers."""
+"""The same handlers on a real Dask cluster: ``dask scheduler`` and two ``dask worker`` processes.
+
+Faults are injected by signals to those processes.  One module-wide cluster (nanny
+workers, ``allowed-failures`` 1 so a branch that kills its worker is given up on
+quickly); the tests that take the scheduler away start their own.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import os
 import signal
 
 import pytest
+from dask_cluster import RealCluster
 from procs import leftover_children
 
-import distributed  # noqa: E402 - in the test extra, so CI always runs these
 
 from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
 from durable_mp.config import (  # noqa: E402
@@ -23,16 +28,32 @@ from durable_mp.store.facade import Store  # noqa: E402
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
 
 
+ALLOWED_FAILURES = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+
+
 @pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=40)
-    client = distributed.Client(cluster)
+def cluster(tmp_path_factory):
+    cluster = RealCluster(tmp_path_factory.mktemp("dask"), 2, env=ALLOWED_FAILURES)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        leftovers = leftover_children(10.0)
+        assert not leftovers, "the Dask cluster left processes behind"
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    client = cluster.client(workers=2)
     yield client
     client.close()
-    cluster.close()
-    leftovers = leftover_children(10.0)
-    assert not leftovers, "the Dask cluster left processes behind"
+
+
+@pytest.fixture
+def workers_back(client):
+    """After a test that kills workers: wait until both are back (their nannies restart them)."""
+    yield
+    client.wait_for_workers(2, timeout=60)
 
 
 def test_parallel_and_map_results_in_input_order(client, store_path):
@@ -159,3 +180,48 @@ def test_callbacks_in_a_dask_branch_are_refused_before_the_submitter_runs(client
         assert "Dask backend" in item.error.message and "callback" in item.error.message
         assert "handler body" in item.error.message
     assert not submitted.exists()
+
+
+# -- defect 9: the start budget applies on Dask as on the local pool ---------------------------------------------
+def _ran_log(tmp_path):
+    def ran(i):
+        with open(tmp_path / "ran", "a") as f:
+            f.write(f"{i}\n")
+    return ran, lambda: sorted(int(x) for x in (tmp_path / "ran").read_text().split())
+
+
+def test_fail_fast_starts_nothing_after_the_failure_on_dask(client, store_path, tmp_path):
+    ran, ran_items = _ran_log(tmp_path)
+
+    def item(c, x, i, xs):
+        ran(i)
+        if i == 1:
+            raise ValueError("item 1 fails")
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(64)), item, config=MapConfig(max_concurrency=1))
+
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+    assert r.total_count == 2
+    assert ran_items() == [0, 1]
+
+
+def test_first_successful_starts_nothing_after_the_success_on_dask(client, store_path, tmp_path):
+    ran, ran_items = _ran_log(tmp_path)
+
+    def item(c, x, i, xs):
+        ran(i)
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(64)), item, config=MapConfig(
+            max_concurrency=1, completion_config=CompletionConfig.first_successful()))
+
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.completion_reason == CompletionReason.MIN_SUCCESSFUL_REACHED
+    assert r.success_count == 1 and r.total_count == 1
+    assert ran_items() == [0]

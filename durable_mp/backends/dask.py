@@ -28,21 +28,39 @@ the handler body, which runs in the driver.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import CancelledError
+from enum import Enum
 from typing import Any
 
-from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.engine import pickling
+from durable_mp.engine.batch_run import Task
 from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
+from durable_mp.engine.faults import FaultCost, death_cost
+from durable_mp.engine.protocol import UNLIMITED, Budget
+from durable_mp.engine.scheduling import concurrency_limit, may_prefetch, stop_chunk
 from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source
-from durable_mp.exceptions import StepTimeoutError, ValidationError, WorkerCrashedError
+from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, ValidationError, WorkerCrashedError
+from durable_mp.lambda_service import ErrorObject
 from durable_mp.types import StepContext
 
+log = logging.getLogger("durable_mp.dask")
+
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
+CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
+DEFAULT_CLUSTER_WAIT = 300.0
+DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
+STALL_POLL_SECONDS = 1.0  # how often the driver looks at the cluster while nothing finishes
+THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
+PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
+_INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
 _SOURCES: OrderedDict = OrderedDict()
 _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
@@ -112,15 +130,30 @@ class _CollectingOutbox(Outbox):
         return None
 
     def watch_start(self, rec: Any, timeout: float | None) -> int:
+        if timeout:  # refused before the body runs: a Dask thread cannot be stopped from outside
+            raise ValidationError(
+                f"step {_name(rec)} has a timeout, which the Dask backend cannot enforce inside a parallel/map "
+                f"branch (a running Dask thread cannot be stopped). Use the branch_timeout of the parallel/map "
+                f"(enforced by cancelling the branch's task), run the step in the handler body, or use the local "
+                f"backend")
         return 0
 
     def watch_end(self, watch_id: int) -> None:
         return None
 
 
+def load_payload(payload: bytes) -> bytes:
+    """Dask task holding a batch's code and items: its input is in the graph, so Dask can run it again."""
+    return payload
+
+
 def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
-              settings: dict) -> tuple[list, list]:
-    """Dask task: run the branches ``indices`` of one batch and return their records."""
+              settings: dict, budget: Budget = UNLIMITED) -> tuple[list, list, list[int]]:
+    """Dask task: run the branches ``indices`` of one batch in order; return their records and the unstarted ones.
+
+    ``budget`` is the chunk's start budget (``scheduling.start_budget``, counted within
+    this chunk): no branch starts once the chunk's own outcomes would complete the batch.
+    """
     with _SOURCES_LOCK:
         source = _SOURCES.get(token)
         if source is None:
@@ -133,10 +166,15 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
     outbox = _CollectingOutbox()
     shared = WorkerShared(outbox, settings)
     empty: dict = {}
-    for index in indices:
+    outcomes = [0, 0]  # [failures, successes] of this chunk
+    for position, index in enumerate(indices):
+        if stop_chunk(budget, outcomes[0], outcomes[1]):
+            return outbox.nested, outbox.items, list(indices[position:])
         state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
-        outbox.add_item(index, run_branch(source, index, state.context))
-    return outbox.nested, outbox.items
+        rec = run_branch(source, index, state.context)
+        outbox.add_item(index, rec)
+        outcomes[rec.status == OpStatus.SUCCEEDED] += 1
+    return outbox.nested, outbox.items, []
 
 
 def run_call(payload: bytes) -> Any:
@@ -148,75 +186,233 @@ def run_call(payload: bytes) -> Any:
 
 
 class DaskDispatcher(Dispatcher):
-    """The local dispatcher's bookkeeping, with Dask futures instead of worker pipes."""
+    """The local dispatcher's scheduling (chunks, start budgets, completion), with Dask futures as workers.
+
+    Only how chunks travel and how their ends are read is Dask's: which branches start,
+    how many, in which chunks and with which budget is decided by the same code as on the
+    local pool (``Dispatcher._take_chunk``, ``_batch_budget``, ``_prepare_chunk``,
+    ``_return_unstarted``, ``scheduling``).  What a cluster fault costs is ``fault_of``'s
+    verdict: only ``KilledWorker`` of a one-branch task is charged to that branch.
+    """
 
     def __init__(self, store: Any, execution_id: str, client: Any, *, settings: dict, max_crash_retries: int,
-                 progress: Any = None) -> None:
+                 progress: Any = None, cluster_wait: float | None = None) -> None:
         super().__init__(store, execution_id, pool=None, max_workers=None, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress)
-        from distributed import as_completed
-
         self.client = client
         self.settings = settings
-        self.futures: dict[Any, Any] = {}
-        self.completed = as_completed()
+        self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
+        self.futures: dict[Any, Task] = {}
         self.payload_futures: dict[str, Any] = {}
+        self.isolate: set[tuple[str, int]] = set()  # branches of a chunk Dask gave up on: they run alone next
+        self.nthreads = 0
+        self.nthreads_at = -THREADS_REFRESH_SECONDS
+        self.allowed_failures: int | None = None
+        self.stalled_since: float | None = None  # since when the cluster could not run anything
+        self.stall_reason = ""
 
-    def _threads(self) -> int:
-        try:
-            return max(1, sum(self.client.nthreads().values()))
-        except Exception:  # noqa: BLE001 - a cluster still starting up
-            return 1
+    # -- the cluster ---------------------------------------------------------------------------
+    def _threads(self, refresh: bool = False) -> int:
+        """Threads of the cluster's workers, asked of the scheduler at most every few seconds (0: none, or away)."""
+        now = time.monotonic()
+        if refresh or now - self.nthreads_at >= THREADS_REFRESH_SECONDS:
+            self.nthreads_at = now
+            try:
+                self.nthreads = sum(self.client.nthreads().values()) if self._connected() else 0
+            except Exception:  # noqa: BLE001 - the scheduler went away meanwhile
+                self.nthreads = 0
+        return self.nthreads
 
-    def _fill(self, batch: BatchRun) -> None:
-        threads = self._threads()
-        limit = batch.spec.max_concurrency or CHUNKS_IN_FLIGHT_PER_THREAD * threads
+    def _connected(self) -> bool:
+        return getattr(self.client, "status", "running") == "running"
+
+    def _allowed_failures(self) -> int:
+        """How many worker deaths a task survives on this cluster (the scheduler's setting, read once)."""
+        if self.allowed_failures is None:
+            try:
+                self.allowed_failures = int(self.client.run_on_scheduler(_scheduler_allowed_failures))
+            except Exception:  # noqa: BLE001 - the scheduler's own config is unreadable: Dask's default
+                self.allowed_failures = DASK_DEFAULT_ALLOWED_FAILURES
+        return self.allowed_failures
+
+    def _unavailable(self, reason: str) -> None:
+        """The cluster cannot run anything now: wait for it, up to ``cluster_wait`` seconds, then stop resumable."""
+        now = time.monotonic()
+        if self.stalled_since is None or reason != self.stall_reason:
+            if self.stalled_since is None:
+                self.stalled_since = now
+            self.stall_reason = reason
+            log.warning("%s; waiting up to %gs for it (Dask config %r), then the run stops, resumable",
+                        reason, self.cluster_wait, CLUSTER_WAIT_KEY)
+        if getattr(self.client, "status", "running") in ("closed", "closing"):
+            raise ClusterUnavailableError(
+                f"{reason}, and the Dask client gave up reconnecting to the scheduler (distributed.comm.timeouts."
+                f"connect); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
+        if now - self.stalled_since > self.cluster_wait:
+            raise ClusterUnavailableError(
+                f"{reason} for {now - self.stalled_since:.0f}s (limit {self.cluster_wait:g}s, Dask config "
+                f"{CLUSTER_WAIT_KEY!r}); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
+        time.sleep(STALL_POLL_SECONDS)
+
+    def _available(self) -> None:
+        if self.stalled_since is not None:
+            log.warning("the Dask cluster is back after %.0fs", time.monotonic() - self.stalled_since)
+        self.stalled_since = None
+
+    def _payload(self, batch: BatchRun) -> Any:
+        """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost."""
         payload = self.payload_futures.get(batch.token)
-        while batch.queue and len(self.futures) < limit:
-            if payload is None:
-                payload = self.payload_futures[batch.token] = self.client.scatter(batch.payload, broadcast=True,
-                                                                                  hash=False)
-            indices = self._take_chunk(batch, min(limit, threads))
+        if payload is None or payload.status in ("cancelled", "lost", "error"):
+            payload = self.payload_futures[batch.token] = self.client.submit(
+                load_payload, batch.payload, key=f"durable_mp-payload-{batch.token}-{uuid.uuid4().hex[:8]}",
+                pure=False, priority=PAYLOAD_PRIORITY)
+        return payload
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _fill(self, batch: BatchRun) -> None:
+        if not batch.queue or not self._connected():
+            return
+        threads = self._threads()
+        if not threads:
+            return
+        allowed, _cap = concurrency_limit(batch.spec.max_concurrency, None, threads, 0)
+        limit = allowed
+        has_timeout = batch.spec.branch_timeout is not None
+        if not batch.spec.max_concurrency and may_prefetch(is_map=batch.is_map, queued=len(batch.queue),
+                                                           cpu_share=batch.cpu_share, has_timeout=has_timeout):
+            limit = CHUNKS_IN_FLIGHT_PER_THREAD * allowed  # queued on the workers, so none waits for the driver
+        running = sum(1 for task in self.futures.values() if task.batch is batch)
+        while batch.queue and running < limit:
+            if (batch.token, batch.queue[0]) in self.isolate:
+                indices = [batch.queue.popleft()]
+            else:
+                indices = self._take_chunk(batch, allowed)
+            budget = self._batch_budget(batch, (0, 0))
             names, checkpoints = self._prepare_chunk(batch, indices)
-            future = self.client.submit(run_chunk, payload, batch.token, indices, names, checkpoints,
-                                        self.settings, pure=False)
-            self.futures[future] = self._new_task(batch, indices, None)
-            self.completed.add(future)
+            future = self.client.submit(run_chunk, self._payload(batch), batch.token, indices, names, checkpoints,
+                                        self.settings, budget, pure=False)
+            self.futures[future] = self._new_task(batch, indices, batch.spec.branch_timeout)
+            running += 1
 
     def _pump(self, batch: BatchRun | None) -> None:
-        future = next(self.completed)
+        if not self.futures:
+            if batch is not None and batch.queue:  # nothing could be submitted
+                self._unavailable("the Dask client is not connected to its scheduler" if not self._connected()
+                                  else "the Dask cluster has no workers")
+                self._threads(refresh=True)
+                return
+            raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
+        done = self._wait(self._wait_seconds_dask())
+        if done:
+            for future in done:
+                self._settle(future)
+        else:
+            self._check_stall()
+        self._expire_deadlines()
+
+    def _wait(self, timeout: float) -> list[Any]:
+        from distributed import wait
+
+        try:
+            finished, _ = wait(list(self.futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return []
+        except Exception:  # noqa: BLE001 - the client lost its scheduler while waiting: read each future
+            time.sleep(STALL_POLL_SECONDS)
+            return [f for f in self.futures if f.done()]
+        return list(finished)
+
+    def _wait_seconds_dask(self) -> float:
+        now = time.monotonic()
+        waits = [STALL_POLL_SECONDS]
+        waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
+        return max(0.0, min(waits))
+
+    def _check_stall(self) -> None:
+        """Nothing finished for a while: is the cluster still able to run the tasks?"""
+        if not self._connected():
+            self._unavailable("the Dask client lost its scheduler")
+        elif not self._threads(refresh=True):
+            self._unavailable("the Dask cluster has no workers")
+        else:
+            self._available()
+
+    def _expire_deadlines(self) -> None:
+        """``branch_timeout``: cancel the task and fail its branch (a running Dask thread is left to finish)."""
+        now = time.monotonic()
+        for future, task in list(self.futures.items()):
+            if task.deadline is None or now < task.deadline or task.batch is None:
+                continue
+            del self.futures[future]
+            future.cancel()
+            self.stats["timeouts"] += 1
+            batch = task.batch
+            for index in task.unreported():
+                self._fail_item(batch, index, StepTimeoutError(
+                    f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
+                    f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task)"), start=task.started)
+
+    def _settle(self, future: Any) -> None:
         task = self.futures.pop(future, None)
         if task is None or task.batch is None or task.batch.closed:
             return
         try:
-            nested, items = future.result()
-        except Exception as exc:  # noqa: BLE001 - KilledWorker, or the task itself failed
-            self._chunk_lost(task, exc)
+            nested, items, unstarted = future.result(timeout=self.cluster_wait)
+        except BaseException as exc:  # noqa: BLE001 - sorted by fault_of below
+            if not isinstance(exc, Exception):
+                raise
+            self._lost(task, exc)
             return
+        self._available()
+        batch = task.batch
         self._stage_nested(nested)
         self._finish_items(task, items)
-        task.batch.observe(time.time() - task.started, len(task.indices))
+        if unstarted:
+            self._return_unstarted(batch, unstarted)
+        ran = len(task.indices) - len(unstarted)
+        if ran:
+            batch.observe(time.time() - task.started, ran)
+
+    def _lost(self, task: Task, exc: Exception) -> None:
+        """A chunk's task ended without its result: put its branches back, or charge the one that kills workers."""
+        batch = task.batch
+        assert batch is not None
+        unreported = task.unreported()
+        fault = fault_of(exc, len(unreported))
+        log.warning("Dask task of branches %s ended with %s: %s (%s)", unreported[:8], type(exc).__name__, exc,
+                    fault.value)
+        if fault is DaskFault.TASK_ERROR:
+            for index in unreported:
+                self._fail_item(batch, index, WorkerCrashedError(
+                    f"branch {index} ({batch.spec.item_name(index)}) could not run on the Dask cluster: "
+                    f"{type(exc).__name__}: {exc}"), start=task.started)
+            return
+        if fault is DaskFault.KILLED_ALONE:
+            index = unreported[0]
+            self.stats["crashes"] += 1
+            deaths = self._allowed_failures() + 1
+            batch.crashes[index] += deaths
+            count = batch.crashes[index]
+            batch.crash_log.setdefault(index, []).append(Attempt(
+                count, task.started, time.time(), 0,
+                ErrorObject.from_exception(WorkerCrashedError(f"{type(exc).__name__}: {exc}")).to_dict()))
+            if death_cost(count, self.max_crash_retries) is FaultCost.FAIL_BRANCH:
+                self._fail_item(batch, index, WorkerCrashedError(
+                    f"branch {index} ({batch.spec.item_name(index)}) killed its Dask worker {count} times "
+                    f"(KilledWorker: {exc})"), start=task.started)
+                return
+            self._requeue(batch, index)
+            return
+        if fault is DaskFault.KILLED_CHUNK:  # one of them kills workers: find it by running each alone
+            self.isolate.update((batch.token, index) for index in unreported)
+        for index in reversed(unreported):  # infrastructure: back to the queue, uncharged
+            self._requeue(batch, index)
 
     def _has_running(self, batch: BatchRun) -> bool:
         return any(task.batch is batch for task in self.futures.values())
 
     def _stop_starting(self, batch: BatchRun) -> None:
-        """A Dask task cannot be told anything once submitted: its chunk runs to its end."""
-
-    def _chunk_lost(self, task: Any, exc: Exception) -> None:
-        """A chunk's worker died more often than Dask tolerates (or the task broke)."""
-        batch = task.batch
-        unreported = task.unreported()
-        if len(unreported) > 1:  # isolate: retry each branch alone once
-            for index in reversed(unreported):
-                self._requeue(batch, index)
-                batch.crashes[index] = max(batch.crashes[index], self.max_crash_retries - 1)
-            return
-        for index in unreported:
-            name = batch.spec.item_name(index)
-            self._fail_item(batch, index, WorkerCrashedError(
-                f"branch {index} ({name}) was lost on the Dask cluster: {type(exc).__name__}: {exc}"),
-                start=task.started)
+        """A submitted chunk carries its start budget; nothing more can be told to a Dask task."""
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         batch.closed = True
@@ -225,23 +421,64 @@ class DaskDispatcher(Dispatcher):
                 continue
             future.cancel()
             del self.futures[future]
-            if record_started:
-                self._record_started(batch, task, task.unreported())
-        from distributed import as_completed
-
-        self.completed = as_completed(list(self.futures))
+            if record_started:  # as on the local pool: the one that may be running stays STARTED
+                self._record_started(batch, task, task.unreported()[:1])
+        self.isolate = {key for key in self.isolate if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
         if payload is not None:
             payload.release()
 
     def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
-        future = self.client.submit(run_call, pickling.dumps((func, attempt, extra)), pure=False)
-        try:
-            return future.result(timeout=timeout)
-        except TimeoutError as exc:
-            future.cancel()
-            raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancels the task "
-                                   f"but cannot stop a running Dask thread)") from exc
+        data = pickling.dumps((func, attempt, extra))
+        while True:
+            while not self._connected() or not self._threads():
+                self._unavailable("the Dask cluster cannot run the step (no scheduler, or no workers)")
+                self._threads(refresh=True)
+            future = self.client.submit(run_call, data, pure=False)
+            try:
+                return future.result(timeout=timeout)
+            except TimeoutError as exc:
+                future.cancel()
+                raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancelled "
+                                       f"the task; a running Dask thread finishes unobserved)") from exc
+            except Exception as exc:
+                if fault_of(exc, 1) is not DaskFault.INFRASTRUCTURE:
+                    raise
+                log.warning("Dask task of a step ended with %s: %s; submitting it again", type(exc).__name__, exc)
+                self._check_stall()
+
+
+class DaskFault(Enum):
+    """What ended a Dask task without its result, and so what it costs."""
+
+    INFRASTRUCTURE = "infrastructure: back to the queue, uncharged"  # cancelled, lost, connection closed
+    KILLED_CHUNK = "killed workers: its branches run again one by one, uncharged"
+    KILLED_ALONE = "killed workers: charged to its one branch"
+    TASK_ERROR = "the task itself failed"  # durable_mp's task code raised (the branches' own errors are records)
+
+
+def fault_of(exc: BaseException, branches: int) -> DaskFault:
+    """Sort an exception a chunk's future raised (``branches``: how many of its branches did not report)."""
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return DaskFault.KILLED_ALONE if branches <= 1 else DaskFault.KILLED_CHUNK
+    if isinstance(exc, (CancelledError, OSError, TimeoutError)) or type(exc).__name__ in _INFRASTRUCTURE_NAMES:
+        return DaskFault.INFRASTRUCTURE
+    return DaskFault.TASK_ERROR
+
+
+def configured_wait() -> float:
+    """Seconds a run waits for an unavailable cluster: Dask config ``durable-mp.cluster-wait``."""
+    import dask
+
+    return float(dask.config.get(CLUSTER_WAIT_KEY, DEFAULT_CLUSTER_WAIT))
+
+
+def _scheduler_allowed_failures() -> int:
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures"))
 
 
 def client_for(backend: Any) -> tuple[Any, bool]:
@@ -253,4 +490,4 @@ def client_for(backend: Any) -> tuple[Any, bool]:
     return Client(), True
 
 
-__all__ = ["DaskDispatcher", "client_for", "run_chunk", "run_call"]
+__all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]

@@ -198,11 +198,16 @@ class Dispatcher:
         return [w for w in self.pool.workers if w.task is not None and w.task.batch is batch]
 
     def _budget(self, batch: BatchRun, worker: Worker) -> Budget:
+        seen = batch.seen.get(worker.pid, (0, 0))
+        return self._batch_budget(batch, (seen[0], seen[1]))
+
+    @staticmethod
+    def _batch_budget(batch: BatchRun, seen: tuple[int, int]) -> Budget:
+        """The start budget of a chunk of ``batch`` (every backend): the policy's distance to a decision."""
         if batch.stopping:
             return UNLIMITED  # only re-dispatches of branches that had started run now
         failures, successes = batch.spec.policy.stop_distance()
-        seen = batch.seen.get(worker.pid, (0, 0))
-        return start_budget(failures, successes, (seen[0], seen[1]))
+        return start_budget(failures, successes, seen)
 
     def _fill(self, batch: BatchRun) -> None:
         while batch.queue:
