@@ -26,6 +26,7 @@ class RealCluster:
 
     def __init__(self, tmp: Path, workers: int = 2, *, nanny: bool = True, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.nanny = nanny
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
                     "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error", **(env or {})}

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import pytest
+import dask
 from dask_cluster import RealCluster
 from procs import leftover_children
 
@@ -23,6 +26,8 @@ from durable_mp.config import (  # noqa: E402
     StepConfig,
     StepSemantics,
 )
+from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
+from durable_mp.exceptions import ClusterUnavailableError  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
@@ -225,3 +230,119 @@ def test_first_successful_starts_nothing_after_the_success_on_dask(client, store
     assert r.completion_reason == CompletionReason.MIN_SUCCESSFUL_REACHED
     assert r.success_count == 1 and r.total_count == 1
     assert ran_items() == [0]
+
+
+# -- cluster faults: exact results, or RUNNING and resumable ----------------------------------------------------
+def _slow_item(log_path):
+    def item(c, x, i, xs):
+        time.sleep(0.05)
+        with open(log_path, "a") as f:
+            f.write(f"{i}\n")
+        return x * 2
+    return item
+
+
+def _runs(log_path) -> list[int]:
+    return [int(x) for x in log_path.read_text().split()] if log_path.exists() else []
+
+
+def _when_ran(log_path, count: int, action) -> threading.Thread:
+    """Run ``action`` (the fault) once ``count`` items have logged that they ran."""
+    def watch():
+        deadline = time.monotonic() + 90
+        while len(_runs(log_path)) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        action()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _status(store_path, execution_id):
+    with Store(store_path) as st:
+        return st.get_execution(execution_id).status
+
+
+N_FAULT_ITEMS = 60
+
+
+def test_both_workers_killed_at_once_gives_the_exact_result(cluster, client, workers_back, store_path, tmp_path):
+    log_path = tmp_path / "ran"
+    pids = cluster.worker_pids(client)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+    killer = _when_ran(log_path, 15, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
+    assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+    killer.join(10)
+    assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
+    assert set(cluster.worker_pids(client)).isdisjoint(pids), "both workers were really killed (and restarted)"
+    assert _status(store_path, handler.execution_id_for(None)) == "SUCCEEDED"
+
+
+def test_an_item_that_kills_its_worker_every_time_fails_alone(client, workers_back, store_path, tmp_path):
+    log_path = tmp_path / "ran"
+    slow = _slow_item(log_path)
+
+    def item(c, x, i, xs):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return slow(c, x, i, xs)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(12)), item, config=MapConfig(completion_config=CompletionConfig.all_completed()))
+
+    r = handler.run(None, store=store_path, backend=client, max_crash_retries=2)
+    assert r.all[5].status == BatchItemStatus.FAILED
+    assert r.all[5].error.type == "durable_mp.exceptions.WorkerCrashedError"
+    assert [it.result for it in r.all if it.index != 5] == [x * 2 for x in range(12) if x != 5]
+    assert r.failure_count == 1 and r.success_count == 11
+
+
+def test_a_killed_scheduler_stops_the_run_resumable_never_partial(store_path, tmp_path):
+    cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
+    log_path = tmp_path / "ran"
+    try:
+        client = cluster.client(workers=2)
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+        _when_ran(log_path, 15, cluster.kill_scheduler)
+        with dask.config.set({CLUSTER_WAIT_KEY: 2}), pytest.raises(ClusterUnavailableError, match="RUNNING"):
+            handler.run(None, store=store_path, backend=client)
+        assert _status(store_path, handler.execution_id_for(None)) == "RUNNING"
+        client.close()
+    finally:
+        cluster.close()
+    # resumed (here on the local pool): exact, and what had finished did not run again
+    finished_before = len(_runs(log_path))
+    assert handler.run(None, store=store_path) == [x * 2 for x in range(N_FAULT_ITEMS)]
+    assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
+    assert len(_runs(log_path)) - finished_before < N_FAULT_ITEMS
+
+
+def test_a_cluster_without_workers_waits_then_stops_resumable(store_path, tmp_path):
+    cluster = RealCluster(tmp_path / "cluster", 0)
+    log_path = tmp_path / "ran"
+    try:
+        client = cluster.client()
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(8)), _slow_item(log_path)).get_results()
+
+        with dask.config.set({CLUSTER_WAIT_KEY: 1.5}), pytest.raises(ClusterUnavailableError, match="no workers"):
+            handler.run(None, store=store_path, backend=client)
+        assert _status(store_path, handler.execution_id_for(None)) == "RUNNING"
+        assert not _runs(log_path)
+        cluster.add_worker()  # joins while the next run waits for it
+        with dask.config.set({CLUSTER_WAIT_KEY: 60}):
+            assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(8)]
+        client.close()
+    finally:
+        cluster.close()
