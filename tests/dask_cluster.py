@@ -81,6 +81,16 @@ class RealCluster:
         os.killpg(self.scheduler.pid, signal.SIGKILL)
         self.scheduler.wait(10)
 
+    def restart(self) -> None:
+        """What a supervisor does after the scheduler died: a new one on the same port (clients reconnect
+        to it), and new workers (``dask worker`` exits when its scheduler connection breaks)."""
+        port = int(self.address.rsplit(":", 1)[1])
+        workers = len(self.workers)
+        self.kill_scheduler()
+        self.start_scheduler(port)
+        for _ in range(workers):
+            self.add_worker()
+
     def close(self) -> None:
         for proc in [*self.workers, self.scheduler]:
             if proc is None:

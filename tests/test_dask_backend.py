@@ -326,6 +326,26 @@ def test_a_killed_scheduler_stops_the_run_resumable_never_partial(store_path, tm
     assert len(_runs(log_path)) - finished_before < N_FAULT_ITEMS
 
 
+def test_a_restarted_cluster_costs_only_reruns(store_path, tmp_path):
+    cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
+    log_path = tmp_path / "ran"
+    try:
+        client = cluster.client(workers=2)
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+        restarter = _when_ran(log_path, 15, cluster.restart)
+        with dask.config.set({CLUSTER_WAIT_KEY: 60}):
+            assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+        restarter.join(30)
+        assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
+        client.close()
+    finally:
+        cluster.close()
+
+
 def test_a_cluster_without_workers_waits_then_stops_resumable(store_path, tmp_path):
     cluster = RealCluster(tmp_path / "cluster", 0)
     log_path = tmp_path / "ran"
