@@ -176,6 +176,12 @@ class DurableFunction:
             raise ValidationError(f"backend must be 'local', 'dask' or a distributed.Client, got {backend!r}")
         _positive("max_workers", max_workers)
         _positive("max_worker_memory", max_worker_memory)
+        if max_worker_memory and backend not in (None, "local"):
+            raise ValidationError(
+                "max_worker_memory is not applied on the Dask backend: a Dask worker has its own memory limit "
+                "(`dask worker --memory-limit`, or the distributed.worker.memory settings), past which its nanny "
+                "restarts it; its branch then runs again, and fails with WorkerCrashedError when it keeps killing "
+                "its worker. Set the limit on the workers and leave max_worker_memory out")
         _positive("max_crash_retries", max_crash_retries)
         execution_id = execution_id or self.execution_id_for(event)
 
@@ -263,7 +269,8 @@ class DurableFunction:
 
                 def make_dispatcher() -> Any:
                     return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
-                                          max_crash_retries=max_crash_retries, progress=_progress.choose(progress))
+                                          max_crash_retries=max_crash_retries, progress=_progress.choose(progress),
+                                          max_workers=max_workers)
 
             self._prepare_rerun(db, rec, fingerprint)
             if rec.input is not None:

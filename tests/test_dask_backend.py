@@ -27,7 +27,7 @@ from durable_mp.config import (  # noqa: E402
     StepSemantics,
 )
 from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
-from durable_mp.exceptions import ClusterUnavailableError  # noqa: E402
+from durable_mp.exceptions import ClusterUnavailableError, ValidationError  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
@@ -366,3 +366,50 @@ def test_a_cluster_without_workers_waits_then_stops_resumable(store_path, tmp_pa
         client.close()
     finally:
         cluster.close()
+
+
+# -- limits: enforced on Dask, or refused with a message -----------------------------------------------------------
+def test_branch_timeout_is_enforced_by_cancelling_the_task(client, store_path):
+    def item(c, x, i, xs):
+        time.sleep(6 if i == 1 else 0.01)
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([0, 1, 2], item, config=MapConfig(
+            branch_timeout=1, completion_config=CompletionConfig.all_completed()))
+
+    started = time.monotonic()
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.all[1].status == BatchItemStatus.FAILED
+    assert r.all[1].error.type == "durable_mp.exceptions.StepTimeoutError"
+    assert "timeout" in r.all[1].error.message
+    assert [r.all[0].result, r.all[2].result] == [0, 2]
+    assert time.monotonic() - started < 6, "the driver did not wait for the 6 s branch"
+    client.wait_for_workers(2, timeout=30)
+
+
+def test_a_step_timeout_inside_a_dask_branch_is_refused_before_the_step_runs(client, store_path, tmp_path):
+    def body(step_ctx):
+        (tmp_path / "ran").write_text("x")
+        return 1
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([lambda c: c.step(body, name="timed", config=StepConfig(timeout=5))],
+                            config=ALL_COMPLETED)
+
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.all[0].status == BatchItemStatus.FAILED
+    assert "'timed'" in r.all[0].error.message and "timeout" in r.all[0].error.message
+    assert "branch_timeout" in r.all[0].error.message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_max_worker_memory_is_refused_on_dask(client, store_path):
+    @durable_execution
+    def handler(event, ctx):
+        return 1
+
+    with pytest.raises(ValidationError, match="memory-limit"):
+        handler.run(None, store=store_path, backend=client, max_worker_memory=2**30)

@@ -196,8 +196,8 @@ class DaskDispatcher(Dispatcher):
     """
 
     def __init__(self, store: Any, execution_id: str, client: Any, *, settings: dict, max_crash_retries: int,
-                 progress: Any = None, cluster_wait: float | None = None) -> None:
-        super().__init__(store, execution_id, pool=None, max_workers=None, max_worker_memory=None,
+                 progress: Any = None, cluster_wait: float | None = None, max_workers: int | None = None) -> None:
+        super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress)
         self.client = client
         self.settings = settings
@@ -275,6 +275,8 @@ class DaskDispatcher(Dispatcher):
         threads = self._threads()
         if not threads:
             return
+        if self.max_workers:  # on Dask: how many of the cluster's threads this run uses at most
+            threads = min(threads, self.max_workers)
         allowed, _cap = concurrency_limit(batch.spec.max_concurrency, None, threads, 0)
         limit = allowed
         has_timeout = batch.spec.branch_timeout is not None
