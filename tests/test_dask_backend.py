@@ -7,6 +7,7 @@ quickly); the tests that take the scheduler away start their own.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -413,3 +414,20 @@ def test_max_worker_memory_is_refused_on_dask(client, store_path):
 
     with pytest.raises(ValidationError, match="memory-limit"):
         handler.run(None, store=store_path, backend=client, max_worker_memory=2**30)
+
+
+def test_ctx_logger_lines_of_dask_branches_reach_the_driver(client, store_path, caplog):
+    def item(c, x, i, xs):
+        c.logger.warning("item %d says %s", i, x)
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(["a", "b", "c"], item).get_results()
+
+    with caplog.at_level(logging.INFO, logger="durable_mp"):
+        assert handler.run(None, store=store_path, backend=client) == ["a", "b", "c"]
+    lines = {(r.getMessage(), getattr(r, "branchIndex", None)) for r in caplog.records if "says" in r.getMessage()}
+    assert lines == {("item 0 says a", 0), ("item 1 says b", 1), ("item 2 says c", 2)}
+    execution = handler.execution_id_for(None)
+    assert all(r.executionArn == execution for r in caplog.records if "says" in r.getMessage())

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from enum import Enum
@@ -46,18 +46,22 @@ from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
 from durable_mp.engine.protocol import UNLIMITED, Budget
 from durable_mp.engine.scheduling import concurrency_limit, may_prefetch, stop_chunk
-from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source
+from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source, record_data
 from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, ValidationError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
+from durable_mp.logger import LOGGER_NAME
 from durable_mp.types import StepContext
 
 log = logging.getLogger("durable_mp.dask")
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
+FIRST_CHUNK_ITEMS = 4  # before any item time is known; a lost chunk costs all its items (records come at its end)
+LOG_LEVEL_KEY = "dask_log_level"  # in the settings: the driver's level for ctx.logger
 CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
 DEFAULT_CLUSTER_WAIT = 300.0
 DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
-STALL_POLL_SECONDS = 1.0  # how often the driver looks at the cluster while nothing finishes
+STALL_POLL_SECONDS = 1.0
+START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
 THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
 PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
 _INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
@@ -147,13 +151,64 @@ def load_payload(payload: bytes) -> bytes:
     return payload
 
 
-def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
-              settings: dict, budget: Budget = UNLIMITED) -> tuple[list, list, list[int]]:
-    """Dask task: run the branches ``indices`` of one batch in order; return their records and the unstarted ones.
+def log_topic(execution_id: str) -> str:
+    """The Dask event topic that carries an execution's ``ctx.logger`` records from the workers."""
+    return f"durable_mp-log-{execution_id}"
 
-    ``budget`` is the chunk's start budget (``scheduling.start_budget``, counted within
-    this chunk): no branch starts once the chunk's own outcomes would complete the batch.
+
+class _EventLogHandler(logging.Handler):
+    """On a Dask worker: sends ``ctx.logger`` records to the driver as Dask events (``log_event``).
+
+    A record names its execution (``executionArn``, as ``ctx.logger`` adds to every record);
+    records without one are not durable_mp's and stay in the worker's own log.
     """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        execution = getattr(record, "executionArn", None)
+        if not execution:
+            return
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(log_topic(execution), record_data(record, getattr(_CURRENT, "index", None)))
+        except Exception:  # noqa: BLE001 - logging must never break a branch
+            pass
+
+
+_CURRENT = threading.local()  # the branch a Dask thread runs (its log records name it)
+_HANDLER_LOCK = threading.Lock()
+
+
+def _forward_logs(level: int) -> None:
+    """Install the event handler on this worker's ``durable_mp`` logger once; log at the driver's level."""
+    logger = logging.getLogger(LOGGER_NAME)
+    with _HANDLER_LOCK:
+        if not any(isinstance(h, _EventLogHandler) for h in logger.handlers):
+            logger.addHandler(_EventLogHandler())
+        logger.setLevel(level)
+
+
+def start_topic(execution_id: str) -> str:
+    """The Dask event topic on which a timed chunk says it started (its deadline runs from then)."""
+    return f"durable_mp-start-{execution_id}"
+
+
+def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
+              settings: dict, budget: Budget = UNLIMITED, announce: bool = False
+              ) -> tuple[list, list, list[int], float]:
+    """Dask task: run the branches ``indices`` of one batch in order.
+
+    Returns their records, the unstarted ones, and the task's own seconds.  ``budget``
+    is the chunk's start budget (``scheduling.start_budget``, counted within this chunk):
+    no branch starts once the chunk's own outcomes would complete the batch.
+    """
+    started = time.monotonic()
+    _forward_logs(settings.get(LOG_LEVEL_KEY, logging.WARNING))
+    if announce:  # the driver starts the branch's deadline now, not when it submitted the task
+        from distributed import get_worker
+
+        worker = get_worker()
+        worker.log_event(start_topic(settings["execution_id"]), str(worker.get_current_task()))
     with _SOURCES_LOCK:
         source = _SOURCES.get(token)
         if source is None:
@@ -167,14 +222,20 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
     shared = WorkerShared(outbox, settings)
     empty: dict = {}
     outcomes = [0, 0]  # [failures, successes] of this chunk
-    for position, index in enumerate(indices):
-        if stop_chunk(budget, outcomes[0], outcomes[1]):
-            return outbox.nested, outbox.items, list(indices[position:])
-        state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
-        rec = run_branch(source, index, state.context)
-        outbox.add_item(index, rec)
-        outcomes[rec.status == OpStatus.SUCCEEDED] += 1
-    return outbox.nested, outbox.items, []
+    unstarted: list[int] = []
+    try:
+        for position, index in enumerate(indices):
+            if stop_chunk(budget, outcomes[0], outcomes[1]):
+                unstarted = list(indices[position:])
+                break
+            _CURRENT.index = index
+            state = WorkerState(shared, checkpoints.get(index, empty) if checkpoints else empty)
+            rec = run_branch(source, index, state.context)
+            outbox.add_item(index, rec)
+            outcomes[rec.status == OpStatus.SUCCEEDED] += 1
+    finally:
+        _CURRENT.index = None
+    return outbox.nested, outbox.items, unstarted, time.monotonic() - started
 
 
 def run_call(payload: bytes) -> Any:
@@ -200,7 +261,9 @@ class DaskDispatcher(Dispatcher):
         super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress)
         self.client = client
-        self.settings = settings
+        self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
+        self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
+        self.started: deque[str] = deque()  # keys of timed chunks that started on a worker
         self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
         self.futures: dict[Any, Task] = {}
         self.payload_futures: dict[str, Any] = {}
@@ -210,6 +273,40 @@ class DaskDispatcher(Dispatcher):
         self.allowed_failures: int | None = None
         self.stalled_since: float | None = None  # since when the cluster could not run anything
         self.stall_reason = ""
+
+    first_chunk_items = FIRST_CHUNK_ITEMS
+
+    def run_batch(self, spec: Any) -> Any:
+        topics = {log_topic(self.execution_id): self.log_events, start_topic(self.execution_id): self.started}
+        for topic, events in topics.items():
+            self.client.subscribe_topic(topic, lambda event, events=events: events.append(event[1]))
+        try:
+            return super().run_batch(spec)
+        finally:
+            for topic in topics:
+                try:
+                    self.client.unsubscribe_topic(topic)
+                except Exception:  # noqa: BLE001 - the client lost its scheduler
+                    pass
+            self._emit_logs()
+            self.started.clear()
+
+    def _start_deadlines(self) -> None:
+        """Timed chunks that said they started: their ``branch_timeout`` runs from now."""
+        if not self.started:
+            return
+        by_key = {str(future.key): task for future, task in self.futures.items()}
+        while self.started:
+            task = by_key.get(self.started.popleft())
+            if task is not None and task.batch is not None and task.deadline is None:
+                timeout = task.batch.spec.branch_timeout
+                task.deadline = time.monotonic() + timeout if timeout else None
+
+    def _emit_logs(self) -> None:
+        events = self.log_events
+        while events:
+            record = logging.makeLogRecord(events.popleft())
+            logging.getLogger(record.name).handle(record)
 
     # -- the cluster ---------------------------------------------------------------------------
     def _threads(self, refresh: bool = False) -> int:
@@ -291,9 +388,10 @@ class DaskDispatcher(Dispatcher):
                 indices = self._take_chunk(batch, allowed)
             budget = self._batch_budget(batch, (0, 0))
             names, checkpoints = self._prepare_chunk(batch, indices)
+            timed = batch.spec.branch_timeout is not None
             future = self.client.submit(run_chunk, self._payload(batch), batch.token, indices, names, checkpoints,
-                                        self.settings, budget, pure=False)
-            self.futures[future] = self._new_task(batch, indices, batch.spec.branch_timeout)
+                                        self.settings, budget, timed, pure=False)
+            self.futures[future] = self._new_task(batch, indices, None)  # a deadline once it starts
             running += 1
 
     def _pump(self, batch: BatchRun | None) -> None:
@@ -305,6 +403,8 @@ class DaskDispatcher(Dispatcher):
                 return
             raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
         done = self._wait(self._wait_seconds_dask())
+        self._emit_logs()
+        self._start_deadlines()
         if done:
             for future in done:
                 self._settle(future)
@@ -328,6 +428,9 @@ class DaskDispatcher(Dispatcher):
         now = time.monotonic()
         waits = [STALL_POLL_SECONDS]
         waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
+        if any(task.deadline is None and task.batch is not None and task.batch.spec.branch_timeout is not None
+               for task in self.futures.values()):
+            waits.append(START_POLL_SECONDS)  # a timed chunk's start is read soon after it is announced
         return max(0.0, min(waits))
 
     def _check_stall(self) -> None:
@@ -359,7 +462,7 @@ class DaskDispatcher(Dispatcher):
         if task is None or task.batch is None or task.batch.closed:
             return
         try:
-            nested, items, unstarted = future.result(timeout=self.cluster_wait)
+            nested, items, unstarted, seconds = future.result(timeout=self.cluster_wait)
         except BaseException as exc:  # noqa: BLE001 - sorted by fault_of below
             if not isinstance(exc, Exception):
                 raise
@@ -372,8 +475,8 @@ class DaskDispatcher(Dispatcher):
         if unstarted:
             self._return_unstarted(batch, unstarted)
         ran = len(task.indices) - len(unstarted)
-        if ran:
-            batch.observe(time.time() - task.started, ran)
+        if ran:  # the task's own time: a round trip (and the wait in Dask's queue) is not the items' cost
+            batch.observe(seconds, ran)
 
     def _lost(self, task: Task, exc: Exception) -> None:
         """A chunk's task ended without its result: put its branches back, or charge the one that kills workers."""

@@ -65,6 +65,7 @@ from durable_mp.engine.protocol import (
 )
 from durable_mp.engine.result_decode import UNREAD, success_value
 from durable_mp.engine.scheduling import (
+    FIRST_CHUNK_ITEMS,
     chunk_size,
     concurrency_limit,
     may_prefetch,
@@ -86,6 +87,8 @@ PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
 
 class Dispatcher:
     """Owns the pool for one execution and runs its top-level batches and watched steps."""
+
+    first_chunk_items = FIRST_CHUNK_ITEMS  # a map chunk's size before any item time is known
 
     def __init__(self, store: Any, execution_id: str, pool: WorkerPool | None, *, max_workers: int | None,
                  max_worker_memory: int | None, max_crash_retries: int = DEFAULT_MAX_CRASH_RETRIES,
@@ -240,7 +243,7 @@ class Dispatcher:
 
     def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
         size = chunk_size(len(batch.queue), allowed, batch.item_seconds, is_map=batch.is_map,
-                          has_timeout=batch.spec.branch_timeout is not None)
+                          has_timeout=batch.spec.branch_timeout is not None, first=self.first_chunk_items)
         queue = batch.queue
         return [queue.popleft() for _ in range(size)]
 
