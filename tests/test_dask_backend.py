@@ -29,6 +29,7 @@ from durable_mp.config import (  # noqa: E402
 )
 from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
 from durable_mp.exceptions import ClusterUnavailableError, ValidationError  # noqa: E402
+from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
@@ -127,6 +128,7 @@ def test_finished_execution_replays_without_the_cluster(client, store_path):
     assert handler.run({"k": 1}, store=store_path) == [2, 3, 4]  # stored result, local backend, nothing runs
 
 
+NO_RETRY = RetryPresets.none()  # a refusal is an error of the step: its retry strategy would retry it
 AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
 ALL_COMPLETED = ParallelConfig(completion_config=CompletionConfig.all_completed())
 
@@ -397,7 +399,7 @@ def test_a_step_timeout_inside_a_dask_branch_is_refused_before_the_step_runs(cli
 
     @durable_execution
     def handler(event, ctx):
-        return ctx.parallel([lambda c: c.step(body, name="timed", config=StepConfig(timeout=5))],
+        return ctx.parallel([lambda c: c.step(body, name="timed", config=StepConfig(timeout=5, retry_strategy=NO_RETRY))],
                             config=ALL_COMPLETED)
 
     r = handler.run(None, store=store_path, backend=client)
@@ -431,3 +433,21 @@ def test_ctx_logger_lines_of_dask_branches_reach_the_driver(client, store_path, 
     assert lines == {("item 0 says a", 0), ("item 1 says b", 1), ("item 2 says c", 2)}
     execution = handler.execution_id_for(None)
     assert all(r.executionArn == execution for r in caplog.records if "says" in r.getMessage())
+
+
+def test_fault_of_charges_only_a_branch_that_was_running_when_dask_gave_up():
+    from concurrent.futures import CancelledError
+
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
+    from durable_mp.backends.dask import DaskFault, fault_of
+
+    killed = KilledWorker("run_chunk-x", "tcp://127.0.0.1:1", 3)
+    assert fault_of(killed, 1, runs=4) is DaskFault.KILLED_ALONE
+    assert fault_of(killed, 1, runs=0) is DaskFault.KILLED_QUEUED  # it sat queued behind a worker-killer
+    assert fault_of(killed, 5, runs=4) is DaskFault.KILLED_CHUNK
+    for exc in (CancelledError("scheduler-connection-lost"), CommClosedError("closed"), OSError("reset"),
+                TimeoutError("gather")):
+        assert fault_of(exc, 3) is DaskFault.INFRASTRUCTURE
+    assert fault_of(ModuleNotFoundError("jobs"), 3) is DaskFault.TASK_ERROR

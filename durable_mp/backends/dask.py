@@ -45,7 +45,7 @@ from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
 from durable_mp.engine.protocol import UNLIMITED, Budget
-from durable_mp.engine.scheduling import concurrency_limit, may_prefetch, stop_chunk
+from durable_mp.engine.scheduling import concurrency_limit, stop_chunk
 from durable_mp.engine.worker import Outbox, WorkerShared, WorkerState, load_source, record_data
 from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, ValidationError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
@@ -189,13 +189,31 @@ def _forward_logs(level: int) -> None:
 
 
 def start_topic(execution_id: str) -> str:
-    """The Dask event topic on which a timed chunk says it started (its deadline runs from then)."""
+    """The Dask event topic on which a chunk's task says it started running on a worker.
+
+    The driver counts these per task: a task Dask gave up on (``KilledWorker``) is charged
+    only for the deaths it was running at, not for those it sat queued behind on a worker
+    (Dask counts both); and a chunk's ``branch_timeout`` runs from its start.
+    """
     return f"durable_mp-start-{execution_id}"
 
 
+def _announce_start(execution_id: str) -> None:
+    """Tell the driver (through the scheduler, and before any branch runs) that this task started.
+
+    A round trip, not a buffered event: a branch that kills its worker at once must not
+    take its announcement down with it.
+    """
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    worker = get_worker()
+    sync(worker.loop, worker.scheduler.log_event, topic=start_topic(execution_id),
+         msg=str(worker.get_current_task()))
+
+
 def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
-              settings: dict, budget: Budget = UNLIMITED, announce: bool = False
-              ) -> tuple[list, list, list[int], float]:
+              settings: dict, budget: Budget = UNLIMITED) -> tuple[list, list, list[int], float]:
     """Dask task: run the branches ``indices`` of one batch in order.
 
     Returns their records, the unstarted ones, and the task's own seconds.  ``budget``
@@ -204,11 +222,10 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
     """
     started = time.monotonic()
     _forward_logs(settings.get(LOG_LEVEL_KEY, logging.WARNING))
-    if announce:  # the driver starts the branch's deadline now, not when it submitted the task
-        from distributed import get_worker
-
-        worker = get_worker()
-        worker.log_event(start_topic(settings["execution_id"]), str(worker.get_current_task()))
+    try:
+        _announce_start(settings["execution_id"])
+    except Exception:  # noqa: BLE001 - the scheduler is away: run anyway (counted as never started, boundedly)
+        pass
     with _SOURCES_LOCK:
         source = _SOURCES.get(token)
         if source is None:
@@ -263,7 +280,9 @@ class DaskDispatcher(Dispatcher):
         self.client = client
         self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
         self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
-        self.started: deque[str] = deque()  # keys of timed chunks that started on a worker
+        self.started: deque[str] = deque()  # keys of tasks that started on a worker, as announced
+        self.starts: dict[str, int] = {}  # task key -> how often it started running
+        self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
         self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
         self.futures: dict[Any, Task] = {}
         self.payload_futures: dict[str, Any] = {}
@@ -291,16 +310,20 @@ class DaskDispatcher(Dispatcher):
             self._emit_logs()
             self.started.clear()
 
-    def _start_deadlines(self) -> None:
-        """Timed chunks that said they started: their ``branch_timeout`` runs from now."""
+    def _read_starts(self) -> None:
+        """Tasks that said they started: count their runs; a timed chunk's ``branch_timeout`` runs from now."""
         if not self.started:
             return
         by_key = {str(future.key): task for future, task in self.futures.items()}
         while self.started:
-            task = by_key.get(self.started.popleft())
-            if task is not None and task.batch is not None and task.deadline is None:
-                timeout = task.batch.spec.branch_timeout
-                task.deadline = time.monotonic() + timeout if timeout else None
+            key = self.started.popleft()
+            task = by_key.get(key)
+            if task is None or task.batch is None:
+                continue
+            self.starts[key] = self.starts.get(key, 0) + 1
+            timeout = task.batch.spec.branch_timeout
+            if timeout and task.deadline is None:
+                task.deadline = time.monotonic() + timeout
 
     def _emit_logs(self) -> None:
         events = self.log_events
@@ -376,10 +399,10 @@ class DaskDispatcher(Dispatcher):
             threads = min(threads, self.max_workers)
         allowed, _cap = concurrency_limit(batch.spec.max_concurrency, None, threads, 0)
         limit = allowed
-        has_timeout = batch.spec.branch_timeout is not None
-        if not batch.spec.max_concurrency and may_prefetch(is_map=batch.is_map, queued=len(batch.queue),
-                                                           cpu_share=batch.cpu_share, has_timeout=has_timeout):
-            limit = CHUNKS_IN_FLIGHT_PER_THREAD * allowed  # queued on the workers, so none waits for the driver
+        if not batch.spec.max_concurrency and batch.spec.branch_timeout is None:
+            # queued on the workers, so none waits for the driver; unlike the local pool's queued chunks
+            # (scheduling.may_prefetch), Dask's work stealing moves a queued task to an idle worker
+            limit = CHUNKS_IN_FLIGHT_PER_THREAD * allowed
         running = sum(1 for task in self.futures.values() if task.batch is batch)
         while batch.queue and running < limit:
             if (batch.token, batch.queue[0]) in self.isolate:
@@ -388,9 +411,8 @@ class DaskDispatcher(Dispatcher):
                 indices = self._take_chunk(batch, allowed)
             budget = self._batch_budget(batch, (0, 0))
             names, checkpoints = self._prepare_chunk(batch, indices)
-            timed = batch.spec.branch_timeout is not None
             future = self.client.submit(run_chunk, self._payload(batch), batch.token, indices, names, checkpoints,
-                                        self.settings, budget, timed, pure=False)
+                                        self.settings, budget, pure=False)
             self.futures[future] = self._new_task(batch, indices, None)  # a deadline once it starts
             running += 1
 
@@ -404,7 +426,7 @@ class DaskDispatcher(Dispatcher):
             raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
         done = self._wait(self._wait_seconds_dask())
         self._emit_logs()
-        self._start_deadlines()
+        self._read_starts()
         if done:
             for future in done:
                 self._settle(future)
@@ -459,6 +481,7 @@ class DaskDispatcher(Dispatcher):
 
     def _settle(self, future: Any) -> None:
         task = self.futures.pop(future, None)
+        runs = self.starts.pop(str(future.key), 0)
         if task is None or task.batch is None or task.batch.closed:
             return
         try:
@@ -466,7 +489,7 @@ class DaskDispatcher(Dispatcher):
         except BaseException as exc:  # noqa: BLE001 - sorted by fault_of below
             if not isinstance(exc, Exception):
                 raise
-            self._lost(task, exc)
+            self._lost(task, exc, runs)
             return
         self._available()
         batch = task.batch
@@ -478,12 +501,12 @@ class DaskDispatcher(Dispatcher):
         if ran:  # the task's own time: a round trip (and the wait in Dask's queue) is not the items' cost
             batch.observe(seconds, ran)
 
-    def _lost(self, task: Task, exc: Exception) -> None:
+    def _lost(self, task: Task, exc: Exception, runs: int = 0) -> None:
         """A chunk's task ended without its result: put its branches back, or charge the one that kills workers."""
         batch = task.batch
         assert batch is not None
         unreported = task.unreported()
-        fault = fault_of(exc, len(unreported))
+        fault = fault_of(exc, len(unreported), runs)
         log.warning("Dask task of branches %s ended with %s: %s (%s)", unreported[:8], type(exc).__name__, exc,
                     fault.value)
         if fault is DaskFault.TASK_ERROR:
@@ -492,10 +515,17 @@ class DaskDispatcher(Dispatcher):
                     f"branch {index} ({batch.spec.item_name(index)}) could not run on the Dask cluster: "
                     f"{type(exc).__name__}: {exc}"), start=task.started)
             return
+        if fault is DaskFault.KILLED_QUEUED:
+            key = (batch.token, unreported[0])
+            self.queued_kills[key] = self.queued_kills.get(key, 0) + 1
+            if self.queued_kills[key] > self.max_crash_retries:  # its start announcements are being lost
+                fault = DaskFault.KILLED_ALONE
         if fault is DaskFault.KILLED_ALONE:
             index = unreported[0]
             self.stats["crashes"] += 1
-            deaths = self._allowed_failures() + 1
+            # the deaths it was running at (Dask also counts those it sat queued behind): at least one,
+            # so a start announcement lost with its worker cannot keep a branch going forever
+            deaths = max(1, min(runs, self._allowed_failures() + 1))
             batch.crashes[index] += deaths
             count = batch.crashes[index]
             batch.crash_log.setdefault(index, []).append(Attempt(
@@ -559,15 +589,23 @@ class DaskFault(Enum):
     INFRASTRUCTURE = "infrastructure: back to the queue, uncharged"  # cancelled, lost, connection closed
     KILLED_CHUNK = "killed workers: its branches run again one by one, uncharged"
     KILLED_ALONE = "killed workers: charged to its one branch"
+    KILLED_QUEUED = "Dask gave up on it, but it never ran: back to the queue, uncharged"
     TASK_ERROR = "the task itself failed"  # durable_mp's task code raised (the branches' own errors are records)
 
 
-def fault_of(exc: BaseException, branches: int) -> DaskFault:
-    """Sort an exception a chunk's future raised (``branches``: how many of its branches did not report)."""
+def fault_of(exc: BaseException, branches: int, runs: int = 1) -> DaskFault:
+    """Sort an exception a chunk's future raised.
+
+    ``branches``: how many of its branches did not report; ``runs``: how often the task
+    announced it started.  ``KilledWorker`` of a task that never ran (it sat queued on
+    workers that other tasks killed) is the others' fault: back to the queue, uncharged.
+    """
     from distributed import KilledWorker
 
     if isinstance(exc, KilledWorker):
-        return DaskFault.KILLED_ALONE if branches <= 1 else DaskFault.KILLED_CHUNK
+        if branches > 1:
+            return DaskFault.KILLED_CHUNK
+        return DaskFault.KILLED_ALONE if runs else DaskFault.KILLED_QUEUED
     if isinstance(exc, (CancelledError, OSError, TimeoutError)) or type(exc).__name__ in _INFRASTRUCTURE_NAMES:
         return DaskFault.INFRASTRUCTURE
     return DaskFault.TASK_ERROR
