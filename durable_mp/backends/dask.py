@@ -2,27 +2,39 @@
 
 ::
 
-    driver (this process)                         Dask workers
-    ┌────────────────────────────────┐  submit   ┌──────────────────────────────┐
-    │ DaskDispatcher (scheduling,    ├──────────▶│ run_chunk: branches of one   │
-    │  completion policy, LMDB store)│◀──────────┤ chunk, records collected and │
-    └────────────────────────────────┘  records  │ returned with the result     │
-                                                 └──────────────────────────────┘
+    driver (this process)                          Dask workers
+    ┌─────────────────────────────────┐  submit   ┌───────────────────────────────┐
+    │ DaskDispatcher: the local       ├──────────▶│ load_payload (a task: Dask    │
+    │  dispatcher's scheduling (chunk │           │  recomputes it when lost)     │
+    │  sizes, start budgets, policy), │◀─ events ─┤ run_chunk: announces its      │
+    │  LMDB store, cluster watch      │  (start,  │  start, runs branches within  │
+    │                                 │  logs)    │  its start budget, forwards   │
+    │                                 │◀──────────┤  ctx.logger; records returned │
+    └─────────────────────────────────┘  result   │  with the result              │
+                                                  └───────────────────────────────┘
+
+What a cluster fault costs (``fault_of``): a lost worker, a cancelled future, a lost
+dependency, a closed connection or a lost scheduler puts the chunk's branches back in the
+queue, uncharged (Dask itself first re-runs a task whose worker died).  ``KilledWorker``
+of a chunk runs its branches again one by one; of a single branch it is charged for the
+deaths that branch was running at (its start announcements), so only a branch that keeps
+killing its worker ends FAILED (``max_crash_retries``).  Without a scheduler or workers
+the run waits (Dask config ``durable-mp.cluster-wait``, 300 s), then raises
+``ClusterUnavailableError`` with the execution RUNNING and resumable.
 
 Differences from the local pool, by the nature of Dask: records come back when a chunk
-finishes (not streamed), so a lost Dask worker costs its whole chunk; Dask itself retries
-a task whose worker died (``distributed.scheduler.allowed-failures``) and reports
-``KilledWorker`` after that, which fails the branch with ``WorkerCrashedError``; step and
-branch timeouts and ``max_worker_memory`` are not enforced (use Dask's worker memory
-limits); early completion cancels what has not finished, but a task already running on
-a Dask thread runs to its end, unobserved.
+finishes (not streamed), so a lost worker costs its running chunk (first chunks hold 4
+items, later ones about 50 ms of work); ``branch_timeout`` cancels the task and fails the
+branch, but a running Dask thread runs to its end, unobserved (so does one of a batch that
+completed early); ``max_worker_memory`` is refused (Dask workers have their own limit).
 
-Two operations need the driver while a branch runs, and are refused inside Dask-run
+Three operations need the driver while a branch runs, and are refused inside Dask-run
 branches (``ValidationError``, before any user code of the operation runs):
 ``AT_MOST_ONCE_PER_RETRY`` steps (their STARTED checkpoint must be committed before the
-body runs, and Dask may run a task again after losing its worker) and callbacks
-(``create_callback`` / ``wait_for_callback``: the driver answers the wait).  Both work in
-the handler body, which runs in the driver.
+body runs, and Dask may run a task again after losing its worker), callbacks
+(``create_callback`` / ``wait_for_callback``: the driver answers the wait) and steps with
+a ``timeout`` (a Dask thread cannot be stopped).  All work in the handler body, which runs
+in the driver.
 """
 
 from __future__ import annotations
