@@ -270,7 +270,7 @@ class DurableFunction:
                 def make_dispatcher() -> Any:
                     return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
                                           max_crash_retries=max_crash_retries, progress=_progress.choose(progress),
-                                          max_workers=max_workers)
+                                          max_workers=max_workers, reconnect=pool.reconnect)
 
             self._prepare_rerun(db, rec, fingerprint)
             if rec.input is not None:
@@ -324,6 +324,9 @@ def _stop_cleanly_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+RECONNECT_SECONDS = 2.0  # one attempt of a new Dask client to reach a scheduler that went away
+
+
 class _DaskSession:
     """The Dask client of one run: created on first use when ``backend="dask"``, closed after."""
 
@@ -337,6 +340,15 @@ class _DaskSession:
             from durable_mp.backends.dask import client_for
 
             self._client, self._owned = client_for(self.backend)
+        return self._client
+
+    def reconnect(self, address: str) -> Any:
+        """A new client to ``address``, owned (closed) by this run: the one it had gave up reconnecting."""
+        from distributed import Client
+
+        if self._client is not None and self._owned:
+            self._client.close()
+        self._client, self._owned = Client(address, timeout=RECONNECT_SECONDS, set_as_default=False), True
         return self._client
 
     def begin_close(self) -> None:

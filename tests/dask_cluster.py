@@ -34,6 +34,7 @@ class RealCluster:
         self.scheduler: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.address = ""
+        self.size = workers  # workers a restart starts again
         self.start_scheduler()
         for _ in range(workers):
             self.add_worker()
@@ -66,8 +67,9 @@ class RealCluster:
         self.workers.append(proc)
         return proc
 
-    def client(self, workers: int | None = None) -> distributed.Client:
-        client = distributed.Client(self.address, timeout=30)
+    def client(self, workers: int | None = None, timeout: float = 30) -> distributed.Client:
+        """A client; ``timeout`` also bounds how long it tries to reconnect to a lost scheduler."""
+        client = distributed.Client(self.address, timeout=timeout)
         if workers:
             client.wait_for_workers(workers, timeout=90)
         return client
@@ -85,8 +87,9 @@ class RealCluster:
         """What a supervisor does after the scheduler died: a new one on the same port (clients reconnect
         to it), and new workers (``dask worker`` exits when its scheduler connection breaks)."""
         port = int(self.address.rsplit(":", 1)[1])
-        workers = len(self.workers)
-        self.kill_scheduler()
+        workers = self.size
+        if self.scheduler is not None and self.scheduler.poll() is None:
+            self.kill_scheduler()
         self.start_scheduler(port)
         for _ in range(workers):
             self.add_worker()

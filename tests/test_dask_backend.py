@@ -349,6 +349,31 @@ def test_a_restarted_cluster_costs_only_reruns(store_path, tmp_path):
         cluster.close()
 
 
+def test_the_wait_for_a_lost_scheduler_outlasts_the_clients_own_reconnect_timeout(store_path, tmp_path):
+    """The client gives up reconnecting after distributed.comm.timeouts.connect; the run waits on, up to its limit."""
+    cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
+    log_path = tmp_path / "ran"
+    try:
+        client = cluster.client(workers=2, timeout=2)
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+        def away_for_a_while():
+            cluster.kill_scheduler()
+            time.sleep(5)  # longer than the client's 2 s
+            cluster.restart()
+
+        back = _when_ran(log_path, 15, away_for_a_while)
+        with dask.config.set({CLUSTER_WAIT_KEY: 60}):
+            assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+        back.join(30)
+        assert client.status == "closed", "the client itself had given up"
+    finally:
+        cluster.close()
+
+
 def test_a_cluster_without_workers_waits_then_stops_resumable(store_path, tmp_path):
     cluster = RealCluster(tmp_path / "cluster", 0)
     log_path = tmp_path / "ran"

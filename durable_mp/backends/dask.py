@@ -286,10 +286,14 @@ class DaskDispatcher(Dispatcher):
     """
 
     def __init__(self, store: Any, execution_id: str, client: Any, *, settings: dict, max_crash_retries: int,
-                 progress: Any = None, cluster_wait: float | None = None, max_workers: int | None = None) -> None:
+                 progress: Any = None, cluster_wait: float | None = None, max_workers: int | None = None,
+                 reconnect: Callable[[str], Any] | None = None) -> None:
         super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress)
         self.client = client
+        self.reconnect = reconnect  # a new client to the scheduler's address, once this one gave up
+        self.address: str = getattr(getattr(client, "scheduler", None), "address", None) or ""
+        self.resubscribe = False
         self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
         self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
         self.started: deque[str] = deque()  # keys of tasks that started on a worker, as announced
@@ -308,19 +312,26 @@ class DaskDispatcher(Dispatcher):
     first_chunk_items = FIRST_CHUNK_ITEMS
 
     def run_batch(self, spec: Any) -> Any:
-        topics = {log_topic(self.execution_id): self.log_events, start_topic(self.execution_id): self.started}
-        for topic, events in topics.items():
-            self.client.subscribe_topic(topic, lambda event, events=events: events.append(event[1]))
+        self._subscribe()
         try:
             return super().run_batch(spec)
         finally:
-            for topic in topics:
+            for topic in self._topics():
                 try:
                     self.client.unsubscribe_topic(topic)
                 except Exception:  # noqa: BLE001 - the client lost its scheduler
                     pass
             self._emit_logs()
             self.started.clear()
+
+    def _topics(self) -> dict[str, deque]:
+        return {log_topic(self.execution_id): self.log_events, start_topic(self.execution_id): self.started}
+
+    def _subscribe(self) -> None:
+        """Subscribe to the workers' events; again after a reconnect (a new scheduler knows no subscriptions)."""
+        for topic, events in self._topics().items():
+            self.client.subscribe_topic(topic, lambda event, events=events: events.append(event[1]))
+        self.resubscribe = False
 
     def _read_starts(self) -> None:
         """Tasks that said they started: count their runs; a timed chunk's ``branch_timeout`` runs from now."""
@@ -376,15 +387,30 @@ class DaskDispatcher(Dispatcher):
             self.stall_reason = reason
             log.warning("%s; waiting up to %gs for it (Dask config %r), then the run stops, resumable",
                         reason, self.cluster_wait, CLUSTER_WAIT_KEY)
-        if getattr(self.client, "status", "running") in ("closed", "closing"):
-            raise ClusterUnavailableError(
-                f"{reason}, and the Dask client gave up reconnecting to the scheduler (distributed.comm.timeouts."
-                f"connect); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
+        self.resubscribe = True
         if now - self.stalled_since > self.cluster_wait:
             raise ClusterUnavailableError(
                 f"{reason} for {now - self.stalled_since:.0f}s (limit {self.cluster_wait:g}s, Dask config "
                 f"{CLUSTER_WAIT_KEY!r}); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
         time.sleep(STALL_POLL_SECONDS)
+        if getattr(self.client, "status", "running") in ("closed", "closing"):
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        """The client gave up reconnecting (``distributed.comm.timeouts.connect``): try a new one, within our wait."""
+        if self.reconnect is None or not self.address:
+            raise ClusterUnavailableError(
+                f"the Dask client gave up reconnecting to the scheduler (distributed.comm.timeouts.connect) and "
+                f"cannot be replaced; execution {self.execution_id!r} stays RUNNING: run it again to resume it")
+        try:
+            client = self.reconnect(self.address)
+        except (OSError, TimeoutError) as exc:
+            log.debug("no scheduler at %s yet: %s", self.address, exc)
+            return
+        log.warning("connected a new Dask client to %s (the old one gave up reconnecting)", self.address)
+        self.client = client
+        self.payload_futures.clear()  # the old client's: gone with it
+        self.resubscribe = True
 
     def _available(self) -> None:
         if self.stalled_since is not None:
@@ -404,6 +430,8 @@ class DaskDispatcher(Dispatcher):
     def _fill(self, batch: BatchRun) -> None:
         if not batch.queue or not self._connected():
             return
+        if self.resubscribe:
+            self._subscribe()
         threads = self._threads()
         if not threads:
             return
