@@ -511,6 +511,7 @@ class DaskDispatcher(Dispatcher):
             if task.deadline is None or now < task.deadline or task.batch is None:
                 continue
             del self.futures[future]
+            self.starts.pop(str(future.key), None)
             future.cancel()
             self.stats["timeouts"] += 1
             batch = task.batch
@@ -596,9 +597,11 @@ class DaskDispatcher(Dispatcher):
                 continue
             future.cancel()
             del self.futures[future]
+            self.starts.pop(str(future.key), None)
             if record_started:  # as on the local pool: the one that may be running stays STARTED
                 self._record_started(batch, task, task.unreported()[:1])
         self.isolate = {key for key in self.isolate if key[0] != batch.token}
+        self.queued_kills = {key: n for key, n in self.queued_kills.items() if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
         if payload is not None:
             payload.release()
