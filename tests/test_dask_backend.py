@@ -249,16 +249,28 @@ def _runs(log_path) -> list[int]:
     return [int(x) for x in log_path.read_text().split()] if log_path.exists() else []
 
 
-def _when_ran(log_path, count: int, action) -> threading.Thread:
-    """Run ``action`` (the fault) once ``count`` items have logged that they ran."""
-    def watch():
-        deadline = time.monotonic() + 90
-        while len(_runs(log_path)) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        action()
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+class _Fault:
+    """Runs ``action`` (the fault) once ``count`` items have logged that they ran, in a thread.
+
+    ``cancel`` (in the test's ``finally``, before its cluster closes) stops a fault that has
+    not happened and waits for one under way, so no fault outlives its test.
+    """
+
+    def __init__(self, log_path, count: int, action) -> None:
+        self.cancelled = threading.Event()
+
+        def watch():
+            while len(_runs(log_path)) < count:
+                if self.cancelled.wait(0.02):
+                    return
+            action()
+
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.thread.join(60)
 
 
 def _status(store_path, execution_id):
@@ -277,9 +289,11 @@ def test_both_workers_killed_at_once_gives_the_exact_result(cluster, client, wor
     def handler(event, ctx):
         return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
 
-    killer = _when_ran(log_path, 15, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
-    assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
-    killer.join(10)
+    killer = _Fault(log_path, 15, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
+    try:
+        assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+    finally:
+        killer.cancel()
     assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
     assert set(cluster.worker_pids(client)).isdisjoint(pids), "both workers were really killed (and restarted)"
     assert _status(store_path, handler.execution_id_for(None)) == "SUCCEEDED"
@@ -308,6 +322,7 @@ def test_an_item_that_kills_its_worker_every_time_fails_alone(client, workers_ba
 def test_a_killed_scheduler_stops_the_run_resumable_never_partial(store_path, tmp_path):
     cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
     log_path = tmp_path / "ran"
+    fault = _Fault(log_path, 15, cluster.kill_scheduler)
     try:
         client = cluster.client(workers=2)
 
@@ -315,12 +330,12 @@ def test_a_killed_scheduler_stops_the_run_resumable_never_partial(store_path, tm
         def handler(event, ctx):
             return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
 
-        _when_ran(log_path, 15, cluster.kill_scheduler)
         with dask.config.set({CLUSTER_WAIT_KEY: 2}), pytest.raises(ClusterUnavailableError, match="RUNNING"):
             handler.run(None, store=store_path, backend=client)
         assert _status(store_path, handler.execution_id_for(None)) == "RUNNING"
         client.close()
     finally:
+        fault.cancel()
         cluster.close()
     # resumed (here on the local pool): exact, and what had finished did not run again
     finished_before = len(_runs(log_path))
@@ -332,6 +347,7 @@ def test_a_killed_scheduler_stops_the_run_resumable_never_partial(store_path, tm
 def test_a_restarted_cluster_costs_only_reruns(store_path, tmp_path):
     cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
     log_path = tmp_path / "ran"
+    restarter = None
     try:
         client = cluster.client(workers=2)
 
@@ -339,13 +355,14 @@ def test_a_restarted_cluster_costs_only_reruns(store_path, tmp_path):
         def handler(event, ctx):
             return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
 
-        restarter = _when_ran(log_path, 15, cluster.restart)
+        restarter = _Fault(log_path, 15, cluster.restart)
         with dask.config.set({CLUSTER_WAIT_KEY: 60}):
             assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
-        restarter.join(30)
         assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
         client.close()
     finally:
+        if restarter is not None:
+            restarter.cancel()
         cluster.close()
 
 
@@ -353,6 +370,7 @@ def test_the_wait_for_a_lost_scheduler_outlasts_the_clients_own_reconnect_timeou
     """The client gives up reconnecting after distributed.comm.timeouts.connect; the run waits on, up to its limit."""
     cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
     log_path = tmp_path / "ran"
+    back = None
     try:
         client = cluster.client(workers=2, timeout=2)
 
@@ -365,12 +383,13 @@ def test_the_wait_for_a_lost_scheduler_outlasts_the_clients_own_reconnect_timeou
             time.sleep(5)  # longer than the client's 2 s
             cluster.restart()
 
-        back = _when_ran(log_path, 15, away_for_a_while)
+        back = _Fault(log_path, 15, away_for_a_while)
         with dask.config.set({CLUSTER_WAIT_KEY: 60}):
             assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
-        back.join(30)
         assert client.status == "closed", "the client itself had given up"
     finally:
+        if back is not None:
+            back.cancel()
         cluster.close()
 
 
