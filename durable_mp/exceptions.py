@@ -311,3 +311,13 @@ class CheckpointFailedError(BaseException):
     every later write, so the execution stops as interrupted (RUNNING, resumable) and is
     never recorded SUCCEEDED with records missing.
     """
+
+
+class ClusterUnavailableError(BaseException):
+    """The Dask cluster (its scheduler, or every worker) stayed away longer than the run waits for it.
+
+    A ``BaseException``, like ``CheckpointFailedError``, so that a handler's ``except
+    Exception`` cannot swallow it: the execution stops as interrupted (RUNNING, resumable),
+    never completed by failures and never SUCCEEDED with items missing.  Run it again once
+    the cluster is back (or with the local backend) to resume it.
+    """

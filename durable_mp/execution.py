@@ -190,6 +190,12 @@ class DurableFunction:
             raise ValidationError(f"backend must be 'local', 'dask' or a distributed.Client, got {backend!r}")
         _positive("max_workers", max_workers)
         _positive("max_worker_memory", max_worker_memory)
+        if max_worker_memory and backend not in (None, "local"):
+            raise ValidationError(
+                "max_worker_memory is not applied on the Dask backend: a Dask worker has its own memory limit "
+                "(`dask worker --memory-limit`, or the distributed.worker.memory settings), past which its nanny "
+                "restarts it; its branch then runs again, and fails with WorkerCrashedError when it keeps killing "
+                "its worker. Set the limit on the workers and leave max_worker_memory out")
         _positive("max_crash_retries", max_crash_retries)
         execution_id = execution_id or self.execution_id_for(event)
 
@@ -280,7 +286,8 @@ class DurableFunction:
 
                 def make_dispatcher() -> Any:
                     return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
-                                          max_crash_retries=max_crash_retries, progress=_progress.choose(progress))
+                                          max_crash_retries=max_crash_retries, progress=_progress.choose(progress),
+                                          max_workers=max_workers, reconnect=pool.reconnect)
 
             self._prepare_rerun(db, rec, fingerprint)
             if rec.input is not None:
@@ -335,6 +342,9 @@ def _stop_cleanly_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+RECONNECT_SECONDS = 2.0  # one attempt of a new Dask client to reach a scheduler that went away
+
+
 class _DaskSession:
     """The Dask client of one run: created on first use when ``backend="dask"``, closed after."""
 
@@ -348,6 +358,15 @@ class _DaskSession:
             from durable_mp.backends.dask import client_for
 
             self._client, self._owned = client_for(self.backend)
+        return self._client
+
+    def reconnect(self, address: str) -> Any:
+        """A new client to ``address``, owned (closed) by this run: the one it had gave up reconnecting."""
+        from distributed import Client
+
+        if self._client is not None and self._owned:
+            self._client.close()
+        self._client, self._owned = Client(address, timeout=RECONNECT_SECONDS, set_as_default=False), True
         return self._client
 
     def begin_close(self) -> None:

@@ -2,48 +2,82 @@
 
 ::
 
-    driver (this process)                         Dask workers
-    ┌────────────────────────────────┐  submit   ┌──────────────────────────────┐
-    │ DaskDispatcher (scheduling,    ├──────────▶│ run_chunk: branches of one   │
-    │  completion policy, LMDB store)│◀──────────┤ chunk, records collected and │
-    └────────────────────────────────┘  records  │ returned with the result     │
-                                                 └──────────────────────────────┘
+    driver (this process)                          Dask workers
+    ┌─────────────────────────────────┐  submit   ┌───────────────────────────────┐
+    │ DaskDispatcher: the local       ├──────────▶│ load_payload (a task: Dask    │
+    │  dispatcher's scheduling (chunk │           │  recomputes it when lost)     │
+    │  sizes, start budgets, policy), │◀─ events ─┤ run_chunk: announces its      │
+    │  LMDB store, cluster watch      │  (start,  │  start, runs branches within  │
+    │                                 │  logs)    │  its start budget, forwards   │
+    │                                 │◀──────────┤  ctx.logger; records returned │
+    └─────────────────────────────────┘  result   │  with the result              │
+                                                  └───────────────────────────────┘
+
+What a cluster fault costs (``fault_of``): a lost worker, a cancelled future, a lost
+dependency, a closed connection or a lost scheduler puts the chunk's branches back in the
+queue, uncharged (Dask itself first re-runs a task whose worker died).  ``KilledWorker``
+of a chunk runs its branches again one by one; of a single branch it is charged for the
+deaths that branch was running at (its start announcements), so only a branch that keeps
+killing its worker ends FAILED (``max_crash_retries``).  Without a scheduler or workers
+the run waits (Dask config ``durable-mp.cluster-wait``, 300 s), then raises
+``ClusterUnavailableError`` with the execution RUNNING and resumable.
 
 Differences from the local pool, by the nature of Dask: records come back when a chunk
-finishes (not streamed), so a lost Dask worker costs its whole chunk; Dask itself retries
-a task whose worker died (``distributed.scheduler.allowed-failures``) and reports
-``KilledWorker`` after that, which fails the branch with ``WorkerCrashedError``; step and
-branch timeouts and ``max_worker_memory`` are not enforced (use Dask's worker memory
-limits); early completion cancels what has not finished, but a task already running on
-a Dask thread runs to its end, unobserved.
+finishes (not streamed), so a lost worker costs its running chunk (first chunks hold 4
+items, later ones about 50 ms of work); ``branch_timeout`` cancels the task and fails the
+branch, but a running Dask thread runs to its end, unobserved (so does one of a batch that
+completed early); ``max_worker_memory`` is refused (Dask workers have their own limit).
 
-Two operations need the driver while a branch runs, and are refused inside Dask-run
+Three operations need the driver while a branch runs, and are refused inside Dask-run
 branches (``ValidationError``, before any user code of the operation runs):
 ``AT_MOST_ONCE_PER_RETRY`` steps (their STARTED checkpoint must be committed before the
-body runs, and Dask may run a task again after losing its worker) and callbacks
-(``create_callback`` / ``wait_for_callback``: the driver answers the wait).  Both work in
-the handler body, which runs in the driver.
+body runs, and Dask may run a task again after losing its worker), callbacks
+(``create_callback`` / ``wait_for_callback``: the driver answers the wait) and steps with
+a ``timeout`` (a Dask thread cannot be stopped).  All work in the handler body, which runs
+in the driver.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
-from collections import OrderedDict
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import CancelledError
+from enum import Enum
 from typing import Any
 
-from durable_mp.core.records import OpRecord, OpStatus, OpType
+from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
 from durable_mp.core.vocabulary import SubType
 from durable_mp.engine import pickling
+from durable_mp.engine.batch_run import Task
 from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
-from durable_mp.engine.worker import Outbox, WorkerContextState, WorkerShared, load_source
-from durable_mp.exceptions import StepTimeoutError, ValidationError, WorkerCrashedError
+from durable_mp.engine.faults import FaultCost, death_cost
+from durable_mp.engine.protocol import UNLIMITED, Budget
+from durable_mp.engine.scheduling import concurrency_limit, stop_chunk
+from durable_mp.engine.worker import Outbox, WorkerContextState, WorkerShared, load_source, record_data
+from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, ValidationError, WorkerCrashedError
+from durable_mp.lambda_service import ErrorObject
+from durable_mp.logger import LOGGER_NAME
 from durable_mp.types import StepContext
 
+log = logging.getLogger("durable_mp.dask")
+
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
+FIRST_CHUNK_ITEMS = 4  # before any item time is known; a lost chunk costs all its items (records come at its end)
+LOG_LEVEL_KEY = "dask_log_level"  # in the settings: the driver's level for ctx.logger
+CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
+DEFAULT_CLUSTER_WAIT = 300.0
+DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
+STALL_POLL_SECONDS = 1.0
+START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
+THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
+PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
+_INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
 _SOURCES: OrderedDict = OrderedDict()
 _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
@@ -112,15 +146,98 @@ class _CollectingOutbox(Outbox):
         return None
 
     def watch_start(self, rec: Any, timeout: float | None) -> int:
+        if timeout:  # refused before the body runs: a Dask thread cannot be stopped from outside
+            raise ValidationError(
+                f"step {_name(rec)} has a timeout, which the Dask backend cannot enforce inside a parallel/map "
+                f"branch (a running Dask thread cannot be stopped). Use the branch_timeout of the parallel/map "
+                f"(enforced by cancelling the branch's task), run the step in the handler body, or use the local "
+                f"backend")
         return 0
 
     def watch_end(self, watch_id: int) -> None:
         return None
 
 
+def load_payload(payload: bytes) -> bytes:
+    """Dask task holding a batch's code and items: its input is in the graph, so Dask can run it again."""
+    return payload
+
+
+def log_topic(execution_id: str) -> str:
+    """The Dask event topic that carries an execution's ``ctx.logger`` records from the workers."""
+    return f"durable_mp-log-{execution_id}"
+
+
+class _EventLogHandler(logging.Handler):
+    """On a Dask worker: sends ``ctx.logger`` records to the driver as Dask events (``log_event``).
+
+    A record names its execution (``executionArn``, as ``ctx.logger`` adds to every record);
+    records without one are not durable_mp's and stay in the worker's own log.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        execution = getattr(record, "executionArn", None)
+        if not execution:
+            return
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(log_topic(execution), record_data(record, getattr(_CURRENT, "index", None)))
+        except Exception:  # noqa: BLE001 - logging must never break a branch
+            pass
+
+
+_CURRENT = threading.local()  # the branch a Dask thread runs (its log records name it)
+_HANDLER_LOCK = threading.Lock()
+
+
+def _forward_logs(level: int) -> None:
+    """Install the event handler on this worker's ``durable_mp`` logger once; log at the driver's level."""
+    logger = logging.getLogger(LOGGER_NAME)
+    with _HANDLER_LOCK:
+        if not any(isinstance(h, _EventLogHandler) for h in logger.handlers):
+            logger.addHandler(_EventLogHandler())
+        logger.setLevel(level)
+
+
+def start_topic(execution_id: str) -> str:
+    """The Dask event topic on which a chunk's task says it started running on a worker.
+
+    The driver counts these per task: a task Dask gave up on (``KilledWorker``) is charged
+    only for the deaths it was running at, not for those it sat queued behind on a worker
+    (Dask counts both); and a chunk's ``branch_timeout`` runs from its start.
+    """
+    return f"durable_mp-start-{execution_id}"
+
+
+def _announce_start(execution_id: str) -> None:
+    """Tell the driver (through the scheduler, and before any branch runs) that this task started.
+
+    A round trip, not a buffered event: a branch that kills its worker at once must not
+    take its announcement down with it.
+    """
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    worker = get_worker()
+    sync(worker.loop, worker.scheduler.log_event, topic=start_topic(execution_id),
+         msg=str(worker.get_current_task()))
+
+
 def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
-              settings: dict) -> tuple[list, list]:
-    """Dask task: run the branches ``indices`` of one batch and return their records."""
+              settings: dict, budget: Budget = UNLIMITED) -> tuple[list, list, list[int], float]:
+    """Dask task: run the branches ``indices`` of one batch in order.
+
+    Returns their records, the unstarted ones, and the task's own seconds.  ``budget``
+    is the chunk's start budget (``scheduling.start_budget``, counted within this chunk):
+    no branch starts once the chunk's own outcomes would complete the batch.
+    """
+    started = time.monotonic()
+    _forward_logs(settings.get(LOG_LEVEL_KEY, logging.WARNING))
+    try:
+        _announce_start(settings["execution_id"])
+    except Exception:  # noqa: BLE001 - the scheduler is away: run anyway (counted as never started, boundedly)
+        pass
     with _SOURCES_LOCK:
         source = _SOURCES.get(token)
         if source is None:
@@ -133,10 +250,21 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
     outbox = _CollectingOutbox()
     shared = WorkerShared(outbox, settings)
     empty: dict = {}
-    for index in indices:
-        state = WorkerContextState(shared, checkpoints.get(index, empty) if checkpoints else empty)
-        outbox.add_item(index, run_branch(source, index, state.context))
-    return outbox.nested, outbox.items
+    outcomes = [0, 0]  # [failures, successes] of this chunk
+    unstarted: list[int] = []
+    try:
+        for position, index in enumerate(indices):
+            if stop_chunk(budget, outcomes[0], outcomes[1]):
+                unstarted = list(indices[position:])
+                break
+            _CURRENT.index = index
+            state = WorkerContextState(shared, checkpoints.get(index, empty) if checkpoints else empty)
+            rec = run_branch(source, index, state.context)
+            outbox.add_item(index, rec)
+            outcomes[rec.status == OpStatus.SUCCEEDED] += 1
+    finally:
+        _CURRENT.index = None
+    return outbox.nested, outbox.items, unstarted, time.monotonic() - started
 
 
 def run_call(payload: bytes) -> Any:
@@ -148,75 +276,319 @@ def run_call(payload: bytes) -> Any:
 
 
 class DaskDispatcher(Dispatcher):
-    """The local dispatcher's bookkeeping, with Dask futures instead of worker pipes."""
+    """The local dispatcher's scheduling (chunks, start budgets, completion), with Dask futures as workers.
+
+    Only how chunks travel and how their ends are read is Dask's: which branches start,
+    how many, in which chunks and with which budget is decided by the same code as on the
+    local pool (``Dispatcher._take_chunk``, ``_batch_budget``, ``_prepare_chunk``,
+    ``_return_unstarted``, ``scheduling``).  What a cluster fault costs is ``fault_of``'s
+    verdict: only ``KilledWorker`` of a one-branch task is charged to that branch.
+    """
 
     def __init__(self, store: Any, execution_id: str, client: Any, *, settings: dict, max_crash_retries: int,
-                 progress: Any = None) -> None:
-        super().__init__(store, execution_id, pool=None, max_workers=None, max_worker_memory=None,
+                 progress: Any = None, cluster_wait: float | None = None, max_workers: int | None = None,
+                 reconnect: Callable[[str], Any] | None = None) -> None:
+        super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress)
-        from distributed import as_completed
-
         self.client = client
-        self.settings = settings
-        self.futures: dict[Any, Any] = {}
-        self.completed = as_completed()
+        self.reconnect = reconnect  # a new client to the scheduler's address, once this one gave up
+        self.address: str = getattr(getattr(client, "scheduler", None), "address", None) or ""
+        self.resubscribe = False
+        self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
+        self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
+        self.started: deque[str] = deque()  # keys of tasks that started on a worker, as announced
+        self.starts: dict[str, int] = {}  # task key -> how often it started running
+        self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
+        self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
+        self.futures: dict[Any, Task] = {}
         self.payload_futures: dict[str, Any] = {}
+        self.isolate: set[tuple[str, int]] = set()  # branches of a chunk Dask gave up on: they run alone next
+        self.nthreads = 0
+        self.nthreads_at = -THREADS_REFRESH_SECONDS
+        self.allowed_failures: int | None = None
+        self.stalled_since: float | None = None  # since when the cluster could not run anything
+        self.stall_reason = ""
 
-    def _threads(self) -> int:
+    first_chunk_items = FIRST_CHUNK_ITEMS
+
+    def run_batch(self, spec: Any) -> Any:
+        self._subscribe()
         try:
-            return max(1, sum(self.client.nthreads().values()))
-        except Exception:  # noqa: BLE001 - a cluster still starting up
-            return 1
+            return super().run_batch(spec)
+        finally:
+            for topic in self._topics():
+                try:
+                    self.client.unsubscribe_topic(topic)
+                except Exception:  # noqa: BLE001 - the client lost its scheduler
+                    pass
+            self._emit_logs()
+            self.started.clear()
 
-    def _fill(self, batch: BatchRun) -> None:
-        threads = self._threads()
-        limit = batch.spec.max_concurrency or CHUNKS_IN_FLIGHT_PER_THREAD * threads
+    def _topics(self) -> dict[str, deque]:
+        return {log_topic(self.execution_id): self.log_events, start_topic(self.execution_id): self.started}
+
+    def _subscribe(self) -> None:
+        """Subscribe to the workers' events; again after a reconnect (a new scheduler knows no subscriptions)."""
+        for topic, events in self._topics().items():
+            self.client.subscribe_topic(topic, lambda event, events=events: events.append(event[1]))
+        self.resubscribe = False
+
+    def _read_starts(self) -> None:
+        """Tasks that said they started: count their runs; a timed chunk's ``branch_timeout`` runs from now."""
+        if not self.started:
+            return
+        by_key = {str(future.key): task for future, task in self.futures.items()}
+        while self.started:
+            key = self.started.popleft()
+            task = by_key.get(key)
+            if task is None or task.batch is None:
+                continue
+            self.starts[key] = self.starts.get(key, 0) + 1
+            timeout = task.batch.spec.branch_timeout
+            if timeout and task.deadline is None:
+                task.deadline = time.monotonic() + timeout
+
+    def _emit_logs(self) -> None:
+        events = self.log_events
+        while events:
+            record = logging.makeLogRecord(events.popleft())
+            logging.getLogger(record.name).handle(record)
+
+    # -- the cluster ---------------------------------------------------------------------------
+    def _threads(self, refresh: bool = False) -> int:
+        """Threads of the cluster's workers, asked of the scheduler at most every few seconds (0: none, or away)."""
+        now = time.monotonic()
+        if refresh or now - self.nthreads_at >= THREADS_REFRESH_SECONDS:
+            self.nthreads_at = now
+            try:
+                self.nthreads = sum(self.client.nthreads().values()) if self._connected() else 0
+            except Exception:  # noqa: BLE001 - the scheduler went away meanwhile
+                self.nthreads = 0
+        return self.nthreads
+
+    def _connected(self) -> bool:
+        return getattr(self.client, "status", "running") == "running"
+
+    def _allowed_failures(self) -> int:
+        """How many worker deaths a task survives on this cluster (the scheduler's setting, read once)."""
+        if self.allowed_failures is None:
+            try:
+                self.allowed_failures = int(self.client.run_on_scheduler(_scheduler_allowed_failures))
+            except Exception:  # noqa: BLE001 - the scheduler's own config is unreadable: Dask's default
+                self.allowed_failures = DASK_DEFAULT_ALLOWED_FAILURES
+        return self.allowed_failures
+
+    def _unavailable(self, reason: str) -> None:
+        """The cluster cannot run anything now: wait for it, up to ``cluster_wait`` seconds, then stop resumable."""
+        now = time.monotonic()
+        if self.stalled_since is None or reason != self.stall_reason:
+            if self.stalled_since is None:
+                self.stalled_since = now
+            self.stall_reason = reason
+            log.warning("%s; waiting up to %gs for it (Dask config %r), then the run stops, resumable",
+                        reason, self.cluster_wait, CLUSTER_WAIT_KEY)
+        self.resubscribe = True
+        if now - self.stalled_since > self.cluster_wait:
+            raise ClusterUnavailableError(
+                f"{reason} for {now - self.stalled_since:.0f}s (limit {self.cluster_wait:g}s, Dask config "
+                f"{CLUSTER_WAIT_KEY!r}); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
+        time.sleep(STALL_POLL_SECONDS)
+        if getattr(self.client, "status", "running") in ("closed", "closing"):
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        """The client gave up reconnecting (``distributed.comm.timeouts.connect``): try a new one, within our wait."""
+        if self.reconnect is None or not self.address:
+            raise ClusterUnavailableError(
+                f"the Dask client gave up reconnecting to the scheduler (distributed.comm.timeouts.connect) and "
+                f"cannot be replaced; execution {self.execution_id!r} stays RUNNING: run it again to resume it")
+        try:
+            client = self.reconnect(self.address)
+        except (OSError, TimeoutError) as exc:
+            log.debug("no scheduler at %s yet: %s", self.address, exc)
+            return
+        log.warning("connected a new Dask client to %s (the old one gave up reconnecting)", self.address)
+        self.client = client
+        self.payload_futures.clear()  # the old client's: gone with it
+        self.resubscribe = True
+
+    def _available(self) -> None:
+        if self.stalled_since is not None:
+            log.warning("the Dask cluster is back after %.0fs", time.monotonic() - self.stalled_since)
+        self.stalled_since = None
+
+    def _payload(self, batch: BatchRun) -> Any:
+        """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost."""
         payload = self.payload_futures.get(batch.token)
-        while batch.queue and len(self.futures) < limit:
-            if payload is None:
-                payload = self.payload_futures[batch.token] = self.client.scatter(batch.payload, broadcast=True,
-                                                                                  hash=False)
-            indices = self._take_chunk(batch, min(limit, threads))
+        if payload is None or payload.status in ("cancelled", "lost", "error"):
+            payload = self.payload_futures[batch.token] = self.client.submit(
+                load_payload, batch.payload, key=f"durable_mp-payload-{batch.token}-{uuid.uuid4().hex[:8]}",
+                pure=False, priority=PAYLOAD_PRIORITY)
+        return payload
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _fill(self, batch: BatchRun) -> None:
+        if not batch.queue or not self._connected():
+            return
+        if self.resubscribe:
+            self._subscribe()
+        threads = self._threads()
+        if not threads:
+            return
+        if self.max_workers:  # on Dask: how many of the cluster's threads this run uses at most
+            threads = min(threads, self.max_workers)
+        allowed, _cap = concurrency_limit(batch.spec.max_concurrency, None, threads, 0)
+        limit = allowed
+        if not batch.spec.max_concurrency and batch.spec.branch_timeout is None:
+            # queued on the workers, so none waits for the driver; unlike the local pool's queued chunks
+            # (scheduling.may_prefetch), Dask's work stealing moves a queued task to an idle worker
+            limit = CHUNKS_IN_FLIGHT_PER_THREAD * allowed
+        running = sum(1 for task in self.futures.values() if task.batch is batch)
+        while batch.queue and running < limit:
+            if (batch.token, batch.queue[0]) in self.isolate:
+                indices = [batch.queue.popleft()]
+            else:
+                indices = self._take_chunk(batch, allowed)
+            budget = self._batch_budget(batch, (0, 0))
             names, checkpoints = self._prepare_chunk(batch, indices)
-            future = self.client.submit(run_chunk, payload, batch.token, indices, names, checkpoints,
-                                        self.settings, pure=False)
-            self.futures[future] = self._new_task(batch, indices, None)
-            self.completed.add(future)
+            future = self.client.submit(run_chunk, self._payload(batch), batch.token, indices, names, checkpoints,
+                                        self.settings, budget, pure=False)
+            self.futures[future] = self._new_task(batch, indices, None)  # a deadline once it starts
+            running += 1
 
     def _pump(self, batch: BatchRun | None) -> None:
-        future = next(self.completed)
+        if not self.futures:
+            if batch is not None and batch.queue:  # nothing could be submitted
+                self._unavailable("the Dask client is not connected to its scheduler" if not self._connected()
+                                  else "the Dask cluster has no workers")
+                self._threads(refresh=True)
+                return
+            raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
+        done = self._wait(self._wait_seconds_dask())
+        self._emit_logs()
+        self._read_starts()
+        if done:
+            for future in done:
+                self._settle(future)
+        else:
+            self._check_stall()
+        self._expire_deadlines()
+
+    def _wait(self, timeout: float) -> list[Any]:
+        from distributed import wait
+
+        try:
+            finished, _ = wait(list(self.futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return []
+        except Exception:  # noqa: BLE001 - the client lost its scheduler while waiting: read each future
+            time.sleep(STALL_POLL_SECONDS)
+            return [f for f in self.futures if f.done()]
+        return list(finished)
+
+    def _wait_seconds_dask(self) -> float:
+        now = time.monotonic()
+        waits = [STALL_POLL_SECONDS]
+        waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
+        if any(task.deadline is None and task.batch is not None and task.batch.spec.branch_timeout is not None
+               for task in self.futures.values()):
+            waits.append(START_POLL_SECONDS)  # a timed chunk's start is read soon after it is announced
+        return max(0.0, min(waits))
+
+    def _check_stall(self) -> None:
+        """Nothing finished for a while: is the cluster still able to run the tasks?"""
+        if not self._connected():
+            self._unavailable("the Dask client lost its scheduler")
+        elif not self._threads(refresh=True):
+            self._unavailable("the Dask cluster has no workers")
+        else:
+            self._available()
+
+    def _expire_deadlines(self) -> None:
+        """``branch_timeout``: cancel the task and fail its branch (a running Dask thread is left to finish)."""
+        now = time.monotonic()
+        for future, task in list(self.futures.items()):
+            if task.deadline is None or now < task.deadline or task.batch is None:
+                continue
+            del self.futures[future]
+            self.starts.pop(str(future.key), None)
+            future.cancel()
+            self.stats["timeouts"] += 1
+            batch = task.batch
+            for index in task.unreported():
+                self._fail_item(batch, index, StepTimeoutError(
+                    f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
+                    f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task)"), start=task.started)
+
+    def _settle(self, future: Any) -> None:
         task = self.futures.pop(future, None)
+        runs = self.starts.pop(str(future.key), 0)
         if task is None or task.batch is None or task.batch.closed:
             return
         try:
-            nested, items = future.result()
-        except Exception as exc:  # noqa: BLE001 - KilledWorker, or the task itself failed
-            self._chunk_lost(task, exc)
+            nested, items, unstarted, seconds = future.result(timeout=self.cluster_wait)
+        except BaseException as exc:  # noqa: BLE001 - sorted by fault_of below
+            if not isinstance(exc, Exception):
+                raise
+            self._lost(task, exc, runs)
             return
+        self._available()
+        batch = task.batch
         self._stage_nested(nested)
         self._finish_items(task, items)
-        task.batch.observe(time.time() - task.started, len(task.indices))
+        if unstarted:
+            self._return_unstarted(batch, unstarted)
+        ran = len(task.indices) - len(unstarted)
+        if ran:  # the task's own time: a round trip (and the wait in Dask's queue) is not the items' cost
+            batch.observe(seconds, ran)
+
+    def _lost(self, task: Task, exc: Exception, runs: int = 0) -> None:
+        """A chunk's task ended without its result: put its branches back, or charge the one that kills workers."""
+        batch = task.batch
+        assert batch is not None
+        unreported = task.unreported()
+        fault = fault_of(exc, len(unreported), runs)
+        log.warning("Dask task of branches %s ended with %s: %s (%s)", unreported[:8], type(exc).__name__, exc,
+                    fault.value)
+        if fault is DaskFault.TASK_ERROR:
+            for index in unreported:
+                self._fail_item(batch, index, WorkerCrashedError(
+                    f"branch {index} ({batch.spec.item_name(index)}) could not run on the Dask cluster: "
+                    f"{type(exc).__name__}: {exc}"), start=task.started)
+            return
+        if fault is DaskFault.KILLED_QUEUED:
+            key = (batch.token, unreported[0])
+            self.queued_kills[key] = self.queued_kills.get(key, 0) + 1
+            if self.queued_kills[key] > self.max_crash_retries:  # its start announcements are being lost
+                fault = DaskFault.KILLED_ALONE
+        if fault is DaskFault.KILLED_ALONE:
+            index = unreported[0]
+            self.stats["crashes"] += 1
+            # the deaths it was running at (Dask also counts those it sat queued behind): at least one,
+            # so a start announcement lost with its worker cannot keep a branch going forever
+            deaths = max(1, min(runs, self._allowed_failures() + 1))
+            batch.crashes[index] += deaths
+            count = batch.crashes[index]
+            batch.crash_log.setdefault(index, []).append(Attempt(
+                count, task.started, time.time(), 0,
+                ErrorObject.from_exception(WorkerCrashedError(f"{type(exc).__name__}: {exc}")).to_dict()))
+            if death_cost(count, self.max_crash_retries) is FaultCost.FAIL_BRANCH:
+                self._fail_item(batch, index, WorkerCrashedError(
+                    f"branch {index} ({batch.spec.item_name(index)}) killed its Dask worker {count} times "
+                    f"(KilledWorker: {exc})"), start=task.started)
+                return
+            self._requeue(batch, index)
+            return
+        if fault is DaskFault.KILLED_CHUNK:  # one of them kills workers: find it by running each alone
+            self.isolate.update((batch.token, index) for index in unreported)
+        for index in reversed(unreported):  # infrastructure: back to the queue, uncharged
+            self._requeue(batch, index)
 
     def _has_running(self, batch: BatchRun) -> bool:
         return any(task.batch is batch for task in self.futures.values())
 
     def _stop_starting(self, batch: BatchRun) -> None:
-        """A Dask task cannot be told anything once submitted: its chunk runs to its end."""
-
-    def _chunk_lost(self, task: Any, exc: Exception) -> None:
-        """A chunk's worker died more often than Dask tolerates (or the task broke)."""
-        batch = task.batch
-        unreported = task.unreported()
-        if len(unreported) > 1:  # isolate: retry each branch alone once
-            for index in reversed(unreported):
-                self._requeue(batch, index)
-                batch.crashes[index] = max(batch.crashes[index], self.max_crash_retries - 1)
-            return
-        for index in unreported:
-            name = batch.spec.item_name(index)
-            self._fail_item(batch, index, WorkerCrashedError(
-                f"branch {index} ({name}) was lost on the Dask cluster: {type(exc).__name__}: {exc}"),
-                start=task.started)
+        """A submitted chunk carries its start budget; nothing more can be told to a Dask task."""
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         batch.closed = True
@@ -225,23 +597,74 @@ class DaskDispatcher(Dispatcher):
                 continue
             future.cancel()
             del self.futures[future]
-            if record_started:
-                self._record_started(batch, task, task.unreported())
-        from distributed import as_completed
-
-        self.completed = as_completed(list(self.futures))
+            self.starts.pop(str(future.key), None)
+            if record_started:  # as on the local pool: the one that may be running stays STARTED
+                self._record_started(batch, task, task.unreported()[:1])
+        self.isolate = {key for key in self.isolate if key[0] != batch.token}
+        self.queued_kills = {key: n for key, n in self.queued_kills.items() if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
         if payload is not None:
             payload.release()
 
     def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
-        future = self.client.submit(run_call, pickling.dumps((func, attempt, extra)), pure=False)
-        try:
-            return future.result(timeout=timeout)
-        except TimeoutError as exc:
-            future.cancel()
-            raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancels the task "
-                                   f"but cannot stop a running Dask thread)") from exc
+        data = pickling.dumps((func, attempt, extra))
+        while True:
+            while not self._connected() or not self._threads():
+                self._unavailable("the Dask cluster cannot run the step (no scheduler, or no workers)")
+                self._threads(refresh=True)
+            future = self.client.submit(run_call, data, pure=False)
+            try:
+                return future.result(timeout=timeout)
+            except TimeoutError as exc:
+                future.cancel()
+                raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancelled "
+                                       f"the task; a running Dask thread finishes unobserved)") from exc
+            except Exception as exc:
+                if fault_of(exc, 1) is not DaskFault.INFRASTRUCTURE:
+                    raise
+                log.warning("Dask task of a step ended with %s: %s; submitting it again", type(exc).__name__, exc)
+                self._check_stall()
+
+
+class DaskFault(Enum):
+    """What ended a Dask task without its result, and so what it costs."""
+
+    INFRASTRUCTURE = "infrastructure: back to the queue, uncharged"  # cancelled, lost, connection closed
+    KILLED_CHUNK = "killed workers: its branches run again one by one, uncharged"
+    KILLED_ALONE = "killed workers: charged to its one branch"
+    KILLED_QUEUED = "Dask gave up on it, but it never ran: back to the queue, uncharged"
+    TASK_ERROR = "the task itself failed"  # durable_mp's task code raised (the branches' own errors are records)
+
+
+def fault_of(exc: BaseException, branches: int, runs: int = 1) -> DaskFault:
+    """Sort an exception a chunk's future raised.
+
+    ``branches``: how many of its branches did not report; ``runs``: how often the task
+    announced it started.  ``KilledWorker`` of a task that never ran (it sat queued on
+    workers that other tasks killed) is the others' fault: back to the queue, uncharged.
+    """
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        if branches > 1:
+            return DaskFault.KILLED_CHUNK
+        return DaskFault.KILLED_ALONE if runs else DaskFault.KILLED_QUEUED
+    if isinstance(exc, (CancelledError, OSError, TimeoutError)) or type(exc).__name__ in _INFRASTRUCTURE_NAMES:
+        return DaskFault.INFRASTRUCTURE
+    return DaskFault.TASK_ERROR
+
+
+def configured_wait() -> float:
+    """Seconds a run waits for an unavailable cluster: Dask config ``durable-mp.cluster-wait``."""
+    import dask
+
+    return float(dask.config.get(CLUSTER_WAIT_KEY, DEFAULT_CLUSTER_WAIT))
+
+
+def _scheduler_allowed_failures() -> int:
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures"))
 
 
 def client_for(backend: Any) -> tuple[Any, bool]:
@@ -253,4 +676,4 @@ def client_for(backend: Any) -> tuple[Any, bool]:
     return Client(), True
 
 
-__all__ = ["DaskDispatcher", "client_for", "run_chunk", "run_call"]
+__all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]

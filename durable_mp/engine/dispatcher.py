@@ -68,6 +68,7 @@ from durable_mp.engine.protocol import (
 )
 from durable_mp.engine.result_decode import UNREAD, success_value
 from durable_mp.engine.scheduling import (
+    FIRST_CHUNK_ITEMS,
     chunk_size,
     concurrency_limit,
     may_prefetch,
@@ -89,6 +90,8 @@ PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
 
 class Dispatcher:
     """Owns the pool for one execution and runs its top-level batches and watched steps."""
+
+    first_chunk_items = FIRST_CHUNK_ITEMS  # a map chunk's size before any item time is known
 
     def __init__(self, store: Any, execution_id: str, pool: WorkerPool | None, *, max_workers: int | None,
                  max_worker_memory: int | None, max_crash_retries: int = DEFAULT_MAX_CRASH_RETRIES,
@@ -205,11 +208,16 @@ class Dispatcher:
         return [w for w in self.pool.workers if w.task is not None and w.task.batch is batch]
 
     def _budget(self, batch: BatchRun, worker: Worker) -> Budget:
+        seen = batch.seen.get(worker.pid, (0, 0))
+        return self._batch_budget(batch, (seen[0], seen[1]))
+
+    @staticmethod
+    def _batch_budget(batch: BatchRun, seen: tuple[int, int]) -> Budget:
+        """The start budget of a chunk of ``batch`` (every backend): the policy's distance to a decision."""
         if batch.stopping:
             return UNLIMITED  # only re-dispatches of branches that had started run now
         failures, successes = batch.spec.policy.stop_distance()
-        seen = batch.seen.get(worker.pid, (0, 0))
-        return start_budget(failures, successes, (seen[0], seen[1]))
+        return start_budget(failures, successes, seen)
 
     def _fill(self, batch: BatchRun) -> None:
         while batch.queue:
@@ -242,7 +250,7 @@ class Dispatcher:
 
     def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
         size = chunk_size(len(batch.queue), allowed, batch.item_seconds, is_map=batch.is_map,
-                          has_timeout=batch.spec.branch_timeout is not None)
+                          has_timeout=batch.spec.branch_timeout is not None, first=self.first_chunk_items)
         queue = batch.queue
         return [queue.popleft() for _ in range(size)]
 

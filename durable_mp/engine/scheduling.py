@@ -31,18 +31,20 @@ def concurrency_limit(explicit: int | None, max_workers: int | None, ncpu: int, 
     return ncpu + io_waiting, max(cap, 1)
 
 
-def chunk_size(queued: int, allowed: int, item_seconds: float | None, *, is_map: bool, has_timeout: bool) -> int:
+def chunk_size(queued: int, allowed: int, item_seconds: float | None, *, is_map: bool, has_timeout: bool,
+               first: int = FIRST_CHUNK_ITEMS) -> int:
     """Items in the next chunk: one branch for parallel and for timed branches; map chunks sized by time.
 
     A chunk should keep a worker busy about ``TARGET_CHUNK_SECONDS`` (per-item cost far
     below a round trip) but never hold more than a 1/``CHUNKS_PER_WORKER`` share of what
-    is left, so the tail spreads over every worker.
+    is left, so the tail spreads over every worker.  ``first`` bounds a chunk before any
+    item time is known (smaller where a lost chunk costs all of its items: Dask).
     """
     if not is_map or has_timeout or queued <= 1:
         return min(1, queued)
     by_share = queued // (CHUNKS_PER_WORKER * max(allowed, 1))
     if item_seconds is None:
-        size = max(1, min(by_share, FIRST_CHUNK_ITEMS))
+        size = max(1, min(by_share, first))
     else:
         item = max(item_seconds, 1e-7)
         by_time = int(TARGET_CHUNK_SECONDS / item)

@@ -384,19 +384,23 @@ class _ForwardHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            data = dict(record.__dict__)
             index = self.current[0]
-            if index != IDLE and "branchIndex" not in data:  # which branch logged this
-                data["branchIndex"] = index
-            data["msg"] = record.getMessage()
-            data["args"] = None
-            if record.exc_info:
-                data["exc_text"] = logging.Formatter().formatException(record.exc_info)
-            data["exc_info"] = None
-            data = {k: v for k, v in data.items() if _plain(v)}
-            self.channel.send(Log(data))
+            self.channel.send(Log(record_data(record, None if index == IDLE else index)))
         except Exception:  # noqa: BLE001 - logging must never break a branch
             pass
+
+
+def record_data(record: logging.LogRecord, index: int | None) -> dict[str, Any]:
+    """A log record as plain fields (message formatted, traceback as text), for the driver to re-emit."""
+    data = dict(record.__dict__)
+    if index is not None and "branchIndex" not in data:  # which branch logged this
+        data["branchIndex"] = index
+    data["msg"] = record.getMessage()
+    data["args"] = None
+    if record.exc_info:
+        data["exc_text"] = logging.Formatter().formatException(record.exc_info)
+    data["exc_info"] = None
+    return {k: v for k, v in data.items() if _plain(v)}
 
 
 def _plain(value: Any) -> bool:

@@ -41,8 +41,10 @@ transaction and must not use the store.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -57,7 +59,9 @@ from durable_mp.store.forward import backwards, refusal
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
 from durable_mp.store.records import (FAILED, HOLDERS, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
-                                      this_process, unclaim, validate_exec_id)
+                                      lease_period, owned_new, renewed, this_process, unclaim, validate_exec_id)
+
+log = logging.getLogger("durable_mp.store")
 
 __all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUNT", "FLUSH_SECONDS",
            "ExecutionRecord", "Store", "resolve_store_path", "validate_exec_id",
@@ -102,6 +106,7 @@ class Store:
         self._shared: SharedEnv | None = None
         self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
         self._env_id = self._shared.key  # names this environment in the per-thread lock registry
+        self._leases: dict[str, threading.Event] = {}  # held executions -> stops their lease renewal
 
     def __repr__(self) -> str:
         mode = "read-only" if self.readonly else "read-write"
@@ -130,6 +135,9 @@ class Store:
             if shared is None or self._closing:
                 return
             self._closing = True  # a concurrent close must not release the environment twice
+        for lease in self._leases.values():
+            lease.set()
+        self._leases.clear()
         try:
             if not shared.forked and not shared.closed:
                 self._group.flush()
@@ -380,7 +388,7 @@ class Store:
             if raw is None:
                 if not made:  # a retried transaction (map grown) must not call make_new twice
                     made.append(make_new())
-                rec = made[0]._replace(owner_pid=me[0], owner_create_time=me[1])
+                rec = owned_new(made[0], me, time.time())
                 if rec.exec_id != exec_id:
                     raise ValueError(f"make_new() returned execution {rec.exec_id!r}, not {exec_id!r}")
                 created = True
@@ -401,7 +409,37 @@ class Store:
             self.sweep_blobs(exec_id)
         except (OSError, StoreError):
             pass  # leftovers only cost space; the next acquire tries again
+        self._keep_lease(exec_id)
         return out
+
+    def _keep_lease(self, exec_id: str) -> None:
+        """Renew the lease of a held execution until it is released (a driver on another host waits it out)."""
+        stop = threading.Event()
+        old = self._leases.pop(exec_id, None)
+        if old is not None:
+            old.set()
+        self._leases[exec_id] = stop
+        key = self._exec_key(exec_id)
+        me = this_process()
+
+        def renew(txn: Txn, sh: SharedEnv) -> bool:
+            raw = txn.get(key, db=sh.executions)
+            rec = None if raw is None else renewed(self._load_exec(raw, exec_id), me, time.time())
+            if rec is not None:
+                txn.put(key, rec.dumps(), db=sh.executions)
+            return rec is not None
+
+        def keep() -> None:
+            while not stop.wait(lease_period()):
+                try:
+                    if not self._write(renew):
+                        return  # no longer ours (finished and released, deleted)
+                except (StoreError, lmdb.Error) as exc:
+                    if self._shared is None:
+                        return  # closed
+                    log.warning("could not renew the lease of execution %r: %s", exec_id, exc)
+
+        threading.Thread(target=keep, daemon=True, name=f"durable_mp-lease-{exec_id[:40]}").start()
 
     def sweep_blobs(self, exec_id: str) -> int:
         """Remove the execution's blob files no committed record refers to (a crash's leftovers); how many.
@@ -430,6 +468,9 @@ class Store:
         key = self._exec_key(exec_id)
         if not HOLDERS.drop((self._env_id, exec_id)):
             return  # another live thread of this process holds it
+        lease = self._leases.pop(exec_id, None)
+        if lease is not None:
+            lease.set()
         me = this_process()
 
         def cleared(txn: Txn, sh: SharedEnv) -> ExecutionRecord | None:

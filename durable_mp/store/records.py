@@ -1,11 +1,15 @@
 """Execution records, id rules and lock ownership for the store (no LMDB in here).
 
-An execution's lock is its owner: a (pid, process start time) pair, so a recycled pid is
-never mistaken for a live owner.  ``claim`` is the whole lock policy between processes,
-as a pure function of the stored record and the claiming process.  Within one process the
-stored owner cannot tell threads apart, so ``HOLDERS`` records which thread holds which
-execution: a second thread (or a nested run in the same thread) is refused, and the lock
-of a thread that ended without releasing it is taken over, as a dead process's is.
+An execution's lock is its owner: a (host, pid, process start time) triple, so a recycled
+pid is never mistaken for a live owner.  Whether an owner on this host lives is read from
+its process; an owner on another host (a store on a shared disk, a driver moved to
+another machine) cannot be looked at, so it holds a lease it renews while it runs
+(``LEASE_SECONDS``), and its lock is taken over only once that lease has expired.
+``claim`` is the whole lock policy between processes, as a pure function of the stored
+record and the claiming process.  Within one process the stored owner cannot tell threads
+apart, so ``HOLDERS`` records which thread holds which execution: a second thread (or a
+nested run in the same thread) is refused, and the lock of a thread that ended without
+releasing it is taken over, as a dead process's is.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import socket
 import threading
 import time
 from typing import Any, NamedTuple
@@ -28,6 +33,8 @@ from durable_mp.core.vocabulary import SUCCEEDED as SUCCEEDED
 MAX_EXEC_ID_CHARS = 200  # also at most this many UTF-8 bytes
 MAX_ID_BYTES = 150  # parent_id / op_id, UTF-8; with the exec id a key stays under LMDB's 511
 CREATE_TIME_TOLERANCE_S = 0.01  # process start times are in clock ticks (1/100 s)
+LEASE_SECONDS = 60.0  # an owner renews its lease every third of this; another host waits it out
+HOST = socket.gethostname()
 
 SEP = "\0"  # between exec_id, parent_id and op_id in a key; no id may contain it
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -49,6 +56,8 @@ class ExecutionRecord(NamedTuple):
     owner_create_time: float
     runs: int
     extra: dict[str, Any] | None = None
+    owner_host: str = ""  # "" in records written before hosts were recorded: this host
+    lease_until: float = 0.0  # the owner's lease (time.time()), renewed while it runs
 
     def dumps(self) -> bytes:
         return pickle.dumps(tuple(self), protocol=PICKLE_PROTOCOL)
@@ -97,13 +106,23 @@ def this_process() -> tuple[int, float]:
 
 
 def _is(rec: ExecutionRecord, proc: tuple[int, float]) -> bool:
-    return rec.owner_pid == proc[0] and abs(rec.owner_create_time - proc[1]) <= CREATE_TIME_TOLERANCE_S
+    return (rec.owner_pid == proc[0] and abs(rec.owner_create_time - proc[1]) <= CREATE_TIME_TOLERANCE_S
+            and rec.owner_host in ("", HOST))
 
 
-def owner_alive(rec: ExecutionRecord) -> bool:
-    """Is the process that took the lock still running (same pid *and* same start time)?"""
+def on_other_host(rec: ExecutionRecord) -> bool:
+    return bool(rec.owner_host) and rec.owner_host != HOST
+
+
+def owner_alive(rec: ExecutionRecord, now: float | None = None) -> bool:
+    """Is the process that took the lock still running (same pid *and* same start time)?
+
+    On another host: is its lease still running (its process cannot be looked at from here)?
+    """
     if not rec.owner_pid:
         return False
+    if on_other_host(rec):
+        return rec.lease_until > (time.time() if now is None else now)
     try:
         proc = psutil.Process(rec.owner_pid)
         if abs(proc.create_time() - rec.owner_create_time) > CREATE_TIME_TOLERANCE_S:
@@ -127,7 +146,13 @@ def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionR
     over a RUNNING execution (dead owner, released after Ctrl-C) starts a new run.
     """
     # a FAILED execution with a live owner is being resumed by it (fix and resume), or read
-    if rec.status in (RUNNING, FAILED) and not _is(rec, me) and owner_alive(rec):
+    if rec.status in (RUNNING, FAILED) and not _is(rec, me) and owner_alive(rec, now):
+        if on_other_host(rec):
+            raise ExecutionLockedError(
+                f"execution {rec.exec_id!r} is held by a driver on host {rec.owner_host!r} (pid {rec.owner_pid}), "
+                f"whose lease runs until {_when(rec.lease_until)}; running since {_when(rec.started_ts)}. "
+                f"A lock held on another host is taken over only after its lease expires "
+                f"({LEASE_SECONDS:g}s after that driver stopped renewing it).")
         raise ExecutionLockedError(
             f"execution {rec.exec_id!r} is being run by another live driver: pid {rec.owner_pid} "
             f"(process started {_when(rec.owner_create_time)}), running since {_when(rec.started_ts)}. "
@@ -137,14 +162,31 @@ def claim(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionR
         # run_starts: every run's start, so inspection can tell the runs (and the gaps) apart
         extra = {**(rec.extra or {}), "run_starts": [*(rec.extra or {}).get("run_starts", ()), now]}
         rec = rec._replace(runs=rec.runs + 1, started_ts=now, extra=extra)
-    return rec._replace(owner_pid=me[0], owner_create_time=me[1])
+    return rec._replace(owner_pid=me[0], owner_create_time=me[1], owner_host=HOST, lease_until=now + LEASE_SECONDS)
+
+
+def owned_new(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionRecord:
+    """A new execution's record, owned by ``me`` with a fresh lease."""
+    return rec._replace(owner_pid=me[0], owner_create_time=me[1], owner_host=HOST, lease_until=now + LEASE_SECONDS)
+
+
+def lease_period() -> float:
+    """How often an owner renews its lease."""
+    return LEASE_SECONDS / 3
+
+
+def renewed(rec: ExecutionRecord, me: tuple[int, float], now: float) -> ExecutionRecord | None:
+    """The record with ``me``'s lease extended, or None when ``me`` no longer owns it."""
+    if not rec.owner_pid or not _is(rec, me):
+        return None
+    return rec._replace(owner_host=HOST, lease_until=now + LEASE_SECONDS)
 
 
 def unclaim(rec: ExecutionRecord, me: tuple[int, float]) -> ExecutionRecord | None:
     """The record with its owner cleared, or None to leave it (no owner, or a live other one)."""
     if not rec.owner_pid or (not _is(rec, me) and owner_alive(rec)):
         return None
-    return rec._replace(owner_pid=0, owner_create_time=0.0)
+    return rec._replace(owner_pid=0, owner_create_time=0.0, owner_host="", lease_until=0.0)
 
 
 HoldKey = tuple[object, str]  # (the store environment's identity, execution id)

@@ -1,14 +1,23 @@
-"""The same handlers on a Dask ``distributed`` LocalCluster with process workers."""
+"""The same handlers on a real Dask cluster: ``dask scheduler`` and two ``dask worker`` processes.
+
+Faults are injected by signals to those processes.  One module-wide cluster (nanny
+workers, ``allowed-failures`` 1 so a branch that kills its worker is given up on
+quickly); the tests that take the scheduler away start their own.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
+import time
 
 import pytest
+import dask
+from dask_cluster import RealCluster
 from procs import leftover_children
 
-import distributed  # noqa: E402 - in the test extra, so CI always runs these
 
 from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
 from durable_mp.config import (  # noqa: E402
@@ -18,21 +27,40 @@ from durable_mp.config import (  # noqa: E402
     StepConfig,
     StepSemantics,
 )
+from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
+from durable_mp.exceptions import ClusterUnavailableError, ValidationError  # noqa: E402
+from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
 
 
+ALLOWED_FAILURES = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+
+
 @pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=40)
-    client = distributed.Client(cluster)
+def cluster(tmp_path_factory):
+    cluster = RealCluster(tmp_path_factory.mktemp("dask"), 2, env=ALLOWED_FAILURES)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        leftovers = leftover_children(10.0)
+        assert not leftovers, "the Dask cluster left processes behind"
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    client = cluster.client(workers=2)
     yield client
     client.close()
-    cluster.close()
-    leftovers = leftover_children(10.0)
-    assert not leftovers, "the Dask cluster left processes behind"
+
+
+@pytest.fixture
+def workers_back(client):
+    """After a test that kills workers: wait until both are back (their nannies restart them)."""
+    yield
+    client.wait_for_workers(2, timeout=60)
 
 
 def test_parallel_and_map_results_in_input_order(client, store_path):
@@ -100,6 +128,7 @@ def test_finished_execution_replays_without_the_cluster(client, store_path):
     assert handler.run({"k": 1}, store=store_path) == [2, 3, 4]  # stored result, local backend, nothing runs
 
 
+NO_RETRY = RetryPresets.none()  # a refusal is an error of the step: its retry strategy would retry it
 AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
 ALL_COMPLETED = ParallelConfig(completion_config=CompletionConfig.all_completed())
 
@@ -159,3 +188,310 @@ def test_callbacks_in_a_dask_branch_are_refused_before_the_submitter_runs(client
         assert "Dask backend" in item.error.message and "callback" in item.error.message
         assert "handler body" in item.error.message
     assert not submitted.exists()
+
+
+# -- defect 9: the start budget applies on Dask as on the local pool ---------------------------------------------
+def _ran_log(tmp_path):
+    def ran(i):
+        with open(tmp_path / "ran", "a") as f:
+            f.write(f"{i}\n")
+    return ran, lambda: sorted(int(x) for x in (tmp_path / "ran").read_text().split())
+
+
+def test_fail_fast_starts_nothing_after_the_failure_on_dask(client, store_path, tmp_path):
+    ran, ran_items = _ran_log(tmp_path)
+
+    def item(c, x, i, xs):
+        ran(i)
+        if i == 1:
+            raise ValueError("item 1 fails")
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(64)), item, config=MapConfig(max_concurrency=1))
+
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
+    assert r.total_count == 2
+    assert ran_items() == [0, 1]
+
+
+def test_first_successful_starts_nothing_after_the_success_on_dask(client, store_path, tmp_path):
+    ran, ran_items = _ran_log(tmp_path)
+
+    def item(c, x, i, xs):
+        ran(i)
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(64)), item, config=MapConfig(
+            max_concurrency=1, completion_config=CompletionConfig.first_successful()))
+
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.completion_reason == CompletionReason.MIN_SUCCESSFUL_REACHED
+    assert r.success_count == 1 and r.total_count == 1
+    assert ran_items() == [0]
+
+
+# -- cluster faults: exact results, or RUNNING and resumable ----------------------------------------------------
+def _slow_item(log_path):
+    def item(c, x, i, xs):
+        time.sleep(0.05)
+        with open(log_path, "a") as f:
+            f.write(f"{i}\n")
+        return x * 2
+    return item
+
+
+def _runs(log_path) -> list[int]:
+    return [int(x) for x in log_path.read_text().split()] if log_path.exists() else []
+
+
+class _Fault:
+    """Runs ``action`` (the fault) once ``count`` items have logged that they ran, in a thread.
+
+    ``cancel`` (in the test's ``finally``, before its cluster closes) stops a fault that has
+    not happened and waits for one under way, so no fault outlives its test.
+    """
+
+    def __init__(self, log_path, count: int, action) -> None:
+        self.cancelled = threading.Event()
+
+        def watch():
+            while len(_runs(log_path)) < count:
+                if self.cancelled.wait(0.02):
+                    return
+            action()
+
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.thread.join(60)
+
+
+def _status(store_path, execution_id):
+    with Store(store_path) as st:
+        return st.get_execution(execution_id).status
+
+
+N_FAULT_ITEMS = 60
+
+
+def test_both_workers_killed_at_once_gives_the_exact_result(cluster, client, workers_back, store_path, tmp_path):
+    log_path = tmp_path / "ran"
+    pids = cluster.worker_pids(client)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+    killer = _Fault(log_path, 15, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
+    try:
+        assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+    finally:
+        killer.cancel()
+    assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
+    assert set(cluster.worker_pids(client)).isdisjoint(pids), "both workers were really killed (and restarted)"
+    assert _status(store_path, handler.execution_id_for(None)) == "SUCCEEDED"
+
+
+def test_an_item_that_kills_its_worker_every_time_fails_alone(client, workers_back, store_path, tmp_path):
+    log_path = tmp_path / "ran"
+    slow = _slow_item(log_path)
+
+    def item(c, x, i, xs):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return slow(c, x, i, xs)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(12)), item, config=MapConfig(completion_config=CompletionConfig.all_completed()))
+
+    r = handler.run(None, store=store_path, backend=client, max_crash_retries=2)
+    assert r.all[5].status == BatchItemStatus.FAILED
+    assert r.all[5].error.type == "durable_mp.exceptions.WorkerCrashedError"
+    assert [it.result for it in r.all if it.index != 5] == [x * 2 for x in range(12) if x != 5]
+    assert r.failure_count == 1 and r.success_count == 11
+
+
+def test_a_killed_scheduler_stops_the_run_resumable_never_partial(store_path, tmp_path):
+    cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
+    log_path = tmp_path / "ran"
+    fault = _Fault(log_path, 15, cluster.kill_scheduler)
+    try:
+        client = cluster.client(workers=2)
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+        with dask.config.set({CLUSTER_WAIT_KEY: 2}), pytest.raises(ClusterUnavailableError, match="RUNNING"):
+            handler.run(None, store=store_path, backend=client)
+        assert _status(store_path, handler.execution_id_for(None)) == "RUNNING"
+        client.close()
+    finally:
+        fault.cancel()
+        cluster.close()
+    # resumed (here on the local pool): exact, and what had finished did not run again
+    finished_before = len(_runs(log_path))
+    assert handler.run(None, store=store_path) == [x * 2 for x in range(N_FAULT_ITEMS)]
+    assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
+    assert len(_runs(log_path)) - finished_before < N_FAULT_ITEMS
+
+
+def test_a_restarted_cluster_costs_only_reruns(store_path, tmp_path):
+    cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
+    log_path = tmp_path / "ran"
+    restarter = None
+    try:
+        client = cluster.client(workers=2)
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+        restarter = _Fault(log_path, 15, cluster.restart)
+        with dask.config.set({CLUSTER_WAIT_KEY: 60}):
+            assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+        assert sorted(set(_runs(log_path))) == list(range(N_FAULT_ITEMS))
+        client.close()
+    finally:
+        if restarter is not None:
+            restarter.cancel()
+        cluster.close()
+
+
+def test_the_wait_for_a_lost_scheduler_outlasts_the_clients_own_reconnect_timeout(store_path, tmp_path):
+    """The client gives up reconnecting after distributed.comm.timeouts.connect; the run waits on, up to its limit."""
+    cluster = RealCluster(tmp_path / "cluster", 2, env=ALLOWED_FAILURES)
+    log_path = tmp_path / "ran"
+    back = None
+    try:
+        client = cluster.client(workers=2, timeout=2)
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(N_FAULT_ITEMS)), _slow_item(log_path)).get_results()
+
+        def away_for_a_while():
+            cluster.kill_scheduler()
+            time.sleep(5)  # longer than the client's 2 s
+            cluster.restart()
+
+        back = _Fault(log_path, 15, away_for_a_while)
+        with dask.config.set({CLUSTER_WAIT_KEY: 60}):
+            assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(N_FAULT_ITEMS)]
+        assert client.status == "closed", "the client itself had given up"
+    finally:
+        if back is not None:
+            back.cancel()
+        cluster.close()
+
+
+def test_a_cluster_without_workers_waits_then_stops_resumable(store_path, tmp_path):
+    cluster = RealCluster(tmp_path / "cluster", 0)
+    log_path = tmp_path / "ran"
+    try:
+        client = cluster.client()
+
+        @durable_execution
+        def handler(event, ctx):
+            return ctx.map(list(range(8)), _slow_item(log_path)).get_results()
+
+        with dask.config.set({CLUSTER_WAIT_KEY: 1.5}), pytest.raises(ClusterUnavailableError, match="no workers"):
+            handler.run(None, store=store_path, backend=client)
+        assert _status(store_path, handler.execution_id_for(None)) == "RUNNING"
+        assert not _runs(log_path)
+        cluster.add_worker()  # joins while the next run waits for it
+        with dask.config.set({CLUSTER_WAIT_KEY: 60}):
+            assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(8)]
+        client.close()
+    finally:
+        cluster.close()
+
+
+# -- limits: enforced on Dask, or refused with a message -----------------------------------------------------------
+def test_branch_timeout_is_enforced_by_cancelling_the_task(client, store_path):
+    def item(c, x, i, xs):
+        time.sleep(6 if i == 1 else 0.01)
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([0, 1, 2], item, config=MapConfig(
+            branch_timeout=1, completion_config=CompletionConfig.all_completed()))
+
+    started = time.monotonic()
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.all[1].status == BatchItemStatus.FAILED
+    assert r.all[1].error.type == "durable_mp.exceptions.StepTimeoutError"
+    assert "timeout" in r.all[1].error.message
+    assert [r.all[0].result, r.all[2].result] == [0, 2]
+    assert time.monotonic() - started < 6, "the driver did not wait for the 6 s branch"
+    client.wait_for_workers(2, timeout=30)
+
+
+def test_a_step_timeout_inside_a_dask_branch_is_refused_before_the_step_runs(client, store_path, tmp_path):
+    def body(step_ctx):
+        (tmp_path / "ran").write_text("x")
+        return 1
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([lambda c: c.step(body, name="timed", config=StepConfig(timeout=5, retry_strategy=NO_RETRY))],
+                            config=ALL_COMPLETED)
+
+    r = handler.run(None, store=store_path, backend=client)
+    assert r.all[0].status == BatchItemStatus.FAILED
+    assert "'timed'" in r.all[0].error.message and "timeout" in r.all[0].error.message
+    assert "branch_timeout" in r.all[0].error.message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_max_worker_memory_is_refused_on_dask(client, store_path):
+    @durable_execution
+    def handler(event, ctx):
+        return 1
+
+    with pytest.raises(ValidationError, match="memory-limit"):
+        handler.run(None, store=store_path, backend=client, max_worker_memory=2**30)
+
+
+def test_ctx_logger_lines_of_dask_branches_reach_the_driver(client, store_path, caplog):
+    def item(c, x, i, xs):
+        c.logger.warning("item %d says %s", i, x)
+        return x
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(["a", "b", "c"], item).get_results()
+
+    with caplog.at_level(logging.INFO, logger="durable_mp"):
+        assert handler.run(None, store=store_path, backend=client) == ["a", "b", "c"]
+    lines = {(r.getMessage(), getattr(r, "branchIndex", None)) for r in caplog.records if "says" in r.getMessage()}
+    assert lines == {("item 0 says a", 0), ("item 1 says b", 1), ("item 2 says c", 2)}
+    execution = handler.execution_id_for(None)
+    assert all(r.executionArn == execution for r in caplog.records if "says" in r.getMessage())
+
+
+def test_fault_of_charges_only_a_branch_that_was_running_when_dask_gave_up():
+    from concurrent.futures import CancelledError
+
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
+    from durable_mp.backends.dask import DaskFault, fault_of
+
+    killed = KilledWorker("run_chunk-x", "tcp://127.0.0.1:1", 3)
+    assert fault_of(killed, 1, runs=4) is DaskFault.KILLED_ALONE
+    assert fault_of(killed, 1, runs=0) is DaskFault.KILLED_QUEUED  # it sat queued behind a worker-killer
+    assert fault_of(killed, 5, runs=4) is DaskFault.KILLED_CHUNK
+    for exc in (CancelledError("scheduler-connection-lost"), CommClosedError("closed"), OSError("reset"),
+                TimeoutError("gather")):
+        assert fault_of(exc, 3) is DaskFault.INFRASTRUCTURE
+    assert fault_of(ModuleNotFoundError("jobs"), 3) is DaskFault.TASK_ERROR

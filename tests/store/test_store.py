@@ -593,6 +593,39 @@ def test_recycled_pid_is_not_a_live_owner(store):
     assert rec.owner_pid == os.getpid() and rec.runs == 2
 
 
+def test_the_lock_names_the_host_and_a_lease_the_owner_renews(store, monkeypatch):
+    import socket
+
+    from durable_mp.store import records
+
+    monkeypatch.setattr(records, "LEASE_SECONDS", 0.6)
+    rec, _ = store.acquire("e", lambda: execution("e"))
+    assert rec.owner_host == socket.gethostname() and rec.lease_until > time.time()
+    first = rec.lease_until
+    time.sleep(1.5)
+    renewed = store.get_execution("e").lease_until
+    assert renewed > first and renewed > time.time(), "the owner renews its lease while it holds the lock"
+    store.release("e")
+    released = store.get_execution("e")
+    assert released.owner_host == "" and released.lease_until == 0.0
+
+
+def test_a_lock_held_by_another_host_is_taken_over_only_after_its_lease(store):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(30)  # a pid that no process here has: on the owner's host it may well be alive
+    other = execution("e", owner_pid=gone.pid, owner_create_time=time.time() - 5)._replace(
+        owner_host="another-host", lease_until=time.time() + 60)
+    store.put_execution(other)
+    with pytest.raises(ExecutionLockedError) as info:
+        store.acquire("e", lambda: pytest.fail("exists"))
+    assert "another-host" in str(info.value) and "lease" in str(info.value)
+    assert store.get_execution("e").owner_host == "another-host"
+    store.put_execution(other._replace(lease_until=time.time() - 1))  # its owner stopped renewing it
+    rec, created = store.acquire("e", lambda: pytest.fail("exists"))
+    assert not created and rec.owner_pid == os.getpid() and rec.owner_host != "another-host" and rec.runs == 2
+    store.release("e")
+
+
 LOCK_HOLDER = """
     import sys, time
     from durable_mp.store.facade import Store, ExecutionRecord
