@@ -128,6 +128,36 @@ def test_a_branch_whose_worker_crashed_may_keep_its_step_started(tmp_path):
     assert build(str(tmp_path / "s"), records, rows) == []
 
 
+def nested_batch(reason="MIN_SUCCESSFUL_REACHED"):
+    """A parallel whose one branch runs a map on the worker's threads: its items are keyed by op id."""
+    par = root(1)
+    outer = operation_id(par, 0)
+    inner = operation_id(outer, 1)
+    records = [batch(par, total=1), batch(inner, outer, reason=reason, sub="Map"),
+               branch(inner, 0, sub="MapIteration"), branch(inner, 1, OpStatus.STARTED, sub="MapIteration")]
+    return inner, records, [(0, branch(par, 0))]
+
+
+def test_a_nested_batch_whose_items_are_keyed_by_id_is_clean(tmp_path):
+    inner, records, rows = nested_batch()
+    assert build(str(tmp_path / "s"), records, rows) == []
+
+
+def test_a_nested_batch_item_at_an_id_no_index_gives(tmp_path):
+    inner, records, rows = nested_batch()
+    stray = op("c" * 64, inner, OpType.CONTEXT, "MapIteration")
+    found = build(str(tmp_path / "s"), records + [stray], rows)
+    assert rules(found) == [ID_NOT_DERIVED], found
+    assert found[0].op_id == "c" * 64
+
+
+def test_a_nested_batch_ended_by_failures_with_a_started_item(tmp_path):
+    inner, records, rows = nested_batch("FAILURE_TOLERANCE_EXCEEDED")
+    found = build(str(tmp_path / "s"), records, rows)
+    assert rules(found) == [UNFINISHED_UNDER_TERMINAL], found
+    assert found[0].op_id == operation_id(inner, 1)
+
+
 def test_a_running_execution_may_have_unfinished_operations(tmp_path):
     records = [op(root(1), ""), op(root(2), "", status=OpStatus.STARTED)]
     assert build(str(tmp_path / "s"), records, status=RUNNING) == []
