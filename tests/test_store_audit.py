@@ -158,6 +158,22 @@ def test_a_nested_batch_ended_by_failures_with_a_started_item(tmp_path):
     assert found[0].op_id == operation_id(inner, 1)
 
 
+def test_a_running_pool_item_has_no_record_yet_while_its_operations_do(tmp_path):
+    """Found by the chaos test after a driver death: items the pool runs record themselves at their end."""
+    par = root(1)
+    running = operation_id(par, 5)
+    records = [batch(par, status=OpStatus.STARTED, sub="Map"), op(operation_id(running, 1), running)]
+    assert build(str(tmp_path / "s"), records, [(0, branch(par, 0, sub="MapIteration"))], status=RUNNING) == []
+
+
+def test_an_item_of_a_finished_batch_without_its_record(tmp_path):
+    par = root(1)
+    lost = operation_id(par, 1)
+    records = [batch(par, total=2, sub="Map"), op(operation_id(lost, 1), lost)]
+    found = build(str(tmp_path / "s"), records, [(0, branch(par, 0, sub="MapIteration"))], status=RUNNING)
+    assert rules(found) == [ORPHAN], found
+
+
 def test_a_running_execution_may_have_unfinished_operations(tmp_path):
     records = [op(root(1), ""), op(root(2), "", status=OpStatus.STARTED)]
     assert build(str(tmp_path / "s"), records, status=RUNNING) == []

@@ -24,6 +24,9 @@ from durable_mp.store.records import SUCCEEDED
 
 BATCH_SUB_TYPES = frozenset({"Parallel", "Map"})
 BRANCH_SUB_TYPES = frozenset({"ParallelBranch", "MapIteration"})
+# how far past a running batch's known items a missing parent is looked for among its items' ids
+# (the items the pool runs at once: chunks of up to engine.scheduling.MAX_CHUNK_ITEMS per worker)
+ITEM_SEARCH = 2**18
 # how many missing ids in a row the id derivation looks past (an operation counted but not recorded)
 ID_GAP_SLACK = 8
 VIRTUAL_DEPTH = 4  # virtual child contexts nested in one another, at most, that ids are derived through
@@ -37,6 +40,7 @@ ENDED_BY_DRIVER = frozenset({"WorkerCrashedError", "StepTimeoutError", "MemoryLi
 EARLY_COMPLETION_BY_SUCCESS = "early-completion-by-success"
 UNAWAITED_CALLBACK = "unawaited-callback"
 BRANCH_ENDED_BY_DRIVER = "branch-ended-by-driver"
+ITEM_RECORDED_AT_ITS_END = "item-recorded-at-its-end"
 WAIT_HAS_NO_VALUE = "wait-has-no-value"
 BATCH_RESULT_IN_ITEMS = "batch-result-in-items"
 ALLOWED = {
@@ -47,6 +51,9 @@ ALLOWED = {
                         "stays STARTED under a finished parent",
     BRANCH_ENDED_BY_DRIVER: "a branch the driver failed because its worker died, timed out or ran out of memory "
                             "(DESIGN.md §4) keeps the records of what it was doing when it ended",
+    ITEM_RECORDED_AT_ITS_END: "a parallel branch or map item run by the pool writes its record when it ends (a "
+                              "million-item map writes one record per item); until then, its batch unfinished, its "
+                              "operations sit under its id with no record",
     WAIT_HAS_NO_VALUE: "a SUCCEEDED wait has no result",
     BATCH_RESULT_IN_ITEMS: "a SUCCEEDED parallel/map keeps its outcome in its item records, not a result",
 }
@@ -95,9 +102,11 @@ def check_records(records: Iterable[OpRecord], rows: dict[str, dict[int, OpRecor
     records = list(records)
     found: list[Violation] = []
     branch_of = _check_ids(records, rows, by_id, found)
+    running_items = _running_items({rec.parent_id for rec in records if rec.parent_id and rec.parent_id not in by_id},
+                                   rows, by_id)
     for rec in records:
         parent = by_id.get(rec.parent_id) if rec.parent_id else None
-        if rec.parent_id and parent is None:
+        if rec.parent_id and parent is None and rec.parent_id not in running_items:  # ITEM_RECORDED_AT_ITS_END
             found.append(Violation(ORPHAN, rec.op_id, f"{_label(rec)}: parent {rec.parent_id} has no record"))
         if not rec.is_terminal:
             if parent is not None and parent.is_terminal and not _may_stay_unfinished(rec, parent, rows, branch_of):
@@ -194,6 +203,24 @@ def _check_ids(records: list[OpRecord], rows: dict[str, dict[int, OpRecord]], by
             found.append(Violation(ID_NOT_DERIVED, op_id, f"{_label(rec)} is no operation of parent "
                                                           f"{parent_id or '(root)'} by the id derivation"))
     return branch_of
+
+
+def _running_items(missing: set[str], rows: dict[str, dict[int, OpRecord]], by_id: dict[str, OpRecord]) -> set[str]:
+    """The missing parents that are items of an unfinished batch (``ITEM_RECORDED_AT_ITS_END``)."""
+    found: set[str] = set()
+    for batch_id, rec in by_id.items():
+        if not missing or not is_batch(rec) or rec.is_terminal:
+            continue
+        items = rows.get(batch_id, {})
+        limit = max([int((rec.extra or {}).get("total") or 0), *(i + 1 for i in items)]) + ITEM_SEARCH
+        for index in range(limit):
+            op_id = operation_id(batch_id, index)
+            if op_id in missing:
+                missing.discard(op_id)
+                found.add(op_id)
+                if not missing:
+                    break
+    return found
 
 
 def _index_keyed_by_id(records: list[OpRecord], rows: dict[str, dict[int, OpRecord]],
