@@ -5,7 +5,16 @@ Suspected race (seen once under heavy load): ``parallel`` of 3 branches with
 Expected, as in the reference: branch 0 succeeds, branches 1 and 2 never start, so they
 have no record and ``total_count`` is 1.  The shape is run many times, top level (the
 process pool) and nested in a branch (the thread runner), for a parallel, a map of 3 and
-a map of 64 items, while a CPU burner process competes for the cores.
+a map of 64 items, while a CPU burner process competes for the cores.  One more shape
+makes the dispatcher queue a branch ahead behind a busy worker (CPU-bound branches: after
+branch 0 fails, branch 2 is queued behind branch 1, whose success must keep it unstarted).
+
+Found: the map of 64 recorded item 1 STARTED in about 4 runs of 10.  Its worker's start
+budget had stopped the chunk after item 0, but the driver killed the worker before reading
+the chunk's end, and named the first unreported item as if a death were to blame on it
+(``engine.faults.may_have_started`` now names only items the worker's slot says began).
+Under ``skip_time`` every shape still records the never-started items STARTED: that is the
+virtual clock's counting (issue 18 defect 6), not this race, and is left to its own fix.
 """
 
 from __future__ import annotations
@@ -43,6 +52,16 @@ def later(ctx):
     return "later"
 
 
+def failing(ctx):
+    spin(0.05)  # CPU-bound: once it ended, the dispatcher may queue the next branch behind a busy worker
+    raise ValueError("branch 0 fails")
+
+
+def second(ctx):
+    spin(0.05)
+    return "second"
+
+
 def item(ctx, x, i, xs):
     if i == 0:
         spin(0.02)
@@ -54,13 +73,25 @@ def parallel_of_3(ctx):
     return ctx.parallel(branches, name="par", config=ParallelConfig(max_concurrency=1, completion_config=FIRST))
 
 
+def parallel_after_a_failure(ctx):
+    """Branch 0 fails, branch 1 succeeds: branch 2, maybe queued ahead behind branch 1, must not start."""
+    branches = [ParallelBranch(failing, name="b0"), ParallelBranch(second, name="b1"), ParallelBranch(later, name="b2")]
+    return ctx.parallel(branches, name="par", config=ParallelConfig(max_concurrency=1, completion_config=FIRST))
+
+
 def map_of(n: int):
     def run(ctx):
         return ctx.map(list(range(n)), item, name="map", config=MapConfig(max_concurrency=1, completion_config=FIRST))
     return run
 
 
-SHAPES = {"parallel3": parallel_of_3, "map3": map_of(3), "map64": map_of(64)}
+SHAPES = {"parallel3": parallel_of_3, "map3": map_of(3), "map64": map_of(64),
+          "parallel3-after-failure": parallel_after_a_failure}
+# (total_count, success_count, results, item records by name) that every run must give
+EXPECTED = {"parallel3": (1, 1, ["first"], [("b0", "SUCCEEDED")]),
+            "map3": (1, 1, [0], [("map-item-0", "SUCCEEDED")]),
+            "map64": (1, 1, [0], [("map-item-0", "SUCCEEDED")]),
+            "parallel3-after-failure": (2, 1, ["second"], [("b0", "FAILED"), ("b1", "SUCCEEDED")])}
 
 
 def top_handler(shape: str):
@@ -105,7 +136,6 @@ def cpu_burner():
 def test_never_started_branches_leave_no_record(shape, nested, tmp_path, cpu_burner):
     handler = nested_handler(shape) if nested else top_handler(shape)
     store = str(tmp_path / "store")
-    seen = []
     for run in range(RUNS):
         exec_id = f"race-{shape}-{run}"
         total, succeeded, results = handler.run(None, execution_id=exec_id, store=store, max_workers=2)
@@ -113,8 +143,8 @@ def test_never_started_branches_leave_no_record(shape, nested, tmp_path, cpu_bur
             records = st.ops(exec_id)
             problems = audit(st, exec_id)
         items = sorted((r.name, r.status) for r in records if r.sub_type in BRANCH_SUB_TYPES and r.name != "outer")
-        seen.append((run, total, items))
         assert not problems, f"run {run}: {problems}"
-        assert (total, succeeded) == (1, 1), f"run {run}: total {total}, succeeded {succeeded}, records {items}"
-        assert results == (["first"] if shape == "parallel3" else [0]), f"run {run}: {results}"
-        assert len(items) == 1 and items[0][1] == "SUCCEEDED", f"run {run}: never-started branches recorded: {items}"
+        want_total, want_succeeded, want_results, want_items = EXPECTED[shape]
+        assert items == want_items, f"run {run}: never-started branches recorded: {items}"
+        assert (total, succeeded) == (want_total, want_succeeded), f"run {run}: total {total}, succeeded {succeeded}"
+        assert results == want_results, f"run {run}: {results}"
