@@ -41,6 +41,7 @@ from durable_mp.inspect.runs import crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
 from durable_mp.map_items import HANDLER_MARK, plan_of
 from durable_mp.map_items import describe as describe_map
+from durable_mp.store.audit import audit
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
 from durable_mp.store.records import FAILED, RUNNING, ExecutionRecord, owner_alive
@@ -360,6 +361,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Audit an execution's records against the engine's invariants (``store.audit``)."""
+    with _open(args) as store:
+        rec = _get(store, args.id)
+        problems = audit(store, rec.exec_id)
+        n = len(store.ops(rec.exec_id))
+    for problem in problems:
+        print(problem)
+    verdict = f"{len(problems)} invariant violation(s)" if problems else "all invariants hold"
+    print(f"checked execution {rec.exec_id} ({n} operation records): {verdict}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 def _compact(args: argparse.Namespace) -> None:
     before, after = compact(resolve_store_path(args.store))
     print(f"compacted: data file {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB", file=sys.stderr)
@@ -490,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID")
     p.add_argument("-o", "--output", metavar="FILE", help="output file (default: ID.html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check", parents=[store_opt], help="check an execution's records against the invariants",
+                       description="Reads every record of an execution and prints each broken invariant "
+                                   "(a missing parent, an id the derivation does not give, unfinished work under "
+                                   "a finished parent, a terminal record without its outcome). Exit 1 on any.")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("delete", parents=[store_opt], help="delete an execution and its operations",
                        description="Delete a finished execution and all its operation records.")

@@ -49,6 +49,7 @@ from durable_mp.engine.faults import (
     death_cost,
     is_waiting_on_io,
     kill_cost,
+    may_have_started,
     split_lost_chunk,
 )
 from durable_mp.engine.lifecycle import BranchState, IllegalTransition, WorkerState
@@ -629,8 +630,12 @@ class Dispatcher:
             self.pool.kill(worker)
             if not on_batch or not record_started:
                 continue
-            lost = self._split_lost(worker, task)
-            self._record_started(batch, task, ([] if lost.guilty is None else [lost.guilty]) + lost.started)
+            started = may_have_started(task.indices, task.reported, worker.running_index(),
+                                       worker.begun(task.id, len(task.indices)))
+            queued = worker.queued
+            if queued is not None and queued.batch is batch:  # the worker may be into its prefetched chunk too
+                started += queued.indices[:worker.begun(queued.id, len(queued.indices))]
+            self._record_started(batch, task, started)
         self.callback_waiters = {k: v for k, v in self.callback_waiters.items() if k[0] in self.pool.workers}
 
     # -- faults -------------------------------------------------------------------------------

@@ -58,6 +58,18 @@ def split_lost_chunk(indices: list[int], reported: set[int], running: int | None
     return LostChunk(running, started, unstarted)
 
 
+def may_have_started(indices: list[int], reported: set[int], running: int | None, reached: int) -> list[int]:
+    """The unreported branches of a chunk killed because its batch completed that may have started.
+
+    The branch the worker was running and every one it had begun (``reached``, as in
+    ``split_lost_chunk``), and no other: unlike the blame of a death, which falls on the
+    first unreported branch when none is running, a branch the worker never began has no
+    record (DESIGN.md §1: never-started items are left out).
+    """
+    begun = set(indices[:reached])
+    return [i for i in indices if i not in reported and (i in begun or i == running)]
+
+
 def is_waiting_on_io(cpu_share: float, runnable: bool) -> bool:
     """A busy worker using little CPU *and* not runnable waits on I/O (a starved CPU-bound one is runnable)."""
     return cpu_share < CPU_IDLE_FRACTION and not runnable

@@ -19,12 +19,18 @@ A driver that died is run again.  Each round asserts that
     and child context SUCCEEDED there has no more log lines at the end than then;
 (c) no process is left: the driver's session empties after each run, and no worker pid
     seen during the round is alive at its end;
+(d) the store holds the engine's invariants (``durable_mp.store.audit``: every parent
+    recorded, every id derived, nothing unfinished under a finished parent but what the
+    design allows, every terminal record with its outcome), checked after every driver
+    death and at the end of the round;
 and that every planned in-job fault fired, the store holds every operation SUCCEEDED.
 
-Failures name the seed.  ``DURABLE_MP_CHAOS_SEED=N`` runs just that round (choose the
-case with ``-k``); ``DURABLE_MP_CHAOS_SECONDS`` sets the time budget of all cases
-together (default 60 s: rounds start until a case's share of it is used).  A seed fixes
-the plan, not the timing, so a timing-dependent failure may need a few re-runs.
+Failures name the seed.  ``DURABLE_MP_CHAOS_SECONDS`` sets the time budget of all cases
+together (default 60 s: rounds start until a case's share of it is used).
+``DURABLE_MP_CHAOS_SEED=N`` runs only that seed (choose the case with ``-k``): once when
+no budget is given, else again and again while the case's share of the budget lasts (at
+least once).  A seed fixes the plan, not the timing, so repeating it is how a
+timing-dependent failure is hunted down.
 
 Known engine bugs (``KNOWN_BUGS``) are recognised by their signature; a round that hits
 one is reported and the case ends as xfail, while any other failure fails the test.
@@ -53,13 +59,15 @@ import chaos_job
 import durable_mp
 from durable_mp.exceptions import StoreError
 from durable_mp.store import Store
+from durable_mp.store.audit import audit
 from procs import session_processes
 
 JOB = pathlib.Path(chaos_job.__file__)
 # The drivers import the durable_mp this test imported, not whatever the path finds first.
 SOURCE_ROOT = str(pathlib.Path(durable_mp.__file__).resolve().parent.parent)
-TOTAL_SECONDS = float(os.environ.get("DURABLE_MP_CHAOS_SECONDS", "60"))
 SEED = os.environ.get("DURABLE_MP_CHAOS_SEED")
+# a seeded run without a budget replays its seed once; with one, it repeats the seed while the budget lasts
+TOTAL_SECONDS = float(os.environ.get("DURABLE_MP_CHAOS_SECONDS", "0" if SEED is not None else "60"))
 RUN_TIMEOUT = 120.0  # seconds one driver run may take before it counts as hung
 SETTLE_SECONDS = 15.0  # seconds a dead driver's workers get to notice and exit
 WATCH_INTERVAL = 0.01  # seconds between looks at the driver's children
@@ -210,6 +218,14 @@ class Round:
             return []
         with Store(self.store, readonly=True) as st:
             return st.ops(chaos_job.EXECUTION_ID)
+
+    def check_invariants(self, when: str) -> None:
+        """(d): the store's records hold the engine's invariants (read with no driver running)."""
+        if not os.path.exists(self.store):
+            return
+        with Store(self.store, readonly=True) as st:
+            problems = audit(st, chaos_job.EXECUTION_ID)
+        self.check(not problems, f"invariants broken in the store {when}:\n" + "\n".join(map(str, problems)))
 
     def execution_status(self) -> str | None:
         if not os.path.exists(self.store):
@@ -378,6 +394,7 @@ def run_round(seed: int, case_name: str, case: Case, workdir: pathlib.Path) -> R
         if run_driver(rnd, pending, rng) == 0:
             break
         snapshot_committed(rnd)
+        rnd.check_invariants(f"after driver run {rnd.runs - 1} died")  # (d)
     else:
         rnd.fail(f"not finished after {max_runs} driver runs")
 
@@ -406,6 +423,7 @@ def run_round(seed: int, case_name: str, case: Case, workdir: pathlib.Path) -> R
     unfinished = {name: status for name, status in records.items() if status != "SUCCEEDED"}
     rnd.check(not unfinished, f"operations not SUCCEEDED in the store: {unfinished}")
     rnd.check(rnd.execution_status() == "SUCCEEDED", f"execution is {rnd.execution_status()}")
+    rnd.check_invariants("at the end of the round")  # (d)
     return rnd
 
 
@@ -417,7 +435,7 @@ def chaos(case_name: str, case: Case, tmp_path: pathlib.Path) -> None:
     last = 0.0
     n = 0
     known: dict[str, list[int]] = {}  # known bug -> seeds that hit it
-    while n == 0 or (SEED is None and time.monotonic() - started + last <= budget):
+    while n == 0 or time.monotonic() - started + last <= budget:
         seed = int(SEED) if SEED is not None else seeds.randrange(2**32)
         t0 = time.monotonic()
         try:

@@ -10,7 +10,14 @@ from durable_mp.concurrency.models import CompletionPolicy
 from durable_mp.config import CompletionConfig
 from durable_mp.exceptions import InvalidStateError
 from durable_mp.engine import scheduling as s
-from durable_mp.engine.faults import FaultCost, death_cost, is_waiting_on_io, kill_cost, split_lost_chunk
+from durable_mp.engine.faults import (
+    FaultCost,
+    death_cost,
+    is_waiting_on_io,
+    kill_cost,
+    may_have_started,
+    split_lost_chunk,
+)
 from durable_mp.engine.lifecycle import (
     BranchState,
     BranchTable,
@@ -150,6 +157,17 @@ def test_a_lost_chunk_reruns_with_checkpoints_every_unreported_branch_the_worker
     assert split_lost_chunk([3, 4, 5], {3}, None, 3) == (4, [5], [])
     # the slot names another chunk (reached 0): nothing of this one began; blame stays on the first
     assert split_lost_chunk([3, 4, 5], set(), None, 0) == (3, [], [4, 5])
+
+
+def test_a_chunk_killed_because_its_batch_completed_names_only_the_branches_that_may_have_started():
+    """Found by tests/test_early_completion_race.py: map of 64, max_concurrency=1, first_successful.
+    The worker ran item 0, its budget stopped the chunk, and the driver killed it before reading
+    ChunkDone: item 1, never begun, was recorded STARTED as if it were a death's guilty branch."""
+    assert may_have_started(list(range(16)), {0}, None, 1) == []
+    assert may_have_started([4, 5, 6, 7], {4}, 5, 2) == [5]  # running the second
+    assert may_have_started([4, 5, 6, 7], {4}, 6, 2) == [5, 6]  # the slot's index is set before its count
+    assert may_have_started([3, 4, 5], {3}, None, 3) == [4, 5]  # went through: records still in the outbox
+    assert may_have_started([3, 4, 5], set(), None, 0) == []  # the slot names another chunk: none of it began
 
 
 def test_the_workers_slot_says_how_far_into_which_chunk_it_got():
