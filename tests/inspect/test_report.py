@@ -79,7 +79,7 @@ class ReportParser(HTMLParser):
         classes = (a.get("class") or "").split()
         if tag == "rect" and "bar" in classes:
             self.bars.append(a)
-        elif tag == "path" and "crash-marker" in classes and "data-op-id" in a:
+        elif tag == "path" and ("crash-marker" in classes or "stop-marker" in classes) and "data-op-id" in a:
             self.markers.append(a)
         elif tag == "table" and a.get("id") == "summary":
             self.summary = json.loads(a["data-summary"])
@@ -207,6 +207,7 @@ def test_redispatched_branch_and_abandoned_branch():
     worker_marker, driver_marker = sorted(r.markers, key=lambda m: m["data-pid"])
     assert worker_marker["data-pid"] == "111" and worker_marker["data-op-id"] == b0
     assert driver_marker["data-pid"] == "driver", "run 1's driver stopped: marked at its last record"
+    assert {m["data-kind"] for m in r.markers} == {"stopped"}, "no worker crashed: the driver stopped"
     assert 'class="gap"' in text and r.summary["gaps_s"] == [2.0], "no driver from 102.0 (last record) to 104.0"
     first = next(x for x in r.bars if x["data-name"] == "first")
     assert first["data-pid"] == "111"
