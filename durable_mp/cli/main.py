@@ -334,7 +334,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     tree = _tree(args)
-    events = build_history(tree.execution, list(tree.ops.values()), HistoryPayloads())
+    events = build_history(tree.execution, tree.recorded(), HistoryPayloads())
     if args.json:
         print(json.dumps([e.to_dict() for e in events], indent=2))
     else:

@@ -206,12 +206,17 @@ class OpTree:
                 self._open_end = max([ex.started_ts] + [last_activity(r) for r in self.ops.values()])
         return max(time.time(), ex.started_ts) if self._open_end is LIVE else self._open_end
 
+    def recorded(self) -> list[OpRecord]:
+        """The records the store holds (no placeholder)."""
+        return [r for r in self.ops.values() if not is_placeholder(r)]
+
     def counts(self) -> Counter:
-        return Counter(r.status for r in self.ops.values())
+        return Counter(r.status for r in self.recorded())
 
     def done_total(self) -> tuple[int, int]:
-        done = sum(1 for r in self.ops.values() if r.status in (OpStatus.SUCCEEDED, OpStatus.FAILED))
-        return done, len(self.ops)
+        recorded = self.recorded()
+        done = sum(1 for r in recorded if r.status in (OpStatus.SUCCEEDED, OpStatus.FAILED))
+        return done, len(recorded)
 
 
 # -- text rendering (``durable-mp show``) ---------------------------------------------------
