@@ -44,11 +44,10 @@ from durable_mp.map_items import describe as describe_map
 from durable_mp.store.audit import audit
 from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
-from durable_mp.store.records import FAILED, RUNNING, ExecutionRecord, owner_alive
+from durable_mp.store.records import FAILED, INTERRUPTED, RUNNING, ExecutionRecord, display_status
 
 PROG = "durable-mp"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-INTERRUPTED = "INTERRUPTED"  # shown for a RUNNING execution whose driver is gone
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -86,12 +85,6 @@ def _get(store: Store, exec_id: str) -> ExecutionRecord:
     if rec is None:
         raise CliError(f"no execution {exec_id!r} in the store {store.path}")
     return rec
-
-
-def _display_status(rec: ExecutionRecord) -> str:
-    if rec.status == RUNNING and not owner_alive(rec):
-        return INTERRUPTED
-    return rec.status
 
 
 def _when(ts: float | None) -> str:
@@ -293,7 +286,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     with _open(args) as store:
         for rec in store.list_executions():
-            status = _display_status(rec)
+            status = display_status(rec)
             if wanted and status != wanted and not (wanted == RUNNING and status == INTERRUPTED):
                 continue
             ops = store.ops(rec.exec_id)
@@ -342,7 +335,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     tree = _tree(args)
-    events = build_history(tree.execution, list(tree.ops.values()), HistoryPayloads())
+    events = build_history(tree.execution, tree.recorded(), HistoryPayloads())
     if args.json:
         print(json.dumps([e.to_dict() for e in events], indent=2))
     else:

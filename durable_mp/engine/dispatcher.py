@@ -779,5 +779,5 @@ class Dispatcher:
             if now - then >= CPU_SAMPLE_SECONDS:  # reading /proc once per period, not per message
                 cpu = worker.cpu_seconds()
                 share = (cpu - cpu_then) / (now - then)
-                self.io_waiting[worker.pid] = is_waiting_on_io(share, worker.state() == "running")
+                self.io_waiting[worker.pid] = is_waiting_on_io(share, worker.state() == "running", worker.sleeping())
                 worker.cpu_mark = (now, cpu)

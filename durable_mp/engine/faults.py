@@ -70,6 +70,11 @@ def may_have_started(indices: list[int], reported: set[int], running: int | None
     return [i for i in indices if i not in reported and (i in begun or i == running)]
 
 
-def is_waiting_on_io(cpu_share: float, runnable: bool) -> bool:
-    """A busy worker using little CPU *and* not runnable waits on I/O (a starved CPU-bound one is runnable)."""
-    return cpu_share < CPU_IDLE_FRACTION and not runnable
+def is_waiting_on_io(cpu_share: float, runnable: bool, durable_sleep: bool = False) -> bool:
+    """A busy worker using little CPU *and* not runnable waits on I/O (a starved CPU-bound one is runnable).
+
+    A worker sleeping out a retry delay or a wait (``durable_sleep``) is idle too, but not
+    on I/O: what it sleeps before (a step's next attempt) is as CPU-bound as before, so a
+    worker grown for it would oversubscribe the cores once the sleeps end.
+    """
+    return cpu_share < CPU_IDLE_FRACTION and not runnable and not durable_sleep

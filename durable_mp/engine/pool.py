@@ -6,7 +6,8 @@
     ┌──────────────────────────┐  RunChunk    ┌─────────────────────────┐
     │ Dispatcher ──wire.send───┼─────────────▶│ reader thread → inbox    │
     │   wait(conns+sentinels) ◀┼── Records ───┤ main: run_branch / index │
-    │   sentinel (pidfd) = death│  ChunkDone  │ slot[0] = running index  │
+    │   sentinel (pidfd) = death│  ChunkDone  │ slot: running index,     │
+    │                          │             │  progress, durable sleeps│
     │ WorkerPool.reap: wait4 ──┼── exit code, peak RSS (rusage)          │
     └──────────────────────────┘              └─────────────────────────┘
 
@@ -47,7 +48,7 @@ from durable_mp.engine.start import (
     spawn_process,
 )
 from durable_mp.engine.wire import send as wire_send
-from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, worker_main
+from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT, SLEEPING, SLOT_FORMAT, worker_main
 
 __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
@@ -101,6 +102,10 @@ class Worker:
     def running_index(self) -> int | None:
         value = self.index_view[0]
         return None if value == IDLE else int(value)
+
+    def sleeping(self) -> bool:
+        """Is one of the worker's threads in a durable sleep (a retry delay, a wait)?"""
+        return bool(self.index_view[SLEEPING])
 
     def begun(self, task_id: int, size: int) -> int:
         """How many of the ``size`` items of chunk ``task_id``, in order, the worker has begun.

@@ -41,7 +41,7 @@ from typing import Any
 from durable_mp.engine.worker import IDLE, PARENT_CHECK_SECONDS, SLOT_FORMAT, worker_main
 
 START_METHODS = ("fork", "forkserver", "spawn")
-SLOT_BYTES = 16
+SLOT_BYTES = 24  # three int64: running index, chunk progress, durable sleeps (engine.worker)
 # Imported by a spawned worker / the fork server before it serves: durable_mp.context
 # registers the context factory branches are built with (engine.state).  Named, not
 # imported here: the engine imports nothing above it.

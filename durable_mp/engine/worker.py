@@ -74,6 +74,9 @@ IDLE = -1
 # cleared, so after a death the driver knows which items of its chunk may have started, even
 # ones that ended with their records still in the outbox (``faults.split_lost_chunk``).
 PROGRESS_SHIFT = 32
+# slot[2]: how many of the worker's threads are in a durable sleep (retry delay, wait, poll):
+# idle on the CPU without waiting on I/O, so the driver does not grow the pool for them.
+SLEEPING = 2
 SUCCEEDED = OpStatus.SUCCEEDED
 
 
@@ -294,12 +297,20 @@ class Outbox:
 class WorkerShared:
     """Per-process settings every branch state refers to."""
 
-    def __init__(self, outbox: Outbox, settings: dict[str, Any]) -> None:
+    def __init__(self, outbox: Outbox, settings: dict[str, Any], slot: Any = None) -> None:
         self.outbox = outbox
         self.execution_id: str = settings["execution_id"]
         self.skip_time: bool = settings.get("skip_time", False)
         self.watch_steps: bool = settings.get("watch_steps", False)
         self.context_class = context_factory()
+        self.slot = slot  # the shared slot (``SLEEPING``); None where no driver reads it
+        self.sleep_lock = threading.Lock()  # nested branches' threads sleep concurrently
+
+    def sleeping(self, delta: int) -> None:
+        """Count a durable sleep in (+1) or out (-1) of the slot the driver samples."""
+        if self.slot is not None:
+            with self.sleep_lock:
+                self.slot[SLEEPING] += delta
 
 
 class WorkerContextState(ExecutionState):
@@ -323,6 +334,16 @@ class WorkerContextState(ExecutionState):
     @property
     def watch_steps(self) -> bool:
         return self.shared.watch_steps
+
+    def sleep(self, seconds: float) -> None:
+        if self.skip_time or seconds <= 0:
+            super().sleep(seconds)
+            return
+        self.shared.sleeping(+1)
+        try:
+            super().sleep(seconds)
+        finally:
+            self.shared.sleeping(-1)
 
     def context(self, op_id: str, parent_id: str | None = None) -> Any:
         """A branch's context; ``parent_id`` (FLAT: the batch) when its records hang elsewhere."""
@@ -473,7 +494,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
     current = memoryview(slot).cast(SLOT_FORMAT)
     root.addHandler(_ForwardHandler(channel, current))
     outbox = Outbox(channel)
-    shared = WorkerShared(outbox, settings)
+    shared = WorkerShared(outbox, settings, current)
     cache: OrderedDict[str, tuple[BranchSource, list[int]]] = OrderedDict()
     threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:

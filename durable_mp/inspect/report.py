@@ -19,8 +19,9 @@ import os
 from durable_mp.core.records import OpStatus
 from durable_mp.inspect.history import iso
 from durable_mp.inspect.runs import crash_facts
-from durable_mp.inspect.timeline import DRIVER, NO_WORKER, Bar, Timeline, build_timeline
+from durable_mp.inspect.timeline import DRIVER, NO_WORKER, STOPPED, Bar, Timeline, build_timeline
 from durable_mp.inspect.tree import OpTree, error_line, error_type
+from durable_mp.store.records import display_status
 
 LABEL_W = 200  # px, row labels
 PLOT_W = 1100  # px, the time axis
@@ -35,7 +36,7 @@ body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2
 h1{font-size:20px;margin:0 0 12px} h1 code{font-size:18px} h2{font-size:16px;margin:24px 0 8px}
 code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:13px;vertical-align:middle}
-.st-SUCCEEDED{background:#2e9e44}.st-FAILED{background:#d1342f}.st-RUNNING{background:#b58100}
+.st-SUCCEEDED{background:#2e9e44}.st-FAILED{background:#d1342f}.st-RUNNING{background:#b58100}.st-INTERRUPTED{background:#8a5a00}
 table{border-collapse:collapse}
 td,th{padding:3px 10px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
 table.summary th{color:#57606a;font-weight:500}
@@ -56,6 +57,7 @@ svg .gap{fill:#eaeef2;fill-opacity:.75;stroke:#8c959f;stroke-dasharray:2 2} svg 
 .context{fill:#c9d6e3;stroke:#6e7781} .context.failed{fill:#f9d3d1;stroke:#d1342f} .context.started{fill:#eceff1}
 .wait{fill:#e8e2f7;stroke:#8250df}
 .crash-marker{fill:#d1342f;stroke:#fff;stroke-width:1px;cursor:pointer}
+.stop-marker{fill:#6b7280;stroke:#fff;stroke-width:1px;cursor:pointer}
 #details{margin-top:10px;font:12px ui-monospace,monospace;white-space:pre-wrap;background:#f6f8fa;
  border-radius:6px;padding:8px;min-height:1.5em}
 .err{color:#b42318;font:12px ui-monospace,monospace;white-space:pre-wrap}
@@ -182,10 +184,14 @@ def _chart(tl: Timeline) -> str:
         if m.row not in row_y:
             continue
         mx, my = x(m.ts), row_y[m.row]
-        marks.append(f'<path class="crash-marker" data-op-id="{_e(m.op_id)}" data-kind="crash" '
+        if m.kind == STOPPED:  # a square: no worker crashed here, the driver stopped
+            shape, cls, title = f"M{mx - 5:.1f},{my - 1:.1f} h10 v10 h-10 Z", "stop-marker", "stopped: "
+        else:
+            shape = f"M{mx - 6:.1f},{my - 2:.1f} L{mx + 6:.1f},{my - 2:.1f} L{mx:.1f},{my + 9:.1f} Z"
+            cls, title = "crash-marker", "crash: "
+        marks.append(f'<path class="{cls}" data-op-id="{_e(m.op_id)}" data-kind="{_e(m.kind)}" '
                      f'data-pid="{_e(m.row)}" data-at="{_e(iso(m.ts))}" data-text="{_e(m.text)}" '
-                     f'd="M{mx - 6:.1f},{my - 2:.1f} L{mx + 6:.1f},{my - 2:.1f} L{mx:.1f},{my + 9:.1f} Z">'
-                     f'<title>{_e("crash: " + m.text)}</title></path>')
+                     f'd="{shape}"><title>{_e(title + m.text)}</title></path>')
     width = LABEL_W + PLOT_W + 20
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" '
             f'viewBox="0 0 {width} {height:.0f}" role="img" aria-label="timeline">'
@@ -205,7 +211,9 @@ def _legend() -> str:
         out.append(f'<span><svg width="28" height="16"><rect class="{cls}" x="1" y="{(16 - h) / 2}" width="26" '
                    f'height="{h}" rx="2"/></svg> {label}</span>')
     out.append('<span><svg width="16" height="14"><path class="crash-marker" d="M2,1 L14,1 L8,12 Z"/></svg> '
-               'worker crash / stopped driver</span>')
+               'worker crash / kill</span>')
+    out.append('<span><svg width="16" height="14"><path class="stop-marker" d="M3,2 h10 v10 h-10 Z"/></svg> '
+               'stopped driver (and its workers)</span>')
     out.append('<span><svg width="28" height="16"><rect class="gap" x="1" y="1" width="26" height="14"/></svg> '
                'no driver (between runs)</span>')
     return '<div class="legend">' + "".join(out) + "</div>"
@@ -291,11 +299,11 @@ def render_report(tree: OpTree) -> str:
     """The whole HTML document for one execution."""
     tl = build_timeline(tree)
     ex = tree.execution
-    status = ex.status if ex.status in ("SUCCEEDED", "FAILED") else "RUNNING"
+    status = display_status(ex)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>durable_mp report: {_e(ex.exec_id)}</title><style>{_CSS}</style></head><body>"
-        f'<h1>Execution <code>{_e(ex.exec_id)}</code> <span class="badge st-{status}">{_e(ex.status)}</span></h1>'
+        f'<h1>Execution <code>{_e(ex.exec_id)}</code> <span class="badge st-{status}">{_e(status)}</span></h1>'
         + _summary_table(tl, tree)
         + "<h2>Timeline</h2>" + _legend()
         + f'<div class="chart">{_chart(tl)}</div>'

@@ -11,7 +11,8 @@ Crashes leave two kinds of traces, and both are marked:
 * a branch that was **re-dispatched**: steps under it were run by other processes than
   the one that finished it, because the first worker died (or the whole driver was
   killed and the execution resumed).  The last sign of life in the dead worker's row
-  gets a crash marker.
+  gets a marker: a crash marker for a recorded death, a stop marker otherwise (the
+  worker stopped with its driver), so the crash markers drawn are the crashes counted.
 
 A worker that died before streaming any record of a branch leaves no trace in the store;
 the dispatcher only logs such a crash.
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from durable_mp.core.records import OpRecord, OpStatus, OpType
 from durable_mp.inspect.runs import CrashFacts, DriverRun, crash_facts
 from durable_mp.inspect.tree import OpTree, error_line, error_type, is_batch, is_branch, is_crash
-from durable_mp.store.records import ExecutionRecord
+from durable_mp.store.records import ExecutionRecord, display_status
 
 DRIVER = "driver"
 NO_WORKER = "none"
@@ -63,12 +64,17 @@ class Bar:
         return self.kind in ("branch", "context")
 
 
+CRASH = "crash"  # a marker for a worker death or kill: one per ``CrashFacts.deaths``
+STOPPED = "stopped"  # a marker for a driver that stopped, and for its workers that stopped with it
+
+
 @dataclass
 class Marker:
     row: object
     ts: float
     text: str
     op_id: str
+    kind: str = CRASH  # CRASH | STOPPED
 
 
 @dataclass
@@ -185,14 +191,14 @@ def build_timeline(tree: OpTree) -> Timeline:
         for pid in sorted(p for p in pids if p != bar.row and (op_id, p) not in dead):
             markers.append(Marker(pid, last_seen[(op_id, pid)],
                                   f"{bar.name}: worker pid {pid} stopped (its driver was killed or interrupted); "
-                                  f"the branch ran again in row {bar.row}", op_id))
+                                  f"the branch ran again in row {bar.row}", op_id, STOPPED))
     for bar in by_id.values():
         bar.redispatched = bar.op_id in facts.redispatched
     gaps = _gaps(facts.runs)
     for run in facts.runs:
         if not run.finished and not run.running:
             markers.append(Marker(DRIVER, run.end, f"run {run.number}: the driver stopped (killed or interrupted) "
-                                                   f"before the execution finished", ""))
+                                                   f"before the execution finished", "", STOPPED))
     bars = _cut_at_gaps(bars, gaps)
 
     timeline = _layout(tree, bars, markers)
@@ -292,7 +298,7 @@ def _summary(tree: OpTree, bars: list[Bar], markers: list[Marker], facts: CrashF
     return {
         "execution": ex.exec_id,
         "handler": ex.handler,
-        "status": ex.status,
+        "status": display_status(ex),
         "runs": ex.runs,
         "duration_s": round(end - ex.created_ts, 3),
         "workers": len(workers),

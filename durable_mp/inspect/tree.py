@@ -3,9 +3,14 @@
 Records only know their parent (``parent_id``, ``""`` at the root).  ``OpTree`` indexes
 them once so ``show``, ``history`` and ``report`` can walk the tree in a stable order:
 branches of a parallel/map by input index (their ids are ``operation_id(batch, index)``),
-every other operation by start time.  Records whose parent is missing (a parent
-checkpoint lost with a killed driver's last uncommitted batch) hang off the root, so
-nothing recorded is ever hidden.
+every other operation by start time.
+
+A record whose parent is missing is still shown where it belongs.  The usual case: a
+driver killed mid-map leaves steps of items in flight, whose own item record is written
+only when the item ends.  Such an item gets a placeholder (``is_placeholder``) under its
+batch, found from the item id (``operation_id(batch, index)``); a parent no batch
+explains gets a placeholder at the root.  So nothing recorded is hidden, and no step of
+an item is shown as if the handler had run it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from durable_mp.core.callback_ids import encode_callback_id
 from durable_mp.core.nesting import is_flat
 from durable_mp.core.records import OpRecord, OpStatus, OpType, operation_id
 from durable_mp.core.remote import origin_note
-from durable_mp.core.vocabulary import BATCH_SUB_TYPES, BRANCH_SUB_TYPES
+from durable_mp.core.vocabulary import BATCH_SUB_TYPES, BRANCH_SUB_TYPES, SubType, default_item_name
 from durable_mp.inspect.crash_model import CrashFacts
-from durable_mp.store.records import RUNNING, ExecutionRecord, owner_alive
+from durable_mp.store.records import RUNNING, ExecutionRecord, display_status, owner_alive
 
 WORKER_CRASHED = "WorkerCrashedError"
 INDEX_SEARCH_SLACK = 1024  # ids tried past the known item count of a batch still running
+LIVE = float("inf")  # OpTree.open_end of an execution whose driver runs: now, read at each call
+PLACEHOLDER = "unrecorded"  # extra key of a parent made up for records whose parent was never committed
 
 
 def is_batch(rec: OpRecord) -> bool:
@@ -64,6 +71,51 @@ def waiting_callbacks(exec_id: str, ops: list[OpRecord]) -> list[dict]:
             for r in ops if r.op_type == OpType.CALLBACK and r.status == OpStatus.STARTED]
 
 
+def last_activity(rec: OpRecord) -> float:
+    """The latest time ``rec`` records: its end, or its last attempt's start or end."""
+    times = [rec.start_ts] + [t for a in rec.attempts for t in (a.start_ts, a.end_ts) if t is not None]
+    return max(times + ([rec.end_ts] if rec.end_ts is not None else []))
+
+
+def is_placeholder(rec: OpRecord) -> bool:
+    """A parent the store never got (``OpTree`` made it up for the records under it)."""
+    return bool((rec.extra or {}).get(PLACEHOLDER))
+
+
+def _placeholders(ops: dict[str, OpRecord]) -> list[OpRecord]:
+    """Stand-ins for the parents of ``ops`` that are missing: branches of their batch where the id says so."""
+    under: dict[str, list[OpRecord]] = {}
+    for rec in ops.values():
+        if rec.parent_id and rec.parent_id not in ops:
+            under.setdefault(rec.parent_id, []).append(rec)
+    if not under:
+        return []
+    found: dict[str, tuple[OpRecord, int]] = {}  # missing id -> (its batch, its index)
+    for batch in ops.values():
+        if not is_batch(batch) or len(found) == len(under):
+            continue
+        total = int((batch.extra or {}).get("total") or 0)
+        for i in range(total + (0 if batch.is_terminal else INDEX_SEARCH_SLACK)):
+            oid = operation_id(batch.op_id, i)
+            if oid in under:
+                found[oid] = (batch, i)
+    out = []
+    for missing, children in under.items():
+        start = min(c.start_ts for c in children)
+        pids = [a.pid for c in children for a in c.attempts if a.pid] + [c.pid for c in children if c.pid]
+        if missing in found:
+            batch, i = found[missing]
+            parallel = batch.sub_type == SubType.PARALLEL
+            out.append(OpRecord(missing, batch.op_id, OpType.CONTEXT,
+                                SubType.PARALLEL_BRANCH if parallel else SubType.MAP_ITERATION,
+                                default_item_name(i, parallel=parallel), OpStatus.STARTED, start,
+                                pid=pids[-1] if pids else 0, extra={PLACEHOLDER: True}))
+        else:
+            out.append(OpRecord(missing, "", OpType.CONTEXT, SubType.RUN_IN_CHILD_CONTEXT, None, OpStatus.STARTED,
+                                start, extra={PLACEHOLDER: True}))
+    return out
+
+
 def is_crash(error: dict | None) -> bool:
     return error_type(error) == WORKER_CRASHED
 
@@ -74,11 +126,15 @@ class OpTree:
     def __init__(self, execution: ExecutionRecord, ops: list[OpRecord]) -> None:
         self.execution = execution
         self.ops: dict[str, OpRecord] = {r.op_id: r for r in ops}
+        for rec in _placeholders(self.ops):
+            self.ops[rec.op_id] = rec
+        ops = list(self.ops.values())
         by_parent: dict[str, list[OpRecord]] = {}
         for rec in ops:
             parent = rec.parent_id if rec.parent_id in self.ops else ""
             by_parent.setdefault(parent, []).append(rec)
         self.index: dict[str, int] = {}  # branch op id -> input index
+        self._open_end: float | None = None
         self._children: dict[str, list[OpRecord]] = {}
         for parent, recs in by_parent.items():
             self._children[parent] = self._ordered(parent, recs)
@@ -129,21 +185,38 @@ class OpTree:
         return next((a for a in self.ancestors(rec) if is_branch(a)), None)
 
     def end_of(self, rec: OpRecord) -> float:
-        """When ``rec`` ended; for an unfinished one, when its enclosing work ended (or now)."""
+        """When ``rec`` ended; for an unfinished one, when its enclosing work ended (``open_end``)."""
         if rec.end_ts is not None:
             return rec.end_ts
         for parent in self.ancestors(rec):
             if parent.end_ts is not None:
                 return parent.end_ts
+        return self.open_end()
+
+    def open_end(self) -> float:
+        """Where unfinished work ends: the execution's end; while RUNNING, now if its driver
+        lives, else the last record of the stopped run (nothing ran after it)."""
         ex = self.execution
-        return ex.ended_ts if ex.ended_ts is not None else max(time.time(), ex.started_ts)
+        if self._open_end is None:
+            if ex.ended_ts is not None:
+                self._open_end = ex.ended_ts
+            elif owner_alive(ex):
+                self._open_end = LIVE
+            else:
+                self._open_end = max([ex.started_ts] + [last_activity(r) for r in self.ops.values()])
+        return max(time.time(), ex.started_ts) if self._open_end is LIVE else self._open_end
+
+    def recorded(self) -> list[OpRecord]:
+        """The records the store holds (no placeholder)."""
+        return [r for r in self.ops.values() if not is_placeholder(r)]
 
     def counts(self) -> Counter:
-        return Counter(r.status for r in self.ops.values())
+        return Counter(r.status for r in self.recorded())
 
     def done_total(self) -> tuple[int, int]:
-        done = sum(1 for r in self.ops.values() if r.status in (OpStatus.SUCCEEDED, OpStatus.FAILED))
-        return done, len(self.ops)
+        recorded = self.recorded()
+        done = sum(1 for r in recorded if r.status in (OpStatus.SUCCEEDED, OpStatus.FAILED))
+        return done, len(recorded)
 
 
 # -- text rendering (``durable-mp show``) ---------------------------------------------------
@@ -185,6 +258,8 @@ def _node_text(rec: OpRecord, tree: OpTree, facts: CrashFacts | None = None) -> 
         line += f"  {extra['completion_reason']} ({extra.get('reported', '?')} of {extra.get('total', '?')} reported)"
     if is_branch(rec) and rec.pid:
         line += f"  pid {rec.pid}"
+    if is_placeholder(rec):
+        line += "  (its own record was never committed: in flight when its driver stopped)"
     line += _crash_text(rec, facts)
     if rec.op_type == OpType.CALLBACK:
         # what an outside system needs to complete it (durable-mp callback ID --success ...)
@@ -228,9 +303,9 @@ def render_tree(tree: OpTree, limit: int | None = 10, facts: CrashFacts | None =
     ``report`` and ``history`` count it.
     """
     ex = tree.execution
-    end = ex.ended_ts if ex.ended_ts is not None else time.time()
+    end = tree.open_end()
     done, total = tree.done_total()
-    lines = [f"execution {ex.exec_id}  {ex.status}  {ex.handler}  runs {ex.runs}  {end - ex.created_ts:.3f}s  "
+    lines = [f"execution {ex.exec_id}  {display_status(ex)}  {ex.handler}  runs {ex.runs}  {end - ex.created_ts:.3f}s  "
              f"{done}/{total} operations finished"]
     if ex.error:
         lines.append(f"  error: {error_line(ex.error, 400)}")

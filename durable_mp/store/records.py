@@ -134,6 +134,16 @@ def owner_alive(rec: ExecutionRecord, now: float | None = None) -> bool:
         return True  # it exists and we cannot look closer: assume the owner is alive
 
 
+INTERRUPTED = "INTERRUPTED"  # shown for a RUNNING execution whose driver is gone
+
+
+def display_status(rec: ExecutionRecord) -> str:
+    """The status every view shows: INTERRUPTED for a RUNNING execution without a live driver."""
+    if rec.status == RUNNING and not owner_alive(rec):
+        return INTERRUPTED
+    return rec.status
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 

@@ -316,7 +316,8 @@ def test_sigkilled_run_is_resumed_and_reported(jobs, tmp_path, store_path, capsy
     html = report.read_text()
     assert html.count('data-kind="branch"') == 9
     assert 'data-redispatched="1"' in html, "branches cut by the kill were re-dispatched to new workers"
-    assert 'class="crash-marker"' in html and 'data-run="2"' in html
+    assert 'data-kind="stopped"' in html and 'data-run="2"' in html
+    assert 'data-kind="crash"' not in html, "the workers stopped with their driver: no worker crashed"
 
     code, out, _ = in_process(capsys, "history", "crashy", "--json", store=store_path)
     events = json.loads(out)

@@ -502,7 +502,7 @@ class SimWorker:
         self.replied: set[int] = set()
         self.last_request = 0
         # the shared slot, read by ``pool.Worker``'s own methods: [running index, chunk progress word]
-        self.index_view = [worker_module.IDLE, 0]
+        self.index_view = [worker_module.IDLE, 0, 0]
         self.outcomes: dict[str, list[int]] = {}
         self.channel = SimChannel(self.conn)
         self.outbox = outbox_class(self.channel)
@@ -560,6 +560,8 @@ class SimWorker:
         return self.dead
 
     running_index = Worker.running_index  # the driver reads the slot as it does for a real worker
+    if hasattr(Worker, "sleeping"):  # in a durable sleep (where the slot records it)
+        sleeping = Worker.sleeping
     if hasattr(Worker, "begun"):  # how far into a chunk the worker got (where the slot records it)
         begun = Worker.begun
 

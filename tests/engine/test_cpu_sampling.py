@@ -25,6 +25,7 @@ class FakeWorker:
         self.cpu_mark: tuple[float, float] | None = None
         self.reads = 0
         self.cpu = 0.0
+        self.durable_sleep = False
 
     def running_index(self) -> int:
         return 0
@@ -35,6 +36,9 @@ class FakeWorker:
 
     def state(self) -> str:
         return "sleeping"
+
+    def sleeping(self) -> bool:  # in a durable sleep (a retry delay, a wait)?
+        return self.durable_sleep
 
 
 def test_cpu_time_is_read_once_per_sample_period():
@@ -53,5 +57,16 @@ def test_a_cpu_bound_worker_is_not_marked_waiting():
     fake = SimpleNamespace(pool=SimpleNamespace(workers=[worker]), io_waiting={})
     Dispatcher._sample_cpu(fake, 10.0)  # type: ignore[arg-type]
     worker.cpu = 2 * CPU_SAMPLE_SECONDS  # busy the whole period
+    Dispatcher._sample_cpu(fake, 10.0 + 2 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
+    assert fake.io_waiting == {worker.pid: False}
+
+
+def test_a_worker_in_a_durable_sleep_is_not_marked_waiting():
+    """Issue 19 §9: a retry delay leaves the worker idle on the CPU, but the attempt it
+    sleeps before is as CPU-bound as the last: no worker may be added for it."""
+    worker = FakeWorker()
+    worker.durable_sleep = True
+    fake = SimpleNamespace(pool=SimpleNamespace(workers=[worker]), io_waiting={})
+    Dispatcher._sample_cpu(fake, 10.0)  # type: ignore[arg-type]
     Dispatcher._sample_cpu(fake, 10.0 + 2 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
     assert fake.io_waiting == {worker.pid: False}

@@ -136,3 +136,31 @@ def test_branches_sharing_a_large_object_ship_it_once(store_path):
         return ctx.parallel(funcs).get_results()
 
     assert handler.run(None, store=store_path) == [len(shared) + k for k in range(20)]
+
+
+def test_retry_sleeps_do_not_grow_the_pool_past_the_cores_for_cpu_bound_steps(store_path):
+    """Issue 19 §9: a worker sleeping out a retry delay looks idle on the CPU, but it is no
+    I/O wait: its step comes back CPU-bound.  Counting it as one grew the pool to 6 workers
+    on 2 cores and ran 5 CPU-bound attempts at once."""
+    from durable_mp.config import Duration, JitterStrategy, StepConfig
+    from durable_mp.retries import RetryStrategyConfig, create_retry_strategy
+
+    retry = StepConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(
+        max_attempts=2, initial_delay=Duration.from_seconds(1), jitter_strategy=JitterStrategy.NONE)))
+
+    def burn_after_one_failure(step_ctx):
+        if step_ctx.attempt == 1:
+            raise ValueError("fails once, then computes")
+        start, cpu = time.monotonic(), time.process_time()
+        while time.process_time() - cpu < 0.3:
+            pass
+        return start, time.monotonic(), os.getpid()
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(3 * NCPU)), lambda c, x, i, xs: c.step(burn_after_one_failure, config=retry)
+                       ).get_results()
+
+    spans = handler.run(None, store=store_path)
+    assert len(spans) == 3 * NCPU
+    assert max_overlap([(s, e) for s, e, _ in spans]) <= NCPU, "more CPU-bound attempts ran at once than cores"

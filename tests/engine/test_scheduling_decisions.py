@@ -142,6 +142,7 @@ def test_what_a_fault_costs():
     assert kill_cost(step_watches=1, step_scoped=False) is FaultCost.FAIL_BRANCH
     assert is_waiting_on_io(0.05, runnable=False)
     assert not is_waiting_on_io(0.05, runnable=True)  # starved, not waiting
+    assert not is_waiting_on_io(0.05, runnable=False, durable_sleep=True)  # a retry delay: CPU-bound after it
 
 
 def test_a_lost_chunk_blames_the_running_branch_only():

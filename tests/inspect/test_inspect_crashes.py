@@ -79,7 +79,7 @@ class Report(HTMLParser):
         cls = (a.get("class") or "").split()
         if "bar" in cls:
             self.bars.append(a)
-        elif "crash-marker" in cls and "data-pid" in a:
+        elif ("crash-marker" in cls or "stop-marker" in cls) and "data-pid" in a:
             self.markers.append(a)
         elif "gap" in cls and "data-start" in a:
             self.gaps.append(a)
@@ -159,8 +159,8 @@ def _half_done_item(store: str) -> bool:
     return any(f"first{i}" in names and f"map-item-{i}" not in names for i in range(12))
 
 
-def test_a_driver_killed_mid_map_and_resumed(job, tmp_path):
-    store = str(tmp_path / "store")
+def _kill_driver_mid_map(job: str, store: str) -> None:
+    """Run the job as execution "d" and SIGKILL its driver while an item is half done."""
     proc = subprocess.Popen([sys.executable, "-m", "durable_mp", "--store", store, "run", f"{job}:handler", "--id",
                              "d", "--max-workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -173,6 +173,11 @@ def test_a_driver_killed_mid_map_and_resumed(job, tmp_path):
         proc.kill()
         proc.wait()
     time.sleep(0.5)  # the killed driver's workers notice and exit
+
+
+def test_a_driver_killed_mid_map_and_resumed(job, tmp_path):
+    store = str(tmp_path / "store")
+    _kill_driver_mid_map(job, store)
 
     show, events, _ = views(store, "d", tmp_path)
     assert "INTERRUPTED" in run_cli("list", store=store, timeout=WAIT_S).stdout
@@ -252,3 +257,56 @@ def test_a_failed_run_fixed_and_resumed_is_not_called_a_stopped_driver(tmp_path)
     facts = crash_facts(OpTree(ex, ops))
     assert [r.failed for r in facts.runs] == [True, False] and all(r.finished for r in facts.runs)
     assert "stopped" not in facts.sentence()
+
+
+def test_views_of_a_killed_driver_until_and_after_its_resume(job, tmp_path):
+    """Issue 19 §9: after a driver ``kill -9`` the in-flight items' steps hang under their
+    items (whose own records were not committed), the report agrees with ``list``
+    (INTERRUPTED), its bars end with the killed run, and after the resume the items it
+    re-dispatched are not drawn as worker crashes."""
+    from durable_mp.core.records import OpType
+    from durable_mp.inspect.history import iso
+    from durable_mp.inspect.tree import OpTree, is_branch
+
+    store = str(tmp_path / "store")
+    _kill_driver_mid_map(job, store)
+    with Store(store, readonly=True) as db:
+        execution, ops = db.get_execution("d"), db.ops("d")
+    orphans = {r.parent_id for r in ops if r.op_type == OpType.STEP and r.parent_id not in {o.op_id for o in ops}}
+    assert orphans, "the kill left steps of in-flight items whose item record was never committed"
+    last_record = max([r.start_ts for r in ops] + [r.end_ts for r in ops if r.end_ts is not None]
+                      + [a.end_ts or a.start_ts for r in ops for a in r.attempts])
+
+    # show: every step hangs under a map item, none at the root of the tree
+    tree = OpTree(execution, ops)
+    for rec, _depth in tree.walk():
+        if rec.op_type == OpType.STEP:
+            assert tree.branch_of(rec) is not None, f"{rec.name} is not under its item"
+    show = run_cli("show", "d", "--limit", "100", store=store, timeout=WAIT_S).stdout
+    roots = [line for line in show.splitlines() if line.startswith(("├─ ", "└─ "))]
+    assert roots and not [line for line in roots if " Step " in line or line[3:].startswith("Step")], show
+    for parent in orphans:
+        assert tree.branch_of(next(r for r in ops if r.parent_id == parent)).op_id == parent
+        assert is_branch(tree.ops[parent])
+
+    # report: INTERRUPTED as ``list`` says, and nothing drawn past the killed run's last record
+    listed = run_cli("list", store=store, timeout=WAIT_S).stdout
+    assert "INTERRUPTED" in listed
+    _, _, report = views(store, "d", tmp_path)
+    assert report.summary["status"] == "INTERRUPTED"
+    with open(tmp_path / "d.html", encoding="utf-8") as f:
+        assert '<span class="badge st-INTERRUPTED">INTERRUPTED</span>' in f.read()
+    batch = next(b for b in report.bars if b["data-kind"] == "context" and b["data-name"] == "items")
+    assert batch["data-end"] <= iso(last_record), (batch, iso(last_record))
+    late = [b for b in report.bars if b["data-end"] > iso(last_record)]
+    assert not late, late
+
+    # after the resume: re-dispatches after the driver kill are no worker crashes
+    resumed = run_cli("resume", "d", store=store, timeout=WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    show, _, report = views(store, "d", tmp_path)
+    s = report.summary
+    crashes_drawn = [m for m in report.markers if m["data-kind"] == "crash"]
+    assert len(crashes_drawn) == s["crashes"] + s["kills"] == 0, crashes_drawn
+    stopped = [m for m in report.markers if m["data-kind"] == "stopped" and m["data-pid"] != "driver"]
+    assert len(stopped) >= 1, "the workers stopped with the driver are still marked, as stops"

@@ -79,7 +79,7 @@ class ReportParser(HTMLParser):
         classes = (a.get("class") or "").split()
         if tag == "rect" and "bar" in classes:
             self.bars.append(a)
-        elif tag == "path" and "crash-marker" in classes and "data-op-id" in a:
+        elif tag == "path" and ("crash-marker" in classes or "stop-marker" in classes) and "data-op-id" in a:
             self.markers.append(a)
         elif tag == "table" and a.get("id") == "summary":
             self.summary = json.loads(a["data-summary"])
@@ -207,6 +207,7 @@ def test_redispatched_branch_and_abandoned_branch():
     worker_marker, driver_marker = sorted(r.markers, key=lambda m: m["data-pid"])
     assert worker_marker["data-pid"] == "111" and worker_marker["data-op-id"] == b0
     assert driver_marker["data-pid"] == "driver", "run 1's driver stopped: marked at its last record"
+    assert {m["data-kind"] for m in r.markers} == {"stopped"}, "no worker crashed: the driver stopped"
     assert 'class="gap"' in text and r.summary["gaps_s"] == [2.0], "no driver from 102.0 (last record) to 104.0"
     first = next(x for x in r.bars if x["data-name"] == "first")
     assert first["data-pid"] == "111"
@@ -231,3 +232,41 @@ def test_huge_batches_keep_every_unusual_bar(monkeypatch):
     assert len(branches) <= 50
     assert sum(b["data-status"] == "failed" for b in branches) == 5
     assert r.summary["branches"] == {"succeeded": 495, "failed": 5}
+
+
+@pytest.mark.process_free
+def test_a_stopped_run_is_drawn_as_it_was_left():
+    """Issue 19 §9, on records alone: a RUNNING execution without a driver, a map item in
+    flight (its step recorded, its own record not), a step whose item has no batch."""
+    from durable_mp.core.records import OpType
+    from durable_mp.inspect.history import iso
+    from durable_mp.inspect.tree import is_placeholder, render_tree
+    from util import execution_record
+
+    m = operation_id("", 1)
+    item3 = operation_id(m, 3)
+    stray = operation_id("lost-parent", 1)
+    ops = [
+        rec(m, "", "CONTEXT", "Map", "items", 100.0, None, status="STARTED", extra={"total": 5}),
+        rec(operation_id(item3, 1), item3, "STEP", "Step", "work3", 101.0, 102.5, attempt=1,
+            attempts=(Attempt(1, 101.0, 102.5, 333),)),
+        rec(operation_id(stray, 1), stray, "STEP", "Step", "stray", 101.5, 101.7),
+    ]
+    tree = OpTree(execution_record("t", created_ts=99.0, started_ts=99.0), ops)
+    placeholder = tree.ops[item3]
+    assert is_placeholder(placeholder) and placeholder.parent_id == m and tree.index[item3] == 3
+    assert placeholder.name == "map-item-3" and placeholder.pid == 333
+    assert [r.name for r in tree.children("")] == ["items", None]  # the stray step's parent, not the step
+    assert tree.done_total() == (2, 3), "placeholders are no recorded operations"
+    text = render_tree(tree)
+    assert "execution t  INTERRUPTED" in text
+    assert not [line for line in text.splitlines() if line.startswith(("├─ Step", "└─ Step"))], text
+
+    r = parse(render_report(tree))
+    assert r.summary["status"] == "INTERRUPTED"
+    batch = next(b for b in r.bars if b["data-kind"] == "context")
+    assert batch["data-end"] == iso(102.5), "the batch ends at the stopped run's last record, not now"
+    assert max(b["data-end"] for b in r.bars) == iso(102.5)
+    work = next(b for b in r.bars if b["data-name"] == "work3")
+    assert work["data-pid"] == "333" and work["data-branch"] == item3
+    assert all(tree.ops[b["data-op-id"]].op_type != OpType.STEP or b["data-pid"] != "driver" for b in r.bars)
