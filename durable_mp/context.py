@@ -242,8 +242,8 @@ class DurableContext:
     def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
         op_id = self._next_id()
         rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
-        # ValidationError before any checkpoint; under skip_time outcomes count on a virtual clock
-        policy = CompletionPolicy(config.completion_config, n, virtual_time=bool(self.state.skip_time))
+        # ValidationError before any checkpoint; skip_time changes no decision (only sleeps are instant)
+        policy = CompletionPolicy(config.completion_config, n)
         if config.max_concurrency is not None and config.max_concurrency < 1:
             raise ValidationError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
         item_serdes = config.item_serdes or config.serdes

@@ -15,11 +15,8 @@ from typing import Any
 from durable_mp import serdes as _serdes
 from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
 from durable_mp.engine.protocol import NOT_SENT
-from durable_mp.engine.state import take_skipped_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
-
-SKIPPED_KEY = "skipped"  # in a branch record's extra: seconds of delay it skipped under skip_time
 
 
 class BranchSource:
@@ -78,15 +75,13 @@ class BranchRunner:
     ``OpRecord`` (and ``None``).
     """
 
-    __slots__ = ("source", "make_context", "compact", "skip_time", "id_prefix", "parent", "sub_type", "pid",
+    __slots__ = ("source", "make_context", "compact", "id_prefix", "parent", "sub_type", "pid",
                  "default_serdes", "plain_values", "func", "inputs")
 
-    def __init__(self, source: BranchSource, make_context: Callable[[str], Any], *, compact: bool,
-                 skip_time: bool = True) -> None:
+    def __init__(self, source: BranchSource, make_context: Callable[[str], Any], *, compact: bool) -> None:
         self.source = source
         self.make_context = make_context
         self.compact = compact
-        self.skip_time = skip_time  # False: no sleep can be skipped, so there are no seconds to count
         # operation_id's input, ``f"{parent}-{index}"``, without formatting the parent each time
         self.id_prefix = f"{source.batch_op_id}-".encode() if source.batch_op_id else None
         self.parent, self.sub_type = item_prefix(source.batch_op_id, source.item_sub_type)
@@ -105,8 +100,6 @@ class BranchRunner:
         func = self.func
         name = f"map-item-{index}" if func is not None else source.name(index)
         start = time.time()
-        if self.skip_time:
-            take_skipped_seconds()  # a fresh count for this branch
         try:
             context = self.make_context(op_id)
             if func is not None:
@@ -129,25 +122,17 @@ class BranchRunner:
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
-        skipped = take_skipped_seconds() if self.skip_time else 0.0
-        if skipped:  # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them
-            return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, extra={SKIPPED_KEY: skipped},
-                                counted=True), None
         if self.compact and payload.__class__ is not list and (payload is None
                                                                or len(payload) <= _COMPACT_MAX_BYTES):
             plain = value.__class__ in _SCALARS and self.plain_values
             return (item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload),
                     value if plain else NOT_SENT)
-        return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, counted=True), None
+        return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload), None
 
     def _record(self, op_id: str, name: str, start: float, status: str, payload: Any = None,
-                exc: BaseException | None = None, extra: dict[str, Any] | None = None,
-                counted: bool = False) -> OpRecord:
+                exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> OpRecord:
         source = self.source
         error = None if exc is None else ErrorObject.from_exception(_from_user_code(exc)).to_dict()
-        skipped = take_skipped_seconds() if self.skip_time and not counted else 0.0
-        if skipped:
-            extra = {**(extra or {}), SKIPPED_KEY: skipped}
         return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
                         start, time.time(), payload, error, 1, pid=self.pid, extra=extra)
 

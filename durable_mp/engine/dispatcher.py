@@ -37,7 +37,7 @@ from durable_mp.core.spec import BatchSpec
 from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task, Watch
-from durable_mp.engine.branch import SKIPPED_KEY, FatalBranchError, started_record
+from durable_mp.engine.branch import FatalBranchError, started_record
 from durable_mp.engine.failures import NULL_FAILURE_LOG, FailureLog
 from durable_mp.engine.faults import (
     CPU_SAMPLE_SECONDS,
@@ -137,8 +137,6 @@ class Dispatcher:
             if reason is _FAILED_BY_FAILURES:
                 self._drain(batch)
                 reason = CompletionReason.ALL_COMPLETED if batch.branches.all_ended() else _FAILED_BY_FAILURES
-            else:
-                self._record_uncounted(batch)
             completed = True
             return batch.records, reason
         finally:
@@ -427,7 +425,6 @@ class Dispatcher:
         tick = None if self.bar is _progress.NULL_BAR else self.bar.item
         crash_log = batch.crash_log
         decode = batch.decode_results
-        virtual = batch.spec.policy.virtual_time
         staged = []
         failed = 0
         ok: list[int] = []  # succeeded: recorded in the branch table and the policy in one call each
@@ -445,15 +442,11 @@ class Dispatcher:
                 records[index] = data
             else:
                 records.set_item(index, BatchItemStatus.SUCCEEDED, value)
-            if succeeded and not virtual:
+            if succeeded:
                 ok.append(index)
             else:
-                finish(index, BranchState.SUCCEEDED if succeeded else BranchState.FAILED)
-                if virtual:  # skip_time: the policy orders outcomes by the delays they skipped
-                    rec = OpRecord.loads(b"".join(data) if isinstance(data, list) else data)
-                    on_finished(index, succeeded, (rec.extra or {}).get(SKIPPED_KEY, 0.0))
-                else:
-                    on_finished(index, succeeded)
+                finish(index, BranchState.FAILED)
+                on_finished(index, False)
             if tick is not None:
                 tick(succeeded)
             if not succeeded:
@@ -540,14 +533,6 @@ class Dispatcher:
                 batch.branches.finish(index, BranchState.ABANDONED)
             self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
                                                            index, task.started))
-
-    def _record_uncounted(self, batch: BatchRun) -> None:
-        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED."""
-        spec = batch.spec
-        now = time.time()
-        for index in spec.policy.uncounted():
-            self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
-                                                           index, now))
 
     def _stage_nested(self, nested: list[Any]) -> None:
         """Records of operations inside branches (steps, nested batches), as the worker pickled them."""

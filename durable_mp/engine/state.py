@@ -9,23 +9,11 @@ imported, so the engine does not import the layer above it.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from durable_mp.core.records import OpRecord
-
-# Seconds this thread's branch skipped under skip_time: its outcome's virtual lateness,
-# which the completion policy orders by (``CompletionPolicy(virtual_time=True)``).
-_skipped = threading.local()
-
-
-def take_skipped_seconds() -> float:
-    """Seconds skipped on this thread since the last call (reset to zero)."""
-    seconds: float = getattr(_skipped, "seconds", 0.0)
-    _skipped.seconds = 0.0
-    return seconds
 
 
 class ContextState(Protocol):
@@ -62,7 +50,12 @@ def context_factory() -> Callable[[Any, str], Any]:
 
 
 class ExecutionState:
-    """Durable sleeping, honouring ``skip_time`` (retry delays, waits, polls)."""
+    """Durable sleeping, honouring ``skip_time`` (retry delays, waits, polls).
+
+    ``skip_time`` makes a sleep instant and nothing else: a branch sleeping keeps its
+    ``max_concurrency`` slot, and the completion policy sees outcomes as the real clock
+    would deliver them, so a test checks what production runs (issue 18, defect 6).
+    """
 
     __slots__ = ()
     skip_time: bool
@@ -70,8 +63,6 @@ class ExecutionState:
     def sleep(self, seconds: float) -> None:
         if not self.skip_time and seconds > 0:
             time.sleep(seconds)
-        elif seconds > 0:
-            _skipped.seconds = getattr(_skipped, "seconds", 0.0) + seconds
 
     def sleep_until(self, ts: float) -> None:
         self.sleep(ts - time.time())

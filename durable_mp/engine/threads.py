@@ -21,7 +21,7 @@ from typing import Any
 from durable_mp.core.completion import CompletionReason
 from durable_mp.core.records import OpRecord, OpStatus
 from durable_mp.core.spec import BatchSpec
-from durable_mp.engine.branch import SKIPPED_KEY, BranchSource, raise_if_fatal, run_branch, started_record
+from durable_mp.engine.branch import BranchSource, raise_if_fatal, run_branch, started_record
 from durable_mp.exceptions import OrphanedChildException
 
 
@@ -51,7 +51,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
         records[index] = rec
         state.emit(rec)
         raise_if_fatal(rec)
-        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED, (rec.extra or {}).get(SKIPPED_KEY, 0.0))
+        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
 
     reason = policy.decision()
     while reason is None:
@@ -73,11 +73,6 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
             collect()
         ended = all(index in records for index in range(spec.n))
         reason = CompletionReason.ALL_COMPLETED if ended else reason
-    else:  # a virtual-time (skip_time) decision by successes: the items it did not count stay STARTED
-        for index in policy.uncounted():
-            if index not in running:
-                records[index] = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, time.time())
-                state.emit(records[index])
     for index, (branch_state, start) in running.items():
         branch_state.cancel()
         rec = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, start)

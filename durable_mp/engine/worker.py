@@ -477,7 +477,7 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     indices = msg.indices
     unstarted: list[int] = []
     fresh = WorkerState(shared, empty)  # a branch without checkpoints only reads an empty dict
-    runner = BranchRunner(source, fresh.context, compact=True, skip_time=shared.skip_time)
+    runner = BranchRunner(source, fresh.context, compact=True)
     fresh_context = runner.make_context
     token = msg.token
     for position, index in enumerate(indices):
