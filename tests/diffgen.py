@@ -10,15 +10,19 @@ so exactly the same code runs on both.
 Every outcome is fixed by the seed: failures depend on the attempt number, never on a
 clock or a random draw at run time, and a batch whose completion could be decided
 before all its items end (anything but ``all_completed``) runs with
-``max_concurrency=1``, so which items start does not depend on thread timing.  A
+``max_concurrency=1`` (except a ``RACING_SHARE`` of them, marked ``racing``), so which
+items start does not depend on thread timing.  A
 handler returns a JSON-able tree of what it saw; a ``BatchResult`` becomes a summary
 dict (``summary()`` in the text) with its status, completion reason, counts and items.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -26,6 +30,7 @@ from typing import Any
 REFERENCE = "aws_durable_execution_sdk_python"
 DURABLE_MP = "durable_mp"
 MAX_DEPTH = 3
+RACING_SHARE = 0.2  # of the batches that may complete early: run several items at once anyway
 
 PRELUDE = '''\
 import importlib
@@ -34,7 +39,7 @@ _cfg = importlib.import_module(SDK + ".config")
 _ret = importlib.import_module(SDK + ".retries")
 durable_execution = _sdk.durable_execution
 CompletionConfig, ParallelConfig, MapConfig = _cfg.CompletionConfig, _cfg.ParallelConfig, _cfg.MapConfig
-StepConfig, Duration = _cfg.StepConfig, _cfg.Duration
+StepConfig, Duration, StepSemantics = _cfg.StepConfig, _cfg.Duration, _cfg.StepSemantics
 RetryDecision = _ret.RetryDecision
 
 
@@ -54,17 +59,59 @@ def flaky(tag, fail_until):
     return body
 
 
-def summary(br, n):
-    """A BatchResult of n inputs as plain data (``__batch__`` marks it for the comparison)."""
-    return {"__batch__": True, "inputs": n, "status": br.status.value, "reason": br.completion_reason.value,
+def summary(br, n, racing=False):
+    """A BatchResult of n inputs as plain data (``__batch__`` marks it for the comparison;
+    ``racing``: which items end before its completion depends on thread timing)."""
+    return {"__batch__": True, "inputs": n, "racing": racing, "status": br.status.value, "reason": br.completion_reason.value,
             "counts": [br.success_count, br.failure_count, br.started_count, br.total_count],
-            "items": [[it.index, it.status.value, it.result, None if it.error is None else it.error.type]
-                      for it in br.all]}
+            "items": [[it.index, it.status.value, it.result,
+                       None if it.error is None else [it.error.type, it.error.message]] for it in br.all]}
 
 
 def caught(exc):
-    return {"__error__": type(exc).__name__}
+    return {"__error__": type(exc).__name__, "message": str(exc)}
 '''
+
+
+RUN_TIMEOUT = 120  # seconds one handler may take on either runner
+
+
+@dataclass
+class Outcome:
+    """What a test runner reported: invocation status, the handler's result, the error."""
+
+    status: str
+    result: Any
+    error: list[str | None] | None  # [type, message]
+
+    @classmethod
+    def of(cls, result: Any) -> Outcome:
+        error = None if result.error is None else [result.error.type, result.error.message]
+        return cls(result.status.value, None if result.result is None else json.loads(result.result), error)
+
+    def as_text(self) -> str:
+        return json.dumps({"status": self.status, "error": self.error, "result": self.result})
+
+
+def run_reference(seed: int, source: str) -> Outcome:
+    """The handler on the reference's local runner (``skip_time=True``)."""
+    from aws_durable_execution_sdk_python_testing import DurableFunctionTestRunner
+
+    handler = build(source, REFERENCE, f"diff_ref_{seed}")
+    with DurableFunctionTestRunner(handler=handler, skip_time=True) as runner:
+        return Outcome.of(runner.run(input="{}", execution_timeout=RUN_TIMEOUT))
+
+
+def run_references(sources: dict[int, str], threads: int) -> dict[int, Outcome]:
+    """Every handler on the reference, ``threads`` at a time, logs silenced.
+
+    Run in a process of its own: the reference's threads then do not compete with
+    durable_mp's driver for one GIL, and its many threads sleep out in-batch delays.
+    """
+    logging.disable(logging.CRITICAL)
+    with ThreadPoolExecutor(threads) as pool:
+        futures = {seed: pool.submit(run_reference, seed, source) for seed, source in sources.items()}
+        return {seed: future.result() for seed, future in futures.items()}
 
 
 @dataclass
@@ -110,7 +157,12 @@ class _Gen:
         tag = self.fresh("s")
         attempts = rng.choice([1, 1, 2, 3])  # 1: no retry
         fail_until = rng.choice([0, 0, 0, 1, 2, attempts, 9])
-        config = f"StepConfig(retry_strategy=retry_upto({attempts}))"
+        semantics = ", step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY" if rng.random() < 0.2 else ""
+        config = f"StepConfig(retry_strategy=retry_upto({attempts}){semantics})"
+        if depth == 0 and rng.random() < 0.2:
+            # the default strategy (6 attempts, backoff): only outside a batch, where the reference's
+            # skip_time skips its delays (inside one it sleeps them while siblings run)
+            config, fail_until = f"StepConfig({semantics[2:]})", rng.choice([0, 1, 9])
         call = f"ctx.step(flaky({tag!r}, {fail_until}), name={tag!r}, config={config})"
         if rng.random() < 0.3:  # the handler looks at the error instead of failing
             return ["try:", f"    out.append({call})", "except Exception as exc:", "    out.append(caught(exc))"]
@@ -144,20 +196,22 @@ class _Gen:
             parts.append(f"tolerated_failure_percentage={rng.choice([0, 20, 34, 50, 67, 100])}")
         return f"CompletionConfig({', '.join(parts)})", True
 
-    def batch_config(self, cls: str, n: int) -> str:
+    def batch_config(self, cls: str, n: int) -> tuple[str, bool]:
+        """The config expression, and whether the batch races (see ``summary``)."""
         completion, early = self.completion(n)
-        concurrency = 1 if early else self.rng.choice([None, 1, 2, 3])
+        racing = early and n > 1 and self.rng.random() < RACING_SHARE
+        concurrency = self.rng.choice([None, 2, 3]) if racing else 1 if early else self.rng.choice([None, 1, 2, 3])
         args = [f"max_concurrency={concurrency}"]
         if completion != "None":
             args.append(f"completion_config={completion}")
-        return f"{cls}({', '.join(args)})"
+        return f"{cls}({', '.join(args)})", racing
 
     def parallel(self, depth: int) -> list[str]:
         n = self.rng.randint(1, 4)
         branches = [self.body(depth + 1) for _ in range(n)]
-        config = self.batch_config("ParallelConfig", n)
+        config, racing = self.batch_config("ParallelConfig", n)
         return [f"out.append(summary(ctx.parallel([{', '.join(branches)}], name={self.fresh('p')!r}, "
-                f"config={config}), {n}))"]
+                f"config={config}), {n}, {racing}))"]
 
     def map(self, depth: int) -> list[str]:
         n = self.rng.randint(1, 4)
@@ -166,9 +220,9 @@ class _Gen:
         self.defs.append(f"{table} = [{', '.join(bodies)}]")
         func = self.fresh("mapper")
         self.defs.append(f"def {func}(ctx, item, index, items):\n    return {table}[item](ctx)")
-        config = self.batch_config("MapConfig", n)
+        config, racing = self.batch_config("MapConfig", n)
         return [f"out.append(summary(ctx.map(list(range({n})), {func}, name={self.fresh('m')!r}, "
-                f"config={config}), {n}))"]
+                f"config={config}), {n}, {racing}))"]
 
 
 def generate(seed: int) -> Generated:

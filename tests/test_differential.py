@@ -28,40 +28,28 @@ no sibling is running when it completes; ``diffgen`` keeps outcomes free of thre
 
 from __future__ import annotations
 
-import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
 
 import diffgen
+from diffgen import Outcome
 
-reference_testing = pytest.importorskip("aws_durable_execution_sdk_python_testing")
+pytest.importorskip("aws_durable_execution_sdk_python_testing")
 
 from durable_mp.store.facade import Store  # noqa: E402
 from durable_mp.testing import DurableFunctionTestRunner as MpRunner  # noqa: E402
 
 DEFAULT_HANDLERS = 240
 REFERENCE_THREADS = 12  # the reference sleeps real seconds for waits inside a batch: overlap them
-RUN_TIMEOUT = 120
 SHOWN_FAILURES = 3  # seeds printed in full; the rest are listed
-
-
-@dataclass
-class Outcome:
-    status: str
-    result: Any
-    error_type: str | None
-
-    def as_text(self) -> str:
-        return json.dumps({"status": self.status, "error_type": self.error_type, "result": self.result})
-
 
 # -- the allowed differences (DESIGN.md §1) -------------------------------------------------------
 REFERENCE_PREFIX = diffgen.REFERENCE + "."
@@ -84,8 +72,32 @@ def rule_failure_completion_reason_from_final_state(ref: dict, mp: dict) -> bool
             and mp["counts"][3] == mp["inputs"] and not any(item[1] == "STARTED" for item in mp["items"]))
 
 
-RULES: tuple[Callable[..., bool], ...] = (rule_error_types_name_their_sdk,
-                                          rule_failure_completion_reason_from_final_state)
+def rule_racing_batch_compares_the_items_both_ended(ref: dict, mp: dict) -> list[str]:
+    """With several items in flight and a config that can complete early, which items end
+    before the decision is a race in both SDKs, and DESIGN.md §1 lets a failure-triggered
+    completion finish the running siblings where the reference reports them STARTED (a
+    success-triggered one terminates them in both).  So only an item both report ended is
+    compared (its outcome does not race); durable_mp's summary must still add up.
+    Returns what breaks the rule."""
+    out = []
+    finished = {item[0]: item for item in ref["items"] if item[1] != "STARTED"}
+    for item in mp["items"]:
+        theirs = finished.get(item[0])
+        if theirs is not None and item[1] != "STARTED":
+            out.extend(item_differences(theirs, item, f"all[{item[0]}]"))
+    statuses = [item[1] for item in mp["items"]]
+    indices = [item[0] for item in mp["items"]]
+    counts = [statuses.count("SUCCEEDED"), statuses.count("FAILED"), statuses.count("STARTED"), len(statuses)]
+    if mp["counts"] != counts or indices != sorted(set(indices)) or not set(indices) <= set(range(mp["inputs"])):
+        out.append(f"durable_mp's items {indices} {statuses} do not add up to counts {mp['counts']}")
+    if (mp["status"] == "FAILED") != ("FAILED" in statuses):
+        out.append(f"durable_mp's status {mp['status']} with items {statuses}")
+    return out
+
+
+RULES: tuple[Callable[..., Any], ...] = (rule_error_types_name_their_sdk,
+                                         rule_failure_completion_reason_from_final_state,
+                                         rule_racing_batch_compares_the_items_both_ended)
 
 
 # -- comparison -----------------------------------------------------------------------------------
@@ -105,6 +117,8 @@ def differences(ref: Any, mp: Any, path: str = "result") -> list[str]:
 
 
 def batch_differences(ref: dict, mp: dict, path: str) -> list[str]:
+    if ref["racing"]:
+        return [f"{path}: {found}" for found in rule_racing_batch_compares_the_items_both_ended(ref, mp)]
     out = []
     if ref["status"] != mp["status"]:
         out.append(f"{path}: status {ref['status']} != {mp['status']}")
@@ -113,43 +127,45 @@ def batch_differences(ref: dict, mp: dict, path: str) -> list[str]:
     if ref["counts"] != mp["counts"]:
         out.append(f"{path}: counts (success, failure, started, total) {ref['counts']} != {mp['counts']}")
         return out  # the items differ too; the counts say how
-    for (index, status, result, error), (mp_index, mp_status, mp_result, mp_error) in zip(
-            ref["items"], mp["items"], strict=True):
-        where = f"{path}.all[{index}]"
-        if (index, status) != (mp_index, mp_status):
-            out.append(f"{where}: item {index} {status} != item {mp_index} {mp_status}")
-            continue
-        if error != mp_error and not rule_error_types_name_their_sdk(error, mp_error):
-            out.append(f"{where}: error type {error} != {mp_error}")
-        out.extend(differences(result, mp_result, f"{where}.result"))
+    for ref_item, mp_item in zip(ref["items"], mp["items"], strict=True):
+        out.extend(item_differences(ref_item, mp_item, f"{path}.all[{ref_item[0]}]"))
     return out
 
 
-def outcome_differences(ref: Outcome, mp: Outcome) -> list[str]:
+def item_differences(ref: list, mp: list, where: str) -> list[str]:
+    """One ``BatchItem``: ``[index, status, result, [error type, message] or None]``."""
+    (index, status, result, error), (mp_index, mp_status, mp_result, mp_error) = ref, mp
+    if (index, status) != (mp_index, mp_status):
+        return [f"{where}: item {index} {status} != item {mp_index} {mp_status}"]
     out = []
+    if (error is None) != (mp_error is None):
+        out.append(f"{where}: error {error} != {mp_error}")
+    elif error is not None and error[0] != mp_error[0] and not rule_error_types_name_their_sdk(error[0], mp_error[0]):
+        out.append(f"{where}: error type {error[0]} != {mp_error[0]}")
+    elif error is not None and error[1] != mp_error[1]:
+        out.append(f"{where}: error message {error[1]!r} != {mp_error[1]!r}")
+    return out + differences(result, mp_result, f"{where}.result")
+
+
+def outcome_differences(ref: Outcome, mp: Outcome) -> list[str]:
     if ref.status != mp.status:
-        out.append(f"invocation status {ref.status} != {mp.status}")
-    if ref.error_type != mp.error_type and not rule_error_types_name_their_sdk(ref.error_type, mp.error_type):
-        out.append(f"invocation error type {ref.error_type} != {mp.error_type}")
-    return out + differences(ref.result, mp.result)
+        return [f"invocation status {ref.status} != {mp.status}"]
+    if (ref.error is None) != (mp.error is None):
+        return [f"invocation error {ref.error} != {mp.error}"]
+    if ref.error is not None and mp.error is not None:
+        (kind, message), (mp_kind, mp_message) = ref.error, mp.error
+        if kind != mp_kind and not rule_error_types_name_their_sdk(kind, mp_kind):
+            return [f"invocation error type {kind} != {mp_kind}"]
+        if message != mp_message:
+            return [f"invocation error message {message!r} != {mp_message!r}"]
+    return differences(ref.result, mp.result)
 
 
 # -- running --------------------------------------------------------------------------------------
-def outcome_of(result: Any) -> Outcome:
-    return Outcome(result.status.value, None if result.result is None else json.loads(result.result),
-                   None if result.error is None else result.error.type)
-
-
-def run_reference(seed: int, source: str) -> Outcome:
-    handler = diffgen.build(source, diffgen.REFERENCE, f"diff_ref_{seed}")
-    with reference_testing.DurableFunctionTestRunner(handler=handler, skip_time=True) as runner:
-        return outcome_of(runner.run(input="{}", execution_timeout=RUN_TIMEOUT))
-
-
 def run_durable_mp(seed: int, source: str, store: Store) -> Outcome:
     handler = diffgen.build(source, diffgen.DURABLE_MP, f"diff_mp_{seed}")
     with MpRunner(handler=handler, skip_time=True, store=store) as runner:
-        return outcome_of(runner.run(input="{}", execution_timeout=RUN_TIMEOUT))
+        return Outcome.of(runner.run(input="{}", execution_timeout=diffgen.RUN_TIMEOUT))
 
 
 def seeds() -> list[int]:
@@ -186,16 +202,16 @@ def test_random_handlers_behave_as_on_the_reference(tmp_path, quiet_logs, capsys
     chosen = seeds()
     sources = {seed: diffgen.generate(seed).source for seed in chosen}
     started = time.monotonic()
-    with ThreadPoolExecutor(REFERENCE_THREADS) as pool:
-        pending = {seed: pool.submit(run_reference, seed, source) for seed, source in sources.items()}
-        reference_done = time.monotonic()
+    # spawn: a fork of this process could inherit a lock held by one of its threads
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = pool.submit(diffgen.run_references, sources, REFERENCE_THREADS)
         store = Store(str(tmp_path / "store"))
         try:
             mp = {seed: run_durable_mp(seed, source, store) for seed, source in sources.items()}
         finally:
             store.close()
-        mp_seconds = time.monotonic() - reference_done
-        ref = {seed: future.result() for seed, future in pending.items()}
+        mp_seconds = time.monotonic() - started
+        ref = pending.result()
     failures = [(seed, found) for seed in chosen if (found := outcome_differences(ref[seed], mp[seed]))]
     with capsys.disabled():
         print(f"\ndifferential: {len(chosen)} handlers in {time.monotonic() - started:.1f} s "
@@ -208,9 +224,10 @@ def test_random_handlers_behave_as_on_the_reference(tmp_path, quiet_logs, capsys
 
 
 # -- the comparison itself ---------------------------------------------------------------------
-def batch(reason: str, counts: list[int], items: list[list], inputs: int | None = None, status: str = "FAILED"):
-    return {"__batch__": True, "inputs": inputs if inputs is not None else counts[3], "status": status,
-            "reason": reason, "counts": counts, "items": items}
+def batch(reason: str, counts: list[int], items: list[list], inputs: int | None = None, status: str = "FAILED",
+          racing: bool = False):
+    return {"__batch__": True, "inputs": inputs if inputs is not None else counts[3], "racing": racing,
+            "status": status, "reason": reason, "counts": counts, "items": items}
 
 
 def test_the_rules_allow_only_what_they_name():
@@ -229,3 +246,11 @@ def test_the_rules_allow_only_what_they_name():
                        batch("MIN_SUCCESSFUL_REACHED", [1, 0, 1, 2], [[0, "SUCCEEDED", "a", None],
                                                                       [1, "STARTED", None, None]], inputs=2))
     assert differences(["a", {"__error__": "StepError"}], ["a", {"__error__": "ChildContextError"}])
+    # a racing batch: items both ended must agree; one only durable_mp finished is fine
+    ref_items = [[0, "FAILED", None, ["ValueError", "x"]], [1, "STARTED", None, None]]
+    mp_items = [[0, "FAILED", None, ["ValueError", "x"]], [1, "SUCCEEDED", "b", None], [2, "SUCCEEDED", "c", None]]
+    ref = batch("FAILURE_TOLERANCE_EXCEEDED", [0, 1, 1, 2], ref_items, inputs=3, racing=True)
+    assert differences(ref, batch("ALL_COMPLETED", [2, 1, 0, 3], mp_items, racing=True)) == []
+    wrong = [[0, "SUCCEEDED", "a", None], *mp_items[1:]]
+    assert differences(ref, batch("ALL_COMPLETED", [3, 0, 0, 3], wrong, status="SUCCEEDED", racing=True))
+    assert differences(ref, batch("ALL_COMPLETED", [2, 1, 0, 2], mp_items, racing=True))  # counts do not add up
