@@ -41,6 +41,16 @@ durable_execution = _sdk.durable_execution
 CompletionConfig, ParallelConfig, MapConfig = _cfg.CompletionConfig, _cfg.ParallelConfig, _cfg.MapConfig
 StepConfig, Duration, StepSemantics = _cfg.StepConfig, _cfg.Duration, _cfg.StepSemantics
 RetryDecision = _ret.RetryDecision
+complete_batch, continue_batch, CompletionOutcome = _cfg.complete_batch, _cfg.continue_batch, _cfg.CompletionOutcome
+
+
+def stop_at(failures, successes, outcome):
+    """A should_complete predicate: complete as ``outcome`` at that many failures or successes."""
+    def predicate(status):
+        if status.failure_count >= failures or status.success_count >= successes:
+            return complete_batch(CompletionOutcome[outcome])
+        return continue_batch()
+    return predicate
 
 
 def retry_upto(n):
@@ -182,11 +192,15 @@ class _Gen:
         """A CompletionConfig expression, and whether it may end the batch before every item ends."""
         rng = self.rng
         choice = rng.choice(["default", "all_successful", "all_completed", "all_completed", "first_successful",
-                             "min", "count", "pct", "min_count", "min_pct"])
+                             "min", "count", "pct", "min_count", "min_pct", "custom"])
         if choice == "default":
             return "None", True
         if choice in ("all_successful", "all_completed", "first_successful"):
             return f"CompletionConfig.{choice}()", choice != "all_completed"
+        if choice == "custom":
+            failures, successes = rng.randint(1, n), rng.randint(1, n)
+            return f"CompletionConfig(should_complete=stop_at({failures}, {successes}, "\
+                   f"{rng.choice(['SUCCEEDED', 'FAILED'])!r}))", True
         parts = []
         if choice.startswith("min"):
             parts.append(f"min_successful={rng.randint(1, n)}")

@@ -90,8 +90,9 @@ def rule_racing_batch_compares_the_items_both_ended(ref: dict, mp: dict) -> list
     counts = [statuses.count("SUCCEEDED"), statuses.count("FAILED"), statuses.count("STARTED"), len(statuses)]
     if mp["counts"] != counts or indices != sorted(set(indices)) or not set(indices) <= set(range(mp["inputs"])):
         out.append(f"durable_mp's items {indices} {statuses} do not add up to counts {mp['counts']}")
-    if (mp["status"] == "FAILED") != ("FAILED" in statuses):
-        out.append(f"durable_mp's status {mp['status']} with items {statuses}")
+    custom = {"CUSTOM_COMPLETION_FAILED": "FAILED", "CUSTOM_COMPLETION_SUCCEEDED": "SUCCEEDED"}
+    if mp["status"] != custom.get(mp["reason"], "FAILED" if "FAILED" in statuses else "SUCCEEDED"):
+        out.append(f"durable_mp's status {mp['status']} with {mp['reason']} and items {statuses}")
     return out
 
 
