@@ -217,7 +217,7 @@ class CompletionPolicy:
             if self._max_failures is not None:
                 limits.append(self._max_failures + 1)
             if self._max_failure_pct is not None and self._total > 0:
-                limits.append(int(self._max_failure_pct * self._total / 100) + 1)
+                limits.append(self._failures_over_percentage())
             if limits:
                 failures = max(1, min(limits) - self._failed)
                 if failures + self._failed > self._total:
@@ -226,6 +226,22 @@ class CompletionPolicy:
         if self._min_successful is not None:
             successes = max(1, self._min_successful - self._succeeded)
         return failures, successes
+
+    def _failures_over_percentage(self) -> int:
+        """The fewest failures ``tolerance_exceeded`` counts as over the percentage (may be > total).
+
+        Found with the same float comparison, not from ``pct * total / 100``: 11 of 20 is
+        55.00000000000001 %, so the 11th failure exceeds 55 %, and the start budget must
+        stop there too.
+        """
+        pct, total = self._max_failure_pct, self._total
+        assert pct is not None and total > 0
+        failures = max(1, int(pct * total / 100))
+        while failures > 1 and (failures - 1) / total * 100 > pct:
+            failures -= 1
+        while failures <= total and not failures / total * 100 > pct:
+            failures += 1
+        return failures
 
     def on_finished(self, index: int, succeeded: bool) -> None:
         """Item ``index`` reached a terminal state (it need not have been started)."""
