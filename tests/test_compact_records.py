@@ -9,6 +9,7 @@ from durable_mp.config import CompletionConfig, MapConfig
 from durable_mp.core.item_probe import item_status as probe_status
 from durable_mp.core.records import OpRecord, item_prefix, item_record, item_status, result_view
 from durable_mp.exceptions import ExecutionFailedError
+from durable_mp.store.facade import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,3 +55,20 @@ def test_a_resumed_map_reads_its_compact_records_and_reruns_only_the_failed_item
     before = len(list(ran.iterdir()))
     assert handler.run({}, execution_id="compact", store=store, max_workers=2) == [3 * x for x in range(40)]
     assert len(list(ran.iterdir())) - before == 1  # item 7 only: the other 39 replayed from compact records
+
+
+def test_an_item_name_too_long_for_the_compact_record_keeps_a_full_record(store_path):
+    """The compact record keeps a name's length in 16 bits; a longer name (issue 18) crashed the
+    worker three times and the item ended as WorkerCrashedError.  It must simply succeed."""
+    long_name = "n" * 70_000
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.map([1, 2], lambda c, x, i, items: x * 2,
+                    config=MapConfig(item_namer=lambda item, i: long_name if i == 0 else "short"))
+        return [r.success_count, r.failure_count, r.get_results()]
+
+    assert handler.run(None, store=store_path, execution_id="long-name") == [2, 0, [2, 4]]
+    with Store(store_path) as store:
+        names = sorted(len(rec.name or "") for rec in store.ops("long-name") if rec.sub_type == "MapIteration")
+    assert names == [5, 70_000]

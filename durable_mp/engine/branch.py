@@ -60,6 +60,8 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str], A
 _PLAIN_SERDES = (type(None), _serdes.DefaultSerDes, _serdes.PickleSerDes)
 _SCALARS = frozenset({int, str, float, bool, type(None)})  # immutable: the value itself can travel too
 _COMPACT_MAX_BYTES = 64 * 1024  # larger results keep their own frame on the wire (``wire.big``)
+# the compact record keeps a name's UTF-8 length in 16 bits; 4 bytes a character at most
+_COMPACT_NAME_CHARS = 0xFFFF // 4
 
 
 class BranchRunner:
@@ -122,8 +124,8 @@ class BranchRunner:
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
-        if self.compact and payload.__class__ is not list and (payload is None
-                                                               or len(payload) <= _COMPACT_MAX_BYTES):
+        fits = payload is None or (payload.__class__ is not list and len(payload) <= _COMPACT_MAX_BYTES)
+        if self.compact and fits and len(name) <= _COMPACT_NAME_CHARS:
             plain = value.__class__ in _SCALARS and self.plain_values
             return (item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload),
                     value if plain else NOT_SENT)
