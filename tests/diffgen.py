@@ -93,14 +93,28 @@ class Outcome:
     status: str
     result: Any
     error: list[str | None] | None  # [type, message]
+    operations: list[tuple]  # ``flat_operations``
 
     @classmethod
     def of(cls, result: Any) -> Outcome:
         error = None if result.error is None else [result.error.type, result.error.message]
-        return cls(result.status.value, None if result.result is None else json.loads(result.result), error)
+        return cls(result.status.value, None if result.result is None else json.loads(result.result), error,
+                   flat_operations(result.operations))
 
     def as_text(self) -> str:
         return json.dumps({"status": self.status, "error": self.error, "result": self.result})
+
+
+def flat_operations(operations: list, depth: int = 0) -> list[tuple]:
+    """Every operation as (depth, type, sub type, name, status, attempt), sorted: the tree
+    without ids, timestamps or payloads (the SDKs' own encodings)."""
+    out: list[tuple] = []
+    for op in operations:
+        sub_type = getattr(op.sub_type, "value", op.sub_type)
+        out.append((depth, op.operation_type.value, str(sub_type), op.name, op.status.value,
+                    getattr(op, "attempt", None)))
+        out.extend(flat_operations(getattr(op, "child_operations", None) or [], depth + 1))
+    return sorted(out, key=str) if depth == 0 else out
 
 
 def run_reference(seed: int, source: str) -> Outcome:
@@ -128,6 +142,7 @@ def run_references(sources: dict[int, str], threads: int) -> dict[int, Outcome]:
 class Generated:
     seed: int
     source: str
+    racing: bool  # some batch races, even one whose summary the handler drops
 
 
 class _Gen:
@@ -135,6 +150,7 @@ class _Gen:
         self.rng = random.Random(seed)
         self.defs: list[str] = []
         self.counter = 0
+        self.racing = False  # some batch races (see ``summary``)
 
     def fresh(self, prefix: str) -> str:
         self.counter += 1
@@ -214,6 +230,7 @@ class _Gen:
         """The config expression, and whether the batch races (see ``summary``)."""
         completion, early = self.completion(n)
         racing = early and n > 1 and self.rng.random() < RACING_SHARE
+        self.racing |= racing
         concurrency = self.rng.choice([None, 2, 3]) if racing else 1 if early else self.rng.choice([None, 1, 2, 3])
         args = [f"max_concurrency={concurrency}"]
         if completion != "None":
@@ -245,7 +262,7 @@ def generate(seed: int) -> Generated:
     root = gen.body(0, may_raise=True)
     handler = f"@durable_execution\ndef handler(event, ctx):\n    return {root}(ctx)\n"
     source = "\n\n".join([PRELUDE, *gen.defs, handler])
-    return Generated(seed, source)
+    return Generated(seed, source, gen.racing)
 
 
 def build(source: str, sdk: str, module_name: str) -> Any:
