@@ -30,6 +30,7 @@ from typing import Any
 REFERENCE = "aws_durable_execution_sdk_python"
 DURABLE_MP = "durable_mp"
 MAX_DEPTH = 3
+STEP_FUNCTION = "body"  # the __name__ of every generated step function (``flaky``'s body)
 RACING_SHARE = 0.2  # of the batches that may complete early: run several items at once anyway
 
 PRELUDE = '''\
@@ -40,6 +41,7 @@ _ret = importlib.import_module(SDK + ".retries")
 durable_execution = _sdk.durable_execution
 CompletionConfig, ParallelConfig, MapConfig = _cfg.CompletionConfig, _cfg.ParallelConfig, _cfg.MapConfig
 StepConfig, Duration, StepSemantics = _cfg.StepConfig, _cfg.Duration, _cfg.StepSemantics
+NestingType = _cfg.NestingType
 RetryDecision = _ret.RetryDecision
 complete_batch, continue_batch, CompletionOutcome = _cfg.complete_batch, _cfg.continue_batch, _cfg.CompletionOutcome
 
@@ -189,7 +191,8 @@ class _Gen:
             # the default strategy (6 attempts, backoff): only outside a batch, where the reference's
             # skip_time skips its delays (inside one it sleeps them while siblings run)
             config, fail_until = f"StepConfig({semantics[2:]})", rng.choice([0, 1, 9])
-        call = f"ctx.step(flaky({tag!r}, {fail_until}), name={tag!r}, config={config})"
+        name = f", name={tag!r}" if rng.random() < 0.85 else ""  # unnamed: the SDKs name it differently
+        call = f"ctx.step(flaky({tag!r}, {fail_until}){name}, config={config})"
         if rng.random() < 0.3:  # the handler looks at the error instead of failing
             return ["try:", f"    out.append({call})", "except Exception as exc:", "    out.append(caught(exc))"]
         return [f"out.append({call})"]
@@ -226,22 +229,28 @@ class _Gen:
             parts.append(f"tolerated_failure_percentage={rng.choice([0, 20, 34, 50, 67, 100])}")
         return f"CompletionConfig({', '.join(parts)})", True
 
-    def batch_config(self, cls: str, n: int) -> tuple[str, bool]:
+    def batch_config(self, cls: str, n: int, tag: str) -> tuple[str, bool]:
         """The config expression, and whether the batch races (see ``summary``)."""
+        rng = self.rng
         completion, early = self.completion(n)
-        racing = early and n > 1 and self.rng.random() < RACING_SHARE
+        racing = early and n > 1 and rng.random() < RACING_SHARE
         self.racing |= racing
-        concurrency = self.rng.choice([None, 2, 3]) if racing else 1 if early else self.rng.choice([None, 1, 2, 3])
+        concurrency = rng.choice([None, 2, 3]) if racing else 1 if early else rng.choice([None, 1, 2, 3])
         args = [f"max_concurrency={concurrency}"]
         if completion != "None":
             args.append(f"completion_config={completion}")
+        if rng.random() < 0.15:  # virtual branches: no CONTEXT operation of their own
+            args.append("nesting_type=NestingType.FLAT")
+        if cls == "MapConfig" and rng.random() < 0.3:
+            args.append(f"item_namer=lambda item, index: f'{tag}-item-{{index}}'")
         return f"{cls}({', '.join(args)})", racing
 
     def parallel(self, depth: int) -> list[str]:
         n = self.rng.randint(1, 4)
         branches = [self.body(depth + 1) for _ in range(n)]
-        config, racing = self.batch_config("ParallelConfig", n)
-        return [f"out.append(summary(ctx.parallel([{', '.join(branches)}], name={self.fresh('p')!r}, "
+        tag = self.fresh("p")
+        config, racing = self.batch_config("ParallelConfig", n, tag)
+        return [f"out.append(summary(ctx.parallel([{', '.join(branches)}], name={tag!r}, "
                 f"config={config}), {n}, {racing}))"]
 
     def map(self, depth: int) -> list[str]:
@@ -251,8 +260,9 @@ class _Gen:
         self.defs.append(f"{table} = [{', '.join(bodies)}]")
         func = self.fresh("mapper")
         self.defs.append(f"def {func}(ctx, item, index, items):\n    return {table}[item](ctx)")
-        config, racing = self.batch_config("MapConfig", n)
-        return [f"out.append(summary(ctx.map(list(range({n})), {func}, name={self.fresh('m')!r}, "
+        tag = self.fresh("m")
+        config, racing = self.batch_config("MapConfig", n, tag)
+        return [f"out.append(summary(ctx.map(list(range({n})), {func}, name={tag!r}, "
                 f"config={config}), {n}, {racing}))"]
 
 

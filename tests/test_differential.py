@@ -22,11 +22,13 @@ The only differences allowed are DESIGN.md §1's, each a named rule below:
   running siblings finish where the reference reports them STARTED (a success-triggered
   one terminates them): only items both report ended are compared; durable_mp's counts,
   indices and status must still agree with its items.
-* ``rule_racing_batches_leave_their_operations_unchecked``: for the same reason the
-  operation tree of a handler with a racing batch is not compared.
+* ``rule_step_names_default_to_the_functions_name``: a step called without ``name`` is
+  named after its function in durable_mp; the reference leaves it None.
+* ``rule_racing_batches_leave_their_operations_unchecked``: for the same reason as the
+  racing rule above, the operation tree of a handler with a racing batch is not compared.
 
-Not observable here, so no rule is needed: step names defaulting to ``__name__`` (every
-generated step is named) and pickle serdes (results are JSON values either way).  Every
+Not observable here, so no rule is needed: pickle serdes (results are JSON values
+either way; payloads are not compared).  Every
 other batch that can complete early runs with ``max_concurrency=1``, so its outcome does
 not depend on thread timing, and must be equal.
 
@@ -104,6 +106,15 @@ def rule_racing_batch_compares_the_items_both_ended(ref: dict, mp: dict) -> list
     return out
 
 
+def rule_step_names_default_to_the_functions_name(mp_operations: list[tuple]) -> list[tuple]:
+    """A step called without ``name`` is named after its function (``__name__``) in
+    durable_mp, where the reference leaves the name None (DESIGN.md §1): durable_mp's
+    operations as the reference would name them.  Every generated step function is
+    ``diffgen``'s ``flaky`` body, named ``STEP_FUNCTION``."""
+    return sorted(((*op[:3], None, *op[4:]) if op[1] == "STEP" and op[3] == diffgen.STEP_FUNCTION else op
+                   for op in mp_operations), key=str)
+
+
 def rule_racing_batches_leave_their_operations_unchecked(handler: diffgen.Generated) -> bool:
     """Operations of a handler with a racing batch are not compared: which branches ran how
     far races, and the reference leaves orphaned branches' operations STARTED where durable_mp
@@ -114,6 +125,7 @@ def rule_racing_batches_leave_their_operations_unchecked(handler: diffgen.Genera
 RULES: tuple[Callable[..., Any], ...] = (rule_error_types_name_their_sdk,
                                          rule_failure_completion_reason_from_final_state,
                                          rule_racing_batch_compares_the_items_both_ended,
+                                         rule_step_names_default_to_the_functions_name,
                                          rule_racing_batches_leave_their_operations_unchecked)
 
 
@@ -176,10 +188,11 @@ def outcome_differences(ref: Outcome, mp: Outcome, handler: diffgen.Generated) -
         if message != mp_message:
             return [f"invocation error message {message!r} != {mp_message!r}"]
     found = differences(ref.result, mp.result)
+    mp_operations = rule_step_names_default_to_the_functions_name(mp.operations)
     if not found and not rule_racing_batches_leave_their_operations_unchecked(handler) \
-            and ref.operations != mp.operations:
-        only_ref = sorted(set(ref.operations) - set(mp.operations), key=str)
-        only_mp = sorted(set(mp.operations) - set(ref.operations), key=str)
+            and ref.operations != mp_operations:
+        only_ref = sorted(set(ref.operations) - set(mp_operations), key=str)
+        only_mp = sorted(set(mp_operations) - set(ref.operations), key=str)
         found.append(f"operations: only the reference {only_ref[:4]}, only durable_mp {only_mp[:4]}")
     return found
 
@@ -278,3 +291,10 @@ def test_the_rules_allow_only_what_they_name():
     wrong = [[0, "SUCCEEDED", "a", None], *mp_items[1:]]
     assert differences(ref, batch("ALL_COMPLETED", [3, 0, 0, 3], wrong, status="SUCCEEDED", racing=True))
     assert differences(ref, batch("ALL_COMPLETED", [2, 1, 0, 2], mp_items, racing=True))  # counts do not add up
+
+
+def test_the_step_name_rule_renames_only_steps_named_after_the_generated_function():
+    ops = [(0, "STEP", "Step", diffgen.STEP_FUNCTION, "SUCCEEDED", 1), (0, "STEP", "Step", "s1", "FAILED", 2),
+           (0, "CONTEXT", "Parallel", diffgen.STEP_FUNCTION, "SUCCEEDED", None)]
+    assert rule_step_names_default_to_the_functions_name(ops) == sorted(
+        [(0, "STEP", "Step", None, "SUCCEEDED", 1), ops[1], ops[2]], key=str)
