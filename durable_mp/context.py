@@ -242,7 +242,7 @@ class DurableContext:
     def _batch(self, sub_type, item_sub_type, name, config, n, names, *, funcs=None, func=None, inputs=None):
         op_id = self._next_id()
         rec = self._checkpoint(op_id, OpType.CONTEXT, sub_type, name)
-        # ValidationError before any checkpoint; skip_time changes no decision (only sleeps are instant)
+        # ValidationError before any checkpoint
         policy = CompletionPolicy(config.completion_config, n)
         if config.max_concurrency is not None and config.max_concurrency < 1:
             raise ValidationError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
@@ -278,6 +278,7 @@ class DurableContext:
             unfinished=unfinished,
             done_ok=done_ok,
             execution_id=self.state.execution_id,
+            skip_time=bool(self.state.skip_time),
         )
         try:
             records, reason = self.state.run_batch(spec)

@@ -80,6 +80,28 @@ def retrying_branch_keeps_its_slot(ctx):
     return summary(ctx.map([0, 1, 2, 3, 4], lambda c, item, i, items: retrying(c), config=config))
 
 
+def fails_on(failing):
+    def process(ctx, item, index, items):
+        def body(step_ctx):
+            if item in failing:
+                raise ValueError(f"item {item} failed")
+            return item
+        return ctx.step(body, name=f"item-{index}", config=StepConfig(retry_strategy=retry_once))
+    return process
+
+
+def retrying_items_keep_their_slots(ctx):
+    """The reference examples' map_completion: items 1 and 3 fail, each retrying in its slot."""
+    config = MapConfig(max_concurrency=3, completion_config=CompletionConfig(min_successful=2,
+                                                                            tolerated_failure_percentage=50))
+    return summary(ctx.map([0, 1, 2, 3, 4], fails_on({1, 3}), config=config))
+
+
+def sleeper_loses_the_race(ctx):
+    config = ParallelConfig(completion_config=CompletionConfig.first_successful())
+    return summary(ctx.parallel([wait_then_succeed, good], config=config))
+
+
 CASES = {
     # the reference: total 2, the two branches that ran
     "min-successful": (min_two_of_four, [2, 0, 0, 2, "MIN_SUCCESSFUL_REACHED", [[0, "SUCCEEDED"], [1, "SUCCEEDED"]]]),
@@ -92,6 +114,14 @@ CASES = {
     # each item retries once (a skipped 3 s delay) in the only slot: items 2..4 never start
     "retry-keeps-slot": (retrying_branch_keeps_its_slot,
                          [2, 0, 0, 2, "MIN_SUCCESSFUL_REACHED", [[0, "SUCCEEDED"], [1, "SUCCEEDED"]]]),
+    # items 0..2 start; 0 succeeds and frees a slot for 3; 2 succeeds while 1 and 3 wait out their
+    # retry delays: the reference's 4 items, 0 failures (the real clock's schedule, every run)
+    "retries-keep-slots": (retrying_items_keep_their_slots,
+                           [2, 0, 2, 4, "MIN_SUCCESSFUL_REACHED",
+                            [[0, "SUCCEEDED"], [1, "STARTED"], [2, "SUCCEEDED"], [3, "STARTED"]]]),
+    # both start; branch 0 is still in its wait when branch 1 succeeds
+    "sleeper-loses": (sleeper_loses_the_race,
+                      [1, 0, 1, 2, "MIN_SUCCESSFUL_REACHED", [[0, "STARTED"], [1, "SUCCEEDED"]]]),
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from durable_mp import serdes as _serdes
 from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
 from durable_mp.engine.protocol import NOT_SENT
+from durable_mp.engine.state import take_slept_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
 
@@ -62,6 +63,12 @@ _SCALARS = frozenset({int, str, float, bool, type(None)})  # immutable: the valu
 _COMPACT_MAX_BYTES = 64 * 1024  # larger results keep their own frame on the wire (``wire.big``)
 # the compact record keeps a name's UTF-8 length in 16 bits; 4 bytes a character at most
 _COMPACT_NAME_CHARS = 0xFFFF // 4
+SLEPT_KEY = "slept"  # in a branch record's extra: seconds it slept under skip_time (its virtual duration)
+
+
+def slept_seconds(rec: OpRecord) -> float:
+    """Seconds the branch of ``rec`` slept under skip_time (0: none, or the real clock)."""
+    return float((rec.extra or {}).get(SLEPT_KEY, 0.0))
 
 
 class BranchRunner:
@@ -102,6 +109,7 @@ class BranchRunner:
         func = self.func
         name = f"map-item-{index}" if func is not None else source.name(index)
         start = time.time()
+        take_slept_seconds()  # a fresh count for this branch
         try:
             context = self.make_context(op_id)
             if func is not None:
@@ -124,6 +132,9 @@ class BranchRunner:
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
+        slept = take_slept_seconds()
+        if slept:  # skip_time: the batch's virtual clock orders the outcome by it; only a full record keeps it
+            return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, extra={SLEPT_KEY: slept}), None
         fits = payload is None or (payload.__class__ is not list and len(payload) <= _COMPACT_MAX_BYTES)
         if self.compact and fits and len(name) <= _COMPACT_NAME_CHARS:
             plain = value.__class__ in _SCALARS and self.plain_values
@@ -135,6 +146,10 @@ class BranchRunner:
                 exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> OpRecord:
         source = self.source
         error = None if exc is None else ErrorObject.from_exception(_from_user_code(exc)).to_dict()
+        if status == OpStatus.FAILED:
+            slept = take_slept_seconds()
+            if slept:
+                extra = {**(extra or {}), SLEPT_KEY: slept}
         return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
                         start, time.time(), payload, error, 1, pid=self.pid, extra=extra)
 

@@ -9,11 +9,28 @@ imported, so the engine does not import the layer above it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from durable_mp.core.records import OpRecord
+
+# Seconds this thread slept under skip_time (instantly): its branch's virtual duration,
+# which orders its outcome on the batch's virtual clock (``engine.virtual_clock``).
+_slept = threading.local()
+
+
+def take_slept_seconds() -> float:
+    """Seconds slept on this thread since the last call (reset to zero)."""
+    seconds: float = getattr(_slept, "seconds", 0.0)
+    _slept.seconds = 0.0
+    return seconds
+
+
+def add_slept_seconds(seconds: float) -> None:
+    """Count ``seconds`` of skipped sleep on this thread (a nested batch's virtual duration)."""
+    _slept.seconds = getattr(_slept, "seconds", 0.0) + seconds
 
 
 class ContextState(Protocol):
@@ -52,9 +69,8 @@ def context_factory() -> Callable[[Any, str], Any]:
 class ExecutionState:
     """Durable sleeping, honouring ``skip_time`` (retry delays, waits, polls).
 
-    ``skip_time`` makes a sleep instant and nothing else: a branch sleeping keeps its
-    ``max_concurrency`` slot, and the completion policy sees outcomes as the real clock
-    would deliver them, so a test checks what production runs (issue 18, defect 6).
+    ``skip_time`` makes a sleep instant, and counts it on the thread so that the batch's
+    virtual clock orders the branch's outcome as the real clock would (issue 18, defect 6).
     """
 
     __slots__ = ()
@@ -63,6 +79,8 @@ class ExecutionState:
     def sleep(self, seconds: float) -> None:
         if not self.skip_time and seconds > 0:
             time.sleep(seconds)
+        elif seconds > 0:
+            add_slept_seconds(seconds)
 
     def sleep_until(self, ts: float) -> None:
         self.sleep(ts - time.time())
