@@ -143,3 +143,25 @@ def test_skip_time_runs_the_real_clocks_schedule(case, where):
     with DurableFunctionTestRunner(handler=handler, skip_time=True) as runner:
         result = runner.run(input=json.dumps({"case": case}), execution_timeout=60)
     assert json.loads(result.result) == CASES[case][1]
+
+
+def test_the_virtual_clock_skips_only_when_every_branch_sleeps(monkeypatch):
+    from durable_mp.engine import virtual_clock
+
+    real = [100.0]
+    monkeypatch.setattr(virtual_clock.time, "monotonic", lambda: real[0])
+    clock = virtual_clock.VirtualClock()
+    clock.hold(0, 5.0, "slept 5 s")
+    clock.hold(2, 0.0, "no sleep")
+    assert len(clock) == 2 and clock.may_release(running=True)
+    assert clock.release() == (2, "no sleep") and clock.skipped == 0.0
+    # branch 0's end is 5 s ahead: while another branch runs, real time must pass first
+    assert not clock.may_release(running=True) and clock.seconds_to_next() == 5.0
+    real[0] += 2.0
+    assert not clock.may_release(running=True) and clock.seconds_to_next() == 3.0
+    # nothing runs: the clock skips the 3 s left
+    assert clock.may_release(running=False)
+    assert clock.release() == (0, "slept 5 s") and clock.skipped == 3.0 and clock.now() == 105.0
+    clock.hold(1, 1.0, "x")
+    clock.hold(3, 1.0, "y")
+    assert clock.still_sleeping() == [1, 3] and len(clock) == 0 and clock.seconds_to_next() is None
