@@ -431,8 +431,8 @@ class Dispatcher:
     def _finish_items(self, task: Task, items: list[Any], released: bool = False) -> None:
         """Hot path: one call per message, a few dict/set operations per finished branch.
 
-        Under skip_time an outcome reached after sleeping is held by the batch's virtual
-        clock (it keeps its slot) and finished here when ``_release_held`` releases it.
+        Under skip_time every outcome is held by the batch's virtual clock until its time
+        (keeping its slot) and finished here when ``_release_held`` releases it.
         """
         batch = task.batch
         assert batch is not None
@@ -551,7 +551,7 @@ class Dispatcher:
         self.failures.note(index, rec.error)
 
     def _release_held(self, batch: BatchRun) -> None:
-        """The virtual clock moves to the earliest end of a sleeping branch: its outcome counts now."""
+        """The earliest held outcome counts now (the clock skips to its end if every branch sleeps)."""
         assert batch.clock is not None
         _, (task, item) = batch.clock.release()
         self._finish_items(task, [item], released=True)
