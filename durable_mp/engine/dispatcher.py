@@ -226,7 +226,7 @@ class Dispatcher:
             if worker is not None:
                 self._send_chunk(batch, worker, self._take_chunk(batch, allowed), self._budget(batch, worker))
                 continue
-            if batch.clock is not None:  # a branch queued behind another would start at the wrong virtual time
+            if batch.clock is not None:  # a chunk queued behind another would start at the wrong virtual time
                 return
             if not may_prefetch(is_map=batch.is_map, queued=len(batch.queue), cpu_share=batch.cpu_share,
                                 has_timeout=batch.spec.branch_timeout is not None or bool(self.max_worker_memory)):
@@ -245,8 +245,6 @@ class Dispatcher:
         return None
 
     def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
-        if batch.clock is not None:  # skip_time: one branch a chunk, each starting when its slot frees
-            return [batch.queue.popleft()]
         size = chunk_size(len(batch.queue), allowed, batch.item_seconds, is_map=batch.is_map,
                           has_timeout=batch.spec.branch_timeout is not None)
         queue = batch.queue
@@ -503,9 +501,12 @@ class Dispatcher:
         task.reported.update(indices)
         if batch.closed:
             return
-        # rare: keep the deaths; skip_time: the virtual clock orders every outcome
-        if batch.clock is not None or (batch.crash_log and not batch.crash_log.keys().isdisjoint(indices)):
+        if batch.crash_log and not batch.crash_log.keys().isdisjoint(indices):  # rare: keep the deaths
             self._finish_items(task, [(i, True, branch_key(i), OpRecord.loads(data).dumps())
+                                      for i, data in zip(indices, done.records, strict=False)])
+            return
+        if batch.clock is not None:  # skip_time: the virtual clock orders every outcome
+            self._finish_items(task, [(i, True, branch_key(i), data)
                                       for i, data in zip(indices, done.records, strict=False)])
             return
         records = batch.records

@@ -35,7 +35,7 @@ import cloudpickle
 
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 from durable_mp.engine import wire
-from durable_mp.engine.branch import BranchRunner, BranchSource
+from durable_mp.engine.branch import SLEPT_KEY, BranchRunner, BranchSource
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
     Budget,
@@ -497,6 +497,11 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
         else:
             outbox.add_item(index, rec)
             outcomes[rec.status == SUCCEEDED] += 1  # [0]: failures, [1]: successes
+            if rec.extra and SLEPT_KEY in rec.extra:
+                # skip_time: the next branch would start before this one's skipped sleep ended
+                # (engine.virtual_clock); the driver starts it when the slot frees
+                unstarted = list(indices[position + 1:])
+                break
     current[0] = IDLE
     # share of a core the chunk used: tells the driver whether the batch is CPU-bound
     took = max(time.monotonic() - wall, 1e-6)
