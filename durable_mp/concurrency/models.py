@@ -86,7 +86,7 @@ class CompletionPolicy:
     __slots__ = (
         "_total", "_min_successful", "_max_failures", "_max_failure_pct", "_fail_fast",
         "_predicate", "_names", "_states", "_succeeded", "_failed", "_started",
-        "_decided", "_last_custom", "_dirty", "_virtual", "_held", "_counted", "_ended",
+        "_decided", "_last_custom", "_dirty",
     )
 
     def __init__(
@@ -96,7 +96,6 @@ class CompletionPolicy:
         *,
         names: Sequence[str | None] | None = None,
         validate_total: bool = True,
-        virtual_time: bool = False,
     ) -> None:
         config = config if config is not None else CompletionConfig()
         if total < 0:
@@ -120,14 +119,6 @@ class CompletionPolicy:
         self._dirty = True
         # Nothing to run is complete before anything starts.
         self._decided: CompletionReason | None = CompletionReason.ALL_COMPLETED if total == 0 else None
-        # Virtual time (skip_time runs), as the reference's skip-time clock: an outcome that
-        # came after skipped delays (retries, waits) happened *later* than every outcome that
-        # needed none, so it is held until no item is running or waiting to start, then
-        # counted in order of its skipped seconds.  ``_counted`` marks outcomes counted.
-        self._virtual = virtual_time
-        self._held: list[tuple[float, int]] = []  # (skipped seconds, index)
-        self._counted = bytearray(total) if virtual_time else bytearray()
-        self._ended = 0  # items in a terminal state, counted or not
 
     @property
     def total(self) -> int:
@@ -151,11 +142,6 @@ class CompletionPolicy:
         return self._succeeded + self._failed
 
     @property
-    def virtual_time(self) -> bool:
-        """Outcomes are counted on the virtual clock of a skip_time run (see ``on_finished``)."""
-        return self._virtual
-
-    @property
     def is_decided(self) -> bool:
         return self._decided is not None
 
@@ -174,14 +160,6 @@ class CompletionPolicy:
 
         The same as ``on_started`` + ``on_finished`` for each, without a call per item.
         """
-        if self._virtual:
-            for index, succeeded in outcomes.items():
-                self.on_started(index)
-                self.on_finished(index, succeeded)
-                if not self._counted[index]:  # came after a decision: still counted, the store holds it
-                    self._counted[index] = 1  # (``uncounted`` items are recorded STARTED: never over an ended one)
-                    self._count(succeeded)
-            return
         states, total = self._states, self._total
         ok = 0
         for index, succeeded in outcomes.items():
@@ -194,7 +172,6 @@ class CompletionPolicy:
                 ok += 1
             else:
                 states[index] = _FAILED
-        self._ended += len(outcomes)
         self._succeeded += ok
         self._failed += len(outcomes) - ok
         self._dirty = True
@@ -220,14 +197,13 @@ class CompletionPolicy:
 
     def on_succeeded_many(self, indices: list[int]) -> None:
         """``on_finished(index, True)`` for several items (the hot path of a map)."""
-        bulk = None if self._virtual else self._bulk_sources(indices)
+        bulk = self._bulk_sources(indices)
         if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
-            for index in indices:  # virtual time holds outcomes; a wrong item raises here
+            for index in indices:  # the one-at-a-time path says which item is wrong
                 self.on_finished(index, True)
             return
         self._started -= bulk[0].count(_STARTED)
         set_states(self._states, indices, _SUCCEEDED, bulk[1])
-        self._ended += len(indices)
         self._succeeded += len(indices)
         self._dirty = True
 
@@ -268,58 +244,20 @@ class CompletionPolicy:
             successes = max(1, self._min_successful - self._succeeded)
         return failures, successes
 
-    def on_finished(self, index: int, succeeded: bool, skipped: float = 0.0) -> None:
-        """Item ``index`` reached a terminal state (it need not have been started).
-
-        ``skipped``: seconds of delay its run skipped under ``skip_time`` (virtual time only).
-        """
+    def on_finished(self, index: int, succeeded: bool) -> None:
+        """Item ``index`` reached a terminal state (it need not have been started)."""
         state = self._states[self._checked(index)]
         if state == _STARTED:
             self._started -= 1
         elif state != _PENDING:
             raise InvalidStateError(f"item {index} finished twice")
-        self._states[index] = _SUCCEEDED if succeeded else _FAILED
-        self._ended += 1
-        if self._virtual:
-            self._count_virtual(index, skipped)
-            return
-        self._count(succeeded)
-
-    def _count(self, succeeded: bool) -> None:
         if succeeded:
+            self._states[index] = _SUCCEEDED
             self._succeeded += 1
         else:
+            self._states[index] = _FAILED
             self._failed += 1
         self._dirty = True
-
-    def _count_virtual(self, index: int, skipped: float) -> None:
-        """Count an outcome at its virtual time; latch the decision as soon as one is reached."""
-        if self._decided is not None:
-            return  # reported after the decision: it was still running when the batch completed
-        if skipped > 0:
-            self._held.append((skipped, index))
-        else:
-            self._counted[index] = 1
-            self._count(self._states[index] == _SUCCEEDED)
-            self._decided = self._evaluate()
-        if self._ended == self._total:  # nothing is running or still to start: the held come now
-            self._held.sort()
-            while self._held and self._decided is None:
-                _, held = self._held.pop(0)
-                self._counted[held] = 1
-                self._count(self._states[held] == _SUCCEEDED)
-                self._decided = self._evaluate()
-
-    def uncounted(self) -> list[int]:
-        """Items a virtual-time policy had not counted when it decided: they stay STARTED.
-
-        On the virtual clock every item starts at once, so an item whose outcome was not
-        counted (it came later, was held, or never started) was running when the batch
-        completed.  Empty without virtual time.
-        """
-        if not self._virtual or self._decided is None:
-            return []
-        return [index for index, counted in enumerate(self._counted) if not counted]
 
     def decision(self) -> CompletionReason | None:
         """None to keep scheduling; otherwise stop now, for this reason."""

@@ -40,6 +40,7 @@ class BatchSpec:
     unfinished: dict[int, Any] = field(default_factory=dict)
     done_ok: dict[int, bool] | None = None  # {index: succeeded} of ``done``, when the caller probed it
     flat: bool = False  # NestingType.FLAT: branches run in virtual contexts (``core.nesting``)
+    skip_time: bool = False  # sleeps are instant: the batch runs on a virtual clock (``engine.virtual_clock``)
 
     def done_succeeded(self) -> dict[int, bool]:
         """``{index: succeeded}`` of the branches in ``done``, each status probed once."""

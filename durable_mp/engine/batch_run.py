@@ -15,6 +15,7 @@ from durable_mp.concurrency.columns import ItemColumns
 from durable_mp.core.records import Attempt, OpRecord
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine.lifecycle import BranchTable
+from durable_mp.engine.virtual_clock import VirtualClock
 from durable_mp.serdes import DefaultSerDes, PickleSerDes
 
 SMOOTHING = 0.3  # weight of the newest chunk in the running item-time and CPU-share estimates
@@ -68,6 +69,8 @@ class BatchRun:
         self.seen: dict[int, list[int]] = {}  # worker pid -> [failures, successes] counted from it
         self.stopping = False  # failure-triggered completion: start nothing new, let running branches finish
         self.closed = False
+        # skip_time: the virtual clock that orders outcomes after their skipped sleeps
+        self.clock: VirtualClock | None = VirtualClock() if spec.skip_time else None
         # default pickle serdes: results can be decoded right here, as they arrive
         self.decode_results = spec.item_serdes is None or spec.item_serdes.__class__ in (PickleSerDes, DefaultSerDes)
 

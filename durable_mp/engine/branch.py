@@ -19,11 +19,9 @@ from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, ite
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import default_item_name, map_item_name
 from durable_mp.engine.protocol import NOT_SENT
-from durable_mp.engine.state import take_skipped_seconds
+from durable_mp.engine.state import take_slept_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
 from durable_mp.lambda_service import ErrorObject
-
-SKIPPED_KEY = "skipped"  # in a branch record's extra: seconds of delay it skipped under skip_time
 
 
 class BranchSource:
@@ -70,6 +68,14 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str, st
 _PLAIN_SERDES = (type(None), _serdes.DefaultSerDes, _serdes.PickleSerDes)
 _SCALARS = frozenset({int, str, float, bool, type(None)})  # immutable: the value itself can travel too
 _COMPACT_MAX_BYTES = 64 * 1024  # larger results keep their own frame on the wire (``wire.big``)
+# the compact record keeps a name's UTF-8 length in 16 bits; 4 bytes a character at most
+_COMPACT_NAME_CHARS = 0xFFFF // 4
+SLEPT_KEY = "slept"  # in a branch record's extra: seconds it slept under skip_time (its virtual duration)
+
+
+def slept_seconds(rec: OpRecord) -> float:
+    """Seconds the branch of ``rec`` slept under skip_time (0: none, or the real clock)."""
+    return float((rec.extra or {}).get(SLEPT_KEY, 0.0))
 
 
 class BranchRunner:
@@ -85,15 +91,14 @@ class BranchRunner:
     ``OpRecord`` (and ``None``).
     """
 
-    __slots__ = ("source", "make_context", "compact", "skip_time", "id_prefix", "parent", "sub_type", "pid",
+    __slots__ = ("source", "make_context", "compact", "id_prefix", "parent", "sub_type", "pid",
                  "default_serdes", "plain_values", "func", "inputs", "record_parent")
 
-    def __init__(self, source: BranchSource, make_context: Callable[[str, str | None], Any], *, compact: bool,
-                 skip_time: bool = True) -> None:
+    def __init__(self, source: BranchSource, make_context: Callable[[str, str | None], Any], *,
+                 compact: bool) -> None:
         self.source = source
         self.make_context = make_context
         self.compact = compact
-        self.skip_time = skip_time  # False: no sleep can be skipped, so there are no seconds to count
         # operation_id's input, ``f"{parent}-{index}"``, without formatting the parent each time
         self.id_prefix = f"{source.batch_op_id}-".encode() if source.batch_op_id else None
         self.parent, self.sub_type = item_prefix(source.batch_op_id, source.item_sub_type)
@@ -113,8 +118,7 @@ class BranchRunner:
         func = self.func
         name = map_item_name(index) if func is not None else source.name(index)
         start = time.time()
-        if self.skip_time:
-            take_skipped_seconds()  # a fresh count for this branch
+        take_slept_seconds()  # a fresh count for this branch
         try:
             context = self.make_context(op_id, self.record_parent)
             if func is not None:
@@ -139,28 +143,27 @@ class BranchRunner:
             # KeyboardInterrupt: branches run in worker processes, whose SIGINT kills them (worker._default_signals),
             # so one raised here was raised by the user's code
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
-        skipped = take_skipped_seconds() if self.skip_time else 0.0
-        if skipped:  # under skip_time the policy orders outcomes by the seconds they skipped: an OpRecord keeps them
-            return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, extra={SKIPPED_KEY: skipped},
-                                counted=True), None
-        if self.compact and payload.__class__ is not list and (payload is None
-                                                               or len(payload) <= _COMPACT_MAX_BYTES):
+        slept = take_slept_seconds()
+        if slept:  # skip_time: the batch's virtual clock orders the outcome by it; only a full record keeps it
+            return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, extra={SLEPT_KEY: slept}), None
+        fits = payload is None or (payload.__class__ is not list and len(payload) <= _COMPACT_MAX_BYTES)
+        if self.compact and fits and len(name) <= _COMPACT_NAME_CHARS:
             try:
                 data = item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload)
-            except (struct.error, UnicodeEncodeError):  # a name past 64 KiB or not UTF-8: the full record
+            except (struct.error, UnicodeEncodeError):  # a name that is not UTF-8: the full record
                 pass
             else:
                 return data, value if value.__class__ in _SCALARS and self.plain_values else NOT_SENT
-        return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, counted=True), None
+        return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload), None
 
     def _record(self, op_id: str, name: str, start: float, status: str, payload: Any = None,
-                exc: BaseException | None = None, extra: dict[str, Any] | None = None,
-                counted: bool = False) -> OpRecord:
+                exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> OpRecord:
         source = self.source
         error = None if exc is None else _error_of(exc)
-        skipped = take_skipped_seconds() if self.skip_time and not counted else 0.0
-        if skipped:
-            extra = {**(extra or {}), SKIPPED_KEY: skipped}
+        if status == OpStatus.FAILED:
+            slept = take_slept_seconds()
+            if slept:
+                extra = {**(extra or {}), SLEPT_KEY: slept}
         return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
                         start, time.time(), payload, error, 1, pid=self.pid, extra=extra)
 

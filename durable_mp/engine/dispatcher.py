@@ -39,7 +39,7 @@ from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task, Watch
-from durable_mp.engine.branch import SKIPPED_KEY, FatalBranchError, started_record
+from durable_mp.engine.branch import FatalBranchError, slept_seconds, started_record
 from durable_mp.engine.failures import NULL_FAILURE_LOG, FailureLog
 from durable_mp.engine.faults import (
     CPU_SAMPLE_SECONDS,
@@ -141,13 +141,18 @@ class Dispatcher:
             reason = policy.decision()
             while reason is None:
                 self._fill(batch)
-                self._pump(batch)
+                if batch.clock is not None and batch.clock.may_release(bool(self._running(batch))):
+                    self._release_held(batch)  # skip_time: one outcome at its virtual time, then fill again
+                else:
+                    self._pump(batch)
                 reason = policy.decision()
             if reason is _FAILED_BY_FAILURES:
                 self._drain(batch)
+                while batch.clock:  # the sleeping branches finish too
+                    self._release_held(batch)
                 reason = CompletionReason.ALL_COMPLETED if batch.branches.all_ended() else _FAILED_BY_FAILURES
-            else:
-                self._record_uncounted(batch)
+            elif batch.clock is not None:
+                self._record_sleeping(batch)
             completed = True
             return batch.records, reason
         finally:
@@ -225,6 +230,10 @@ class Dispatcher:
             busy = self._running(batch)
             waiting = sum(1 for w in busy if self.io_waiting.get(w.pid))
             allowed, cap = concurrency_limit(batch.spec.max_concurrency, self.max_workers, self.ncpu, waiting)
+            if batch.clock is not None and batch.spec.max_concurrency:
+                # skip_time: a sleeping (held) branch keeps its max_concurrency slot; without a
+                # max_concurrency it is a worker waiting, which lets another start (as I/O waits do)
+                allowed -= len(batch.clock)
             worker = None
             if len(busy) < allowed:
                 worker = self._idle_worker()
@@ -233,6 +242,8 @@ class Dispatcher:
             if worker is not None:
                 self._send_chunk(batch, worker, self._take_chunk(batch, allowed), self._budget(batch, worker))
                 continue
+            if batch.clock is not None:  # a chunk queued behind another would start at the wrong virtual time
+                return
             if not may_prefetch(is_map=batch.is_map, queued=len(batch.queue), cpu_share=batch.cpu_share,
                                 has_timeout=batch.spec.branch_timeout is not None or bool(self.max_worker_memory)):
                 return
@@ -386,6 +397,8 @@ class Dispatcher:
             waits.append(CALLBACK_POLL_SECONDS)
         if batch is not None and batch.queue and not batch.spec.max_concurrency:
             waits.append(CPU_SAMPLE_SECONDS)
+        if batch is not None and batch.clock:  # skip_time: wake when a held outcome's end comes
+            waits.append(batch.clock.seconds_to_next() or 0.0)
         return max(0.0, min(waits))
 
     def _read(self, worker: Worker, exited: bool) -> None:
@@ -441,10 +454,15 @@ class Dispatcher:
             task.result = (msg.ok, msg.value)
             self._task_done(worker)
 
-    def _finish_items(self, task: Task, items: list[Any]) -> None:
-        """Hot path: one call per message, a few dict/set operations per finished branch."""
+    def _finish_items(self, task: Task, items: list[Any], released: bool = False) -> None:
+        """Hot path: one call per message, a few dict/set operations per finished branch.
+
+        Under skip_time every outcome is held by the batch's virtual clock until its time
+        (keeping its slot) and finished here when ``_release_held`` releases it.
+        """
         batch = task.batch
         assert batch is not None
+        clock = None if released else batch.clock
         reported = task.reported
         if batch.closed:
             reported.update(item[0] for item in items)
@@ -455,9 +473,9 @@ class Dispatcher:
         tick = None if self.bar is _progress.NULL_BAR else self.bar.item
         crash_log = batch.crash_log
         decode = batch.decode_results
-        virtual = batch.spec.policy.virtual_time
         staged = []
         failed = 0
+        held = 0  # outcomes the virtual clock holds: counted when released
         ok: list[int] = []  # succeeded: recorded in the branch table and the policy in one call each
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
@@ -465,6 +483,12 @@ class Dispatcher:
                 data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts),
                                     attempt=rec.attempt + self.reopened.pop((batch.token, index), 0)).dumps()
             reported.add(index)
+            if clock is not None:
+                rec = OpRecord.loads(b"".join(data) if isinstance(data, list) else data)
+                if not (rec.extra or {}).get("fatal"):  # a fatal error ends the execution at once
+                    clock.hold(index, slept_seconds(rec), (task, (index, succeeded, key, data)))
+                    held += 1
+                    continue  # it keeps its slot until its time comes (``_release_held``)
             staged.append((key, data))
             # keep the value, not the record: a big map's BatchResult fits in RAM; a record that
             # cannot be read here stays bytes (the BatchResult build reports it)
@@ -473,15 +497,11 @@ class Dispatcher:
                 records[index] = data
             else:
                 records.set_item(index, BatchItemStatus.SUCCEEDED, value)
-            if succeeded and not virtual:
+            if succeeded:
                 ok.append(index)
             else:
-                finish(index, BranchState.SUCCEEDED if succeeded else BranchState.FAILED)
-                if virtual:  # skip_time: the policy orders outcomes by the delays they skipped
-                    rec = OpRecord.loads(b"".join(data) if isinstance(data, list) else data)
-                    on_finished(index, succeeded, (rec.extra or {}).get(SKIPPED_KEY, 0.0))
-                else:
-                    on_finished(index, succeeded)
+                finish(index, BranchState.FAILED)
+                on_finished(index, False)
             if tick is not None:
                 tick(succeeded)
             if not succeeded:
@@ -499,7 +519,7 @@ class Dispatcher:
         seen = task.seen
         if seen is not None:  # what this worker's budgets count as already known
             seen[0] += failed
-            seen[1] += len(items) - failed
+            seen[1] += len(items) - failed - held
 
     def _finish_succeeded(self, task: Task, done: Succeeded) -> None:
         """Hot path: plain successes as columns, a few C-level calls per message (``_finish_items`` for the rest)."""
@@ -511,6 +531,10 @@ class Dispatcher:
             return
         if batch.crash_log and not batch.crash_log.keys().isdisjoint(indices):  # rare: keep the deaths
             self._finish_items(task, [(i, True, branch_key(i), OpRecord.loads(data).dumps())
+                                      for i, data in zip(indices, done.records, strict=False)])
+            return
+        if batch.clock is not None:  # skip_time: the virtual clock orders every outcome
+            self._finish_items(task, [(i, True, branch_key(i), data)
                                       for i, data in zip(indices, done.records, strict=False)])
             return
         records = batch.records
@@ -555,6 +579,23 @@ class Dispatcher:
         self.bar.item(False)
         self.failures.note(index, rec.error)
 
+    def _release_held(self, batch: BatchRun) -> None:
+        """The earliest held outcome counts now (the clock skips to its end if every branch sleeps)."""
+        assert batch.clock is not None
+        _, (task, item) = batch.clock.release()
+        self._finish_items(task, [item], released=True)
+
+    def _record_sleeping(self, batch: BatchRun) -> None:
+        """Branches still sleeping when successes completed the batch (skip_time) were running then: STARTED."""
+        assert batch.clock is not None
+        spec = batch.spec
+        now = time.time()
+        for index in batch.clock.still_sleeping():
+            if batch.branches.state(index) in (BranchState.DISPATCHED, BranchState.RUNNING):
+                batch.branches.finish(index, BranchState.ABANDONED)
+            self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
+                                                           index, now))
+
     def _record_item(self, batch: BatchRun, index: int, rec: OpRecord) -> None:
         """A branch record the driver writes itself (failure, abandoned) under the branch's key."""
         batch.records[index] = rec
@@ -568,22 +609,6 @@ class Dispatcher:
                 batch.branches.finish(index, BranchState.ABANDONED)
             self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
                                                            index, task.started))
-
-    def _record_uncounted(self, batch: BatchRun) -> None:
-        """A virtual-time (skip_time) decision by successes: the items it did not count stay STARTED.
-
-        Such an item may have ended already: turning its record back to STARTED is a move
-        backwards, so it is an explicit reopen (``Store.reopen``), never a plain write.
-        """
-        spec = batch.spec
-        now = time.time()
-        reopened = []
-        for index in spec.policy.uncounted():
-            rec = started_record(spec.op_id, spec.item_sub_type, spec.item_name(index), index, now)
-            batch.records[index] = rec
-            reopened.append((spec.op_id, branch_key(index), rec.dumps()))
-        if reopened:
-            self.store.reopen(self.execution_id, reopened)
 
     def _stage_nested(self, nested: list[Any]) -> None:
         """Records of operations inside branches (steps, nested batches), as the worker pickled them."""

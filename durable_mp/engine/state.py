@@ -17,16 +17,21 @@ from typing import Any, Protocol
 from durable_mp.core.records import OpRecord
 from durable_mp.core.spec import BatchSpec
 
-# Seconds this thread's branch skipped under skip_time: its outcome's virtual lateness,
-# which the completion policy orders by (``CompletionPolicy(virtual_time=True)``).
-_skipped = threading.local()
+# Seconds this thread slept under skip_time (instantly): its branch's virtual duration,
+# which orders its outcome on the batch's virtual clock (``engine.virtual_clock``).
+_slept = threading.local()
 
 
-def take_skipped_seconds() -> float:
-    """Seconds skipped on this thread since the last call (reset to zero)."""
-    seconds: float = getattr(_skipped, "seconds", 0.0)
-    _skipped.seconds = 0.0
+def take_slept_seconds() -> float:
+    """Seconds slept on this thread since the last call (reset to zero)."""
+    seconds: float = getattr(_slept, "seconds", 0.0)
+    _slept.seconds = 0.0
     return seconds
+
+
+def add_slept_seconds(seconds: float) -> None:
+    """Count ``seconds`` of skipped sleep on this thread (a nested batch's virtual duration)."""
+    _slept.seconds = getattr(_slept, "seconds", 0.0) + seconds
 
 
 class ContextState(Protocol):
@@ -70,7 +75,11 @@ def context_factory() -> Callable[..., Any]:
 
 
 class ExecutionState:
-    """Durable sleeping, honouring ``skip_time`` (retry delays, waits, polls)."""
+    """Durable sleeping, honouring ``skip_time`` (retry delays, waits, polls).
+
+    ``skip_time`` makes a sleep instant, and counts it on the thread so that the batch's
+    virtual clock orders the branch's outcome as the real clock would (issue 18, defect 6).
+    """
 
     __slots__ = ()
     skip_time: bool
@@ -79,7 +88,7 @@ class ExecutionState:
         if not self.skip_time and seconds > 0:
             time.sleep(seconds)
         elif seconds > 0:
-            _skipped.seconds = getattr(_skipped, "seconds", 0.0) + seconds
+            add_slept_seconds(seconds)
 
     def sleep_until(self, ts: float) -> None:
         self.sleep(ts - time.time())

@@ -22,13 +22,15 @@ from durable_mp.core.completion import CompletionReason
 from durable_mp.core.records import OpRecord, OpStatus
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine.branch import (
-    SKIPPED_KEY,
     BranchSource,
     failed_record,
     raise_if_fatal,
     run_branch,
+    slept_seconds,
     started_record,
 )
+from durable_mp.engine.state import add_slept_seconds
+from durable_mp.engine.virtual_clock import VirtualClock
 from durable_mp.exceptions import OrphanedChildException
 
 
@@ -42,6 +44,7 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
     limit = spec.max_concurrency or max(1, len(todo))
     finished: queue.Queue[tuple[int, OpRecord]] = queue.Queue()
     running: dict[int, tuple[Any, float]] = {}
+    clock = VirtualClock() if spec.skip_time else None  # skip_time: outcomes ordered after their sleeps
 
     def body(index: int, branch_state: Any) -> None:
         start = time.time()
@@ -54,18 +57,33 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
         finished.put((index, rec))
 
     def collect() -> None:
-        index, rec = finished.get()
+        if clock is not None and clock.may_release(bool(running)):  # one outcome at its virtual time
+            count(*clock.release())
+            return
+        try:
+            index, rec = finished.get(timeout=clock.seconds_to_next() if clock is not None else None)
+        except queue.Empty:  # a held outcome's end came while branches ran
+            return
         running.pop(index, None)
         if isinstance(rec.result, list):  # serdes.Parts: join once, the record stays in this process
             rec = rec._replace(result=b"".join(rec.result))
+        if clock is not None and not (rec.extra or {}).get("fatal"):  # a fatal error ends the execution at once
+            clock.hold(index, slept_seconds(rec), rec)  # it keeps its slot until its time comes
+            return
+        count(index, rec)
+
+    def count(index: int, rec: OpRecord) -> None:
         records[index] = rec
         state.emit(rec)
         raise_if_fatal(rec)
-        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED, (rec.extra or {}).get(SKIPPED_KEY, 0.0))
+        policy.on_finished(index, rec.status == OpStatus.SUCCEEDED)
+
+    def slots_used() -> int:
+        return len(running) + (len(clock) if clock is not None else 0)
 
     reason = policy.decision()
     while reason is None:
-        while todo and len(running) < limit and policy.decision() is None:
+        while todo and slots_used() < limit and policy.decision() is None:
             index = todo.popleft()
             branch_state = state.for_branch()
             policy.on_started(index)
@@ -79,18 +97,19 @@ def run_batch_in_threads(state: Any, spec: BatchSpec) -> tuple[dict[int, OpRecor
         collect()
         reason = policy.decision()
     if reason is CompletionReason.FAILURE_TOLERANCE_EXCEEDED:
-        while running:  # failures: the running branches finish and report
+        while running or clock:  # failures: the running (and sleeping) branches finish and report
             collect()
         ended = all(index in records for index in range(spec.n))
         reason = CompletionReason.ALL_COMPLETED if ended else reason
-    else:  # a virtual-time (skip_time) decision by successes: the items it did not count stay STARTED
-        for index in policy.uncounted():
-            if index not in running:
-                records[index] = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, time.time())
-                state.emit(records[index])
+    elif clock is not None:  # successes: the branches still sleeping were running then
+        for index in clock.still_sleeping():
+            records[index] = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, time.time())
+            state.emit(records[index])
     for index, (branch_state, start) in running.items():
         branch_state.cancel()
         rec = started_record(spec.op_id, spec.item_sub_type, source.name(index), index, start)
         records[index] = rec
         state.emit(rec)
+    if clock is not None:  # the batch's virtual duration is its caller's: it orders the caller's outcome
+        add_slept_seconds(clock.skipped)
     return records, reason

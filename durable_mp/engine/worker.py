@@ -37,7 +37,7 @@ import cloudpickle
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
 from durable_mp.core.text import safe_str, type_name
 from durable_mp.engine import wire
-from durable_mp.engine.branch import BranchRunner, BranchSource
+from durable_mp.engine.branch import SLEPT_KEY, BranchRunner, BranchSource
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
     Budget,
@@ -529,7 +529,7 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     indices = msg.indices
     unstarted: list[int] = []
     fresh = WorkerContextState(shared, empty)  # a branch without checkpoints only reads an empty dict
-    runner = BranchRunner(source, fresh.context, compact=True, skip_time=shared.skip_time)
+    runner = BranchRunner(source, fresh.context, compact=True)
     fresh_context = runner.make_context
     token = msg.token
     progress = msg.task_id << PROGRESS_SHIFT
@@ -551,6 +551,11 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
         else:
             outbox.add_item(index, rec)
             outcomes[rec.status == SUCCEEDED] += 1  # [0]: failures, [1]: successes
+            if rec.extra and SLEPT_KEY in rec.extra:
+                # skip_time: the next branch would start before this one's skipped sleep ended
+                # (engine.virtual_clock); the driver starts it when the slot frees
+                unstarted = list(indices[position + 1:])
+                break
     current[0] = IDLE
     # share of a core the chunk used: tells the driver whether the batch is CPU-bound
     took = max(time.monotonic() - wall, 1e-6)

@@ -70,8 +70,8 @@ def run_batch(ctx: DurableContextProtocol, sub_type: str, item_sub_type: str, na
     op_id = opening.op_id
     if opening.record is not None:
         check_nesting(opening.record, config.nesting_type)
-    # ValidationError before any checkpoint; under skip_time outcomes count on a virtual clock
-    policy = CompletionPolicy(config.completion_config, n, virtual_time=bool(state.skip_time))
+    # ValidationError before any checkpoint
+    policy = CompletionPolicy(config.completion_config, n)
     if config.max_concurrency is not None and config.max_concurrency < 1:
         raise ValidationError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
     item_serdes = config.item_serdes or config.serdes
@@ -106,6 +106,7 @@ def run_batch(ctx: DurableContextProtocol, sub_type: str, item_sub_type: str, na
         done_ok=done_ok,
         execution_id=state.execution_id,
         flat=config.nesting_type is NestingType.FLAT,
+        skip_time=bool(state.skip_time),
     )
     try:
         records, reason = state.run_batch(spec)

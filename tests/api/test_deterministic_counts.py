@@ -1,11 +1,14 @@
-"""The same handler with the same failures gives the same BatchResult on every run (issue 9).
+"""The same handler with the same failures gives the same counts on every run (issues 9, 18).
 
-Under ``skip_time`` (the testing runner's default) retry delays take no time, so a
-retrying item used to race the items that decide a ``min_successful`` batch: the counts
-changed from run to run.  The reference's runner puts retries on a virtual clock, so the
-items that need no delay always win.  durable_mp does the same: under ``skip_time`` an
-outcome reached after skipped delays counts only once nothing else is running or still
-to start, and what the decision did not count stays STARTED.
+Under ``skip_time`` (the testing runner's default) retry delays and waits return at
+once, but a batch runs on a virtual clock (``engine.virtual_clock``) with the real
+clock's schedule: a branch in a delay keeps its ``max_concurrency`` slot, and its
+outcome comes when the delay would have ended, after the outcomes of the branches that
+needed none.  So retrying items never decide a ``min_successful`` batch before the
+fast ones, and the counts are the same on every run.  Which of several equally fast
+items ends first is a race, as under the real clock and in the reference.  (An earlier
+clock held delayed outcomes but freed their slots and reported never-started items as
+STARTED: issue 18, defect 6.)
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ def process(item: int) -> int:
 
 
 def summary(result) -> list:
-    """Counts and reason; which of several equally fast items won is a race, as in the reference."""
     return [result.success_count, result.failure_count, result.started_count, result.total_count,
-            result.completion_reason.value, sorted(item.status.value for item in result.all)]
+            result.completion_reason.value, [[item.index, item.status.value] for item in result.all]]
 
 
 @durable_execution
@@ -41,7 +43,8 @@ def map_min_successful(event, ctx):
     result = ctx.map(list(range(1, 11)),
                      lambda c, item, i, _: c.step(lambda _: process(item), name=f"item_{i}",
                                                   config=StepConfig(retry_strategy=retry)),
-                     config=MapConfig(max_concurrency=5, completion_config=CompletionConfig(min_successful=6)))
+                     config=MapConfig(max_concurrency=event["concurrency"],
+                                      completion_config=CompletionConfig(min_successful=6)))
     return summary(result)
 
 
@@ -50,41 +53,41 @@ def parallel_first_successful(event, ctx):
     retry = create_retry_strategy(RetryStrategyConfig(max_attempts=2, initial_delay=Duration.from_seconds(1)))
     branches = [lambda c, item=item: c.step(lambda _: process(item), name=f"b{item}",
                                             config=StepConfig(retry_strategy=retry)) for item in (7, 8, 2, 3)]
-    result = ctx.parallel(branches, config=ParallelConfig(completion_config=CompletionConfig.first_successful()))
+    result = ctx.parallel(branches, config=ParallelConfig(max_concurrency=event["concurrency"],
+                                                          completion_config=CompletionConfig.first_successful()))
     return summary(result)
+
+
+def runs(handler, concurrency: int | None) -> list:
+    with DurableFunctionTestRunner(handler=handler) as runner:
+        return [json.loads(runner.run(input=json.dumps({"concurrency": concurrency}), execution_timeout=60).result)
+                for _ in range(RUNS)]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("handler", "expected"), [
-    # retrying items never fail before the sixth success: their delays put them later (virtual time)
-    (map_min_successful, [6, 0, 4, 10, "MIN_SUCCESSFUL_REACHED", ["STARTED"] * 4 + ["SUCCEEDED"] * 6]),
-    (parallel_first_successful, [1, 0, 3, 4, "MIN_SUCCESSFUL_REACHED", ["STARTED"] * 3 + ["SUCCEEDED"]]),
+    # items 1..6 succeed in turn; the failing items 7..10 never start
+    (map_min_successful, [6, 0, 0, 6, "MIN_SUCCESSFUL_REACHED", [[i, "SUCCEEDED"] for i in range(6)]]),
+    # branches 0 and 1 fail after their retry (each keeps the only slot through its delay), branch 2 wins
+    (parallel_first_successful, [1, 2, 0, 3, "MIN_SUCCESSFUL_REACHED",
+                                 [[0, "FAILED"], [1, "FAILED"], [2, "SUCCEEDED"]]]),
 ], ids=["map-min-successful", "parallel-first-successful"])
-def test_counts_are_the_same_on_every_run(handler, expected):
-    seen = []
-    with DurableFunctionTestRunner(handler=handler) as runner:
-        for _ in range(RUNS):
-            seen.append(json.loads(runner.run(execution_timeout=60).result))
+def test_one_at_a_time_the_counts_are_the_same_on_every_run(handler, expected):
+    assert runs(handler, 1) == [expected] * RUNS
+
+
+def counts(result: list) -> list:
+    """Counts, reason and the statuses as a multiset: which of equally fast items won is a race."""
+    return [*result[:5], sorted(status for _, status in result[5])]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("handler", "concurrency", "expected"), [
+    # the failing items 7..9 are in their retry delays when the sixth success comes; all 10 started
+    (map_min_successful, 5, [6, 0, 4, 10, "MIN_SUCCESSFUL_REACHED", ["STARTED"] * 4 + ["SUCCEEDED"] * 6]),
+    # without max_concurrency, branches 0 and 1 sleep in their retry delays while 2 and 3 run
+    (parallel_first_successful, None, [1, 0, 3, 4, "MIN_SUCCESSFUL_REACHED", ["STARTED"] * 3 + ["SUCCEEDED"]]),
+], ids=["map-min-successful", "parallel-first-successful"])
+def test_racing_items_give_the_same_counts_on_every_run(handler, concurrency, expected):
+    seen = [counts(result) for result in runs(handler, concurrency)]
     assert seen == [expected] * RUNS
-
-
-@pytest.mark.process_free
-def test_virtual_time_policy_holds_delayed_outcomes_until_nothing_else_can_end():
-    from durable_mp.concurrency.models import CompletionPolicy, CompletionReason
-
-    policy = CompletionPolicy(CompletionConfig(min_successful=2), 4, virtual_time=True)
-    for index in range(4):
-        policy.on_started(index)
-    policy.on_finished(0, False, skipped=3.0)  # failed after 3 s of skipped retry delays: held
-    policy.on_finished(1, True)
-    assert (policy.failed_count, policy.succeeded_count, policy.decision()) == (0, 1, None)
-    policy.on_finished(2, True)
-    assert policy.decision() is CompletionReason.MIN_SUCCESSFUL_REACHED
-    policy.on_finished(3, True)  # reported after the decision: not counted
-    assert (policy.succeeded_count, policy.failed_count, policy.uncounted()) == (2, 0, [0, 3])
-    # once every item has ended, held outcomes count in order of their skipped time
-    late = CompletionPolicy(CompletionConfig(tolerated_failure_count=0), 2, virtual_time=True)
-    late.on_finished(0, False, skipped=1.0)
-    assert late.decision() is None
-    late.on_finished(1, True)
-    assert late.decision() is CompletionReason.FAILURE_TOLERANCE_EXCEEDED and late.uncounted() == []

@@ -9,6 +9,7 @@ from durable_mp.config import CompletionConfig, MapConfig
 from durable_mp.core.item_probe import item_status as probe_status
 from durable_mp.core.records import OpRecord, item_prefix, item_record, item_status, result_view
 from durable_mp.exceptions import ExecutionFailedError
+from durable_mp.store.facade import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,7 +62,6 @@ def test_a_resumed_map_reads_its_compact_records_and_reruns_only_the_failed_item
                          ids=["70k-ascii", "80k-bytes-utf8", "surrogate"])
 def test_an_item_whose_name_does_not_fit_the_compact_record_succeeds_with_its_name(name, tmp_path):
     """A name past the compact record's 64 KiB (or not encodable as UTF-8) takes the full record."""
-    from durable_mp.store.facade import Store
 
     @durable_execution
     def handler(event, context):

@@ -67,6 +67,17 @@ def test_stop_distance_is_exactly_the_failures_that_decide(count, total, failed)
     assert probe.tolerance_exceeded() is True
 
 
+@pytest.mark.parametrize("pct", [*range(0, 101), 12.5, 33.3, 66.67, 99.9])
+def test_stop_distance_by_percentage_is_the_failure_that_exceeds_it(pct):
+    """The start budget's count equals the policy's own comparison, ``failed / total * 100 > pct``
+    (the reference's float arithmetic): 11 of 20 is 55.00000000000001 %, over 55 %, so the
+    11th failure decides, not the 12th (issue 18: one item too many started)."""
+    for total in range(1, 101):
+        f, _ = CompletionPolicy(CompletionConfig(tolerated_failure_percentage=pct), total).stop_distance()
+        deciding = next((n for n in range(1, total + 1) if n / total * 100 > pct), None)
+        assert f == deciding, (total, pct)
+
+
 def test_a_returned_unstarted_item_is_pending_again():
     policy = CompletionPolicy(None, 3)
     policy.on_started(1)

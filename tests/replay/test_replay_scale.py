@@ -81,13 +81,12 @@ def test_bulk_replay_of_branches_equals_one_by_one(ok_share):
     CompletionConfig(tolerated_failure_percentage=40), CompletionConfig(min_successful=50),
     CompletionConfig.first_successful(),
 ])
-@pytest.mark.parametrize("virtual", [False, True])
 @pytest.mark.parametrize("ok_share", [0.9, 1.0])
-def test_bulk_replay_in_the_policy_equals_one_by_one(config, virtual, ok_share):
+def test_bulk_replay_in_the_policy_equals_one_by_one(config, ok_share):
     rng = random.Random(11)
     outcomes = {i: rng.random() < ok_share for i in rng.sample(range(100), 60)}
-    bulk = CompletionPolicy(config, 100, virtual_time=virtual)
-    single = CompletionPolicy(config, 100, virtual_time=virtual)
+    bulk = CompletionPolicy(config, 100)
+    single = CompletionPolicy(config, 100)
     bulk.on_replayed(outcomes)
     for index, ok in outcomes.items():
         single.on_started(index)
