@@ -74,6 +74,7 @@ from durable_mp.engine.scheduling import (
     concurrency_limit,
     may_prefetch,
     start_budget,
+    started_by_the_decision,
 )
 from durable_mp.engine.wire import big
 from durable_mp.exceptions import MemoryLimitExceededError, StepTimeoutError, WorkerCrashedError
@@ -136,7 +137,7 @@ class Dispatcher:
                                        failed=len(replayed) - sum(replayed.values()))
         self.failures = FailureLog.of(spec)
         batch.payload = build_payload(spec, lambda index, error: self._fail_unpicklable(batch, index, error))
-        completed = False
+        completed = by_successes = False
         try:
             reason = policy.decision()
             while reason is None:
@@ -151,12 +152,16 @@ class Dispatcher:
                 while batch.clock:  # the sleeping branches finish too
                     self._release_held(batch)
                 reason = CompletionReason.ALL_COMPLETED if batch.branches.all_ended() else _FAILED_BY_FAILURES
-            elif batch.clock is not None:
-                self._record_sleeping(batch)
+            else:
+                if batch.clock is not None:
+                    self._record_sleeping(batch)
+                by_successes = True
             completed = True
             return batch.records, reason
         finally:
             self._close_batch(batch, record_started=completed)
+            if by_successes:
+                self._record_admitted(batch)
             self.store.flush()
             self.bar.close()
             self.bar = _progress.NULL_BAR
@@ -595,6 +600,17 @@ class Dispatcher:
                 batch.branches.finish(index, BranchState.ABANDONED)
             self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
                                                            index, now))
+
+    def _record_admitted(self, batch: BatchRun) -> None:
+        """Items the batch had started by its decision (``started_by_the_decision``) that no worker
+        began, because the pool is smaller than ``max_concurrency``: STARTED, as the reference reports them."""
+        spec, policy = batch.spec, batch.spec.policy
+        ended = policy.succeeded_count + policy.failed_count - 1  # before the deciding success
+        now = time.time()
+        for index in range(started_by_the_decision(spec.n, ended, spec.max_concurrency)):
+            if index not in batch.records:
+                self._record_item(batch, index, started_record(spec.op_id, spec.item_sub_type,
+                                                               spec.item_name(index), index, now))
 
     def _record_item(self, batch: BatchRun, index: int, rec: OpRecord) -> None:
         """A branch record the driver writes itself (failure, abandoned) under the branch's key."""
