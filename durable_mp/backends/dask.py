@@ -281,7 +281,7 @@ class DaskDispatcher(Dispatcher):
     Only how chunks travel and how their ends are read is Dask's: which branches start,
     how many, in which chunks and with which budget is decided by the same code as on the
     local pool (``Dispatcher._take_chunk``, ``_batch_budget``, ``_prepare_chunk``,
-    ``_return_unstarted``, ``scheduling``).  What a cluster fault costs is ``fault_of``'s
+    ``Intake.return_unstarted``, ``scheduling``).  What a cluster fault costs is ``fault_of``'s
     verdict: only ``KilledWorker`` of a one-branch task is charged to that branch.
     """
 
@@ -516,7 +516,7 @@ class DaskDispatcher(Dispatcher):
             self.stats["timeouts"] += 1
             batch = task.batch
             for index in task.unreported():
-                self._fail_item(batch, index, StepTimeoutError(
+                self.intake.fail_item(batch, index, StepTimeoutError(
                     f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
                     f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task)"), start=task.started)
 
@@ -534,10 +534,10 @@ class DaskDispatcher(Dispatcher):
             return
         self._available()
         batch = task.batch
-        self._stage_nested(nested)
-        self._finish_items(task, items)
+        self.intake.stage_nested(nested)
+        self.intake.finish_items(task, items)
         if unstarted:
-            self._return_unstarted(batch, unstarted)
+            self.intake.return_unstarted(batch, unstarted)
         ran = len(task.indices) - len(unstarted)
         if ran:  # the task's own time: a round trip (and the wait in Dask's queue) is not the items' cost
             batch.observe(seconds, ran)
@@ -552,14 +552,14 @@ class DaskDispatcher(Dispatcher):
                     fault.value)
         if fault is DaskFault.TASK_ERROR:
             for index in unreported:
-                self._fail_item(batch, index, WorkerCrashedError(
+                self.intake.fail_item(batch, index, WorkerCrashedError(
                     f"branch {index} ({batch.spec.item_name(index)}) could not run on the Dask cluster: "
                     f"{type(exc).__name__}: {exc}"), start=task.started)
             return
         if fault is DaskFault.KILLED_QUEUED:
             key = (batch.token, unreported[0])
             self.queued_kills[key] = self.queued_kills.get(key, 0) + 1
-            if self.queued_kills[key] > self.max_crash_retries:  # its start announcements are being lost
+            if self.queued_kills[key] > self.supervisor.max_crash_retries:  # its start announcements are being lost
                 fault = DaskFault.KILLED_ALONE
         if fault is DaskFault.KILLED_ALONE:
             index = unreported[0]
@@ -572,17 +572,17 @@ class DaskDispatcher(Dispatcher):
             batch.crash_log.setdefault(index, []).append(Attempt(
                 count, task.started, time.time(), 0,
                 ErrorObject.from_exception(WorkerCrashedError(f"{type(exc).__name__}: {exc}")).to_dict()))
-            if death_cost(count, self.max_crash_retries) is FaultCost.FAIL_BRANCH:
-                self._fail_item(batch, index, WorkerCrashedError(
+            if death_cost(count, self.supervisor.max_crash_retries) is FaultCost.FAIL_BRANCH:
+                self.intake.fail_item(batch, index, WorkerCrashedError(
                     f"branch {index} ({batch.spec.item_name(index)}) killed its Dask worker {count} times "
                     f"(KilledWorker: {exc})"), start=task.started)
                 return
-            self._requeue(batch, index)
+            self.supervisor.requeue(batch, index)
             return
         if fault is DaskFault.KILLED_CHUNK:  # one of them kills workers: find it by running each alone
             self.isolate.update((batch.token, index) for index in unreported)
         for index in reversed(unreported):  # infrastructure: back to the queue, uncharged
-            self._requeue(batch, index)
+            self.supervisor.requeue(batch, index)
 
     def _has_running(self, batch: BatchRun) -> bool:
         return any(task.batch is batch for task in self.futures.values())
@@ -599,7 +599,7 @@ class DaskDispatcher(Dispatcher):
             del self.futures[future]
             self.starts.pop(str(future.key), None)
             if record_started:  # as on the local pool: the one that may be running stays STARTED
-                self._record_started(batch, task, task.unreported()[:1])
+                self.intake.record_started(batch, task, task.unreported()[:1])
         self.isolate = {key for key in self.isolate if key[0] != batch.token}
         self.queued_kills = {key: n for key, n in self.queued_kills.items() if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
