@@ -117,7 +117,7 @@ class Dispatcher:
                                          failed=len(replayed) - sum(replayed.values()))
         intake.failures = FailureLog.of(spec)
         batch.payload = build_payload(spec, lambda index, error: intake.fail_unpicklable(batch, index, error))
-        completed = False
+        completed = by_successes = False
         try:
             reason = policy.decision()
             while reason is None:
@@ -132,12 +132,16 @@ class Dispatcher:
                 while batch.clock:  # the sleeping branches finish too
                     intake.release_held(batch)
                 reason = CompletionReason.ALL_COMPLETED if batch.branches.all_ended() else _FAILED_BY_FAILURES
-            elif batch.clock is not None:
-                intake.record_sleeping(batch)
+            else:
+                if batch.clock is not None:
+                    intake.record_sleeping(batch)
+                by_successes = True
             completed = True
             return batch.records, reason
         finally:
             self._close_batch(batch, record_started=completed)
+            if by_successes:
+                intake.record_admitted(batch)
             self.store.flush()
             intake.bar.close()
             intake.bar = _progress.NULL_BAR

@@ -24,6 +24,7 @@ from durable_mp.engine.failures import NULL_FAILURE_LOG
 from durable_mp.engine.lifecycle import BranchState
 from durable_mp.engine.protocol import NOT_SENT, Succeeded
 from durable_mp.engine.result_decode import UNREAD, success_value
+from durable_mp.engine.scheduling import started_by_the_decision
 from durable_mp.lambda_service import ErrorObject
 
 _ENDED = (BranchState.SUCCEEDED, BranchState.FAILED)  # replayed from the store: never failed again
@@ -248,6 +249,17 @@ class Intake:
                 batch.branches.finish(index, BranchState.ABANDONED)
             self.record_item(batch, index, started_record(spec.op_id, spec.item_sub_type, spec.item_name(index),
                                                           index, started))
+
+    def record_admitted(self, batch: BatchRun) -> None:
+        """Items the batch had started by its decision (``started_by_the_decision``) that no worker
+        began, because the pool is smaller than ``max_concurrency``: STARTED, as the reference reports them."""
+        spec, policy = batch.spec, batch.spec.policy
+        ended = policy.succeeded_count + policy.failed_count - 1  # before the deciding success
+        now = time.time()
+        for index in range(started_by_the_decision(spec.n, ended, spec.max_concurrency)):
+            if index not in batch.records:
+                self.record_item(batch, index, started_record(spec.op_id, spec.item_sub_type,
+                                                              spec.item_name(index), index, now))
 
     def record_item(self, batch: BatchRun, index: int, rec: OpRecord) -> None:
         """A branch record the driver writes itself (failure, abandoned) under the branch's key."""

@@ -89,3 +89,16 @@ def stop_chunk(budget: Budget, failures: int, successes: int) -> bool:
     """In the worker: stop starting items, given every outcome this worker produced for the batch?"""
     return ((budget.failures is not None and failures - budget.seen_failures >= budget.failures)
             or (budget.successes is not None and successes - budget.seen_successes >= budget.successes))
+
+
+def started_by_the_decision(n: int, ended: int, max_concurrency: int | None) -> int:
+    """How many items (the first ones, in index order) a batch had started when successes completed it.
+
+    The reference starts items in index order while fewer than ``max_concurrency`` run
+    (all at once without a cap) and refills a slot as soon as an item ends, until the
+    decision: with ``ended`` items ended before the deciding one, it had started
+    ``ended + max_concurrency`` of them.  Our pool may be smaller than that cap, so some of
+    these never began in a worker; they are reported STARTED all the same, as the
+    reference reports them (``map_with_min_successful``: ``total_count`` 10).
+    """
+    return n if max_concurrency is None else min(n, ended + max_concurrency)

@@ -148,3 +148,34 @@ def test_never_started_branches_leave_no_record(shape, nested, tmp_path, cpu_bur
         assert items == want_items, f"run {run}: never-started branches recorded: {items}"
         assert (total, succeeded) == (want_total, want_succeeded), f"run {run}: total {total}, succeeded {succeeded}"
         assert results == want_results, f"run {run}: {results}"
+
+
+def _slow(ctx):
+    import time
+    time.sleep(30)  # killed when the batch completes: never ends on its own in the test's time
+    return "slow"
+
+
+@durable_execution
+def _first_of_three_on_one_worker(event, ctx):
+    cap = event["cap"]
+    result = ctx.parallel([lambda c: "fast", _slow, _slow],
+                          config=ParallelConfig(max_concurrency=cap, completion_config=FIRST))
+    return [result.total_count, [item.status.value for item in result.all]]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("cap", "expected"), [
+    (None, [3, ["SUCCEEDED", "STARTED", "STARTED"]]),   # the reference starts every branch at once
+    (2, [2, ["SUCCEEDED", "STARTED"]]),                   # ... or as many as max_concurrency allows
+    (1, [1, ["SUCCEEDED"]]),                              # ... and none after the decision
+])
+def test_a_completion_by_success_counts_what_the_reference_had_started(cap, expected, tmp_path):
+    """Started means started by the batch (in index order, up to ``max_concurrency``), not begun by
+    one of our processes: with one worker, branches 1 and 2 wait for it, yet the reference (a thread
+    per branch) had them running when branch 0 won, and reports them STARTED."""
+    store = str(tmp_path / "store")
+    assert _first_of_three_on_one_worker.run({"cap": cap}, store=store, max_workers=1) == expected
+    with Store(store) as s:
+        (exec_id,) = [e.exec_id for e in s.list_executions()]
+        assert audit(s, exec_id) == []
