@@ -59,7 +59,9 @@ from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
 from durable_mp.engine.protocol import UNLIMITED, Budget
 from durable_mp.engine.scheduling import concurrency_limit, stop_chunk
-from durable_mp.engine.worker import Outbox, WorkerContextState, WorkerShared, load_source, record_data
+from durable_mp.engine.worker import Outbox, load_source
+from durable_mp.engine.worker_process import record_data
+from durable_mp.engine.worker_state import WorkerContextState, WorkerShared
 from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, ValidationError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import LOGGER_NAME
