@@ -185,6 +185,6 @@ register_context_factory(DurableContext)
 
 if TYPE_CHECKING:  # both states behind a context are complete ContextStates (checked by mypy)
     from durable_mp.engine.driver import DriverState
-    from durable_mp.engine.worker import WorkerContextState
+    from durable_mp.engine.worker_state import WorkerContextState
 
     _STATES: tuple[type[ContextState], ...] = (DriverState, WorkerContextState)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.process_free  # no test here starts a process
 
 PACKAGE = Path(durable_mp.__file__).parent
 FOUNDATIONS = ("config", "retries", "waits", "serdes", "types", "exceptions", "lambda_service", "jitter",
-               "_compat", "logger", "concurrency.models", "decorators")
+               "_compat", "logger", "concurrency.models", "concurrency.rule", "concurrency.policy", "decorators")
 ABOVE_FOUNDATIONS = ("context", "execution", "engine", "operation", "backends", "cli")
 
 

@@ -18,7 +18,6 @@ stderr, no traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -28,86 +27,34 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from durable_mp.cli.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    exec_id_arg,
+    get_execution,
+    one_line,
+    open_store,
+    result_text,
+)
 from durable_mp.cli.loader import HandlerError, load_handler
-from durable_mp.core.records import OpStatus
-from durable_mp.core.vocabulary import SubType
+from durable_mp.cli.reading import cmd_check, cmd_history, cmd_list, cmd_report, cmd_show
 from durable_mp.engine.start import START_METHODS
 from durable_mp.exceptions import ExecutionFailedError, ExecutionLockedError, StoreError, ValidationError
 from durable_mp.execution import DurableFunction, dumps_value
-from durable_mp.history_payloads import HistoryPayloads
-from durable_mp.inspect.history import build_history, format_history
-from durable_mp.inspect.report import write_report
-from durable_mp.inspect.runs import crash_facts
-from durable_mp.inspect.tree import OpTree, error_line, render_tree, waiting_callbacks
-from durable_mp.map_items import HANDLER_MARK, plan_of
-from durable_mp.map_items import describe as describe_map
-from durable_mp.store.audit import audit
-from durable_mp.store.facade import Store, resolve_store_path, validate_exec_id
+from durable_mp.inspect.tree import error_line
+from durable_mp.map_items import HANDLER_MARK
+from durable_mp.store.facade import Store, resolve_store_path
 from durable_mp.store.maintenance import check_deletable, collect, compact, data_size, parse_duration
-from durable_mp.store.records import FAILED, INTERRUPTED, RUNNING, ExecutionRecord, display_status
+from durable_mp.store.records import FAILED, INTERRUPTED, RUNNING, ExecutionRecord
 
 PROG = "durable-mp"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 log = logging.getLogger("durable_mp.cli.main")
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-# -- helpers ----------------------------------------------------------------------------------
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _exec_id(value: str) -> str:
-    try:
-        return validate_exec_id(value)
-    except ValueError as exc:
-        raise CliError(f"bad execution id: {exc}") from None
-
-
-def _open(args: argparse.Namespace, *, write: bool = False, create: bool = False) -> Store:
-    """The store named by ``--store``; a missing one is an error unless ``create``."""
-    return Store(args.store, readonly=not write, create=create)
-
-
-def _get(store: Store, exec_id: str) -> ExecutionRecord:
-    rec = store.get_execution(_exec_id(exec_id))
-    if rec is None:
-        raise CliError(f"no execution {exec_id!r} in the store {store.path}")
-    return rec
-
-
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def result_text(value: Any) -> str:
-    """The result as JSON (``to_dict()`` / dataclasses / arrays converted), else its repr."""
-    utf8 = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "").startswith("utf")
-    try:
-        return json.dumps(value, indent=2, ensure_ascii=not utf8, default=_jsonable)
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 class _LogSetup:
@@ -199,11 +146,11 @@ def _register(store: Store, handler: DurableFunction, exec_id: str, event: Any, 
 
 def cmd_run(args: argparse.Namespace) -> int:
     event = _read_input(args)
-    exec_id = _exec_id(args.id) if args.id is not None else None
+    exec_id = exec_id_arg(args.id) if args.id is not None else None
     with _LogSetup(args.log_level):
         handler, source = load_handler(args.handler)
         exec_id = exec_id or handler.execution_id_for(event)
-        with _open(args, write=True, create=True) as store:
+        with open_store(args, write=True, create=True) as store:
             _register(store, handler, exec_id, event, source)
             return _drive(handler, store, exec_id, event, args)
 
@@ -240,8 +187,8 @@ def _how_to_resume_a_map(rec: ExecutionRecord) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    with _LogSetup(args.log_level), _open(args, write=True) as store:
-        rec = _get(store, args.id)
+    with _LogSetup(args.log_level), open_store(args, write=True) as store:
+        rec = get_execution(store, args.id)
         extra = rec.extra or {}
         ref = args.handler or rec.handler
         source = None if args.handler else extra.get("source")
@@ -271,110 +218,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _drive(handler, store, rec.exec_id, None, args)
 
 
-def _map_items(rec: ExecutionRecord, ops: list[Any]) -> dict[str, int]:
-    """A map execution's progress in its own words: items done (reused ones included) of all its items."""
-    plan = plan_of(rec)
-    if plan is None:
-        return {}
-    batches = {r.op_id for r in ops if r.parent_id == "" and r.sub_type == SubType.MAP}
-    done = sum(1 for r in ops if r.parent_id in batches and r.status == OpStatus.SUCCEEDED)
-    return {"items_done": plan.reused + done, "items_total": plan.total}
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    wanted = args.status.upper() if args.status else None
-    rows: list[dict[str, Any]] = []
-    with _open(args) as store:
-        for rec in store.list_executions():
-            status = display_status(rec)
-            if wanted and status != wanted and not (wanted == RUNNING and status == INTERRUPTED):
-                continue
-            ops = store.ops(rec.exec_id)
-            done, total = sum(1 for r in ops if r.is_terminal), len(ops)
-            end = rec.ended_ts if rec.ended_ts is not None else (time.time() if status == RUNNING else None)
-            rows.append({"id": rec.exec_id, "handler": rec.handler, "status": status, "started": _when(rec.created_ts),
-                         "duration_s": None if end is None else round(end - rec.created_ts, 3),
-                         "ops_done": done, "ops_total": total, "runs": rec.runs,
-                         "waiting_callbacks": waiting_callbacks(rec.exec_id, ops) if rec.status == RUNNING else [],
-                         **_map_items(rec, ops)})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    if not rows:
-        print("no executions" + (f" with status {wanted}" if wanted else ""), file=sys.stderr)
-        return EXIT_OK
-    table = [("ID", "HANDLER", "STATUS", "STARTED", "DURATION", "OPS")]
-    for r in rows:
-        dur = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"
-        progress = (f"{r['items_done']}/{r['items_total']} items" if "items_total" in r
-                    else f"{r['ops_done']}/{r['ops_total']}")
-        table.append((r["id"], r["handler"], r["status"], r["started"], dur, progress))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row, r in zip(table, [{}, *rows], strict=True):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        for cb in r.get("waiting_callbacks", ()):  # what `durable-mp callback ID` needs
-            print(f"  waiting for callback {cb['name'] or cb['operation_id']!r}: {cb['id']}")
-    return EXIT_OK
-
-
-def _tree(args: argparse.Namespace) -> OpTree:
-    with _open(args) as store:
-        rec = _get(store, args.id)
-        return OpTree(rec, store.ops(rec.exec_id))
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    tree = _tree(args)
-    print(render_tree(tree, None if args.all else args.limit, crash_facts(tree)))
-    if HANDLER_MARK in (tree.execution.handler or ""):
-        with _open(args) as store:
-            for line in describe_map(store, tree.execution):
-                print(line)
-    return EXIT_OK
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    tree = _tree(args)
-    events = build_history(tree.execution, tree.recorded(), HistoryPayloads())
-    if args.json:
-        print(json.dumps([e.to_dict() for e in events], indent=2))
-    else:
-        print(format_history(events))
-    return EXIT_OK
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    tree = _tree(args)
-    out = args.output or f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in tree.execution.exec_id)}.html"
-    try:
-        path = write_report(tree, out)
-    except OSError as exc:
-        raise CliError(f"cannot write {out}: {exc.strerror}") from None
-    print(f"wrote {os.path.abspath(path)}", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """Audit an execution's records against the engine's invariants (``store.audit``)."""
-    with _open(args) as store:
-        rec = _get(store, args.id)
-        problems = audit(store, rec.exec_id)
-        n = len(store.ops(rec.exec_id))
-    for problem in problems:
-        print(problem)
-    verdict = f"{len(problems)} invariant violation(s)" if problems else "all invariants hold"
-    print(f"checked execution {rec.exec_id} ({n} operation records): {verdict}", file=sys.stderr)
-    return EXIT_FAILED if problems else EXIT_OK
-
-
 def _compact(args: argparse.Namespace) -> None:
     before, after = compact(resolve_store_path(args.store))
     print(f"compacted: data file {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB", file=sys.stderr)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with _open(args, write=True) as store:
-        rec = _get(store, args.id)
+    with open_store(args, write=True) as store:
+        rec = get_execution(store, args.id)
         try:
             check_deletable(rec, force=args.force)
         except StoreError as exc:
@@ -395,7 +246,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         older = parse_duration(args.older_than)
     except ValueError as exc:
         raise CliError(f"--older-than: {exc}") from None
-    with _open(args, write=True) as store:
+    with open_store(args, write=True) as store:
         result = collect(store, older, dry_run=args.dry_run)
         size = data_size(store.path)
     verb = "would delete" if args.dry_run else "deleted"
@@ -534,10 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CliError as exc:
-        print(f"{PROG}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: {one_line(exc)}", file=sys.stderr)
         return exc.code
     except (StoreError, ExecutionLockedError, HandlerError, ValidationError) as exc:
-        print(f"{PROG}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

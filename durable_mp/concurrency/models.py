@@ -1,23 +1,15 @@
-"""Results of ``parallel``/``map`` and the one place that decides when a batch is done.
+"""Results of ``parallel``/``map``: ``BatchResult`` and ``BatchItem``, as users import them.
 
-``CompletionPolicy`` is fed events (an item started, an item finished) by the scheduler
-and answers one question: stop now, and why?  It is pure and cheap (O(1) per event
-without a ``should_complete`` predicate), so it also serves replay and
-``BatchResult.from_items``.  Rules, as in the reference SDK:
-
-* tolerance is exceeded when ``failed > tolerated_failure_count`` or
-  ``failed / total * 100 > tolerated_failure_percentage``; with no criteria at all a
-  single failure exceeds it (fail-fast); with a predicate it never is;
-* the batch is complete when the predicate says so, when every item finished, or when
-  ``min_successful`` successes are in;
-* reason precedence: FAILURE_TOLERANCE_EXCEEDED, CUSTOM_COMPLETION_*, ALL_COMPLETED,
-  MIN_SUCCESSFUL_REACHED.
+The completion logic lives apart: the frozen rule (``concurrency.rule.CompletionRule``,
+pure predicates over counts) and the per-batch tracker that feeds it
+(``concurrency.policy.CompletionPolicy``).  This module re-exports the names users
+import from here, as the reference's ``concurrency/models.py`` holds them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Generic, TypeVar
@@ -26,6 +18,8 @@ from durable_mp.concurrency.columns import AS_ITEM_STATUS, ItemColumns
 from durable_mp.concurrency.columns import FAILED as COL_FAILED
 from durable_mp.concurrency.columns import STARTED as COL_STARTED
 from durable_mp.concurrency.columns import SUCCEEDED as COL_SUCCEEDED
+from durable_mp.concurrency.policy import CompletionPolicy
+from durable_mp.concurrency.rule import CompletionRule
 from durable_mp.config import CompletionConfig
 from durable_mp.core.completion import (
     BatchItemStatus,
@@ -37,288 +31,18 @@ from durable_mp.core.completion import (
     complete_batch,
     continue_batch,
 )
-from durable_mp.core.runs import run_start, set_states, states_of
-from durable_mp.exceptions import BatchCompletionError, ChildContextError, InvalidStateError, ValidationError
+from durable_mp.exceptions import BatchCompletionError, ChildContextError, ValidationError
 from durable_mp.lambda_service import ErrorObject
 
 __all__ = [
     "BatchCompletionError", "BatchItem", "BatchItemStatus", "BatchResult", "CompletionDecision", "ItemColumns",
     "CompletionItemStatus", "CompletionOutcome", "CompletionPolicy", "CompletionReason",
-    "CompletionStatus", "complete_batch", "continue_batch",
+    "CompletionRule", "CompletionStatus", "complete_batch", "continue_batch",
 ]
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
-
-# Per-item state in CompletionPolicy, one byte each.
-_PENDING, _STARTED, _SUCCEEDED, _FAILED = 0, 1, 2, 3
-_ONLY_UNFINISHED = frozenset({_PENDING, _STARTED})  # states a bulk start or success may move from
-_AS_ITEM_STATUS = (None, BatchItemStatus.STARTED, BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED)
-_FROM_ITEM_STATUS = {status: code for code, status in enumerate(_AS_ITEM_STATUS)}
-
-
-def _percentage_limit(pct: float, total: int) -> int:
-    """The fewest failures ``tolerance_exceeded`` calls over ``pct`` percent of ``total``.
-
-    That test is the reference's float comparison ``failed / total * 100 > pct``; the
-    real-number answer ``int(pct * total / 100) + 1`` is one too many where the float
-    product rounds up past an integer (20 items at 55 %: 11 failures exceed it), which
-    let a worker start one item after the batch was decided.  Start from it and step to
-    the comparison's own boundary (at most a step or two).
-    """
-    limit = int(pct * total / 100) + 1
-    while limit > 0 and (limit - 1) / total * 100 > pct:
-        limit -= 1
-    while limit <= total and not limit / total * 100 > pct:
-        limit += 1
-    return limit
-
-
-class CompletionPolicy:
-    """Completion state of one batch of ``total`` items; owned by its scheduler.
-
-    ``decision()`` returns None while scheduling should go on, else the reason to stop.
-    A decision, once made, is latched: later events (branches that finish after the
-    batch completed) update the counts but never the reason.
-    """
-
-    __slots__ = (
-        "_total", "_min_successful", "_max_failures", "_max_failure_pct", "_fail_fast",
-        "_predicate", "_names", "_states", "_succeeded", "_failed", "_started",
-        "_decided", "_last_custom", "_dirty",
-    )
-
-    def __init__(
-        self,
-        config: CompletionConfig | None,
-        total: int,
-        *,
-        names: Sequence[str | None] | None = None,
-        validate_total: bool = True,
-    ) -> None:
-        config = config if config is not None else CompletionConfig()
-        if total < 0:
-            raise ValidationError(f"total must be non-negative, got: {total}")
-        if validate_total and config.min_successful is not None and config.min_successful > total:
-            raise ValidationError(
-                f"min_successful cannot be greater than total items: {config.min_successful} > {total}"
-            )
-        if names is not None and len(names) != total:
-            raise ValidationError(f"names has {len(names)} entries for {total} items")
-        self._total = total
-        self._min_successful = config.min_successful
-        self._max_failures = config.tolerated_failure_count
-        self._max_failure_pct = config.tolerated_failure_percentage
-        self._predicate = config.should_complete
-        self._fail_fast = self._predicate is None and not config.has_thresholds
-        self._names = names
-        self._states = bytearray(total)
-        self._succeeded = self._failed = self._started = 0
-        self._last_custom: CompletionDecision | None = None
-        self._dirty = True
-        # Nothing to run is complete before anything starts.
-        self._decided: CompletionReason | None = CompletionReason.ALL_COMPLETED if total == 0 else None
-
-    @property
-    def total(self) -> int:
-        return self._total
-
-    @property
-    def succeeded_count(self) -> int:
-        return self._succeeded
-
-    @property
-    def failed_count(self) -> int:
-        return self._failed
-
-    @property
-    def started_count(self) -> int:
-        """Items started and not finished yet."""
-        return self._started
-
-    @property
-    def completed_count(self) -> int:
-        return self._succeeded + self._failed
-
-    @property
-    def is_decided(self) -> bool:
-        return self._decided is not None
-
-    def on_started(self, index: int) -> None:
-        """Item ``index`` was dispatched; dispatching it again (after a crash) is fine."""
-        state = self._states[self._checked(index)]
-        if state == _PENDING:
-            self._states[index] = _STARTED
-            self._started += 1
-            self._dirty = True
-        elif state != _STARTED:
-            raise InvalidStateError(f"item {index} cannot start: it already finished")
-
-    def on_replayed(self, outcomes: dict[int, bool]) -> None:
-        """Items that finished in an earlier run (resume), ``{index: succeeded}``: one pass.
-
-        The same as ``on_started`` + ``on_finished`` for each, without a call per item.
-        """
-        states, total = self._states, self._total
-        ok = 0
-        for index, succeeded in outcomes.items():
-            if not 0 <= index < total:
-                raise InvalidStateError(f"item index {index} out of range for {total} items")
-            if states[index] != _PENDING:
-                raise InvalidStateError(f"item {index} finished twice")
-            if succeeded:
-                states[index] = _SUCCEEDED
-                ok += 1
-            else:
-                states[index] = _FAILED
-        self._succeeded += ok
-        self._failed += len(outcomes) - ok
-        self._dirty = True
-
-    def on_started_many(self, indices: list[int]) -> None:
-        """``on_started`` for a chunk of items (one call on the dispatch hot path)."""
-        bulk = self._bulk_sources(indices)
-        if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
-            for index in indices:  # the one-at-a-time path says which item is wrong
-                self.on_started(index)
-            return
-        self._started += bulk[0].count(_PENDING)
-        set_states(self._states, indices, _STARTED, bulk[1])
-        self._dirty = True
-
-    def _bulk_sources(self, indices: list[int]) -> tuple[bytes, int | None] | None:
-        """The states of ``indices`` and their ``run_start``, if a bulk update may read them at once
-        (distinct, in range)."""
-        if not indices or len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= self._total:
-            return None
-        first = run_start(indices)
-        return states_of(self._states, indices, first), first
-
-    def on_succeeded_many(self, indices: list[int]) -> None:
-        """``on_finished(index, True)`` for several items (the hot path of a map)."""
-        bulk = self._bulk_sources(indices)
-        if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
-            for index in indices:  # the one-at-a-time path says which item is wrong
-                self.on_finished(index, True)
-            return
-        self._started -= bulk[0].count(_STARTED)
-        set_states(self._states, indices, _SUCCEEDED, bulk[1])
-        self._succeeded += len(indices)
-        self._dirty = True
-
-    def on_unstarted(self, index: int) -> None:
-        """Item ``index`` was dispatched but its worker never started it: it is pending again."""
-        state = self._states[self._checked(index)]
-        if state != _STARTED:
-            raise InvalidStateError(f"item {index} cannot be returned unstarted: it is not started")
-        self._states[index] = _PENDING
-        self._started -= 1
-        self._dirty = True
-
-    def stop_distance(self) -> tuple[int | None, int | None]:
-        """(more failures, more successes) that would complete the batch; None = no number would.
-
-        A ``should_complete`` predicate may decide on any outcome: (1, 1).  Reaching
-        ALL_COMPLETED is not counted: it needs every item, so no item is started after it.
-        """
-        if self._decided is not None:
-            return 0, 0
-        if self._predicate is not None:
-            return 1, 1
-        failures: int | None = None
-        if self._fail_fast:
-            failures = 1
-        else:
-            limits = []
-            if self._max_failures is not None:
-                limits.append(self._max_failures + 1)
-            if self._max_failure_pct is not None and self._total > 0:
-                limits.append(_percentage_limit(self._max_failure_pct, self._total))
-            if limits:
-                failures = max(1, min(limits) - self._failed)
-                if failures + self._failed > self._total:
-                    failures = None
-        successes = None
-        if self._min_successful is not None:
-            successes = max(1, self._min_successful - self._succeeded)
-        return failures, successes
-
-    def on_finished(self, index: int, succeeded: bool) -> None:
-        """Item ``index`` reached a terminal state (it need not have been started)."""
-        state = self._states[self._checked(index)]
-        if state == _STARTED:
-            self._started -= 1
-        elif state != _PENDING:
-            raise InvalidStateError(f"item {index} finished twice")
-        if succeeded:
-            self._states[index] = _SUCCEEDED
-            self._succeeded += 1
-        else:
-            self._states[index] = _FAILED
-            self._failed += 1
-        self._dirty = True
-
-    def decision(self) -> CompletionReason | None:
-        """None to keep scheduling; otherwise stop now, for this reason."""
-        if self._decided is None:
-            self._decided = self._evaluate()
-        return self._decided
-
-    def tolerance_exceeded(self) -> bool:
-        """True when failures so far are more than the config tolerates."""
-        failed = self._failed
-        if self._predicate is not None:
-            return False
-        if self._fail_fast:
-            return failed > 0
-        if self._max_failures is not None and failed > self._max_failures:
-            return True
-        if self._max_failure_pct is not None and self._total > 0:
-            return failed / self._total * 100 > self._max_failure_pct
-        return False
-
-    def completion_status(self) -> CompletionStatus:
-        """The snapshot a ``should_complete`` predicate sees (items in index order)."""
-        names = self._names
-        items = tuple(
-            CompletionItemStatus(index=i, name=names[i] if names is not None else None, status=_AS_ITEM_STATUS[s])
-            for i, s in enumerate(self._states)
-        )
-        done = self._succeeded + self._failed
-        return CompletionStatus(self._succeeded, self._failed, done, self._total, items)
-
-    def _evaluate(self) -> CompletionReason | None:
-        if self.tolerance_exceeded():
-            return CompletionReason.FAILURE_TOLERANCE_EXCEEDED
-        if self._predicate is not None:
-            custom = self._custom_decision()
-            if custom.complete:
-                if custom.outcome is CompletionOutcome.FAILED:
-                    return CompletionReason.CUSTOM_COMPLETION_FAILED
-                return CompletionReason.CUSTOM_COMPLETION_SUCCEEDED
-        if self._succeeded + self._failed >= self._total:
-            return CompletionReason.ALL_COMPLETED
-        if self._min_successful is not None and self._succeeded >= self._min_successful:
-            return CompletionReason.MIN_SUCCESSFUL_REACHED
-        return None
-
-    def _custom_decision(self) -> CompletionDecision:
-        # User code runs at most once per state change.
-        if self._dirty or self._last_custom is None:
-            result = self._predicate(self.completion_status())  # type: ignore[misc]
-            if not isinstance(result, CompletionDecision):
-                raise ValidationError(
-                    "should_complete must return a CompletionDecision (use complete_batch() or "
-                    f"continue_batch()), got: {result!r}"
-                )
-            self._last_custom, self._dirty = result, False
-        return self._last_custom
-
-    def _checked(self, index: int) -> int:
-        if not 0 <= index < self._total:
-            raise InvalidStateError(f"item index {index} out of range for {self._total} items")
-        return index
 
 
 @dataclass(frozen=True)

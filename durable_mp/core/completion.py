@@ -2,7 +2,7 @@
 
 It lives apart from ``concurrency.models`` because ``exceptions.BatchCompletionError``
 needs ``CompletionReason`` and ``config.CompletionConfig`` names the predicate types,
-while ``concurrency.models`` imports both of those; this module imports only
+while ``concurrency.rule`` and ``concurrency.models`` import both of those; this module imports only
 ``core.errors``, so it sits at the bottom of the import graph.
 """
 

@@ -140,8 +140,8 @@ class BranchRunner:
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc,
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only, and so does
-            # KeyboardInterrupt: branches run in worker processes, whose SIGINT kills them (worker._default_signals),
-            # so one raised here was raised by the user's code
+            # KeyboardInterrupt: branches run in worker processes, whose SIGINT kills them
+            # (worker_process.default_signals), so one raised here was raised by the user's code
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
         slept = take_slept_seconds()
         if slept:  # skip_time: the batch's virtual clock orders the outcome by it; only a full record keeps it

@@ -48,7 +48,8 @@ from durable_mp.engine.start import (
     spawn_process,
 )
 from durable_mp.engine.wire import send as wire_send
-from durable_mp.engine.worker import IDLE, PROGRESS_SHIFT, SLEEPING, SLOT_FORMAT, worker_main
+from durable_mp.engine.worker import worker_main
+from durable_mp.engine.worker_state import IDLE, PROGRESS_SHIFT, SLEEPING, SLOT_FORMAT
 
 __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later

@@ -38,7 +38,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from durable_mp.engine.worker import IDLE, PARENT_CHECK_SECONDS, SLOT_FORMAT, worker_main
+from durable_mp.engine.worker import worker_main
+from durable_mp.engine.worker_process import PARENT_CHECK_SECONDS
+from durable_mp.engine.worker_state import IDLE, SLOT_FORMAT
 
 START_METHODS = ("fork", "forkserver", "spawn")
 SLOT_BYTES = 24  # three int64: running index, chunk progress, durable sleeps (engine.worker)
@@ -259,7 +261,7 @@ class ForkServer:
 
 def fork_server() -> None:
     """Entry point of the fork server (single-threaded, so every fork is of a process without threads)."""
-    from durable_mp.engine.worker import die_with_parent
+    from durable_mp.engine.worker_process import die_with_parent
 
     sock = socket.socket(fileno=int(sys.argv[1]))
     boot = pickle.loads(sock.recv(SERVER_MESSAGE_BYTES))

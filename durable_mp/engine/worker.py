@@ -19,22 +19,19 @@ have started (they run again with their checkpoints) and which never did.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
-import os
 import pickle
 import queue
-import signal
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 import cloudpickle
 
-from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key, operation_id
+from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
 from durable_mp.core.text import safe_str, type_name
 from durable_mp.engine import wire
 from durable_mp.engine.branch import SLEPT_KEY, BranchRunner, BranchSource
@@ -45,7 +42,6 @@ from durable_mp.engine.protocol import (
     CallResult,
     ChunkDone,
     Kind,
-    Log,
     Records,
     RunCall,
     RunChunk,
@@ -56,8 +52,8 @@ from durable_mp.engine.protocol import (
     kind_of,
 )
 from durable_mp.engine.scheduling import stop_chunk
-from durable_mp.engine.state import ExecutionState, context_factory
-from durable_mp.engine.threads import run_batch_in_threads
+from durable_mp.engine.worker_process import ForwardHandler, default_signals, die_with_parent
+from durable_mp.engine.worker_state import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, WorkerContextState, WorkerShared
 from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
@@ -65,18 +61,6 @@ from durable_mp.types import StepContext
 
 OUTBOX_FLUSH_SECONDS = 0.005
 PAYLOAD_CACHE_SIZE = 4
-PARENT_CHECK_SECONDS = 1.0
-_PR_SET_PDEATHSIG = 1
-NO_PDEATHSIG_ENV = "DURABLE_MP_NO_PDEATHSIG"  # set: rely on the parent watch alone, as without prctl (tests)
-SLOT_FORMAT: Final = "q"
-IDLE = -1
-# slot[1]: (task id << PROGRESS_SHIFT) | how many of the chunk's items the worker has begun.  Never
-# cleared, so after a death the driver knows which items of its chunk may have started, even
-# ones that ended with their records still in the outbox (``faults.split_lost_chunk``).
-PROGRESS_SHIFT = 32
-# slot[2]: how many of the worker's threads are in a durable sleep (retry delay, wait, poll):
-# idle on the CPU without waiting on I/O, so the driver does not grow the pool for them.
-SLEEPING = 2
 SUCCEEDED = OpStatus.SUCCEEDED
 
 
@@ -294,205 +278,16 @@ class Outbox:
         return reply
 
 
-class WorkerShared:
-    """Per-process settings every branch state refers to."""
-
-    def __init__(self, outbox: Outbox, settings: dict[str, Any], slot: Any = None) -> None:
-        self.outbox = outbox
-        self.execution_id: str = settings["execution_id"]
-        self.skip_time: bool = settings.get("skip_time", False)
-        self.watch_steps: bool = settings.get("watch_steps", False)
-        self.context_class = context_factory()
-        self.slot = slot  # the shared slot (``SLEEPING``); None where no driver reads it
-        self.sleep_lock = threading.Lock()  # nested branches' threads sleep concurrently
-
-    def sleeping(self, delta: int) -> None:
-        """Count a durable sleep in (+1) or out (-1) of the slot the driver samples."""
-        if self.slot is not None:
-            with self.sleep_lock:
-                self.slot[SLEEPING] += delta
-
-
-class WorkerContextState(ExecutionState):
-    """The state behind a ``DurableContext`` inside a worker: checkpoints in, records out."""
-
-    __slots__ = ("shared", "checkpoints", "cancelled")
-
-    def __init__(self, shared: WorkerShared, checkpoints: dict[str, OpRecord]) -> None:
-        self.shared = shared
-        self.checkpoints = checkpoints
-        self.cancelled = False
-
-    @property
-    def execution_id(self) -> str:
-        return self.shared.execution_id
-
-    @property
-    def skip_time(self) -> bool:  # type: ignore[override]
-        return self.shared.skip_time
-
-    @property
-    def watch_steps(self) -> bool:
-        return self.shared.watch_steps
-
-    def sleep(self, seconds: float) -> None:
-        if self.skip_time or seconds <= 0:
-            super().sleep(seconds)
-            return
-        self.shared.sleeping(+1)
-        try:
-            super().sleep(seconds)
-        finally:
-            self.shared.sleeping(-1)
-
-    def context(self, op_id: str, parent_id: str | None = None) -> Any:
-        """A branch's context; ``parent_id`` (FLAT: the batch) when its records hang elsewhere."""
-        return self.shared.context_class(self, op_id, parent_id=parent_id)
-
-    def lookup(self, parent_id: str, op_id: str) -> OpRecord | None:
-        return self.checkpoints.get(op_id) if self.checkpoints else None
-
-    def children(self, op_id: str) -> list[OpRecord]:
-        return [r for r in self.checkpoints.values() if r.parent_id == op_id]
-
-    def branch_records(self, batch_op_id: str, n: int) -> dict[int, OpRecord]:
-        children = self.children(batch_op_id)
-        if not children:
-            return {}
-        index_of = {operation_id(batch_op_id, i): i for i in range(n)}
-        return {index_of[r.op_id]: r for r in children if r.op_id in index_of}
-
-    def emit(self, rec: OpRecord, sync: bool = False) -> None:
-        if self.cancelled:
-            raise OrphanedChildException("branch was abandoned when its batch completed early", rec.op_id)
-        self.shared.outbox.add(rec)
-        if sync:
-            self.shared.outbox.sync()
-
-    def run_batch(self, spec: Any) -> tuple[dict[int, Any], Any]:
-        return run_batch_in_threads(self, spec)
-
-    def for_branch(self) -> WorkerContextState:
-        return WorkerContextState(self.shared, self.checkpoints)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def run_step_body(self, func: Any, step_ctx: StepContext, watch: Any) -> Any:
-        if self.cancelled:
-            raise OrphanedChildException("branch was abandoned when its batch completed early", "")
-        if watch is None:
-            return func(step_ctx)
-        outbox = self.shared.outbox
-        watch_id = outbox.watch_start(watch.record, watch.timeout)
-        try:
-            return func(step_ctx)
-        finally:
-            outbox.watch_end(watch_id)
-
-    def wait_callback(self, rec: OpRecord) -> OpRecord:
-        """Only the driver reads the store during a run: it answers once the callback is done."""
-        return self.shared.outbox.wait_callback(rec)
-
-
-class _ForwardHandler(logging.Handler):
-    """Sends log records to the driver, which re-emits them through its own handlers."""
-
-    def __init__(self, channel: Channel, current: Any) -> None:
-        super().__init__()
-        self.channel = channel
-        self.current = current  # the shared slot: index of the branch being run
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            index = self.current[0]
-            self.channel.send(Log(record_data(record, None if index == IDLE else index)))
-        except Exception:  # noqa: BLE001 - logging must never break a branch
-            pass
-
-
-def record_data(record: logging.LogRecord, index: int | None) -> dict[str, Any]:
-    """A log record as plain fields (message formatted, traceback as text), for the driver to re-emit."""
-    data = dict(record.__dict__)
-    if index is not None and "branchIndex" not in data:  # which branch logged this
-        data["branchIndex"] = index
-    data["msg"] = record.getMessage()
-    data["args"] = None
-    if record.exc_info:
-        data["exc_text"] = logging.Formatter().formatException(record.exc_info)
-    data["exc_info"] = None
-    return {k: v for k, v in data.items() if _plain(v)}
-
-
-def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
-def _load_prctl() -> Any:
-    """libc's ``prctl``, looked up at import: a forked worker inherits it instead of loading it as it starts."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # no prctl (macOS)
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
-def die_with_parent(parent_pid: int, watch_thread: bool = True) -> None:
-    """Exit when the parent (the driver, or the fork server) dies, even while user code holds the GIL in a C loop.
-
-    ``prctl(PR_SET_PDEATHSIG)`` on Linux; where that is not available (macOS), a thread
-    that polls ``getppid`` (a process whose parent died is re-parented), so a worker still
-    never outlives its driver by more than ``PARENT_CHECK_SECONDS``.  The fork server
-    passes ``watch_thread=False``: it must stay single-threaded and polls itself.
-    """
-    signalled = not os.environ.get(NO_PDEATHSIG_ENV) and _PRCTL is not None and \
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-    if not watch_thread or signalled:  # the kernel kills us with the parent: a thread would only cost start time
-        return
-
-    def watch() -> None:
-        while True:
-            time.sleep(PARENT_CHECK_SECONDS)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="durable_mp-parent-watch").start()
-
-
-def _default_signals() -> None:
-    """Forget the driver's signal handlers: any signal that ends a worker is a worker death.
-
-    A forked worker inherits the driver's Python-level handlers (SIGTERM → SystemExit,
-    SIGINT → KeyboardInterrupt), which would turn ``kill <worker>`` into an ordinary
-    branch failure.  The worker also leaves the driver's process group, so a Ctrl-C at
-    the terminal reaches only the driver, which then stops its workers itself.
-    """
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                   signal.SIGALRM):
-        try:
-            signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass
-
-
 def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any]) -> None:
     """Serve chunks until told to quit or the driver goes away."""
-    _default_signals()
+    default_signals()
     die_with_parent(parent_pid)
     channel = Channel(conn)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     current = memoryview(slot).cast(SLOT_FORMAT)
-    root.addHandler(_ForwardHandler(channel, current))
+    root.addHandler(ForwardHandler(channel, current))
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings, current)
     cache: OrderedDict[str, tuple[BranchSource, list[int]]] = OrderedDict()

@@ -32,7 +32,8 @@
   (``store/blobs.py``); reads resolve references transparently.
 
 Opening, permission checks and the per-process sharing of an environment live in
-``env``; execution records, id rules and the lock policy in ``records``.
+``env``; execution records, id rules and the lock policy in ``records``; taking,
+renewing and releasing an execution's lock in ``ownership``.
 
 A ``Store`` belongs to the process that opened it: never use it in a forked child (it
 raises ``StoreError`` there).  ``make_new`` passed to ``acquire`` runs inside the write
@@ -44,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -56,10 +56,11 @@ from durable_mp.store import blobs
 from durable_mp.store.branch_scan import first_bytes, read_each, scan_branches, scan_outcomes
 from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.forward import backwards, refusal
+from durable_mp.store.ownership import Ownership
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
-from durable_mp.store.records import (FAILED, HOLDERS, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, claim,
-                                      lease_period, owned_new, renewed, this_process, unclaim, validate_exec_id)
+from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, this_process,
+                                      unclaim, validate_exec_id)
 
 log = logging.getLogger("durable_mp.store")
 
@@ -106,7 +107,7 @@ class Store:
         self._shared: SharedEnv | None = None
         self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
         self._env_id = self._shared.key  # names this environment in the per-thread lock registry
-        self._leases: dict[str, threading.Event] = {}  # held executions -> stops their lease renewal
+        self._ownership = Ownership(self)  # the locks and leases of the executions this store holds
 
     def __repr__(self) -> str:
         mode = "read-only" if self.readonly else "read-write"
@@ -135,9 +136,7 @@ class Store:
             if shared is None or self._closing:
                 return
             self._closing = True  # a concurrent close must not release the environment twice
-        for lease in self._leases.values():
-            lease.set()
-        self._leases.clear()
+        self._ownership.stop_leases()
         try:
             if not shared.forked and not shared.closed:
                 self._group.flush()
@@ -372,74 +371,8 @@ class Store:
             return self._group.discard(exec_id) or found
 
     def acquire(self, exec_id: str, make_new: Callable[[], ExecutionRecord]) -> tuple[ExecutionRecord, bool]:
-        """Take the execution's lock; create it with ``make_new()`` if it does not exist.
-
-        Returns ``(record, created)``.  Raises ``ExecutionLockedError`` while another live
-        process owns a RUNNING execution, or another thread of this one holds it (the
-        lock is not re-entrant).  A dead owner's lock is taken over, and a RUNNING
-        execution taken over starts a new run (``runs`` + 1, ``started_ts`` = now).
-        """
-        key = self._exec_key(exec_id)
-        me = this_process()
-        made: list[ExecutionRecord] = []
-
-        def take(txn: Txn, sh: SharedEnv) -> tuple[ExecutionRecord, bool]:
-            raw = txn.get(key, db=sh.executions)
-            if raw is None:
-                if not made:  # a retried transaction (map grown) must not call make_new twice
-                    made.append(make_new())
-                rec = owned_new(made[0], me, time.time())
-                if rec.exec_id != exec_id:
-                    raise ValueError(f"make_new() returned execution {rec.exec_id!r}, not {exec_id!r}")
-                created = True
-            else:
-                rec, created = claim(self._load_exec(raw, exec_id), me, time.time()), False
-            txn.put(key, rec.dumps(), db=sh.executions)
-            return rec, created
-
-        self._group.raise_if_failed()
-        self._writable()
-        HOLDERS.hold((self._env_id, exec_id))  # before the transaction: two threads cannot both pass
-        try:
-            out = self._write(take)
-        except BaseException:
-            HOLDERS.drop((self._env_id, exec_id))
-            raise
-        try:
-            self.sweep_blobs(exec_id)
-        except (OSError, StoreError):
-            pass  # leftovers only cost space; the next acquire tries again
-        self._keep_lease(exec_id)
-        return out
-
-    def _keep_lease(self, exec_id: str) -> None:
-        """Renew the lease of a held execution until it is released (a driver on another host waits it out)."""
-        stop = threading.Event()
-        old = self._leases.pop(exec_id, None)
-        if old is not None:
-            old.set()
-        self._leases[exec_id] = stop
-        key = self._exec_key(exec_id)
-        me = this_process()
-
-        def renew(txn: Txn, sh: SharedEnv) -> bool:
-            raw = txn.get(key, db=sh.executions)
-            rec = None if raw is None else renewed(self._load_exec(raw, exec_id), me, time.time())
-            if rec is not None:
-                txn.put(key, rec.dumps(), db=sh.executions)
-            return rec is not None
-
-        def keep() -> None:
-            while not stop.wait(lease_period()):
-                try:
-                    if not self._write(renew):
-                        return  # no longer ours (finished and released, deleted)
-                except (StoreError, lmdb.Error) as exc:
-                    if self._shared is None:
-                        return  # closed
-                    log.warning("could not renew the lease of execution %r: %s", exec_id, exc)
-
-        threading.Thread(target=keep, daemon=True, name=f"durable_mp-lease-{exec_id[:40]}").start()
+        """Take the execution's lock, creating it with ``make_new()`` if new (``Ownership.acquire``)."""
+        return self._ownership.acquire(exec_id, make_new)
 
     def sweep_blobs(self, exec_id: str) -> int:
         """Remove the execution's blob files no committed record refers to (a crash's leftovers); how many.
@@ -460,34 +393,8 @@ class Store:
             return blobs.sweep(self.path, exec_id, values)
 
     def release(self, exec_id: str) -> None:
-        """Clear the execution's owner (its status stays).  A live other owner is left alone.
-
-        On a store that turned out unwritable this is best effort and never raises: the
-        lock of a process that ended, or of a thread no longer holding it, is taken over.
-        """
-        key = self._exec_key(exec_id)
-        if not HOLDERS.drop((self._env_id, exec_id)):
-            return  # another live thread of this process holds it
-        lease = self._leases.pop(exec_id, None)
-        if lease is not None:
-            lease.set()
-        me = this_process()
-
-        def cleared(txn: Txn, sh: SharedEnv) -> ExecutionRecord | None:
-            raw = txn.get(key, db=sh.executions)
-            return None if raw is None else unclaim(self._load_exec(raw, exec_id), me)
-
-        def clear(txn: Txn, sh: SharedEnv) -> None:
-            rec = cleared(txn, sh)
-            if rec is not None:
-                txn.put(key, rec.dumps(), db=sh.executions)
-
-        try:
-            if self._read(cleared) is not None:  # a run that ended with ``finish_execution`` has nothing to clear
-                self._write(clear)
-        except StoreError:
-            if self._group.failure is None:
-                raise  # on a latched store, the CheckpointFailedError already reported says it all
+        """Clear the execution's owner; its status stays (``Ownership.release``)."""
+        self._ownership.release(exec_id)
 
     # -- operations: reads -----------------------------------------------------------------
     @staticmethod

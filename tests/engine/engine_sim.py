@@ -37,7 +37,7 @@ What is simulated
     * The committer thread and the disk: a commit is a scheduler step, or happens when the
       driver waits for it (``flush``); an attempt may fail (retried, as ``with_retries``),
       and a disk may refuse every write (the store latches ``CheckpointFailedError``).
-    * The clock: ``time`` in ``engine.worker`` and ``engine.dispatcher`` reads a simulated
+    * The clock: ``time`` in ``engine.worker``, ``dispatcher``, ``intake`` and ``supervision`` reads a simulated
       clock the scheduler advances, so the outbox's flush timing is part of the schedule.
 
 Faults: a worker death at any step (records still in its outbox, a send in flight, after
@@ -91,7 +91,9 @@ from durable_mp.core.records import (
 )
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine import dispatcher as dispatcher_module
+from durable_mp.engine import intake as intake_module
 from durable_mp.engine import protocol
+from durable_mp.engine import supervision as supervision_module
 from durable_mp.engine import wire
 from durable_mp.engine import worker as worker_module
 from durable_mp.engine.branch import started_record
@@ -114,7 +116,8 @@ except ImportError:
 PROGRESS_SHIFT = getattr(worker_module, "PROGRESS_SHIFT", None)  # where the slot records a chunk's progress
 Sequence = getattr(protocol, "Sequence", None)  # the driver's check of per-worker message numbers, where it exists
 # the names the simulation replaces while a schedule runs (restored after it)
-PATCHED = ((dispatcher_module, "wait"), (dispatcher_module, "time"), (worker_module, "time"), (worker_module, "wire"))
+PATCHED = ((dispatcher_module, "wait"), (dispatcher_module, "time"), (intake_module, "time"),
+           (supervision_module, "time"), (worker_module, "time"), (worker_module, "wire"))
 EXEC_ID = "sim-exec"
 MAP_OP = operation_id("", 1)
 MAX_STEPS = 50_000  # scheduler steps per schedule before it counts as a livelock
@@ -887,10 +890,10 @@ class Sim:
         for module, name in PATCHED:
             if not hasattr(module, name):
                 raise RuntimeError(f"the simulation replaces {module.__name__}.{name}, which is gone: update engine_sim")
-        saved = dispatcher_module.wait, dispatcher_module.time, worker_module.time, worker_module.wire
-        dispatcher_module.wait = self.wait  # type: ignore[assignment]
-        dispatcher_module.time = worker_module.time = self.clock  # type: ignore[assignment]
-        worker_module.wire = SIM_WIRE  # type: ignore[assignment]
+        saved = [(module, name, getattr(module, name)) for module, name in PATCHED]
+        replacements = {"wait": self.wait, "time": self.clock, "wire": SIM_WIRE}
+        for module, name in PATCHED:
+            setattr(module, name, replacements[name])
         quiet = logging.root.manager.disable
         logging.disable(logging.CRITICAL)  # deaths and failing items are the point here, not news
         try:
@@ -908,8 +911,8 @@ class Sim:
                                     f"{type(exc).__name__}: {exc}") from exc
         finally:
             logging.disable(quiet)
-            (dispatcher_module.wait, dispatcher_module.time, worker_module.time,  # type: ignore[assignment]
-             worker_module.wire) = saved
+            for module, name, value in saved:
+                setattr(module, name, value)
         self._final_checks(outcome)
         return outcome
 

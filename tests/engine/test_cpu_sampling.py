@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from durable_mp.engine.dispatcher import Dispatcher
+from durable_mp.engine.supervision import Supervisor
 from durable_mp.engine.faults import CPU_SAMPLE_SECONDS
 
 pytestmark = pytest.mark.process_free  # no test here starts a process
@@ -46,8 +46,8 @@ def test_cpu_time_is_read_once_per_sample_period():
     fake = SimpleNamespace(pool=SimpleNamespace(workers=[worker]), io_waiting={})
     steps = 50
     for step in range(steps):  # 50 messages within one sample period, then one past it
-        Dispatcher._sample_cpu(fake, 100.0 + step * CPU_SAMPLE_SECONDS / steps)  # type: ignore[arg-type]
-    Dispatcher._sample_cpu(fake, 100.0 + 1.5 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
+        Supervisor.sample_cpu(fake, 100.0 + step * CPU_SAMPLE_SECONDS / steps)  # type: ignore[arg-type]
+    Supervisor.sample_cpu(fake, 100.0 + 1.5 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
     assert worker.reads == 2  # the mark, then the sample
     assert fake.io_waiting == {worker.pid: True}  # no CPU used over the period: waiting, not computing
 
@@ -55,9 +55,9 @@ def test_cpu_time_is_read_once_per_sample_period():
 def test_a_cpu_bound_worker_is_not_marked_waiting():
     worker = FakeWorker()
     fake = SimpleNamespace(pool=SimpleNamespace(workers=[worker]), io_waiting={})
-    Dispatcher._sample_cpu(fake, 10.0)  # type: ignore[arg-type]
+    Supervisor.sample_cpu(fake, 10.0)  # type: ignore[arg-type]
     worker.cpu = 2 * CPU_SAMPLE_SECONDS  # busy the whole period
-    Dispatcher._sample_cpu(fake, 10.0 + 2 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
+    Supervisor.sample_cpu(fake, 10.0 + 2 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
     assert fake.io_waiting == {worker.pid: False}
 
 
@@ -67,6 +67,6 @@ def test_a_worker_in_a_durable_sleep_is_not_marked_waiting():
     worker = FakeWorker()
     worker.durable_sleep = True
     fake = SimpleNamespace(pool=SimpleNamespace(workers=[worker]), io_waiting={})
-    Dispatcher._sample_cpu(fake, 10.0)  # type: ignore[arg-type]
-    Dispatcher._sample_cpu(fake, 10.0 + 2 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
+    Supervisor.sample_cpu(fake, 10.0)  # type: ignore[arg-type]
+    Supervisor.sample_cpu(fake, 10.0 + 2 * CPU_SAMPLE_SECONDS)  # type: ignore[arg-type]
     assert fake.io_waiting == {worker.pid: False}

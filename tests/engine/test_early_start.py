@@ -19,7 +19,7 @@ from durable_mp import ExecutionFailedError, durable_execution
 from durable_mp.engine import pool as pool_module
 from durable_mp.engine.pool import WorkerPool
 from durable_mp.engine.start import START_METHODS, ForkServer
-from durable_mp.engine.worker import NO_PDEATHSIG_ENV
+from durable_mp.engine.worker_process import NO_PDEATHSIG_ENV
 from durable_mp.rerun import CODE_KEY
 from durable_mp.store.facade import RUNNING, Store
 

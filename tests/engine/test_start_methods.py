@@ -25,7 +25,7 @@ import pytest
 from durable_mp import BatchItemStatus, ValidationError, durable_execution
 from durable_mp.config import CompletionConfig, ParallelConfig, StepConfig
 from durable_mp.engine.start import START_METHODS, default_start_method
-from durable_mp.engine.worker import NO_PDEATHSIG_ENV
+from durable_mp.engine.worker_process import NO_PDEATHSIG_ENV
 from durable_mp.retries import RetryPresets
 from durable_mp.store.facade import Store
 from procs import session_processes
