@@ -44,8 +44,10 @@ START_METHODS = ("fork", "forkserver", "spawn")
 SLOT_BYTES = 24  # three int64: running index, chunk progress, durable sleeps (engine.worker)
 # Imported by a spawned worker / the fork server before it serves: durable_mp.context
 # registers the context factory branches are built with (engine.state).  Named, not
-# imported here: the engine imports nothing above it.
-PRELOAD = ("durable_mp",)
+# imported here: the engine imports nothing above it.  Only the context: ``durable_mp``
+# itself imports its public names lazily, so a worker never loads the store (lmdb,
+# psutil), the dispatcher or the command line unless a branch asks for them.
+PRELOAD = ("durable_mp.context",)
 SERVER_MESSAGE_BYTES = 1 << 20  # one request or report on the fork server's socket
 _BOOT = ("import sys; sys.path.insert(0, {root!r}); "
          "from durable_mp.engine.start import {entry}; {entry}()")
