@@ -11,10 +11,10 @@ import time
 import traceback
 from types import ModuleType
 
-from durable_mp.bench import cpu, growth, memory, overhead, payload, recovery, replay, seed, start_methods
+from durable_mp.bench import cpu, growth, inputs, memory, overhead, payload, recovery, replay, seed, start_methods
 from durable_mp.bench.core import Runner, ScenarioResult
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (seed, cpu, overhead, payload, recovery, memory,
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (seed, cpu, overhead, payload, inputs, recovery, memory,
                                                         start_methods, growth, replay)}
 
 
