@@ -22,7 +22,7 @@ from typing import Any
 from durable_mp.core.spec import BatchSpec
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
-from durable_mp.engine import pickling
+from durable_mp.engine import pickling, wire
 from durable_mp.engine.branch import BranchSource
 from durable_mp.exceptions import SerDesError
 
@@ -76,17 +76,26 @@ def _padded(n: int) -> int:
 
 
 def _lay_out(sections: list[Any]) -> bytes:
-    """``sections`` end to end in one buffer, after a table of their lengths (one copy of each)."""
+    """``sections`` end to end in one buffer, after a table of their lengths (one copy of each).
+
+    A large payload is laid out in a memory file (``wire.MemoryFile``), which the pool hands
+    to the workers as it is; a small one in a ``bytearray``.  Both are bytes-like.
+    """
     views = [memoryview(section).cast("B") for section in sections]
-    head = _padded(len(_MAGIC) + _COUNT.size + _LENGTH.size * len(views))
-    out = bytearray(head + sum(_padded(v.nbytes) for v in views))
-    out[:len(_MAGIC)] = _MAGIC
-    _COUNT.pack_into(out, len(_MAGIC), len(views))
-    offset = head
+    head = bytearray(_padded(len(_MAGIC) + _COUNT.size + _LENGTH.size * len(views)))
+    head[:len(_MAGIC)] = _MAGIC
+    _COUNT.pack_into(head, len(_MAGIC), len(views))
+    writes: list[tuple[int, Any]] = [(0, head)]
+    offset = len(head)
     for k, view in enumerate(views):
-        _LENGTH.pack_into(out, len(_MAGIC) + _COUNT.size + _LENGTH.size * k, view.nbytes)
-        out[offset:offset + view.nbytes] = view
+        _LENGTH.pack_into(head, len(_MAGIC) + _COUNT.size + _LENGTH.size * k, view.nbytes)
+        writes.append((offset, view))
         offset += _padded(view.nbytes)
+    if offset >= wire.SHARE_BYTES and wire.can_share():
+        return wire.memory_file(offset, writes)  # type: ignore[return-value]  # bytes-like
+    out = bytearray(offset)
+    for at, data in writes:
+        out[at:at + data.nbytes if isinstance(data, memoryview) else at + len(data)] = data
     return out  # type: ignore[return-value]  # a bytearray: bytes-like, and not copied once more
 
 

@@ -56,7 +56,6 @@ __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
 QUIT_WAIT_SECONDS = 1.0
 PROGRESS_MASK = (1 << PROGRESS_SHIFT) - 1
-SHARE_BYTES = 1 << 20  # a batch payload above this reaches workers as a memory file, not through each pipe
 SHARED_KEPT = 4  # payloads kept shareable for workers that join a batch later (as the worker's cache)
 
 
@@ -79,7 +78,7 @@ class SharedPayloads:
     def for_chunk(self, msg: RunChunk) -> RunChunk:
         """``msg`` with its payload as a shared frame when it is large enough."""
         frame = msg.payload
-        if not self.enabled or frame.__class__ is not wire.Gather or frame.nbytes < SHARE_BYTES:
+        if not self.enabled or frame.__class__ is not wire.Gather or frame.nbytes < wire.SHARE_BYTES:
             return msg
         with self.lock:
             shared = self.by_token.get(msg.token)

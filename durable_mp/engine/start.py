@@ -38,6 +38,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from durable_mp.engine.state import CONTEXT_MODULE
 from durable_mp.engine.worker import IDLE, PARENT_CHECK_SECONDS, SLOT_FORMAT, worker_main
 
 START_METHODS = ("fork", "forkserver", "spawn")
@@ -47,7 +48,7 @@ SLOT_BYTES = 24  # three int64: running index, chunk progress, durable sleeps (e
 # imported here: the engine imports nothing above it.  Only the context: ``durable_mp``
 # itself imports its public names lazily, so a worker never loads the store (lmdb,
 # psutil), the dispatcher or the command line unless a branch asks for them.
-PRELOAD = ("durable_mp.context",)
+PRELOAD = (CONTEXT_MODULE,)
 SERVER_MESSAGE_BYTES = 1 << 20  # one request or report on the fork server's socket
 _BOOT = ("import sys; sys.path.insert(0, {root!r}); "
          "from durable_mp.engine.start import {entry}; {entry}()")

@@ -29,11 +29,13 @@ import pickle
 import select
 import socket
 import struct
+import weakref
 from typing import Any
 
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 
 OUT_OF_BAND_BYTES = 64 * 1024  # records above this size travel as their own frame
+SHARE_BYTES = 1 << 20  # a batch payload above this reaches local workers as a memory file (engine.pool)
 _COUNT = struct.Struct("!I")  # frames that follow | (descriptors that follow << _FD_SHIFT)
 _FD_SHIFT = 24
 _FRAMES = (1 << _FD_SHIFT) - 1
@@ -84,18 +86,54 @@ def can_share() -> bool:
     return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
 
 
+class MemoryFile(mmap.mmap):
+    """Bytes already in a memory file (read-only view of it): ``share`` passes its descriptor
+    as it is, without copying them; pickled (a Dask task's argument), it is their bytes."""
+
+    fd: int
+
+    def __reduce__(self) -> Any:
+        return bytes, (self[:],)
+
+
+def memory_file(size: int, writes: list[tuple[int, Any]]) -> MemoryFile:
+    """A new memory file of ``size`` bytes holding each ``(offset, buffer)`` of ``writes``.
+
+    Written with ``pwrite`` (the kernel copies into the file's pages; nothing is mapped
+    writable here); the descriptor is closed when the returned object is collected.
+    """
+    fd = os.memfd_create("durable_mp-payload")
+    try:
+        os.ftruncate(fd, size)
+        for offset, data in writes:
+            _pwrite_all(fd, memoryview(data).cast("B"), offset)
+        out = MemoryFile(fd, size, access=mmap.ACCESS_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    out.fd = fd
+    weakref.finalize(out, os.close, fd)
+    return out
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
+
+
 def share(frame: Gather) -> Shared:
-    """Write ``frame`` into a new memory file (one copy of its bytes, no pipe)."""
+    """``frame`` in a memory file: its own when it is one (``MemoryFile``), else written into a new one."""
+    if len(frame.parts) == 1 and frame.parts[0].obj.__class__ is MemoryFile:
+        return Shared(os.dup(frame.parts[0].obj.fd), frame.nbytes)
     fd = os.memfd_create("durable_mp-payload")
     try:
         os.ftruncate(fd, frame.nbytes)
         offset = 0
         for part in frame.parts:
-            view = part
-            while view.nbytes:
-                n = os.pwrite(fd, view, offset)
-                offset += n
-                view = view[n:]
+            _pwrite_all(fd, part, offset)
+            offset += part.nbytes
     except BaseException:
         os.close(fd)
         raise

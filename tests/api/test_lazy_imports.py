@@ -70,3 +70,14 @@ def test_the_callback_senders_keep_their_documented_home():
         assert getattr(callback, name) is getattr(callbacks, name)
     with pytest.raises(AttributeError):
         callback.no_such_sender  # noqa: B018
+
+
+@pytest.mark.timeout(90)
+def test_a_process_that_never_imported_the_context_still_builds_branch_contexts():
+    """A Dask worker imports the engine, not ``durable_mp.context``; the engine imports it by name."""
+    program = ("import sys; from durable_mp.engine.state import context_factory; "
+               "assert 'durable_mp.context' not in sys.modules; print(context_factory().__name__)")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         cwd=str(durable_mp.__path__[0] + "/.."))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "DurableContext"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import socket
 
 import numpy as np
@@ -109,3 +110,21 @@ def test_a_map_over_large_inputs_shares_them_and_closes_the_memory_files(method,
     assert {kind for _, kind in out} == {"mmap"}  # views of the mapped payload
     assert all(float(r[0]) == float(i) for i, r in enumerate(rows))  # the driver's arrays are untouched
     assert _memfds() == before  # the pool closed its payload files
+
+
+@pytest.mark.process_free
+def test_a_large_payload_is_built_in_a_memory_file_that_is_shared_as_it_is():
+    rows = [np.full(ROW, i, dtype=np.float64) for i in range(3)]
+    spec = BatchSpec(op_id="op", sub_type="Map", item_sub_type="MapIteration", name=None, n=3, names=None,
+                     funcs=None, func=_identity, inputs=rows, item_serdes=None, max_concurrency=None,
+                     branch_timeout=None, policy=None)
+    payload = build_payload(spec, lambda index, error: pytest.fail(f"item {index}: {error}"))
+    assert isinstance(payload, wire.MemoryFile)
+    shared = wire.share(wire.big([payload]))
+    try:
+        assert os.fstat(shared.fd).st_ino == os.fstat(payload.fd).st_ino  # the same file: no copy
+    finally:
+        shared.close()
+    as_bytes = pickle.loads(pickle.dumps(payload))  # what a Dask task receives
+    assert type(as_bytes) is bytes and as_bytes == payload[:]
+    assert [float(r[7]) for r in load_source(as_bytes, "exec").inputs] == [0.0, 1.0, 2.0]
