@@ -28,9 +28,7 @@ import os
 import select
 import signal
 import sys
-import threading
 import time
-from collections import OrderedDict
 from multiprocessing import Pipe
 from typing import Any
 
@@ -56,56 +54,14 @@ __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
 QUIT_WAIT_SECONDS = 1.0
 PROGRESS_MASK = (1 << PROGRESS_SHIFT) - 1
-SHARED_KEPT = 4  # payloads kept shareable for workers that join a batch later (as the worker's cache)
-
-
-class SharedPayloads:
-    """Batch payloads written once into memory files (``wire.Shared``), by batch token.
-
-    A map over large inputs ships the whole input list to every worker (the reference hands
-    each item all of them).  Through the pipes that is one copy per worker through the
-    kernel and a read into a fresh buffer; as a memory file it is one copy in the driver and
-    a copy-on-write mapping in each worker.  The newest ``SHARED_KEPT`` stay open for a
-    worker that gets its first chunk of a batch later (a replacement after a crash);
-    closing an older one costs nothing to the workers that received it.
-    """
-
-    def __init__(self) -> None:
-        self.by_token: OrderedDict[str, wire.Shared] = OrderedDict()
-        self.lock = threading.Lock()
-        self.enabled = wire.can_share()
-
-    def for_chunk(self, msg: RunChunk) -> RunChunk:
-        """``msg`` with its payload as a shared frame when it is large enough."""
-        frame = msg.payload
-        if not self.enabled or frame.__class__ is not wire.Gather or frame.nbytes < wire.SHARE_BYTES:
-            return msg
-        with self.lock:
-            shared = self.by_token.get(msg.token)
-            if shared is None:
-                shared = self.by_token[msg.token] = wire.share(frame)
-                while len(self.by_token) > SHARED_KEPT:
-                    self.by_token.popitem(last=False)[1].close()
-            else:
-                self.by_token.move_to_end(msg.token)
-        return msg._replace(payload=shared)
-
-    def close(self) -> None:
-        with self.lock:
-            for shared in self.by_token.values():
-                shared.close()
-            self.by_token.clear()
-
-
 class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
     __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watches", "proc", "cpu_mark",
-                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence", "shared")
+                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence")
 
-    def __init__(self, pid: int, conn: Any, slot: mmap.mmap, shared: SharedPayloads | None = None) -> None:
+    def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
-        self.shared = shared
         self.conn = conn
         self.slot = slot
         self.index_view = memoryview(slot).cast(SLOT_FORMAT)
@@ -130,10 +86,16 @@ class Worker:
         # only a chunk carrying the batch payload has an out-of-band frame: every other message
         # takes the C pickler (the frame-aware one calls back into Python for every object)
         gathered = msg.__class__ is RunChunk and msg.payload is not None
-        if gathered and self.shared is not None:
-            msg = self.shared.for_chunk(msg)
         self.used = True
-        wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
+        shared = wire.shared_frame(msg.payload) if gathered else None
+        if shared is None:
+            wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
+            return
+        # a large payload is in a memory file: its descriptor travels, not its bytes (wire.Shared)
+        try:
+            wire.send(self.conn, msg._replace(payload=shared), gathered=True, sentinel=self.sentinel)
+        finally:
+            shared.close()
 
     def recv(self) -> Any:
         """The worker's next message; ``ProtocolError`` if it is not the one numbered next."""
@@ -263,7 +225,6 @@ class WorkerPool:
         self.server: ForkServer | None = None
         self.requested: list[tuple[Any, mmap.mmap]] = []  # (pipe, slot) of fork-server workers not answered yet
         self.quitting: list[Worker] = []  # asked to quit by begin_close, not yet reaped
-        self.shared = SharedPayloads()
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -280,7 +241,7 @@ class WorkerPool:
         return self._add(pid, conn, slot)
 
     def _add(self, pid: int, conn: Any, slot: mmap.mmap) -> Worker:
-        worker = Worker(pid, conn, slot, self.shared)
+        worker = Worker(pid, conn, slot)
         worker.move(WorkerState.IDLE)
         self.workers.append(worker)
         self.spawned += 1
@@ -363,7 +324,6 @@ class WorkerPool:
                 parent_conn.close()
                 for other in self.workers:
                     other.close_handles()
-                self.shared.close()  # the driver's descriptors: a worker gets its payloads sent
                 if self.server is not None:
                     self.server.sock.close()
                 worker_main(child_conn, slot, self.parent_pid, self.settings)
@@ -479,7 +439,6 @@ class WorkerPool:
         for worker in list(self.workers):
             self.kill(worker)
         self.reap_zombies(wait_seconds=KILL_WAIT_SECONDS * 10)
-        self.shared.close()
         if self.server is not None:
             if self.requested:  # a server still booting: do not wait for it, its workers die with it
                 self.server.kill()

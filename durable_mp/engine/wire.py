@@ -8,10 +8,10 @@ straight from its buffers (a numpy result is sent from the array's own memory, s
 refers to such a frame by number (pickle's persistent ids).  Frames use
 ``Connection``'s own framing (``!i`` length, ``-1`` + ``!Q`` for huge ones).
 
-A frame of many megabytes (a batch payload holding large map inputs) can travel as a
-``Shared`` frame instead: written once into a memory file (``memfd``) whose descriptor is
-passed over the Unix socket (``SCM_RIGHTS``), so every worker maps the same pages instead
-of reading its own copy through its pipe.  The receiver maps it copy-on-write: what a
+A frame of many megabytes (a batch payload holding large map inputs) is built in a memory
+file (``memfd``, ``MemoryFile``) and travels as a ``Shared`` frame: its descriptor passed
+over the Unix socket (``SCM_RIGHTS``), so every worker maps the same pages instead of
+reading its own copy through its pipe.  The receiver maps it copy-on-write: what a
 branch does to its view never reaches another worker.
 
 The driver's end of each pipe is non-blocking and every read or write there also
@@ -35,7 +35,7 @@ from typing import Any
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 
 OUT_OF_BAND_BYTES = 64 * 1024  # records above this size travel as their own frame
-SHARE_BYTES = 1 << 20  # a batch payload above this reaches local workers as a memory file (engine.pool)
+SHARE_BYTES = 1 << 20  # a batch payload from this size on is built in a memory file (engine.payload)
 _COUNT = struct.Struct("!I")  # frames that follow | (descriptors that follow << _FD_SHIFT)
 _FD_SHIFT = 24
 _FRAMES = (1 << _FD_SHIFT) - 1
@@ -65,8 +65,8 @@ def big(parts: list[Any]) -> Any:
 class Shared:
     """A frame in a memory file, sent as its descriptor; the receiver gets a copy-on-write ``mmap``.
 
-    The sender keeps ``fd`` open while it may send the frame again and then closes it; a
-    descriptor in flight, and every receiver's mapping, keep the pages alive on their own.
+    The sender closes its descriptor once the message is sent: a descriptor in flight, and
+    every receiver's mapping, keep the pages alive on their own.
     """
 
     __slots__ = ("fd", "nbytes")
@@ -123,21 +123,11 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view = view[n:]
 
 
-def share(frame: Gather) -> Shared:
-    """``frame`` in a memory file: its own when it is one (``MemoryFile``), else written into a new one."""
-    if len(frame.parts) == 1 and frame.parts[0].obj.__class__ is MemoryFile:
-        return Shared(os.dup(frame.parts[0].obj.fd), frame.nbytes)
-    fd = os.memfd_create("durable_mp-payload")
-    try:
-        os.ftruncate(fd, frame.nbytes)
-        offset = 0
-        for part in frame.parts:
-            _pwrite_all(fd, part, offset)
-            offset += part.nbytes
-    except BaseException:
-        os.close(fd)
-        raise
-    return Shared(fd, frame.nbytes)
+def shared_frame(frame: Any) -> Shared | None:
+    """A ``Shared`` frame (a new descriptor of the same file) for a ``Gather`` of a ``MemoryFile``, else None."""
+    if frame.__class__ is not Gather or len(frame.parts) != 1 or frame.parts[0].obj.__class__ is not MemoryFile:
+        return None
+    return Shared(os.dup(frame.parts[0].obj.fd), frame.nbytes)
 
 
 class _Pickler(pickle.Pickler):

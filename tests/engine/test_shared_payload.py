@@ -1,7 +1,7 @@
 """Large map inputs reach the workers as one memory file, not through every pipe (issue 23 target 3).
 
 A map hands each item the whole input list (the reference's contract), so every worker
-gets the batch payload.  Above ``pool.SHARE_BYTES`` it is written once into a memfd whose
+gets the batch payload.  From ``wire.SHARE_BYTES`` on it is built in a memfd whose
 descriptor is passed over the socket; each worker maps it copy-on-write, and the map
 inputs are views of that mapping (their buffers pickled out of band), not copies.
 """
@@ -42,12 +42,16 @@ def test_a_shared_frame_arrives_as_a_private_copy_on_write_mapping():
     a, b = socket.socketpair()
     try:
         data = bytes(range(256)) * 8192  # 2 MiB
-        shared = wire.share(wire.Gather([data[:1000], data[1000:]]))
-        try:
-            wire.send(a, {"payload": shared, "n": 1}, gathered=True)
-            wire.send(a, {"payload": shared, "n": 2}, gathered=True)  # the same descriptor, sent again
-        finally:
-            shared.close()
+        file = wire.memory_file(len(data), [(0, data[:1000]), (1000, data[1000:])])
+        assert file[:] == data
+        for n in (1, 2):  # the same file, sent twice
+            shared = wire.shared_frame(wire.big([file]))
+            assert shared is not None
+            try:
+                wire.send(a, {"payload": shared, "n": n}, gathered=True)
+            finally:
+                shared.close()
+        assert wire.shared_frame(wire.big([data])) is None  # bytes travel through the pipe
         first, second = wire.recv(b), wire.recv(b)
         assert (first["n"], second["n"]) == (1, 2)
         assert bytes(first["payload"]) == data and bytes(second["payload"]) == data
@@ -109,7 +113,7 @@ def test_a_map_over_large_inputs_shares_them_and_closes_the_memory_files(method,
     assert [value for value, _ in out] == [float(i) for i in range(6)]
     assert {kind for _, kind in out} == {"mmap"}  # views of the mapped payload
     assert all(float(r[0]) == float(i) for i, r in enumerate(rows))  # the driver's arrays are untouched
-    assert _memfds() == before  # the pool closed its payload files
+    assert _memfds() == before  # no payload file outlives its batch in the driver
 
 
 @pytest.mark.process_free
@@ -120,7 +124,8 @@ def test_a_large_payload_is_built_in_a_memory_file_that_is_shared_as_it_is():
                      branch_timeout=None, policy=None)
     payload = build_payload(spec, lambda index, error: pytest.fail(f"item {index}: {error}"))
     assert isinstance(payload, wire.MemoryFile)
-    shared = wire.share(wire.big([payload]))
+    shared = wire.shared_frame(wire.big([payload]))
+    assert shared is not None
     try:
         assert os.fstat(shared.fd).st_ino == os.fstat(payload.fd).st_ino  # the same file: no copy
     finally:
