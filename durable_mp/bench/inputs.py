@@ -14,6 +14,8 @@ Target: durable_mp wall <= 1.2x PPE's.
 
 from __future__ import annotations
 
+from typing import Any
+
 from durable_mp import durable_execution
 from durable_mp.bench import limits
 from durable_mp.bench.core import (
@@ -60,11 +62,14 @@ def light_item(ctx, row, index: int, inputs: list) -> float:
     return light(row)
 
 
-@durable_execution
-def map_handler(event: dict, context) -> list[float]:
-    result = context.map(event["rows"], light_item, name="inputs")
-    result.throw_if_error()
-    return result.get_results()
+def map_handler(rows: list) -> Any:
+    """A handler mapping over ``rows`` (closed over: an event would be stored with the execution)."""
+    @durable_execution
+    def handler(event: None, context) -> list[float]:
+        result = context.map(rows, light_item, name="inputs")
+        result.throw_if_error()
+        return result.get_results()
+    return handler
 
 
 def run(p: dict, runner: Runner) -> ScenarioResult:
@@ -78,6 +83,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     rows = make_rows(p["rows"], p["row_mb"])
     expected = [light(r) for r in rows]
     joblib = joblib_or_none()
+    handler = map_handler(rows)
     mb = float(p["rows"] * p["row_mb"])
 
     def pool() -> Sample:
@@ -97,7 +103,7 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         return Sample(limits.pipe_seconds(rows))
 
     def durable() -> Sample:
-        wall, out, _ = run_durable(map_handler, {"rows": rows}, NAME, max_workers=n)
+        wall, out, _ = run_durable(handler, None, NAME, max_workers=n)
         check(out == expected, "durable_mp map results differ")
         return Sample(wall)
 
