@@ -18,6 +18,7 @@ on a Dask cluster; ``cli`` is the command line.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -149,6 +150,10 @@ def __getattr__(name: str) -> Any:
     """Import a public name's module the first time the name is asked for (PEP 562)."""
     module = _HOME_OF.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"durable_mp.{name}") is not None:
+            # ``import durable_mp; durable_mp.config.StepConfig`` worked while this file imported
+            # everything: a submodule asked for as an attribute is imported here
+            return importlib.import_module(f"durable_mp.{name}")
         raise AttributeError(f"module 'durable_mp' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups find it without coming here

@@ -55,6 +55,16 @@ def test_public_names_are_the_objects_of_their_modules():
     assert set(durable_mp.__all__) <= set(dir(durable_mp))
 
 
+@pytest.mark.timeout(90)
+def test_a_submodule_is_reachable_as_an_attribute_as_when_everything_was_imported():
+    program = ("import durable_mp; print(durable_mp.config.StepConfig.__name__, "
+               "durable_mp.serdes.PickleSerDes.__name__)")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         cwd=str(durable_mp.__path__[0] + "/.."))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["StepConfig", "PickleSerDes"]
+
+
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         durable_mp.no_such_name  # noqa: B018
