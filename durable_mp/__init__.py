@@ -15,54 +15,85 @@ reads executions through ``core`` and ``store`` only; ``backends.dask`` runs bra
 on a Dask cluster; ``cli`` is the command line.
 """
 
-from durable_mp.concurrency.models import (
-    BatchCompletionError,
-    BatchItem,
-    BatchItemStatus,
-    BatchResult,
-    CompletionDecision,
-    CompletionItemStatus,
-    CompletionOutcome,
-    CompletionReason,
-    CompletionStatus,
-    complete_batch,
-    continue_batch,
-)
-from durable_mp.context import DurableContext, ParallelBranch
-from durable_mp.decorators import (
-    durable_parallel_branch,
-    durable_step,
-    durable_wait_for_callback,
-    durable_with_child_context,
-)
-from durable_mp.exceptions import (
-    ChildContextError,
-    DurableExecutionsError,
-    DurableOperationError,
-    ExecutionError,
-    ExecutionFailedError,
-    ExecutionLockedError,
-    InvalidStateError,
-    MemoryLimitExceededError,
-    NonDeterministicExecutionError,
-    SerDesError,
-    StepError,
-    StepInterruptedError,
-    StepTimeoutError,
-    StoreError,
-    ValidationError,
-    WaitForConditionError,
-    WorkerCrashedError,
-)
-from durable_mp.execution import DurableFunction, durable_execution
-from durable_mp.lambda_service import ErrorObject, InvocationStatus
-from durable_mp.pmap import (
-    file_content_key,
-    file_key,
-    map,  # noqa: A004 - durable_mp.map, as Executor.map
-)
-from durable_mp.retries import WithRetryConfig, with_retry
-from durable_mp.types import StepContext
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from durable_mp.concurrency.models import (
+        BatchCompletionError,
+        BatchItem,
+        BatchItemStatus,
+        BatchResult,
+        CompletionDecision,
+        CompletionItemStatus,
+        CompletionOutcome,
+        CompletionReason,
+        CompletionStatus,
+        complete_batch,
+        continue_batch,
+    )
+    from durable_mp.context import DurableContext, ParallelBranch
+    from durable_mp.decorators import (
+        durable_parallel_branch,
+        durable_step,
+        durable_wait_for_callback,
+        durable_with_child_context,
+    )
+    from durable_mp.exceptions import (
+        ChildContextError,
+        DurableExecutionsError,
+        DurableOperationError,
+        ExecutionError,
+        ExecutionFailedError,
+        ExecutionLockedError,
+        InvalidStateError,
+        MemoryLimitExceededError,
+        NonDeterministicExecutionError,
+        SerDesError,
+        StepError,
+        StepInterruptedError,
+        StepTimeoutError,
+        StoreError,
+        ValidationError,
+        WaitForConditionError,
+        WorkerCrashedError,
+    )
+    from durable_mp.execution import DurableFunction, durable_execution
+    from durable_mp.lambda_service import ErrorObject, InvocationStatus
+    from durable_mp.pmap import (
+        file_content_key,
+        file_key,
+        map,  # noqa: A004 - durable_mp.map, as Executor.map
+    )
+    from durable_mp.retries import WithRetryConfig, with_retry
+    from durable_mp.types import StepContext
+
+# Each public name and the module it lives in.  They are imported on first use (PEP 562),
+# so ``import durable_mp`` -- which a worker does before it runs a branch, and which every
+# ``durable_mp.x`` submodule import implies -- costs almost nothing; a spawned worker or
+# fork server imports only the modules it needs (engine.start.PRELOAD).
+_HOMES: dict[str, tuple[str, ...]] = {
+    "durable_mp.concurrency.models": ("BatchCompletionError", "BatchItem", "BatchItemStatus", "BatchResult",
+                                      "CompletionDecision", "CompletionItemStatus", "CompletionOutcome",
+                                      "CompletionReason", "CompletionStatus", "complete_batch", "continue_batch"),
+    "durable_mp.context": ("DurableContext", "ParallelBranch"),
+    "durable_mp.decorators": ("durable_parallel_branch", "durable_step", "durable_wait_for_callback",
+                              "durable_with_child_context"),
+    "durable_mp.exceptions": ("ChildContextError", "DurableExecutionsError", "DurableOperationError",
+                              "ExecutionError", "ExecutionFailedError", "ExecutionLockedError", "InvalidStateError",
+                              "MemoryLimitExceededError", "NonDeterministicExecutionError", "SerDesError",
+                              "StepError", "StepInterruptedError", "StepTimeoutError", "StoreError",
+                              "ValidationError", "WaitForConditionError", "WorkerCrashedError"),
+    "durable_mp.execution": ("DurableFunction", "durable_execution"),
+    "durable_mp.lambda_service": ("ErrorObject", "InvocationStatus"),
+    "durable_mp.pmap": ("file_content_key", "file_key", "map"),
+    "durable_mp.retries": ("WithRetryConfig", "with_retry"),
+    "durable_mp.types": ("StepContext",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -113,3 +144,21 @@ __all__ = [
     "file_content_key",
     "with_retry",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module the first time the name is asked for (PEP 562)."""
+    module = _HOME_OF.get(name)
+    if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"durable_mp.{name}") is not None:
+            # ``import durable_mp; durable_mp.config.StepConfig`` worked while this file imported
+            # everything: a submodule asked for as an attribute is imported here
+            return importlib.import_module(f"durable_mp.{name}")
+        raise AttributeError(f"module 'durable_mp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME_OF))

@@ -60,6 +60,8 @@ R = TypeVar("R")
 ID_PREFIX = "map"
 DIGEST_BYTES = 8  # 16 hex characters, as default handler ids
 NAME_CHARS = 40  # of the readable part of a derived id
+PARALLEL_HASH_BYTES = 1 << 20  # items from this size on are hashed on several threads
+HASH_THREADS = 4
 
 
 class _CallPlain:
@@ -95,17 +97,37 @@ def _computation(func: Callable[..., Any], name: str | None) -> bytes:
 
 
 def _item_keys(values: list[Any], key: Callable[[Any], Any] | None) -> bytes:
-    """Every item's key digest, ``DIGEST_BYTES`` each, in input order."""
-    out = bytearray()
-    for index, item in enumerate(values):
-        try:
-            out += value_digest(key(item) if key is not None else item, f"item {index}")
-        except NotHashableError as exc:
-            hint = ("the key= function must return a plain value (text, numbers, tuples, bytes)" if key is not None
-                    else "pass key=... to name each item by something hashable (an item that cannot be pickled "
-                         "cannot reach a worker process either)")
-            raise ValidationError(f"durable_mp.map: {exc}; {hint}") from None
-    return bytes(out)
+    """Every item's key digest, ``DIGEST_BYTES`` each, in input order.
+
+    Large items (numpy arrays, bytes) are hashed on a few threads: hashlib releases the GIL
+    while it hashes a large buffer, and the workers are not running yet.  The digests are
+    the same either way.
+    """
+    def digest(index: int) -> bytes:
+        item = values[index]
+        return value_digest(key(item) if key is not None else item, f"item {index}")
+
+    threads = min(HASH_THREADS, os.cpu_count() or 1, len(values))
+    try:
+        if key is None and threads > 1 and _nbytes(values[0]) >= PARALLEL_HASH_BYTES:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads, thread_name_prefix="durable_mp-hash") as pool:
+                return b"".join(pool.map(digest, range(len(values))))  # the first failure in input order
+        return b"".join([digest(index) for index in range(len(values))])
+    except NotHashableError as exc:
+        hint = ("the key= function must return a plain value (text, numbers, tuples, bytes)" if key is not None
+                else "pass key=... to name each item by something hashable (an item that cannot be pickled "
+                     "cannot reach a worker process either)")
+        raise ValidationError(f"durable_mp.map: {exc}; {hint}") from None
+
+
+def _nbytes(value: Any) -> int:
+    """The size of a buffer-like item (a numpy array, bytes), 0 for anything else."""
+    if type(value) in (bytes, bytearray):
+        return len(value)
+    nbytes = getattr(value, "nbytes", 0)
+    return nbytes if type(nbytes) is int else 0
 
 
 def _label_of(func: Callable[..., Any], name: str | None) -> str:

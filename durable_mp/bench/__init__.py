@@ -4,37 +4,35 @@ Each scenario is one module with ``NAME``, ``TITLE``, ``params(quick) -> dict`` 
 ``run(params, runner) -> ScenarioResult``; ``SCENARIOS`` lists them in the order they run.
 ``run_scenario`` runs one and turns an exception into the result's ``error`` (a slow
 result is never an error; a wrong one is).  See ``bench/README.md``.
+
+The names below are imported on first use (PEP 562): a worker that unpickles a bench
+item imports this package, and must not pay for every scenario (``bench.scenarios``).
 """
 
 from __future__ import annotations
 
-import time
-import traceback
-from types import ModuleType
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from durable_mp.bench import cpu, growth, memory, overhead, payload, recovery, replay, seed, start_methods
-from durable_mp.bench.core import BenchError, Progress, Runner, ScenarioResult, Target
-
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (seed, cpu, overhead, payload, recovery, memory,
-                                                        start_methods, growth, replay)}
+if TYPE_CHECKING:
+    from durable_mp.bench.core import BenchError, Progress, Runner, ScenarioResult, Target
+    from durable_mp.bench.scenarios import SCENARIOS, run_scenario
 
 DEFAULT_REPEATS = 5
 QUICK_REPEATS = 3
 
+_HOME_OF = {"SCENARIOS": "durable_mp.bench.scenarios", "run_scenario": "durable_mp.bench.scenarios",
+            **{name: "durable_mp.bench.core" for name in ("BenchError", "Progress", "Runner", "ScenarioResult",
+                                                           "Target")}}
 
-def run_scenario(name: str, runner: Runner, *, quick: bool = False, params: dict | None = None) -> ScenarioResult:
-    """Run scenario ``name`` with its (quick) parameters, updated by ``params``."""
-    module = SCENARIOS[name]
-    p = module.params(quick)
-    p.update(params or {})
-    t0 = time.monotonic()
-    try:
-        res = module.run(p, runner)
-    except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others' numbers
-        res = ScenarioResult(name, module.TITLE, p)
-        res.error = "".join(traceback.format_exception(exc))
-    res.seconds = time.monotonic() - t0
-    return res
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'durable_mp.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = ["SCENARIOS", "DEFAULT_REPEATS", "QUICK_REPEATS", "BenchError", "Progress", "Runner", "ScenarioResult",

@@ -4,13 +4,19 @@ What is left when the work is nothing: durable_mp's per-item cost (ship the item
 pipe, group commit) against ``ProcessPoolExecutor.map`` with a good chunksize and joblib's
 auto batching, neither of which records anything.  The store's record count after the run
 shows that each item really got its own checkpoint.  Target (issue 11): >= 200,000 items/s.
+
+The physical limit beside it (issue 23 target 6, ``bench.limits``): LMDB alone, putting as
+many records of an item record's size, all in one synced commit (perfect group commit), and
+the cost of one synced commit per record (no batching, in the facts, per record).
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 
 from durable_mp import durable_execution
+from durable_mp.bench import limits
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, count_records,
                                    joblib_or_none, joblib_parallel, ppe, run_durable, run_map, stop_helpers, timed,
                                    timed_cpu,
@@ -22,6 +28,7 @@ TITLE = "map over trivial items: per-item overhead"
 # A repeat takes a fraction of a second, so one burst of load elsewhere could hit them all:
 # this scenario runs this many times the requested repeats, spread over a longer stretch.
 REPEAT_FACTOR = 3
+COMMITS = 200  # synced LMDB commits timed for the per-record cost
 
 
 def params(quick: bool) -> dict:
@@ -93,6 +100,12 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
             check(out == expected, "durable_mp.map() results differ")
         return Sample(wall, per_item_cpu(cpu, len(todo)))
 
+    record_bytes = 100  # about an item's record: header, key, a small pickled result
+    scratch = tempfile.gettempdir()  # where run_durable makes its stores
+
+    def lmdb_batch(count=len(items)) -> Sample:
+        return Sample(limits.lmdb_commit_seconds(count, record_bytes, scratch, per_record=False))
+
     work = dict(work=len(items), unit="items")
     rows = []
     try:
@@ -101,6 +114,8 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
                     note=f"chunksize={chunksize}, executor started inside the timing"),
             Variant("joblib", with_joblib if joblib else None, lambda: with_joblib(items[:100]), **work,
                     skipped=None if joblib else "joblib is not installed", note="batch_size='auto', loky reused"),
+            Variant("lmdb (one commit)", lmdb_batch, lambda: lmdb_batch(100), **work,
+                    note=f"limit: as many {record_bytes}-byte records put into LMDB, one synced commit"),
             Variant("durable_mp.map", durable, lambda: durable(100), **work, note="every item checkpointed"),
             Variant("durable_mp.map()", public_map, lambda: public_map(items[:100]), **work,
                     note="the public call: identity and item keys hashed, every item checkpointed"),
@@ -114,5 +129,10 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
     for name, row in (("durable_mp", dmp), ("ppe", res.row("ppe"))):
         for part in ("driver", "workers"):
             res.facts[f"{name}: {part} CPU per item, start-up included (us, median)"] = _round(row.info_median(part))
+    per_commit = limits.lmdb_commit_seconds(COMMITS, record_bytes, scratch, per_record=True) / COMMITS
+    res.facts["lmdb: one synced commit per record (us per record)"] = round(per_commit * 1e6, 1)
+    batch = res.row("lmdb (one commit)")
+    res.facts["durable_mp.map wall / lmdb one-commit limit wall"] = limits.ratio(
+        dmp.median, batch.median if batch else None)
     res.targets.append(Target("overhead: durable_mp.map items/s", dmp.throughput, 200_000, ">=", "items/s"))
     return res

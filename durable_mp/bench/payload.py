@@ -25,6 +25,11 @@ durable_mp also makes the arrays, pickles them and moves them through the pipes
 (ProcessPoolExecutor's work) on the same two cores.
 
 Target (issue #11): durable_mp MB/s >= 0.9x ``min(ppe, fdatasync)`` MB/s, for 1 MB and 16 MB.
+
+Two more physical limits beside them (issue 23 target 6, ``bench.limits``): ``pipe``, the
+same bytes through one raw Pipe to a reading child (what PPE's transfer is bounded by), and
+``fdatasync (batch)``, the same bytes written with a single ``fdatasync`` for the batch.
+The facts give durable_mp's distance from each (its wall over the limit's).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import shutil
 import tempfile
 
 from durable_mp import durable_execution
+from durable_mp.bench import limits
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, joblib_or_none,
                                    joblib_parallel, ppe, run_durable, run_map, stop_helpers, timed, workers)
 
@@ -140,6 +146,14 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
             arrays = [committed_bytes(j) for j in jobs]  # made outside the timing: only the disk is timed
             return Sample(fdatasync_write(arrays))
 
+        def disk_batch(jobs=jobs) -> Sample:
+            arrays = [committed_bytes(j) for j in jobs]
+            return Sample(limits.fdatasync_batch_seconds(arrays, store_parent()))
+
+        def pipe(jobs=jobs) -> Sample:
+            arrays = [b"".join(bytes(memoryview(part).cast("B")) for part in committed_bytes(j)) for j in jobs]
+            return Sample(limits.pipe_seconds(arrays))
+
         def durable(mb=mb, count=count, expected=expected) -> Sample:
             wall, out, _ = run_durable(map_handler, {"mb": mb, "count": count}, NAME, max_workers=n)
             check(out == expected, "durable_mp arrays differ")
@@ -157,6 +171,10 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
                     **work, skipped=None if joblib else "joblib is not installed"),
             Variant("fdatasync", disk, disk if not variants else None, **work,
                     note="the same bytes written + fdatasync'd per array, store's file system"),
+            Variant("fdatasync (batch)", disk_batch, disk_batch if not variants else None, **work,
+                    note="limit: the same bytes, one fdatasync for the whole batch"),
+            Variant("pipe", pipe, pipe if not variants else None, **work,
+                    note="limit: the same bytes through one raw Pipe to a reader"),
             Variant("durable_mp.map", durable, durable if not variants else None, **work,
                     note="each array committed (blob file, then its LMDB reference)"),
             Variant("durable_mp.map()", public_map, public_map if not variants else None, **work,
@@ -189,4 +207,9 @@ def run(p: dict, runner: Runner) -> ScenarioResult:
         limit = None if ratio is None or disk is None else max(ratio, disk)
         res.targets.append(Target(f"payload: {group} durable_mp MB/s / min(ppe, fdatasync) MB/s", limit, 0.9,
                                   ">=", "x"))
+        dmp = res.row("durable_mp.map", group)
+        for limit_name in ("pipe", "fdatasync (batch)"):
+            row = res.row(limit_name, group)
+            res.facts[f"{group}: durable_mp wall / {limit_name} limit wall"] = limits.ratio(
+                dmp.median if dmp else None, row.median if row else None)
     return res

@@ -2,6 +2,10 @@
 
 Built once per batch in the driver and sent once to each worker (the reference's map
 hands every item the whole input sequence, so the inputs must not travel per item).
+The map inputs are pickled with their large buffers (numpy arrays) out of band, laid
+end to end after the pickle stream: building the payload copies an array once, and a
+worker's inputs are views of the payload it received (a copy-on-write mapping of a
+memory file for a large one, ``wire.Shared``), not copies unpickled out of it.
 Everything is cloudpickled up front, so an unpicklable branch or map item is found in
 the driver and fails only itself, with a message naming it.  In the worker, parallel
 branches are unpickled one by one on first use, so one that cannot be loaded there fails
@@ -11,17 +15,22 @@ alone too.
 from __future__ import annotations
 
 import pickle
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from durable_mp.core.spec import BatchSpec
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
-from durable_mp.engine import pickling
+from durable_mp.engine import pickling, wire
 from durable_mp.engine.branch import BranchSource
 from durable_mp.exceptions import SerDesError
 
 SHARED_PAYLOAD_BYTES = 4 * 2**20  # above this, branches sharing objects are pickled together
+_MAGIC = b"DMPP"  # a payload: _MAGIC, section count, section lengths, then the sections (each aligned)
+_COUNT = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
+_ALIGN = 64  # an out-of-band array starts on a cache line (and on its dtype's alignment)
 
 
 def _unpicklable(what: str, obj: Any, exc: Exception) -> SerDesError:
@@ -57,8 +66,52 @@ def build_payload(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> by
         except Exception as exc:  # noqa: BLE001
             raise SerDesError(f"map function {getattr(spec.func, '__name__', spec.func)!r} cannot be pickled "
                               f"for the worker processes: {type(exc).__name__}: {safe_str(exc)}") from exc
-        meta["inputs"] = _pickle_inputs(spec, fail)
-    return pickle.dumps(meta, protocol=PICKLE_PROTOCOL)
+        stream, buffers = _pickle_inputs(spec, fail)
+        return _lay_out([pickle.dumps(meta, protocol=PICKLE_PROTOCOL), stream, *buffers])
+    return _lay_out([pickle.dumps(meta, protocol=PICKLE_PROTOCOL)])
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _lay_out(sections: list[Any]) -> bytes:
+    """``sections`` end to end in one buffer, after a table of their lengths (one copy of each).
+
+    A large payload is laid out in a memory file (``wire.MemoryFile``), which the pool hands
+    to the workers as it is; a small one in a ``bytearray``.  Both are bytes-like.
+    """
+    views = [memoryview(section).cast("B") for section in sections]
+    head = bytearray(_padded(len(_MAGIC) + _COUNT.size + _LENGTH.size * len(views)))
+    head[:len(_MAGIC)] = _MAGIC
+    _COUNT.pack_into(head, len(_MAGIC), len(views))
+    writes: list[tuple[int, Any]] = [(0, head)]
+    offset = len(head)
+    for k, view in enumerate(views):
+        _LENGTH.pack_into(head, len(_MAGIC) + _COUNT.size + _LENGTH.size * k, view.nbytes)
+        writes.append((offset, view))
+        offset += _padded(view.nbytes)
+    if offset >= wire.SHARE_BYTES and wire.can_share():
+        return wire.memory_file(offset, writes)  # type: ignore[return-value]  # bytes-like
+    out = bytearray(offset)
+    for at, data in writes:
+        out[at:at + data.nbytes if isinstance(data, memoryview) else at + len(data)] = data
+    return out  # type: ignore[return-value]  # a bytearray: bytes-like, and not copied once more
+
+
+def _sections(payload: Any) -> list[memoryview]:
+    """The sections ``_lay_out`` wrote, as views of ``payload`` (no copy)."""
+    view = memoryview(payload).cast("B")
+    if bytes(view[:len(_MAGIC)]) != _MAGIC:
+        raise ValueError("not a durable_mp batch payload")
+    (count,) = _COUNT.unpack_from(view, len(_MAGIC))
+    offset = _padded(len(_MAGIC) + _COUNT.size + _LENGTH.size * count)
+    out = []
+    for k in range(count):
+        (n,) = _LENGTH.unpack_from(view, len(_MAGIC) + _COUNT.size + _LENGTH.size * k)
+        out.append(view[offset:offset + n])
+        offset += _padded(n)
+    return out
 
 
 def _share_closures(funcs: list[Any], blobs: list[bytes | None]) -> list[bytes | None] | bytes:
@@ -79,11 +132,12 @@ def _share_closures(funcs: list[Any], blobs: list[bytes | None]) -> list[bytes |
     return together if 2 * len(together) < total else blobs
 
 
-def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> bytes:
+def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> tuple[bytes, list[Any]]:
+    """The inputs' pickle stream and their out-of-band buffers (views of the arrays, not copies)."""
     inputs = spec.inputs
     assert inputs is not None
     try:
-        return pickling.dumps(inputs)
+        return pickling.dumps_out_of_band(inputs)
     except Exception:  # noqa: BLE001 - find the culprits, fail only them
         cleaned = list(inputs)
         for index, item in enumerate(inputs):
@@ -92,7 +146,7 @@ def _pickle_inputs(spec: BatchSpec, fail: Callable[[int, Exception], None]) -> b
             except Exception as exc:  # noqa: BLE001
                 cleaned[index] = None
                 fail(index, _unpicklable(f"map item {index} ({spec.item_name(index)})", item, exc))
-        return pickling.dumps(cleaned)
+        return pickling.dumps_out_of_band(cleaned)
 
 
 class _LazyBranches:
@@ -134,14 +188,18 @@ class _Unloadable:
 
 def load_source(payload: bytes, execution_id: str) -> BranchSource:
     """The worker's view of a payload built by ``build_payload``."""
-    meta = pickle.loads(payload)
+    sections = _sections(payload)
+    meta = pickle.loads(sections[0])
     funcs = func = inputs = None
     if meta["funcs"] is not None:
         funcs = _LazyBranches(meta["funcs"], meta["names"])
     else:
         try:
             func = pickling.loads(meta["func"])
-            inputs = pickling.loads(meta["inputs"])
+            buffers = sections[2:]
+            if buffers and buffers[0].readonly:  # bytes (a Dask task's argument): inputs stay writable, as pickled
+                buffers = [bytearray(b) for b in buffers]  # type: ignore[misc]
+            inputs = pickling.loads(sections[1], buffers=buffers)
         except Exception as exc:  # noqa: BLE001
             err = SerDesError(f"map function or inputs could not be unpickled in the worker: "
                               f"{type(exc).__name__}: {safe_str(exc)}")

@@ -9,6 +9,7 @@ nothing else about the payload changes.
 from __future__ import annotations
 
 import io
+import pickle
 import types
 from typing import Any
 
@@ -32,6 +33,15 @@ def dumps(obj: Any) -> bytes:
     buf = io.BytesIO()
     _Pickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
     return buf.getvalue()
+
+
+def dumps_out_of_band(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """The pickle stream of ``obj`` without its large contiguous buffers (numpy arrays), and those
+    buffers as views: ``loads(stream, buffers=...)`` rebuilds ``obj`` (pickle protocol 5, PEP 574)."""
+    buffers: list[pickle.PickleBuffer] = []
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=max(PICKLE_PROTOCOL, 5), buffer_callback=buffers.append).dump(obj)
+    return buf.getvalue(), [b.raw() for b in buffers]
 
 
 loads = cloudpickle.loads

@@ -55,8 +55,6 @@ __all__ = ["SLOT_BYTES", "Death", "Worker", "WorkerPool"]
 KILL_WAIT_SECONDS = 0.5  # after SIGKILL, wait this long for the exit before reaping it later
 QUIT_WAIT_SECONDS = 1.0
 PROGRESS_MASK = (1 << PROGRESS_SHIFT) - 1
-
-
 class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
@@ -90,7 +88,15 @@ class Worker:
         # takes the C pickler (the frame-aware one calls back into Python for every object)
         gathered = msg.__class__ is RunChunk and msg.payload is not None
         self.used = True
-        wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
+        shared = wire.shared_frame(msg.payload) if gathered else None
+        if shared is None:
+            wire.send(self.conn, msg, gathered=gathered, sentinel=self.sentinel)
+            return
+        # a large payload is in a memory file: its descriptor travels, not its bytes (wire.Shared)
+        try:
+            wire.send(self.conn, msg._replace(payload=shared), gathered=True, sentinel=self.sentinel)
+        finally:
+            shared.close()
 
     def recv(self) -> Any:
         """The worker's next message; ``ProtocolError`` if it is not the one numbered next."""

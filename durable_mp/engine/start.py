@@ -38,6 +38,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from durable_mp.engine.state import CONTEXT_MODULE
 from durable_mp.engine.worker import worker_main
 from durable_mp.engine.worker_process import PARENT_CHECK_SECONDS
 from durable_mp.engine.worker_state import IDLE, SLOT_FORMAT
@@ -46,8 +47,10 @@ START_METHODS = ("fork", "forkserver", "spawn")
 SLOT_BYTES = 24  # three int64: running index, chunk progress, durable sleeps (engine.worker)
 # Imported by a spawned worker / the fork server before it serves: durable_mp.context
 # registers the context factory branches are built with (engine.state).  Named, not
-# imported here: the engine imports nothing above it.
-PRELOAD = ("durable_mp",)
+# imported here: the engine imports nothing above it.  Only the context: ``durable_mp``
+# itself imports its public names lazily, so a worker never loads the store (lmdb,
+# psutil), the dispatcher or the command line unless a branch asks for them.
+PRELOAD = (CONTEXT_MODULE,)
 SERVER_MESSAGE_BYTES = 1 << 20  # one request or report on the fork server's socket
 _BOOT = ("import sys; sys.path.insert(0, {root!r}); "
          "from durable_mp.engine.start import {entry}; {entry}()")

@@ -9,6 +9,7 @@ imported, so the engine does not import the layer above it.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ class ContextState(Protocol):
 
 
 _CONTEXT_FACTORY: list[Callable[..., Any]] = []
+CONTEXT_MODULE = "durable_mp.context"  # registers the factory when imported
 
 
 def register_context_factory(factory: Callable[..., Any]) -> None:
@@ -68,9 +70,16 @@ def register_context_factory(factory: Callable[..., Any]) -> None:
 
 
 def context_factory() -> Callable[..., Any]:
-    """What builds a branch's context: ``factory(state, op_id, parent_id=None)``."""
+    """What builds a branch's context: ``factory(state, op_id, parent_id=None)``.
+
+    A process that has not imported the context yet (a Dask worker: ``import durable_mp``
+    no longer imports it) imports it by name here; named, not imported, because the engine
+    imports nothing above it.
+    """
     if not _CONTEXT_FACTORY:
-        raise RuntimeError("durable_mp internal error: durable_mp.context was never imported in this process")
+        importlib.import_module(CONTEXT_MODULE)
+    if not _CONTEXT_FACTORY:
+        raise RuntimeError(f"durable_mp internal error: {CONTEXT_MODULE} did not register its context")
     return _CONTEXT_FACTORY[0]
 
 

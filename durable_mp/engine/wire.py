@@ -8,6 +8,12 @@ straight from its buffers (a numpy result is sent from the array's own memory, s
 refers to such a frame by number (pickle's persistent ids).  Frames use
 ``Connection``'s own framing (``!i`` length, ``-1`` + ``!Q`` for huge ones).
 
+A frame of many megabytes (a batch payload holding large map inputs) is built in a memory
+file (``memfd``, ``MemoryFile``) and travels as a ``Shared`` frame: its descriptor passed
+over the Unix socket (``SCM_RIGHTS``), so every worker maps the same pages instead of
+reading its own copy through its pipe.  The receiver maps it copy-on-write: what a
+branch does to its view never reaches another worker.
+
 The driver's end of each pipe is non-blocking and every read or write there also
 watches the worker's *sentinel* (a pidfd): a worker that dies in the middle of a
 message, while a helper process it forked still holds the pipe open, must not leave
@@ -17,16 +23,22 @@ the driver waiting for bytes that will never come.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import select
+import socket
 import struct
+import weakref
 from typing import Any
 
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 
 OUT_OF_BAND_BYTES = 64 * 1024  # records above this size travel as their own frame
-_COUNT = struct.Struct("!I")
+SHARE_BYTES = 1 << 20  # a batch payload from this size on is built in a memory file (engine.payload)
+_COUNT = struct.Struct("!I")  # frames that follow | (descriptors that follow << _FD_SHIFT)
+_FD_SHIFT = 24
+_FRAMES = (1 << _FD_SHIFT) - 1
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 _MAX_SHORT = 0x7FFFFFFF
@@ -50,24 +62,99 @@ def big(parts: list[Any]) -> Any:
     return Gather(parts) if total > OUT_OF_BAND_BYTES else b"".join(parts)
 
 
+class Shared:
+    """A frame in a memory file, sent as its descriptor; the receiver gets a copy-on-write ``mmap``.
+
+    The sender closes its descriptor once the message is sent: a descriptor in flight, and
+    every receiver's mapping, keep the pages alive on their own.
+    """
+
+    __slots__ = ("fd", "nbytes")
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        self.fd = fd
+        self.nbytes = nbytes
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def can_share() -> bool:
+    """Whether this platform can pass a frame as a memory file (Linux: ``memfd_create``)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+class MemoryFile(mmap.mmap):
+    """Bytes already in a memory file (read-only view of it): ``share`` passes its descriptor
+    as it is, without copying them; pickled (a Dask task's argument), it is their bytes."""
+
+    fd: int
+
+    def __reduce__(self) -> Any:
+        return bytes, (self[:],)
+
+
+def memory_file(size: int, writes: list[tuple[int, Any]]) -> MemoryFile:
+    """A new memory file of ``size`` bytes holding each ``(offset, buffer)`` of ``writes``.
+
+    Written with ``pwrite`` (the kernel copies into the file's pages; nothing is mapped
+    writable here); the descriptor is closed when the returned object is collected.
+    """
+    fd = os.memfd_create("durable_mp-payload")
+    try:
+        os.ftruncate(fd, size)
+        for offset, data in writes:
+            _pwrite_all(fd, memoryview(data).cast("B"), offset)
+        out = MemoryFile(fd, size, access=mmap.ACCESS_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    out.fd = fd
+    weakref.finalize(out, os.close, fd)
+    return out
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
+
+
+def shared_frame(frame: Any) -> Shared | None:
+    """A ``Shared`` frame (a new descriptor of the same file) for a ``Gather`` of a ``MemoryFile``, else None."""
+    if frame.__class__ is not Gather or len(frame.parts) != 1 or frame.parts[0].obj.__class__ is not MemoryFile:
+        return None
+    return Shared(os.dup(frame.parts[0].obj.fd), frame.nbytes)
+
+
 class _Pickler(pickle.Pickler):
     def __init__(self, file: Any) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self.gathered: list[Gather] = []
+        self.shared: list[Shared] = []
 
     def persistent_id(self, obj: Any) -> Any:
         if obj.__class__ is Gather:
             self.gathered.append(obj)
             return len(self.gathered) - 1
+        if obj.__class__ is Shared:
+            self.shared.append(obj)
+            return ("fd", len(self.shared) - 1)
         return None
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: Any, frames: list[bytearray]) -> None:
+    def __init__(self, file: Any, frames: list[bytearray], shared: list[mmap.mmap]) -> None:
         super().__init__(file)
         self.frames = frames
+        self.shared = shared
 
     def persistent_load(self, pid: Any) -> Any:
+        if pid.__class__ is tuple:
+            return self.shared[pid[1]]
         return self.frames[pid]
 
 
@@ -83,13 +170,15 @@ def send(conn: Any, msg: Any, *, gathered: bool = False, sentinel: int | None = 
     pickler = _Pickler(buf)
     pickler.dump(msg)
     view = buf.getbuffer()
-    _COUNT.pack_into(view, 0, len(pickler.gathered))
+    _COUNT.pack_into(view, 0, len(pickler.gathered) | (len(pickler.shared) << _FD_SHIFT))
     _write(fd, _header(view.nbytes), sentinel)
     _write(fd, view, sentinel)
     for frame in pickler.gathered:
         _write(fd, _header(frame.nbytes), sentinel)
         for part in frame.parts:
             _write(fd, part, sentinel)
+    for shared in pickler.shared:
+        _send_fd(fd, shared.fd, sentinel)
 
 
 def recv(conn: Any, sentinel: int | None = None) -> Any:
@@ -99,8 +188,9 @@ def recv(conn: Any, sentinel: int | None = None) -> Any:
     (count,) = _COUNT.unpack_from(first)
     if not count:
         return pickle.loads(memoryview(first)[_COUNT.size:])
-    frames = [_frame(fd, sentinel) for _ in range(count)]
-    return _Unpickler(io.BytesIO(memoryview(first)[_COUNT.size:]), frames).load()
+    frames = [_frame(fd, sentinel) for _ in range(count & _FRAMES)]
+    shared = [_map(_recv_fd(fd, sentinel)) for _ in range(count >> _FD_SHIFT)]
+    return _Unpickler(io.BytesIO(memoryview(first)[_COUNT.size:]), frames, shared).load()
 
 
 def _header(size: int) -> bytes:
@@ -114,6 +204,49 @@ def _write(fd: int, data: Any, sentinel: int | None) -> None:
             view = view[os.write(fd, view):]
         except BlockingIOError:
             _wait(fd, sentinel, write=True)
+
+
+def _send_fd(fd: int, passed: int, sentinel: int | None) -> None:
+    """One byte carrying ``passed`` (SCM_RIGHTS), right after the message's frames."""
+    sock = socket.socket(fileno=fd)
+    try:
+        while True:
+            try:
+                if socket.send_fds(sock, [b"F"], [passed]):
+                    return
+            except BlockingIOError:
+                pass
+            _wait(fd, sentinel, write=True)
+    finally:
+        sock.detach()  # the Connection owns the descriptor
+
+
+def _recv_fd(fd: int, sentinel: int | None) -> int:
+    sock = socket.socket(fileno=fd)
+    try:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+            except BlockingIOError:
+                _wait(fd, sentinel, write=False)
+                continue
+            if not data:
+                raise EOFError("the other side of the pipe is gone")
+            if len(fds) != 1:
+                for extra in fds:
+                    os.close(extra)
+                raise EOFError("a shared frame arrived without its descriptor")
+            return fds[0]
+    finally:
+        sock.detach()
+
+
+def _map(fd: int) -> mmap.mmap:
+    """The memory file ``fd`` mapped copy-on-write (writable here, unchanged for everyone else)."""
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
 
 
 def _frame(fd: int, sentinel: int | None) -> bytearray:

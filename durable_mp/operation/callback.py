@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.config import CallbackConfig, StepConfig, WaitForCallbackConfig
@@ -25,14 +25,14 @@ from durable_mp.exceptions import CallbackError, CallbackExternalError, Callback
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.operation.protocol import DurableContextProtocol
 from durable_mp.operation.replay import open_operation, raise_stored
-
-# The senders write the store from outside a run, so they live in ``store.callbacks``; the
-# README documents them under this module, which keeps the names (and is the one import of
-# ``store`` in ``operation``: tests/test_layering.py).
-from durable_mp.store.callbacks import send_callback_failure as send_callback_failure
-from durable_mp.store.callbacks import send_callback_heartbeat as send_callback_heartbeat
-from durable_mp.store.callbacks import send_callback_success as send_callback_success
 from durable_mp.types import WaitForCallbackContext
+
+if TYPE_CHECKING:
+    from durable_mp.store.callbacks import send_callback_failure as send_callback_failure
+    from durable_mp.store.callbacks import send_callback_heartbeat as send_callback_heartbeat
+    from durable_mp.store.callbacks import send_callback_success as send_callback_success
+
+_SENDERS = frozenset({"send_callback_failure", "send_callback_heartbeat", "send_callback_success"})
 
 
 class Callback:
@@ -110,3 +110,20 @@ def wait_for_callback(ctx: DurableContextProtocol, submitter: Callable[[str, Wai
 
 __all__ = ["Callback", "CallbackExternalError", "create_callback", "decode_callback_id", "encode_callback_id",
            "send_callback_failure", "send_callback_heartbeat", "send_callback_success", "wait_for_callback"]
+
+
+def __getattr__(name: str) -> Any:
+    """The callback senders, imported on first use (PEP 562).
+
+    They write the store from outside a run, so they live in ``store.callbacks``; the README
+    documents them under this module, which keeps the names (the one import of ``store`` in
+    ``operation``: tests/test_layering.py).  Imported lazily because the store brings lmdb and
+    psutil, which a worker that only runs branches never needs.
+    """
+    if name not in _SENDERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from durable_mp.store.callbacks import send_callback_failure as send_callback_failure  # noqa: F401
+    from durable_mp.store.callbacks import send_callback_heartbeat as send_callback_heartbeat  # noqa: F401
+    from durable_mp.store.callbacks import send_callback_success as send_callback_success  # noqa: F401
+
+    return locals()[name]

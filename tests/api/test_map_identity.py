@@ -162,6 +162,20 @@ def test_large_arrays_and_bytes_are_hashed_from_their_buffers():
     assert value_digest(np.ones(3)) == value_digest(np.ones(3)[:, None].reshape(3))
 
 
+def test_large_items_hashed_on_threads_get_the_same_keys_and_the_same_first_error():
+    """Rows of a megabyte are hashed on several threads (issue 23 target 3): same digests, in
+    input order, and the first item that cannot be hashed is the one named."""
+    from durable_mp.core.digest import value_digest
+    from durable_mp.pmap import PARALLEL_HASH_BYTES, _item_keys
+
+    rows = [np.full(PARALLEL_HASH_BYTES // 8, float(i)) for i in range(7)]
+    assert _item_keys(rows, None) == b"".join(value_digest(r, f"item {i}") for i, r in enumerate(rows))
+    assert _item_keys(rows, None) != _item_keys(rows[::-1], None)
+    bad = [*rows[:3], threading.Lock(), *rows[3:], threading.Lock()]
+    with pytest.raises(ValidationError, match=r"item 3\b"):
+        _item_keys(bad, None)
+
+
 # -- 2. code fingerprint ---------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ TINY = {
     "cpu": {"branches": 4, "branch_ms": 2},
     "overhead": {"items": 300},
     "payload": {"cases": [[1, 2], [2, 2]]},
+    "inputs": {"rows": 4, "row_mb": 1},
     "recovery": {"branches": 3, "step_ms": 5, "driver_branches": 6, "driver_step_ms": 60},
     "memory": {"items": 3000, "skip": False},
     "start": {"items": 200},
@@ -204,7 +205,7 @@ def test_cli_rejects_unknown_scenarios_and_bad_repeats():
 
 
 def test_scenarios_are_registered_in_order():
-    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "recovery", "memory", "start",
+    assert list(bench.SCENARIOS) == ["seed", "cpu", "overhead", "payload", "inputs", "recovery", "memory", "start",
                                         "growth", "replay"]
     for module in bench.SCENARIOS.values():
         assert isinstance(module.params(True), dict) and isinstance(module.params(False), dict)

@@ -247,6 +247,25 @@ def test_a_python_c_program_runs_lambdas_under_the_method(method, tmp_path):
     assert out.stdout.strip() == "[101, 102, 103]"
 
 
+@pytest.mark.parametrize("fresh", [m for m in METHODS if m != "fork"])  # a forked worker inherits the driver's
+def test_a_fresh_worker_imports_no_driver_side_module(fresh, store_path):
+    """Under spawn and forkserver a worker imports what running a branch needs, not the store,
+    the dispatcher or the command line (issue 23 target 4: they were most of its start)."""
+    driver_only = ("lmdb", "psutil", "durable_mp.store.facade", "durable_mp.engine.dispatcher",
+                   "durable_mp.engine.pool", "durable_mp.execution", "durable_mp.cli")
+
+    def item(ctx, x, index, items):
+        import sys
+
+        return sorted(m for m in driver_only if m in sys.modules)
+
+    @durable_execution(start_method=fresh, max_workers=WORKERS)
+    def handler(event, ctx):
+        return ctx.map([0, 1], item).get_results()
+
+    assert handler.run(None, store=store_path, execution_id="lazy") == [[], []]
+
+
 def test_unknown_start_method_is_refused(store_path):
     @durable_execution
     def handler(event, ctx):
