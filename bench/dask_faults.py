@@ -59,7 +59,10 @@ def when_ran(log: Path, count: int, action) -> None:
 
 
 def inject(fault: str, cluster: RealCluster, client: distributed.Client, log: Path) -> None:
-    if fault == "both workers killed":
+    if fault == "one worker killed":
+        pid = cluster.worker_pids(client)[0]
+        when_ran(log, N // 3, lambda: os.kill(pid, signal.SIGKILL))
+    elif fault == "both workers killed":
         pids = cluster.worker_pids(client)
         when_ran(log, N // 3, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
     elif fault == "scheduler killed":
@@ -133,7 +136,7 @@ def plain_run(fault: str, tmp: Path) -> str:
             f"{len(ran) - len(set(ran))} re-run; {took:.1f} s")
 
 
-FAULTS = ["both workers killed", "one item kills its worker every try (40 items)", "scheduler killed",
+FAULTS = ["one worker killed", "both workers killed", "one item kills its worker every try (40 items)", "scheduler killed",
           "no workers (one joins after 3 s)"]
 
 if __name__ == "__main__":

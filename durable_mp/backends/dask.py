@@ -8,33 +8,41 @@
     │  dispatcher's scheduling (chunk │           │  recomputes it when lost)     │
     │  sizes, start budgets, policy), │◀─ events ─┤ run_chunk: announces its      │
     │  LMDB store, cluster watch      │  (start,  │  start, runs branches within  │
-    │                                 │  logs)    │  its start budget, forwards   │
-    │                                 │◀──────────┤  ctx.logger; records returned │
-    └─────────────────────────────────┘  result   │  with the result              │
-                                                  └───────────────────────────────┘
+    │                                 │  records, │  its start budget, streams    │
+    │                                 │  requests,│  records and forwards         │
+    │                                 │  logs)    │  ctx.logger as Dask events    │
+    │                                 ├─replies──▶│  (requests wait on a Dask     │
+    │                                 │ Variable  │  Variable)                    │
+    └─────────────────────────────────┘           └───────────────────────────────┘
+
+Records stream (``_StreamingOutbox``): a running chunk sends its records every
+``STREAM_FLUSH_SECONDS`` as events on the execution's records topic, each message tagged
+(task key, run, sequence number); the driver applies each run's messages in order
+(``_DriverStream``) and stages them as they come, so a lost worker costs its running
+branches only.  Messages over ``STREAM_MAX_BYTES`` (big results) wait for the task's
+result, which also carries how many messages were streamed: the driver applies the
+result only after all of them (else the task counts as lost).  Three requests wait for the
+driver's answer, a Dask ``Variable`` per request: ``SYNC`` (an ``AT_MOST_ONCE_PER_RETRY``
+step's STARTED record is committed before its body runs), ``CALLBACK`` (the driver answers
+once the callback is done) and ``RERUN``: Dask runs a task again with its original
+arguments after losing its worker; the task counts its runs on a per-task event topic at
+the scheduler, and a second run first asks the driver for what the earlier runs recorded
+(their finished branches are skipped, the running one replays its checkpoints).
 
 What a cluster fault costs (``fault_of``): a lost worker, a cancelled future, a lost
-dependency, a closed connection or a lost scheduler puts the chunk's branches back in the
-queue, uncharged (Dask itself first re-runs a task whose worker died).  ``KilledWorker``
-of a chunk runs its branches again one by one; of a single branch it is charged for the
-deaths that branch was running at (its start announcements), so only a branch that keeps
-killing its worker ends FAILED (``max_crash_retries``).  Without a scheduler or workers
-the run waits (Dask config ``durable-mp.cluster-wait``, 300 s), then raises
-``ClusterUnavailableError`` with the execution RUNNING and resumable.
+dependency, a closed connection or a lost scheduler puts the chunk's unreported branches
+back in the queue, uncharged (Dask itself first re-runs a task whose worker died).
+``KilledWorker`` of a chunk runs its branches again one by one; of a single branch it is
+charged for the deaths that branch was running at (its start announcements), so only a
+branch that keeps killing its worker ends FAILED (``max_crash_retries``).  Without a
+scheduler or workers the run waits (Dask config ``durable-mp.cluster-wait``, 300 s), then
+raises ``ClusterUnavailableError`` with the execution RUNNING and resumable.
 
-Differences from the local pool, by the nature of Dask: records come back when a chunk
-finishes (not streamed), so a lost worker costs its running chunk (first chunks hold 4
-items, later ones about 50 ms of work); ``branch_timeout`` cancels the task and fails the
-branch, but a running Dask thread runs to its end, unobserved (so does one of a batch that
-completed early); ``max_worker_memory`` is refused (Dask workers have their own limit).
-
-Three operations need the driver while a branch runs, and are refused inside Dask-run
-branches (``ValidationError``, before any user code of the operation runs):
-``AT_MOST_ONCE_PER_RETRY`` steps (their STARTED checkpoint must be committed before the
-body runs, and Dask may run a task again after losing its worker), callbacks
-(``create_callback`` / ``wait_for_callback``: the driver answers the wait) and steps with
-a ``timeout`` (a Dask thread cannot be stopped).  All work in the handler body, which runs
-in the driver.
+Differences from the local pool, by the nature of Dask: ``branch_timeout`` cancels the
+task and fails the branch, but a running Dask thread runs to its end, unobserved (so does
+one of a batch that completed early); ``max_worker_memory`` is refused (Dask workers have
+their own limit); steps with a ``timeout`` inside Dask-run branches are refused
+(``ValidationError`` before the body runs: a Dask thread cannot be stopped alone).
 """
 
 from __future__ import annotations
@@ -50,8 +58,8 @@ from concurrent.futures import CancelledError
 from enum import Enum
 from typing import Any
 
-from durable_mp.core.records import Attempt, OpRecord, OpStatus, OpType
-from durable_mp.core.vocabulary import SubType
+from durable_mp.core.records import Attempt, OpRecord, OpStatus
+from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task
 from durable_mp.engine.branch import run_branch
@@ -90,27 +98,6 @@ _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
 
 
-def refusal(rec: OpRecord) -> ValidationError | None:
-    """Why the operation that emits ``rec`` cannot run in a Dask-run branch, or None.
-
-    A callback announces itself by its STARTED CALLBACK record before it runs user code,
-    ``wait_for_callback`` by its context's.
-    """
-    if rec.status != OpStatus.STARTED:
-        return None
-    if rec.op_type == OpType.CALLBACK or (rec.op_type == OpType.CONTEXT and rec.sub_type == SubType.WAIT_FOR_CALLBACK):
-        return _callback_refusal(rec)
-    return None
-
-
-def _callback_refusal(rec: OpRecord) -> ValidationError:
-    return ValidationError(
-        f"callback {_name(rec)}: the Dask backend cannot create or wait for a callback inside a parallel/map "
-        f"branch (its id must be in the store before anyone can complete it, and the driver answers the wait, "
-        f"but a Dask task has no channel to the driver). Create the callback and wait for it in the handler "
-        f"body (outside parallel/map), or use the local backend")
-
-
 def _name(rec: OpRecord) -> str:
     return repr(rec.name) if rec.name else f"(unnamed, id {rec.op_id[:12]})"
 
@@ -121,6 +108,7 @@ class StreamRequest(str, Enum):
     NONE = ""
     SYNC = "sync"  # commit everything streamed so far (an AT_MOST_ONCE step's STARTED record), then reply
     RERUN = "rerun"  # Dask runs this task again (it lost its worker): reply with what the earlier runs recorded
+    CALLBACK = "callback"  # reply with the callback's record once it is done (completed, failed or timed out)
 
 
 class _StreamingOutbox(Outbox):
@@ -146,14 +134,13 @@ class _StreamingOutbox(Outbox):
         self.tail_items: list[Any] = []
         self.closed = False
 
-    def add(self, rec: OpRecord) -> None:
-        refused = refusal(rec)
-        if refused is not None:  # before the record is kept: the store never sees the operation start
-            raise refused
-        super().add(rec)
-
     def wait_callback(self, rec: OpRecord) -> OpRecord:
-        raise _callback_refusal(rec)
+        """Block this thread (only) until the driver says the callback is done."""
+        done = self.request(StreamRequest.CALLBACK, rec.dumps())
+        if done is None:
+            raise _Abandoned()
+        result: OpRecord = done
+        return result
 
     def _flush_loop(self) -> None:
         while not self.closed:
@@ -183,7 +170,8 @@ class _StreamingOutbox(Outbox):
             if nested or items:
                 self._stream(nested, items, StreamRequest.NONE, "")
 
-    def _stream(self, nested: list[Any], items: list[Any], request: StreamRequest, reply: str) -> None:
+    def _stream(self, nested: list[Any], items: list[Any], request: StreamRequest, reply: str,
+                data: bytes = b"") -> None:
         """Send (under ``send_lock``), or hold back for the result once a message is too big for an event."""
         size = sum(len(entry[2]) for entry in nested) + sum(len(entry[3]) for entry in items)
         self.tail_nested += nested
@@ -192,12 +180,12 @@ class _StreamingOutbox(Outbox):
                 self.tail_items) > len(nested) + len(items)):
             return  # held: this and every later record travel with the result, in order
         message = [self.key, self.run, self.sent, [list(e) for e in self.tail_nested],
-                   [list(e) for e in self.tail_items], request.value, reply]
+                   [list(e) for e in self.tail_items], request.value, reply, data]
         self.worker.log_event(self.topic, message)
         self.sent += 1
         self.tail_nested, self.tail_items = [], []
 
-    def request(self, request: StreamRequest) -> Any:
+    def request(self, request: StreamRequest, data: bytes = b"") -> Any:
         """Stream what waits, ask the driver ``request`` and wait for its answer (a Dask ``Variable``)."""
         from distributed import Variable
 
@@ -205,7 +193,7 @@ class _StreamingOutbox(Outbox):
             nested, items, _, _ = self._take()
             self.last_send = time.monotonic()
             reply = f"durable_mp-reply-{self.key}-{self.run}-{self.sent}"
-            self._stream(nested, items, request, reply)
+            self._stream(nested, items, request, reply, data)
         # the worker's own client: branches of a nested batch run in threads of their own
         answer = Variable(reply, client=self.worker._get_client()).get(timeout=REPLY_TIMEOUT)
         return pickling.loads(answer)
@@ -403,9 +391,9 @@ class DaskDispatcher(Dispatcher):
 
     def __init__(self, store: Any, execution_id: str, client: Any, *, settings: dict, max_crash_retries: int,
                  progress: Any = None, cluster_wait: float | None = None, max_workers: int | None = None,
-                 reconnect: Callable[[str], Any] | None = None) -> None:
+                 reconnect: Callable[[str], Any] | None = None, poll_callback: Any = None) -> None:
         super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
-                         max_crash_retries=max_crash_retries, progress=progress)
+                         max_crash_retries=max_crash_retries, progress=progress, poll_callback=poll_callback)
         self.client = client
         self.reconnect = reconnect  # a new client to the scheduler's address, once this one gave up
         self.address: str = getattr(getattr(client, "scheduler", None), "address", None) or ""
@@ -419,6 +407,7 @@ class DaskDispatcher(Dispatcher):
         self.replies: dict[str, list[str]] = {}  # task key -> the reply Variables it was sent (deleted at its end)
         self.wake = threading.Event()  # a future finished or a message was streamed
         self.fetching: dict[Any, float] = {}  # future -> since when its result is being fetched
+        self.callback_waits: dict[tuple[str, str], OpRecord] = {}  # (task key, reply) -> the callback awaited
         self.starts: dict[str, int] = {}  # task key -> how often it started running
         self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
         self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
@@ -476,7 +465,7 @@ class DaskDispatcher(Dispatcher):
                 self._apply(self.futures[future], key, ready)
 
     def _apply(self, task: Task, key: str, message: list) -> None:
-        _, _, _, nested, items, request, reply = message
+        _, _, _, nested, items, request, reply, data = message
         self._stage_nested(nested)
         items = [item for item in items if item[0] not in task.reported]
         if items and task.batch is not None and not task.batch.closed:
@@ -486,6 +475,10 @@ class DaskDispatcher(Dispatcher):
         self.store.flush()  # a request's records are committed before it is answered
         if StreamRequest(request) is StreamRequest.SYNC:
             self._answer(key, reply, True)
+            return
+        if StreamRequest(request) is StreamRequest.CALLBACK:
+            self.callback_waits[(key, reply)] = OpRecord.loads(data)
+            self._poll_dask_callbacks()
             return
         batch = task.batch  # RERUN: what the earlier runs recorded
         assert batch is not None
@@ -503,6 +496,18 @@ class DaskDispatcher(Dispatcher):
         except Exception:  # noqa: BLE001 - the scheduler went away: the task is lost with it
             return
         self.replies.setdefault(key, []).append(reply)
+
+    def _poll_dask_callbacks(self) -> None:
+        """Answer the branches that wait for a callback once it is done (``poll_callback`` reads the store)."""
+        for (key, reply), rec in list(self.callback_waits.items()):
+            if key not in self.by_key:
+                del self.callback_waits[(key, reply)]
+                continue
+            assert self.poll_callback is not None, "a dispatcher that runs callbacks needs poll_callback"
+            done = self.poll_callback(self.store, self.execution_id, rec)
+            if done is not None:
+                del self.callback_waits[(key, reply)]
+                self._answer(key, reply, done)
 
     def _caught_up(self, future: Any, run: int, sent: int) -> bool:
         """Wait (boundedly) until every message a finished run streamed is applied: its result comes after them."""
@@ -673,6 +678,8 @@ class DaskDispatcher(Dispatcher):
         self._emit_logs()
         self._read_starts()
         self._read_stream()
+        if self.callback_waits:
+            self._poll_dask_callbacks()
         if done:
             for future in done:
                 self._settle(future)
@@ -697,6 +704,8 @@ class DaskDispatcher(Dispatcher):
     def _wait_seconds_dask(self) -> float:
         now = time.monotonic()
         waits = [STALL_POLL_SECONDS]
+        if self.callback_waits:
+            waits.append(CALLBACK_POLL_SECONDS)
         waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
         if any(task.deadline is None and task.batch is not None and task.batch.spec.branch_timeout is not None
                for task in self.futures.values()):

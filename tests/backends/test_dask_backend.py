@@ -29,6 +29,7 @@ from durable_mp.config import (  # noqa: E402
 )
 from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
 from durable_mp.exceptions import ClusterUnavailableError, ValidationError  # noqa: E402
+from durable_mp.operation.callback import send_callback_success  # noqa: E402
 from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
@@ -216,27 +217,41 @@ def test_a_worker_killed_mid_chunk_costs_only_its_running_item(client, workers_b
         "only the killed item ran again, and its finished step did not"
 
 
-def test_callbacks_in_a_dask_branch_are_refused_before_the_submitter_runs(client, store_path, tmp_path):
-    submitted = tmp_path / "submitted"
+def test_callbacks_in_dask_branches_wait_through_the_driver(client, store_path, tmp_path):
+    """The branch's callback record is committed before its id is handed out; the driver answers the wait."""
+    ids = tmp_path / "ids"
 
-    def submit(callback_id, cb_ctx):
-        submitted.write_text(callback_id)
+    def hand_out(callback_id):
+        with open(ids, "a") as f:
+            f.write(f"{callback_id}\n")
+
+    def answer():
+        deadline = time.monotonic() + 60
+        answered: set[str] = set()
+        while len(answered) < 2 and time.monotonic() < deadline:
+            for callback_id in (ids.read_text().split() if ids.exists() else []):
+                if callback_id not in answered:
+                    send_callback_success(callback_id, f"ok {len(answered)}".encode(), store=store_path)
+                    answered.add(callback_id)
+            time.sleep(0.05)
+
+    def created(c):
+        cb = c.create_callback(name="token")
+        c.step(lambda _: hand_out(cb.callback_id), name="submit")
+        return cb.result()
 
     @durable_execution
     def handler(event, ctx):
-        return ctx.parallel([
-            lambda c: c.wait_for_callback(submit, name="approval"),
-            lambda c: c.create_callback(name="token").callback_id,
-        ], config=ALL_COMPLETED)
+        return ctx.parallel([lambda c: c.wait_for_callback(lambda cid, _: hand_out(cid), name="approval"),
+                             created], config=ALL_COMPLETED).get_results()
 
-    r = handler.run(None, store=store_path, backend=client)
-    for item, name in zip(r.all, ("approval", "token"), strict=True):
-        assert item.status == BatchItemStatus.FAILED
-        assert item.error.type == "durable_mp.exceptions.ValidationError"
-        assert f"{name!r}" in item.error.message
-        assert "Dask backend" in item.error.message and "callback" in item.error.message
-        assert "handler body" in item.error.message
-    assert not submitted.exists()
+    sender = threading.Thread(target=answer, daemon=True)
+    sender.start()
+    assert sorted(handler.run(None, store=store_path, backend=client)) == ["ok 0", "ok 1"]
+    sender.join(60)
+    with Store(store_path) as st:
+        statuses = {r.name: r.status for r in st.ops(handler.execution_id_for(None))}
+    assert statuses["approval"] == statuses["token"] == "SUCCEEDED"
 
 
 # -- defect 9: the start budget applies on Dask as on the local pool ---------------------------------------------
