@@ -778,8 +778,8 @@ class DaskDispatcher(Dispatcher):
         if unstarted:
             self._return_unstarted(batch, unstarted)
         ran = len(task.indices) - len(unstarted)
-        if ran:  # the task's own time: a round trip (and the wait in Dask's queue) is not the items' cost
-            batch.observe(seconds, ran)
+        if ran and run == 1:  # the task's own time: a round trip (and the wait in Dask's queue) is not the
+            batch.observe(seconds, ran)  # items' cost; a re-run skipped the items its lost run finished
 
     def _lost(self, task: Task, exc: Exception, runs: int = 0) -> None:
         """A chunk's task ended without its result: put its branches back, or charge the one that kills workers."""
