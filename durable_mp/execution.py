@@ -287,7 +287,8 @@ class DurableFunction:
                 def make_dispatcher() -> Any:
                     return DaskDispatcher(db, execution_id, pool.client(), settings=settings,
                                           max_crash_retries=max_crash_retries, progress=_progress.choose(progress),
-                                          max_workers=max_workers, reconnect=pool.reconnect)
+                                          max_workers=max_workers, reconnect=pool.reconnect,
+                                          poll_callback=poll_callback)
 
             self._prepare_rerun(db, rec, fingerprint)
             if rec.input is not None:

@@ -29,6 +29,7 @@ from durable_mp.config import (  # noqa: E402
 )
 from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
 from durable_mp.exceptions import ClusterUnavailableError, ValidationError  # noqa: E402
+from durable_mp.operation.callback import send_callback_success  # noqa: E402
 from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
@@ -133,10 +134,10 @@ AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
 ALL_COMPLETED = ParallelConfig(completion_config=CompletionConfig.all_completed())
 
 
-def test_an_at_most_once_step_in_a_dask_branch_is_refused_before_it_runs(client, store_path, tmp_path):
+def test_an_at_most_once_step_in_a_dask_branch_runs_once(client, store_path, tmp_path):
     def charge(step_ctx):
-        with open(tmp_path / f"ran-in-{os.getpid()}", "a") as f:
-            f.write("x")
+        with open(tmp_path / "charged", "a") as f:
+            f.write(f"{os.getpid()}\n")
         return "charged"
 
     def branch(c):
@@ -144,50 +145,113 @@ def test_an_at_most_once_step_in_a_dask_branch_is_refused_before_it_runs(client,
 
     @durable_execution
     def handler(event, ctx):
-        nested = lambda c: c.parallel([branch]).all[0].error.message  # noqa: E731 - a thread inside a Dask task
-        other = lambda c: c.step(lambda _: "at least once is fine", name="plain")  # noqa: E731
-        top = ctx.parallel([branch, nested, other], config=ALL_COMPLETED)
-        root = ctx.step(charge, name="root-charge", config=AT_MOST_ONCE)  # the driver can give at-most-once
-        return top, root
+        nested = lambda c: c.parallel([branch]).get_results()[0]  # noqa: E731 - a thread inside a Dask task
+        top = ctx.parallel([branch, nested], config=ALL_COMPLETED)
+        root = ctx.step(charge, name="root-charge", config=AT_MOST_ONCE)
+        return top.get_results(), root
 
-    top, root = handler.run(None, store=store_path, backend=client)
-    refused = top.all[0]
-    assert refused.status == BatchItemStatus.FAILED
-    assert refused.error.type == "durable_mp.exceptions.ValidationError"
-    for message in (refused.error.message, top.all[1].result):
-        assert "step 'charge'" in message and "AT_MOST_ONCE_PER_RETRY" in message
-        assert "Dask backend" in message and "AT_LEAST_ONCE_PER_RETRY" in message
-    assert top.all[2].result == "at least once is fine"
-    assert root == "charged"
-    assert [n for n in os.listdir(tmp_path / "") if n.startswith("ran-in-")] == [f"ran-in-{os.getpid()}"], \
-        "the refused step's body never ran on a Dask worker"
+    assert handler.run(None, store=store_path, backend=client) == (["charged", "charged"], "charged")
+    pids = [int(p) for p in (tmp_path / "charged").read_text().split()]
+    assert len(pids) == 3 and pids[-1] == os.getpid() and os.getpid() not in pids[:2], \
+        "each body ran once: two on Dask workers, the root one in the driver"
     with Store(store_path) as st:
-        names = [r.name for r in st.ops(handler.execution_id_for(None))]
-    assert "charge" not in names, "the refused step left no STARTED record behind"
-    assert names.count("root-charge") == 1
+        charges = [r for r in st.ops(handler.execution_id_for(None)) if r.name == "charge"]
+    assert [(r.status, r.attempt) for r in charges] == [("SUCCEEDED", 1)] * 2
 
 
-def test_callbacks_in_a_dask_branch_are_refused_before_the_submitter_runs(client, store_path, tmp_path):
-    submitted = tmp_path / "submitted"
+def test_an_at_most_once_step_whose_worker_dies_is_not_run_again(client, workers_back, store_path, tmp_path):
+    """Its STARTED record is committed before the body runs: Dask's re-run of the task finds it and does not
+    run the body again (no retry allowed: the branch fails, as on the local pool); the other branch runs once."""
+    ran = tmp_path / "ran"
 
-    def submit(callback_id, cb_ctx):
-        submitted.write_text(callback_id)
+    def charge(step_ctx):
+        with open(ran, "a") as f:
+            f.write("charge\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def other(c):
+        with open(ran, "a") as f:
+            f.write("other\n")
+        return "other"
+
+    config = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY, retry_strategy=NO_RETRY)
 
     @durable_execution
     def handler(event, ctx):
-        return ctx.parallel([
-            lambda c: c.wait_for_callback(submit, name="approval"),
-            lambda c: c.create_callback(name="token").callback_id,
-        ], config=ALL_COMPLETED)
+        return ctx.parallel([other, lambda c: c.step(charge, name="charge", config=config)], config=ALL_COMPLETED)
 
     r = handler.run(None, store=store_path, backend=client)
-    for item, name in zip(r.all, ("approval", "token"), strict=True):
-        assert item.status == BatchItemStatus.FAILED
-        assert item.error.type == "durable_mp.exceptions.ValidationError"
-        assert f"{name!r}" in item.error.message
-        assert "Dask backend" in item.error.message and "callback" in item.error.message
-        assert "handler body" in item.error.message
-    assert not submitted.exists()
+    assert sorted(ran.read_text().split()) == ["charge", "other"], "the at-most-once body ran once, its worker's death " \
+        "did not run it again, nor the branch that had finished"
+    assert r.all[0].result == "other"
+    assert r.all[1].status == BatchItemStatus.FAILED
+
+
+def test_a_worker_killed_mid_chunk_costs_only_its_running_item(client, workers_back, store_path, tmp_path):
+    """Records stream from the running chunk: Dask's re-run of the task skips its finished items and replays
+    the running item's finished steps (both counted by marker lines)."""
+    ran = tmp_path / "ran"
+    killed = tmp_path / "killed"
+
+    def note(line):
+        with open(ran, "a") as f:
+            f.write(f"{line}\n")
+
+    def item(c, x, i, xs):
+        note(f"item-{i}")
+        before = c.step(lambda _: note(f"step-{i}") or i, name="before")
+        if i == 2 and not killed.exists():
+            time.sleep(0.5)  # its chunk's finished items and this step stream to the driver meanwhile
+            killed.write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.05)
+        return before * 2
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(40)), item).get_results()  # first chunks: 4 items each
+
+    assert handler.run(None, store=store_path, backend=client) == [x * 2 for x in range(40)]
+    lines = ran.read_text().split()
+    assert {line: lines.count(line) for line in lines if lines.count(line) > 1} == {"item-2": 2}, \
+        "only the killed item ran again, and its finished step did not"
+
+
+def test_callbacks_in_dask_branches_wait_through_the_driver(client, store_path, tmp_path):
+    """The branch's callback record is committed before its id is handed out; the driver answers the wait."""
+    ids = tmp_path / "ids"
+
+    def hand_out(callback_id):
+        with open(ids, "a") as f:
+            f.write(f"{callback_id}\n")
+
+    def answer():
+        deadline = time.monotonic() + 60
+        answered: set[str] = set()
+        while len(answered) < 2 and time.monotonic() < deadline:
+            for callback_id in (ids.read_text().split() if ids.exists() else []):
+                if callback_id not in answered:
+                    send_callback_success(callback_id, f"ok {len(answered)}".encode(), store=store_path)
+                    answered.add(callback_id)
+            time.sleep(0.05)
+
+    def created(c):
+        cb = c.create_callback(name="token")
+        c.step(lambda _: hand_out(cb.callback_id), name="submit")
+        return cb.result()
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([lambda c: c.wait_for_callback(lambda cid, _: hand_out(cid), name="approval"),
+                             created], config=ALL_COMPLETED).get_results()
+
+    sender = threading.Thread(target=answer, daemon=True)
+    sender.start()
+    assert sorted(handler.run(None, store=store_path, backend=client)) == ["ok 0", "ok 1"]
+    sender.join(60)
+    with Store(store_path) as st:
+        statuses = {r.name: r.status for r in st.ops(handler.execution_id_for(None))}
+    assert statuses["approval"] == statuses["token"] == "SUCCEEDED"
 
 
 # -- defect 9: the start budget applies on Dask as on the local pool ---------------------------------------------
