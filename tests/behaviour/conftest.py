@@ -14,15 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from dask_cluster import ROOT, TESTS, RealCluster
+from dask_cluster import ALLOWED_FAILURES, ROOT, TESTS, RealCluster
 from executors import EXECUTORS, WORKERS, Executor
 from procs import leftover_children
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Dask gives up on a task whose worker died after one more try, so a branch that kills its
-# worker is charged quickly; workers import this directory's modules as the driver does.
-DASK_ENV = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), HERE])}
+# Workers import this directory's modules (the suite's helpers) as the driver does.
+DASK_ENV = {**ALLOWED_FAILURES, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), HERE])}
 
 
 @pytest.fixture(scope="module", params=EXECUTORS)

@@ -50,6 +50,9 @@ SPAWN_TIMEOUT_CLOCK = ("a branch or step timeout counts a spawned worker's inter
 DASK_SKIP_TIME = ("skip_time=True on the Dask backend: the per-batch virtual clock asks Dispatcher._running, which "
                   "reads self.pool, None on DaskDispatcher (AttributeError)")
 
+DASK_TIMED_OUT_THREAD = ("branch_timeout on Dask: the timed-out item's thread runs on (docs/dask.md), and its "
+                         "chunk mates, put back in the queue, can wait behind it: the run waited for the item")
+
 
 def _known_defect(request, executor, method: str, reason: str, **kw) -> None:
     if executor.name == method:
@@ -226,6 +229,34 @@ def test_first_and_min_successful_complete_and_leave_never_started_items_out(exe
     assert _counts(markers, "min", 64) == [1, 1, 1] + [0] * 61
 
 
+def test_first_successful_terminates_a_running_loser_and_does_not_wait_for_it(executor, store_path, tmp_path):
+    started, release, ended = tmp_path / "slow-started", tmp_path / "release", tmp_path / "slow-ended"
+
+    def fast(ctx):
+        _wait_for(started)  # wins while the loser runs
+        return "fast"
+
+    def slow(ctx):
+        started.touch()
+        _wait_for(release, 60)
+        ended.touch()
+        return "slow"
+
+    @durable_execution
+    def handler(event, ctx):
+        r = ctx.parallel([fast, slow], config=ParallelConfig(completion_config=CompletionConfig.first_successful()))
+        return r.completion_reason, [it.status for it in r.all], r.get_results()
+
+    try:
+        reason, statuses, results = executor.run(handler, store=store_path)
+        assert not ended.exists(), "early completion must not wait for the loser"
+    finally:
+        release.touch()  # a Dask thread runs on, unobserved (docs/dask.md): let it end
+    assert reason is CompletionReason.MIN_SUCCESSFUL_REACHED
+    assert statuses == [BatchItemStatus.SUCCEEDED, BatchItemStatus.STARTED], "the loser ran to its end"
+    assert results == ["fast"]
+
+
 # -- faults --------------------------------------------------------------------------------------------------------
 def test_a_killed_worker_costs_only_its_branch(executor, store_path, tmp_path):
     """Branch 2 SIGKILLs its worker once; every branch's step body is counted by a marker file
@@ -272,7 +303,7 @@ def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_
 
     def item(c, x, i, xs):
         if i == 1:
-            _wait_for(release, 60)
+            _wait_for(release, 20)  # far past its 1 s timeout; bounded, as a stuck Dask thread costs this long
             (tmp_path / "slow-ended").touch()
         return x
 
@@ -283,7 +314,7 @@ def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_
 
     try:
         r = executor.run(handler, store=store_path)
-        assert not (tmp_path / "slow-ended").exists(), "the driver did not wait for the timed-out branch"
+        waited = (tmp_path / "slow-ended").exists()
     finally:
         release.touch()  # a Dask thread cannot be stopped: let it end
         executor.workers_back()
@@ -291,6 +322,9 @@ def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_
     assert r.all[1].error.type == "durable_mp.exceptions.StepTimeoutError"
     assert "timeout" in r.all[1].error.message
     assert [r.all[0].result, r.all[2].result] == [0, 2]
+    if waited and executor.dask:
+        pytest.xfail(DASK_TIMED_OUT_THREAD)
+    assert not waited, "the driver did not wait for the timed-out branch"
 
 
 def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path, request):
@@ -356,6 +390,7 @@ def test_memory_limit_ends_the_worker_over_it(executor, store_path):
     r = executor.run(handler, store=store_path, max_worker_memory=limit)
     assert r.all[0].status == BatchItemStatus.FAILED
     assert r.all[0].error.type.endswith("MemoryLimitExceededError")
+    assert "over its limit of 200.0 MiB" in r.all[0].error.message
     assert r.all[1].result == "small"
 
 
