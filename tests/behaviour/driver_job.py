@@ -2,7 +2,7 @@
 
 Six branches, two at a time, each one step that appends to the marker ``start-<i>``.
 Steps 0 and 1 return at once; the others wait for the file ``MARKERS/../release`` (at
-most 60 s), so the driver is killed with steps 2 and 3 running and 0 and 1 committed.
+most 60 s), so the driver is killed with a later step running and 0 and 1 committed.
 ``EXECUTOR`` is a start method, or ``dask:<scheduler address>``.
 """
 
