@@ -21,6 +21,7 @@ from durable_mp.engine.start import START_METHODS, default_start_method
 pytestmark = pytest.mark.timeout(180)
 
 METHODS = [m for m in START_METHODS if m in multiprocessing.get_all_start_methods()]
+WORKERS = 2  # main's test_a_fresh_worker_imports_no_driver_side_module uses it
 
 
 @pytest.fixture(params=METHODS)
