@@ -29,7 +29,7 @@ from durable_mp.retries import JitterStrategy, RetryPresets, RetryStrategyConfig
 from durable_mp.store.facade import Store
 from executors import Refused
 from procs import session_processes
-from util import marker_count, wait_until
+from util import REPO, TESTS, marker_count, wait_until
 
 try:  # main moved it to engine/worker_process.py after this branch began: drop the fallback once merged
     from durable_mp.engine.worker_process import NO_PDEATHSIG_ENV
@@ -562,7 +562,8 @@ def test_a_sigkilled_driver_resumes_and_nothing_committed_runs_again(executor, t
     store = str(tmp_path / "store")
     where = f"dask:{executor.cluster.address}" if executor.dask else executor.name
     argv = [sys.executable, str(HERE / "driver_job.py"), store, str(markers), where]
-    env = {**os.environ, NO_PDEATHSIG_ENV: "1"}
+    # the driver imports this tree's durable_mp, as the test runner and the Dask workers do
+    env = {**os.environ, NO_PDEATHSIG_ENV: "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
     try:
         blocked = {f"start-{i}" for i in range(2, 6)}  # which of them run is the dispatcher's choice
