@@ -74,6 +74,7 @@ class Dispatcher:
     """
 
     first_chunk_items = FIRST_CHUNK_ITEMS  # a map chunk's size before any item time is known
+    virtual_clock = True  # skip_time: outcomes are released by the batch's virtual clock (engine.virtual_clock)
 
     def __init__(self, store: Any, execution_id: str, pool: WorkerPool | None, *, max_workers: int | None,
                  max_worker_memory: int | None, max_crash_retries: int = DEFAULT_MAX_CRASH_RETRIES,
@@ -98,6 +99,8 @@ class Dispatcher:
     # -- public -------------------------------------------------------------------------------
     def run_batch(self, spec: BatchSpec) -> tuple[Any, CompletionReason]:  # ItemColumns
         batch = BatchRun(spec)
+        if not self.virtual_clock:
+            batch.clock = None
         policy = spec.policy
         intake = self.intake
         spec.replay_into(batch.records)

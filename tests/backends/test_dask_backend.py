@@ -1,6 +1,9 @@
-"""The same handlers on a real Dask cluster: ``dask scheduler`` and two ``dask worker`` processes.
+"""Cluster faults on a real Dask cluster: ``dask scheduler`` and two ``dask worker`` processes.
 
-Faults are injected by signals to those processes.  One module-wide cluster (nanny
+What a user relies on on every executor (results, completion, a killed branch, replay,
+resume, timeouts, and Dask's documented refusals) is the behaviour suite in
+``tests/behaviour``, run on Dask as on each start method.  Here: faults of the cluster
+itself, injected by signals to its processes.  One module-wide cluster (nanny
 workers, ``allowed-failures`` 1 so a branch that kills its worker is given up on
 quickly); the tests that take the scheduler away start their own.
 """
@@ -15,11 +18,11 @@ import time
 
 import pytest
 import dask
-from dask_cluster import RealCluster
+from dask_cluster import ALLOWED_FAILURES, RealCluster
 from procs import leftover_children
 
 
-from durable_mp import BatchItemStatus, CompletionReason, durable_execution  # noqa: E402
+from durable_mp import BatchItemStatus, durable_execution  # noqa: E402
 from durable_mp.config import (  # noqa: E402
     CompletionConfig,
     MapConfig,
@@ -28,15 +31,15 @@ from durable_mp.config import (  # noqa: E402
     StepSemantics,
 )
 from durable_mp.backends.dask import CLUSTER_WAIT_KEY  # noqa: E402
-from durable_mp.exceptions import ClusterUnavailableError, ValidationError  # noqa: E402
+from durable_mp.exceptions import ClusterUnavailableError  # noqa: E402
 from durable_mp.operation.callback import send_callback_success  # noqa: E402
 from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.shared_cluster]
-
-
-ALLOWED_FAILURES = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
+NO_RETRY = RetryPresets.none()
+ALL_COMPLETED = ParallelConfig(completion_config=CompletionConfig.all_completed())
 
 
 @pytest.fixture(scope="module")
@@ -62,76 +65,6 @@ def workers_back(client):
     """After a test that kills workers: wait until both are back (their nannies restart them)."""
     yield
     client.wait_for_workers(2, timeout=60)
-
-
-def test_parallel_and_map_results_in_input_order(client, store_path):
-    @durable_execution
-    def handler(event, ctx):
-        par = ctx.parallel([lambda c, i=i: c.step(lambda _: (i, os.getpid()), name=f"s{i}") for i in range(4)])
-        mapped = ctx.map(list(range(50)), lambda c, x, i, xs: x * len(xs))
-        return par, mapped
-
-    par, mapped = handler.run(None, store=store_path, backend=client)
-    assert [v[0] for v in par.get_results()] == [0, 1, 2, 3]
-    assert all(v[1] != os.getpid() for v in par.get_results())
-    assert mapped.get_results() == [x * 50 for x in range(50)]
-    with Store(store_path) as st:
-        ops = st.ops(handler.execution_id_for(None))
-    assert sum(1 for r in ops if r.sub_type == "MapIteration") == 50
-    assert sum(1 for r in ops if r.sub_type == "Step" and r.status == "SUCCEEDED") == 4
-
-
-def test_failures_completion_and_nesting(client, store_path):
-    @durable_execution
-    def handler(event, ctx):
-        def bad(c):
-            raise ValueError("dask branch failed")
-
-        def nested(c):
-            return c.map(["a", "b"], lambda cc, s, i, xs: s.upper()).get_results()
-
-        r = ctx.parallel([bad, nested], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
-        fail_fast = ctx.map([0, 1, 2, 3], lambda c, x, i, xs: 1 / (x - 1), config=MapConfig(max_concurrency=1))
-        return r, fail_fast
-
-    r, fail_fast = handler.run(None, store=store_path, backend=client)
-    assert r.all[0].status == BatchItemStatus.FAILED and r.all[0].error.type == "ValueError"
-    assert r.all[1].result == ["A", "B"]
-    assert fail_fast.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
-    assert [it.status for it in fail_fast.all] == [BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED]
-
-
-def test_a_killed_dask_worker_costs_only_its_branch(client, store_path, tmp_path):
-    marker = tmp_path / "killed"
-
-    def branch(i):
-        def run(ctx):
-            if i == 2 and not marker.exists():
-                marker.write_text("x")
-                os.kill(os.getpid(), signal.SIGKILL)
-            return i
-        return run
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([branch(i) for i in range(5)]).get_results()
-
-    assert handler.run(None, store=store_path, backend=client) == [0, 1, 2, 3, 4]
-    client.wait_for_workers(2, timeout=60)
-
-
-def test_finished_execution_replays_without_the_cluster(client, store_path):
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map([1, 2, 3], lambda c, x, i, xs: x + 1).get_results()
-
-    assert handler.run({"k": 1}, store=store_path, backend=client) == [2, 3, 4]
-    assert handler.run({"k": 1}, store=store_path) == [2, 3, 4]  # stored result, local backend, nothing runs
-
-
-NO_RETRY = RetryPresets.none()  # a refusal is an error of the step: its retry strategy would retry it
-AT_MOST_ONCE = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
-ALL_COMPLETED = ParallelConfig(completion_config=CompletionConfig.all_completed())
 
 
 def test_an_at_most_once_step_in_a_dask_branch_runs_once(client, store_path, tmp_path):
@@ -260,43 +193,6 @@ def _ran_log(tmp_path):
         with open(tmp_path / "ran", "a") as f:
             f.write(f"{i}\n")
     return ran, lambda: sorted(int(x) for x in (tmp_path / "ran").read_text().split())
-
-
-def test_fail_fast_starts_nothing_after_the_failure_on_dask(client, store_path, tmp_path):
-    ran, ran_items = _ran_log(tmp_path)
-
-    def item(c, x, i, xs):
-        ran(i)
-        if i == 1:
-            raise ValueError("item 1 fails")
-        return x
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map(list(range(64)), item, config=MapConfig(max_concurrency=1))
-
-    r = handler.run(None, store=store_path, backend=client)
-    assert r.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
-    assert r.total_count == 2
-    assert ran_items() == [0, 1]
-
-
-def test_first_successful_starts_nothing_after_the_success_on_dask(client, store_path, tmp_path):
-    ran, ran_items = _ran_log(tmp_path)
-
-    def item(c, x, i, xs):
-        ran(i)
-        return x
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map(list(range(64)), item, config=MapConfig(
-            max_concurrency=1, completion_config=CompletionConfig.first_successful()))
-
-    r = handler.run(None, store=store_path, backend=client)
-    assert r.completion_reason == CompletionReason.MIN_SUCCESSFUL_REACHED
-    assert r.success_count == 1 and r.total_count == 1
-    assert ran_items() == [0]
 
 
 # -- cluster faults: exact results, or RUNNING and resumable ----------------------------------------------------
@@ -479,53 +375,7 @@ def test_a_cluster_without_workers_waits_then_stops_resumable(store_path, tmp_pa
         cluster.close()
 
 
-# -- limits: enforced on Dask, or refused with a message -----------------------------------------------------------
-def test_branch_timeout_is_enforced_by_cancelling_the_task(client, store_path):
-    def item(c, x, i, xs):
-        time.sleep(6 if i == 1 else 0.01)
-        return x
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map([0, 1, 2], item, config=MapConfig(
-            branch_timeout=1, completion_config=CompletionConfig.all_completed()))
-
-    started = time.monotonic()
-    r = handler.run(None, store=store_path, backend=client)
-    assert r.all[1].status == BatchItemStatus.FAILED
-    assert r.all[1].error.type == "durable_mp.exceptions.StepTimeoutError"
-    assert "timeout" in r.all[1].error.message
-    assert [r.all[0].result, r.all[2].result] == [0, 2]
-    assert time.monotonic() - started < 6, "the driver did not wait for the 6 s branch"
-    client.wait_for_workers(2, timeout=30)
-
-
-def test_a_step_timeout_inside_a_dask_branch_is_refused_before_the_step_runs(client, store_path, tmp_path):
-    def body(step_ctx):
-        (tmp_path / "ran").write_text("x")
-        return 1
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([lambda c: c.step(body, name="timed", config=StepConfig(timeout=5, retry_strategy=NO_RETRY))],
-                            config=ALL_COMPLETED)
-
-    r = handler.run(None, store=store_path, backend=client)
-    assert r.all[0].status == BatchItemStatus.FAILED
-    assert "'timed'" in r.all[0].error.message and "timeout" in r.all[0].error.message
-    assert "branch_timeout" in r.all[0].error.message
-    assert not (tmp_path / "ran").exists()
-
-
-def test_max_worker_memory_is_refused_on_dask(client, store_path):
-    @durable_execution
-    def handler(event, ctx):
-        return 1
-
-    with pytest.raises(ValidationError, match="memory-limit"):
-        handler.run(None, store=store_path, backend=client, max_worker_memory=2**30)
-
-
+# -- what reaches the driver -------------------------------------------------------------------------------------
 def test_ctx_logger_lines_of_dask_branches_reach_the_driver(client, store_path, caplog):
     def item(c, x, i, xs):
         c.logger.warning("item %d says %s", i, x)

@@ -226,24 +226,6 @@ def test_a_failing_branch_lets_its_running_siblings_finish(store_path):
     assert handler.run(None, store=store_path) == (2, 1, "FAILED", "ALL_COMPLETED", [{"user": 1}, {"orders": 2}])
 
 
-def test_first_successful_still_terminates_the_losers(store_path, tmp_path):
-    def fast(ctx):
-        return "fast"
-
-    def slow(ctx):
-        time.sleep(30)
-        return "slow"
-
-    @durable_execution
-    def handler(event, ctx):
-        r = ctx.parallel([fast, slow], config=ParallelConfig(completion_config=CompletionConfig.first_successful()))
-        return r.completion_reason, [it.status for it in r.all]
-
-    reason, statuses = handler.run(None, store=store_path)
-    assert reason is CompletionReason.MIN_SUCCESSFUL_REACHED
-    assert statuses == [BatchItemStatus.SUCCEEDED, BatchItemStatus.STARTED], "the loser ran to its end"
-
-
 # -- 12. a callback wait does not hold the worker's send lock ------------------------------
 def test_a_waiting_callback_does_not_stall_sibling_nested_branches(store_path, tmp_path):
     from durable_mp.operation.callback import send_callback_success

@@ -288,26 +288,6 @@ def test_branch_timeout_fails_only_that_branch(store_path):
     assert r.all[1].result == "quick"
 
 
-def test_memory_limit_terminates_the_worker_over_it(store_path):
-    limit = 300 * 2**20
-
-    def hog(ctx):
-        block = bytearray(600 * 2**20)
-        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
-        time.sleep(30)
-        return len(block)
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([hog, lambda c: "small"], config=ALL_COMPLETED)
-
-    r = handler.run(None, store=store_path, max_worker_memory=limit)
-    assert r.all[0].status == BatchItemStatus.FAILED
-    assert r.all[0].error.type.endswith("MemoryLimitExceededError")
-    assert "over its limit of 300.0 MiB" in r.all[0].error.message
-    assert r.all[1].result == "small"
-
-
 def test_memory_limit_inside_a_step_goes_to_the_retry_strategy(store_path):
     def hog(step_ctx):
         block = bytearray(600 * 2**20)
