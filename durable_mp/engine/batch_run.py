@@ -24,14 +24,15 @@ SMOOTHING = 0.3  # weight of the newest chunk in the running item-time and CPU-s
 class Task:
     """Work one worker is doing: a chunk of branches of a batch, or one step call."""
 
-    __slots__ = ("id", "batch", "indices", "reported", "deadline", "result", "started", "seen")
+    __slots__ = ("id", "batch", "indices", "reported", "deadline", "timeout", "result", "started", "seen")
 
-    def __init__(self, task_id: int, batch: BatchRun | None, indices: list[int], deadline: float | None) -> None:
+    def __init__(self, task_id: int, batch: BatchRun | None, indices: list[int], timeout: float | None) -> None:
         self.id = task_id
         self.batch = batch
         self.indices = indices
         self.reported: set[int] = set()
-        self.deadline = deadline
+        self.timeout = timeout  # seconds the work may take once the worker has begun it
+        self.deadline = time.monotonic() + timeout if timeout else None  # moved on while it has not begun
         self.result: Any = None
         self.started = time.time()
         self.seen: list[int] | None = None  # the batch's [failures, successes] counted from this worker

@@ -237,8 +237,7 @@ class Dispatcher:
 
     def _new_task(self, batch: BatchRun | None, indices: list[int], timeout: float | None) -> Task:
         self.next_task_id += 1
-        deadline = time.monotonic() + timeout if timeout else None
-        return Task(self.next_task_id, batch, indices, deadline)
+        return Task(self.next_task_id, batch, indices, timeout or None)
 
     def _assign(self, worker: Worker, task: Task) -> None:
         worker.task = task

@@ -171,6 +171,10 @@ class Supervisor:
                 self._kill_for(worker, StepTimeoutError(f"step {expired.record.name!r} exceeded its timeout"),
                                step_scoped=True, watch=expired)
             elif task.deadline is not None and now >= task.deadline:
+                if task.timeout is not None and not worker.begun(task.id, max(1, len(task.indices))):
+                    # still booting (a new interpreter) or busy before it: the time is not the work's
+                    task.deadline = now + task.timeout
+                    continue
                 self.stats["timeouts"] += 1
                 if task.batch is None:
                     self._kill_for(worker, StepTimeoutError("step exceeded its timeout"), step_scoped=False)

@@ -300,6 +300,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
         if kind is Kind.RUN_CHUNK:
             _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
         elif kind is Kind.RUN_CALL:
+            current[1] = (msg.task_id << PROGRESS_SHIFT) + 1  # begun: the driver's timeout counts from here
             _run_call(msg, channel)
 
 

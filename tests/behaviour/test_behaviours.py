@@ -48,16 +48,9 @@ HERE = Path(__file__).resolve().parent
 SEEN_BY_WORKER = "as imported"
 
 
-# Known defects of durable_mp (found by this suite; durable_mp/ is not this suite's to change):
-SPAWN_TIMEOUT_CLOCK = ("a branch or step timeout counts a spawned worker's interpreter start: an item that never "
-                       "ran a line fails with StepTimeoutError (its record's start_ts is the dispatch time)")
+# A known limit of durable_mp on Dask (found by this suite):
 DASK_TIMED_OUT_THREAD = ("branch_timeout on Dask: the timed-out item's thread runs on (docs/dask.md), and its "
                          "chunk mates, put back in the queue, can wait behind it: the run waited for the item")
-
-
-def _known_defect(request, executor, method: str, reason: str, **kw) -> None:
-    if executor.name == method:
-        request.applymarker(pytest.mark.xfail(reason=reason, **kw))
 
 
 def _counts(markers, prefix: str, n: int) -> list[int]:
@@ -299,7 +292,6 @@ def test_a_killed_worker_costs_only_its_branch(executor, store_path, tmp_path):
 
 
 def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_path, tmp_path, request):
-    _known_defect(request, executor, "spawn", SPAWN_TIMEOUT_CLOCK, strict=False)  # depends on the start's length
     release = tmp_path / "release"
 
     def item(c, x, i, xs):
@@ -329,7 +321,6 @@ def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_
 
 
 def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path, request):
-    _known_defect(request, executor, "spawn", SPAWN_TIMEOUT_CLOCK, strict=False)
     release = tmp_path / "release"
     cfg = StepConfig(timeout=0.5, retry_strategy=NO_RETRY)
 

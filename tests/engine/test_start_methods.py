@@ -99,3 +99,19 @@ def test_cli_start_method_option(method, tmp_path):
     assert (parents == {proc.pid}) == (method != "forkserver"), "fork-server workers are the server's children"
     bad = subprocess.run(argv[:5] + ["--start-method", "vfork"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "invalid choice: 'vfork'" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fresh", [m for m in ("forkserver", "spawn") if m in multiprocessing.get_all_start_methods()])
+def test_a_timeout_counts_from_the_start_of_the_work_not_the_workers_boot(fresh, store_path):
+    """A new interpreter takes a moment to boot; a branch's or a root step's timeout starts when
+    the worker begins that work, so an instant body never times out while its worker boots."""
+    from durable_mp.config import MapConfig, StepConfig
+
+    @durable_execution(start_method=fresh, max_workers=WORKERS)
+    def handler(event, ctx):
+        root = ctx.step(lambda _: "root", name="root", config=StepConfig(timeout=0.05))
+        mapped = ctx.map([1, 2, 3], lambda c, x, i, xs: x * 2, config=MapConfig(branch_timeout=0.05))
+        return root, mapped.get_results(), mapped.failure_count
+
+    assert handler.run(None, store=store_path) == ("root", [2, 4, 6], 0)
