@@ -48,7 +48,6 @@ import pathlib
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-import lmdb
 
 from durable_mp.core.records import OpRecord
 from durable_mp.exceptions import StoreError
@@ -57,6 +56,7 @@ from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.forward import backwards, refusal
 from durable_mp.store.op_reads import OpReads, scan
 from durable_mp.store.ownership import Ownership
+from durable_mp.store.txn import Transactions
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
 from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, this_process,
@@ -69,7 +69,6 @@ __all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUN
            "RUNNING", "SUCCEEDED", "FAILED"]
 
 DEFAULT_MAP_SIZE = 1 << 30  # bytes; only address space until used, doubled whenever full
-MAX_MAP_SIZE = 1 << 42  # bytes (4 TiB): past this a full map is a full disk, not a small map
 FLUSH_COUNT = 5000  # staged records that make a batch due
 FLUSH_SECONDS = 0.02  # seconds after its oldest record that a batch is due
 
@@ -104,9 +103,9 @@ class Store:
         self.stage_many = self._group.stage_many
         self.stage_items = self._group.stage_items
         self._blobs = blobs.BlobWriter(self.path)  # used by the committer thread only
-        self._shared: SharedEnv | None = None
-        self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
-        self._env_id = self._shared.key  # names this environment in the per-thread lock registry
+        shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
+        self._txn = Transactions(self.path, readonly, self._stats, shared)
+        self._env_id = shared.key  # names this environment in the per-thread lock registry
         self._ownership = Ownership(self)  # the locks and leases of the executions this store holds
         self._reads = OpReads(self)  # reads of a batch's items and of subtrees
 
@@ -147,7 +146,7 @@ class Store:
             finally:
                 self._blobs.close()
                 with self._lock:
-                    self._shared = None
+                    self._txn.shared = None
                 release_shared(shared)
 
     # -- staging and group commit (GroupCommit does the work) ------------------------------
@@ -230,18 +229,16 @@ class Store:
                                  f"reopening checkpoints of {exec_id!r}")
             self._stats["reopened"] += len(rows)
 
-    # -- transactions ----------------------------------------------------------------------
+    # -- transactions (``Transactions``; failed writes retried and latched here) ------------
+    @property
+    def _shared(self) -> SharedEnv | None:
+        return self._txn.shared
+
     def _env(self) -> SharedEnv:
-        shared = self._shared
-        if shared is None:
-            raise StoreError(f"the durable_mp store {self.path} is closed")
-        shared.usable_by_this_process()
-        return shared
+        return self._txn.env()
 
     def _writable(self) -> SharedEnv:
-        if self.readonly:
-            raise StoreError(f"the durable_mp store {self.path} was opened read-only")
-        return self._env()
+        return self._txn.writable()
 
     def _write_or_latch(self, fn: Callable[[Txn, SharedEnv], T], what: str) -> T:
         """``_write``, retried; if the store stays unwritable, latch that (``CheckpointFailedError``)."""
@@ -253,40 +250,11 @@ class Store:
             raise self._group.latch(exc, what) from exc
 
     def _read(self, fn: Callable[[Txn, SharedEnv], T]) -> T:
-        shared = self._env()
-        with shared.lock:
-            while True:
-                try:
-                    with shared.env.begin() as txn:
-                        return fn(txn, shared)
-                except lmdb.MapResizedError:
-                    shared.env.set_mapsize(0)  # another process grew the map: adopt its size
-                except lmdb.Error as exc:
-                    raise StoreError(f"reading the durable_mp store {self.path} failed: {exc}") from exc
+        return self._txn.read(fn)
 
     def _write(self, fn: Callable[[Txn, SharedEnv], T]) -> T:
         """Run ``fn(txn, shared)`` in one write transaction, growing the map until it fits."""
-        shared = self._writable()
-        with shared.lock:
-            while True:
-                try:
-                    with shared.env.begin(write=True) as txn:
-                        out = fn(txn, shared)
-                    self._stats["commits"] += 1
-                    return out
-                except lmdb.MapFullError:
-                    self._grow(shared)
-                except lmdb.MapResizedError:
-                    shared.env.set_mapsize(0)
-                except lmdb.Error as exc:
-                    raise StoreError(f"writing the durable_mp store {self.path} failed: {exc}") from exc
-
-    def _grow(self, shared: SharedEnv) -> None:
-        size: int = shared.env.info()["map_size"]
-        if size >= MAX_MAP_SIZE:
-            raise StoreError(f"the durable_mp store {self.path} is full ({size} bytes mapped)")
-        shared.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
-        self._stats["map_grows"] += 1
+        return self._txn.write(fn)
 
     def _load(self, data: bytes, where: str) -> OpRecord:
         if data[:1] == b"\0" and blobs.is_ref(data):  # a large value, committed to a blob file
