@@ -30,7 +30,7 @@ arguments after losing its worker; the task counts its runs on a per-task event 
 the scheduler, and a second run first asks the driver for what the earlier runs recorded
 (their finished branches are skipped, the running one replays its checkpoints).
 
-What a cluster fault costs (``fault_of``): a lost worker, a cancelled future, a lost
+What a cluster fault costs (``dask_cluster.fault_of``): a lost worker, a cancelled future, a lost
 dependency, a closed connection or a lost scheduler puts the chunk's unreported branches
 back in the queue, uncharged (Dask itself first re-runs a task whose worker died).
 ``KilledWorker`` of a chunk runs its branches again one by one; of a single branch it is
@@ -55,9 +55,17 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from enum import Enum
 from typing import Any
 
+from durable_mp.backends.dask_cluster import (
+    CLUSTER_WAIT_KEY,
+    DASK_DEFAULT_ALLOWED_FAILURES,
+    DaskFault,
+    _scheduler_allowed_failures,
+    client_for,
+    configured_wait,
+    fault_of,
+)
 from durable_mp.backends.dask_tasks import (
     LOG_LEVEL_KEY,
     StreamRequest,
@@ -84,9 +92,6 @@ log = logging.getLogger("durable_mp.dask")
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 FIRST_CHUNK_ITEMS = 4  # before any item time is known
-CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
-DEFAULT_CLUSTER_WAIT = 300.0
-DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
 STALL_POLL_SECONDS = 1.0
 STREAM_POLL_SECONDS = 0.01
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
@@ -94,7 +99,6 @@ START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while not
 THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
 STREAM_CATCHUP_SECONDS = 10.0  # how long a finished task's result waits for its streamed messages, then it is lost
 PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
-_INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
 
 
 class DaskDispatcher(Dispatcher):
@@ -602,56 +606,6 @@ class _DriverStream:
             out.append(self.waiting.pop(self.next))
             self.next += 1
         return out
-
-
-class DaskFault(Enum):
-    """What ended a Dask task without its result, and so what it costs."""
-
-    INFRASTRUCTURE = "infrastructure: back to the queue, uncharged"  # cancelled, lost, connection closed
-    KILLED_CHUNK = "killed workers: its branches run again one by one, uncharged"
-    KILLED_ALONE = "killed workers: charged to its one branch"
-    KILLED_QUEUED = "Dask gave up on it, but it never ran: back to the queue, uncharged"
-    TASK_ERROR = "the task itself failed"  # durable_mp's task code raised (the branches' own errors are records)
-
-
-def fault_of(exc: BaseException, branches: int, runs: int = 1) -> DaskFault:
-    """Sort an exception a chunk's future raised.
-
-    ``branches``: how many of its branches did not report; ``runs``: how often the task
-    announced it started.  ``KilledWorker`` of a task that never ran (it sat queued on
-    workers that other tasks killed) is the others' fault: back to the queue, uncharged.
-    """
-    from distributed import KilledWorker
-
-    if isinstance(exc, KilledWorker):
-        if branches > 1:
-            return DaskFault.KILLED_CHUNK
-        return DaskFault.KILLED_ALONE if runs else DaskFault.KILLED_QUEUED
-    if isinstance(exc, (CancelledError, OSError, TimeoutError)) or type(exc).__name__ in _INFRASTRUCTURE_NAMES:
-        return DaskFault.INFRASTRUCTURE
-    return DaskFault.TASK_ERROR
-
-
-def configured_wait() -> float:
-    """Seconds a run waits for an unavailable cluster: Dask config ``durable-mp.cluster-wait``."""
-    import dask
-
-    return float(dask.config.get(CLUSTER_WAIT_KEY, DEFAULT_CLUSTER_WAIT))
-
-
-def _scheduler_allowed_failures() -> int:
-    import dask
-
-    return int(dask.config.get("distributed.scheduler.allowed-failures"))
-
-
-def client_for(backend: Any) -> tuple[Any, bool]:
-    """``(client, owned)`` for ``backend="dask"`` (new local cluster or $DASK_SCHEDULER_ADDRESS) or a Client."""
-    from distributed import Client
-
-    if isinstance(backend, Client):
-        return backend, False
-    return Client(), True
 
 
 __all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]
