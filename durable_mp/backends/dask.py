@@ -15,7 +15,8 @@
     │                                 │ Variable  │  Variable)                    │
     └─────────────────────────────────┘           └───────────────────────────────┘
 
-Records stream (``_StreamingOutbox``): a running chunk sends its records every
+What runs inside a Dask task lives in ``backends.dask_tasks``.  Records stream
+(``dask_tasks._StreamingOutbox``): a running chunk sends its records every
 ``STREAM_FLUSH_SECONDS`` as events on the execution's records topic, each message tagged
 (task key, run, sequence number); the driver applies each run's messages in order
 (``_DriverStream``) and stages them as they come, so a lost worker costs its running
@@ -29,7 +30,7 @@ arguments after losing its worker; the task counts its runs on a per-task event 
 the scheduler, and a second run first asks the driver for what the earlier runs recorded
 (their finished branches are skipped, the running one replays its checkpoints).
 
-What a cluster fault costs (``fault_of``): a lost worker, a cancelled future, a lost
+What a cluster fault costs (``dask_cluster.fault_of``): a lost worker, a cancelled future, a lost
 dependency, a closed connection or a lost scheduler puts the chunk's unreported branches
 back in the queue, uncharged (Dask itself first re-runs a task whose worker died).
 ``KilledWorker`` of a chunk runs its branches again one by one; of a single branch it is
@@ -47,339 +48,57 @@ their own limit); steps with a ``timeout`` inside Dask-run branches are refused
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from enum import Enum
 from typing import Any
 
-from durable_mp.core.records import Attempt, OpRecord, OpStatus
+from durable_mp.backends.dask_cluster import (
+    CLUSTER_WAIT_KEY,
+    DASK_DEFAULT_ALLOWED_FAILURES,
+    DaskFault,
+    _scheduler_allowed_failures,
+    client_for,
+    configured_wait,
+    fault_of,
+)
+from durable_mp.backends.dask_tasks import (
+    LOG_LEVEL_KEY,
+    StreamRequest,
+    load_payload,
+    log_topic,
+    records_topic,
+    run_call,
+    run_chunk,
+    start_topic,
+)
+from durable_mp.core.records import Attempt, OpRecord
 from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task
-from durable_mp.engine.branch import run_branch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
 from durable_mp.engine.lifecycle import BranchState
-from durable_mp.engine.payload import load_source
-from durable_mp.engine.protocol import UNLIMITED, Budget
-from durable_mp.engine.scheduling import concurrency_limit, stop_chunk
-from durable_mp.engine.worker import Outbox
-from durable_mp.engine.worker_process import record_data
-from durable_mp.engine.worker_state import WorkerContextState, WorkerShared
-from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, ValidationError, WorkerCrashedError
+from durable_mp.engine.scheduling import concurrency_limit
+from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import LOGGER_NAME
-from durable_mp.types import StepContext
 
 log = logging.getLogger("durable_mp.dask")
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 FIRST_CHUNK_ITEMS = 4  # before any item time is known
-LOG_LEVEL_KEY = "dask_log_level"  # in the settings: the driver's level for ctx.logger
-CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
-DEFAULT_CLUSTER_WAIT = 300.0
-DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
 STALL_POLL_SECONDS = 1.0
 STREAM_POLL_SECONDS = 0.01
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
 THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
-STREAM_FLUSH_SECONDS = 0.02  # a record waits at most this long on the worker before it is streamed
-STREAM_MAX_BYTES = 256 * 1024  # larger messages wait for the task's result: big data does not go through the scheduler
 STREAM_CATCHUP_SECONDS = 10.0  # how long a finished task's result waits for its streamed messages, then it is lost
-REPLY_TIMEOUT = 3600.0  # a worker waits this long for the driver's answer to a request
 PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
-_INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
-_SOURCES: OrderedDict = OrderedDict()
-_SOURCES_LOCK = threading.Lock()
-_SOURCE_CACHE_SIZE = 4
-
-
-def _name(rec: OpRecord) -> str:
-    return repr(rec.name) if rec.name else f"(unnamed, id {rec.op_id[:12]})"
-
-
-class StreamRequest(str, Enum):
-    """What a streamed message asks of the driver, which answers through a Dask ``Variable``."""
-
-    NONE = ""
-    SYNC = "sync"  # commit everything streamed so far (an AT_MOST_ONCE step's STARTED record), then reply
-    RERUN = "rerun"  # Dask runs this task again (it lost its worker): reply with what the earlier runs recorded
-    CALLBACK = "callback"  # reply with the callback's record once it is done (completed, failed or timed out)
-
-
-class _StreamingOutbox(Outbox):
-    """Streams a chunk's records to the driver as Dask events while it runs.
-
-    Every message names its task's key, its run (Dask may run a task again) and a sequence
-    number, so the driver applies one run's messages in the order they were produced
-    (``_DriverStream``), as it does a local worker's pipe.  A message larger than
-    ``STREAM_MAX_BYTES`` (and all after it, to keep the order) waits for the task's result
-    instead, unless a request needs it now: big results do not travel through the scheduler.
-    """
-
-    wrap = staticmethod(b"".join)  # Dask serializes the result itself
-
-    def __init__(self, worker: Any, topic: str, key: str, run: int) -> None:
-        super().__init__(channel=None)
-        self.worker = worker  # the Dask worker (``get_worker`` knows it only in the task's own thread)
-        self.topic = topic
-        self.key = key
-        self.run = run
-        self.sent = 0  # messages streamed so far
-        self.tail_nested: list[Any] = []  # held back for the result (a big record, and everything after it)
-        self.tail_items: list[Any] = []
-        self.closed = False
-
-    def wait_callback(self, rec: OpRecord) -> OpRecord:
-        """Block this thread (only) until the driver says the callback is done."""
-        done = self.request(StreamRequest.CALLBACK, rec.dumps())
-        if done is None:
-            raise _Abandoned()
-        result: OpRecord = done
-        return result
-
-    def _flush_loop(self) -> None:
-        while not self.closed:
-            self.pending.wait()
-            time.sleep(STREAM_FLUSH_SECONDS)
-            self.pending.clear()
-            if self.closed:
-                return
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - the worker lost its scheduler: the result still carries them
-                return
-
-    def _due(self) -> None:
-        if time.monotonic() - self.last_send >= STREAM_FLUSH_SECONDS:
-            self.flush()
-        elif not self.pending.is_set():
-            if self.flusher is None:
-                self.flusher = threading.Thread(target=self._flush_loop, daemon=True, name="durable_mp-stream")
-                self.flusher.start()
-            self.pending.set()
-
-    def flush(self) -> None:
-        with self.send_lock:
-            nested, items, _, _ = self._take()
-            self.last_send = time.monotonic()
-            if nested or items:
-                self._stream(nested, items, StreamRequest.NONE, "")
-
-    def _stream(self, nested: list[Any], items: list[Any], request: StreamRequest, reply: str,
-                data: bytes = b"") -> None:
-        """Send (under ``send_lock``), or hold back for the result once a message is too big for an event."""
-        size = sum(len(entry[2]) for entry in nested) + sum(len(entry[3]) for entry in items)
-        self.tail_nested += nested
-        self.tail_items += items
-        if request is StreamRequest.NONE and (size > STREAM_MAX_BYTES or len(self.tail_nested) + len(
-                self.tail_items) > len(nested) + len(items)):
-            return  # held: this and every later record travel with the result, in order
-        message = [self.key, self.run, self.sent, [list(e) for e in self.tail_nested],
-                   [list(e) for e in self.tail_items], request.value, reply, data]
-        self.worker.log_event(self.topic, message)
-        self.sent += 1
-        self.tail_nested, self.tail_items = [], []
-
-    def request(self, request: StreamRequest, data: bytes = b"") -> Any:
-        """Stream what waits, ask the driver ``request`` and wait for its answer (a Dask ``Variable``)."""
-        from distributed import Variable
-
-        with self.send_lock:
-            nested, items, _, _ = self._take()
-            self.last_send = time.monotonic()
-            reply = f"durable_mp-reply-{self.key}-{self.run}-{self.sent}"
-            self._stream(nested, items, request, reply, data)
-        # the worker's own client: branches of a nested batch run in threads of their own
-        answer = Variable(reply, client=self.worker._get_client()).get(timeout=REPLY_TIMEOUT)
-        return pickling.loads(answer)
-
-    def sync(self) -> None:
-        """An AT_MOST_ONCE step's STARTED record is committed by the driver before the step's body runs."""
-        if not self.request(StreamRequest.SYNC):
-            raise _Abandoned()
-
-    def finish(self) -> tuple[list[Any], list[Any], int]:
-        """The records not streamed yet (they travel with the result) and how many messages were streamed."""
-        self.closed = True
-        self.pending.set()
-        with self.send_lock:
-            nested, items, _, _ = self._take()
-            return self.tail_nested + nested, self.tail_items + items, self.sent
-
-    def chunk_done(self, unstarted: list[int], cpu_share: float, seconds: float = 0.0) -> None:
-        return None
-
-    def watch_start(self, rec: Any, timeout: float | None) -> int:
-        if timeout:  # refused before the body runs: a Dask thread cannot be stopped from outside
-            raise ValidationError(
-                f"step {_name(rec)} has a timeout, which the Dask backend cannot enforce inside a parallel/map "
-                f"branch (a running Dask thread cannot be stopped). Use the branch_timeout of the parallel/map "
-                f"(enforced by cancelling the branch's task), run the step in the handler body, or use the local "
-                f"backend")
-        return 0
-
-    def watch_end(self, watch_id: int) -> None:
-        return None
-
-
-class _Abandoned(BaseException):
-    """The driver no longer waits for this task (its batch ended, or it timed out): stop running branches."""
-
-
-def load_payload(payload: bytes) -> bytes:
-    """Dask task holding a batch's code and items: its input is in the graph, so Dask can run it again."""
-    return payload
-
-
-def log_topic(execution_id: str) -> str:
-    """The Dask event topic that carries an execution's ``ctx.logger`` records from the workers."""
-    return f"durable_mp-log-{execution_id}"
-
-
-class _EventLogHandler(logging.Handler):
-    """On a Dask worker: sends ``ctx.logger`` records to the driver as Dask events (``log_event``).
-
-    A record names its execution (``executionArn``, as ``ctx.logger`` adds to every record);
-    records without one are not durable_mp's and stay in the worker's own log.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        execution = getattr(record, "executionArn", None)
-        if not execution:
-            return
-        try:
-            from distributed import get_worker
-
-            get_worker().log_event(log_topic(execution), record_data(record, getattr(_CURRENT, "index", None)))
-        except Exception:  # noqa: BLE001 - logging must never break a branch
-            pass
-
-
-_CURRENT = threading.local()  # the branch a Dask thread runs (its log records name it)
-_HANDLER_LOCK = threading.Lock()
-
-
-def _forward_logs(level: int) -> None:
-    """Install the event handler on this worker's ``durable_mp`` logger once; log at the driver's level."""
-    logger = logging.getLogger(LOGGER_NAME)
-    with _HANDLER_LOCK:
-        if not any(isinstance(h, _EventLogHandler) for h in logger.handlers):
-            logger.addHandler(_EventLogHandler())
-        logger.setLevel(level)
-
-
-def start_topic(execution_id: str) -> str:
-    """The Dask event topic on which a chunk's task says it started running on a worker.
-
-    The driver counts these per task: a task Dask gave up on (``KilledWorker``) is charged
-    only for the deaths it was running at, not for those it sat queued behind on a worker
-    (Dask counts both); and a chunk's ``branch_timeout`` runs from its start.
-    """
-    return f"durable_mp-start-{execution_id}"
-
-
-def run_topic(key: str) -> str:
-    """The Dask event topic that counts the runs of one task (Dask runs a task again after losing its worker)."""
-    return f"durable_mp-run-{key}"
-
-
-def records_topic(execution_id: str) -> str:
-    """The Dask event topic on which running chunks stream their records (and requests) to the driver."""
-    return f"durable_mp-records-{execution_id}"
-
-
-def _announce_start(execution_id: str) -> int:
-    """Tell the driver (through the scheduler, and before any branch runs) that this task started; its run number.
-
-    A round trip, not a buffered event: a branch that kills its worker at once must not
-    take its announcement down with it.  The scheduler keeps the task's own run topic, so
-    a run Dask started again after losing a worker knows it is one (and asks the driver
-    for what the earlier runs recorded) without a round trip to the driver.
-    """
-    from distributed import get_worker
-    from distributed.utils import sync
-
-    worker = get_worker()
-    key = str(worker.get_current_task())
-    sync(worker.loop, worker.scheduler.log_event, topic=[start_topic(execution_id), run_topic(key)], msg=key)
-    return len(sync(worker.loop, worker.scheduler.events, topic=run_topic(key)))
-
-
-def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
-              settings: dict, budget: Budget = UNLIMITED) -> tuple[list, list, list[int], float, int, int]:
-    """Dask task: run the branches ``indices`` of one batch in order, streaming their records.
-
-    Returns the records not streamed, the unstarted branches, the task's own seconds, its
-    run and how many messages it streamed.  ``budget`` is the chunk's start budget
-    (``scheduling.start_budget``, counted within this chunk): no branch starts once the
-    chunk's own outcomes would complete the batch.  A run Dask started again (it lost its
-    worker) first asks the driver for what the earlier runs recorded: their finished
-    branches are not run again, the others replay their checkpoints.
-    """
-    from distributed import get_worker
-
-    started = time.monotonic()
-    execution_id = settings["execution_id"]
-    _forward_logs(settings.get(LOG_LEVEL_KEY, logging.WARNING))
-    worker = get_worker()
-    key = str(worker.get_current_task())
-    try:
-        run = _announce_start(execution_id)
-    except Exception:  # noqa: BLE001 - the scheduler is away: run anyway (counted as never started, boundedly)
-        run = 1
-    outbox = _StreamingOutbox(worker, records_topic(execution_id), key, run)
-    outcomes = [0, 0]  # [failures, successes] of this chunk
-    if run > 1:
-        earlier = outbox.request(StreamRequest.RERUN)
-        if earlier is None:  # the driver no longer waits for this task
-            return [], [], [], time.monotonic() - started, run, outbox.finish()[2]
-        done, outcomes, fresh = earlier
-        indices = [i for i in indices if i not in set(done)]
-        checkpoints = {**(checkpoints or {}), **fresh}
-    with _SOURCES_LOCK:
-        source = _SOURCES.get(token)
-        if source is None:
-            source = _SOURCES[token] = load_source(payload, execution_id)
-            while len(_SOURCES) > _SOURCE_CACHE_SIZE:
-                _SOURCES.popitem(last=False)
-    if names:
-        source = copy.copy(source)
-        source.names = names
-    shared = WorkerShared(outbox, settings)
-    empty: dict = {}
-    unstarted: list[int] = []
-    try:
-        for position, index in enumerate(indices):
-            if stop_chunk(budget, outcomes[0], outcomes[1]):
-                unstarted = list(indices[position:])
-                break
-            _CURRENT.index = index
-            state = WorkerContextState(shared, checkpoints.get(index, empty) if checkpoints else empty)
-            rec = run_branch(source, index, state.context)
-            outbox.add_item(index, rec)
-            outcomes[rec.status == OpStatus.SUCCEEDED] += 1
-    except _Abandoned:
-        unstarted = []
-    finally:
-        _CURRENT.index = None
-    nested, items, sent = outbox.finish()
-    return nested, items, unstarted, time.monotonic() - started, run, sent
-
-
-def run_call(payload: bytes) -> Any:
-    """Dask task: one attempt of a driver-level step that has a timeout."""
-    from durable_mp.logger import Logger
-
-    func, attempt, extra = pickling.loads(payload)
-    return func(StepContext(Logger(extra=extra), attempt))
 
 
 class DaskDispatcher(Dispatcher):
@@ -890,56 +609,6 @@ class _DriverStream:
             out.append(self.waiting.pop(self.next))
             self.next += 1
         return out
-
-
-class DaskFault(Enum):
-    """What ended a Dask task without its result, and so what it costs."""
-
-    INFRASTRUCTURE = "infrastructure: back to the queue, uncharged"  # cancelled, lost, connection closed
-    KILLED_CHUNK = "killed workers: its branches run again one by one, uncharged"
-    KILLED_ALONE = "killed workers: charged to its one branch"
-    KILLED_QUEUED = "Dask gave up on it, but it never ran: back to the queue, uncharged"
-    TASK_ERROR = "the task itself failed"  # durable_mp's task code raised (the branches' own errors are records)
-
-
-def fault_of(exc: BaseException, branches: int, runs: int = 1) -> DaskFault:
-    """Sort an exception a chunk's future raised.
-
-    ``branches``: how many of its branches did not report; ``runs``: how often the task
-    announced it started.  ``KilledWorker`` of a task that never ran (it sat queued on
-    workers that other tasks killed) is the others' fault: back to the queue, uncharged.
-    """
-    from distributed import KilledWorker
-
-    if isinstance(exc, KilledWorker):
-        if branches > 1:
-            return DaskFault.KILLED_CHUNK
-        return DaskFault.KILLED_ALONE if runs else DaskFault.KILLED_QUEUED
-    if isinstance(exc, (CancelledError, OSError, TimeoutError)) or type(exc).__name__ in _INFRASTRUCTURE_NAMES:
-        return DaskFault.INFRASTRUCTURE
-    return DaskFault.TASK_ERROR
-
-
-def configured_wait() -> float:
-    """Seconds a run waits for an unavailable cluster: Dask config ``durable-mp.cluster-wait``."""
-    import dask
-
-    return float(dask.config.get(CLUSTER_WAIT_KEY, DEFAULT_CLUSTER_WAIT))
-
-
-def _scheduler_allowed_failures() -> int:
-    import dask
-
-    return int(dask.config.get("distributed.scheduler.allowed-failures"))
-
-
-def client_for(backend: Any) -> tuple[Any, bool]:
-    """``(client, owned)`` for ``backend="dask"`` (new local cluster or $DASK_SCHEDULER_ADDRESS) or a Client."""
-    from distributed import Client
-
-    if isinstance(backend, Client):
-        return backend, False
-    return Client(), True
 
 
 __all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]

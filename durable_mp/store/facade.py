@@ -48,15 +48,15 @@ import pathlib
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-import lmdb
 
-from durable_mp.core.records import BRANCH_KEY_PREFIX, OpRecord
+from durable_mp.core.records import OpRecord
 from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
-from durable_mp.store.branch_scan import first_bytes, read_each, scan_branches, scan_outcomes
 from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.forward import backwards, refusal
+from durable_mp.store.op_reads import OpReads, scan
 from durable_mp.store.ownership import Ownership
+from durable_mp.store.txn import Transactions
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
 from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, this_process,
@@ -69,7 +69,6 @@ __all__ = ["DEFAULT_STORE_DIR", "STORE_ENV_VAR", "DEFAULT_MAP_SIZE", "FLUSH_COUN
            "RUNNING", "SUCCEEDED", "FAILED"]
 
 DEFAULT_MAP_SIZE = 1 << 30  # bytes; only address space until used, doubled whenever full
-MAX_MAP_SIZE = 1 << 42  # bytes (4 TiB): past this a full map is a full disk, not a small map
 FLUSH_COUNT = 5000  # staged records that make a batch due
 FLUSH_SECONDS = 0.02  # seconds after its oldest record that a batch is due
 
@@ -104,10 +103,11 @@ class Store:
         self.stage_many = self._group.stage_many
         self.stage_items = self._group.stage_items
         self._blobs = blobs.BlobWriter(self.path)  # used by the committer thread only
-        self._shared: SharedEnv | None = None
-        self._shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
-        self._env_id = self._shared.key  # names this environment in the per-thread lock registry
+        shared = open_shared(self.path, map_size=map_size, readonly=readonly, create=create)
+        self._txn = Transactions(self.path, readonly, self._stats, shared)
+        self._env_id = shared.key  # names this environment in the per-thread lock registry
         self._ownership = Ownership(self)  # the locks and leases of the executions this store holds
+        self._reads = OpReads(self)  # reads of a batch's items and of subtrees
 
     def __repr__(self) -> str:
         mode = "read-only" if self.readonly else "read-write"
@@ -146,7 +146,7 @@ class Store:
             finally:
                 self._blobs.close()
                 with self._lock:
-                    self._shared = None
+                    self._txn.shared = None
                 release_shared(shared)
 
     # -- staging and group commit (GroupCommit does the work) ------------------------------
@@ -229,18 +229,16 @@ class Store:
                                  f"reopening checkpoints of {exec_id!r}")
             self._stats["reopened"] += len(rows)
 
-    # -- transactions ----------------------------------------------------------------------
+    # -- transactions (``Transactions``; failed writes retried and latched here) ------------
+    @property
+    def _shared(self) -> SharedEnv | None:
+        return self._txn.shared
+
     def _env(self) -> SharedEnv:
-        shared = self._shared
-        if shared is None:
-            raise StoreError(f"the durable_mp store {self.path} is closed")
-        shared.usable_by_this_process()
-        return shared
+        return self._txn.env()
 
     def _writable(self) -> SharedEnv:
-        if self.readonly:
-            raise StoreError(f"the durable_mp store {self.path} was opened read-only")
-        return self._env()
+        return self._txn.writable()
 
     def _write_or_latch(self, fn: Callable[[Txn, SharedEnv], T], what: str) -> T:
         """``_write``, retried; if the store stays unwritable, latch that (``CheckpointFailedError``)."""
@@ -252,40 +250,11 @@ class Store:
             raise self._group.latch(exc, what) from exc
 
     def _read(self, fn: Callable[[Txn, SharedEnv], T]) -> T:
-        shared = self._env()
-        with shared.lock:
-            while True:
-                try:
-                    with shared.env.begin() as txn:
-                        return fn(txn, shared)
-                except lmdb.MapResizedError:
-                    shared.env.set_mapsize(0)  # another process grew the map: adopt its size
-                except lmdb.Error as exc:
-                    raise StoreError(f"reading the durable_mp store {self.path} failed: {exc}") from exc
+        return self._txn.read(fn)
 
     def _write(self, fn: Callable[[Txn, SharedEnv], T]) -> T:
         """Run ``fn(txn, shared)`` in one write transaction, growing the map until it fits."""
-        shared = self._writable()
-        with shared.lock:
-            while True:
-                try:
-                    with shared.env.begin(write=True) as txn:
-                        out = fn(txn, shared)
-                    self._stats["commits"] += 1
-                    return out
-                except lmdb.MapFullError:
-                    self._grow(shared)
-                except lmdb.MapResizedError:
-                    shared.env.set_mapsize(0)
-                except lmdb.Error as exc:
-                    raise StoreError(f"writing the durable_mp store {self.path} failed: {exc}") from exc
-
-    def _grow(self, shared: SharedEnv) -> None:
-        size: int = shared.env.info()["map_size"]
-        if size >= MAX_MAP_SIZE:
-            raise StoreError(f"the durable_mp store {self.path} is full ({size} bytes mapped)")
-        shared.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
-        self._stats["map_grows"] += 1
+        return self._txn.write(fn)
 
     def _load(self, data: bytes, where: str) -> OpRecord:
         if data[:1] == b"\0" and blobs.is_ref(data):  # a large value, committed to a blob file
@@ -389,28 +358,14 @@ class Store:
             if not blobs.has_blobs(self.path, exec_id):
                 return 0  # the common case: an execution without large values costs one listdir
             prefix = self._exec_key(exec_id) + b"\0"
-            values = self._read(lambda txn, sh: list(self._scan(txn, sh.ops, prefix).values()))
+            values = self._read(lambda txn, sh: list(scan(txn, sh.ops, prefix).values()))
             return blobs.sweep(self.path, exec_id, values)
 
     def release(self, exec_id: str) -> None:
         """Clear the execution's owner; its status stays (``Ownership.release``)."""
         self._ownership.release(exec_id)
 
-    # -- operations: reads -----------------------------------------------------------------
-    @staticmethod
-    def _scan(txn: Txn, db: Any, prefix: bytes) -> dict[str, Any]:
-        """``{rest of key: value}`` for every committed key starting with ``prefix``."""
-        out: dict[str, Any] = {}
-        cur = txn.cursor(db=db)
-        if not cur.set_range(prefix):
-            return out
-        n = len(prefix)
-        for key, value in cur.iternext():
-            if not key.startswith(prefix):
-                break
-            out[key[n:].decode()] = value
-        return out
-
+    # -- operations (multi-record reads are ``OpReads``'s) ----------------------------------
     def get_op(self, exec_id: str, parent_id: str, op_id: str) -> OpRecord | None:
         """The record of one operation, staged or committed."""
         with self._lock:
@@ -469,113 +424,32 @@ class Store:
 
     def children(self, exec_id: str, parent_id: str) -> list[OpRecord]:
         """The records whose parent is ``parent_id`` ("" = root), in no particular order."""
-        return list(self._children(exec_id, parent_id).values())
+        return self._reads.children(exec_id, parent_id)
 
     def branch_records(self, exec_id: str, batch_op_id: str) -> dict[int, OpRecord]:
-        """The item records of a parallel/map, by index (their keys are ``branch_key(index)``)."""
-        return {int(key[1:]): rec for key, rec in self._children(exec_id, batch_op_id).items()
-                if key.startswith(BRANCH_KEY_PREFIX)}
+        """The item records of a parallel/map, by index (``OpReads.branch_records``)."""
+        return self._reads.branch_records(exec_id, batch_op_id)
 
     def branch_raw(self, exec_id: str, batch_op_id: str) -> dict[int, Any]:
-        """``branch_records`` undecoded (``OpRecord.dumps()`` bytes): a resume of a big map
-        probes their statuses and decodes a result only when it is asked for."""
-        with self._lock:
-            prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
-
-            found = self._read(lambda txn, sh: scan_branches(txn, sh.ops, prefix))
-            if 0 in first_bytes(found.values()):  # a large value is a reference to its blob file: read it
-                for index, data in found.items():
-                    if data[:1] == b"\0" and blobs.is_ref(data):
-                        found[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
-            for group in reversed(self._group.pending((exec_id, batch_op_id))):
-                found.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
-            return found
+        """``branch_records`` undecoded (``OpReads.branch_raw``)."""
+        return self._reads.branch_raw(exec_id, batch_op_id)
 
     def branch_outcomes(self, exec_id: str, batch_op_id: str, plain: int) -> tuple[list[int], dict[int, Any]]:
-        """``(indices, others)``: items whose stored record starts with the byte ``plain`` (a plain
-        success: their values stay in the store), and every other item record undecoded, as
-        ``branch_raw`` gives it (staged records included)."""
-        with self._lock:
-            prefix = self._prefix(exec_id, batch_op_id) + BRANCH_KEY_PREFIX.encode()
-            indices, others = self._read(lambda txn, sh: scan_outcomes(txn, sh.ops, prefix, plain))
-            for index, data in others.items():  # a large value is a reference to its blob file: read it
-                if data[:1] == b"\0" and blobs.is_ref(data):
-                    others[index] = blobs.load(self.path, data, f"{exec_id}/{batch_op_id}/#{index}")
-            staged: dict[int, Any] = {}
-            for group in reversed(self._group.pending((exec_id, batch_op_id))):
-                staged.update((int(key[1:]), data) for key, data in group.items() if key.startswith(BRANCH_KEY_PREFIX))
-            if staged:  # uncommitted records win over stored ones
-                indices = [i for i in indices if i not in staged]
-                others.update(staged)
-            return indices, others
+        """Plain successes' indices and every other item record undecoded (``OpReads.branch_outcomes``)."""
+        return self._reads.branch_outcomes(exec_id, batch_op_id, plain)
 
     def branch_each(self, exec_id: str, batch_op_id: str, indices: Any, fn: Callable[[int, Any], None]) -> None:
-        """``fn(index, stored bytes)`` for each item of ``indices`` whose record ``branch_outcomes`` left
-        in the store, in one read transaction (its values are not all held at once)."""
-        with self._lock:
-            parent = self._prefix(exec_id, batch_op_id)
-            self._read(lambda txn, sh: read_each(txn, sh.ops, parent, indices, fn))
-
-    def _children(self, exec_id: str, parent_id: str) -> dict[str, OpRecord]:
-        with self._lock:
-            prefix = self._prefix(exec_id, parent_id)
-            found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))
-            for group in reversed(self._group.pending((exec_id, parent_id))):
-                found.update(group)
-            return {key: self._load(data, f"{exec_id}/{parent_id}/{key}") for key, data in found.items()}
+        """``fn(index, stored bytes)`` for items left in the store (``OpReads.branch_each``)."""
+        self._reads.branch_each(exec_id, batch_op_id, indices, fn)
 
     def subtree(self, exec_id: str, op_id: str) -> dict[str, OpRecord]:
         """Every descendant of ``op_id`` (not itself), by op id, from one consistent snapshot."""
-        with self._lock:
-            self._exec_key(exec_id)
-            check_id("op_id", op_id)
-
-            def walk(txn: Txn, sh: SharedEnv) -> dict[str, OpRecord]:
-                out: dict[str, OpRecord] = {}
-                todo = [op_id]
-                while todo:
-                    parent = todo.pop()
-                    found = self._scan(txn, sh.ops, f"{exec_id}{SEP}{parent}{SEP}".encode())
-                    for group in reversed(self._group.pending((exec_id, parent))):
-                        found.update(group)
-                    for key, data in found.items():
-                        rec = self._load(data, f"{exec_id}/{parent}/{key}")
-                        if rec.op_id not in out and rec.op_id != op_id:
-                            out[rec.op_id] = rec  # keys of batch items are their index, not their id
-                            todo.append(rec.op_id)
-                return out
-
-            return self._read(walk)
+        return self._reads.subtree(exec_id, op_id)
 
     def ops(self, exec_id: str) -> list[OpRecord]:
         """All records of an execution, staged or committed."""
-        with self._lock:
-            prefix = self._exec_key(exec_id) + b"\0"
-            found = self._read(lambda txn, sh: self._scan(txn, sh.ops, prefix))  # "parent\0op" -> data
-            for (ex, parent), group in self._group.pending_items():
-                if ex == exec_id:
-                    found.update((f"{parent}{SEP}{op}", data) for op, data in group.items())
-            return [self._load(data, f"{exec_id}/{key}") for key, data in found.items()]
+        return self._reads.ops(exec_id)
 
     def parents_with_children(self, exec_id: str) -> set[str]:
         """The ids of operations that have at least one child record (root is "")."""
-        with self._lock:
-            prefix = self._exec_key(exec_id) + b"\0"
-            n = len(prefix)
-
-            def scan(txn: Txn, sh: SharedEnv) -> set[str]:
-                out: set[str] = set()
-                cur = txn.cursor(db=sh.ops)
-                ok = cur.set_range(prefix)
-                while ok:
-                    key = cur.key()
-                    if not key.startswith(prefix):
-                        break
-                    parent = key[n:key.index(b"\0", n)]
-                    out.add(parent.decode())
-                    ok = cur.set_range(prefix + parent + b"\x01")  # skip this parent's children
-                return out
-
-            found = self._read(scan)
-            found.update(parent for (ex, parent), group in self._group.pending_items() if ex == exec_id and group)
-            return found
+        return self._reads.parents_with_children(exec_id)

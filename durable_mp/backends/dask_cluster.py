@@ -1,0 +1,71 @@
+"""The Dask cluster as the driver sees it: what a task's fault costs, how long to wait, which client.
+
+``fault_of`` sorts the exception a chunk's future raised into a ``DaskFault`` (the table
+in ``backends.dask``'s docstring); ``configured_wait`` reads how long a run waits for an
+unavailable cluster (Dask config ``durable-mp.cluster-wait``); ``client_for`` makes or
+takes the ``distributed.Client``.  ``_scheduler_allowed_failures`` runs on the scheduler,
+so it lives at module level of a module the scheduler can import.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import CancelledError
+from enum import Enum
+from typing import Any
+
+__all__ = ["CLUSTER_WAIT_KEY", "DaskFault", "client_for", "configured_wait", "fault_of"]
+
+CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
+DEFAULT_CLUSTER_WAIT = 300.0
+DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
+_INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
+
+
+class DaskFault(Enum):
+    """What ended a Dask task without its result, and so what it costs."""
+
+    INFRASTRUCTURE = "infrastructure: back to the queue, uncharged"  # cancelled, lost, connection closed
+    KILLED_CHUNK = "killed workers: its branches run again one by one, uncharged"
+    KILLED_ALONE = "killed workers: charged to its one branch"
+    KILLED_QUEUED = "Dask gave up on it, but it never ran: back to the queue, uncharged"
+    TASK_ERROR = "the task itself failed"  # durable_mp's task code raised (the branches' own errors are records)
+
+
+def fault_of(exc: BaseException, branches: int, runs: int = 1) -> DaskFault:
+    """Sort an exception a chunk's future raised.
+
+    ``branches``: how many of its branches did not report; ``runs``: how often the task
+    announced it started.  ``KilledWorker`` of a task that never ran (it sat queued on
+    workers that other tasks killed) is the others' fault: back to the queue, uncharged.
+    """
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        if branches > 1:
+            return DaskFault.KILLED_CHUNK
+        return DaskFault.KILLED_ALONE if runs else DaskFault.KILLED_QUEUED
+    if isinstance(exc, (CancelledError, OSError, TimeoutError)) or type(exc).__name__ in _INFRASTRUCTURE_NAMES:
+        return DaskFault.INFRASTRUCTURE
+    return DaskFault.TASK_ERROR
+
+
+def configured_wait() -> float:
+    """Seconds a run waits for an unavailable cluster: Dask config ``durable-mp.cluster-wait``."""
+    import dask
+
+    return float(dask.config.get(CLUSTER_WAIT_KEY, DEFAULT_CLUSTER_WAIT))
+
+
+def _scheduler_allowed_failures() -> int:
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures"))
+
+
+def client_for(backend: Any) -> tuple[Any, bool]:
+    """``(client, owned)`` for ``backend="dask"`` (new local cluster or $DASK_SCHEDULER_ADDRESS) or a Client."""
+    from distributed import Client
+
+    if isinstance(backend, Client):
+        return backend, False
+    return Client(), True
