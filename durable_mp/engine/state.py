@@ -21,10 +21,13 @@ from durable_mp.core.spec import BatchSpec
 # Seconds this thread slept under skip_time (instantly): its branch's virtual duration,
 # which orders its outcome on the batch's virtual clock (``engine.virtual_clock``).
 _slept = threading.local()
+_slept_here = False  # has any thread of this process slept under skip_time? (spares the hot path two lookups)
 
 
 def take_slept_seconds() -> float:
     """Seconds slept on this thread since the last call (reset to zero)."""
+    if not _slept_here:
+        return 0.0
     seconds: float = getattr(_slept, "seconds", 0.0)
     _slept.seconds = 0.0
     return seconds
@@ -32,6 +35,8 @@ def take_slept_seconds() -> float:
 
 def add_slept_seconds(seconds: float) -> None:
     """Count ``seconds`` of skipped sleep on this thread (a nested batch's virtual duration)."""
+    global _slept_here
+    _slept_here = True
     _slept.seconds = getattr(_slept, "seconds", 0.0) + seconds
 
 
