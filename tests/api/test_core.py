@@ -176,33 +176,6 @@ def test_decorators_name_operations(store_path):
     assert {"double", "child", "the-branch", "seven"} <= names
 
 
-def test_step_retries_under_skip_time_and_sees_attempt(store_path, tmp_path):
-    marker = tmp_path / "attempts"
-
-    @durable_execution
-    def handler(event, ctx):
-        def flaky(step_ctx: StepContext):
-            with open(marker, "a") as f:
-                f.write(f"{step_ctx.attempt}\n")
-            if step_ctx.attempt < 3:
-                raise ConnectionError("try again")
-            return step_ctx.attempt
-
-        cfg = StepConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(
-            max_attempts=5, initial_delay=Duration.from_seconds(30), jitter_strategy=JitterStrategy.NONE)))
-        return ctx.parallel([lambda c: c.step(flaky, config=cfg)]).get_results()
-
-    assert run(handler, store_path) == [3]
-    assert marker.read_text().split() == ["1", "2", "3"]
-    from durable_mp.store.facade import Store
-    with Store(store_path) as st:
-        step = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "flaky")
-    first, second, third = step.attempts
-    assert (first.retry_delay, second.retry_delay) == (30, 60)
-    for before, after in ((first, second), (second, third)):  # skip_time: each retry began before its delay ran out
-        assert after.start_ts < before.end_ts + before.retry_delay
-
-
 @pytest.mark.process_free
 def test_step_failure_after_retries_raises_step_error_at_root(store_path):
     @durable_execution

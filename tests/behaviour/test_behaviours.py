@@ -476,8 +476,10 @@ def test_a_step_in_a_branch_retries_and_sees_its_attempt(executor, store_path, t
     assert executor.run(handler, store=store_path, skip_time=True) == [3]
     assert attempts.read_text().split() == ["1", "2", "3"]
     step = next(r for r in _ops(store_path, handler) if r.name == "flaky")
-    first, second, _third = step.attempts
+    first, second, third = step.attempts
     assert (first.retry_delay, second.retry_delay) == (30, 60)
+    for before, after in ((first, second), (second, third)):  # skip_time: each retry began before its delay ran out
+        assert after.start_ts < before.end_ts + before.retry_delay
 
 
 def test_a_finished_execution_replays_and_nothing_runs_again(executor, store_path, tmp_path):
