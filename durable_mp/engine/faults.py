@@ -46,12 +46,20 @@ def split_lost_chunk(indices: list[int], reported: set[int], running: int | None
 
     ``reached`` is how many of ``indices``, in chunk order, the worker had begun (its shared
     slot); every one of them may have started, even one that ended, since its records may
-    have died in the worker's outbox.  The guilty one is the branch the worker was running,
-    or the first unreported one if the slot was already cleared.
+    have died in the worker's outbox.  The guilty one is the branch the worker was running.
+    With the slot cleared, it is the last branch the worker began if unreported (the loop
+    had ended: something that branch left behind, a thread say, may be what keeps killing
+    it), or, when nothing began, the first one (its chunk killed the worker while loading).
+    A branch the worker never began is never blamed: its crash count would be charged for
+    nothing, and once ``max_crash_retries`` is used up it would FAIL without having run.
     """
     unreported = [i for i in indices if i not in reported]
     if running not in unreported:
-        running = unreported[0] if unreported else None
+        if reached and indices:
+            last = indices[min(reached, len(indices)) - 1]
+            running = last if last not in reported else None
+        else:
+            running = unreported[0] if unreported else None
     begun = set(indices[:reached])
     started = [i for i in unreported if i in begun and i != running]
     unstarted = [i for i in unreported if i not in begun and i != running]

@@ -1,7 +1,8 @@
 """The deterministic simulation of the engine (``engine_sim``): seeded schedules, invariants after every step.
 
 ``DURABLE_MP_SIM_SEED=<n>`` runs only schedule ``n`` in every test here (replaying a failure);
-``DURABLE_MP_SIM_SCHEDULES=<n>`` runs ``n`` schedules in ``test_schedules`` (10,000 by default).
+``DURABLE_MP_SIM_SCHEDULES=<n>`` runs ``n`` schedules in ``test_schedules`` (10,000 by default),
+``DURABLE_MP_SIM_FIRST=<n>`` starts every test's seeds at ``n`` instead of 0 (fresh schedules).
 A failure names its seed and the command that replays it.
 
 Found on main before the fixes of issue 18 (branch ``engine``), which pass 6,000 schedules:
@@ -28,13 +29,15 @@ from durable_mp.engine.worker import Outbox
 
 SCHEDULES = int(os.environ.get("DURABLE_MP_SIM_SCHEDULES", "10000"))
 ONE_SEED = os.environ.get("DURABLE_MP_SIM_SEED")
+FIRST_SEED = int(os.environ.get("DURABLE_MP_SIM_FIRST", "0"))  # fresh schedules: start elsewhere than 0
 
 
 def seeds(count: int, start: int = 0) -> range:
-    """The seeds a test runs: ``count`` from ``start``, or the one ``DURABLE_MP_SIM_SEED`` names."""
+    """The seeds a test runs: ``count`` from ``start`` (shifted by ``DURABLE_MP_SIM_FIRST``), or
+    the one ``DURABLE_MP_SIM_SEED`` names."""
     if ONE_SEED is not None:
         return range(int(ONE_SEED), int(ONE_SEED) + 1)
-    return range(start, start + count)
+    return range(FIRST_SEED + start, FIRST_SEED + start + count)
 
 
 def check(found: list[Violation]) -> None:

@@ -165,10 +165,20 @@ def test_a_lost_chunk_blames_the_running_branch_only():
 def test_a_lost_chunk_reruns_with_checkpoints_every_unreported_branch_the_worker_had_begun():
     # issue 18 defect 1: 4 ended but was not reported (its records died in the outbox) when 5 crashed
     assert split_lost_chunk([3, 4, 5, 6, 7], {3}, 5, 3) == (5, [4], [6, 7])
-    # the worker ran through the whole chunk and died before ChunkDone: all of it may have started
-    assert split_lost_chunk([3, 4, 5], {3}, None, 3) == (4, [5], [])
+    # the worker ran through the whole chunk and died before ChunkDone: all of it may have started,
+    # and the blame (bounding a death that recurs) falls on the last branch it ran
+    assert split_lost_chunk([3, 4, 5], {3}, None, 3) == (5, [4], [])
     # the slot names another chunk (reached 0): nothing of this one began; blame stays on the first
     assert split_lost_chunk([3, 4, 5], set(), None, 0) == (3, [], [4, 5])
+
+
+def test_a_death_after_a_chunk_stopped_early_never_blames_a_branch_it_did_not_begin():
+    """The worker's budget (or a skipped sleep) stopped the chunk after 2 of 4 branches, both
+    reported, and it died before its ChunkDone was read: 5 and 6 never began, so neither is
+    charged a crash (with max_crash_retries used up, 5 would have FAILED without running)."""
+    assert split_lost_chunk([3, 4, 5, 6], {3, 4}, None, 2) == (None, [], [5, 6])
+    assert split_lost_chunk([3, 4, 5, 6], {3}, None, 2) == (4, [], [5, 6])  # 4 ran last, unreported
+    assert split_lost_chunk([], set(), None, 1) == (None, [], [])  # a driver-level step's call: no chunk
 
 
 def test_a_chunk_killed_because_its_batch_completed_names_only_the_branches_that_may_have_started():
