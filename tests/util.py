@@ -97,6 +97,21 @@ def run_cli(*args: str, store: Any, cwd: Any = None, timeout: float = 60) -> sub
 
 
 # -- documentation --------------------------------------------------------------------------------
+def comparable_records(store: Any, execution_id: str) -> list[list]:
+    """Every stored record of an execution as data two runs of one history share: ids, types,
+    name, status, attempt, payload, error type and message, batch summary; without clock
+    readings, pids and tracebacks (``store``: a ``durable_mp.store.facade.Store``)."""
+    timing = {"slept", "scheduled_end"}  # a wait's seconds slept and end time
+    out = []
+    for rec in store.ops(execution_id):
+        result = rec.result if isinstance(rec.result, str) or rec.result is None else rec.result.hex()
+        error = None if rec.error is None else [rec.error.get("ErrorType"), rec.error.get("ErrorMessage")]
+        extra = repr(sorted((k, v) for k, v in (rec.extra or {}).items() if k not in timing))
+        out.append([rec.op_id, rec.parent_id, rec.op_type, rec.sub_type, rec.name, rec.status, rec.attempt,
+                    result, error, extra])
+    return sorted(out, key=repr)
+
+
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 

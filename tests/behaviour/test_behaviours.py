@@ -17,9 +17,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+
+import diffgen
 
 from durable_mp import BatchItemStatus, CompletionReason, ExecutionFailedError, StepContext, durable_execution
 from durable_mp.bench.markers import mark
@@ -29,7 +32,7 @@ from durable_mp.retries import JitterStrategy, RetryPresets, RetryStrategyConfig
 from durable_mp.store.facade import Store
 from executors import Refused
 from procs import session_processes
-from util import REPO, TESTS, marker_count, wait_until
+from util import REPO, TESTS, comparable_records, marker_count, wait_until
 
 try:  # main moved it to engine/worker_process.py after this branch began: drop the fallback once merged
     from durable_mp.engine.worker_process import NO_PDEATHSIG_ENV
@@ -581,3 +584,39 @@ def test_a_sigkilled_driver_resumes_and_nothing_committed_runs_again(executor, t
         assert interrupted and interrupted <= blocked
         assert all(marker_count(markers, name) == 2 for name in interrupted), "the interrupted steps ran again"
     executor.workers_back()
+
+
+GENERATED_HANDLERS = 10  # the differential test's handlers, run under each executor
+
+
+def _generated_outcome(handler: Any, store: str, execution_id: str, **options: Any) -> dict:
+    """Status, result or error of one run, and the records it stored."""
+    try:
+        outcome: dict = {"status": "SUCCEEDED", "result": handler.run({}, execution_id=execution_id, store=store,
+                                                                      skip_time=True, **options)}
+    except ExecutionFailedError as exc:
+        outcome = {"status": "FAILED", "error": [exc.error.type, exc.error.message]}
+    with Store(store) as st:
+        outcome["records"] = comparable_records(st, execution_id)
+    return outcome
+
+
+def test_generated_handlers_end_here_as_on_the_default_pool(executor, tmp_path):
+    """The reference differential test's generated handlers (steps, retries, waits, child
+    contexts, nested parallel and map, every completion config), racing ones left out: each
+    ends under this executor exactly as on the default pool, whose runs
+    ``tests/api/test_differential.py`` compares with the reference SDK's."""
+    seeds = [seed for seed in range(2000, 2100) if not diffgen.generate(seed).racing][:GENERATED_HANDLERS]
+    differing = []
+    for seed in seeds:
+        source = diffgen.generate(seed).source
+        if executor.refuses(Refused.AT_MOST_ONCE_IN_BRANCH):
+            source = source.replace(", step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY", "")
+        handler = diffgen.build(source, diffgen.DURABLE_MP, f"generated_{seed}")
+        here = _generated_outcome(handler, str(tmp_path / "here"), f"gen-{seed}", **executor.options())
+        pool = _generated_outcome(handler, str(tmp_path / "pool"), f"gen-{seed}")
+        if here != pool:
+            keys = [key for key in ("status", "result", "error", "records") if here.get(key) != pool.get(key)]
+            differing.append(f"seed {seed}: {keys} differ; here {here.get('result', here.get('error'))!r}, "
+                             f"default pool {pool.get('result', pool.get('error'))!r}")
+    assert not differing, "\n".join(differing)
