@@ -89,6 +89,13 @@ def wait_until(predicate: Callable[[], Any], seconds: float = 30.0, interval: fl
     return True
 
 
+# -- running a handler -------------------------------------------------------------------------
+def run_skip_time(handler: Any, store: Any, event: Any = None, **kw: Any) -> Any:
+    """``handler.run(event, store=store, skip_time=True, **kw)``: waits and retry delays take no time."""
+    kw.setdefault("skip_time", True)
+    return handler.run(event, store=store, **kw)
+
+
 # -- the command line -------------------------------------------------------------------------
 def run_cli(*args: str, store: Any, cwd: Any = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m durable_mp ARGS --store STORE`` in a fresh interpreter, output captured as text."""
@@ -110,4 +117,4 @@ def doc_block(first_line: str) -> str:
 
 
 __all__ = ["DOC_FILES", "REPO", "TESTS", "doc_block", "execution_record", "marker_count", "marker_counts", "marker_file_indices", "rec",
-           "run_cli", "runs_per_index", "step_record", "wait_until"]
+           "run_cli", "run_skip_time", "runs_per_index", "step_record", "wait_until"]
