@@ -103,30 +103,6 @@ def test_a_worker_ended_by_a_signal_is_redispatched(store_path, tmp_path, signum
         signal.signal(signal.SIGTERM, old)
 
 
-# -- 6. memory limits count what the worker owns -------------------------------------------
-_SHARED: dict = {}  # module level: branches below are pickled by reference and read the forked copy
-
-
-def _touch_shared(ctx):
-    return float(_SHARED["ballast"][:1000].sum())  # reads shared pages: RSS grows, USS does not
-
-
-def _read_all_shared(ctx):
-    return float(_SHARED["ballast"].sum())
-
-
-def test_memory_limit_does_not_count_pages_shared_with_the_driver(store_path):
-    _SHARED["ballast"] = ballast = np.ones(300 * 2**20 // 8)  # 300 MiB in the driver, shared copy-on-write
-    try:
-        @durable_execution(max_worker_memory=200 * 2**20)
-        def handler(event, ctx):
-            return ctx.parallel([_touch_shared, _read_all_shared]).get_results()
-
-        assert handler.run(None, store=store_path) == [1000.0, float(len(ballast))]
-    finally:
-        _SHARED.clear()
-
-
 # -- 7. a death is seen from the process, not from the pipe's EOF --------------------------
 def test_a_dead_worker_whose_helper_holds_the_pipe_is_noticed_at_once(store_path, tmp_path):
     marker = tmp_path / "helper"

@@ -1,5 +1,5 @@
 """Faults cost only the branch they hit: a matrix of stage x fault, crash recovery counts,
-timeouts and memory limits.  Every crash here is real (SIGKILL, os._exit, a segfault)."""
+timeouts (memory limits: test_memory_limits.py).  Every crash here is real (SIGKILL, os._exit, a segfault)."""
 
 from __future__ import annotations
 
@@ -286,22 +286,6 @@ def test_branch_timeout_fails_only_that_branch(store_path):
     assert r.all[0].error.type.endswith("StepTimeoutError")
     assert "exceeded its timeout of 0.5s" in r.all[0].error.message
     assert r.all[1].result == "quick"
-
-
-def test_memory_limit_inside_a_step_goes_to_the_retry_strategy(store_path):
-    def hog(step_ctx):
-        block = bytearray(600 * 2**20)
-        block[::4096] = b"x" * len(block[::4096])
-        time.sleep(30)
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([lambda c: c.step(hog, name="hog", config=NO_RETRY)], config=ALL_COMPLETED)
-
-    r = handler.run(None, store=store_path, max_worker_memory=300 * 2**20)
-    assert r.all[0].status == BatchItemStatus.FAILED
-    assert r.all[0].error.type == "durable_mp.exceptions.StepError"
-    assert "MiB" in r.all[0].error.message
 
 
 def test_unpicklable_map_item_fails_only_that_item(store_path):
