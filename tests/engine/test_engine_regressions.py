@@ -11,48 +11,14 @@ import signal
 import threading
 import time
 
-import numpy as np
 import psutil
 import pytest
 
 from durable_mp import durable_execution
-from durable_mp.config import CompletionConfig, ParallelConfig, StepConfig, StepSemantics
+from durable_mp.config import CompletionConfig, ParallelConfig, StepConfig
 from durable_mp.retries import RetryPresets
 
 pytestmark = pytest.mark.timeout(120)
-
-
-# -- 1. a result is a snapshot ---------------------------------------------------------------
-def test_a_reused_output_buffer_gives_every_item_its_own_value(store_path):
-    """A map function that fills one buffer and returns it: each result is the value at return."""
-    out = np.zeros(32 * 1024, dtype=np.float64)  # 256 KiB: travels out of band
-
-    def fill(ctx, x, i, xs):
-        out[:] = x
-        return out
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map(list(range(40)), fill).get_results()
-
-    results = handler.run(None, store=store_path)
-    wrong = [i for i, r in enumerate(results) if not (r == i).all()]
-    assert wrong == [], f"items whose result was overwritten after they returned: {wrong}"
-
-
-# -- 3. replies are matched by request id, not by position ----------------------------------
-def test_at_most_once_steps_in_a_large_map_do_not_hang(store_path):
-    """A sync request (AT_MOST_ONCE START) while a prefetched chunk sits in the pipe."""
-    cfg = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
-
-    def item(ctx, x, i, xs):
-        return ctx.step(lambda s: x * 2, name="double", config=cfg)
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map(list(range(200)), item).get_results()
-
-    assert handler.run(None, store=store_path) == [2 * x for x in range(200)]
 
 
 # -- 4. step timeouts hold inside nested branches ------------------------------------------
