@@ -7,96 +7,15 @@ process evidence only).
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 from durable_mp import durable_execution
-from durable_mp.config import CompletionConfig, ParallelConfig, StepConfig
-from durable_mp.retries import RetryPresets
+from durable_mp.config import CompletionConfig, ParallelConfig
 
 pytestmark = pytest.mark.timeout(120)
-
-
-# -- 4. step timeouts hold inside nested branches ------------------------------------------
-def test_a_step_timeout_inside_a_nested_parallel_is_enforced(store_path):
-    def slow(step_ctx):
-        time.sleep(30)
-        return "finished"
-
-    def inner(ctx):
-        return ctx.step(slow, name="slow", config=StepConfig(timeout=1, retry_strategy=RetryPresets.none()))
-
-    def quick(ctx):
-        return ctx.step(lambda s: "quick", name="quick")
-
-    def item(ctx, x, i, xs):
-        r = ctx.parallel([inner, quick], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
-        return [(it.status.value, it.error.type if it.error else None) for it in r.all]
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.map([0], item).get_results()
-
-    results = handler.run(None, store=store_path)  # an ignored timeout: the step returns "finished" after 30 s
-    [(status, error), other] = results[0]
-    assert status == "FAILED" and error.endswith("StepError") and other == ("SUCCEEDED", None), results
-
-
-# -- 5. a worker ended by a signal is a worker death ---------------------------------------
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_worker_ended_by_a_signal_is_redispatched(store_path, tmp_path, signum):
-    marker = tmp_path / "signalled"
-
-    def branch(ctx):
-        if not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signum)
-            time.sleep(10)
-        return "ok"
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([branch]).get_results()
-
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        assert handler.run(None, store=store_path) == ["ok"]
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-# -- 7. a death is seen from the process, not from the pipe's EOF --------------------------
-def test_a_dead_worker_whose_helper_holds_the_pipe_is_noticed_at_once(store_path, tmp_path):
-    marker = tmp_path / "helper"
-
-    def branch_with_fork_helper(ctx):
-        if not marker.exists():
-            pid = os.fork()
-            if pid == 0:  # a library's helper process: holds every fd the worker had
-                time.sleep(20)
-                os._exit(0)
-            marker.write_text(str(pid))
-            os.kill(os.getpid(), signal.SIGKILL)
-        return "ok"
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([branch_with_fork_helper]).get_results()
-
-    try:
-        assert handler.run(None, store=store_path) == ["ok"]
-        helper = psutil.Process(int(marker.read_text()))
-        assert helper.status() != psutil.STATUS_ZOMBIE, "the death was noticed only when the helper exited"
-    finally:
-        if marker.exists():
-            try:
-                os.kill(int(marker.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # -- 12. a callback wait does not hold the worker's send lock ------------------------------
