@@ -385,28 +385,6 @@ def test_json_item_serdes_is_honoured(store_path):
     assert sorted(payloads) == ['{"v": 1}', '{"v": 2}']
 
 
-def test_worker_log_records_reach_the_driver_with_the_branch_identity(store_path, caplog):
-    import logging
-
-    @durable_execution
-    def handler(event, ctx):
-        def branch(i):
-            def run(c):
-                logging.getLogger("user.job").warning("hello from %d", i)
-                c.logger.info("via context logger")
-                return os.getpid()
-            return run
-        return ctx.parallel([branch(i) for i in range(3)]).get_results()
-
-    with caplog.at_level(logging.INFO):
-        pids = run(handler, store_path)
-    hello = sorted((r.getMessage(), r.branchIndex, r.process) for r in caplog.records if r.name == "user.job")
-    assert [(m, b) for m, b, _ in hello] == [("hello from 0", 0), ("hello from 1", 1), ("hello from 2", 2)]
-    assert {p for *_, p in hello} <= set(pids), "records keep the worker's pid"
-    ctx_records = [r for r in caplog.records if r.getMessage() == "via context logger"]
-    assert len(ctx_records) == 3 and all(r.parentId for r in ctx_records)
-
-
 @pytest.mark.process_free
 def test_default_execution_ids_tell_handlers_apart(store_path):
     def make(value):

@@ -1,4 +1,5 @@
-"""What a run logs by default: each distinct failure once with the user's frame, every retry.
+"""What a run logs by default: each distinct failure once with the user's frame, every retry,
+and the log records of user code in the workers, with the branch they came from.
 
 Real worker processes and a real store; log records of workers are re-emitted by the driver,
 so ``caplog`` sees them.
@@ -7,6 +8,7 @@ so ``caplog`` sees them.
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from durable_mp import durable_execution
 from durable_mp.config import CompletionConfig, Duration, MapConfig, StepConfig
 from durable_mp.retries import JitterStrategy, RetryStrategyConfig, create_retry_strategy
+from util import run_skip_time
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,3 +124,25 @@ def test_parallel_failures_are_named_by_branch_and_an_unnamed_map_by_its_functio
     assert any(m.startswith("Parallel: branch 1 failed: OSError: disk gone") for m in failures), failures
     assert any(re.match(r"always_fails: item [01] failed: KeyError", m) for m in failures), failures
     assert any(m.startswith("all 2 items of 'always_fails' failed the same way") for m in failures), failures
+
+
+def test_worker_log_records_reach_the_driver_with_the_branch_identity(store_path, caplog):
+    import logging
+
+    @durable_execution
+    def handler(event, ctx):
+        def branch(i):
+            def run(c):
+                logging.getLogger("user.job").warning("hello from %d", i)
+                c.logger.info("via context logger")
+                return os.getpid()
+            return run
+        return ctx.parallel([branch(i) for i in range(3)]).get_results()
+
+    with caplog.at_level(logging.INFO):
+        pids = run_skip_time(handler, store_path)
+    hello = sorted((r.getMessage(), r.branchIndex, r.process) for r in caplog.records if r.name == "user.job")
+    assert [(m, b) for m, b, _ in hello] == [("hello from 0", 0), ("hello from 1", 1), ("hello from 2", 2)]
+    assert {p for *_, p in hello} <= set(pids), "records keep the worker's pid"
+    ctx_records = [r for r in caplog.records if r.getMessage() == "via context logger"]
+    assert len(ctx_records) == 3 and all(r.parentId for r in ctx_records)
