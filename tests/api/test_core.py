@@ -217,46 +217,6 @@ def test_envelope_success_is_json(store_path):
     assert json.loads(out["Result"]) == {"echo": {"x": [1, 2]}, "n": 42}
 
 
-def test_finished_execution_returns_stored_result_without_running(store_path, tmp_path):
-    marker = tmp_path / "ran"
-
-    @durable_execution
-    def handler(event, ctx):
-        with open(marker, "a") as f:
-            f.write("handler\n")
-        return ctx.map([1, 2, 3], lambda c, x, i, xs: x * 10).get_results()
-
-    assert run(handler, store_path, {"k": 1}) == [10, 20, 30]
-    assert run(handler, store_path, {"k": 1}) == [10, 20, 30]
-    assert marker.read_text().count("handler") == 1
-    assert run(handler, store_path, {"k": 2}) == [10, 20, 30]  # another event, another execution
-    assert marker.read_text().count("handler") == 2
-
-
-@pytest.mark.process_free
-def test_changed_operation_sequence_is_non_deterministic(store_path):
-    from durable_mp.store.facade import Store
-
-    calls = {"n": 0}
-
-    @durable_execution
-    def handler(event, ctx):
-        calls["n"] += 1
-        ctx.step(lambda _: 1, name="first" if calls["n"] == 1 else "renamed")
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # simulate a killed run: stays RUNNING
-        return "done"
-
-    with pytest.raises(KeyboardInterrupt):
-        run(handler, store_path, execution_id="nd")
-    with pytest.raises(ExecutionFailedError) as info:
-        run(handler, store_path, execution_id="nd")
-    assert info.value.error.type == "durable_mp.exceptions.NonDeterministicExecutionError"
-    assert "name checkpoint='first' current='renamed'" in info.value.error.message
-    with Store(store_path) as st:
-        assert st.get_execution("nd").status == "RUNNING"  # stopped, not failed: revert and run again (§2)
-
-
 def test_closures_and_lambdas_cross_the_process_boundary(store_path):
     @durable_execution
     def handler(event, ctx):
@@ -284,32 +244,6 @@ def test_wait_and_child_context_replay(store_path, tmp_path):
 
     assert run(handler, store_path) == 3
     assert marker.read_text() == "xx"
-
-
-@pytest.mark.process_free
-def test_is_replaying_and_logger_suppression(store_path, tmp_path, caplog):
-    import logging
-    seen = []
-
-    @durable_execution
-    def handler(event, ctx):
-        seen.append(ctx.is_replaying())
-        ctx.logger.info("before step")
-        ctx.step(lambda _: 1, name="a")
-        seen.append(ctx.is_replaying())
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-        return "ok"
-
-    with caplog.at_level(logging.INFO, logger="durable_mp"):
-        with pytest.raises(KeyboardInterrupt):
-            run(handler, store_path, execution_id="rp")
-        first = [r for r in caplog.records if r.getMessage() == "before step"]
-        assert run(handler, store_path, execution_id="rp") == "ok"
-        second = [r for r in caplog.records if r.getMessage() == "before step"]
-    assert seen == [False, False, True, False]
-    assert len(first) == 1 and len(second) == 1, "the replayed log line must be suppressed"
-    assert first[0].executionArn == "rp"
 
 
 @pytest.mark.process_free
