@@ -12,17 +12,10 @@ from durable_mp import (
     BatchResult,
     CompletionReason,
     DurableContext,
-    ExecutionFailedError,
-    ParallelBranch,
-    StepContext,
     durable_execution,
-    durable_parallel_branch,
-    durable_step,
-    durable_with_child_context,
 )
 from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig
-from durable_mp.retries import RetryStrategyConfig, create_retry_strategy, JitterStrategy
-from durable_mp.config import Duration
+from durable_mp.retries import RetryStrategyConfig, create_retry_strategy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,74 +142,6 @@ def test_nested_parallel_and_map_inside_a_branch(store_path):
     assert run(handler, store_path) == [["X", "Y"], "plain"]
 
 
-def test_decorators_name_operations(store_path):
-    @durable_step
-    def double(step_ctx: StepContext, x: int) -> int:
-        return 2 * x
-
-    @durable_with_child_context
-    def child(c: DurableContext, x: int) -> int:
-        return c.step(double(x)) + 1
-
-    @durable_parallel_branch("the-branch")
-    def branch(c: DurableContext, x: int) -> int:
-        return c.step(double(x))
-
-    @durable_execution
-    def handler(event, ctx):
-        a = ctx.step(double(5))
-        b = ctx.run_in_child_context(child(10))
-        r = ctx.parallel([branch(1), ParallelBranch(lambda c: 7, "seven")])
-        return a, b, r.get_results()
-
-    assert run(handler, store_path) == (10, 21, [2, 7])
-    from durable_mp.store.facade import Store
-    with Store(store_path) as st:
-        names = {rec.name for rec in st.ops(handler.execution_id_for(None))}
-    assert {"double", "child", "the-branch", "seven"} <= names
-
-
-@pytest.mark.process_free
-def test_step_failure_after_retries_raises_step_error_at_root(store_path):
-    @durable_execution
-    def handler(event, ctx):
-        cfg = StepConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=2)))
-        try:
-            ctx.step(lambda _: (_ for _ in ()).throw(ConnectionError("always")), name="s", config=cfg)
-        except Exception as exc:  # noqa: BLE001
-            return type(exc).__name__, exc.error_type, exc.message, type(exc.__cause__).__name__
-
-    assert run(handler, store_path) == ("StepError", "ConnectionError", "always", "DurableOperationError")
-
-
-@pytest.mark.process_free
-def test_handler_failure_raises_execution_failed_error_and_envelope(store_path):
-    @durable_execution(store=store_path, skip_time=True)
-    def handler(event, ctx):
-        raise ValueError("handler failed")
-
-    with pytest.raises(ExecutionFailedError) as info:
-        handler.run({"a": 1})
-    assert info.value.error.type == "ValueError"
-    assert info.value.error.message == "handler failed"
-    assert info.value.error.stack_trace
-    envelope = handler({"a": 1})
-    assert envelope["Status"] == "FAILED"
-    assert envelope["Error"]["ErrorType"] == "ValueError"
-
-
-@pytest.mark.process_free
-def test_envelope_success_is_json(store_path):
-    @durable_execution(store=store_path)
-    def handler(event, ctx):
-        return {"echo": event, "n": ctx.step(lambda _: 41) + 1}
-
-    out = handler({"x": [1, 2]}, None)
-    import json
-    assert out["Status"] == "SUCCEEDED"
-    assert json.loads(out["Result"]) == {"echo": {"x": [1, 2]}, "n": 42}
-
-
 def test_closures_and_lambdas_cross_the_process_boundary(store_path):
     @durable_execution
     def handler(event, ctx):
@@ -225,61 +150,6 @@ def test_closures_and_lambdas_cross_the_process_boundary(store_path):
         return ctx.parallel(fns).get_results()
 
     assert run(handler, store_path) == [100, 101, 102, 103]
-
-
-@pytest.mark.process_free
-def test_wait_and_child_context_replay(store_path, tmp_path):
-    marker = tmp_path / "steps"
-
-    @durable_execution
-    def handler(event, ctx):
-        def count(_):
-            with open(marker, "a") as f:
-                f.write("x")
-            return 1
-        a = ctx.step(count, name="a")
-        ctx.wait(Duration.from_seconds(5), name="pause")
-        b = ctx.run_in_child_context(lambda c: c.step(count, name="b") + 1, name="child")
-        return a + b
-
-    assert run(handler, store_path) == 3
-    assert marker.read_text() == "xx"
-
-
-@pytest.mark.process_free
-def test_wait_for_condition_polls_until_the_strategy_stops(store_path):
-    from durable_mp.waits import WaitForConditionConfig, WaitStrategyConfig, create_wait_strategy
-
-    @durable_execution
-    def handler(event, ctx):
-        strategy = create_wait_strategy(WaitStrategyConfig(should_continue_polling=lambda s: s < 4,
-                                                           jitter_strategy=JitterStrategy.NONE))
-        cfg = WaitForConditionConfig(wait_strategy=strategy, initial_state=0)
-        return ctx.wait_for_condition(lambda state, check_ctx: state + 1, cfg, name="poll")
-
-    assert run(handler, store_path) == 4
-    from durable_mp.store.facade import Store
-    with Store(store_path) as st:
-        rec = next(r for r in st.ops(handler.execution_id_for(None)) if r.name == "poll")
-    assert (rec.op_type, rec.sub_type, rec.status, rec.attempt) == ("STEP", "WaitForCondition", "SUCCEEDED", 4)
-
-
-@pytest.mark.process_free
-def test_with_retry_reruns_a_block_of_operations(store_path):
-    from durable_mp.retries import WithRetryConfig, with_retry
-
-    @durable_execution
-    def handler(event, ctx):
-        def block(c, attempt):
-            value = c.step(lambda _: attempt, name=f"try-{attempt}")
-            if value < 3:
-                raise RuntimeError(f"attempt {value} not good enough")
-            return value
-
-        cfg = WithRetryConfig(retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=5)))
-        return with_retry(ctx, block, cfg, name="block")
-
-    assert run(handler, store_path) == 3
 
 
 def test_results_round_trip_numpy_dataclasses_and_batch_results(store_path):
@@ -317,20 +187,3 @@ def test_json_item_serdes_is_honoured(store_path):
     with Store(store_path) as st:
         payloads = [r.result for r in st.ops(handler.execution_id_for(None)) if r.sub_type == "MapIteration"]
     assert sorted(payloads) == ['{"v": 1}', '{"v": 2}']
-
-
-@pytest.mark.process_free
-def test_default_execution_ids_tell_handlers_apart(store_path):
-    def make(value):
-        @durable_execution
-        def handler(event, ctx):  # same qualified name, different module-level identity
-            return value
-        return handler
-
-    a, b = make("a"), make("b")
-    a.func.__module__ = "jobs.alpha"
-    b.func.__module__ = "jobs.beta"
-    assert a.execution_id_for({"x": 1}) != b.execution_id_for({"x": 1})
-    assert a.execution_id_for({"x": 1}) == a.execution_id_for({"x": 1})
-    assert a.execution_id_for({"x": 1}) != a.execution_id_for({"x": 2})
-    assert (run(a, store_path, {"x": 1}), run(b, store_path, {"x": 1})) == ("a", "b")
