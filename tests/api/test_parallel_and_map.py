@@ -1,4 +1,5 @@
-"""The programming model end to end: real worker processes, a real LMDB store."""
+"""``context.parallel`` and ``context.map`` end to end: results in input order, failed items,
+nesting, and values that cross the process boundary.  Real worker processes, a real LMDB store."""
 
 from __future__ import annotations
 
@@ -16,13 +17,9 @@ from durable_mp import (
 )
 from durable_mp.config import CompletionConfig, MapConfig, ParallelConfig, StepConfig
 from durable_mp.retries import RetryStrategyConfig, create_retry_strategy
+from util import run_skip_time
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def run(handler, store, event=None, **kw):
-    kw.setdefault("skip_time", True)
-    return handler.run(event, store=store, **kw)
 
 
 def test_parallel_results_in_input_order_with_successful_results(store_path):
@@ -36,7 +33,7 @@ def test_parallel_results_in_input_order_with_successful_results(store_path):
         r = ctx.parallel([make(i) for i in range(3)], name="fanout")
         return r
 
-    r: BatchResult = run(handler, store_path)
+    r: BatchResult = run_skip_time(handler, store_path)
     assert [it.index for it in r.all] == [0, 1, 2]
     assert [x["branch"] for x in r.successful_results] == [0, 1, 2]
     assert [x["branch"] for x in r.get_results()] == [0, 1, 2]
@@ -59,7 +56,7 @@ def test_failed_branch_is_an_item_with_type_message_and_traceback(store_path):
 
         return ctx.parallel([ok, bad, ok], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
 
-    r = run(handler, store_path)
+    r = run_skip_time(handler, store_path)
     assert r.status == BatchItemStatus.FAILED
     assert r.completion_reason == CompletionReason.ALL_COMPLETED
     assert [it.status for it in r.all] == [BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED, BatchItemStatus.SUCCEEDED]
@@ -80,7 +77,7 @@ def test_failed_step_in_branch_surfaces_as_step_error(store_path):
                 retry_strategy=create_retry_strategy(RetryStrategyConfig(max_attempts=1))))
         return ctx.parallel([branch])
 
-    r = run(handler, store_path)
+    r = run_skip_time(handler, store_path)
     item = r.all[0]
     assert item.status == BatchItemStatus.FAILED
     assert item.error.type == "durable_mp.exceptions.StepError"
@@ -96,7 +93,7 @@ def test_map_with_item_namer_passes_item_index_and_inputs(store_path):
         cfg = MapConfig(item_namer=lambda item, i: f"sq-{item}")
         return ctx.map([3, 4, 5], lambda c, item, i, inputs: (item * item, i, len(inputs)), name="squares", config=cfg)
 
-    r = run(handler, store_path)
+    r = run_skip_time(handler, store_path)
     assert r.get_results() == [(9, 0, 3), (16, 1, 3), (25, 2, 3)]
     from durable_mp.store.facade import Store
     with Store(store_path) as st:
@@ -113,7 +110,7 @@ def test_map_default_is_fail_fast(store_path):
             return x
         return ctx.map([0, 1, 2, 3], item, config=MapConfig(max_concurrency=1))
 
-    r = run(handler, store_path)
+    r = run_skip_time(handler, store_path)
     assert r.completion_reason == CompletionReason.FAILURE_TOLERANCE_EXCEEDED
     assert [(it.index, it.status) for it in r.all] == [(0, BatchItemStatus.SUCCEEDED), (1, BatchItemStatus.FAILED)]
 
@@ -124,7 +121,7 @@ def test_empty_map_succeeds_with_no_items(store_path):
         r = ctx.map([], lambda c, x, i, xs: x)
         return (r.status, r.completion_reason, r.total_count)
 
-    assert run(handler, store_path) == (BatchItemStatus.SUCCEEDED, CompletionReason.ALL_COMPLETED, 0)
+    assert run_skip_time(handler, store_path) == (BatchItemStatus.SUCCEEDED, CompletionReason.ALL_COMPLETED, 0)
 
 
 def test_nested_parallel_and_map_inside_a_branch(store_path):
@@ -139,7 +136,7 @@ def test_nested_parallel_and_map_inside_a_branch(store_path):
 
         return ctx.parallel([outer, plain]).get_results()
 
-    assert run(handler, store_path) == [["X", "Y"], "plain"]
+    assert run_skip_time(handler, store_path) == [["X", "Y"], "plain"]
 
 
 def test_closures_and_lambdas_cross_the_process_boundary(store_path):
@@ -149,7 +146,7 @@ def test_closures_and_lambdas_cross_the_process_boundary(store_path):
         fns = [lambda c, k=k: base["offset"] + k for k in range(4)]
         return ctx.parallel(fns).get_results()
 
-    assert run(handler, store_path) == [100, 101, 102, 103]
+    assert run_skip_time(handler, store_path) == [100, 101, 102, 103]
 
 
 def test_results_round_trip_numpy_dataclasses_and_batch_results(store_path):
@@ -168,7 +165,7 @@ def test_results_round_trip_numpy_dataclasses_and_batch_results(store_path):
         nested = ctx.run_in_child_context(lambda c: c.map([1, 2], lambda cc, x, i, xs: x * 2), name="child")
         return inner, nested
 
-    inner, nested = run(handler, store_path)
+    inner, nested = run_skip_time(handler, store_path)
     arr, point = inner.get_results()
     assert arr.dtype == np.float32 and arr.tolist() == [[0, 1, 2], [3, 4, 5]]
     assert point.x == 1 and point.y == 2.5
@@ -183,7 +180,7 @@ def test_json_item_serdes_is_honoured(store_path):
     def handler(event, ctx):
         return ctx.map([1, 2], lambda c, x, i, xs: {"v": x}, config=MapConfig(item_serdes=JsonSerDes())).get_results()
 
-    assert run(handler, store_path) == [{"v": 1}, {"v": 2}]
+    assert run_skip_time(handler, store_path) == [{"v": 1}, {"v": 2}]
     with Store(store_path) as st:
         payloads = [r.result for r in st.ops(handler.execution_id_for(None)) if r.sub_type == "MapIteration"]
     assert sorted(payloads) == ['{"v": 1}', '{"v": 2}']
