@@ -20,6 +20,7 @@ import pytest
 import durable_mp
 from durable_mp.bench.markers import counts, mark
 from durable_mp.store.facade import Store
+from util import cell_stream, run_notebook_cell
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -226,17 +227,9 @@ durable_mp.map(slow, range(60), store={store!r}, max_workers=2, progress=False)
 
 @pytest.mark.timeout(150)
 def test_interrupting_a_map_in_a_real_kernel_shows_one_line(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_code_cell(INTERRUPTED_CELL.format(store=str(tmp_path / "store"))))
-    monkeypatch.setenv("PYTHONPATH", str(Path(durable_mp.__file__).parent.parent))
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    outputs = nb.cells[0].outputs
-    shown = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    outputs = run_notebook_cell(INTERRUPTED_CELL.format(store=str(tmp_path / "store")), tmp_path, monkeypatch,
+                                timeout=120, allow_errors=True)
+    shown = cell_stream(outputs, "stderr")
     tracebacks = [o for o in outputs if o.get("output_type") == "error"]
     assert "interrupted with" in shown and "run the same call again to resume" in shown, outputs
     assert sum(len(o.get("traceback", [])) for o in tracebacks) <= 2, tracebacks
