@@ -60,7 +60,7 @@ def test_a_sync_request_is_sent_before_records_taken_after_it(monkeypatch):
         assert driver_end.poll(10), "the worker sent nothing"
         msg = wire.recv(driver_end)
         received.append(msg)
-        if protocol.kind_of(msg) is protocol.Kind.SYNC_REQUEST:
+        if isinstance(msg, protocol.SyncRequest):
             wire.send(driver_end, protocol.Reply(msg.request_id))
     syncing.join(10)
     finisher.join(10)
