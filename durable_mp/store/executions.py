@@ -43,7 +43,8 @@ class Executions:
         ``release`` afterwards finds nothing to clear and writes nothing: a run's end
         costs one fsync, not two.  The process-wide holder is still dropped by ``release``.
         """
-        self.put(unclaim(rec, this_process()) or rec)  # a live other owner's claim stays
+        # Through the Store's put_execution, as every execution write goes (one place to watch).
+        self.store.put_execution(unclaim(rec, this_process()) or rec)  # a live other owner's claim stays
 
     def all(self) -> list[ExecutionRecord]:
         """Every execution, oldest first."""
