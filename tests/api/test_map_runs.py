@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 import durable_mp
 from durable_mp.bench.markers import counts, mark
 from durable_mp.store.facade import Store
-from util import cell_stream, run_notebook_cell
+from util import cell_stream, run_notebook_cell, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -43,12 +42,6 @@ JOB = textwrap.dedent(
 )
 
 
-def _wait_for(predicate, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "durable_mp", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(Path(durable_mp.__file__).parent.parent)})
@@ -63,7 +56,7 @@ def test_ctrl_c_prints_one_line_then_resume_says_how_many_items_are_done(store_p
     proc = subprocess.Popen([sys.executable, str(script), store_path, str(marks)], stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        _wait_for(lambda: len(counts(str(marks), "item")) >= 8 or proc.poll() is not None)
+        wait_until(lambda: len(counts(str(marks), "item")) >= 8 or proc.poll() is not None, seconds=60.0, interval=0.02)
         assert proc.poll() is None, "the job ended before Ctrl-C"
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
         _out, err = proc.communicate(timeout=60)
