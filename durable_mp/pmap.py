@@ -18,11 +18,7 @@ Results are reused per item across executions of the same computation and code
 
 from __future__ import annotations
 
-import ast
-import builtins
 import dataclasses
-import importlib
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -31,11 +27,12 @@ from durable_mp.concurrency.models import BatchItemStatus, BatchResult
 from durable_mp.config import CompletionConfig, MapConfig, timeout_seconds
 from durable_mp.context import DurableContext
 from durable_mp.core.digest import digest_of_parts
-from durable_mp.core.remote import remote_traceback
 from durable_mp.exceptions import ChildContextError, ExecutionFailedError, ValidationError
 from durable_mp.execution import DurableFunction
-from durable_mp.identity import code_digest, code_functions
+from durable_mp.identity import code_digest
 from durable_mp.lambda_service import ErrorObject
+from durable_mp.map_errors import MapInterrupted, item_error, quiet_interrupts
+from durable_mp.map_handler import CallPlain, MapHandler
 from durable_mp.map_items import (
     CODES_KEY,
     STORED_RESULT,
@@ -66,147 +63,12 @@ from durable_mp.store.maintenance import check_deletable
 T = TypeVar("T")
 R = TypeVar("R")
 
-class _CallPlain:
-    """``f(item)`` as a map function ``(ctx, item, index, items)``; picklable when ``f`` is."""
-
-    __slots__ = ("func",)
-
-    def __init__(self, func: Callable[[Any], Any]) -> None:
-        self.func = func
-
-    def __call__(self, ctx: Any, item: Any, index: int, items: Any) -> Any:
-        return self.func(item)
-
-    def __getstate__(self) -> Callable[[Any], Any]:
-        return self.func
-
-    def __setstate__(self, func: Callable[[Any], Any]) -> None:
-        self.func = func
-
-
-class _MapHandler:
-    """The handler of one ``map`` call, wearing ``func``'s module and code fingerprint.
-
-    ``identity.code_fingerprint`` reads ``__durable_code__``, so the execution records the
-    code of *func* (bytecode and constants), which decides whether results are reused.
-    """
-
-    quiet_rerun = True  # map() itself says what a re-run does, in items
-
-    def __init__(self, run: Callable[[Any, DurableContext], Any], func: Callable[..., Any], label: str,
-                 code: str) -> None:
-        self._body = run  # not "run": DurableFunction copies this __dict__ (functools.update_wrapper)
-        self.__qualname__ = self.__name__ = f"durable_mp.map[{label}]"
-        self.__durable_code__ = code
-        fns = code_functions(func)  # a partial's function, a bound method's, a callable object's __call__
-        if fns:
-            self.__module__ = fns[0].__module__
-            self.__code__ = fns[0].__code__  # a script's path: where `durable-mp list` says it came from
-        else:  # a builtin: named by this module
-            self.__module__ = __name__
-
-    def __call__(self, event: Any, ctx: DurableContext) -> Any:
-        return self._body(event, ctx)
-
-    def __repr__(self) -> str:
-        return f"<{self.__qualname__}>"
-
-
-_NOTE = "durable_mp.map: item {index} of {total} failed (execution {exec_id!r}); fix it and run the same call to resume"
-
-
-def _exception_type(name: str | None) -> type[BaseException] | None:
-    if not name:
-        return None
-    module, _, qual = name.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module) if module else builtins
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except Exception:  # noqa: BLE001 - not importable here: the caller falls back
-        return None
-    return obj if isinstance(obj, type) and issubclass(obj, Exception) else None
-
-
-def item_error(err: ErrorObject, index: int, total: int, exec_id: str) -> BaseException:
-    """The function's exception for a failed item: its own type (``except KeyError:`` catches it), the
-    worker's traceback as its cause, ``index`` set and a note saying which item failed."""
-    cls = _exception_type(err.type)
-    message = err.message or ""
-    error: BaseException
-    if cls is None:
-        error = ChildContextError(message=f"{err.type}: {message}" if err.type else message, error_type=err.type,
-                                  data=err.data, stack_trace=err.stack_trace)
-    else:
-        args: tuple[Any, ...] = (message,)
-        if issubclass(cls, KeyError):  # str(KeyError(k)) is repr(k): give the key back
-            try:
-                args = (ast.literal_eval(message),)
-            except (ValueError, SyntaxError):
-                pass
-        try:
-            error = cls(*args)
-        except Exception:  # noqa: BLE001 - an __init__ with other arguments: keep the message
-            error = cls.__new__(cls)
-            error.args = args
-    note = _NOTE.format(index=index, total=total, exec_id=exec_id)
-    if hasattr(error, "add_note"):  # Python 3.11+
-        error.add_note(note)
-    else:
-        error.__notes__ = [note]  # type: ignore[attr-defined]
-    error.index = index  # type: ignore[attr-defined]
-    error.__cause__ = remote_traceback(_user_frames(err.stack_trace))
-    return error
-
-
-class MapInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a ``map``; the line saying how to resume was already printed.
-
-    Uncaught, it prints nothing more (no traceback of durable_mp's internals): see
-    ``_quiet_interrupts``.  Caught as ``KeyboardInterrupt`` it is one.
-    """
-
-
-def _quiet_excepthook(previous: Any) -> Any:
-    def hook(cls: type[BaseException], exc: BaseException, tb: Any) -> None:
-        if not isinstance(exc, MapInterrupted):
-            previous(cls, exc, tb)
-    hook.durable_mp_quiet = True  # type: ignore[attr-defined]
-    return hook
-
-
-def _quiet_interrupts() -> None:
-    """An uncaught ``MapInterrupted`` shows only the line already printed, in scripts and in IPython."""
-    if not getattr(sys.excepthook, "durable_mp_quiet", False):
-        sys.excepthook = _quiet_excepthook(sys.excepthook)
-    ipython = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    if ipython is not None and hasattr(ipython, "set_custom_exc"):
-        ipython.set_custom_exc((MapInterrupted,), lambda shell, etype, value, tb, tb_offset=None: None)
-
-
 class _Raise(Exception):
     """Carries the exception ``map`` raises up to ``map`` itself, so the user's traceback is two frames."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _user_frames(stack_trace: list[str] | None) -> list[str] | None:
-    """The worker's traceback without durable_mp's own frame around the call of the function."""
-    if not stack_trace:
-        return stack_trace
-    here = f'  File "{__file__}"'
-    out: list[str] = []
-    skipping = False
-    for entry in stack_trace:
-        if entry.startswith("  File "):
-            skipping = entry.startswith(here)
-        elif not entry.startswith("    "):
-            skipping = False
-        if not skipping:
-            out.append(entry)
-    return out
 
 
 class _Outcome:
@@ -375,7 +237,7 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
     total = len(values)
     completion = CompletionConfig.all_completed() if tolerate_failures else CompletionConfig()
     config: MapConfig[Any] = MapConfig(completion_config=completion, branch_timeout=timeout)
-    mapped = _CallPlain(func)
+    mapped = CallPlain(func)
     seen = _Outcome()
 
     def run_items(event: Plan, ctx: DurableContext) -> str:
@@ -395,7 +257,7 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
                                             f"{err.message}", error_type=err.type, stack_trace=err.stack_trace)
         return STORED_RESULT
 
-    durable = DurableFunction(_MapHandler(run_items, func, label, code))
+    durable = DurableFunction(MapHandler(run_items, func, label, code))
     try:
         durable.run(plan, execution_id=exec_id, store=db, **run_options)
     except ExecutionFailedError:
@@ -404,7 +266,7 @@ def _execute(db: Store, func: Callable[..., Any], values: list[Any], plan: Plan,
         index, err = seen.failed
         raise _Raise(item_error(err, index, total, exec_id)) from None
     except KeyboardInterrupt:
-        _quiet_interrupts()
+        quiet_interrupts()
         done, _failed = outcomes(db, exec_id)
         line = (f"{label}: interrupted with {plan.reused + len(done)} of {total} items done; run the same call "
                 f"again to resume")

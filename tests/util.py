@@ -89,11 +89,43 @@ def wait_until(predicate: Callable[[], Any], seconds: float = 30.0, interval: fl
     return True
 
 
+# -- running a handler -------------------------------------------------------------------------
+def run_skip_time(handler: Any, store: Any, event: Any = None, **kw: Any) -> Any:
+    """``handler.run(event, store=store, skip_time=True, **kw)``: waits and retry delays take no time."""
+    kw.setdefault("skip_time", True)
+    return handler.run(event, store=store, **kw)
+
+
 # -- the command line -------------------------------------------------------------------------
 def run_cli(*args: str, store: Any, cwd: Any = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m durable_mp ARGS --store STORE`` in a fresh interpreter, output captured as text."""
     return subprocess.run([sys.executable, "-m", "durable_mp", *args, "--store", str(store)], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
+
+
+# -- notebooks ----------------------------------------------------------------------------------
+def run_notebook_cell(source: str, cwd: Any, monkeypatch: Any, *, timeout: int, allow_errors: bool = False) -> list:
+    """Run ``source`` as the one cell of a notebook in a real Jupyter kernel; the cell's outputs.
+
+    Skips the test where nbformat, nbclient or ipykernel is missing.  The kernel imports
+    durable_mp from this checkout.
+    """
+    import pytest
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(source))
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    return list(nb.cells[0].outputs)
+
+
+def cell_stream(outputs: list, name: str) -> str:
+    """The text a cell wrote to ``name`` (``"stdout"`` or ``"stderr"``)."""
+    return "".join(o.get("text", "") for o in outputs if o.get("name") == name)
 
 
 # -- documentation --------------------------------------------------------------------------------
@@ -124,5 +156,5 @@ def doc_block(first_line: str) -> str:
     raise AssertionError(f"no python block of README.md or docs/ starts with {first_line!r}")
 
 
-__all__ = ["DOC_FILES", "REPO", "TESTS", "doc_block", "execution_record", "marker_count", "marker_counts", "marker_file_indices", "rec",
-           "run_cli", "runs_per_index", "step_record", "wait_until"]
+__all__ = ["DOC_FILES", "REPO", "TESTS", "cell_stream", "doc_block", "execution_record", "marker_count", "marker_counts", "marker_file_indices", "rec",
+           "run_cli", "run_notebook_cell", "run_skip_time", "runs_per_index", "step_record", "wait_until"]

@@ -286,6 +286,17 @@ def workers() -> int:
         return os.cpu_count() or 1
 
 
+def skipped_without_numpy(name: str, title: str, params: dict) -> ScenarioResult | None:
+    """A result that says the scenario was skipped if numpy is missing; None if numpy is there."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        res = ScenarioResult(name, title, params)
+        res.notes.append("skipped: numpy is not installed")
+        return res
+    return None
+
+
 def joblib_or_none() -> Any:
     try:
         import joblib

@@ -30,6 +30,7 @@ from durable_mp.bench.core import (
     ppe,
     run_durable,
     run_map,
+    skipped_without_numpy,
     stop_helpers,
     timed,
     workers,
@@ -73,12 +74,9 @@ def map_handler(rows: list) -> Any:
 
 
 def run(p: dict, runner: Runner) -> ScenarioResult:
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        res = ScenarioResult(NAME, TITLE, p)
-        res.notes.append("skipped: numpy is not installed")
-        return res
+    skipped = skipped_without_numpy(NAME, TITLE, p)
+    if skipped is not None:
+        return skipped
     n = workers()
     rows = make_rows(p["rows"], p["row_mb"])
     expected = [light(r) for r in rows]

@@ -41,7 +41,8 @@ import tempfile
 from durable_mp import durable_execution
 from durable_mp.bench import limits
 from durable_mp.bench.core import (Runner, Sample, ScenarioResult, Target, Variant, check, joblib_or_none,
-                                   joblib_parallel, ppe, run_durable, run_map, stop_helpers, timed, workers)
+                                   joblib_parallel, ppe, run_durable, run_map, skipped_without_numpy, stop_helpers,
+                                   timed, workers)
 
 NAME = "payload"
 TITLE = "numpy results made in the branches, checkpoint included"
@@ -185,12 +186,9 @@ def _cases(p: dict, joblib, n: int) -> list[Variant]:
 
 def run(p: dict, runner: Runner) -> ScenarioResult:
     n = workers()
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        res = ScenarioResult(NAME, TITLE, p)
-        res.notes.append("skipped: numpy is not installed")
-        return res
+    skipped = skipped_without_numpy(NAME, TITLE, p)
+    if skipped is not None:
+        return skipped
     joblib = joblib_or_none()
     try:
         rows = runner.measure(NAME, _cases(p, joblib, n))

@@ -42,12 +42,18 @@ from durable_mp.engine.pool import Worker, WorkerPool
 from durable_mp.engine.protocol import (
     UNLIMITED,
     Budget,
-    Kind,
+    CallbackWait,
+    CallResult,
+    ChunkDone,
+    Log,
+    Records,
     Reply,
     RunCall,
     RunChunk,
     StopBatch,
-    kind_of,
+    SyncRequest,
+    WatchEnd,
+    WatchStart,
 )
 from durable_mp.engine.scheduling import (
     FIRST_CHUNK_ITEMS,
@@ -384,32 +390,34 @@ class Dispatcher:
             self._handle(worker, msg)
 
     def _handle(self, worker: Worker, msg: Any) -> None:
-        kind = kind_of(msg)
         task = worker.task
-        if kind is Kind.RECORDS or kind is Kind.CHUNK_DONE or kind is Kind.SYNC_REQUEST:
-            self.intake.take(task, msg)
-            if kind is Kind.SYNC_REQUEST:
+        match msg:
+            case Records():
+                self.intake.take(task, msg)
+            case SyncRequest():
+                self.intake.take(task, msg)
                 self.store.flush()
                 self._reply(worker, Reply(msg.request_id))
-            elif kind is Kind.CHUNK_DONE:
+            case ChunkDone():
+                self.intake.take(task, msg)
                 if task is None or task.id != msg.task_id:
                     raise IllegalTransition(f"worker pid {worker.pid} finished task {msg.task_id}, "
                                             f"but runs {task.id if task else None}")
                 self.intake.chunk_done(task, msg)
                 self._task_done(worker)
-        elif kind is Kind.WATCH_START:
-            worker.watches[msg.watch_id] = Watch(msg.record, msg.timeout)
-        elif kind is Kind.WATCH_END:
-            worker.watches.pop(msg.watch_id, None)
-        elif kind is Kind.LOG:
-            record = logging.makeLogRecord(msg.data)
-            logging.getLogger(record.name).handle(record)
-        elif kind is Kind.CALLBACK_WAIT:
-            self.callback_waiters[(worker, msg.request_id)] = msg.record
-            self._poll_callbacks()
-        elif kind is Kind.CALL_RESULT and task is not None:
-            task.result = (msg.ok, msg.value)
-            self._task_done(worker)
+            case WatchStart():
+                worker.watches[msg.watch_id] = Watch(msg.record, msg.timeout)
+            case WatchEnd():
+                worker.watches.pop(msg.watch_id, None)
+            case Log():
+                record = logging.makeLogRecord(msg.data)
+                logging.getLogger(record.name).handle(record)
+            case CallbackWait():
+                self.callback_waiters[(worker, msg.request_id)] = msg.record
+                self._poll_callbacks()
+            case CallResult() if task is not None:
+                task.result = (msg.ok, msg.value)
+                self._task_done(worker)
 
     def _task_done(self, worker: Worker) -> None:
         worker.task, worker.queued = worker.queued, None

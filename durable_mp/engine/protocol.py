@@ -1,7 +1,8 @@
-"""Every message between the driver and a worker: a kind (an enum) and a typed record.
+"""Every message between the driver and a worker: one typed record per kind of message.
 
 Messages are small ``NamedTuple`` records (they pickle as tuples plus a class
-reference); ``kind_of(message)`` names its kind.  Requests a worker waits
+reference); their class is their kind, and a receiver dispatches on it with ``match``
+(``case Records(): ...``).  Requests a worker waits
 on carry a ``request_id`` and the driver's ``Reply`` names it, so nothing is matched
 by position: a chunk queued ahead in the pipe can never be taken for a reply.
 
@@ -47,27 +48,9 @@ CallResult     W → D     outcome of a ``RunCall``
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, NamedTuple
 
 from durable_mp.core.errors import InvariantError
-
-
-class Kind(Enum):
-    RUN_CHUNK = "run_chunk"
-    RUN_CALL = "run_call"
-    STOP_BATCH = "stop_batch"
-    REPLY = "reply"
-    QUIT = "quit"
-    RECORDS = "records"
-    CHUNK_DONE = "chunk_done"
-    SYNC_REQUEST = "sync_request"
-    CALLBACK_WAIT = "callback_wait"
-    WATCH_START = "watch_start"
-    WATCH_END = "watch_end"
-    LOG = "log"
-    CALL_RESULT = "call_result"
-
 
 # A record as it travels: (parent_id, op_id, record bytes or wire.Gather) for nested
 # operations; (index, succeeded, key, record bytes or wire.Gather) for branch outcomes.
@@ -201,28 +184,6 @@ class CallResult(NamedTuple):
     seq: int = 0
 
 
-_KINDS: dict[type, Kind] = {
-    RunChunk: Kind.RUN_CHUNK,
-    RunCall: Kind.RUN_CALL,
-    StopBatch: Kind.STOP_BATCH,
-    Reply: Kind.REPLY,
-    Quit: Kind.QUIT,
-    Records: Kind.RECORDS,
-    ChunkDone: Kind.CHUNK_DONE,
-    SyncRequest: Kind.SYNC_REQUEST,
-    CallbackWait: Kind.CALLBACK_WAIT,
-    WatchStart: Kind.WATCH_START,
-    WatchEnd: Kind.WATCH_END,
-    Log: Kind.LOG,
-    CallResult: Kind.CALL_RESULT,
-}
-
-
-def kind_of(message: Any) -> Kind:
-    """The kind of a message (a ``KeyError`` for anything that is not one)."""
-    return _KINDS[message.__class__]
-
-
 class ProtocolError(InvariantError):
     """A worker's messages arrived out of order or with a gap: applying them could undo a newer record."""
 
@@ -240,7 +201,7 @@ class Sequence:
         """``message`` if it is the next one; ``ProtocolError`` otherwise (never applied)."""
         seq = message.seq
         if seq != self.last + 1:
-            raise ProtocolError(f"{self.who}: message {kind_of(message).value} numbered {seq} arrived after "
+            raise ProtocolError(f"{self.who}: message {type(message).__name__} numbered {seq} arrived after "
                                 f"{self.last}; worker messages must arrive in order, without gaps")
         self.last = seq
         return message

@@ -41,15 +41,16 @@ from durable_mp.engine.protocol import (
     CallbackWait,
     CallResult,
     ChunkDone,
-    Kind,
+    Quit,
     Records,
+    Reply,
     RunCall,
     RunChunk,
+    StopBatch,
     Succeeded,
     SyncRequest,
     WatchEnd,
     WatchStart,
-    kind_of,
 )
 from durable_mp.engine.scheduling import stop_chunk
 from durable_mp.engine.worker_process import ForwardHandler, default_signals, die_with_parent
@@ -115,17 +116,17 @@ class Channel:
         try:
             while True:
                 msg = wire.recv(self.conn)
-                kind = kind_of(msg)
-                if kind is Kind.REPLY:
-                    with self._waiting_lock:
-                        slot = self._waiting.pop(msg.request_id, None)
-                    if slot is not None:
-                        slot[1] = msg
-                        slot[0].set()
-                elif kind is Kind.STOP_BATCH:
-                    self.stopped.add(msg.token)
-                else:
-                    self.inbox.put(msg)
+                match msg:
+                    case Reply():
+                        with self._waiting_lock:
+                            slot = self._waiting.pop(msg.request_id, None)
+                        if slot is not None:
+                            slot[1] = msg
+                            slot[0].set()
+                    case StopBatch():
+                        self.stopped.add(msg.token)
+                    case _:
+                        self.inbox.put(msg)
         except (EOFError, OSError):
             pass
         finally:
@@ -294,14 +295,14 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
     threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:
         msg = channel.inbox.get()
-        kind = Kind.QUIT if msg is None else kind_of(msg)
-        if kind is Kind.QUIT:
-            return
-        if kind is Kind.RUN_CHUNK:
-            _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
-        elif kind is Kind.RUN_CALL:
-            current[1] = (msg.task_id << PROGRESS_SHIFT) + 1  # begun: the driver's timeout counts from here
-            _run_call(msg, channel)
+        match msg:
+            case None | Quit():
+                return
+            case RunChunk():
+                _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
+            case RunCall():
+                current[1] = (msg.task_id << PROGRESS_SHIFT) + 1  # begun: the driver's timeout counts from here
+                _run_call(msg, channel)
 
 
 def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,

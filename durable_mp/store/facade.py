@@ -33,7 +33,9 @@
 
 Opening, permission checks and the per-process sharing of an environment live in
 ``env``; execution records, id rules and the lock policy in ``records``; taking,
-renewing and releasing an execution's lock in ``ownership``.
+renewing and releasing an execution's lock in ``ownership``; reading and writing
+execution records in ``executions``; one operation's record in ``single_op``, many in
+``op_reads``.
 
 A ``Store`` belongs to the process that opened it: never use it in a forked child (it
 raises ``StoreError`` there).  ``make_new`` passed to ``acquire`` runs inside the write
@@ -54,13 +56,14 @@ from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
 from durable_mp.store.commit import GroupCommit, Items, with_retries
 from durable_mp.store.forward import backwards, refusal
+from durable_mp.store.executions import Executions
 from durable_mp.store.op_reads import OpReads, scan
+from durable_mp.store.single_op import SingleOp
 from durable_mp.store.ownership import Ownership
 from durable_mp.store.txn import Transactions
 from durable_mp.store.env import (DEFAULT_STORE_DIR, STORE_ENV_VAR, SharedEnv, open_shared, release_shared,
                                   resolve_store_path)
-from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, this_process,
-                                      unclaim, validate_exec_id)
+from durable_mp.store.records import (FAILED, RUNNING, SEP, SUCCEEDED, ExecutionRecord, check_id, validate_exec_id)
 
 log = logging.getLogger("durable_mp.store")
 
@@ -108,6 +111,8 @@ class Store:
         self._env_id = shared.key  # names this environment in the per-thread lock registry
         self._ownership = Ownership(self)  # the locks and leases of the executions this store holds
         self._reads = OpReads(self)  # reads of a batch's items and of subtrees
+        self._single = SingleOp(self)  # one record: read, its version, compare-and-set
+        self._executions = Executions(self)  # the execution records
 
     def __repr__(self) -> str:
         mode = "read-only" if self.readonly else "read-write"
@@ -275,37 +280,24 @@ class Store:
         check_id("parent_id", parent_id)
         return f"{exec_id}{SEP}{parent_id}{SEP}".encode()
 
-    # -- executions ------------------------------------------------------------------------
+    # -- executions (``Executions``; deleting one and sweeping its blobs stay here) ---------
     def get_execution(self, exec_id: str) -> ExecutionRecord | None:
-        key = self._exec_key(exec_id)
-        raw = self._read(lambda txn, sh: txn.get(key, db=sh.executions))
-        return None if raw is None else self._load_exec(raw, exec_id)
+        return self._executions.get(exec_id)
 
     def _load_exec(self, raw: bytes, exec_id: str) -> ExecutionRecord:
-        try:
-            return ExecutionRecord.loads(raw)
-        except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"execution {exec_id!r} in {self.path} cannot be decoded: {exc!r}") from exc
+        return self._executions.load(raw, exec_id)
 
     def put_execution(self, rec: ExecutionRecord) -> None:
-        """Write an execution record durably (retried; ``CheckpointFailedError`` if the store stays unwritable)."""
-        key, data = self._exec_key(rec.exec_id), rec.dumps()
-        self._write_or_latch(lambda txn, sh: txn.put(key, data, db=sh.executions),
-                             f"writing execution {rec.exec_id!r}")
+        """Write an execution record durably (``Executions.put``)."""
+        self._executions.put(rec)
 
     def finish_execution(self, rec: ExecutionRecord) -> None:
-        """Write a run's outcome and give up its ownership in one durable write.
-
-        ``release`` afterwards finds nothing to clear and writes nothing: a run's end
-        costs one fsync, not two.  The process-wide holder is still dropped by ``release``.
-        """
-        self.put_execution(unclaim(rec, this_process()) or rec)  # a live other owner's claim stays
+        """Write a run's outcome and give up its ownership in one durable write (``Executions.finish``)."""
+        self._executions.finish(rec)
 
     def list_executions(self) -> list[ExecutionRecord]:
         """Every execution, oldest first."""
-        raws = self._read(lambda txn, sh: list(txn.cursor(db=sh.executions)))
-        recs = [self._load_exec(raw, key.decode(errors="replace")) for key, raw in raws]
-        return sorted(recs, key=lambda r: r.created_ts)
+        return self._executions.all()
 
     def delete_execution(self, exec_id: str, check: Callable[[ExecutionRecord], None] | None = None) -> bool:
         """Delete an execution and all its operation records (staged ones too).
@@ -365,62 +357,20 @@ class Store:
         """Clear the execution's owner; its status stays (``Ownership.release``)."""
         self._ownership.release(exec_id)
 
-    # -- operations (multi-record reads are ``OpReads``'s) ----------------------------------
+    # -- operations (one record: ``SingleOp``; many: ``OpReads``) ---------------------------
     def get_op(self, exec_id: str, parent_id: str, op_id: str) -> OpRecord | None:
         """The record of one operation, staged or committed."""
-        with self._lock:
-            for group in self._group.pending((exec_id, parent_id)):
-                data = group.get(op_id)
-                if data is not None:
-                    return self._load(data, f"{exec_id}/{parent_id}/{op_id}")
-            check_id("op_id", op_id)
-            key = self._prefix(exec_id, parent_id) + op_id.encode()
-            data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
-            return None if data is None else self._load(data, f"{exec_id}/{parent_id}/{op_id}")
+        return self._single.get(exec_id, parent_id, op_id)
 
     def get_op_version(self, exec_id: str, parent_id: str, op_id: str) -> tuple[OpRecord | None, bytes | None]:
         """``get_op`` and the record's stored bytes: the version ``compare_and_set`` compares against."""
-        with self._lock:
-            data: Any = None
-            for group in self._group.pending((exec_id, parent_id)):
-                data = group.get(op_id)
-                if data is not None:
-                    break
-            if data is None:
-                check_id("op_id", op_id)
-                key = self._prefix(exec_id, parent_id) + op_id.encode()
-                data = self._read(lambda txn, sh: txn.get(key, db=sh.ops))
-            if data is None:
-                return None, None
-            return self._load(data, f"{exec_id}/{parent_id}/{op_id}"), bytes(data)
+        return self._single.get_version(exec_id, parent_id, op_id)
 
     def compare_and_set(self, exec_id: str, parent_id: str, op_id: str, version: bytes | None,
                         rec: OpRecord) -> tuple[bool, OpRecord | None]:
-        """Write ``rec`` durably iff the operation is still at ``version`` and not terminal.
-
-        For completions from outside the driver (callbacks, heartbeats) and the driver's own
-        timeouts: the check and the write are one LMDB write transaction, so of two racing
-        writers that read the same version exactly one wins, and a terminal record is never
-        replaced.  Returns ``(written, current record)``; a refused caller reads the record
-        again and decides (a heartbeat moved it on: retry; it ended: report that).
-        """
-        key = self._prefix(exec_id, parent_id) + op_id.encode()
-        check_id("op_id", op_id)
-        data = rec.dumps()
-        where = f"{exec_id}/{parent_id}/{op_id}"
-
-        def swap(txn: Txn, sh: SharedEnv) -> tuple[bool, Any]:
-            current = txn.get(key, db=sh.ops)
-            stored = None if current is None else bytes(current)
-            if stored != version or (stored is not None and self._load(stored, where).is_terminal):
-                return False, stored
-            txn.put(key, data, db=sh.ops)
-            return True, data
-
-        with self._lock:
-            self._group.flush()  # nothing staged for it may land after this write
-            written, current = self._write_or_latch(swap, f"completing operation {where}")
-        return written, None if current is None else self._load(current, where)
+        """Write ``rec`` durably iff the operation is still at ``version`` and not terminal
+        (``SingleOp.compare_and_set``): for completions from outside the driver and its timeouts."""
+        return self._single.compare_and_set(exec_id, parent_id, op_id, version, rec)
 
     def children(self, exec_id: str, parent_id: str) -> list[OpRecord]:
         """The records whose parent is ``parent_id`` ("" = root), in no particular order."""

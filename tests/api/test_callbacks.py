@@ -363,3 +363,50 @@ def test_a_completion_after_the_timeout_is_refused_with_a_clear_error(store_path
     with pytest.raises(ValidationError, match="already TIMED_OUT"):
         send_callback_heartbeat(callback_id, store=store_path)
     assert _stored(store_path, "late").status == OpStatus.TIMED_OUT
+
+
+# -- a callback wait does not hold the worker's send lock ------------------------------
+@pytest.mark.timeout(120)
+def test_a_waiting_callback_does_not_stall_sibling_nested_branches(store_path, tmp_path):
+    from durable_mp.operation.callback import send_callback_success
+
+    done = tmp_path / "sibling-done"
+
+    def waiter(ctx):
+        cb = ctx.create_callback(name="approval")
+        (tmp_path / "cbid").write_text(cb.callback_id)
+        return cb.result()
+
+    def sibling(ctx):
+        while not (tmp_path / "cbid").exists():  # start once the waiter is about to block on its callback
+            time.sleep(0.01)
+        time.sleep(0.3)
+        for k in range(5):
+            ctx.step(lambda s, k=k: time.sleep(0.02) or k, name=f"s{k}")  # each record goes out on its own
+        done.write_text("")
+        return "sibling"
+
+    def item(ctx, x, i, xs):
+        r = ctx.parallel([waiter, sibling],
+                         config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+        return r.get_results()
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([0], item).get_results()
+
+    seen = {}
+
+    def complete_after_sibling():
+        deadline = time.monotonic() + 30  # a stalled sibling: the callback is completed anyway, after this
+        while time.monotonic() < deadline and not (done.exists() and (tmp_path / "cbid").exists()):
+            time.sleep(0.05)
+        seen["sibling_finished_while_waiting"] = done.exists()
+        send_callback_success((tmp_path / "cbid").read_text(), b'"yes"', store=store_path)
+
+    t = threading.Thread(target=complete_after_sibling, daemon=True)
+    t.start()
+    result = handler.run(None, store=store_path)
+    t.join(5)
+    assert seen["sibling_finished_while_waiting"], "the sibling stalled while the callback waited"
+    assert result[0][1] == "sibling"

@@ -208,13 +208,15 @@ def tripling(x):
 
 
 @pytest.fixture
-def restore_doubling():
-    code = doubling.__code__
+def restore_code():
+    """Put back the code of the functions a test edits in place."""
+    saved = {func: func.__code__ for func in (doubling, buggy)}
     yield
-    doubling.__code__ = code
+    for func, code in saved.items():
+        func.__code__ = code
 
 
-def test_changed_code_after_success_recomputes_and_keep_returns_the_old(store_path, markers, restore_doubling,
+def test_changed_code_after_success_recomputes_and_keep_returns_the_old(store_path, markers, restore_code,
                                                                         capfd):
     assert durable_mp.map(doubling, range(4), store=store_path) == [0, 2, 4, 6]
     doubling.__code__ = tripling.__code__  # the same function, edited
@@ -242,14 +244,7 @@ def fixed(x):
     return x * 10
 
 
-@pytest.fixture
-def restore_buggy():
-    code = buggy.__code__
-    yield
-    buggy.__code__ = code
-
-
-def test_changed_code_after_a_failure_is_the_fix_and_keeps_finished_items(store_path, markers, restore_buggy,
+def test_changed_code_after_a_failure_is_the_fix_and_keeps_finished_items(store_path, markers, restore_code,
                                                                          capfd):
     with pytest.raises(KeyError):
         durable_mp.map(buggy, range(10), store=store_path, max_workers=2)
@@ -379,7 +374,7 @@ def test_callables_defined_in_a_script_run_as_main(store_path, tmp_path):
                                                 "[0, 1, 4] [0, 1, 8]"], done.stdout
 
 
-def test_show_says_which_items_were_reused_and_which_code_made_them(store_path, markers, restore_buggy, capsys):
+def test_show_says_which_items_were_reused_and_which_code_made_them(store_path, markers, restore_code, capsys):
     from durable_mp.cli.main import main
     from durable_mp.store.facade import Store
 

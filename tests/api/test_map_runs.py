@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 import durable_mp
 from durable_mp.bench.markers import counts, mark
 from durable_mp.store.facade import Store
+from util import cell_stream, run_notebook_cell, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -42,12 +42,6 @@ JOB = textwrap.dedent(
 )
 
 
-def _wait_for(predicate, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "durable_mp", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(Path(durable_mp.__file__).parent.parent)})
@@ -62,7 +56,7 @@ def test_ctrl_c_prints_one_line_then_resume_says_how_many_items_are_done(store_p
     proc = subprocess.Popen([sys.executable, str(script), store_path, str(marks)], stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        _wait_for(lambda: len(counts(str(marks), "item")) >= 8 or proc.poll() is not None)
+        wait_until(lambda: len(counts(str(marks), "item")) >= 8 or proc.poll() is not None, seconds=60.0, interval=0.02)
         assert proc.poll() is None, "the job ended before Ctrl-C"
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
         _out, err = proc.communicate(timeout=60)
@@ -226,17 +220,9 @@ durable_mp.map(slow, range(60), store={store!r}, max_workers=2, progress=False)
 
 @pytest.mark.timeout(150)
 def test_interrupting_a_map_in_a_real_kernel_shows_one_line(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_code_cell(INTERRUPTED_CELL.format(store=str(tmp_path / "store"))))
-    monkeypatch.setenv("PYTHONPATH", str(Path(durable_mp.__file__).parent.parent))
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    outputs = nb.cells[0].outputs
-    shown = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    outputs = run_notebook_cell(INTERRUPTED_CELL.format(store=str(tmp_path / "store")), tmp_path, monkeypatch,
+                                timeout=120, allow_errors=True)
+    shown = cell_stream(outputs, "stderr")
     tracebacks = [o for o in outputs if o.get("output_type") == "error"]
     assert "interrupted with" in shown and "run the same call again to resume" in shown, outputs
     assert sum(len(o.get("traceback", [])) for o in tracebacks) <= 2, tracebacks

@@ -132,3 +132,16 @@ def test_show_names_the_original_type_and_the_users_line(store_path):
     where = f"at {HERE}:{DIVIDE_LINE} in divide"
     assert f"error: ChildContextError: integer division or modulo by zero (raised as ZeroDivisionError {where})" in out
     assert f"error: ZeroDivisionError: integer division or modulo by zero ({where})" in out
+
+
+def test_a_failed_branch_traceback_starts_in_user_code(store_path):
+    def boom(ctx):
+        raise RuntimeError("orders service down")
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([boom]).all[0].error.stack_trace
+
+    trace = "".join(handler.run(None, store=store_path))
+    assert "engine/branch.py" not in trace, trace
+    assert __file__ in trace and "orders service down" in trace

@@ -100,7 +100,7 @@ from durable_mp.engine.branch import started_record
 from durable_mp.engine.dispatcher import Dispatcher
 from durable_mp.engine.lifecycle import WorkerState, check_worker_move
 from durable_mp.engine.pool import Death, Worker
-from durable_mp.engine.protocol import Kind, kind_of
+from durable_mp.engine.protocol import Quit, Reply, RunChunk, StopBatch
 from durable_mp.engine.result_decode import success_value
 from durable_mp.engine.scheduling import stop_chunk
 from durable_mp.exceptions import CheckpointFailedError
@@ -540,7 +540,7 @@ class SimWorker:
         if self.dead:
             raise BrokenPipeError("simulated worker is dead")
         self.used = True
-        if kind_of(msg) is Kind.RUN_CHUNK:
+        if isinstance(msg, RunChunk):
             self.sim.checker.dispatched(self.sim.store, msg.indices, msg.checkpoints)
         self.inbound.append(msg)
 
@@ -624,13 +624,13 @@ class SimWorker:
     def _route(self, _: None) -> None:
         """The reader thread: replies wake their requester, StopBatch raises a flag, work goes to the inbox."""
         msg = self.inbound.popleft()
-        kind = kind_of(msg)
-        if kind is Kind.REPLY:
-            self.replied.add(msg.request_id)
-        elif kind is Kind.STOP_BATCH:
-            self.channel.stopped.add(msg.token)
-        else:
-            self.inbox.append(msg)
+        match msg:
+            case Reply():
+                self.replied.add(msg.request_id)
+            case StopBatch():
+                self.channel.stopped.add(msg.token)
+            case _:
+                self.inbox.append(msg)
 
     def _flusher(self) -> Program:
         """``Outbox._flush_loop``: woken by ``pending``, it sleeps ``OUTBOX_FLUSH_SECONDS`` of the
@@ -649,7 +649,7 @@ class SimWorker:
         while True:
             yield lambda: bool(self.inbox)
             msg = self.inbox.popleft()
-            if kind_of(msg) is Kind.QUIT:
+            if isinstance(msg, Quit):
                 return
             yield from self._run_chunk(msg)
 

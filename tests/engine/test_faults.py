@@ -1,5 +1,5 @@
 """Faults cost only the branch they hit: a matrix of stage x fault, crash recovery counts,
-timeouts and memory limits.  Every crash here is real (SIGKILL, os._exit, a segfault)."""
+timeouts (memory limits: test_memory_limits.py).  Every crash here is real (SIGKILL, os._exit, a segfault)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from durable_mp import BatchItemStatus, StepError, durable_execution
@@ -288,22 +289,6 @@ def test_branch_timeout_fails_only_that_branch(store_path):
     assert r.all[1].result == "quick"
 
 
-def test_memory_limit_inside_a_step_goes_to_the_retry_strategy(store_path):
-    def hog(step_ctx):
-        block = bytearray(600 * 2**20)
-        block[::4096] = b"x" * len(block[::4096])
-        time.sleep(30)
-
-    @durable_execution
-    def handler(event, ctx):
-        return ctx.parallel([lambda c: c.step(hog, name="hog", config=NO_RETRY)], config=ALL_COMPLETED)
-
-    r = handler.run(None, store=store_path, max_worker_memory=300 * 2**20)
-    assert r.all[0].status == BatchItemStatus.FAILED
-    assert r.all[0].error.type == "durable_mp.exceptions.StepError"
-    assert "MiB" in r.all[0].error.message
-
-
 def test_unpicklable_map_item_fails_only_that_item(store_path):
     @durable_execution
     def handler(event, ctx):
@@ -398,3 +383,84 @@ def test_at_most_once_step_whose_worker_died_goes_to_its_retry_strategy(store_pa
         step = next(rec for rec in st.ops(handler.execution_id_for(None)) if rec.name == "charge")
     assert step.status == "SUCCEEDED" and [a.number for a in step.attempts] == [1, 2]
     assert step.attempts[0].error["ErrorType"].endswith("StepInterruptedError")
+
+
+# -- step timeouts hold inside nested branches ------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_step_timeout_inside_a_nested_parallel_is_enforced(store_path):
+    def slow(step_ctx):
+        time.sleep(30)
+        return "finished"
+
+    def inner(ctx):
+        return ctx.step(slow, name="slow", config=StepConfig(timeout=1, retry_strategy=RetryPresets.none()))
+
+    def quick(ctx):
+        return ctx.step(lambda s: "quick", name="quick")
+
+    def item(ctx, x, i, xs):
+        r = ctx.parallel([inner, quick], config=ParallelConfig(completion_config=CompletionConfig.all_completed()))
+        return [(it.status.value, it.error.type if it.error else None) for it in r.all]
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map([0], item).get_results()
+
+    results = handler.run(None, store=store_path)  # an ignored timeout: the step returns "finished" after 30 s
+    [(status, error), other] = results[0]
+    assert status == "FAILED" and error.endswith("StepError") and other == ("SUCCEEDED", None), results
+
+
+# -- a worker ended by a signal is a worker death ------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_ended_by_a_signal_is_redispatched(store_path, tmp_path, signum):
+    marker = tmp_path / "signalled"
+
+    def branch(ctx):
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signum)
+            time.sleep(10)
+        return "ok"
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([branch]).get_results()
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert handler.run(None, store=store_path) == ["ok"]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# -- a death is seen from the process, not from the pipe's EOF --------------------------
+@pytest.mark.timeout(120)
+def test_a_dead_worker_whose_helper_holds_the_pipe_is_noticed_at_once(store_path, tmp_path):
+    marker = tmp_path / "helper"
+
+    def branch_with_fork_helper(ctx):
+        if not marker.exists():
+            pid = os.fork()
+            if pid == 0:  # a library's helper process: holds every fd the worker had
+                time.sleep(20)
+                os._exit(0)
+            marker.write_text(str(pid))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "ok"
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.parallel([branch_with_fork_helper]).get_results()
+
+    try:
+        assert handler.run(None, store=store_path) == ["ok"]
+        helper = psutil.Process(int(marker.read_text()))
+        assert helper.status() != psutil.STATUS_ZOMBIE, "the death was noticed only when the helper exited"
+    finally:
+        if marker.exists():
+            try:
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

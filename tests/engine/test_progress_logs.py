@@ -16,7 +16,7 @@ import time
 import pytest
 
 from durable_mp.engine import progress
-from util import REPO
+from util import REPO, cell_stream, run_notebook_cell
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -149,18 +149,9 @@ NOTEBOOK_CELL = textwrap.dedent(
 
 
 def test_progress_shows_in_a_real_jupyter_kernel(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_code_cell(NOTEBOOK_CELL.format(store=str(tmp_path / "store"))))
-    client = nbclient.NotebookClient(nb, timeout=90, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # the kernel's
-    client.execute()
-    outputs = nb.cells[0].outputs
-    stdout = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
-    shown = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    outputs = run_notebook_cell(NOTEBOOK_CELL.format(store=str(tmp_path / "store")), tmp_path, monkeypatch, timeout=90)
+    stdout = cell_stream(outputs, "stdout")
+    shown = cell_stream(outputs, "stderr")
     widgets = [o for o in outputs if o.get("output_type") == "display_data"]
     assert "RESULT [0, 1, 4, 9, 16, 25, 36, 49, 64, 81, 100, 121]" in stdout, outputs
     assert ("nb-map" in shown and "12/12" in shown) or widgets, f"no progress in the notebook: {outputs}"

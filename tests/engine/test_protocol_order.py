@@ -1,4 +1,5 @@
-"""Worker → driver messages arrive in the order their records were produced (issue 18 defect 2).
+"""Worker ↔ driver messages: in the order their records were produced (issue 18 defect 2), replies
+matched by request id, and a result that is the value at return.
 
 The worker's ``Outbox`` is shared by every thread of a branch (nested parallels run on
 threads).  A record taken for a ``SyncRequest`` must reach the driver before any record
@@ -13,6 +14,7 @@ import threading
 import time
 from multiprocessing import Pipe
 
+import numpy as np
 import pytest
 
 from durable_mp import durable_execution
@@ -58,7 +60,7 @@ def test_a_sync_request_is_sent_before_records_taken_after_it(monkeypatch):
         assert driver_end.poll(10), "the worker sent nothing"
         msg = wire.recv(driver_end)
         received.append(msg)
-        if protocol.kind_of(msg) is protocol.Kind.SYNC_REQUEST:
+        if isinstance(msg, protocol.SyncRequest):
             wire.send(driver_end, protocol.Reply(msg.request_id))
     syncing.join(10)
     finisher.join(10)
@@ -131,3 +133,38 @@ def test_nested_parallels_never_leave_a_started_record_under_a_finished_one(stor
             parent = records.get(rec.parent_id)
             if parent is not None and parent.status == OpStatus.SUCCEEDED:
                 assert rec.is_terminal, f"{rec.name} is {rec.status} under {parent.name} SUCCEEDED"
+
+
+# -- a result is a snapshot ------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_reused_output_buffer_gives_every_item_its_own_value(store_path):
+    """A map function that fills one buffer and returns it: each result is the value at return."""
+    out = np.zeros(32 * 1024, dtype=np.float64)  # 256 KiB: travels out of band
+
+    def fill(ctx, x, i, xs):
+        out[:] = x
+        return out
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(40)), fill).get_results()
+
+    results = handler.run(None, store=store_path)
+    wrong = [i for i, r in enumerate(results) if not (r == i).all()]
+    assert wrong == [], f"items whose result was overwritten after they returned: {wrong}"
+
+
+# -- replies are matched by request id, not by position -------------------------------------
+@pytest.mark.timeout(120)
+def test_at_most_once_steps_in_a_large_map_do_not_hang(store_path):
+    """A sync request (AT_MOST_ONCE START) while a prefetched chunk sits in the pipe."""
+    cfg = StepConfig(step_semantics=StepSemantics.AT_MOST_ONCE_PER_RETRY)
+
+    def item(ctx, x, i, xs):
+        return ctx.step(lambda s: x * 2, name="double", config=cfg)
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(200)), item).get_results()
+
+    assert handler.run(None, store=store_path) == [2 * x for x in range(200)]

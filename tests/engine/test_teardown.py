@@ -44,3 +44,31 @@ def test_workers_quit_while_the_result_is_committed_and_none_outlives_run(store_
     assert "quit asked" in events[:done] and "pool closed" in events[done:], events
     pids = {pid for _, pid in results}
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+# -- reaping never blocks the driver ------------------------------------------------------
+def test_reaping_a_worker_that_does_not_exit_in_time_does_not_block(monkeypatch):
+    """A killed worker stuck in the kernel (uninterruptible sleep) is collected later, not waited for."""
+    from durable_mp.engine import pool as pool_module
+
+    pool = pool_module.WorkerPool({"execution_id": "reap-test"})
+    worker = pool.spawn()
+    real_wait4 = os.wait4
+    stuck = {"on": True}
+
+    def wait4(pid, options):
+        if stuck["on"] and pid == worker.pid:
+            assert options & os.WNOHANG, "reap must never wait for the exit without a bound"
+            return 0, 0, None  # still there: not exited yet
+        return real_wait4(pid, options)
+
+    monkeypatch.setattr(pool_module.os, "wait4", wait4)
+    try:
+        death = pool.kill(worker)
+        assert death.exitcode is None and death.signal is None
+        assert worker.pid in pool.unreaped and worker not in pool.workers
+    finally:
+        stuck["on"] = False
+        pool.reap_zombies(wait_seconds=5)
+        pool.close()
+    assert not pool.unreaped

@@ -90,7 +90,7 @@ from durable_mp import ExecutionFailedError, durable_execution  # noqa: E402
 from durable_mp.config import StepConfig  # noqa: E402
 from durable_mp.retries import RetryPresets  # noqa: E402
 from durable_mp.store.facade import Store  # noqa: E402
-from util import marker_counts, runs_per_index  # noqa: E402
+from util import marker_counts, run_skip_time, runs_per_index  # noqa: E402
 
 
 @pytest.mark.timeout(180)
@@ -282,7 +282,9 @@ def test_non_determinism_at_the_root_leaves_the_execution_resumable(store_path):
     names[0] = "renamed"
     with pytest.raises(ExecutionFailedError, match="name checkpoint='first' current='renamed'") as info:
         handler.run(None, store=store_path, execution_id="nd-root")
-    assert info.value.error.type.endswith("NonDeterministicExecutionError") and "stopped, not failed" in str(info.value)
+    assert info.value.error.type == "durable_mp.exceptions.NonDeterministicExecutionError"
+    assert "name checkpoint='first' current='renamed'" in info.value.error.message
+    assert "stopped, not failed" in str(info.value)
     with Store(store_path) as st:
         assert st.get_execution("nd-root").status == "RUNNING"
     names[:] = ["first", "reverted"]
@@ -401,3 +403,45 @@ def test_a_failed_execution_being_resumed_by_a_live_driver_is_locked():
     released = rec._replace(owner_pid=0, owner_create_time=0.0)
     assert claim(released, this_process(), time.time()).owner_pid == os.getpid()
     assert claim(rec._replace(status="SUCCEEDED"), this_process(), time.time()).owner_pid == os.getpid()
+
+
+def test_finished_execution_returns_stored_result_without_running(store_path, tmp_path):
+    marker = tmp_path / "ran"
+
+    @durable_execution
+    def handler(event, ctx):
+        with open(marker, "a") as f:
+            f.write("handler\n")
+        return ctx.map([1, 2, 3], lambda c, x, i, xs: x * 10).get_results()
+
+    assert run_skip_time(handler, store_path, {"k": 1}) == [10, 20, 30]
+    assert run_skip_time(handler, store_path, {"k": 1}) == [10, 20, 30]
+    assert marker.read_text().count("handler") == 1
+    assert run_skip_time(handler, store_path, {"k": 2}) == [10, 20, 30]  # another event, another execution
+    assert marker.read_text().count("handler") == 2
+
+
+@pytest.mark.process_free
+def test_is_replaying_and_logger_suppression(store_path, tmp_path, caplog):
+    import logging
+    seen = []
+
+    @durable_execution
+    def handler(event, ctx):
+        seen.append(ctx.is_replaying())
+        ctx.logger.info("before step")
+        ctx.step(lambda _: 1, name="a")
+        seen.append(ctx.is_replaying())
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return "ok"
+
+    with caplog.at_level(logging.INFO, logger="durable_mp"):
+        with pytest.raises(KeyboardInterrupt):
+            run_skip_time(handler, store_path, execution_id="rp")
+        first = [r for r in caplog.records if r.getMessage() == "before step"]
+        assert run_skip_time(handler, store_path, execution_id="rp") == "ok"
+        second = [r for r in caplog.records if r.getMessage() == "before step"]
+    assert seen == [False, False, True, False]
+    assert len(first) == 1 and len(second) == 1, "the replayed log line must be suppressed"
+    assert first[0].executionArn == "rp"
