@@ -46,6 +46,7 @@ from durable_mp.engine.protocol import (
     CallResult,
     ChunkDone,
     Log,
+    ProtocolError,
     Records,
     Reply,
     RunCall,
@@ -415,9 +416,13 @@ class Dispatcher:
             case CallbackWait():
                 self.callback_waiters[(worker, msg.request_id)] = msg.record
                 self._poll_callbacks()
-            case CallResult() if task is not None:
-                task.result = (msg.ok, msg.value)
-                self._task_done(worker)
+            case CallResult():
+                if task is not None:  # else the call timed out and its worker was killed: a late result
+                    task.result = (msg.ok, msg.value)
+                    self._task_done(worker)
+            case _:
+                raise ProtocolError(f"worker pid {worker.pid} sent a {type(msg).__name__}, which the driver "
+                                    f"has no use for")
 
     def _task_done(self, worker: Worker) -> None:
         worker.task, worker.queued = worker.queued, None

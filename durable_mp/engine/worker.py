@@ -41,6 +41,7 @@ from durable_mp.engine.protocol import (
     CallbackWait,
     CallResult,
     ChunkDone,
+    ProtocolError,
     Quit,
     Records,
     Reply,
@@ -303,6 +304,8 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
             case RunCall():
                 current[1] = (msg.task_id << PROGRESS_SHIFT) + 1  # begun: the driver's timeout counts from here
                 _run_call(msg, channel)
+            case _:  # the worker dies of it: the driver sees a death, never a silently dropped task
+                raise ProtocolError(f"the driver sent a {type(msg).__name__}, which a worker has no use for")
 
 
 def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,

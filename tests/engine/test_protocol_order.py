@@ -168,3 +168,20 @@ def test_at_most_once_steps_in_a_large_map_do_not_hang(store_path):
         return ctx.map(list(range(200)), item).get_results()
 
     assert handler.run(None, store=store_path) == [2 * x for x in range(200)]
+
+
+@pytest.mark.process_free
+def test_a_message_the_driver_does_not_know_is_a_protocol_error_not_ignored():
+    """Matching on message classes must not fall through silently: a worker sending something
+    the driver has no case for (a version mismatch, a corrupt frame) is an internal error."""
+    from types import SimpleNamespace
+
+    from durable_mp.engine.dispatcher import Dispatcher
+
+    class Unknown:
+        pass
+
+    worker = SimpleNamespace(task=None, pid=4242)
+    with pytest.raises(protocol.ProtocolError, match="4242 sent a Unknown"):
+        Dispatcher._handle(SimpleNamespace(), worker, Unknown())
+    Dispatcher._handle(SimpleNamespace(), worker, protocol.CallResult(7, True, b""))  # a timed-out call's late result
