@@ -103,9 +103,8 @@ class Dispatcher:
             batch.clock = None
         policy = spec.policy
         intake = self.intake
-        spec.replay_into(batch.records)
+        spec.replay_into(batch.records)  # the replayed branches end in the item table too
         replayed = spec.done_succeeded()
-        batch.branches.replayed_many(replayed)
         batch.queue.extend(batch.branches.pending())
         if spec.resuming and batch.queue:
             # hashing every queued item's id is only needed when some operation other than the
@@ -278,7 +277,6 @@ class Dispatcher:
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
         batch.branches.move_many(indices, BranchState.DISPATCHED)
-        spec.policy.on_started_many(indices)
         return names, checkpoints
 
     def _branch_checkpoints(self, spec: BatchSpec, index: int) -> dict[str, OpRecord]:
