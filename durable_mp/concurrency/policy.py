@@ -91,6 +91,7 @@ class CompletionPolicy:
 
     @property
     def _states(self) -> bytearray:
+        """The item table's bytes (what a bulk and a one-by-one event must leave alike)."""
         return self.items.states
 
     # -- events of a scheduler without branch states --------------------------------------------

@@ -11,7 +11,7 @@ import uuid
 from collections import defaultdict, deque
 from typing import Any
 
-from durable_mp.concurrency.columns import ItemColumns
+from durable_mp.concurrency.columns import RunningColumns
 from durable_mp.core.records import Attempt, OpRecord
 from durable_mp.core.spec import BatchSpec
 from durable_mp.engine.virtual_clock import VirtualClock
@@ -61,7 +61,8 @@ class BatchRun:
         self.branches = spec.policy.items  # the batch's one item table: the policy counts what moves here
         self.queue: deque[int] = deque()
         self.needs_ckpt: set[int] = set()  # branches that may have checkpoints under them (resume, re-dispatch)
-        self.records = ItemColumns(spec.n)  # decoded results, or OpRecords / a worker's record bytes
+        # decoded results, or OpRecords / a worker's record bytes; their status is the table's (``seal``)
+        self.records = RunningColumns(self.branches)
         self.crashes: defaultdict[int, int] = defaultdict(int)
         self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
         self.item_seconds: float | None = None

@@ -139,7 +139,6 @@ class Dispatcher:
                     intake.record_sleeping(batch)
                 by_successes = True
             completed = True
-            return batch.records, reason
         finally:
             self._close_batch(batch, record_started=completed)
             if by_successes:
@@ -150,6 +149,7 @@ class Dispatcher:
             if completed:
                 intake.failures.close(batch.branches.count(BranchState.SUCCEEDED))
             intake.failures = NULL_FAILURE_LOG
+        return batch.records.seal(), reason  # the item table says which items succeeded
 
     def call(self, func: Callable[..., Any], attempt: int, extra: dict[str, Any], timeout: float | None) -> Any:
         """Run one attempt of a driver-level step in a worker so it can be killed on timeout."""

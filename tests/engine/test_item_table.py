@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from durable_mp.concurrency.columns import ItemColumns, RunningColumns
 from durable_mp.concurrency.item_table import ITEM_MOVES, STARTED, ItemState, ItemTable
 from durable_mp.concurrency.models import CompletionPolicy
 from durable_mp.config import CompletionConfig
@@ -135,3 +136,53 @@ def test_a_resume_replays_into_the_one_table():
     with pytest.raises(IllegalTransition):
         batch.branches.replayed_many({1: True, 3: True})  # 3 was replayed already: nothing moves
     assert batch.branches.pending() == [1, 2, 4]
+
+
+# -- the result columns take their status from the table ------------------------------------
+
+_N = 8
+_STEPS = st.lists(st.tuples(st.sampled_from(["dispatch", "value", "values", "raw_ok", "fail", "abandon"]),
+                            st.integers(0, _N - 1), st.integers(1, 4)), max_size=30)
+
+
+@given(st.dictionaries(st.integers(0, _N - 1), st.booleans(), max_size=4), _STEPS)
+def test_sealed_running_columns_equal_columns_that_kept_their_own_status(replayed, steps):
+    """What the intake writes while a batch runs, into ``RunningColumns`` (no status byte) and into
+    ``ItemColumns`` (its own status byte, as before): after the batch they hold the same result."""
+    policy = CompletionPolicy(CompletionConfig.all_completed(), _N)
+    table = policy.items
+    running, kept = RunningColumns(table), ItemColumns(_N)
+    records = {i: f"done{i}" for i in replayed}
+    policy.on_replayed(replayed)
+    running.add_records(records)
+    kept.add_records(records)
+    for how, first, size in steps:
+        indices = list(range(first, min(_N, first + size)))
+        if how == "dispatch":
+            waiting = [i for i in indices if table.states[i] in (S.PENDING, S.REQUEUED)]
+            table.move_many(waiting, S.DISPATCHED)
+            continue
+        on_worker = [i for i in indices if table.states[i] in (S.DISPATCHED, S.RUNNING)]
+        if not on_worker:
+            continue
+        if how == "values":  # a chunk of plain successes (``finish_succeeded``)
+            running.set_values(on_worker, [i * 10 for i in on_worker])
+            kept.set_values(on_worker, [i * 10 for i in on_worker])
+            table.finish_many(on_worker, S.SUCCEEDED)
+            continue
+        index = on_worker[0]
+        if how == "value":
+            running.set_item(index, BatchItemStatus.SUCCEEDED, index)
+            kept.set_item(index, BatchItemStatus.SUCCEEDED, index)
+        else:  # a record to decode later: an unreadable success, a failure, a STARTED record
+            running[index] = kept[index] = f"rec{index}"
+        table.finish(index, {"value": S.SUCCEEDED, "raw_ok": S.SUCCEEDED, "fail": S.FAILED,
+                             "abandon": S.ABANDONED}[how])
+        assert [i in running for i in range(_N)] == [i in kept for i in range(_N)]
+    assert [i in running for i in range(_N)] == [i in kept for i in range(_N)]
+    assert running.seal() == kept
+
+
+def test_a_running_batch_keeps_failures_as_records():
+    with pytest.raises(ValueError, match="as its record"):
+        RunningColumns(ItemTable(2)).set_item(0, BatchItemStatus.FAILED)
