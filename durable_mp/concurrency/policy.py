@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from durable_mp.concurrency.item_table import STARTED, TRACKER_STATUS, IllegalTransition, ItemState, ItemTable
+from durable_mp.concurrency.item_table import STARTED, TRACKER_STATUS, WAITING, IllegalTransition, ItemState, ItemTable
 from durable_mp.concurrency.rule import CompletionRule
 from durable_mp.config import CompletionConfig
 from durable_mp.core.completion import (
@@ -28,7 +28,6 @@ from durable_mp.core.runs import run_start, states_of
 from durable_mp.exceptions import InvalidStateError, ValidationError
 
 _S = ItemState
-_WAITING = frozenset({_S.PENDING, _S.REQUEUED})  # states a bulk start moves from
 _UNFINISHED = frozenset({_S.PENDING, _S.REQUEUED, _S.DISPATCHED, _S.RUNNING})  # states an outcome may end
 _STARTED = frozenset(STARTED)
 _OK, _FAILED = int(_S.SUCCEEDED), int(_S.FAILED)  # plain ints: the counts are read on every decision
@@ -98,7 +97,7 @@ class CompletionPolicy:
     def on_started(self, index: int) -> None:
         """Item ``index`` was dispatched; dispatching it again (after a crash) is fine."""
         state = self.items.states[self._checked(index)]
-        if state in _WAITING:
+        if state in WAITING:
             self.items.move(index, _S.DISPATCHED)
         elif state not in _STARTED:
             raise InvalidStateError(f"item {index} cannot start: it already finished")
@@ -120,7 +119,7 @@ class CompletionPolicy:
     def on_started_many(self, indices: list[int]) -> None:
         """``on_started`` for a chunk of items."""
         sources = self._bulk_sources(indices)
-        if sources is None or not _WAITING.issuperset(sources):
+        if sources is None or not WAITING.issuperset(sources):
             for index in indices:  # the one-at-a-time path says which item is wrong
                 self.on_started(index)
             return
@@ -141,7 +140,7 @@ class CompletionPolicy:
             return
         items = self.items
         if _S.PENDING in sources or _S.REQUEUED in sources:  # outcomes of items never dispatched
-            items.move_many([i for i, s in zip(indices, sources, strict=True) if s in _WAITING], _S.DISPATCHED)
+            items.move_many([i for i, s in zip(indices, sources, strict=True) if s in WAITING], _S.DISPATCHED)
         items.finish_many(indices, _S.SUCCEEDED)
 
     def on_unstarted(self, index: int) -> None:
@@ -156,7 +155,7 @@ class CompletionPolicy:
         state = self.items.states[self._checked(index)]
         if state not in _UNFINISHED:
             raise InvalidStateError(f"item {index} finished twice")
-        if state in _WAITING:
+        if state in WAITING:
             self.items.move(index, _S.DISPATCHED)
         self.items.finish(index, _S.SUCCEEDED if succeeded else _S.FAILED)
 
