@@ -5,6 +5,11 @@ dict entry per item on the driver: about 300 bytes an item before the results
 themselves.  ``ItemColumns`` keeps one status byte and one list slot per item, failed
 items' errors in a dict, and records not decoded yet (resume, custom serdes) in another.
 ``BatchResult`` is built on it and makes ``BatchItem`` objects only when asked for them.
+
+While the dispatcher runs a batch it fills ``RunningColumns`` instead: values and records
+only, since which items succeeded is already the batch's item table's to say
+(``concurrency.item_table``).  The status column is derived from that table once, when
+the batch has ended (``RunningColumns.seal``), so no item's state is written twice.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from itertools import compress
 from typing import Any
 
+from durable_mp.concurrency.item_table import ItemState, ItemTable
 from durable_mp.core.bytemaps import fill_at, mask, positions
 from durable_mp.core.completion import BatchItemStatus
 from durable_mp.core.runs import run_start
@@ -173,3 +179,81 @@ class ItemColumns:
 
 _MASKS = {code: mask(code) for code in (SUCCEEDED, FAILED, STARTED, RAW)}
 _PRESENT = bytes(0 if b == ABSENT else 1 for b in range(256))
+_SUCCEEDED_STATE = int(ItemState.SUCCEEDED)
+_FROM_TABLE = bytes(SUCCEEDED if b == ItemState.SUCCEEDED else ABSENT for b in range(256))  # item state -> status
+
+
+class RunningColumns:
+    """The outcomes of a batch the dispatcher is running: values and undecoded records, no status byte.
+
+    An item's value is kept as it succeeds (its SUCCEEDED is the item table's); a record to
+    decode later (a failure, a still running branch, a resume's finished item, a value not
+    decodable here) replaces it.  ``seal`` hands the ``ItemColumns`` of the ended batch over.
+    """
+
+    __slots__ = ("values", "raw", "_table")
+
+    def __init__(self, table: ItemTable) -> None:
+        self._table = table
+        self.values: list[Any] = [None] * len(table)
+        self.raw: dict[int, Any] = {}
+
+    def __contains__(self, index: object) -> bool:
+        """``index`` has an outcome or a record (as for ``ItemColumns``)."""
+        return isinstance(index, int) and 0 <= index < len(self.values) and (
+            index in self.raw or self._table.states[index] == _SUCCEEDED_STATE)
+
+    def __setitem__(self, index: int, record: Any) -> None:
+        """A record to decode when the result is built."""
+        self.values[index] = None
+        self.raw[index] = record
+
+    def update(self, pairs: Iterable[tuple[int, Any]]) -> None:
+        for index, record in pairs:
+            self[index] = record
+
+    def add_records(self, records: dict[int, Any]) -> None:
+        """The records of a resume's finished items, ``{index: record}``, when the batch starts."""
+        if records and (min(records) < 0 or max(records) >= len(self.values)):
+            raise IndexError(f"item records {min(records)}..{max(records)} for {len(self.values)} items")
+        self.raw.update(records)
+
+    def set_item(self, index: int, status: BatchItemStatus, result: Any = None,
+                 error: ErrorObject | None = None) -> None:
+        """A decoded success (failures and unfinished items stay records until the result is built)."""
+        if status is not BatchItemStatus.SUCCEEDED:
+            raise ValueError(f"a running batch keeps a {status.value} item as its record")
+        self.set_value(index, result)
+
+    def set_value(self, index: int, value: Any) -> None:
+        """Item ``index`` succeeded with ``value``."""
+        if self.raw:
+            self.raw.pop(index, None)
+        self.values[index] = value
+
+    def set_values(self, indices: list[int], values: list[Any]) -> None:
+        """Items ``indices`` succeeded with ``values`` (the map hot path: a chunk of successes in one call)."""
+        if len(indices) != len(values):
+            raise ValueError(f"{len(indices)} indices for {len(values)} values")
+        if not indices:
+            return
+        if self.raw and not self.raw.keys().isdisjoint(indices):
+            for index, value in zip(indices, values, strict=True):
+                self.set_value(index, value)
+            return
+        first = run_start(indices)
+        column = self.values
+        if first is not None and first + len(indices) <= len(column):
+            column[first:first + len(indices)] = values  # a contiguous chunk (the usual case): one slice copy
+            return
+        for index, value in zip(indices, values, strict=True):
+            column[index] = value
+
+    def seal(self) -> ItemColumns:
+        """The ended batch's ``ItemColumns`` (sharing these lists): a record is RAW, a SUCCEEDED item
+        of the table with its value SUCCEEDED, any other item absent.  Nothing is written here after."""
+        status = bytearray(self._table.states.translate(_FROM_TABLE))
+        fill_at(status, self.raw, RAW)
+        cols = ItemColumns.__new__(ItemColumns)
+        cols.__setstate__((status, self.values, {}, self.raw))
+        return cols

@@ -1,35 +1,36 @@
 """The completion tracker of one batch: the counts its ``CompletionRule`` decides from.
 
-The scheduler (the dispatcher, a worker's threads, Dask) feeds it events (an item
-started, finished, came back unstarted, was replayed) and asks one question: stop now,
-and why?  The answer is the frozen ``concurrency.rule.CompletionRule`` applied to the
-counts; this class only keeps them, latches the first decision, and runs a
-``should_complete`` predicate at most once per change.  It keeps a byte per item too:
-it refuses an item finishing twice, and a predicate sees every item's status.  It is
-cheap (O(1) per event without a predicate), so it also serves replay and
-``BatchResult.from_items``.
+The scheduler (the dispatcher, a worker's threads, Dask) moves the batch's items in its
+one state table (``concurrency.item_table.ItemTable``, ``CompletionPolicy.items``) and
+asks one question: stop now, and why?  The answer is the frozen
+``concurrency.rule.CompletionRule`` applied to the table's counts; this class keeps no
+per-item state of its own.  It latches the first decision and runs a ``should_complete``
+predicate at most once per change the predicate could see.  A scheduler without branch
+states (a worker's threads, ``BatchResult.from_items``, replay) reports events instead
+(``on_started``, ``on_finished``, ...), each a guarded move in the same table.  It is cheap
+(O(1) per event without a predicate).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from durable_mp.concurrency.item_table import STARTED, TRACKER_STATUS, WAITING, IllegalTransition, ItemState, ItemTable
 from durable_mp.concurrency.rule import CompletionRule
 from durable_mp.config import CompletionConfig
 from durable_mp.core.completion import (
-    BatchItemStatus,
     CompletionDecision,
     CompletionItemStatus,
     CompletionReason,
     CompletionStatus,
 )
-from durable_mp.core.runs import run_start, set_states, states_of
+from durable_mp.core.runs import run_start, states_of
 from durable_mp.exceptions import InvalidStateError, ValidationError
 
-# Per-item state in CompletionPolicy, one byte each.
-_PENDING, _STARTED, _SUCCEEDED, _FAILED = 0, 1, 2, 3
-_ONLY_UNFINISHED = frozenset({_PENDING, _STARTED})  # states a bulk start or success may move from
-_AS_ITEM_STATUS = (None, BatchItemStatus.STARTED, BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED)
+_S = ItemState
+_UNFINISHED = frozenset({_S.PENDING, _S.REQUEUED, _S.DISPATCHED, _S.RUNNING})  # states an outcome may end
+_STARTED = frozenset(STARTED)
+_OK, _FAILED = int(_S.SUCCEEDED), int(_S.FAILED)  # plain ints: the counts are read on every decision
 
 
 class CompletionPolicy:
@@ -40,10 +41,7 @@ class CompletionPolicy:
     batch completed) update the counts but never the reason.
     """
 
-    __slots__ = (
-        "rule", "_predicate", "_names", "_states", "_succeeded", "_failed", "_started",
-        "_decided", "_last_custom", "_dirty",
-    )
+    __slots__ = ("rule", "items", "_predicate", "_names", "_decided", "_last_custom", "_seen_changes")
 
     def __init__(
         self,
@@ -58,10 +56,9 @@ class CompletionPolicy:
             raise ValidationError(f"names has {len(names)} entries for {total} items")
         self._predicate = config.should_complete if config is not None else None
         self._names = names
-        self._states = bytearray(total)
-        self._succeeded = self._failed = self._started = 0
+        self.items = ItemTable(total)  # the batch's one per-item table; its scheduler moves the items
         self._last_custom: CompletionDecision | None = None
-        self._dirty = True
+        self._seen_changes = -1  # ``items.changes`` when the predicate last ran
         # Nothing to run is complete before anything starts.
         self._decided: CompletionReason | None = CompletionReason.ALL_COMPLETED if total == 0 else None
 
@@ -71,34 +68,38 @@ class CompletionPolicy:
 
     @property
     def succeeded_count(self) -> int:
-        return self._succeeded
+        return self.items.counts[_OK]
 
     @property
     def failed_count(self) -> int:
-        return self._failed
+        return self.items.counts[_FAILED]
 
     @property
     def started_count(self) -> int:
         """Items started and not finished yet."""
-        return self._started
+        return self.items.started_count()
 
     @property
     def completed_count(self) -> int:
-        return self._succeeded + self._failed
+        counts = self.items.counts
+        return counts[_OK] + counts[_FAILED]
 
     @property
     def is_decided(self) -> bool:
         return self._decided is not None
 
-    # -- events ---------------------------------------------------------------------------------
+    @property
+    def _states(self) -> bytearray:
+        """The item table's bytes (what a bulk and a one-by-one event must leave alike)."""
+        return self.items.states
+
+    # -- events of a scheduler without branch states --------------------------------------------
     def on_started(self, index: int) -> None:
         """Item ``index`` was dispatched; dispatching it again (after a crash) is fine."""
-        state = self._states[self._checked(index)]
-        if state == _PENDING:
-            self._states[index] = _STARTED
-            self._started += 1
-            self._dirty = True
-        elif state != _STARTED:
+        state = self.items.states[self._checked(index)]
+        if state in WAITING:
+            self.items.move(index, _S.DISPATCHED)
+        elif state not in _STARTED:
             raise InvalidStateError(f"item {index} cannot start: it already finished")
 
     def on_replayed(self, outcomes: dict[int, bool]) -> None:
@@ -106,115 +107,99 @@ class CompletionPolicy:
 
         The same as ``on_started`` + ``on_finished`` for each, without a call per item.
         """
-        states, total = self._states, self.rule.total
-        ok = 0
-        for index, succeeded in outcomes.items():
-            if not 0 <= index < total:
-                raise InvalidStateError(f"item index {index} out of range for {total} items")
-            if states[index] != _PENDING:
-                raise InvalidStateError(f"item {index} finished twice")
-            if succeeded:
-                states[index] = _SUCCEEDED
-                ok += 1
-            else:
-                states[index] = _FAILED
-        self._succeeded += ok
-        self._failed += len(outcomes) - ok
-        self._dirty = True
+        if outcomes and (min(outcomes) < 0 or max(outcomes) >= self.rule.total):
+            index = next(i for i in outcomes if not 0 <= i < self.rule.total)
+            raise InvalidStateError(f"item index {index} out of range for {self.rule.total} items")
+        try:
+            self.items.replayed_many(outcomes)
+        except IllegalTransition:
+            index = next(i for i in outcomes if self.items.states[i] != _S.PENDING)
+            raise InvalidStateError(f"item {index} finished twice") from None
 
     def on_started_many(self, indices: list[int]) -> None:
-        """``on_started`` for a chunk of items (one call on the dispatch hot path)."""
-        bulk = self._bulk_sources(indices)
-        if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
+        """``on_started`` for a chunk of items."""
+        sources = self._bulk_sources(indices)
+        if sources is None or not WAITING.issuperset(sources):
             for index in indices:  # the one-at-a-time path says which item is wrong
                 self.on_started(index)
             return
-        self._started += bulk[0].count(_PENDING)
-        set_states(self._states, indices, _STARTED, bulk[1])
-        self._dirty = True
+        self.items.move_many(indices, _S.DISPATCHED)
 
-    def _bulk_sources(self, indices: list[int]) -> tuple[bytes, int | None] | None:
-        """The states of ``indices`` and their ``run_start``, if a bulk update may read them at once
-        (distinct, in range)."""
+    def _bulk_sources(self, indices: list[int]) -> bytes | None:
+        """The states of ``indices``, if a bulk update may read them at once (distinct, in range)."""
         if not indices or len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= self.rule.total:
             return None
-        first = run_start(indices)
-        return states_of(self._states, indices, first), first
+        return states_of(self.items.states, indices, run_start(indices))
 
     def on_succeeded_many(self, indices: list[int]) -> None:
-        """``on_finished(index, True)`` for several items (the hot path of a map)."""
-        bulk = self._bulk_sources(indices)
-        if bulk is None or not _ONLY_UNFINISHED.issuperset(bulk[0]):
+        """``on_finished(index, True)`` for several items."""
+        sources = self._bulk_sources(indices)
+        if sources is None or not _UNFINISHED.issuperset(sources):
             for index in indices:  # the one-at-a-time path says which item is wrong
                 self.on_finished(index, True)
             return
-        self._started -= bulk[0].count(_STARTED)
-        set_states(self._states, indices, _SUCCEEDED, bulk[1])
-        self._succeeded += len(indices)
-        self._dirty = True
+        items = self.items
+        if _S.PENDING in sources or _S.REQUEUED in sources:  # outcomes of items never dispatched
+            items.move_many([i for i, s in zip(indices, sources, strict=True) if s in WAITING], _S.DISPATCHED)
+        items.finish_many(indices, _S.SUCCEEDED)
 
     def on_unstarted(self, index: int) -> None:
-        """Item ``index`` was dispatched but its worker never started it: it is pending again."""
-        state = self._states[self._checked(index)]
-        if state != _STARTED:
+        """Item ``index`` was dispatched but never started: it is pending again."""
+        state = self.items.states[self._checked(index)]
+        if state != _S.DISPATCHED:
             raise InvalidStateError(f"item {index} cannot be returned unstarted: it is not started")
-        self._states[index] = _PENDING
-        self._started -= 1
-        self._dirty = True
+        self.items.move(index, _S.PENDING)
 
     def on_finished(self, index: int, succeeded: bool) -> None:
         """Item ``index`` reached a terminal state (it need not have been started)."""
-        state = self._states[self._checked(index)]
-        if state == _STARTED:
-            self._started -= 1
-        elif state != _PENDING:
+        state = self.items.states[self._checked(index)]
+        if state not in _UNFINISHED:
             raise InvalidStateError(f"item {index} finished twice")
-        if succeeded:
-            self._states[index] = _SUCCEEDED
-            self._succeeded += 1
-        else:
-            self._states[index] = _FAILED
-            self._failed += 1
-        self._dirty = True
+        if state in WAITING:
+            self.items.move(index, _S.DISPATCHED)
+        self.items.finish(index, _S.SUCCEEDED if succeeded else _S.FAILED)
 
     # -- questions ------------------------------------------------------------------------------
     def decision(self) -> CompletionReason | None:
         """None to keep scheduling; otherwise stop now, for this reason."""
         if self._decided is None:
             custom = self._custom_decision() if self._predicate is not None else None
-            self._decided = self.rule.reason(self._succeeded, self._failed, custom)
+            counts = self.items.counts
+            self._decided = self.rule.reason(counts[_OK], counts[_FAILED], custom)
         return self._decided
 
     def stop_distance(self) -> tuple[int | None, int | None]:
         """(more failures, more successes) that would complete the batch (``CompletionRule.stop_distance``)."""
         if self._decided is not None:
             return 0, 0
-        return self.rule.stop_distance(self._succeeded, self._failed)
+        counts = self.items.counts
+        return self.rule.stop_distance(counts[_OK], counts[_FAILED])
 
     def tolerance_exceeded(self) -> bool:
         """True when failures so far are more than the config tolerates."""
-        return self.rule.tolerance_exceeded(self._failed)
+        return self.rule.tolerance_exceeded(self.items.counts[_FAILED])
 
     def completion_status(self) -> CompletionStatus:
         """The snapshot a ``should_complete`` predicate sees (items in index order)."""
         names = self._names
         items = tuple(
-            CompletionItemStatus(index=i, name=names[i] if names is not None else None, status=_AS_ITEM_STATUS[s])
-            for i, s in enumerate(self._states)
+            CompletionItemStatus(index=i, name=names[i] if names is not None else None, status=TRACKER_STATUS[s])
+            for i, s in enumerate(self.items.states)
         )
-        done = self._succeeded + self._failed
-        return CompletionStatus(self._succeeded, self._failed, done, self.rule.total, items)
+        ok, failed = self.succeeded_count, self.failed_count
+        return CompletionStatus(ok, failed, ok + failed, self.rule.total, items)
 
     def _custom_decision(self) -> CompletionDecision:
         # User code runs at most once per state change.
-        if self._dirty or self._last_custom is None:
+        changes = self.items.changes
+        if changes != self._seen_changes or self._last_custom is None:
             result = self._predicate(self.completion_status())  # type: ignore[misc]
             if not isinstance(result, CompletionDecision):
                 raise ValidationError(
                     "should_complete must return a CompletionDecision (use complete_batch() or "
                     f"continue_batch()), got: {result!r}"
                 )
-            self._last_custom, self._dirty = result, False
+            self._last_custom, self._seen_changes = result, changes
         return self._last_custom
 
     def _checked(self, index: int) -> int:

@@ -1,6 +1,6 @@
 """Index lists that are one consecutive run: the shape of almost every map chunk.
 
-Per-item state lives in ``bytearray``s (the branch table, the completion policy); a
+Per-item state lives in a ``bytearray`` (a batch's item table, ``concurrency.item_table``); a
 consecutive run of indices lets a bulk update read and write them as one slice instead
 of one Python step per item.
 """

@@ -54,7 +54,7 @@ class BatchSpec:
         return dict(self.done)
 
     def replay_into(self, records: Any) -> None:
-        """``replay_done`` into ``records`` (``ItemColumns``): no copy of the done records' dict."""
+        """``replay_done`` into ``records`` (``ItemColumns``, ``RunningColumns``): no copy of the done records' dict."""
         self.policy.on_replayed(self.done_succeeded())
         records.add_records(self.done)
 

@@ -1,7 +1,7 @@
 """Driver-side state of one running batch, of one worker's task, and of one watched step.
 
-Plain records owned by the dispatcher; the branch states themselves live in a
-``lifecycle.BranchTable``, the completion state in the batch's ``CompletionPolicy``.
+Plain records owned by the dispatcher; the branch states themselves live in the batch's
+one item table (``lifecycle.BranchTable``), which its ``CompletionPolicy`` counts from.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import uuid
 from collections import defaultdict, deque
 from typing import Any
 
-from durable_mp.concurrency.columns import ItemColumns
+from durable_mp.concurrency.columns import RunningColumns
 from durable_mp.core.records import Attempt, OpRecord
 from durable_mp.core.spec import BatchSpec
-from durable_mp.engine.lifecycle import BranchTable
 from durable_mp.engine.virtual_clock import VirtualClock
 from durable_mp.serdes import DefaultSerDes, PickleSerDes
 
@@ -59,10 +58,11 @@ class BatchRun:
         self.spec = spec
         self.token = f"{spec.op_id}:{uuid.uuid4().hex}"
         self.payload = b""
-        self.branches = BranchTable(spec.n)
+        self.branches = spec.policy.items  # the batch's one item table: the policy counts what moves here
         self.queue: deque[int] = deque()
         self.needs_ckpt: set[int] = set()  # branches that may have checkpoints under them (resume, re-dispatch)
-        self.records = ItemColumns(spec.n)  # decoded results, or OpRecords / a worker's record bytes
+        # decoded results, or OpRecords / a worker's record bytes; their status is the table's (``seal``)
+        self.records = RunningColumns(self.branches)
         self.crashes: defaultdict[int, int] = defaultdict(int)
         self.crash_log: dict[int, list[Attempt]] = {}  # deaths of each branch's workers, for its record
         self.item_seconds: float | None = None

@@ -110,9 +110,8 @@ class Dispatcher:
             batch.clock = None
         policy = spec.policy
         intake = self.intake
-        spec.replay_into(batch.records)
+        spec.replay_into(batch.records)  # the replayed branches end in the item table too
         replayed = spec.done_succeeded()
-        batch.branches.replayed_many(replayed)
         batch.queue.extend(batch.branches.pending())
         if spec.resuming and batch.queue:
             # hashing every queued item's id is only needed when some operation other than the
@@ -147,7 +146,6 @@ class Dispatcher:
                     intake.record_sleeping(batch)
                 by_successes = True
             completed = True
-            return batch.records, reason
         finally:
             self._close_batch(batch, record_started=completed)
             if by_successes:
@@ -158,6 +156,7 @@ class Dispatcher:
             if completed:
                 intake.failures.close(batch.branches.count(BranchState.SUCCEEDED))
             intake.failures = NULL_FAILURE_LOG
+        return batch.records.seal(), reason  # the item table says which items succeeded
 
     def call(self, func: Callable[..., Any], attempt: int, extra: dict[str, Any], timeout: float | None) -> Any:
         """Run one attempt of a driver-level step in a worker so it can be killed on timeout."""
@@ -285,7 +284,6 @@ class Dispatcher:
         if spec.names is not None and spec.funcs is None:
             names = {i: spec.names[i] for i in indices}
         batch.branches.move_many(indices, BranchState.DISPATCHED)
-        spec.policy.on_started_many(indices)
         return names, checkpoints
 
     def _branch_checkpoints(self, spec: BatchSpec, index: int) -> dict[str, OpRecord]:

@@ -2,7 +2,7 @@
 
 The hot path of the driver.  Each ``Records`` / ``ChunkDone`` / ``SyncRequest`` message
 is taken here in one call: the nested records are staged as the worker pickled them, the
-branches it finished move in the ``BranchTable`` and the completion policy, and their
+branches it finished move in the batch's item table (which the completion policy counts), and their
 records go to the store's group commit.  Under ``skip_time`` every outcome is first held
 by the batch's virtual clock and counted when it is released (docs/architecture.md
 "Completion").  The records the driver writes itself (a failed, abandoned or still
@@ -21,7 +21,7 @@ from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task
 from durable_mp.engine.branch import FatalBranchError, slept_seconds, started_record
 from durable_mp.engine.failures import NULL_FAILURE_LOG
-from durable_mp.engine.lifecycle import BranchState
+from durable_mp.engine.lifecycle import WAITING, BranchState
 from durable_mp.engine.protocol import NOT_SENT, Succeeded
 from durable_mp.engine.result_decode import UNREAD, success_value
 from durable_mp.engine.scheduling import started_by_the_decision
@@ -97,7 +97,6 @@ class Intake:
             reported.update(item[0] for item in items)
             return
         records = batch.records
-        on_finished = batch.spec.policy.on_finished
         finish = batch.branches.finish
         tick = None if self.bar is _progress.NULL_BAR else self.bar.item
         crash_log = batch.crash_log
@@ -105,7 +104,7 @@ class Intake:
         staged = []
         failed = 0
         held = 0  # outcomes the virtual clock holds: counted when released
-        ok: list[int] = []  # succeeded: recorded in the branch table and the policy in one call each
+        ok: list[int] = []  # succeeded: moved in the item table in one call
         for index, succeeded, key, data in items:
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
@@ -130,7 +129,6 @@ class Intake:
                 ok.append(index)
             else:
                 finish(index, BranchState.FAILED)
-                on_finished(index, False)
             if tick is not None:
                 tick(succeeded)
             if not succeeded:
@@ -143,7 +141,6 @@ class Intake:
                 self.failures.note(index, rec.error)
         if ok:
             batch.branches.finish_many(ok, BranchState.SUCCEEDED)
-            batch.spec.policy.on_succeeded_many(ok)
         self.store.stage_many(self.execution_id, batch.spec.op_id, staged)
         seen = task.seen
         if seen is not None:  # what this worker's budgets count as already known
@@ -182,7 +179,6 @@ class Intake:
         else:
             records.update(zip(indices, done.records, strict=False))
         batch.branches.finish_many(indices, BranchState.SUCCEEDED)
-        batch.spec.policy.on_succeeded_many(indices)
         self.bar.succeeded(len(indices))
         self.store.stage_items(self.execution_id, batch.spec.op_id, indices, done.records)
         if task.seen is not None:  # what this worker's budgets count as already known
@@ -195,7 +191,6 @@ class Intake:
             if batch.branches.state(index) is not BranchState.DISPATCHED:
                 continue
             batch.branches.move(index, BranchState.PENDING)
-            batch.spec.policy.on_unstarted(index)
         if requeue:
             batch.queue.extendleft(reversed([i for i in indices if batch.branches.state(i) is BranchState.PENDING]))
 
@@ -222,14 +217,13 @@ class Intake:
                        spec.item_name(index), OpStatus.FAILED, start or now, now, None,
                        ErrorObject.from_exception(error).to_dict(), max(1, len(attempts)), attempts=attempts,
                        pid=pid)
-        if batch.branches.state(index) is BranchState.PENDING:
+        if batch.branches.state(index) in WAITING:
             if spec.policy.is_decided:
-                return  # a branch that will never start cannot fail
+                return  # a branch that will never start (again) cannot fail
             batch.branches.move(index, BranchState.FAILED)
         else:
             batch.branches.finish(index, BranchState.FAILED)
         self.record_item(batch, index, rec)
-        spec.policy.on_finished(index, False)
         self.bar.item(False)
         self.failures.note(index, rec.error)
 

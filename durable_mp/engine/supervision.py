@@ -75,10 +75,11 @@ class Supervisor:
 
     # -- faults ---------------------------------------------------------------------------------
     def requeue(self, batch: BatchRun, index: int) -> None:
-        """A branch that started goes back to the head of the queue, with its checkpoints."""
+        """A branch that started goes back to the head of the queue, with its checkpoints (REQUEUED:
+        the completion policy still counts it as started)."""
         state = batch.branches.state(index)
         if state is BranchState.DISPATCHED or state is BranchState.RUNNING:
-            batch.branches.move(index, BranchState.PENDING)
+            batch.branches.move(index, BranchState.REQUEUED)
         batch.queue.appendleft(index)
         batch.needs_ckpt.add(index)
         self.stats["redispatched"] += 1

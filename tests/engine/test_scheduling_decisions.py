@@ -214,7 +214,7 @@ def test_branch_lifecycle_and_its_illegal_moves():
     assert table.state(0) is BranchState.SUCCEEDED
     table.move(1, BranchState.DISPATCHED)
     table.move(1, BranchState.RUNNING)
-    table.move(1, BranchState.PENDING)  # its worker died
+    table.move(1, BranchState.REQUEUED)  # its worker died: it may have started
     table.move(1, BranchState.DISPATCHED)
     table.move(1, BranchState.PENDING)  # returned unstarted
     with pytest.raises(IllegalTransition):
