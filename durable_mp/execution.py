@@ -32,7 +32,7 @@ from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
-from durable_mp.engine.start import check_start_method
+from durable_mp.engine.start import check_start_method, early_workers
 from durable_mp.exceptions import ExecutionFailedError, SerDesError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
@@ -268,14 +268,15 @@ class DurableFunction:
             if backend in (None, "local"):
                 pool = WorkerPool(settings, start_method)
                 workers = max_workers or os.cpu_count() or 1
+                early = early_workers(workers) if start_method in EARLY_START_METHODS else 1
                 if start_method in EARLY_START_METHODS:
-                    pool.start(workers)  # they boot while the run is prepared and the handler's first steps run
+                    pool.start(early)  # they boot while the run is prepared and the handler's first steps run
 
                 def make_dispatcher() -> Any:
                     # fork: one worker now (it sets itself up while the first batch's payload is built);
                     # the dispatcher forks the others when it has a chunk for them, so the first branch
                     # runs while they are forked, and a small batch forks only what it uses
-                    pool.ensure(workers if start_method in EARLY_START_METHODS else 1)
+                    pool.ensure(early)
                     return Dispatcher(db, execution_id, pool, max_workers=max_workers,
                                       max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
                                       progress=_progress.choose(progress), poll_callback=poll_callback)

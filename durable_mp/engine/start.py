@@ -61,6 +61,24 @@ def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def early_workers(wanted: int) -> int:
+    """How many of ``wanted`` workers to boot when an execution starts (spawn, forkserver).
+
+    One per CPU the driver leaves free, at least one: booting interpreters that outnumber
+    the free CPUs only slow the first one down (on 2 CPUs a second boot delayed the first
+    branch by a third).  The dispatcher starts the rest when a batch has work for them.
+    """
+    return max(1, min(wanted, usable_cpus() - 1))
+
+
 def check_start_method(method: str | None) -> str:
     """The method to use; ``ValueError`` for one this platform does not have."""
     if method is None:
