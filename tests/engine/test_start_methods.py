@@ -62,6 +62,35 @@ def test_a_fresh_worker_imports_no_driver_side_module(fresh, store_path):
     assert handler.run(None, store=store_path, execution_id="lazy") == [[], []]
 
 
+# Loaded only when a branch calls an operation, builds a config or a BatchResult: a trivial
+# branch in a fresh worker needs none of them (they were a third of its imports).
+OPERATION_MODULES = ("durable_mp.concurrency.models", "durable_mp.concurrency.policy", "durable_mp.config",
+                     "durable_mp.operation.batch", "durable_mp.operation.step", "durable_mp.operation.callback",
+                     "durable_mp.operation.wait_for_condition", "durable_mp.retries")
+
+
+@pytest.mark.parametrize("fresh", [m for m in METHODS if m != "fork"])
+def test_a_fresh_worker_runs_a_trivial_branch_without_the_operation_modules(fresh, store_path):
+    """Issue 23 target 4: what a worker imports before its first branch is on the critical path."""
+
+    def item(ctx, x, index, items):
+        import sys
+
+        return sorted(m for m in OPERATION_MODULES if m in sys.modules)
+
+    def step_then_report(ctx):  # an operation in a worker loads its module there, on first use
+        import sys
+
+        doubled = ctx.step(lambda _: 21 * 2, name="double")
+        return doubled, "durable_mp.operation.step" in sys.modules
+
+    @durable_execution(start_method=fresh, max_workers=1)
+    def handler(event, ctx):
+        return ctx.map([0, 1], item).get_results(), ctx.parallel([step_then_report]).get_results()
+
+    assert handler.run(None, store=store_path, execution_id="trivial") == ([[], []], [(42, True)])
+
+
 def test_unknown_start_method_is_refused(store_path):
     @durable_execution
     def handler(event, ctx):
