@@ -226,6 +226,7 @@ class WorkerPool:
         self.server: ForkServer | None = None
         self.requested: list[tuple[Any, mmap.mmap]] = []  # (pipe, slot) of fork-server workers not answered yet
         self.quitting: list[Worker] = []  # asked to quit by begin_close, not yet reaped
+        self.started_early = 0  # workers begun with the execution (spawn, forkserver), ``start_early``
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -262,6 +263,11 @@ class WorkerPool:
                 self._request()
             else:
                 self.spawn()
+
+    def start_early(self, count: int) -> None:
+        """``start(count)`` when the execution begins; the first batch waits for these ``count`` (``ensure``)."""
+        self.started_early = count
+        self.start(count)
 
     def _request(self) -> None:
         """Ask the fork server (started if there is none, or it died) for one more worker."""

@@ -144,3 +144,78 @@ def test_a_timeout_counts_from_the_start_of_the_work_not_the_workers_boot(fresh,
         return root, mapped.get_results(), mapped.failure_count
 
     assert handler.run(None, store=store_path) == ("root", [2, 4, 6], 0)
+
+
+FRESH = [m for m in METHODS if m != "fork"]
+
+
+def one_item(ctx, x, index, items):
+    return x + 1
+
+
+@pytest.mark.process_free
+def test_early_workers_leave_the_driver_a_cpu(monkeypatch):
+    from durable_mp.engine import start
+
+    for cpus, wanted, early in ((1, 4, 1), (2, 2, 1), (2, 8, 1), (4, 2, 2), (8, 4, 4), (8, 16, 7)):
+        monkeypatch.setattr(start, "usable_cpus", lambda cpus=cpus: cpus)
+        assert start.early_workers(wanted) == early, (cpus, wanted)
+
+
+@pytest.mark.parametrize("fresh", FRESH)
+def test_on_two_cpus_a_one_item_map_boots_one_interpreter(fresh, store_path, monkeypatch):
+    """A second interpreter booting beside the first only slowed the first down (issue 23 target 4);
+    a batch with work for more workers starts them when it comes."""
+    from durable_mp.engine import pool as pool_module
+    from durable_mp.engine import start
+    from durable_mp.engine.start import ForkServer
+
+    monkeypatch.setattr(start, "usable_cpus", lambda: 2)
+    started: list[str] = []
+    real_spawn, real_request = pool_module.spawn_process, ForkServer.request
+    monkeypatch.setattr(pool_module, "spawn_process", lambda *a: (started.append("spawn"), real_spawn(*a))[1])
+    monkeypatch.setattr(ForkServer, "request", lambda self, *a: (started.append("fork"), real_request(self, *a))[1])
+
+    @durable_execution(start_method=fresh, max_workers=2)
+    def handler(event, ctx):
+        first = ctx.map([1], one_item).get_results()
+        return first, len(started), ctx.map([1, 2, 3, 4], one_item).get_results(), len(started)
+
+    kind = "spawn" if fresh == "spawn" else "fork"
+    assert handler.run(None, store=store_path) == ([2], 1, [2, 3, 4, 5], 2)
+    assert set(started) == {kind}
+
+
+@pytest.mark.parametrize("fresh", FRESH)
+def test_the_first_worker_boots_while_the_store_opens(fresh, store_path, monkeypatch):
+    """Opening the store and claiming the execution cost two fsyncs: the interpreter starts before them."""
+    from durable_mp.engine.pool import WorkerPool
+    from durable_mp.store.facade import Store
+
+    order: list[str] = []
+    real_start, real_init = WorkerPool.start, Store.__init__
+    monkeypatch.setattr(WorkerPool, "start", lambda self, n: (order.append("workers"), real_start(self, n))[1])
+    monkeypatch.setattr(Store, "__init__", lambda self, *a, **k: (order.append("store"), real_init(self, *a, **k))[1])
+
+    @durable_execution(start_method=fresh, max_workers=2)
+    def handler(event, ctx):
+        return ctx.map([1], one_item).get_results()
+
+    assert handler.run(None, store=store_path) == [2]
+    assert order[:2] == ["workers", "store"]
+
+
+@pytest.mark.parametrize("fresh", FRESH)
+def test_a_store_that_does_not_open_leaves_no_worker(fresh, tmp_path):
+    from procs import leftover_children
+
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+
+    @durable_execution(start_method=fresh, max_workers=2)
+    def handler(event, ctx):
+        return ctx.map([1], one_item).get_results()
+
+    with pytest.raises(Exception):  # noqa: B017 - whatever LMDB or the store says about a file
+        handler.run(None, store=str(not_a_directory))
+    assert leftover_children(seconds=0.01) == []  # killed and reaped before run raised
