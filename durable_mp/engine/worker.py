@@ -29,8 +29,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
 from durable_mp.core.text import safe_str, type_name
 from durable_mp.engine import wire
@@ -361,7 +359,7 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
 def _run_call(msg: RunCall, channel: Channel) -> None:
     """One attempt of a driver-level step that needs a killable process (it has a timeout)."""
     try:
-        func, attempt, extra = cloudpickle.loads(msg.payload)
+        func, attempt, extra = pickle.loads(msg.payload)  # a cloudpickle stream loads with pickle
         value = func(StepContext(Logger(extra=extra), attempt))
         data = _pickle_result(value, extra)
         channel.send(CallResult(msg.task_id, True, data))
@@ -386,6 +384,8 @@ def _pickle_result(value: Any, extra: dict[str, Any]) -> bytes:
         try:
             return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
         except Exception:  # noqa: BLE001 - lambdas, closures: by value
+            import cloudpickle  # only now: a worker imports it when a value needs it (start time)
+
             data: bytes = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
             return data
     except Exception as error:

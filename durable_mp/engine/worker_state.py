@@ -15,7 +15,6 @@ from typing import Any, Final
 
 from durable_mp.core.records import OpRecord, operation_id
 from durable_mp.engine.state import ExecutionState, context_factory
-from durable_mp.engine.threads import run_batch_in_threads
 from durable_mp.exceptions import OrphanedChildException
 from durable_mp.types import StepContext
 
@@ -106,6 +105,8 @@ class WorkerContextState(ExecutionState):
             self.shared.outbox.sync()
 
     def run_batch(self, spec: Any) -> tuple[dict[int, Any], Any]:
+        from durable_mp.engine.threads import run_batch_in_threads  # nested batches only: not at start
+
         return run_batch_in_threads(self, spec)
 
     def for_branch(self) -> WorkerContextState:
