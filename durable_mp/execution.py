@@ -339,7 +339,7 @@ def _early_pool(settings: dict[str, Any], start_method: str, max_workers: int | 
         return None
     pool = WorkerPool(settings, start_method)
     try:
-        pool.start_early(early_workers(max_workers or os.cpu_count() or 1))
+        pool.start_early(early_workers(start_method, max_workers or os.cpu_count() or 1))
     except BaseException:
         pool.close()
         raise

@@ -217,7 +217,9 @@ class Dispatcher:
             if not may_prefetch(is_map=batch.is_map, queued=len(batch.queue), cpu_share=batch.cpu_share,
                                 has_timeout=has_timeout):
                 return
-            target = next((w for w in busy if w.queued is None), None)
+            # not behind a worker never heard from: it may be an interpreter still booting (spawn), and a
+            # chunk queued there would wait for its boot while the others run out of work
+            target = next((w for w in busy if w.queued is None and w.heard), None)
             if target is None:
                 return
             self._send_chunk(batch, target, self._take_chunk(batch, allowed), self._budget(batch, target),

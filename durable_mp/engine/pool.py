@@ -59,7 +59,7 @@ class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
     __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watches", "proc", "cpu_mark",
-                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence")
+                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence", "heard")
 
     def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
@@ -75,6 +75,7 @@ class Worker:
         self.started = time.monotonic()
         self.status = WorkerState.STARTING
         self.used = False  # sent anything yet?  An unused worker holds nothing: closing kills it at once
+        self.heard = False  # received anything from it yet?  Until then it may still be booting (spawn)
         self.sequence = Sequence(f"worker pid {pid}")
         self.sentinel, self._sentinel_owned = _sentinel(pid, conn)
         os.set_blocking(conn.fileno(), False)
@@ -100,7 +101,9 @@ class Worker:
 
     def recv(self) -> Any:
         """The worker's next message; ``ProtocolError`` if it is not the one numbered next."""
-        return self.sequence.check(wire.recv(self.conn, self.sentinel))
+        msg = self.sequence.check(wire.recv(self.conn, self.sentinel))
+        self.heard = True
+        return msg
 
     def is_dead(self) -> bool:
         """True once the process has exited (its sentinel is readable)."""

@@ -69,13 +69,17 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def early_workers(wanted: int) -> int:
-    """How many of ``wanted`` workers to boot when an execution starts (spawn, forkserver).
+def early_workers(method: str, wanted: int) -> int:
+    """How many of ``wanted`` workers to start when an execution starts (spawn, forkserver).
 
-    One per CPU the driver leaves free, at least one: booting interpreters that outnumber
-    the free CPUs only slow the first one down (on 2 CPUs a second boot delayed the first
-    branch by a third).  The dispatcher starts the rest when a batch has work for them.
+    ``spawn``: one per CPU the driver leaves free, at least one: interpreters booting
+    side by side on more CPUs than are free only slow the first one down (on 2 CPUs a
+    second boot delayed the first branch by a third); the dispatcher starts the rest when
+    a batch has work for them.  ``forkserver``: all of them, since one interpreter boots
+    whatever the count and its forks cost milliseconds.
     """
+    if method == "forkserver":
+        return wanted
     return max(1, min(wanted, usable_cpus() - 1))
 
 
