@@ -23,10 +23,6 @@ from durable_mp.engine.state import ContextState, register_context_factory
 from durable_mp.exceptions import ValidationError
 from durable_mp.logger import Logger
 
-# The reference's examples import these from ``context``: re-exported from ``types``.
-from durable_mp.types import StepContext as StepContext
-from durable_mp.types import WaitForCallbackContext as WaitForCallbackContext
-
 if TYPE_CHECKING:
     from durable_mp.concurrency.models import BatchResult
     from durable_mp.config import ChildConfig, Duration, MapConfig, ParallelConfig, StepConfig
@@ -35,17 +31,21 @@ if TYPE_CHECKING:
     from durable_mp.decorators import durable_step as durable_step
     from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
     from durable_mp.decorators import durable_with_child_context as durable_with_child_context
+    from durable_mp.types import StepContext as StepContext
+    from durable_mp.types import WaitForCallbackContext as WaitForCallbackContext
     from durable_mp.waits import WaitForConditionConfig
 
-# Names the reference defines in ``context`` (the decorators, ParallelBranch, the wait
-# config), imported on first use (PEP 562) like the operations below: a worker imports
-# this module before its first branch, and a branch that calls no operation needs none
-# of them (the configs, the concurrency models, the operations were a third of a fresh
-# worker's imports; issue 23 target 4).
+# Names the reference's examples import from ``context`` (the decorators, ParallelBranch,
+# the wait config, ``types``' StepContext and WaitForCallbackContext), imported on first
+# use (PEP 562) like the operations below: a worker imports this module before its first
+# branch, and a branch that calls no operation needs none of them (the configs, the
+# concurrency models, the operations were a third of a fresh worker's imports; issue 23
+# target 4).
 _REEXPORTS = {"ParallelBranch": "durable_mp.config", "WaitForConditionConfig": "durable_mp.waits",
               "durable_parallel_branch": "durable_mp.decorators", "durable_step": "durable_mp.decorators",
               "durable_wait_for_callback": "durable_mp.decorators",
-              "durable_with_child_context": "durable_mp.decorators"}
+              "durable_with_child_context": "durable_mp.decorators", "StepContext": "durable_mp.types",
+              "WaitForCallbackContext": "durable_mp.types"}
 
 
 def __getattr__(name: str) -> Any:

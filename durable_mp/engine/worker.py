@@ -55,7 +55,6 @@ from durable_mp.engine.worker_state import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, Wo
 from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.types import StepContext
 
 OUTBOX_FLUSH_SECONDS = 0.005
 PAYLOAD_CACHE_SIZE = 4
@@ -359,6 +358,8 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
 def _run_call(msg: RunCall, channel: Channel) -> None:
     """One attempt of a driver-level step that needs a killable process (it has a timeout)."""
     try:
+        from durable_mp.types import StepContext  # a driver-level step only: not at the worker's start
+
         func, attempt, extra = pickle.loads(msg.payload)  # a cloudpickle stream loads with pickle
         value = func(StepContext(Logger(extra=extra), attempt))
         data = _pickle_result(value, extra)
