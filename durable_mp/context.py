@@ -14,34 +14,48 @@ re-dispatched branch work.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable_mp.concurrency.models import BatchResult
-from durable_mp.config import ChildConfig, Duration, MapConfig, ParallelConfig, StepConfig
-from durable_mp.config import ParallelBranch as ParallelBranch  # the reference's home of the name
 from durable_mp.core.records import operation_id
-
-# The reference defines the decorators in ``context``: re-exported from ``decorators``.
-from durable_mp.decorators import durable_parallel_branch as durable_parallel_branch
-from durable_mp.decorators import durable_step as durable_step
-from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
-from durable_mp.decorators import durable_with_child_context as durable_with_child_context
 from durable_mp.engine.state import ContextState, register_context_factory
 from durable_mp.exceptions import ValidationError
 from durable_mp.logger import Logger
-from durable_mp.operation import batch as _batch
-from durable_mp.operation import callback as _callback
-from durable_mp.operation import child as _child
-from durable_mp.operation import step as _step
-from durable_mp.operation import wait as _wait
-from durable_mp.operation import wait_for_condition as _wait_for_condition
-from durable_mp.operation.replay import is_replayed
 
-# The reference's examples import these from ``context``: re-exported from ``types``.
-from durable_mp.types import StepContext as StepContext
-from durable_mp.types import WaitForCallbackContext as WaitForCallbackContext
-from durable_mp.waits import WaitForConditionConfig
+if TYPE_CHECKING:
+    from durable_mp.concurrency.models import BatchResult
+    from durable_mp.config import ChildConfig, Duration, MapConfig, ParallelConfig, StepConfig
+    from durable_mp.config import ParallelBranch as ParallelBranch
+    from durable_mp.decorators import durable_parallel_branch as durable_parallel_branch
+    from durable_mp.decorators import durable_step as durable_step
+    from durable_mp.decorators import durable_wait_for_callback as durable_wait_for_callback
+    from durable_mp.decorators import durable_with_child_context as durable_with_child_context
+    from durable_mp.types import StepContext as StepContext
+    from durable_mp.types import WaitForCallbackContext as WaitForCallbackContext
+    from durable_mp.waits import WaitForConditionConfig
+
+# Names the reference's examples import from ``context`` (the decorators, ParallelBranch,
+# the wait config, ``types``' StepContext and WaitForCallbackContext), imported on first
+# use (PEP 562) like the operations below: a worker imports this module before its first
+# branch, and a branch that calls no operation needs none of them (the configs, the
+# concurrency models, the operations were a third of a fresh worker's imports; issue 23
+# target 4).
+_REEXPORTS = {"ParallelBranch": "durable_mp.config", "WaitForConditionConfig": "durable_mp.waits",
+              "durable_parallel_branch": "durable_mp.decorators", "durable_step": "durable_mp.decorators",
+              "durable_wait_for_callback": "durable_mp.decorators",
+              "durable_with_child_context": "durable_mp.decorators", "StepContext": "durable_mp.types",
+              "WaitForCallbackContext": "durable_mp.types"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _REEXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -112,6 +126,8 @@ class DurableContext:
 
     def is_replaying(self) -> bool:
         """True while the next operation of this context has a terminal checkpoint."""
+        from durable_mp.operation.replay import is_replayed
+
         return is_replayed(self.state, self._parent_id, operation_id(self._op_id, self._counter + 1))
 
     def create_child_context(self, operation_id: str, *, is_virtual: bool = False) -> DurableContext:
@@ -124,14 +140,18 @@ class DurableContext:
     # -- operations: each is a module of ``durable_mp.operation`` ---------------------------
     def step(self, func: Callable[..., T], name: str | None = None, config: StepConfig | None = None) -> T:
         """Run ``func(StepContext)`` once, checkpoint its result, retry by the strategy."""
-        result: T = _step.step(self, func, name, config)
+        from durable_mp.operation.step import step
+
+        result: T = step(self, func, name, config)
         return result
 
     def run_in_child_context(
         self, func: Callable[[DurableContext], T], name: str | None = None, config: ChildConfig | None = None
     ) -> T:
         """Run ``func(child_context)``; its operations are grouped (and replayed) under one op."""
-        result: T = _child.run_in_child_context(self, func, name, config)
+        from durable_mp.operation.child import run_in_child_context
+
+        result: T = run_in_child_context(self, func, name, config)
         return result
 
     def parallel(
@@ -141,7 +161,9 @@ class DurableContext:
         config: ParallelConfig | None = None,
     ) -> BatchResult[T]:
         """Run each function in its own branch (a worker process at the top level)."""
-        return _batch.parallel(self, functions, name, config)
+        from durable_mp.operation.batch import parallel
+
+        return parallel(self, functions, name, config)
 
     def map(
         self,
@@ -151,27 +173,37 @@ class DurableContext:
         config: MapConfig | None = None,
     ) -> BatchResult[T]:
         """Call ``func(ctx, item, index, inputs)`` for every item, each checkpointed on its own."""
-        return _batch.map_items(self, inputs, func, name, config)
+        from durable_mp.operation.batch import map_items
+
+        return map_items(self, inputs, func, name, config)
 
     def wait(self, duration: Duration, name: str | None = None) -> None:
         """Sleep durably: a resumed execution only waits for what is left."""
-        _wait.wait(self, duration, name)
+        from durable_mp.operation.wait import wait
+
+        wait(self, duration, name)
 
     def wait_for_condition(
         self, check: Callable[[T, Any], T], config: WaitForConditionConfig, name: str | None = None
     ) -> T:
         """Poll ``check(state, ctx)`` until the wait strategy stops; each poll is checkpointed."""
-        result: T = _wait_for_condition.run_wait_for_condition(self, check, config, name)
+        from durable_mp.operation.wait_for_condition import run_wait_for_condition
+
+        result: T = run_wait_for_condition(self, check, config, name)
         return result
 
     def create_callback(self, name: str | None = None, config: Any = None) -> Any:
         """A callback another process completes (``durable_mp.store.callbacks.send_callback_success``)."""
-        return _callback.create_callback(self, name, config)
+        from durable_mp.operation.callback import create_callback
+
+        return create_callback(self, name, config)
 
     def wait_for_callback(self, submitter: Callable[[str, Any], None], name: str | None = None,
                           config: Any = None) -> Any:
         """Create a callback, hand its id to ``submitter`` (a step), and wait for the result."""
-        return _callback.wait_for_callback(self, submitter, name, config)
+        from durable_mp.operation.callback import wait_for_callback
+
+        return wait_for_callback(self, submitter, name, config)
 
 
 class _ExecutionContext:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import date, datetime, timezone
@@ -20,9 +21,26 @@ from json.decoder import scanstring  # type: ignore[attr-defined]  # public sinc
 from json.encoder import encode_basestring_ascii
 from typing import Any, TypeVar
 
-from durable_mp.concurrency.models import BatchResult
 from durable_mp.core.serdes_base import Payload, SerDes, SerDesContext
 from durable_mp.exceptions import SerDesError
+
+_BATCH_MODULE = "durable_mp.concurrency.models"
+
+
+def _batch_result_class() -> type | None:
+    """``BatchResult`` if its module is loaded, else None: no value can be one before it is.
+
+    Not imported here: a worker encodes its branches' results with this module, and a
+    branch that never builds a BatchResult should not pay for the concurrency models
+    (and the configs they import) at its start (issue 23 target 4).
+    """
+    module = sys.modules.get(_BATCH_MODULE)
+    return None if module is None else getattr(module, "BatchResult", None)
+
+
+def _is_batch_result(obj: Any) -> bool:
+    cls = _batch_result_class()
+    return cls is not None and isinstance(obj, cls)
 
 __all__ = ["ENVELOPE_MAX_CHARS", "ExtendedTypeSerDes", "decode_envelope", "envelope_of"]
 
@@ -72,7 +90,7 @@ def _encode(obj: Any) -> dict[str, Any]:
             return _wrap(_Tag.DATETIME, obj.isoformat())
         case date():
             return _wrap(_Tag.DATE, obj.isoformat())
-        case BatchResult():
+        case _ if _is_batch_result(obj):
             return _wrap(_Tag.BATCH_RESULT, _encode(obj.to_dict())[_VALUE])
         case list():
             return _wrap(_Tag.LIST, [_encode(v) for v in obj])
@@ -120,6 +138,8 @@ def _decode(tag: str, value: Any) -> Any:
         case _Tag.DICT:
             return {k: _decode_child(v) for k, v in _expect(value, dict, tag).items()}
         case _Tag.BATCH_RESULT:
+            from durable_mp.concurrency.models import BatchResult
+
             return BatchResult.from_dict(_decode(_Tag.DICT, value))
     raise SerDesError(f'Unknown type tag: "{tag}"')
 
@@ -190,7 +210,7 @@ def _room_after(obj: Any, room: int) -> int:
         if not (obj.tzinfo is None or obj.tzinfo.__class__ is timezone):
             return -1
         room -= 2
-    elif cls is BatchResult:
+    elif cls is _batch_result_class():
         room = _room_after(obj.to_dict(), room)
     else:
         return -1

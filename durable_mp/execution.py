@@ -32,7 +32,7 @@ from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
-from durable_mp.engine.start import check_start_method
+from durable_mp.engine.start import check_start_method, early_workers
 from durable_mp.exceptions import ExecutionFailedError, SerDesError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
@@ -198,17 +198,23 @@ class DurableFunction:
                 "its worker. Set the limit on the workers and leave max_worker_memory out")
         _positive("max_crash_retries", max_crash_retries)
         execution_id = execution_id or self.execution_id_for(event)
-
-        owned = not isinstance(store, Store)
-        db = Store(store) if owned else store
+        settings = {"execution_id": execution_id, "skip_time": bool(skip_time), "watch_steps": bool(max_worker_memory)}
+        # spawn, forkserver: the first worker boots while the store opens (two fsyncs) and the run is prepared
+        pool = _early_pool(settings, start_method, max_workers) if backend in (None, "local") else None
         try:
-            return self._run(db, execution_id, event, max_workers=max_workers, skip_time=bool(skip_time),
-                             max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
-                             progress=progress, backend=backend, resume_failed=bool(resume_failed),
-                             start_method=start_method)
+            owned = not isinstance(store, Store)
+            db = Store(store) if owned else store
+            try:
+                return self._run(db, execution_id, event, settings, max_workers=max_workers,
+                                 skip_time=bool(skip_time), max_worker_memory=max_worker_memory,
+                                 max_crash_retries=max_crash_retries, progress=progress, backend=backend,
+                                 resume_failed=bool(resume_failed), start_method=start_method, early_pool=pool)
+            finally:
+                if owned:
+                    db.close()
         finally:
-            if owned:
-                db.close()
+            if pool is not None:
+                pool.close()  # idempotent; here for a store that did not open or an execution locked elsewhere
 
     def _prepare_rerun(self, db: Store, rec: ExecutionRecord, fingerprint: str) -> None:
         """Before running an existing execution: reopen what must run again, record the code."""
@@ -243,8 +249,9 @@ class DurableFunction:
                        f"with {_rerun.delete_command(db, execution_id)} (or another execution_id).",)
         raise failed from exc
 
-    def _run(self, db: Store, execution_id: str, event: Any, *, max_workers, skip_time, max_worker_memory,
-             max_crash_retries, progress, backend, resume_failed, start_method=None) -> Any:
+    def _run(self, db: Store, execution_id: str, event: Any, settings: dict[str, Any], *, max_workers, skip_time,
+             max_worker_memory, max_crash_retries, progress, backend, resume_failed, start_method=None,
+             early_pool: WorkerPool | None = None) -> Any:
         fingerprint = code_fingerprint(self.func)
 
         def fresh() -> ExecutionRecord:
@@ -264,18 +271,16 @@ class DurableFunction:
             if rec.status == FAILED and not resume_failed:
                 raise ExecutionFailedError(ErrorObject.from_dict(rec.error or {}), execution_id=execution_id,
                                            stored=True)
-            settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
             if backend in (None, "local"):
-                pool = WorkerPool(settings, start_method)
-                workers = max_workers or os.cpu_count() or 1
-                if start_method in EARLY_START_METHODS:
-                    pool.start(workers)  # they boot while the run is prepared and the handler's first steps run
+                pool = early_pool if early_pool is not None else WorkerPool(settings, start_method)
 
                 def make_dispatcher() -> Any:
                     # fork: one worker now (it sets itself up while the first batch's payload is built);
                     # the dispatcher forks the others when it has a chunk for them, so the first branch
-                    # runs while they are forked, and a small batch forks only what it uses
-                    pool.ensure(workers if start_method in EARLY_START_METHODS else 1)
+                    # runs while they are forked, and a small batch forks only what it uses.  spawn,
+                    # forkserver: the workers started with the run (``_early_pool``); the same applies
+                    # to the rest
+                    pool.ensure(max(1, pool.started_early))
                     return Dispatcher(db, execution_id, pool, max_workers=max_workers,
                                       max_worker_memory=max_worker_memory, max_crash_retries=max_crash_retries,
                                       progress=_progress.choose(progress), poll_callback=poll_callback)
@@ -321,6 +326,24 @@ class DurableFunction:
                 pool.close()  # idempotent; here for a failure before the handler ran (no process is left)
             restore_sigterm()
             db.release(execution_id)
+
+
+def _early_pool(settings: dict[str, Any], start_method: str, max_workers: int | None) -> WorkerPool | None:
+    """Under spawn and forkserver, a pool whose first workers begin to boot now (``start.early_workers``).
+
+    A fresh interpreter takes longer to boot than anything the driver does before its
+    first batch (opening the store and claiming the execution: two fsyncs), so it starts
+    first; a run that never maps kills it unused.  ``fork`` forks at the first batch.
+    """
+    if start_method not in EARLY_START_METHODS:
+        return None
+    pool = WorkerPool(settings, start_method)
+    try:
+        pool.start_early(early_workers(start_method, max_workers or os.cpu_count() or 1))
+    except BaseException:
+        pool.close()
+        raise
+    return pool
 
 
 def _stop_cleanly_on_sigterm() -> Callable[[], None]:

@@ -23,8 +23,6 @@ import pickle
 import struct
 from typing import Any, TypeVar
 
-import cloudpickle
-
 from durable_mp.core.serdes_base import Payload, SerDes, SerDesContext
 from durable_mp.core.text import safe_str, type_name
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
@@ -62,6 +60,14 @@ class JsonSerDes(SerDes[T]):
         return json.loads(data)
 
 
+def _by_value(value: Any) -> bytes:
+    """cloudpickle's stream of what plain pickle refused; imported on first use (a worker's start time)."""
+    import cloudpickle
+
+    data: bytes = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    return data
+
+
 class PickleSerDes(SerDes[T]):
     """Pickle protocol 5, falling back to cloudpickle for what plain pickle refuses."""
 
@@ -69,7 +75,7 @@ class PickleSerDes(SerDes[T]):
         try:
             return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
-            return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+            return _by_value(value)
 
     def deserialize(self, data: Payload, serdes_context: SerDesContext) -> T:
         if isinstance(data, str):
@@ -106,7 +112,7 @@ def pickle_parts(value: Any) -> bytes | Parts:
     try:
         header = pickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
     except (pickle.PicklingError, TypeError, AttributeError):
-        return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        return _by_value(value)
     if not buffers:
         return header
     try:

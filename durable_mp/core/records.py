@@ -8,12 +8,16 @@ immutable: an operation that moves on (retry, success) produces a new record wit
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import struct
 from typing import Any, NamedTuple
 
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL as PICKLE_PROTOCOL
+
+try:  # CPython's own blake2b: ``hashlib`` would also load OpenSSL, 2 ms of every fresh worker's start
+    from _blake2 import blake2b as blake2b
+except ImportError:  # another implementation
+    from hashlib import blake2b as blake2b
 
 
 class OpType:
@@ -218,7 +222,7 @@ def operation_id(parent_id: str | None, n: int) -> str:
     index for parallel/map branches.
     """
     raw = f"{parent_id}-{n}" if parent_id else str(n)
-    return hashlib.blake2b(raw.encode()).hexdigest()[:64]
+    return blake2b(raw.encode()).hexdigest()[:64]
 
 
 def branch_key(index: int) -> str:

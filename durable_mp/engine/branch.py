@@ -10,12 +10,12 @@ import os
 import struct
 import time
 from collections.abc import Callable, Sequence
-from hashlib import blake2b as _blake2b
 from typing import Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.core.nesting import branch_record_parent
 from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
+from durable_mp.core.records import blake2b as _blake2b  # without OpenSSL (core.records)
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import default_item_name, map_item_name
 from durable_mp.engine.protocol import NOT_SENT

@@ -68,6 +68,7 @@ from durable_mp.engine.wire import big
 from durable_mp.lambda_service import ErrorObject
 
 MAX_WAIT_SECONDS = 1.0
+CHUNK_END_WAIT_SECONDS = 0.05  # a finished batch waits this long for ChunkDone of workers that reported everything
 DEFAULT_MAX_CRASH_RETRIES = 3
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
@@ -222,7 +223,9 @@ class Dispatcher:
             if not may_prefetch(is_map=batch.is_map, queued=len(batch.queue), cpu_share=batch.cpu_share,
                                 has_timeout=has_timeout):
                 return
-            target = next((w for w in busy if w.queued is None), None)
+            # not behind a worker never heard from: it may be an interpreter still booting (spawn), and a
+            # chunk queued there would wait for its boot while the others run out of work
+            target = next((w for w in busy if w.queued is None and w.heard), None)
             if target is None:
                 return
             self._send_chunk(batch, target, self._take_chunk(batch, allowed), self._budget(batch, target),
@@ -308,6 +311,25 @@ class Dispatcher:
             self._fill(batch)
             self._pump(batch)
 
+    def _await_chunk_ends(self, batch: BatchRun) -> None:
+        """Read the ChunkDone of each worker whose every branch of the batch has reported.
+
+        Such a worker runs nothing more of the batch: it is only sending the end of its chunk.
+        Killing it would make the next batch start another worker, which under spawn and
+        forkserver is a new interpreter boot.  It gets ``CHUNK_END_WAIT_SECONDS`` at most.
+        """
+        deadline = time.monotonic() + CHUNK_END_WAIT_SECONDS
+        for worker in list(self.pool.workers):
+            task = worker.task
+            if task is None or task.batch is not batch or worker.queued is not None or task.unreported():
+                continue
+            while worker.task is task and worker in self.pool.workers:
+                left = deadline - time.monotonic()
+                ready = wait([worker.conn, worker.sentinel], timeout=left) if left > 0 else []
+                if not ready:
+                    break
+                self._read(worker, worker.sentinel in ready)
+
     def _has_running(self, batch: BatchRun) -> bool:
         return bool(self._running(batch))
 
@@ -323,7 +345,9 @@ class Dispatcher:
 
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         """Stop a finished batch: kill workers still on it, record their branches STARTED."""
-        batch.closed = True
+        batch.closed = True  # from here on, what a worker still sends of the batch changes nothing in it
+        if record_started:
+            self._await_chunk_ends(batch)
         for worker in list(self.pool.workers):
             task = worker.task
             on_batch = task is not None and task.batch is batch

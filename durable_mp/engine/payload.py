@@ -17,14 +17,16 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from durable_mp.core.spec import BatchSpec
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 from durable_mp.engine import pickling, wire
 from durable_mp.engine.branch import BranchSource
 from durable_mp.exceptions import SerDesError
+
+if TYPE_CHECKING:  # annotations only (a worker's start: engine.state)
+    from durable_mp.core.spec import BatchSpec
 
 SHARED_PAYLOAD_BYTES = 4 * 2**20  # above this, branches sharing objects are pickled together
 _MAGIC = b"DMPP"  # a payload: _MAGIC, section count, section lengths, then the sections (each aligned)

@@ -8,30 +8,39 @@ nothing else about the payload changes.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import types
+from collections.abc import Callable
 from typing import Any
-
-import cloudpickle
 
 from durable_mp.core.vocabulary import PICKLE_PROTOCOL
 
 _DYNAMIC = "<dynamic-code>"
-_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
 
 
-class _Pickler(cloudpickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        if _code_reduce is not None and type(obj) is types.CodeType:
-            func, args = _code_reduce(obj)
-            return func, tuple(obj.co_filename if isinstance(a, str) and a == _DYNAMIC else a for a in args)
-        return super().reducer_override(obj)
+@functools.cache
+def _pickler() -> Any:
+    """The pickler class, made on the first dump: a worker only loads, and a cloudpickle stream
+    loads with plain pickle, so a worker never imports cloudpickle unless a branch needs it."""
+    import cloudpickle
+
+    code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+    class _Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if code_reduce is not None and type(obj) is types.CodeType:
+                func, args = code_reduce(obj)
+                return func, tuple(obj.co_filename if isinstance(a, str) and a == _DYNAMIC else a for a in args)
+            return super().reducer_override(obj)
+
+    return _Pickler
 
 
 def dumps(obj: Any) -> bytes:
     buf = io.BytesIO()
-    _Pickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
+    _pickler()(buf, protocol=PICKLE_PROTOCOL).dump(obj)
     return buf.getvalue()
 
 
@@ -40,8 +49,8 @@ def dumps_out_of_band(obj: Any) -> tuple[bytes, list[memoryview]]:
     buffers as views: ``loads(stream, buffers=...)`` rebuilds ``obj`` (pickle protocol 5, PEP 574)."""
     buffers: list[pickle.PickleBuffer] = []
     buf = io.BytesIO()
-    _Pickler(buf, protocol=max(PICKLE_PROTOCOL, 5), buffer_callback=buffers.append).dump(obj)
+    _pickler()(buf, protocol=max(PICKLE_PROTOCOL, 5), buffer_callback=buffers.append).dump(obj)
     return buf.getvalue(), [b.raw() for b in buffers]
 
 
-loads = cloudpickle.loads
+loads: Callable[..., Any] = pickle.loads  # what cloudpickle.loads is

@@ -59,7 +59,7 @@ class Worker:
     """Driver-side handle of one worker process and its state (``lifecycle.WorkerState``)."""
 
     __slots__ = ("pid", "conn", "slot", "index_view", "tokens", "task", "queued", "watches", "proc", "cpu_mark",
-                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence")
+                 "started", "sentinel", "status", "_sentinel_owned", "used", "sequence", "heard")
 
     def __init__(self, pid: int, conn: Any, slot: mmap.mmap) -> None:
         self.pid = pid
@@ -75,6 +75,7 @@ class Worker:
         self.started = time.monotonic()
         self.status = WorkerState.STARTING
         self.used = False  # sent anything yet?  An unused worker holds nothing: closing kills it at once
+        self.heard = False  # received anything from it yet?  Until then it may still be booting (spawn)
         self.sequence = Sequence(f"worker pid {pid}")
         self.sentinel, self._sentinel_owned = _sentinel(pid, conn)
         os.set_blocking(conn.fileno(), False)
@@ -100,7 +101,9 @@ class Worker:
 
     def recv(self) -> Any:
         """The worker's next message; ``ProtocolError`` if it is not the one numbered next."""
-        return self.sequence.check(wire.recv(self.conn, self.sentinel))
+        msg = self.sequence.check(wire.recv(self.conn, self.sentinel))
+        self.heard = True
+        return msg
 
     def is_dead(self) -> bool:
         """True once the process has exited (its sentinel is readable)."""
@@ -226,6 +229,7 @@ class WorkerPool:
         self.server: ForkServer | None = None
         self.requested: list[tuple[Any, mmap.mmap]] = []  # (pipe, slot) of fork-server workers not answered yet
         self.quitting: list[Worker] = []  # asked to quit by begin_close, not yet reaped
+        self.started_early = 0  # workers begun with the execution (spawn, forkserver), ``start_early``
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -262,6 +266,11 @@ class WorkerPool:
                 self._request()
             else:
                 self.spawn()
+
+    def start_early(self, count: int) -> None:
+        """``start(count)`` when the execution begins; the first batch waits for these ``count`` (``ensure``)."""
+        self.started_early = count
+        self.start(count)
 
     def _request(self) -> None:
         """Ask the fork server (started if there is none, or it died) for one more worker."""

@@ -61,6 +61,28 @@ def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def early_workers(method: str, wanted: int) -> int:
+    """How many of ``wanted`` workers to start when an execution starts (spawn, forkserver).
+
+    ``spawn``: one per CPU the driver leaves free, at least one: interpreters booting
+    side by side on more CPUs than are free only slow the first one down (on 2 CPUs a
+    second boot delayed the first branch by a third); the dispatcher starts the rest when
+    a batch has work for them.  ``forkserver``: all of them, since one interpreter boots
+    whatever the count and its forks cost milliseconds.
+    """
+    if method == "forkserver":
+        return wanted
+    return max(1, min(wanted, usable_cpus() - 1))
+
+
 def check_start_method(method: str | None) -> str:
     """The method to use; ``ValueError`` for one this platform does not have."""
     if method is None:

@@ -13,10 +13,12 @@ import importlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from durable_mp.core.records import OpRecord
-from durable_mp.core.spec import BatchSpec
+
+if TYPE_CHECKING:  # annotations only: a worker need not import the spec (and dataclasses) to start
+    from durable_mp.core.spec import BatchSpec
 
 # Seconds this thread slept under skip_time (instantly): its branch's virtual duration,
 # which orders its outcome on the batch's virtual clock (``engine.virtual_clock``).

@@ -29,8 +29,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
 from durable_mp.core.text import safe_str, type_name
 from durable_mp.engine import wire
@@ -59,7 +57,6 @@ from durable_mp.engine.worker_state import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, Wo
 from durable_mp.exceptions import OrphanedChildException, SerDesError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import Logger
-from durable_mp.types import StepContext
 
 OUTBOX_FLUSH_SECONDS = 0.005
 PAYLOAD_CACHE_SIZE = 4
@@ -365,7 +362,9 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
 def _run_call(msg: RunCall, channel: Channel) -> None:
     """One attempt of a driver-level step that needs a killable process (it has a timeout)."""
     try:
-        func, attempt, extra = cloudpickle.loads(msg.payload)
+        from durable_mp.types import StepContext  # a driver-level step only: not at the worker's start
+
+        func, attempt, extra = pickle.loads(msg.payload)  # a cloudpickle stream loads with pickle
         value = func(StepContext(Logger(extra=extra), attempt))
         data = _pickle_result(value, extra)
         channel.send(CallResult(msg.task_id, True, data))
@@ -390,6 +389,8 @@ def _pickle_result(value: Any, extra: dict[str, Any]) -> bytes:
         try:
             return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
         except Exception:  # noqa: BLE001 - lambdas, closures: by value
+            import cloudpickle  # only now: a worker imports it when a value needs it (start time)
+
             data: bytes = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
             return data
     except Exception as error:

@@ -11,13 +11,14 @@ and sends every new record to the worker's outbox.
 from __future__ import annotations
 
 import threading
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from durable_mp.core.records import OpRecord, operation_id
 from durable_mp.engine.state import ExecutionState, context_factory
-from durable_mp.engine.threads import run_batch_in_threads
 from durable_mp.exceptions import OrphanedChildException
-from durable_mp.types import StepContext
+
+if TYPE_CHECKING:  # an annotation: a worker imports types (dataclasses) only when a step runs
+    from durable_mp.types import StepContext
 
 SLOT_FORMAT: Final = "q"  # the slot: a few signed 64-bit integers
 IDLE = -1  # slot[0]: the index of the branch being run, or IDLE
@@ -106,6 +107,8 @@ class WorkerContextState(ExecutionState):
             self.shared.outbox.sync()
 
     def run_batch(self, spec: Any) -> tuple[dict[int, Any], Any]:
+        from durable_mp.engine.threads import run_batch_in_threads  # nested batches only: not at start
+
         return run_batch_in_threads(self, spec)
 
     def for_branch(self) -> WorkerContextState:

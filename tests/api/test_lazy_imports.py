@@ -91,3 +91,52 @@ def test_a_process_that_never_imported_the_context_still_builds_branch_contexts(
                          cwd=str(durable_mp.__path__[0] + "/.."))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "DurableContext"
+
+
+# What a fresh worker no longer imports before its first branch (issue 23 target 4): each is
+# loaded on first use, by a branch that calls an operation, pickles by value, nests a batch.
+WORKER_LEAVES_OUT = ("cloudpickle", "_hashlib", "durable_mp.config", "durable_mp.concurrency.models",
+                     "durable_mp.concurrency.policy", "durable_mp.operation.step", "durable_mp.operation.batch",
+                     "durable_mp.operation.replay", "durable_mp.retries", "durable_mp.waits", "durable_mp.decorators",
+                     "durable_mp.types", "durable_mp.core.spec", "durable_mp.engine.threads")
+
+
+@pytest.mark.timeout(90)
+def test_what_a_worker_imports_leaves_the_operations_and_cloudpickle_out():
+    loaded = set(_loaded_after("import durable_mp.engine.start, durable_mp.context"))
+    assert sorted(loaded & set(WORKER_LEAVES_OUT)) == []
+
+
+@pytest.mark.process_free
+def test_the_names_the_reference_imports_from_context_are_still_there():
+    from durable_mp import config, decorators, types, waits
+    from durable_mp.context import (
+        ParallelBranch,
+        StepContext,
+        WaitForCallbackContext,
+        WaitForConditionConfig,
+        durable_parallel_branch,
+        durable_step,
+        durable_wait_for_callback,
+        durable_with_child_context,
+    )
+
+    assert ParallelBranch is config.ParallelBranch and WaitForConditionConfig is waits.WaitForConditionConfig
+    assert StepContext is types.StepContext and WaitForCallbackContext is types.WaitForCallbackContext
+    assert (durable_step, durable_parallel_branch, durable_wait_for_callback, durable_with_child_context) == (
+        decorators.durable_step, decorators.durable_parallel_branch, decorators.durable_wait_for_callback,
+        decorators.durable_with_child_context)
+    with pytest.raises(ImportError):
+        from durable_mp.context import no_such_name  # noqa: F401
+
+
+@pytest.mark.process_free
+def test_a_batch_result_is_still_an_envelope_once_its_module_is_loaded():
+    """envelope recognises BatchResult without importing its module: no value can be one before."""
+    from durable_mp.concurrency.models import BatchResult
+    from durable_mp.envelope import decode_envelope, envelope_of
+
+    result = BatchResult.from_dict({"all": [], "completionReason": "ALL_COMPLETED"})
+    text = envelope_of(result)
+    assert text is not None and '"br"' in text
+    assert decode_envelope(text).to_dict() == result.to_dict()

@@ -495,6 +495,7 @@ class SimWorker:
         self.cpu_mark: tuple[float, float] | None = None
         self.status = WorkerState.STARTING
         self.used = False
+        self.heard = False  # ``pool.Worker.heard``
         self.applied = 0  # outbox take number of the last records the driver applied
         self.sequence = Sequence(f"worker pid {pid}") if Sequence is not None else None
         # the process
@@ -546,6 +547,7 @@ class SimWorker:
 
     def recv(self) -> Any:
         msg = self.pipe.popleft()
+        self.heard = True
         if self.sequence is not None:  # ``pool.Worker.recv``: the protocol's own order check
             msg = self.sequence.check(msg)
         nested = getattr(msg, "nested", None)

@@ -134,7 +134,10 @@ def test_ctrl_c_while_the_workers_are_being_started_leaves_no_process(method, st
     assert len(calls) == 2
     assert live_children() == []
     with Store(store_path) as store:
-        assert store.get_execution("early-ctrl-c").owner_pid == 0
+        rec = store.get_execution("early-ctrl-c")
+    # nobody holds it; no record at all when the Ctrl-C came before the run opened the store
+    # (the first workers start before it does)
+    assert rec is None or rec.owner_pid == 0
 
 
 @durable_execution

@@ -62,6 +62,35 @@ def test_a_fresh_worker_imports_no_driver_side_module(fresh, store_path):
     assert handler.run(None, store=store_path, execution_id="lazy") == [[], []]
 
 
+# Loaded only when a branch calls an operation, builds a config or a BatchResult: a trivial
+# branch in a fresh worker needs none of them (they were a third of its imports).
+OPERATION_MODULES = ("durable_mp.concurrency.models", "durable_mp.concurrency.policy", "durable_mp.config",
+                     "durable_mp.operation.batch", "durable_mp.operation.step", "durable_mp.operation.callback",
+                     "durable_mp.operation.wait_for_condition", "durable_mp.retries")
+
+
+@pytest.mark.parametrize("fresh", [m for m in METHODS if m != "fork"])
+def test_a_fresh_worker_runs_a_trivial_branch_without_the_operation_modules(fresh, store_path):
+    """Issue 23 target 4: what a worker imports before its first branch is on the critical path."""
+
+    def item(ctx, x, index, items):
+        import sys
+
+        return sorted(m for m in OPERATION_MODULES if m in sys.modules)
+
+    def step_then_report(ctx):  # an operation in a worker loads its module there, on first use
+        import sys
+
+        doubled = ctx.step(lambda _: 21 * 2, name="double")
+        return doubled, "durable_mp.operation.step" in sys.modules
+
+    @durable_execution(start_method=fresh, max_workers=1)
+    def handler(event, ctx):
+        return ctx.map([0, 1], item).get_results(), ctx.parallel([step_then_report]).get_results()
+
+    assert handler.run(None, store=store_path, execution_id="trivial") == ([[], []], [(42, True)])
+
+
 def test_unknown_start_method_is_refused(store_path):
     @durable_execution
     def handler(event, ctx):
@@ -115,3 +144,101 @@ def test_a_timeout_counts_from_the_start_of_the_work_not_the_workers_boot(fresh,
         return root, mapped.get_results(), mapped.failure_count
 
     assert handler.run(None, store=store_path) == ("root", [2, 4, 6], 0)
+
+
+FRESH = [m for m in METHODS if m != "fork"]
+
+
+def one_item(ctx, x, index, items):
+    return x + 1
+
+
+@pytest.mark.process_free
+def test_early_workers_leave_the_driver_a_cpu(monkeypatch):
+    from durable_mp.engine import start
+
+    for cpus, wanted, early in ((1, 4, 1), (2, 2, 1), (2, 8, 1), (4, 2, 2), (8, 4, 4), (8, 16, 7)):
+        monkeypatch.setattr(start, "usable_cpus", lambda cpus=cpus: cpus)
+        assert start.early_workers("spawn", wanted) == early, (cpus, wanted)
+        assert start.early_workers("forkserver", wanted) == wanted  # one interpreter boots whatever the count
+
+
+@pytest.mark.skipif("spawn" not in METHODS, reason="no spawn start method")
+def test_on_two_cpus_a_one_item_map_boots_one_interpreter(store_path, monkeypatch):
+    """A second interpreter booting beside the first only slowed the first down (issue 23 target 4);
+    a batch with work for more workers starts them when it comes."""
+    from durable_mp.engine import pool as pool_module
+    from durable_mp.engine import start
+
+    monkeypatch.setattr(start, "usable_cpus", lambda: 2)
+    started: list[int] = []
+    real_spawn = pool_module.spawn_process
+    monkeypatch.setattr(pool_module, "spawn_process", lambda *a: (started.append(1), real_spawn(*a))[1])
+
+    @durable_execution(start_method="spawn", max_workers=2)
+    def handler(event, ctx):
+        first = ctx.map([1], one_item).get_results()
+        return first, len(started), ctx.map([1, 2, 3, 4], one_item).get_results(), len(started)
+
+    assert handler.run(None, store=store_path) == ([2], 1, [2, 3, 4, 5], 2)
+
+
+@pytest.mark.skipif("spawn" not in METHODS, reason="no spawn start method")
+def test_no_chunk_is_queued_behind_a_worker_still_booting(store_path, monkeypatch):
+    """A chunk prefetched behind a spawned worker that has not booted yet waited for its boot
+    while the other worker ran out of work; the queue stays with the driver until it is heard from."""
+    from durable_mp.engine import start
+    from durable_mp.engine.dispatcher import Dispatcher
+
+    monkeypatch.setattr(start, "usable_cpus", lambda: 2)  # the second worker starts at the batch: it boots
+    sends: list[tuple[bool, bool]] = []
+    real_send = Dispatcher._send_chunk
+
+    def recording(self, batch, worker, indices, budget, queued=False):
+        sends.append((queued, worker.heard))
+        return real_send(self, batch, worker, indices, budget, queued)
+
+    monkeypatch.setattr(Dispatcher, "_send_chunk", recording)
+
+    @durable_execution(start_method="spawn", max_workers=2)
+    def handler(event, ctx):
+        return ctx.map(list(range(3000)), one_item).get_results()
+
+    assert handler.run(None, store=store_path) == list(range(1, 3001))
+    assert (True, False) not in sends
+    assert (True, True) in sends  # prefetching itself goes on
+
+
+@pytest.mark.parametrize("fresh", FRESH)
+def test_the_first_worker_boots_while_the_store_opens(fresh, store_path, monkeypatch):
+    """Opening the store and claiming the execution cost two fsyncs: the interpreter starts before them."""
+    from durable_mp.engine.pool import WorkerPool
+    from durable_mp.store.facade import Store
+
+    order: list[str] = []
+    real_start, real_init = WorkerPool.start, Store.__init__
+    monkeypatch.setattr(WorkerPool, "start", lambda self, n: (order.append("workers"), real_start(self, n))[1])
+    monkeypatch.setattr(Store, "__init__", lambda self, *a, **k: (order.append("store"), real_init(self, *a, **k))[1])
+
+    @durable_execution(start_method=fresh, max_workers=2)
+    def handler(event, ctx):
+        return ctx.map([1], one_item).get_results()
+
+    assert handler.run(None, store=store_path) == [2]
+    assert order[:2] == ["workers", "store"]
+
+
+@pytest.mark.parametrize("fresh", FRESH)
+def test_a_store_that_does_not_open_leaves_no_worker(fresh, tmp_path):
+    from procs import leftover_children
+
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+
+    @durable_execution(start_method=fresh, max_workers=2)
+    def handler(event, ctx):
+        return ctx.map([1], one_item).get_results()
+
+    with pytest.raises(Exception):  # noqa: B017 - whatever LMDB or the store says about a file
+        handler.run(None, store=str(not_a_directory))
+    assert leftover_children(seconds=0.01) == []  # killed and reaped before run raised
