@@ -299,8 +299,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
             case RunChunk():
                 _run_chunk(msg, shared, outbox, cache, current, channel.stopped)
             case RunCall():
-                current[1] = (msg.task_id << PROGRESS_SHIFT) + 1  # begun: the driver's timeout counts from here
-                _run_call(msg, channel)
+                _run_call(msg, channel, current)
             case _:  # the worker dies of it: the driver sees a death, never a silently dropped task
                 raise ProtocolError(f"the driver sent a {type(msg).__name__}, which a worker has no use for")
 
@@ -359,12 +358,17 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     outbox.chunk_done(unstarted, (time.process_time() - cpu) / took, took)
 
 
-def _run_call(msg: RunCall, channel: Channel) -> None:
-    """One attempt of a driver-level step that needs a killable process (it has a timeout)."""
+def _run_call(msg: RunCall, channel: Channel, current: Any) -> None:
+    """One attempt of a driver-level step that needs a killable process (it has a timeout).
+
+    The slot says the step began once its function is loaded: unpickling it may import the
+    user's modules in a fresh worker, which is the worker getting ready, not the step running.
+    """
     try:
         from durable_mp.types import StepContext  # a driver-level step only: not at the worker's start
 
         func, attempt, extra = pickle.loads(msg.payload)  # a cloudpickle stream loads with pickle
+        current[1] = (msg.task_id << PROGRESS_SHIFT) + 1  # begun: the driver's timeout counts from here
         value = func(StepContext(Logger(extra=extra), attempt))
         data = _pickle_result(value, extra)
         channel.send(CallResult(msg.task_id, True, data))

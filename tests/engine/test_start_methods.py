@@ -146,6 +146,37 @@ def test_a_timeout_counts_from_the_start_of_the_work_not_the_workers_boot(fresh,
     assert handler.run(None, store=store_path) == ("root", [2, 4, 6], 0)
 
 
+@pytest.mark.skipif("spawn" not in METHODS, reason="no spawn start method")
+@pytest.mark.timeout(60)
+def test_a_root_step_timeout_does_not_count_importing_the_steps_module(store_path, tmp_path, monkeypatch):
+    """A step's timeout limits its body.  Unpickling the step's function in a fresh worker
+    imports the module it lives in (here one that takes 1.5 s to import outside this process),
+    which is the worker getting ready, not the step running (it timed out at 0.5 s)."""
+    import importlib
+    import os
+
+    from durable_mp.config import StepConfig
+    from durable_mp.retries import RetryPresets
+
+    name = f"slow_to_import_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import os, time
+        if os.getpid() != {os.getpid()}:
+            time.sleep(1.5)
+        def body(step_ctx):
+            return "ran"
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    config = StepConfig(timeout=0.5, retry_strategy=RetryPresets.none())
+
+    @durable_execution(start_method="spawn", max_workers=1)
+    def handler(event, ctx):
+        return ctx.step(module.body, name="imported", config=config)
+
+    assert handler.run(None, store=store_path) == "ran"
+
+
 FRESH = [m for m in METHODS if m != "fork"]
 
 
