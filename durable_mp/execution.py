@@ -32,6 +32,7 @@ from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
+from durable_mp.engine.result_blobs import STORE_KEY
 from durable_mp.engine.start import check_start_method
 from durable_mp.exceptions import ExecutionFailedError, SerDesError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
@@ -266,7 +267,8 @@ class DurableFunction:
                                            stored=True)
             settings = {"execution_id": execution_id, "skip_time": skip_time, "watch_steps": bool(max_worker_memory)}
             if backend in (None, "local"):
-                pool = WorkerPool(settings, start_method)
+                # local workers write large results into the store's directory themselves (engine.result_blobs)
+                pool = WorkerPool({**settings, STORE_KEY: str(db.path)}, start_method)
                 workers = max_workers or os.cpu_count() or 1
                 if start_method in EARLY_START_METHODS:
                     pool.start(workers)  # they boot while the run is prepared and the handler's first steps run

@@ -33,7 +33,7 @@ import cloudpickle
 
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
 from durable_mp.core.text import safe_str, type_name
-from durable_mp.engine import wire
+from durable_mp.engine import result_blobs, wire
 from durable_mp.engine.branch import SLEPT_KEY, BranchRunner, BranchSource
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
@@ -290,6 +290,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
     root.addHandler(ForwardHandler(channel, current))
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings, current)
+    result_blobs.configure(settings)  # large results go to the store's directory, not the pipe
     cache: OrderedDict[str, tuple[BranchSource, list[int]]] = OrderedDict()
     threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:
