@@ -20,6 +20,14 @@ Durability and crashes:
 * A reference leaves the worker only after its bytes, the file's size and (for a new file)
   the names of the file and its directories are synced: a committed reference never names
   a missing or partial value.  Its CRC-32 is checked by every read from the store.
+* One sync per message, not per result (group commit in the worker): a record is written
+  (and its writeback started) when its branch returns; the ``fdatasync`` runs when the
+  worker's next message leaves (``before_send``, called by the worker's channel), usually
+  on the outbox's flusher thread while the next branch runs.  A file's names are synced
+  when it is created, before anything is written to it.  If that sync fails, the worker
+  exits at once (``SYNC_FAILED_EXIT``): the references it holds must never leave, and a
+  file whose sync failed cannot be trusted again; the driver re-runs the branches whose
+  records were lost, as for any dead worker, in a new worker with a new file.
 * One file per worker process and execution, so no two writers share one: a worker killed
   mid-write leaves a torn tail in its own file, nothing refers to it, and the next worker
   process writes a file of its own.  ``store.blobs.sweep`` cuts such tails (and removes files
@@ -46,6 +54,8 @@ import logging
 import mmap
 import os
 import stat
+import sys
+import threading
 import uuid
 from typing import Any, NamedTuple
 
@@ -61,6 +71,7 @@ PAGE = mmap.ALLOCATIONGRANULARITY
 ALIGN = 64  # the first out-of-band buffer's alignment in the file (a cache line; any dtype's)
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+SYNC_FAILED_EXIT = 75  # a worker's exit code when syncing its blob file failed (EX_TEMPFAIL)
 
 log = logging.getLogger("durable_mp.worker")
 
@@ -84,7 +95,11 @@ class UnsafeDirectory(Exception):
 
 
 class Appender:
-    """This worker process's blob file for one execution (see the module docstring)."""
+    """This worker process's blob file for one execution (see the module docstring).
+
+    ``write`` runs on the worker's main thread; ``sync`` on whichever thread sends a
+    message.  ``lock`` keeps a sync and the closing of a full file apart; writes never wait for it.
+    """
 
     def __init__(self, root: str, exec_id: str, threshold: int = WORKER_BLOB_BYTES) -> None:
         self.root = root
@@ -95,6 +110,8 @@ class Appender:
         self.rel = ""
         self.pid = os.getpid()
         self.refused: str | None = None  # why results take the pipe instead (an unsafe directory)
+        self.unsynced = False  # written since the last sync: the next message waits for one
+        self.lock = threading.Lock()
 
     def takes(self, payload: Any) -> bool:
         """Whether ``payload`` (a serialized result) is written here rather than sent."""
@@ -104,61 +121,100 @@ class Appender:
         return bool(size >= self.threshold) and self.refused is None
 
     def write(self, rec: OpRecord) -> Written | None:
-        """Write ``rec`` durably; its reference, or None if it must travel through the pipe after all."""
+        """Write ``rec``; its reference (durable once ``sync`` ran), or None if it must travel through the pipe."""
         try:
             return Written(self._append(_aligned_parts(rec)))
         except UnsafeDirectory as exc:
             self.refused = str(exc)
             log.warning("durable_mp: large results travel through the pipe: %s", exc)
         except OSError as exc:
-            self._close()  # never write to this file again: after a failed write or sync its state is unknown
+            self._drop()  # never write to this file again: after a failed write its state is unknown
             log.warning("durable_mp: a large result travels through the pipe: writing it to %s failed: %s",
                         self.rel or self.folder_name, exc)
         return None
 
     def _append(self, parts: list[Any]) -> bytes:
-        fd, size, fresh = self._file()
+        fd, size = self._file()
         start = -(-size // PAGE) * PAGE  # a page boundary: the driver maps exactly this record
         views = [memoryview(part).cast("B") for part in parts]
         n = pwrite_all(fd, views, start)
         start_writeback(fd, start, n)  # the disk works while the checksum is computed
         crc = blob_ref.crc32(views)
-        os.fdatasync(fd)  # the bytes and the file's new size, before the reference leaves
-        if fresh:  # the names too: the file's, and its directories' (another process may have made them)
-            top = os.path.join(self.root, blob_ref.BLOBS_DIR)
-            fsync_dir(os.path.join(top, self.folder_name))
-            fsync_dir(top)
-            fsync_dir(self.root)
+        self.unsynced = True  # after the write: a sync that clears it started after the write ended
         ref = blob_ref.pack_v2(start, n, crc, self.rel)
         if start + n >= FILE_BYTES:
-            self._close()  # full: the next record starts a new file
+            self._close_full()  # the next record starts a new file
         return ref
 
-    def _file(self) -> tuple[int, int, bool]:
-        """(descriptor, size, whether it is new) of the file to append to."""
+    def sync(self) -> None:
+        """Make every record written so far durable (before a message with their references leaves)."""
+        with self.lock:
+            self.unsynced = False
+            if self.fd < 0 or self.pid != os.getpid():
+                return  # closed when full: synced then
+            try:
+                os.fdatasync(self.fd)  # the bytes and the file's new size
+            except OSError as exc:
+                _sync_failed(self.rel, exc)
+
+    def _file(self) -> tuple[int, int]:
+        """(descriptor, size) of the file to append to; a new file's names are durable before it is written."""
         if self.fd >= 0 and self.pid == os.getpid():
             st = os.fstat(self.fd)
             if st.st_nlink:
-                return self.fd, st.st_size, False
-            self._close()  # swept or deleted since the last record: nobody would find what is appended
+                return self.fd, st.st_size
+            self._close_full()  # swept or deleted since the last record: nobody would find what is appended
         self.pid = os.getpid()
+        self.fd = -1
         top = os.path.join(self.root, blob_ref.BLOBS_DIR)
         _safe_dir(top)
         folder = os.path.join(top, self.folder_name)
         _safe_dir(folder)
         name = f"{blob_ref.WORKER_PREFIX}{uuid.uuid4().hex}.blob"
-        self.fd = os.open(os.path.join(folder, name),
-                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        self.rel = f"{blob_ref.BLOBS_DIR}/{self.folder_name}/{name}"
-        return self.fd, 0, True
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+        try:  # the file's name and its directories' (another process may have made them, unsynced)
+            fsync_dir(folder)
+            fsync_dir(top)
+            fsync_dir(self.root)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.rel = fd, f"{blob_ref.BLOBS_DIR}/{self.folder_name}/{name}"
+        return fd, 0
 
-    def _close(self) -> None:
-        if self.fd >= 0 and self.pid == os.getpid():
+    def _close_full(self) -> None:
+        """Sync and close the current file (full, or unlinked): what was written to it stays durable."""
+        with self.lock:
+            fd, self.fd = self.fd, -1
+            if fd < 0 or self.pid != os.getpid():
+                return
             try:
-                os.close(self.fd)
-            except OSError:
-                pass
-        self.fd = -1
+                os.fdatasync(fd)
+            except OSError as exc:
+                _sync_failed(self.rel, exc)
+            finally:
+                os.close(fd)
+
+    def _drop(self) -> None:
+        """Give up the current file after a failed write: nothing written to it since the last sync is referred to."""
+        with self.lock:
+            fd, self.fd = self.fd, -1
+            if fd >= 0 and self.pid == os.getpid():
+                if self.unsynced:  # records of earlier results whose references wait for a sync
+                    try:
+                        os.fdatasync(fd)
+                    except OSError as exc:
+                        _sync_failed(self.rel, exc)
+                    self.unsynced = False
+                os.close(fd)
+
+
+def _sync_failed(rel: str, exc: OSError) -> None:
+    """A blob file could not be synced: the references waiting for it must never leave this process."""
+    print(f"durable_mp worker {os.getpid()}: syncing its blob file {rel} failed ({exc}); exiting so that no "
+          f"reference to its unsynced results is sent (their branches run again)", file=sys.stderr, flush=True)
+    os._exit(SYNC_FAILED_EXIT)
 
 
 def _safe_dir(path: str) -> None:
@@ -197,6 +253,13 @@ def configure(settings: dict[str, Any]) -> None:
     """In a worker process: write large results to the store named in ``settings``, if any."""
     root = settings.get(STORE_KEY)
     _SINK[0] = Appender(root, settings["execution_id"]) if root else None
+
+
+def before_send() -> None:
+    """Called by the worker's channel before each message: the references in it must be durable."""
+    sink = _SINK[0]
+    if sink is not None and sink.unsynced:
+        sink.sync()
 
 
 def sink_for(exec_id: str) -> Appender | None:

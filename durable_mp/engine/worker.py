@@ -84,6 +84,7 @@ class Channel:
 
     def send(self, msg: Any, gathered: bool = False) -> None:
         """Send ``msg`` numbered after the last one: the number and the pipe's order are one."""
+        result_blobs.before_send()  # the large results it refers to are durable first
         with self.lock:
             self.seq += 1
             wire.send(self.conn, msg._replace(seq=self.seq), gathered=gathered)

@@ -57,22 +57,48 @@ def appender(store_path, exec_id: str = "e") -> result_blobs.Appender:
 
 # -- the worker's writes -----------------------------------------------------------------------
 @pytest.mark.process_free
-def test_a_record_is_synced_and_its_names_too_before_its_reference_is_returned(tmp_path, monkeypatch):
+def test_a_new_files_names_are_synced_before_it_is_written_and_its_records_before_the_next_message(
+        tmp_path, monkeypatch):
     events: list[str] = []
-    real_fdatasync, real_fsync_dir = os.fdatasync, result_blobs.fsync_dir
+    real_fdatasync, real_fsync_dir, real_pwrite = os.fdatasync, result_blobs.fsync_dir, result_blobs.pwrite_all
     monkeypatch.setattr(result_blobs.os, "fdatasync", lambda fd: (events.append("data"), real_fdatasync(fd))[1])
     monkeypatch.setattr(result_blobs, "fsync_dir", lambda p: (events.append(f"dir {p}"), real_fsync_dir(p))[1])
+    monkeypatch.setattr(result_blobs, "pwrite_all", lambda *a: (events.append("write"), real_pwrite(*a))[1])
     Store(tmp_path / "s").close()
     sink = appender(tmp_path / "s")
+    monkeypatch.setattr(result_blobs, "_SINK", [sink])
     written = sink.write(item_record(np.arange(BIG // 8, dtype=np.float64)))
     top = os.path.join(tmp_path / "s", "blobs")
-    assert events == ["data", f"dir {os.path.join(top, blob_ref.exec_dir_name(b'e'))}", f"dir {top}",
-                      f"dir {tmp_path / 's'}"]
+    assert events == [f"dir {os.path.join(top, blob_ref.exec_dir_name(b'e'))}", f"dir {top}", f"dir {tmp_path / 's'}",
+                      "write"]
+    result_blobs.before_send()  # the worker's next message (the one with the reference) waits for this
+    assert events[-1] == "data"
     events.clear()
     sink.write(item_record(np.arange(BIG // 8, dtype=np.float64)))
-    assert events == ["data"], "an append to a file already named syncs only its data"
+    sink.write(item_record(np.arange(BIG // 8, dtype=np.float64)))
+    result_blobs.before_send()
+    result_blobs.before_send()  # nothing written since: no sync
+    assert events == ["write", "write", "data"], "one sync per message, an append names nothing new"
     ref = blob_ref.parse(written.ref)
     assert ref.crc is not None and ref.name.startswith("w") and ref.offset == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_blob_sync_fails_exits_before_any_reference_leaves(tmp_path):
+    pid = os.fork()
+    if pid == 0:  # the child is the worker whose disk fails
+        try:
+            sink = appender(tmp_path)
+            sink.write(item_record(np.zeros(BIG // 8)))
+
+            def failing(fd):
+                raise OSError(5, "Input/output error")
+            os.fdatasync = failing
+            sink.sync()
+        finally:
+            os._exit(0)  # reached only if the failed sync let it go on
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == result_blobs.SYNC_FAILED_EXIT
 
 
 @pytest.mark.process_free
@@ -117,16 +143,21 @@ def test_a_file_swept_meanwhile_is_never_appended_to(tmp_path):
 
 
 @pytest.mark.process_free
-def test_a_file_whose_sync_failed_is_never_written_again(tmp_path, monkeypatch):
+def test_a_file_whose_write_failed_is_never_written_again_and_what_it_held_is_synced(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(result_blobs.os, "fdatasync", lambda fd: (events.append("data"), real_fdatasync(fd))[1])
     sink = appender(tmp_path)
-    first = blob_ref.parse(sink.write(item_record(np.zeros(BIG // 8))).ref)
+    first = blob_ref.parse(sink.write(item_record(np.zeros(BIG // 8))).ref)  # its reference waits for a sync
 
-    def failing(fd):
-        raise OSError(5, "Input/output error")
+    def failing(*args):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(result_blobs.os, "fdatasync", failing)
+    real_pwrite = result_blobs.pwrite_all
+    monkeypatch.setattr(result_blobs, "pwrite_all", failing)
     assert sink.write(item_record(np.ones(BIG // 8))) is None  # this result takes the pipe
-    monkeypatch.undo()
+    assert events == ["data"], "the first record's reference may still leave: it was synced"
+    monkeypatch.setattr(result_blobs, "pwrite_all", real_pwrite)
     third = blob_ref.parse(sink.write(item_record(np.ones(BIG // 8))).ref)
     assert third.rel != first.rel
 
