@@ -147,8 +147,14 @@ class Appender:
         return ref
 
     def sync(self) -> None:
-        """Make every record written so far durable (before a message with their references leaves)."""
+        """Make every record written so far durable (before a message with their references leaves).
+
+        Under ``lock`` even when nothing is left to sync: a message taken while another
+        thread's sync runs may hold references that sync covers, and must wait for its end.
+        """
         with self.lock:
+            if not self.unsynced:
+                return
             self.unsynced = False
             if self.fd < 0 or self.pid != os.getpid():
                 return  # closed when full: synced then
@@ -258,7 +264,7 @@ def configure(settings: dict[str, Any]) -> None:
 def before_send() -> None:
     """Called by the worker's channel before each message: the references in it must be durable."""
     sink = _SINK[0]
-    if sink is not None and sink.unsynced:
+    if sink is not None:
         sink.sync()
 
 

@@ -12,6 +12,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import lmdb
 import numpy as np
@@ -81,6 +83,31 @@ def test_a_new_files_names_are_synced_before_it_is_written_and_its_records_befor
     assert events == ["write", "write", "data"], "one sync per message, an append names nothing new"
     ref = blob_ref.parse(written.ref)
     assert ref.crc is not None and ref.name.startswith("w") and ref.offset == 0
+
+
+@pytest.mark.process_free
+def test_a_message_sent_while_another_threads_sync_runs_waits_for_that_sync(tmp_path, monkeypatch):
+    """The flusher took reference R and syncs; the main thread's message may hold R too: it must wait."""
+    sink = appender(tmp_path)
+    monkeypatch.setattr(result_blobs, "_SINK", [sink])
+    sink.write(item_record(np.zeros(BIG // 8)))
+    started, ended = threading.Event(), []
+    real_fdatasync = os.fdatasync
+
+    def slow(fd):
+        started.set()
+        time.sleep(0.3)
+        real_fdatasync(fd)
+        ended.append(time.monotonic())
+
+    monkeypatch.setattr(result_blobs.os, "fdatasync", slow)
+    flusher = threading.Thread(target=result_blobs.before_send)
+    flusher.start()
+    assert started.wait(10)
+    result_blobs.before_send()  # another message, sent while that sync runs
+    returned = time.monotonic()
+    flusher.join()
+    assert ended and returned >= ended[0], "a message left before the sync covering its references ended"
 
 
 @pytest.mark.timeout(60)
