@@ -404,3 +404,33 @@ def test_check_reports_a_damaged_worker_blob(tmp_path):
         f.write(b"\x01\x02\x03")
     cli = run_cli("check", "e", store=path)
     assert cli.returncode != 0 and "damaged" in cli.stdout + cli.stderr, cli.stdout + cli.stderr
+
+
+@pytest.mark.timeout(180)
+def test_the_dask_backend_keeps_results_on_the_pipe(tmp_path):
+    """A Dask worker may run on another host: it never writes the driver's store, the driver does."""
+    from dask_cluster import RealCluster
+    from procs import leftover_children
+
+    size = BIG // 8
+
+    @durable_execution
+    def handler(event, ctx):  # defined here: pickled by value for workers that cannot import this module
+        r = ctx.map([0, 1], lambda c, x, i, xs: np.full(size, float(x)), name="arrays")
+        return [(float(a[0]), float(a[-1]), a.shape[0]) for a in r.get_results()]
+
+    cluster = RealCluster(tmp_path / "dask", 1)
+    try:
+        client = cluster.client(workers=1)
+        try:
+            path = tmp_path / "s"
+            assert handler.run(None, store=str(path), execution_id="e", backend=client) == [
+                (0.0, 0.0, BIG // 8), (1.0, 1.0, BIG // 8)]
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+    assert not leftover_children(10.0)
+    refs = [v for v in raw_values(path).values() if blob_ref.is_ref(v)]
+    assert len(refs) == 2 and worker_refs(path) == [], "a Dask worker wrote into the driver's store"
+    assert not any(name.startswith("w") for name in os.listdir(blobs.exec_dir(path, "e")))
