@@ -28,8 +28,11 @@ from durable_mp.exceptions import StoreError
 from durable_mp.store.blobs import InPlace
 
 
-def adopt(root: pathlib.Path, exec_id: str, data: bytes) -> tuple[InPlace, memoryview | None]:
+def adopt(root: pathlib.Path, exec_id: str, data: bytes) -> tuple[Any, memoryview | None]:
     """(the record as an ``InPlace`` to stage, a private writable view of it or None).
+
+    Where files cannot be mapped, the record's bytes instead (then the committer writes them
+    to a blob file of its own, as any large value).
 
     ``StoreError`` if the reference is not one a worker of this execution could have written.
     """
@@ -55,11 +58,26 @@ def adopt(root: pathlib.Path, exec_id: str, data: bytes) -> tuple[InPlace, memor
         if st.st_size < ref.offset + ref.size:
             raise StoreError(f"the blob file {path} holds {st.st_size:,} bytes, fewer than the "
                              f"{ref.offset + ref.size:,} its worker reported written")
-        blob = InPlace(fd, ref.size, offset=ref.offset, access=mmap.ACCESS_READ)
+        try:
+            blob = InPlace(fd, ref.size, offset=ref.offset, access=mmap.ACCESS_READ)
+        except OSError:  # a file system that cannot map files: the bytes, committed again by the driver
+            return _read(fd, ref, path), None
         blob.ref = bytes(data)
         return blob, private_view(fd, ref.offset, ref.size)
     finally:
         os.close(fd)
+
+
+def _read(fd: int, ref: blob_ref.Ref, path: pathlib.Path) -> Any:
+    data = bytearray(ref.size)
+    view = memoryview(data)
+    got = 0
+    while got < ref.size:
+        n = os.preadv(fd, [view[got:]], ref.offset + got)
+        if not n:
+            raise StoreError(f"the blob file {path} ended before the record its worker reported written")
+        got += n
+    return data
 
 
 class _Libc:

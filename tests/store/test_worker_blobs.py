@@ -223,6 +223,28 @@ def test_a_taken_value_is_private_and_its_reference_is_what_is_committed(tmp_pat
 
 
 @pytest.mark.process_free
+def test_where_files_cannot_be_mapped_the_driver_reads_the_record_and_commits_it_itself(tmp_path, monkeypatch):
+    from durable_mp.store import worker_blobs
+
+    class Unmappable(blobs.InPlace):
+        def __new__(cls, *args, **kwargs):
+            raise OSError(19, "No such device")  # what mmap says on a file system without it
+
+    monkeypatch.setattr(worker_blobs, "InPlace", Unmappable)
+    path = tmp_path / "s"
+    with Store(path) as store:
+        store.acquire("e", lambda: execution_record("e"))
+        ref = appender(path).write(item_record(np.arange(BIG // 8, dtype=np.float64))).ref
+        data, value = result_blobs.take(path, "e", ref)
+        assert value is result_blobs.UNDECODED and unpickle(OpRecord.loads(data).result)[7] == 7.0
+        store.stage_raw("e", "batch", "#000000000000", data)
+        store.flush()
+        assert unpickle(store.get_op("e", "batch", "#000000000000").result)[7] == 7.0
+    [stored] = raw_values(path).values()
+    assert stored.startswith(blob_ref.V1), "the driver's own copy is what is committed"
+
+
+@pytest.mark.process_free
 def test_a_damaged_worker_blob_is_a_store_error_on_read(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
