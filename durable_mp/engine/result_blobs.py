@@ -4,7 +4,8 @@
 
     worker                                             driver
     run branch → record bytes ─ pwritev ─▶ w<id>.blob   (store/blobs/<exec dir>/)
-                 writeback, CRC-32, fdatasync           │
+                 writeback started, CRC-32              │
+    next message: fdatasync, then                       │
                  Records(..., reference) ─── pipe ──────▶ check it, map the bytes (no copy):
                                                           the value from a private mapping,
                                                           the record staged as ``InPlace``
@@ -32,8 +33,9 @@ Durability and crashes:
   mid-write leaves a torn tail in its own file, nothing refers to it, and the next worker
   process writes a file of its own.  ``store.blobs.sweep`` cuts such tails (and removes files
   nothing refers to) when the execution is next taken.
-* A file whose write or sync failed is never written again, and that result travels through
-  the pipe as before (the driver's committer then reports a disk that stays unwritable).
+* A file whose write failed is never written again (what it already holds is synced), and
+  that result travels through the pipe as before (the driver's committer then reports a
+  disk that stays unwritable).
   A file someone swept or deleted meanwhile (no link left) is replaced by a new one.
 * Each record starts on a page (the driver maps exactly its bytes) and its first
   out-of-band buffer on 64 bytes (numpy gets an aligned array).
