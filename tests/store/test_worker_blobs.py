@@ -110,22 +110,36 @@ def test_a_message_sent_while_another_threads_sync_runs_waits_for_that_sync(tmp_
     assert ended and returned >= ended[0], "a message left before the sync covering its references ended"
 
 
+SYNC_FAILS = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    from durable_mp.core.records import OpRecord
+    from durable_mp.engine import result_blobs
+    from durable_mp.serdes import pickle_parts
+
+    sink = result_blobs.Appender(sys.argv[1], "e")
+    sink.write(OpRecord("op", "batch", "CONTEXT", "MapIteration", "item", "SUCCEEDED", 1.0, 2.0,
+                        pickle_parts(np.zeros(1 << 18)), None, 1))
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    os.fdatasync = failing
+    result_blobs._SINK[0] = sink
+    result_blobs.before_send()  # the worker's next message
+    print("a message left after its sync failed", flush=True)
+    """
+)
+
+
 @pytest.mark.timeout(60)
 def test_a_worker_whose_blob_sync_fails_exits_before_any_reference_leaves(tmp_path):
-    pid = os.fork()
-    if pid == 0:  # the child is the worker whose disk fails
-        try:
-            sink = appender(tmp_path)
-            sink.write(item_record(np.zeros(BIG // 8)))
-
-            def failing(fd):
-                raise OSError(5, "Input/output error")
-            os.fdatasync = failing
-            sink.sync()
-        finally:
-            os._exit(0)  # reached only if the failed sync let it go on
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == result_blobs.SYNC_FAILED_EXIT
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    run = subprocess.run([sys.executable, "-c", SYNC_FAILS, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == result_blobs.SYNC_FAILED_EXIT, run.stdout + run.stderr
+    assert "a message left" not in run.stdout and "syncing its blob file" in run.stderr
 
 
 @pytest.mark.process_free
