@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from typing import Any
 
@@ -18,6 +17,8 @@ def fsync_dir(path: Any) -> None:
 
 def _load_sync_file_range() -> Any:
     """libc's ``sync_file_range`` (Linux), or None: then writeback simply starts at the ``fdatasync``."""
+    import ctypes  # here, not at import: a worker process that never writes a blob does not load it
+
     try:
         func = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
@@ -27,14 +28,17 @@ def _load_sync_file_range() -> Any:
     return func
 
 
-_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE: list[Any] = []  # [the function or None], once looked up
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages of the range; wait for nothing
 
 
 def start_writeback(fd: int, offset: int, size: int) -> None:
     """Start writing ``size`` bytes at ``offset`` to the disk now, without waiting (a hint: the sync still follows)."""
-    if _SYNC_FILE_RANGE is not None and size:
-        _SYNC_FILE_RANGE(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
+    if not _SYNC_FILE_RANGE:
+        _SYNC_FILE_RANGE.append(_load_sync_file_range())
+    func = _SYNC_FILE_RANGE[0]
+    if func is not None and size:
+        func(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
 
 
 def write_all(fd: int, data: Any) -> int:

@@ -58,7 +58,6 @@ import os
 import stat
 import sys
 import threading
-import uuid
 from typing import Any, NamedTuple
 
 from durable_mp import serdes as _serdes
@@ -178,7 +177,7 @@ class Appender:
         _safe_dir(top)
         folder = os.path.join(top, self.folder_name)
         _safe_dir(folder)
-        name = f"{blob_ref.WORKER_PREFIX}{uuid.uuid4().hex}.blob"
+        name = f"{blob_ref.WORKER_PREFIX}{os.urandom(16).hex()}.blob"
         fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      FILE_MODE)
         try:  # the file's name and its directories' (another process may have made them, unsynced)
