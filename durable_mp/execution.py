@@ -32,12 +32,14 @@ from durable_mp.engine import progress as _progress
 from durable_mp.engine.dispatcher import DEFAULT_MAX_CRASH_RETRIES, Dispatcher
 from durable_mp.engine.driver import DriverState
 from durable_mp.engine.pool import WorkerPool
+from durable_mp.engine.result_blobs import STORE_KEY
 from durable_mp.engine.start import check_start_method, early_workers
 from durable_mp.exceptions import ExecutionFailedError, SerDesError, ValidationError
 from durable_mp.identity import code_fingerprint, handler_identity
 from durable_mp.lambda_service import ErrorObject, InvocationStatus  # noqa: F401 - the reference re-exports it here
 from durable_mp.operation.signature import check_callable
 from durable_mp.store.callbacks import poll_callback
+from durable_mp.store.env import resolve_store_path
 from durable_mp.store.facade import ExecutionRecord, Store
 from durable_mp.store.records import this_process
 
@@ -199,6 +201,9 @@ class DurableFunction:
         _positive("max_crash_retries", max_crash_retries)
         execution_id = execution_id or self.execution_id_for(event)
         settings = {"execution_id": execution_id, "skip_time": bool(skip_time), "watch_steps": bool(max_worker_memory)}
+        if backend in (None, "local"):
+            # local workers write large results into the store's directory themselves (engine.result_blobs)
+            settings[STORE_KEY] = str(store.path if isinstance(store, Store) else resolve_store_path(store))
         # spawn, forkserver: the first worker boots while the store opens (two fsyncs) and the run is prepared
         pool = _early_pool(settings, start_method, max_workers) if backend in (None, "local") else None
         try:

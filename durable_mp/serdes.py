@@ -124,8 +124,24 @@ def pickle_parts(value: Any) -> bytes | Parts:
     return Parts([meta, header, *raws])
 
 
-def unpickle(data: Any) -> Any:
-    """Load a plain pickle or a ``pickle_parts`` payload; buffers are private, writable copies."""
+def padded(parts: Parts, pad: int) -> Parts:
+    """``parts`` with ``pad`` zero bytes after the pickle header, so the buffers start ``pad`` bytes later.
+
+    For alignment (``engine.result_blobs``): unpickling ignores bytes past a pickle's end.
+    """
+    meta, header = parts[0], parts[1]
+    header_len, count = _OOB_HEAD.unpack_from(meta, len(_OOB_MAGIC))
+    at = len(_OOB_MAGIC)
+    meta = meta[:at] + _OOB_HEAD.pack(header_len + pad, count) + meta[at + _OOB_HEAD.size:]
+    return Parts([meta, bytes(header) + bytes(pad), *parts[2:]])
+
+
+def unpickle(data: Any, *, views: bool = False) -> Any:
+    """Load a plain pickle or a ``pickle_parts`` payload; buffers are private, writable copies.
+
+    ``views=True``: the buffers are views of ``data`` itself (no copy), for a ``data`` that
+    is already the caller's private, writable memory (a copy-on-write mapping).
+    """
     if data[: len(_OOB_MAGIC)] != _OOB_MAGIC:  # a plain pickle (every small value)
         return pickle.loads(data)
     view = memoryview(data)
@@ -138,7 +154,7 @@ def unpickle(data: Any) -> Any:
     offset += header_len
     buffers = []
     for length in lengths:
-        buffers.append(bytearray(view[offset:offset + length]))
+        buffers.append(view[offset:offset + length] if views else bytearray(view[offset:offset + length]))
         offset += length
     return pickle.loads(header, buffers=buffers)
 

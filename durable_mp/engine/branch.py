@@ -18,6 +18,7 @@ from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, ite
 from durable_mp.core.records import blake2b as _blake2b  # without OpenSSL (core.records)
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import default_item_name, map_item_name
+from durable_mp.engine import result_blobs
 from durable_mp.engine.protocol import NOT_SENT
 from durable_mp.engine.state import take_slept_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
@@ -92,7 +93,7 @@ class BranchRunner:
     """
 
     __slots__ = ("source", "make_context", "compact", "id_prefix", "parent", "sub_type", "pid",
-                 "default_serdes", "plain_values", "func", "inputs", "record_parent")
+                 "default_serdes", "plain_values", "func", "inputs", "record_parent", "sink")
 
     def __init__(self, source: BranchSource, make_context: Callable[[str, str | None], Any], *,
                  compact: bool) -> None:
@@ -109,6 +110,8 @@ class BranchRunner:
         self.func = source.func if source.funcs is None and source.names is None else None
         self.inputs = source.inputs
         self.record_parent = branch_record_parent(source.batch_op_id, source.flat)
+        # a large plain success is written to the store by this worker (engine.result_blobs)
+        self.sink = result_blobs.sink_for(source.execution_id) if compact and self.plain_values else None
 
     def run(self, index: int) -> tuple[Any, Any]:
         """Execute branch ``index``: ``(record, value)`` (see the class docstring)."""
@@ -132,8 +135,8 @@ class BranchRunner:
                 payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
                                                   execution_id=source.execution_id,
                                                   what=f"result of branch {index} ({name})")
-                if isinstance(payload, list):  # serdes.Parts (a numpy result): copy what may still change
-                    payload = snapshot(payload)
+                if isinstance(payload, list) and not (self.sink is not None and self.sink.takes(payload)):
+                    payload = snapshot(payload)  # serdes.Parts (a numpy result): copy what may still change
         except OrphanedChildException:
             raise
         except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
@@ -145,7 +148,14 @@ class BranchRunner:
             return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
         slept = take_slept_seconds()
         if slept:  # skip_time: the batch's virtual clock orders the outcome by it; only a full record keeps it
-            return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload, extra={SLEPT_KEY: slept}), None
+            return self._record(op_id, name, start, OpStatus.SUCCEEDED, snapshot(payload),
+                                extra={SLEPT_KEY: slept}), None
+        if self.sink is not None and self.sink.takes(payload):  # written now, as the value was when returned
+            rec = self._record(op_id, name, start, OpStatus.SUCCEEDED, payload)
+            written = self.sink.write(rec)
+            if written is not None:
+                return written, None
+            payload = snapshot(payload)  # the write failed: through the pipe after all
         fits = payload is None or (payload.__class__ is not list and len(payload) <= _COMPACT_MAX_BYTES)
         if self.compact and fits and len(name) <= _COMPACT_NAME_CHARS:
             try:

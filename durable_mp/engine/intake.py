@@ -23,6 +23,7 @@ from durable_mp.engine.branch import FatalBranchError, slept_seconds, started_re
 from durable_mp.engine.failures import NULL_FAILURE_LOG
 from durable_mp.engine.lifecycle import WAITING, BranchState
 from durable_mp.engine.protocol import NOT_SENT, Succeeded
+from durable_mp.engine.result_blobs import UNDECODED, take
 from durable_mp.engine.result_decode import UNREAD, success_value
 from durable_mp.engine.scheduling import started_by_the_decision
 from durable_mp.lambda_service import ErrorObject
@@ -106,6 +107,9 @@ class Intake:
         held = 0  # outcomes the virtual clock holds: counted when released
         ok: list[int] = []  # succeeded: moved in the item table in one call
         for index, succeeded, key, data in items:
+            value = UNDECODED
+            if data[:1] == b"\0":  # a large result its worker wrote to the store: only its reference came
+                data, value = take(self.store.path, self.execution_id, data)
             if crash_log and index in crash_log:  # rare: keep the deaths in the branch's record
                 rec = OpRecord.loads(data)
                 data = rec._replace(attempts=tuple(crash_log.pop(index)) + tuple(rec.attempts),
@@ -120,7 +124,10 @@ class Intake:
             staged.append((key, data))
             # keep the value, not the record: a big map's BatchResult fits in RAM; a record that
             # cannot be read here stays bytes (the BatchResult build reports it)
-            value = success_value(data) if succeeded and decode else UNREAD
+            if not (succeeded and decode):
+                value = UNREAD
+            elif value is UNDECODED:
+                value = success_value(data)
             if value is UNREAD:
                 records[index] = data
             else:

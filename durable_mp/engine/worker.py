@@ -31,7 +31,7 @@ from typing import Any
 
 from durable_mp.core.records import PICKLE_PROTOCOL, OpRecord, OpStatus, branch_key
 from durable_mp.core.text import safe_str, type_name
-from durable_mp.engine import wire
+from durable_mp.engine import result_blobs, wire
 from durable_mp.engine.branch import SLEPT_KEY, BranchRunner, BranchSource
 from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import (
@@ -83,6 +83,7 @@ class Channel:
 
     def send(self, msg: Any, gathered: bool = False) -> None:
         """Send ``msg`` numbered after the last one: the number and the pipe's order are one."""
+        result_blobs.before_send()  # the large results it refers to are durable first
         with self.lock:
             self.seq += 1
             wire.send(self.conn, msg._replace(seq=self.seq), gathered=gathered)
@@ -289,6 +290,7 @@ def worker_main(conn: Any, slot: Any, parent_pid: int, settings: dict[str, Any])
     root.addHandler(ForwardHandler(channel, current))
     outbox = Outbox(channel)
     shared = WorkerShared(outbox, settings, current)
+    result_blobs.configure(settings)  # large results go to the store's directory, not the pipe
     cache: OrderedDict[str, tuple[BranchSource, list[int]]] = OrderedDict()
     threading.Thread(target=channel.read_forever, daemon=True, name="durable_mp-reader").start()
     while True:

@@ -23,43 +23,53 @@ a new file.  Bytes are never rewritten; a record that is replaced or deleted lea
 old bytes behind until ``sweep`` (run when an execution's lock is taken, and by
 ``delete_execution``) removes every file of that execution no committed record refers to.
 
-Layout: ``<store>/blobs/<blake2b(exec_id)>/<unique>.blob``, directories 0700, files 0600,
-inside the store directory whose permissions the store already checks.
+A large batch result never reaches the committer as bytes: the worker that produced it
+appended it to a file of its own in the same directory and synced it
+(``engine.result_blobs``), and the driver stages it as an ``InPlace`` value (a read-only
+mapping of those bytes, ``store.worker_blobs.adopt``), which ``spill`` commits as the
+worker's reference without writing anything.  A worker killed mid-write leaves a torn
+tail nothing refers to; ``sweep`` cuts such tails off the worker files it keeps.
+
+Layout: ``<store>/blobs/<blake2b(exec_id)>/<unique>.blob`` (``w<unique>.blob`` for a
+worker's), directories 0700, files 0600, inside the store directory whose permissions the
+store already checks.  The reference's format is ``core.blob_ref``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
+import mmap
 import os
 import pathlib
-import re
 import shutil
-import struct
 import uuid
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from durable_mp.core import blob_ref
+
+# defined here before core.blob_ref: their old home keeps them
+from durable_mp.core.blob_ref import BLOBS_DIR as BLOBS_DIR
+from durable_mp.core.blob_ref import exec_dir_name as exec_dir_name
+from durable_mp.core.blob_ref import is_ref as is_ref
+from durable_mp.core.fileio import fsync_dir as _fsync_dir
+from durable_mp.core.fileio import start_writeback as start_writeback
+from durable_mp.core.fileio import write_all as _write_all
 from durable_mp.exceptions import StoreError
 
 BLOB_BYTES = 256 * 1024  # values this large and larger are written to a blob file
 FILE_BYTES = 64 * 2**20  # a blob file this large gets no more values: a new one is started
-BLOBS_DIR = "blobs"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-# A reference: magic, offset and length in the file, then its path relative to the store.
-# No record starts with NUL (``OpRecord.dumps`` starts with b"N", b"S" or b"B"), so the two never mix.
-MAGIC = b"\x00dmpblob1"
-_POS = struct.Struct("<QQ")
-_NAME = re.compile(rb"^blobs/[0-9a-f]{32}/[0-9a-f]{32}\.blob$")
 
 
-def is_ref(data: Any) -> bool:
-    return bool(data[:len(MAGIC)] == MAGIC)
+class InPlace(mmap.mmap):
+    """A value a worker already wrote and synced to a blob file: a read-only mapping of its bytes.
 
+    Reads see it as the record's bytes; ``BlobWriter.spill`` commits ``ref`` in its place.
+    """
 
-def exec_dir_name(exec_key: bytes) -> str:
-    return hashlib.blake2b(exec_key, digest_size=16).hexdigest()
+    ref: bytes
 
 
 def exec_dir(root: pathlib.Path, exec_id: str) -> pathlib.Path:
@@ -74,43 +84,6 @@ def _mkdir(path: pathlib.Path) -> bool:
         return False
     os.chmod(path, DIR_MODE)  # umask may have removed bits; never added any
     return True
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_sync_file_range() -> Any:
-    """libc's ``sync_file_range`` (Linux), or None: then writeback simply starts at the ``fdatasync``."""
-    try:
-        func = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return func
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages of the range; wait for nothing
-
-
-def start_writeback(fd: int, offset: int, size: int) -> None:
-    """Start writing ``size`` bytes at ``offset`` to the disk now, without waiting (a hint: the sync still follows)."""
-    if _SYNC_FILE_RANGE is not None and size:
-        _SYNC_FILE_RANGE(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
-
-
-def _write_all(fd: int, data: Any) -> int:
-    view = memoryview(data).cast("B")
-    size = view.nbytes
-    while view.nbytes:
-        view = view[os.write(fd, view):]
-    return size
 
 
 class _OpenFile:
@@ -148,11 +121,14 @@ class BlobWriter:
         big = [i for i, (_, value) in enumerate(items) if len(value) >= threshold]
         if not big:
             return items
+        out = list(items)
         by_exec: dict[bytes, list[int]] = {}
         for i in big:
-            key = items[i][0]
+            key, value = items[i]
+            if value.__class__ is InPlace:  # a worker synced it already: only its reference is committed
+                out[i] = (key, value.ref)
+                continue
             by_exec.setdefault(key[:key.index(b"\0")], []).append(i)
-        out = list(items)
         for exec_key, indices in by_exec.items():
             try:
                 self._append(exec_key, out, indices)
@@ -173,7 +149,7 @@ class BlobWriter:
             key, value = out[i]
             size = _write_all(fd, value)
             start_writeback(fd, offset, size)  # the disk starts on it while the next value is copied
-            out[i] = (key, MAGIC + _POS.pack(offset, size) + rel)
+            out[i] = (key, blob_ref.pack_v1(offset, size, rel))
             offset += size
         os.fdatasync(fd)  # the data and the file's new size, before any reference to them
         if fresh:
@@ -206,27 +182,30 @@ class BlobWriter:
 
 
 def load(root: pathlib.Path, ref: Any, where: str) -> bytes:
-    """The value a reference stands for; ``StoreError`` if its file is missing or short."""
-    view = memoryview(ref)
-    offset, size = _POS.unpack_from(view, len(MAGIC))
-    rel = bytes(view[len(MAGIC) + _POS.size:])
-    if not _NAME.match(rel):
-        raise StoreError(f"checkpoint {where} in {root} has a malformed blob reference {rel!r}")
-    path = root / rel.decode()
+    """The value a reference stands for; ``StoreError`` if its file is missing, short or damaged."""
+    try:
+        parsed = blob_ref.parse(ref)
+    except ValueError as exc:
+        raise StoreError(f"checkpoint {where} in {root} has a {exc}") from None
+    offset, size, crc, rel = parsed
+    path = root / rel
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise StoreError(f"checkpoint {where} in {root}: its blob {rel.decode()} cannot be read "
+        raise StoreError(f"checkpoint {where} in {root}: its blob {rel} cannot be read "
                          f"({exc.strerror}); was the store copied without its blobs directory?") from None
     try:
         data = os.pread(fd, size, offset) if size else b""
         while len(data) < size:  # pread may return less for a very large value
             more = os.pread(fd, size - len(data), offset + len(data))
             if not more:
-                raise StoreError(f"checkpoint {where} in {root}: its blob {rel.decode()} is truncated")
+                raise StoreError(f"checkpoint {where} in {root}: its blob {rel} is truncated")
             data += more
     finally:
         os.close(fd)
+    if crc is not None and zlib.crc32(data) != crc:
+        raise StoreError(f"checkpoint {where} in {root}: its blob {rel} is damaged (its {size:,} bytes at offset "
+                         f"{offset:,} do not match the checksum recorded when they were written)")
     return data
 
 
@@ -234,30 +213,57 @@ def ref_name(ref: Any) -> str | None:
     """The file name (no directory) a reference points to, or None for an ordinary value."""
     if not is_ref(ref):
         return None
-    return bytes(memoryview(ref)[len(MAGIC) + _POS.size:]).decode().rsplit("/", 1)[-1]
+    try:
+        return blob_ref.parse(ref).name
+    except ValueError:
+        return None
 
 
 def sweep(root: pathlib.Path, exec_id: str, committed: Iterable[Any]) -> int:
     """Remove the execution's blob files that no value in ``committed`` refers to; how many.
 
-    The caller holds the execution's lock and has no commit in flight, so no file being
-    written for it can be mistaken for an orphan.
+    A worker's file that is kept loses its tail past the last byte referred to: what a
+    worker killed mid-write (or a driver killed before committing) left there.  The
+    caller holds the execution's lock and has no commit in flight, so no file being
+    written for it can be mistaken for an orphan (its workers have ended with its last run).
     """
     where = exec_dir(root, exec_id)
     try:
         names = set(os.listdir(where))
     except FileNotFoundError:
         return 0
+    ends: dict[str, int] = {}  # worker file -> end of the last value referred to in it
     for value in committed:
-        name = ref_name(value)
-        if name is not None:
-            names.discard(name)
+        if not is_ref(value):
+            continue
+        try:
+            ref = blob_ref.parse(value)
+        except ValueError:
+            continue
+        names.discard(ref.name)
+        if blob_ref.is_worker_file(ref.name):
+            ends[ref.name] = max(ends.get(ref.name, 0), ref.offset + ref.size)
     for name in names:
         try:
             os.unlink(where / name)
         except FileNotFoundError:
             pass
+    for name, end in ends.items():
+        _cut_tail(where / name, end)
     return len(names)
+
+
+def _cut_tail(path: pathlib.Path, end: int) -> None:
+    """Truncate ``path`` to ``end`` bytes if it is longer (never shorter: a reference points there)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # a missing file is the reader's error to report, with the record that needs it
+    try:
+        if os.fstat(fd).st_size > end:
+            os.ftruncate(fd, end)
+    finally:
+        os.close(fd)
 
 
 def remove_all(root: pathlib.Path, exec_id: str) -> None:

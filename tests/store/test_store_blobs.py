@@ -13,6 +13,7 @@ import time
 import lmdb
 import pytest
 
+from durable_mp.core import blob_ref
 from durable_mp.exceptions import StoreError
 from durable_mp.store import blobs
 from durable_mp.store.facade import Store
@@ -283,6 +284,10 @@ def test_a_driver_killed_mid_payload_loses_nothing_committed_and_resumes(tmp_pat
     deadline = time.monotonic() + 10
     while session_processes(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    # The workers wrote the arrays themselves: every committed reference is a worker's (with its checksum).
+    committed = [v for v in raw_values(store).values() if blobs.is_ref(v)]
+    assert committed and all(v.startswith(blob_ref.V2) for v in committed)
+    assert all(blob_ref.parse(v).name.startswith(blob_ref.WORKER_PREFIX) for v in committed)
     # Every committed record reads back whole: a reference never names a partial blob.
     with Store(store, readonly=True) as st:
         done = {r.op_id: r for r in st.ops("e") if r.status == "SUCCEEDED" and r.parent_id and r.result}
