@@ -49,10 +49,8 @@ their own limit); steps with a ``timeout`` inside Dask-run branches are refused
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
@@ -65,24 +63,16 @@ from durable_mp.backends.dask_cluster import (
     client_for,
     configured_wait,
     fault_of,
+    restart_worker,
 )
-from durable_mp.backends.dask_tasks import (
-    LOG_LEVEL_KEY,
-    StreamRequest,
-    load_payload,
-    log_topic,
-    records_topic,
-    run_call,
-    run_chunk,
-    start_topic,
-)
-from durable_mp.core.records import Attempt, OpRecord
+from durable_mp.backends.dask_stream import WorkerStream
+from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, run_call, run_chunk
+from durable_mp.core.records import Attempt
 from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
-from durable_mp.engine.lifecycle import BranchState
 from durable_mp.engine.scheduling import concurrency_limit
 from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
@@ -93,11 +83,9 @@ log = logging.getLogger("durable_mp.dask")
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 FIRST_CHUNK_ITEMS = 4  # before any item time is known
 STALL_POLL_SECONDS = 1.0
-STREAM_POLL_SECONDS = 0.01
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
 THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
-STREAM_CATCHUP_SECONDS = 10.0  # how long a finished task's result waits for its streamed messages, then it is lost
 PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
 
 
@@ -119,18 +107,11 @@ class DaskDispatcher(Dispatcher):
         self.client = client
         self.reconnect = reconnect  # a new client to the scheduler's address, once this one gave up
         self.address: str = getattr(getattr(client, "scheduler", None), "address", None) or ""
-        self.resubscribe = False
         self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
-        self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
-        self.started: deque[str] = deque()  # keys of tasks that started on a worker, as announced
-        self.streamed: deque[list] = deque()  # records (and requests) streamed by running chunks, as they came
-        self.streams: dict[tuple[str, int], _DriverStream] = {}  # (task key, run) -> its messages, applied in order
         self.by_key: dict[str, Any] = {}  # task key -> its future
-        self.replies: dict[str, list[str]] = {}  # task key -> the reply Variables it was sent (deleted at its end)
-        self.wake = threading.Event()  # a future finished or a message was streamed
+        self.stream = WorkerStream(client, execution_id, store, self.intake, self.stats, task_of=self._task_of,
+                                   checkpoints=self._branch_checkpoints, poll_callback=poll_callback)
         self.fetching: dict[Any, float] = {}  # future -> since when its result is being fetched
-        self.callback_waits: dict[tuple[str, str], OpRecord] = {}  # (task key, reply) -> the callback awaited
-        self.starts: dict[str, int] = {}  # task key -> how often it started running
         self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
         self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
         self.futures: dict[Any, Task] = {}
@@ -148,144 +129,22 @@ class DaskDispatcher(Dispatcher):
     virtual_clock = False
 
     def run_batch(self, spec: Any) -> Any:
-        self._subscribe()
+        self.stream.subscribe()
         try:
             return super().run_batch(spec)
         finally:
-            for topic in self._topics():
-                try:
-                    self.client.unsubscribe_topic(topic)
-                except Exception:  # noqa: BLE001 - the client lost its scheduler
-                    pass
-            self._emit_logs()
-            self.started.clear()
+            self.stream.unsubscribe()
 
-    def _topics(self) -> dict[str, deque]:
-        return {log_topic(self.execution_id): self.log_events, start_topic(self.execution_id): self.started,
-                records_topic(self.execution_id): self.streamed}
-
-    def _subscribe(self) -> None:
-        """Subscribe to the workers' events; again after a reconnect (a new scheduler knows no subscriptions)."""
-        wake = self.wake
-        for topic, events in self._topics().items():
-            def handler(event: tuple, events: deque = events) -> None:
-                events.append(event[1])
-                wake.set()
-            self.client.subscribe_topic(topic, handler)
-        self.resubscribe = False
-
-    # -- the stream ----------------------------------------------------------------------------
-    def _read_stream(self) -> None:
-        """Apply streamed messages in each run's order; answer the requests among them."""
-        while self.streamed:
-            message = self.streamed.popleft()
-            key, run, seq = message[0], message[1], message[2]
-            future = self.by_key.get(key)
-            if future is None or self.futures.get(future) is None:  # the task ended, timed out or was closed
-                if message[5]:
-                    self._answer(key, message[6], None)
-                continue
-            stream = self.streams.setdefault((key, run), _DriverStream())
-            for ready in stream.ready(seq, message):
-                self._apply(self.futures[future], key, ready)
-
-    def _apply(self, task: Task, key: str, message: list) -> None:
-        _, _, _, nested, items, request, reply, data = message
-        self.intake.stage_nested(nested)
-        items = [item for item in items if item[0] not in task.reported]
-        if items and task.batch is not None and not task.batch.closed:
-            self.intake.finish_items(task, items)
-        if not request:
-            return
-        self.store.flush()  # a request's records are committed before it is answered
-        if StreamRequest(request) is StreamRequest.SYNC:
-            self._answer(key, reply, True)
-            return
-        if StreamRequest(request) is StreamRequest.CALLBACK:
-            self.callback_waits[(key, reply)] = OpRecord.loads(data)
-            self._poll_dask_callbacks()
-            return
-        batch = task.batch  # RERUN: what the earlier runs recorded
-        assert batch is not None
-        done = sorted(task.reported)
-        failed = sum(1 for i in done if batch.branches.state(i) is BranchState.FAILED)
-        fresh = {i: self._branch_checkpoints(batch.spec, i) for i in task.unreported()}
-        self.stats["reruns"] = self.stats.get("reruns", 0) + 1
-        self._answer(key, reply, (done, [failed, len(done) - failed], fresh))
-
-    def _answer(self, key: str, reply: str, value: Any) -> None:
-        from distributed import Variable
-
-        try:
-            Variable(reply, client=self.client).set(pickling.dumps(value))
-        except Exception:  # noqa: BLE001 - the scheduler went away: the task is lost with it
-            return
-        self.replies.setdefault(key, []).append(reply)
-
-    def _poll_dask_callbacks(self) -> None:
-        """Answer the branches that wait for a callback once it is done (``poll_callback`` reads the store)."""
-        for (key, reply), rec in list(self.callback_waits.items()):
-            if key not in self.by_key:
-                del self.callback_waits[(key, reply)]
-                continue
-            assert self.poll_callback is not None, "a dispatcher that runs callbacks needs poll_callback"
-            done = self.poll_callback(self.store, self.execution_id, rec)
-            if done is not None:
-                del self.callback_waits[(key, reply)]
-                self._answer(key, reply, done)
-
-    def _caught_up(self, future: Any, run: int, sent: int) -> bool:
-        """Wait (boundedly) until every message a finished run streamed is applied: its result comes after them."""
-        key = str(future.key)
-        deadline = time.monotonic() + STREAM_CATCHUP_SECONDS
-        while True:
-            self._read_stream()
-            stream = self.streams.get((key, run))
-            if (stream.next if stream else 0) >= sent:
-                return True
-            if time.monotonic() > deadline:
-                log.warning("Dask task %s finished, but %d of its %d streamed messages never came", key,
-                            sent - (stream.next if stream else 0), sent)
-                return False
-            self.wake.wait(STREAM_POLL_SECONDS)
-            self.wake.clear()
+    def _task_of(self, key: str) -> Task | None:
+        future = self.by_key.get(key)
+        return None if future is None else self.futures.get(future)
 
     def _forget(self, future: Any) -> None:
-        """A task's end: drop its stream state and its reply Variables."""
-        from distributed import Variable
-
+        """A task's end, for the driver: its fetch, its stream state and its reply Variables."""
         key = str(future.key)
         self.fetching.pop(future, None)
-        self.starts.pop(key, None)
         self.by_key.pop(key, None)
-        for stream_key in [k for k in self.streams if k[0] == key]:
-            del self.streams[stream_key]
-        for reply in self.replies.pop(key, []):
-            try:
-                Variable(reply, client=self.client).delete()
-            except Exception:  # noqa: BLE001 - the scheduler went away, and its variables with it
-                pass
-
-    def _read_starts(self) -> None:
-        """Tasks that said they started: count their runs; a timed chunk's ``branch_timeout`` runs from now."""
-        if not self.started:
-            return
-        by_key = {str(future.key): task for future, task in self.futures.items()}
-        while self.started:
-            key = self.started.popleft()
-            task = by_key.get(key)
-            if task is None or task.batch is None:
-                continue
-            self.starts[key] = self.starts.get(key, 0) + 1
-            timeout = task.batch.spec.branch_timeout
-            if timeout and task.deadline is None:
-                task.deadline = time.monotonic() + timeout
-
-    def _emit_logs(self) -> None:
-        events = self.log_events
-        while events:
-            record = logging.makeLogRecord(events.popleft())
-            logging.getLogger(record.name).handle(record)
+        self.stream.forget(key)
 
     # -- the cluster ---------------------------------------------------------------------------
     def _threads(self, refresh: bool = False) -> int:
@@ -320,7 +179,7 @@ class DaskDispatcher(Dispatcher):
             self.stall_reason = reason
             log.warning("%s; waiting up to %gs for it (Dask config %r), then the run stops, resumable",
                         reason, self.cluster_wait, CLUSTER_WAIT_KEY)
-        self.resubscribe = True
+        self.stream.resubscribe = True
         if now - self.stalled_since > self.cluster_wait:
             raise ClusterUnavailableError(
                 f"{reason} for {now - self.stalled_since:.0f}s (limit {self.cluster_wait:g}s, Dask config "
@@ -341,9 +200,9 @@ class DaskDispatcher(Dispatcher):
             log.debug("no scheduler at %s yet: %s", self.address, exc)
             return
         log.warning("connected a new Dask client to %s (the old one gave up reconnecting)", self.address)
-        self.client = client
+        self.client = self.stream.client = client
         self.payload_futures.clear()  # the old client's: gone with it
-        self.resubscribe = True
+        self.stream.resubscribe = True
 
     def _available(self) -> None:
         if self.stalled_since is not None:
@@ -363,8 +222,8 @@ class DaskDispatcher(Dispatcher):
     def _fill(self, batch: BatchRun) -> None:
         if not batch.queue or not self._connected():
             return
-        if self.resubscribe:
-            self._subscribe()
+        if self.stream.resubscribe:
+            self.stream.subscribe()
         threads = self._threads()
         if not threads:
             return
@@ -400,11 +259,12 @@ class DaskDispatcher(Dispatcher):
                 return
             raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
         done = self._wait(self._wait_seconds_dask())
-        self._emit_logs()
-        self._read_starts()
-        self._read_stream()
-        if self.callback_waits:
-            self._poll_dask_callbacks()
+        stream = self.stream
+        stream.emit_logs()
+        stream.read_starts()
+        stream.read()
+        if stream.callback_waits:
+            stream.poll_callbacks()
         if done:
             for future in done:
                 self._settle(future)
@@ -413,23 +273,24 @@ class DaskDispatcher(Dispatcher):
         self._expire_deadlines()
 
     def _woken(self, _future: Any) -> None:
-        self.wake.set()
+        self.stream.wake.set()
 
     def _wait(self, timeout: float) -> list[Any]:
         """Until a future finishes or a message is streamed (a request waits for its answer), at most ``timeout``."""
         deadline = time.monotonic() + timeout
+        wake = self.stream.wake
         while True:
-            self.wake.clear()
+            wake.clear()
             done = [future for future in self.futures if future.done()]
             remaining = deadline - time.monotonic()
-            if done or self.streamed or self.log_events or remaining <= 0:
+            if done or self.stream.pending() or remaining <= 0:
                 return done
-            self.wake.wait(remaining)
+            wake.wait(remaining)
 
     def _wait_seconds_dask(self) -> float:
         now = time.monotonic()
         waits = [STALL_POLL_SECONDS]
-        if self.callback_waits:
+        if self.stream.callback_waits:
             waits.append(CALLBACK_POLL_SECONDS)
         waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
         if any(task.deadline is None and task.batch is not None and task.batch.spec.branch_timeout is not None
@@ -447,11 +308,12 @@ class DaskDispatcher(Dispatcher):
             self._available()
 
     def _expire_deadlines(self) -> None:
-        """``branch_timeout``: cancel the task and fail its branch (a running Dask thread is left to finish)."""
+        """``branch_timeout``: cancel the task, fail its branch, and restart its worker (which stops the thread)."""
         now = time.monotonic()
         for future, task in list(self.futures.items()):
             if task.deadline is None or now < task.deadline or task.batch is None:
                 continue
+            address = self.stream.where.get(str(future.key))
             del self.futures[future]
             self._forget(future)
             future.cancel()
@@ -460,11 +322,14 @@ class DaskDispatcher(Dispatcher):
             for index in task.unreported():
                 self.intake.fail_item(batch, index, StepTimeoutError(
                     f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
-                    f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task)"), start=task.started)
+                    f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task and restarted its "
+                    f"worker)"), start=task.started)
+            if address:
+                restart_worker(self.client, address, f"branch {task.indices[0]} exceeded its timeout")
 
     def _settle(self, future: Any) -> None:
         task = self.futures.get(future)
-        runs = self.starts.get(str(future.key), 0)
+        runs = self.stream.starts.get(str(future.key), 0)
         if task is None or task.batch is None or task.batch.closed:
             self.futures.pop(future, None)
             self._forget(future)
@@ -482,13 +347,13 @@ class DaskDispatcher(Dispatcher):
                     future.add_done_callback(self._woken)
                 return
             self.fetching.pop(future, None)
-            self._read_stream()  # what the task streamed before it was lost is kept
+            self.stream.read()  # what the task streamed before it was lost is kept
             del self.futures[future]
             self._forget(future)
             self._lost(task, exc, runs)
             return
         self.fetching.pop(future, None)
-        caught_up = self._caught_up(future, run, sent)
+        caught_up = self.stream.caught_up(str(future.key), run, sent)
         del self.futures[future]
         self._forget(future)
         if not caught_up:
@@ -588,27 +453,6 @@ class DaskDispatcher(Dispatcher):
                     raise
                 log.warning("Dask task of a step ended with %s: %s; submitting it again", type(exc).__name__, exc)
                 self._check_stall()
-
-
-class _DriverStream:
-    """The messages of one run of one task: applied in sequence order (the local pool's ``protocol.Sequence``)."""
-
-    __slots__ = ("next", "waiting")
-
-    def __init__(self) -> None:
-        self.next = 0
-        self.waiting: dict[int, list] = {}
-
-    def ready(self, seq: int, message: list) -> list[list]:
-        """``message`` arrived: the messages that can be applied now, in order."""
-        if seq < self.next:
-            return []
-        self.waiting[seq] = message
-        out = []
-        while self.next in self.waiting:
-            out.append(self.waiting.pop(self.next))
-            self.next += 1
-        return out
 
 
 __all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]

@@ -9,15 +9,20 @@ so it lives at module level of a module the scheduler can import.
 
 from __future__ import annotations
 
+import logging
+import threading
 from concurrent.futures import CancelledError
 from enum import Enum
 from typing import Any
 
-__all__ = ["CLUSTER_WAIT_KEY", "DaskFault", "client_for", "configured_wait", "fault_of"]
+__all__ = ["CLUSTER_WAIT_KEY", "DaskFault", "client_for", "configured_wait", "fault_of", "restart_worker"]
+
+log = logging.getLogger("durable_mp.dask")
 
 CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
 DEFAULT_CLUSTER_WAIT = 300.0
 DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
+RESTART_SECONDS = 60.0  # a worker restarted through its nanny is back within this (else Dask removes it)
 _INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
 
 
@@ -69,3 +74,28 @@ def client_for(backend: Any) -> tuple[Any, bool]:
     if isinstance(backend, Client):
         return backend, False
     return Client(), True
+
+
+def restart_worker(client: Any, address: str, why: str) -> threading.Thread:
+    """Restart the worker at ``address`` through its nanny, in the background: only a new process
+    stops a thread that runs on (the local pool terminates its worker alike).
+
+    Dask runs the worker's other tasks again elsewhere, as after any lost worker (durable_mp's
+    tasks skip what their lost run finished).  A worker without a nanny is left alone, since
+    Dask could only shut it down: its thread runs to its end, unobserved.
+    """
+    def restart() -> None:
+        try:
+            nanny = client.scheduler_info().get("workers", {}).get(address, {}).get("nanny")
+            if not nanny:
+                log.warning("%s, but its Dask worker %s has no nanny to restart it: its thread runs on, "
+                            "unobserved, and holds that worker's thread until it ends", why, address)
+                return
+            log.warning("%s: restarting its Dask worker %s through its nanny", why, address)
+            client.restart_workers([address], timeout=RESTART_SECONDS, raise_for_error=False)
+        except Exception as exc:  # noqa: BLE001 - the scheduler went away meanwhile: so did the worker's tasks
+            log.warning("could not restart Dask worker %s: %s: %s", address, type(exc).__name__, exc)
+
+    thread = threading.Thread(target=restart, daemon=True, name="durable_mp-dask-restart")
+    thread.start()
+    return thread

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from enum import Enum
 from typing import Any
 
-from durable_mp.core.records import OpRecord, OpStatus
+from durable_mp.core.records import OpRecord, OpStatus, branch_key
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import run_branch
 from durable_mp.engine.payload import load_source
@@ -33,7 +33,7 @@ from durable_mp.types import StepContext
 
 LOG_LEVEL_KEY = "dask_log_level"  # in the settings: the driver's level for ctx.logger
 STREAM_FLUSH_SECONDS = 0.02  # a record waits at most this long on the worker before it is streamed
-STREAM_MAX_BYTES = 256 * 1024  # larger messages wait for the task's result: big data does not go through the scheduler
+STREAM_MAX_BYTES = 256 * 1024  # larger records are handed off, not sent through the scheduler
 REPLY_TIMEOUT = 3600.0  # a worker waits this long for the driver's answer to a request
 _SOURCES: OrderedDict = OrderedDict()
 _SOURCES_LOCK = threading.Lock()
@@ -51,10 +51,15 @@ class StreamRequest(str, Enum):
     SYNC = "sync"  # commit everything streamed so far (an AT_MOST_ONCE step's STARTED record), then reply
     RERUN = "rerun"  # Dask runs this task again (it lost its worker): reply with what the earlier runs recorded
     CALLBACK = "callback"  # reply with the callback's record once it is done (completed, failed or timed out)
+    HAND_OFF = "hand-off"  # big records wait as a Dask key on this worker: fetch them, then reply
 
 
 def _join(parts: list[Any]) -> Any:
     return b"".join(parts)
+
+
+def _size(nested: list[Any], items: list[Any]) -> int:
+    return sum(len(entry[2]) for entry in nested) + sum(len(entry[3]) for entry in items)
 
 
 class _StreamingOutbox(Outbox):
@@ -62,9 +67,11 @@ class _StreamingOutbox(Outbox):
 
     Every message names its task's key, its run (Dask may run a task again) and a sequence
     number, so the driver applies one run's messages in the order they were produced
-    (``_DriverStream``), as it does a local worker's pipe.  A message larger than
-    ``STREAM_MAX_BYTES`` (and all after it, to keep the order) waits for the task's result
-    instead, unless a request needs it now: big results do not travel through the scheduler.
+    (``_RunOrder``), as it does a local worker's pipe.  Records larger than
+    ``STREAM_MAX_BYTES`` (big results) do not travel through the scheduler: they are
+    handed off (``_hand_off``), and the branch that made them waits until the driver has
+    them, so a lost worker never costs a finished branch.  Only if a hand-off fails
+    (the scheduler is away) do they, and all later records, wait for the task's result.
     """
 
     wrap = staticmethod(_join)  # Dask serializes the result itself
@@ -76,9 +83,28 @@ class _StreamingOutbox(Outbox):
         self.key = key
         self.run = run
         self.sent = 0  # messages streamed so far
-        self.tail_nested: list[Any] = []  # held back for the result (a big record, and everything after it)
+        self.tail_nested: list[Any] = []  # held back for the result (once a hand-off failed)
         self.tail_items: list[Any] = []
+        self.held = False  # a hand-off failed: records wait for the result (or the next request)
         self.closed = False
+
+    def add(self, rec: OpRecord) -> None:
+        data = self.wrap(rec.dumps_parts())
+        with self.lock:
+            self.nested.append((rec.parent_id, rec.op_id, data))
+        self._added(data)
+
+    def add_item(self, index: int, rec: OpRecord) -> None:
+        data = self.wrap(rec.dumps_parts())
+        with self.lock:
+            self.items.append((index, rec.status == OpStatus.SUCCEEDED, branch_key(index), data))
+        self._added(data)
+
+    def _added(self, data: bytes) -> None:
+        if len(data) > STREAM_MAX_BYTES:
+            self.flush()  # handed off before its branch goes on (or waits for another thread's hand-off of it)
+        else:
+            self._due()
 
     def wait_callback(self, rec: OpRecord) -> OpRecord:
         """Block this thread (only) until the driver says the callback is done."""
@@ -118,18 +144,51 @@ class _StreamingOutbox(Outbox):
 
     def _stream(self, nested: list[Any], items: list[Any], request: StreamRequest, reply: str,
                 data: bytes = b"") -> None:
-        """Send (under ``send_lock``), or hold back for the result once a message is too big for an event."""
-        size = sum(len(entry[2]) for entry in nested) + sum(len(entry[3]) for entry in items)
+        """Send (under ``send_lock``): big records by hand-off, the rest (and a request) as an event."""
+        if not self.held and _size(nested, items) > STREAM_MAX_BYTES:
+            if self._hand_off(nested, items):
+                nested, items = [], []
+            else:
+                self.held = True
         self.tail_nested += nested
         self.tail_items += items
-        if request is StreamRequest.NONE and (size > STREAM_MAX_BYTES or len(self.tail_nested) + len(
-                self.tail_items) > len(nested) + len(items)):
-            return  # held: this and every later record travel with the result, in order
+        if request is StreamRequest.NONE and (self.held or not (self.tail_nested or self.tail_items)):
+            return  # held: these and every later record travel with the result (or the next request), in order
+        self._event(request, reply, data)
+
+    def _event(self, request: StreamRequest, reply: str, data: bytes | str = b"") -> None:
         message = [self.key, self.run, self.sent, [list(e) for e in self.tail_nested],
                    [list(e) for e in self.tail_items], request.value, reply, data]
         self.worker.log_event(self.topic, message)
         self.sent += 1
         self.tail_nested, self.tail_items = [], []
+        self.held = False
+
+    def _hand_off(self, nested: list[Any], items: list[Any]) -> bool:
+        """Put big records in this worker's memory as a Dask key and wait until the driver fetched them.
+
+        Under ``send_lock``, so no later record overtakes them and no branch goes on before
+        the driver has them.  False (nothing sent) if they could not be handed off.
+        """
+        from distributed import Variable
+
+        client = self.worker._get_client()
+        data_key = f"durable_mp-records-{self.key}-{self.run}-{self.sent}"
+        reply = f"durable_mp-reply-{self.key}-{self.run}-{self.sent}"
+        try:
+            future = client.scatter({data_key: [[list(e) for e in nested], [list(e) for e in items]]},
+                                    workers=[self.worker.address], direct=True, hash=False)[data_key]
+            Variable(data_key, client=client).set(future)  # how Dask passes a future to another client
+        except Exception:  # noqa: BLE001 - the scheduler is away: the records wait for the result
+            return False
+        try:
+            self._event(StreamRequest.HAND_OFF, reply, data_key)
+            fetched = pickling.loads(Variable(reply, client=client).get(timeout=REPLY_TIMEOUT))
+        finally:
+            future.release()
+        if fetched is None:  # the driver no longer waits for this task
+            raise _Abandoned()
+        return bool(fetched)
 
     def request(self, request: StreamRequest, data: bytes = b"") -> Any:
         """Stream what waits, ask the driver ``request`` and wait for its answer (a Dask ``Variable``)."""
@@ -252,7 +311,8 @@ def _announce_start(execution_id: str) -> int:
 
     worker = get_worker()
     key = str(worker.get_current_task())
-    sync(worker.loop, worker.scheduler.log_event, topic=[start_topic(execution_id), run_topic(key)], msg=key)
+    sync(worker.loop, worker.scheduler.log_event, topic=[start_topic(execution_id), run_topic(key)],
+         msg=[key, worker.address])
     return len(sync(worker.loop, worker.scheduler.events, topic=run_topic(key)))
 
 
