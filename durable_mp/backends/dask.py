@@ -49,6 +49,7 @@ their own limit); steps with a ``timeout`` inside Dask-run branches are refused
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -58,6 +59,7 @@ from typing import Any
 from durable_mp.backends.dask_cluster import (
     CLUSTER_WAIT_KEY,
     DASK_DEFAULT_ALLOWED_FAILURES,
+    RESTART_SECONDS,
     DaskFault,
     _scheduler_allowed_failures,
     client_for,
@@ -112,6 +114,7 @@ class DaskDispatcher(Dispatcher):
         self.stream = WorkerStream(client, execution_id, store, self.intake, self.stats, task_of=self._task_of,
                                    checkpoints=self._branch_checkpoints, poll_callback=poll_callback)
         self.fetching: dict[Any, float] = {}  # future -> since when its result is being fetched
+        self.restarts: list[threading.Thread] = []  # workers being restarted: a timed-out branch ran there
         self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
         self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
         self.futures: dict[Any, Task] = {}
@@ -134,6 +137,8 @@ class DaskDispatcher(Dispatcher):
             return super().run_batch(spec)
         finally:
             self.stream.unsubscribe()
+            while self.restarts:  # as on the local pool, a timed-out branch is stopped before its batch returns
+                self.restarts.pop().join(RESTART_SECONDS)
 
     def _task_of(self, key: str) -> Task | None:
         future = self.by_key.get(key)
@@ -325,7 +330,8 @@ class DaskDispatcher(Dispatcher):
                     f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task and restarted its "
                     f"worker)"), start=task.started)
             if address:
-                restart_worker(self.client, address, f"branch {task.indices[0]} exceeded its timeout")
+                self.restarts.append(
+                    restart_worker(self.client, address, f"branch {task.indices[0]} exceeded its timeout"))
 
     def _settle(self, future: Any) -> None:
         task = self.futures.get(future)
