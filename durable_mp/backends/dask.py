@@ -15,20 +15,22 @@
     │                                 │ Variable  │  Variable)                    │
     └─────────────────────────────────┘           └───────────────────────────────┘
 
-What runs inside a Dask task lives in ``backends.dask_tasks``.  Records stream
-(``dask_tasks._StreamingOutbox``): a running chunk sends its records every
-``STREAM_FLUSH_SECONDS`` as events on the execution's records topic, each message tagged
-(task key, run, sequence number); the driver applies each run's messages in order
-(``_DriverStream``) and stages them as they come, so a lost worker costs its running
-branches only.  Messages over ``STREAM_MAX_BYTES`` (big results) wait for the task's
-result, which also carries how many messages were streamed: the driver applies the
-result only after all of them (else the task counts as lost).  Three requests wait for the
-driver's answer, a Dask ``Variable`` per request: ``SYNC`` (an ``AT_MOST_ONCE_PER_RETRY``
-step's STARTED record is committed before its body runs), ``CALLBACK`` (the driver answers
-once the callback is done) and ``RERUN``: Dask runs a task again with its original
-arguments after losing its worker; the task counts its runs on a per-task event topic at
-the scheduler, and a second run first asks the driver for what the earlier runs recorded
-(their finished branches are skipped, the running one replays its checkpoints).
+What runs inside a Dask task lives in ``backends.dask_tasks``; the driver's end of what
+the tasks tell it (starts, streamed records, requests, log lines) in ``backends.dask_stream``
+(``WorkerStream``); whether the cluster can run anything, and the wait while it cannot, in
+``backends.dask_watch`` (``ClusterWatch``).  The dispatcher here holds one of each and
+decides: what to submit, what a finished or failed task means, what a timeout stops.
+
+Records stream: a running chunk sends them every ``STREAM_FLUSH_SECONDS`` as events, each
+message tagged (task key, run, sequence number); the driver applies each run's messages in
+order and stages them as they come.  Records over ``STREAM_MAX_BYTES`` (big results) are
+handed off instead: scattered into their worker's memory, passed to the driver through a
+Dask ``Variable``, and their branch waits until the driver fetched them.  So a lost worker
+costs its running branches only.  A task's result carries how many messages it streamed:
+the driver applies it only after all of them (else the task counts as lost).  Dask runs a
+task again with its original arguments after losing its worker; that run first asks the
+driver for what the earlier runs recorded (finished branches are skipped, the running one
+replays its checkpoints).
 
 What a cluster fault costs (``dask_cluster.fault_of``): a lost worker, a cancelled future, a lost
 dependency, a closed connection or a lost scheduler puts the chunk's unreported branches
@@ -39,11 +41,12 @@ branch that keeps killing its worker ends FAILED (``max_crash_retries``).  Witho
 scheduler or workers the run waits (Dask config ``durable-mp.cluster-wait``, 300 s), then
 raises ``ClusterUnavailableError`` with the execution RUNNING and resumable.
 
-Differences from the local pool, by the nature of Dask: ``branch_timeout`` cancels the
-task and fails the branch, but a running Dask thread runs to its end, unobserved (so does
-one of a batch that completed early); ``max_worker_memory`` is refused (Dask workers have
-their own limit); steps with a ``timeout`` inside Dask-run branches are refused
-(``ValidationError`` before the body runs: a Dask thread cannot be stopped alone).
+Timeouts: a Dask thread cannot be stopped alone, so a ``branch_timeout`` or a step's
+``timeout`` (in a branch or at the root) that runs out cancels the task and restarts its
+worker through its nanny, as the local pool kills its worker; Dask runs that worker's other
+tasks again, uncharged.  A worker without a nanny is left running the thread (a warning
+says so).  ``max_worker_memory`` is refused (Dask workers have their own limit).  The
+branches still running when their batch completed early run to their end, unobserved.
 """
 
 from __future__ import annotations
@@ -58,25 +61,24 @@ from typing import Any
 
 from durable_mp.backends.dask_cluster import (
     CLUSTER_WAIT_KEY,
-    DASK_DEFAULT_ALLOWED_FAILURES,
     RESTART_SECONDS,
     DaskFault,
-    _scheduler_allowed_failures,
     client_for,
-    configured_wait,
     fault_of,
+    processing_on,
     restart_worker,
 )
 from durable_mp.backends.dask_stream import WorkerStream
 from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, run_call, run_chunk
-from durable_mp.core.records import Attempt
+from durable_mp.backends.dask_watch import STALL_POLL_SECONDS, ClusterWatch
+from durable_mp.core.records import Attempt, OpStatus
 from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
-from durable_mp.engine.batch_run import Task
+from durable_mp.engine.batch_run import Task, Watch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
 from durable_mp.engine.scheduling import concurrency_limit
-from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, WorkerCrashedError
+from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import LOGGER_NAME
 
@@ -84,10 +86,8 @@ log = logging.getLogger("durable_mp.dask")
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 FIRST_CHUNK_ITEMS = 4  # before any item time is known
-STALL_POLL_SECONDS = 1.0
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
-THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
 PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
 
 
@@ -106,25 +106,18 @@ class DaskDispatcher(Dispatcher):
                  reconnect: Callable[[str], Any] | None = None, poll_callback: Any = None) -> None:
         super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress, poll_callback=poll_callback)
-        self.client = client
-        self.reconnect = reconnect  # a new client to the scheduler's address, once this one gave up
-        self.address: str = getattr(getattr(client, "scheduler", None), "address", None) or ""
         self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
+        self.cluster = ClusterWatch(client, execution_id, cluster_wait=cluster_wait, reconnect=reconnect,
+                                    on_client=self._new_client, on_stall=self._stalled)
         self.by_key: dict[str, Any] = {}  # task key -> its future
         self.stream = WorkerStream(client, execution_id, store, self.intake, self.stats, task_of=self._task_of,
                                    checkpoints=self._branch_checkpoints, poll_callback=poll_callback)
         self.fetching: dict[Any, float] = {}  # future -> since when its result is being fetched
         self.restarts: list[threading.Thread] = []  # workers being restarted: a timed-out branch ran there
         self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
-        self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
         self.futures: dict[Any, Task] = {}
         self.payload_futures: dict[str, Any] = {}
         self.isolate: set[tuple[str, int]] = set()  # branches of a chunk Dask gave up on: they run alone next
-        self.nthreads = 0
-        self.nthreads_at = -THREADS_REFRESH_SECONDS
-        self.allowed_failures: int | None = None
-        self.stalled_since: float | None = None  # since when the cluster could not run anything
-        self.stall_reason = ""
 
     first_chunk_items = FIRST_CHUNK_ITEMS
     # skip_time on Dask: sleeps are instant, outcomes count as they arrive (the clock needs the
@@ -151,68 +144,17 @@ class DaskDispatcher(Dispatcher):
         self.by_key.pop(key, None)
         self.stream.forget(key)
 
-    # -- the cluster ---------------------------------------------------------------------------
-    def _threads(self, refresh: bool = False) -> int:
-        """Threads of the cluster's workers, asked of the scheduler at most every few seconds (0: none, or away)."""
-        now = time.monotonic()
-        if refresh or now - self.nthreads_at >= THREADS_REFRESH_SECONDS:
-            self.nthreads_at = now
-            try:
-                self.nthreads = sum(self.client.nthreads().values()) if self._connected() else 0
-            except Exception:  # noqa: BLE001 - the scheduler went away meanwhile
-                self.nthreads = 0
-        return self.nthreads
+    @property
+    def client(self) -> Any:
+        return self.cluster.client
 
-    def _connected(self) -> bool:
-        return getattr(self.client, "status", "running") == "running"
-
-    def _allowed_failures(self) -> int:
-        """How many worker deaths a task survives on this cluster (the scheduler's setting, read once)."""
-        if self.allowed_failures is None:
-            try:
-                self.allowed_failures = int(self.client.run_on_scheduler(_scheduler_allowed_failures))
-            except Exception:  # noqa: BLE001 - the scheduler's own config is unreadable: Dask's default
-                self.allowed_failures = DASK_DEFAULT_ALLOWED_FAILURES
-        return self.allowed_failures
-
-    def _unavailable(self, reason: str) -> None:
-        """The cluster cannot run anything now: wait for it, up to ``cluster_wait`` seconds, then stop resumable."""
-        now = time.monotonic()
-        if self.stalled_since is None or reason != self.stall_reason:
-            if self.stalled_since is None:
-                self.stalled_since = now
-            self.stall_reason = reason
-            log.warning("%s; waiting up to %gs for it (Dask config %r), then the run stops, resumable",
-                        reason, self.cluster_wait, CLUSTER_WAIT_KEY)
+    def _new_client(self, client: Any) -> None:
+        self.stream.client = client
         self.stream.resubscribe = True
-        if now - self.stalled_since > self.cluster_wait:
-            raise ClusterUnavailableError(
-                f"{reason} for {now - self.stalled_since:.0f}s (limit {self.cluster_wait:g}s, Dask config "
-                f"{CLUSTER_WAIT_KEY!r}); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
-        time.sleep(STALL_POLL_SECONDS)
-        if getattr(self.client, "status", "running") in ("closed", "closing"):
-            self._reconnect()
-
-    def _reconnect(self) -> None:
-        """The client gave up reconnecting (``distributed.comm.timeouts.connect``): try a new one, within our wait."""
-        if self.reconnect is None or not self.address:
-            raise ClusterUnavailableError(
-                f"the Dask client gave up reconnecting to the scheduler (distributed.comm.timeouts.connect) and "
-                f"cannot be replaced; execution {self.execution_id!r} stays RUNNING: run it again to resume it")
-        try:
-            client = self.reconnect(self.address)
-        except (OSError, TimeoutError) as exc:
-            log.debug("no scheduler at %s yet: %s", self.address, exc)
-            return
-        log.warning("connected a new Dask client to %s (the old one gave up reconnecting)", self.address)
-        self.client = self.stream.client = client
         self.payload_futures.clear()  # the old client's: gone with it
-        self.stream.resubscribe = True
 
-    def _available(self) -> None:
-        if self.stalled_since is not None:
-            log.warning("the Dask cluster is back after %.0fs", time.monotonic() - self.stalled_since)
-        self.stalled_since = None
+    def _stalled(self) -> None:
+        self.stream.resubscribe = True
 
     def _payload(self, batch: BatchRun) -> Any:
         """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost."""
@@ -225,11 +167,11 @@ class DaskDispatcher(Dispatcher):
 
     # -- scheduling ----------------------------------------------------------------------------
     def _fill(self, batch: BatchRun) -> None:
-        if not batch.queue or not self._connected():
+        if not batch.queue or not self.cluster.connected():
             return
         if self.stream.resubscribe:
             self.stream.subscribe()
-        threads = self._threads()
+        threads = self.cluster.threads()
         if not threads:
             return
         if self.max_workers:  # on Dask: how many of the cluster's threads this run uses at most
@@ -258,9 +200,10 @@ class DaskDispatcher(Dispatcher):
     def _pump(self, batch: BatchRun | None) -> None:
         if not self.futures:
             if batch is not None and batch.queue:  # nothing could be submitted
-                self._unavailable("the Dask client is not connected to its scheduler" if not self._connected()
-                                  else "the Dask cluster has no workers")
-                self._threads(refresh=True)
+                cluster = self.cluster
+                cluster.unavailable("the Dask client is not connected to its scheduler" if not cluster.connected()
+                                    else "the Dask cluster has no workers")
+                self.cluster.threads(refresh=True)
                 return
             raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
         done = self._wait(self._wait_seconds_dask())
@@ -274,7 +217,7 @@ class DaskDispatcher(Dispatcher):
             for future in done:
                 self._settle(future)
         else:
-            self._check_stall()
+            self.cluster.check()
         self._expire_deadlines()
 
     def _woken(self, _future: Any) -> None:
@@ -298,40 +241,56 @@ class DaskDispatcher(Dispatcher):
         if self.stream.callback_waits:
             waits.append(CALLBACK_POLL_SECONDS)
         waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
+        waits.extend(watch.deadline - now for watches in self.stream.watches.values() for watch in watches.values()
+                     if watch.deadline is not None)
         if any(task.deadline is None and task.batch is not None and task.batch.spec.branch_timeout is not None
                for task in self.futures.values()):
             waits.append(START_POLL_SECONDS)  # a timed chunk's start is read soon after it is announced
         return max(0.0, min(waits))
 
-    def _check_stall(self) -> None:
-        """Nothing finished for a while: is the cluster still able to run the tasks?"""
-        if not self._connected():
-            self._unavailable("the Dask client lost its scheduler")
-        elif not self._threads(refresh=True):
-            self._unavailable("the Dask cluster has no workers")
-        else:
-            self._available()
-
     def _expire_deadlines(self) -> None:
-        """``branch_timeout``: cancel the task, fail its branch, and restart its worker (which stops the thread)."""
+        """Timeouts: cancel the task and restart its worker (which stops the thread, as the local pool's kill).
+
+        A ``branch_timeout`` fails its branch; a step's ``timeout`` is that attempt's error
+        (an undecided PENDING record: the branch runs again and the step's retry strategy
+        decides).  Its chunk's other unreported branches go back to the queue, uncharged.
+        """
         now = time.monotonic()
         for future, task in list(self.futures.items()):
-            if task.deadline is None or now < task.deadline or task.batch is None:
+            key = str(future.key)
+            watches = self.stream.watches.get(key, {}).values()
+            watch = next((w for w in watches if w.deadline is not None and now >= w.deadline), None)
+            if task.batch is None or (watch is None and (task.deadline is None or now < task.deadline)):
                 continue
-            address = self.stream.where.get(str(future.key))
+            address = self.stream.where.get(key)
             del self.futures[future]
             self._forget(future)
             future.cancel()
             self.stats["timeouts"] += 1
             batch = task.batch
-            for index in task.unreported():
-                self.intake.fail_item(batch, index, StepTimeoutError(
-                    f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
-                    f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task and restarted its "
-                    f"worker)"), start=task.started)
+            if watch is not None:
+                why = f"step {watch.record.name!r} exceeded its timeout"
+                self._step_timed_out(batch, task.unreported(), watch, StepTimeoutError(why))
+            else:
+                why = f"branch {task.indices[0]} exceeded its timeout"
+                for index in task.unreported():
+                    self.intake.fail_item(batch, index, StepTimeoutError(
+                        f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
+                        f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task and restarted its "
+                        f"worker)"), start=task.started)
             if address:
-                self.restarts.append(
-                    restart_worker(self.client, address, f"branch {task.indices[0]} exceeded its timeout"))
+                self.restarts.append(restart_worker(self.client, address, why))
+
+    def _step_timed_out(self, batch: BatchRun, unreported: list[int], watch: Watch, error: Exception) -> None:
+        """The step's attempt failed with ``error`` (its retry strategy decides when the branch runs again)."""
+        rec = watch.record
+        err = ErrorObject.from_exception(error).to_dict()
+        attempts = (*rec.attempts, Attempt(rec.attempt, watch.started, time.time(), 0, err))
+        self.store.stage(self.execution_id, rec._replace(
+            status=OpStatus.PENDING, error=err, attempts=attempts,
+            extra={"undecided": True, "exc": type(error).__name__}))
+        for index in reversed(unreported):
+            self.supervisor.requeue(batch, index)
 
     def _settle(self, future: Any) -> None:
         task = self.futures.get(future)
@@ -346,7 +305,7 @@ class DaskDispatcher(Dispatcher):
             if not isinstance(exc, Exception):
                 raise
             first = self.fetching.setdefault(future, time.monotonic())
-            if isinstance(exc, TimeoutError) and time.monotonic() - first < self.cluster_wait:
+            if isinstance(exc, TimeoutError) and time.monotonic() - first < self.cluster.cluster_wait:
                 # a slow fetch, or its result was lost with a worker and Dask runs the task again (which may
                 # ask the driver for what the lost run recorded): keep serving the stream meanwhile
                 if not future.done():
@@ -365,7 +324,7 @@ class DaskDispatcher(Dispatcher):
         if not caught_up:
             self._lost(task, CancelledError("streamed records were lost"), runs)
             return
-        self._available()
+        self.cluster.available()
         batch = task.batch
         self.intake.stage_nested(nested)
         items = [item for item in items if item[0] not in task.reported]
@@ -401,7 +360,7 @@ class DaskDispatcher(Dispatcher):
             self.stats["crashes"] += 1
             # the deaths it was running at (Dask also counts those it sat queued behind): at least one,
             # so a start announcement lost with its worker cannot keep a branch going forever
-            deaths = max(1, min(runs, self._allowed_failures() + 1))
+            deaths = max(1, min(runs, self.cluster.allowed_failures() + 1))
             batch.crashes[index] += deaths
             count = batch.crashes[index]
             batch.crash_log.setdefault(index, []).append(Attempt(
@@ -444,21 +403,25 @@ class DaskDispatcher(Dispatcher):
     def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
         data = pickling.dumps((func, attempt, extra))
         while True:
-            while not self._connected() or not self._threads():
-                self._unavailable("the Dask cluster cannot run the step (no scheduler, or no workers)")
-                self._threads(refresh=True)
+            while not self.cluster.connected() or not self.cluster.threads():
+                self.cluster.unavailable("the Dask cluster cannot run the step (no scheduler, or no workers)")
+                self.cluster.threads(refresh=True)
             future = self.client.submit(run_call, data, pure=False)
             try:
                 return future.result(timeout=timeout)
             except TimeoutError as exc:
+                address = processing_on(self.client, str(future.key))
                 future.cancel()
+                if address:  # the body is stopped before the handler goes on, as the local pool's kill does
+                    restart_worker(self.client, address, "a step exceeded its timeout").join(RESTART_SECONDS)
                 raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancelled "
-                                       f"the task; a running Dask thread finishes unobserved)") from exc
+                                       f"the task and restarted its worker)") from exc
             except Exception as exc:
                 if fault_of(exc, 1) is not DaskFault.INFRASTRUCTURE:
                     raise
                 log.warning("Dask task of a step ended with %s: %s; submitting it again", type(exc).__name__, exc)
-                self._check_stall()
+                self.cluster.check()
 
 
-__all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]
+__all__ = ["CLUSTER_WAIT_KEY", "DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk",
+           "run_call"]

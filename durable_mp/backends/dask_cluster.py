@@ -67,6 +67,21 @@ def _scheduler_allowed_failures() -> int:
     return int(dask.config.get("distributed.scheduler.allowed-failures"))
 
 
+def _scheduler_processing_on(key: str, dask_scheduler: Any = None) -> str | None:
+    task = dask_scheduler.tasks.get(key) if dask_scheduler is not None else None
+    worker = getattr(task, "processing_on", None)
+    return None if worker is None else str(worker.address)
+
+
+def processing_on(client: Any, key: str) -> str | None:
+    """The worker running task ``key`` (asked of the scheduler), or None."""
+    try:
+        address: str | None = client.run_on_scheduler(_scheduler_processing_on, key)
+    except Exception:  # noqa: BLE001 - the scheduler went away: so did the task
+        return None
+    return address
+
+
 def client_for(backend: Any) -> tuple[Any, bool]:
     """``(client, owned)`` for ``backend="dask"`` (new local cluster or $DASK_SCHEDULER_ADDRESS) or a Client."""
     from distributed import Client

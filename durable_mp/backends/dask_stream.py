@@ -6,7 +6,8 @@ lines.  ``WorkerStream`` subscribes to them, applies each run's messages in the 
 were produced (``_RunOrder``) into the dispatcher's ``Intake``, and answers the requests
 among them through a Dask ``Variable`` per request: ``SYNC`` (after a commit),
 ``CALLBACK`` (once the callback is done), ``RERUN`` (what a lost run recorded) and
-``HAND_OFF`` (big records waiting as a Dask key on their worker: fetched first).
+``HAND_OFF`` (big records waiting as a Dask key on their worker: fetched first); and it
+keeps the steps with a timeout each task is running (``WATCH``, ``WATCH_END``).
 The dispatcher (``backends.dask``) holds one and tells it which tasks are still its own.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 from durable_mp.backends.dask_tasks import StreamRequest, log_topic, records_topic, start_topic
 from durable_mp.core.records import OpRecord
 from durable_mp.engine import pickling
-from durable_mp.engine.batch_run import Task
+from durable_mp.engine.batch_run import Task, Watch
 from durable_mp.engine.intake import Intake
 from durable_mp.engine.lifecycle import BranchState
 
@@ -62,6 +63,7 @@ class WorkerStream:
         self.callback_waits: dict[tuple[str, str], OpRecord] = {}  # (task key, reply) -> the callback awaited
         self.starts: dict[str, int] = {}  # task key -> how often it started running
         self.where: dict[str, str] = {}  # task key -> the worker its last start was announced from
+        self.watches: dict[str, dict[int, Watch]] = {}  # task key -> its running steps that have a timeout
         self.resubscribe = False
 
     # -- subscriptions ---------------------------------------------------------------------------
@@ -118,7 +120,7 @@ class WorkerStream:
             key, run, seq = message[0], message[1], message[2]
             task = self.task_of(key)
             if task is None:  # the task ended, timed out or was closed
-                if message[5]:
+                if message[6]:
                     self.answer(key, message[6], None)
                 continue
             order = self.runs.setdefault((key, run), _RunOrder())
@@ -142,6 +144,13 @@ class WorkerStream:
         kind = StreamRequest(request)
         if kind is StreamRequest.HAND_OFF:
             self.answer(key, reply, True)
+            return
+        if kind is StreamRequest.WATCH:
+            watch_id, rec, timeout = pickling.loads(data)
+            self.watches.setdefault(key, {})[watch_id] = Watch(OpRecord.loads(rec), timeout)
+            return
+        if kind is StreamRequest.WATCH_END:
+            self.watches.get(key, {}).pop(pickling.loads(data), None)
             return
         self.store.flush()  # a request's records are committed before it is answered
         if kind is StreamRequest.SYNC:
@@ -221,6 +230,7 @@ class WorkerStream:
 
         self.starts.pop(key, None)
         self.where.pop(key, None)
+        self.watches.pop(key, None)
         for run_key in [k for k in self.runs if k[0] == key]:
             del self.runs[run_key]
         for reply in self.replies.pop(key, []):

@@ -4,8 +4,9 @@ Dask pickles task functions by reference (module and name), so everything a work
 lives at module level here, apart from the driver (``backends.dask``), which a worker
 never needs to import.  A running chunk streams its records to the driver as Dask events
 (``_StreamingOutbox``), asks it through a Dask ``Variable`` when it must wait for an
-answer (``StreamRequest``), forwards ``ctx.logger`` records as events, and refuses a step
-``timeout`` before the body runs (a Dask thread cannot be stopped alone).
+answer (``StreamRequest``), hands big records off as Dask keys, tells the driver when a step
+with a timeout starts and ends (the driver restarts the worker of one that runs over), and
+forwards ``ctx.logger`` records as events.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from durable_mp.engine.scheduling import stop_chunk
 from durable_mp.engine.worker import Outbox
 from durable_mp.engine.worker_process import record_data
 from durable_mp.engine.worker_state import WorkerContextState, WorkerShared
-from durable_mp.exceptions import ValidationError
 from durable_mp.logger import LOGGER_NAME
 from durable_mp.types import StepContext
 
@@ -40,10 +40,6 @@ _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
 
 
-def _name(rec: OpRecord) -> str:
-    return repr(rec.name) if rec.name else f"(unnamed, id {rec.op_id[:12]})"
-
-
 class StreamRequest(str, Enum):
     """What a streamed message asks of the driver, which answers through a Dask ``Variable``."""
 
@@ -52,6 +48,8 @@ class StreamRequest(str, Enum):
     RERUN = "rerun"  # Dask runs this task again (it lost its worker): reply with what the earlier runs recorded
     CALLBACK = "callback"  # reply with the callback's record once it is done (completed, failed or timed out)
     HAND_OFF = "hand-off"  # big records wait as a Dask key on this worker: fetch them, then reply
+    WATCH = "watch"  # a step with a timeout starts (no reply: the driver restarts the worker if it runs over)
+    WATCH_END = "watch-end"  # that step ended (no reply)
 
 
 def _join(parts: list[Any]) -> Any:
@@ -219,17 +217,24 @@ class _StreamingOutbox(Outbox):
     def chunk_done(self, unstarted: list[int], cpu_share: float, seconds: float = 0.0) -> None:
         return None
 
-    def watch_start(self, rec: Any, timeout: float | None) -> int:
-        if timeout:  # refused before the body runs: a Dask thread cannot be stopped from outside
-            raise ValidationError(
-                f"step {_name(rec)} has a timeout, which the Dask backend cannot enforce inside a parallel/map "
-                f"branch (a running Dask thread cannot be stopped). Use the branch_timeout of the parallel/map "
-                f"(enforced by cancelling the branch's task), run the step in the handler body, or use the local "
-                f"backend")
-        return 0
+    def watch_start(self, rec: OpRecord, timeout: float | None) -> int:
+        """A step with a timeout starts: the driver restarts this worker if it outlives it (after what waits)."""
+        if not timeout:
+            return 0
+        watch_id = next(self._watch_ids)
+        self._notify(StreamRequest.WATCH, pickling.dumps((watch_id, rec.dumps(), timeout)))
+        return watch_id
 
     def watch_end(self, watch_id: int) -> None:
-        return None
+        if watch_id:
+            self._notify(StreamRequest.WATCH_END, pickling.dumps(watch_id))
+
+    def _notify(self, kind: StreamRequest, data: bytes) -> None:
+        """Stream what waits and a notice the driver does not answer."""
+        with self.send_lock:
+            nested, items, _, _ = self._take()
+            self.last_send = time.monotonic()
+            self._stream(nested, items, kind, "", data)
 
 
 class _Abandoned(BaseException):

@@ -322,19 +322,16 @@ def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path
     def slow(step_ctx):
         mark(str(tmp_path), "slow-ran")
         _wait_for(release, 60)
+        mark(str(tmp_path), "slow-ended")
         return 1
 
-    # At the root the step runs in a local worker that the timeout kills; with a Dask backend a root
-    # step's timeout is not enforced (docs/dask.md: it waits for the body), so only the branch is asked.
-    at_root = not executor.dask
-
+    # At the root the step runs in a worker of its own (a local process, or a Dask task) that the timeout
+    # kills (on Dask: restarts through its nanny), as does the branch's.
     @durable_execution
     def handler(event, ctx):
-        root = None
         try:
-            if at_root:
-                ctx.step(slow, name="root-slow", config=cfg)
-                root = "no timeout"
+            ctx.step(slow, name="root-slow", config=cfg)
+            root = "no timeout"
         except Exception as exc:  # noqa: BLE001
             root = type(exc).__name__ + ": " + str(exc)
         branch = ctx.parallel([lambda c: c.step(slow, name="branch-slow", config=cfg), lambda c: "quick"],
@@ -346,15 +343,14 @@ def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path
         root, status, message, quick = executor.run(handler, store=store_path, skip_time=not executor.dask)
     finally:
         release.touch()
-    if at_root:
-        assert "timeout" in root and "no timeout" not in root
+        executor.workers_back()
+    assert "timeout" in root and "no timeout" not in root
     assert status == BatchItemStatus.FAILED and "timeout" in message
     assert quick == "quick"
-    if executor.refuses(Refused.STEP_TIMEOUT_IN_BRANCH):
-        assert "'branch-slow'" in message and "branch_timeout" in message
-        assert marker_count(tmp_path, "slow-ran") == 0, "the refused step's body never ran"
-    else:
-        assert marker_count(tmp_path, "slow-ran") == 2
+    # at most once each (NO_RETRY); on a loaded machine a body can be stopped before its first line
+    assert marker_count(tmp_path, "slow-ran") <= 2, "no timed-out body ran again"
+    time.sleep(0.2)  # a body left running would end now that it is released
+    assert marker_count(tmp_path, "slow-ended") == 0, "both timed-out bodies were stopped with their workers"
 
 
 def test_memory_limit_ends_the_worker_over_it(executor, store_path):
