@@ -77,7 +77,7 @@ from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task, Watch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
-from durable_mp.engine.scheduling import concurrency_limit
+from durable_mp.engine.scheduling import chunk_size, concurrency_limit
 from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import LOGGER_NAME
@@ -86,6 +86,10 @@ log = logging.getLogger("durable_mp.dask")
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 FIRST_CHUNK_ITEMS = 4  # before any item time is known
+# a Dask task costs scheduler round trips (the local pool's chunk a pipe message): chunks of about this
+# long keep that cost small (Dask's advice: tasks of 100 ms or more); a lost worker costs only its
+# running items, however long its chunk
+TARGET_CHUNK_SECONDS = 0.5
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
 PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
@@ -196,6 +200,12 @@ class DaskDispatcher(Dispatcher):
             self.by_key[str(future.key)] = future
             future.add_done_callback(self._woken)
             running += 1
+
+    def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
+        size = chunk_size(len(batch.queue), allowed, batch.item_seconds, is_map=batch.is_map,
+                          has_timeout=batch.spec.branch_timeout is not None, first=self.first_chunk_items,
+                          target=TARGET_CHUNK_SECONDS)
+        return [batch.queue.popleft() for _ in range(size)]
 
     def _pump(self, batch: BatchRun | None) -> None:
         if not self.futures:

@@ -56,7 +56,7 @@ class WorkerStream:
         self.poll_callback = poll_callback
         self.wake = threading.Event()  # a message came (the dispatcher's futures set it too)
         self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
-        self.started: deque[Any] = deque()  # [task key, worker address] of tasks that started, as announced
+        self.started: deque[Any] = deque()  # [task key, worker address, token] of tasks that started, as announced
         self.streamed: deque[list] = deque()  # records (and requests) streamed by running chunks, as they came
         self.runs: dict[tuple[str, int], _RunOrder] = {}  # (task key, run) -> its messages, applied in order
         self.replies: dict[str, list[str]] = {}  # task key -> the reply Variables it was sent (deleted at its end)
@@ -103,7 +103,7 @@ class WorkerStream:
     def read_starts(self) -> None:
         """Tasks that said they started: count their runs; a timed chunk's ``branch_timeout`` runs from now."""
         while self.started:
-            key, address = self.started.popleft()
+            key, address, _token = self.started.popleft()
             task = self.task_of(key)
             if task is None or task.batch is None:
                 continue

@@ -15,6 +15,7 @@ import copy
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from enum import Enum
 from typing import Any
@@ -309,16 +310,28 @@ def _announce_start(execution_id: str) -> int:
     A round trip, not a buffered event: a branch that kills its worker at once must not
     take its announcement down with it.  The scheduler keeps the task's own run topic, so
     a run Dask started again after losing a worker knows it is one (and asks the driver
-    for what the earlier runs recorded) without a round trip to the driver.
+    for what the earlier runs recorded) without a round trip to the driver.  The
+    announcement and the read of the earlier runs go out together (one round trip's
+    wait): this run tells its own entry apart by a token.
     """
+    import asyncio
+
     from distributed import get_worker
     from distributed.utils import sync
 
     worker = get_worker()
     key = str(worker.get_current_task())
-    sync(worker.loop, worker.scheduler.log_event, topic=[start_topic(execution_id), run_topic(key)],
-         msg=[key, worker.address])
-    return len(sync(worker.loop, worker.scheduler.events, topic=run_topic(key)))
+    token = uuid.uuid4().hex
+
+    async def announce_and_count() -> list:
+        _, runs = await asyncio.gather(
+            worker.scheduler.log_event(topic=[start_topic(execution_id), run_topic(key)],
+                                       msg=[key, worker.address, token]),
+            worker.scheduler.events(topic=run_topic(key)))
+        return list(runs)
+
+    earlier = [msg for _, msg in sync(worker.loop, announce_and_count) if msg[2] != token]
+    return len(earlier) + 1
 
 
 def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
