@@ -69,7 +69,7 @@ from durable_mp.backends.dask_cluster import (
     restart_worker,
 )
 from durable_mp.backends.dask_stream import WorkerStream
-from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, run_call, run_chunk
+from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, payload_variable, run_call, run_chunk
 from durable_mp.backends.dask_watch import STALL_POLL_SECONDS, ClusterWatch
 from durable_mp.core.records import Attempt, OpStatus
 from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
@@ -92,7 +92,7 @@ FIRST_CHUNK_ITEMS = 4  # before any item time is known
 TARGET_CHUNK_SECONDS = 0.5
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
-PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
+PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which wait for it)
 
 
 class DaskDispatcher(Dispatcher):
@@ -160,14 +160,20 @@ class DaskDispatcher(Dispatcher):
     def _stalled(self) -> None:
         self.stream.resubscribe = True
 
-    def _payload(self, batch: BatchRun) -> Any:
-        """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost."""
+    def _payload(self, batch: BatchRun) -> None:
+        """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost.
+
+        Chunks find it through a Dask ``Variable`` (``dask_tasks.payload_variable``), which
+        also keeps it in the cluster, rather than as a dependency that would tie them to its worker.
+        """
         payload = self.payload_futures.get(batch.token)
         if payload is None or payload.status in ("cancelled", "lost", "error"):
+            from distributed import Variable
+
             payload = self.payload_futures[batch.token] = self.client.submit(
                 load_payload, batch.payload, key=f"durable_mp-payload-{batch.token}-{uuid.uuid4().hex[:8]}",
                 pure=False, priority=PAYLOAD_PRIORITY)
-        return payload
+            Variable(payload_variable(batch.token), client=self.client).set(payload)
 
     # -- scheduling ----------------------------------------------------------------------------
     def _fill(self, batch: BatchRun) -> None:
@@ -194,8 +200,9 @@ class DaskDispatcher(Dispatcher):
                 indices = self._take_chunk(batch, allowed)
             budget = self._batch_budget(batch, (0, 0))
             names, checkpoints = self._prepare_chunk(batch, indices)
-            future = self.client.submit(run_chunk, self._payload(batch), batch.token, indices, names, checkpoints,
-                                        self.settings, budget, pure=False)
+            self._payload(batch)
+            future = self.client.submit(run_chunk, batch.token, indices, names, checkpoints, self.settings, budget,
+                                        pure=False)
             self.futures[future] = self._new_task(batch, indices, None)  # a deadline once it starts
             self.by_key[str(future.key)] = future
             future.add_done_callback(self._woken)
@@ -408,7 +415,13 @@ class DaskDispatcher(Dispatcher):
         self.queued_kills = {key: n for key, n in self.queued_kills.items() if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
         if payload is not None:
+            from distributed import Variable
+
             payload.release()
+            try:
+                Variable(payload_variable(batch.token), client=self.client).delete()
+            except Exception:  # noqa: BLE001 - the scheduler went away, and its variables with it
+                pass
 
     def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
         data = pickling.dumps((func, attempt, extra))

@@ -36,6 +36,7 @@ LOG_LEVEL_KEY = "dask_log_level"  # in the settings: the driver's level for ctx.
 STREAM_FLUSH_SECONDS = 0.02  # a record waits at most this long on the worker before it is streamed
 STREAM_MAX_BYTES = 256 * 1024  # larger records are handed off, not sent through the scheduler
 REPLY_TIMEOUT = 3600.0  # a worker waits this long for the driver's answer to a request
+PAYLOAD_WAIT_SECONDS = 1.0  # a chunk waits this long for its batch's payload before it frees its thread
 _SOURCES: OrderedDict = OrderedDict()
 _SOURCES_LOCK = threading.Lock()
 _SOURCE_CACHE_SIZE = 4
@@ -155,10 +156,16 @@ class _StreamingOutbox(Outbox):
             return  # held: these and every later record travel with the result (or the next request), in order
         self._event(request, reply, data)
 
-    def _event(self, request: StreamRequest, reply: str, data: bytes | str = b"") -> None:
+    def _event(self, request: StreamRequest, reply: str, data: bytes | str = b"", confirmed: bool = False) -> None:
+        """Send what is held, and ``request``, as the run's next message (``confirmed``: wait for the scheduler)."""
         message = [self.key, self.run, self.sent, [list(e) for e in self.tail_nested],
                    [list(e) for e in self.tail_items], request.value, reply, data]
-        self.worker.log_event(self.topic, message)
+        if confirmed:
+            from distributed.utils import sync
+
+            sync(self.worker.loop, self.worker.scheduler.log_event, topic=self.topic, msg=message)
+        else:
+            self.worker.log_event(self.topic, message)
         self.sent += 1
         self.tail_nested, self.tail_items = [], []
         self.held = False
@@ -208,12 +215,25 @@ class _StreamingOutbox(Outbox):
             raise _Abandoned()
 
     def finish(self) -> tuple[list[Any], list[Any], int]:
-        """The records not streamed yet (they travel with the result) and how many messages were streamed."""
+        """The records not streamed yet and how many messages were streamed.
+
+        The last records go to the scheduler in a round trip before the task ends, not
+        with its result: a worker killed once the task has ended (by the next task, say)
+        costs none of its branches.  Only if that fails (or a hand-off did) do they travel
+        with the result.
+        """
         self.closed = True
         self.pending.set()
         with self.send_lock:
             nested, items, _, _ = self._take()
-            return self.tail_nested + nested, self.tail_items + items, self.sent
+            self.tail_nested += nested
+            self.tail_items += items
+            if not self.held and (self.tail_nested or self.tail_items):
+                try:
+                    self._event(StreamRequest.NONE, "", confirmed=True)
+                except Exception:  # noqa: BLE001 - the scheduler is away: they travel with the result
+                    pass
+            return self.tail_nested, self.tail_items, self.sent
 
     def chunk_done(self, unstarted: list[int], cpu_share: float, seconds: float = 0.0) -> None:
         return None
@@ -334,7 +354,41 @@ def _announce_start(execution_id: str) -> int:
     return len(earlier) + 1
 
 
-def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
+def payload_variable(token: str) -> str:
+    """The Dask ``Variable`` through which chunks of batch ``token`` find its payload task's future."""
+    return f"durable_mp-payload-{token}"
+
+
+def _source(token: str, execution_id: str) -> Any:
+    """The batch's code and items, loaded once per worker (the payload task's result, fetched on first use).
+
+    Chunks do not depend on the payload task in the graph: Dask would place every chunk
+    where the payload lies, and balance the others by stealing.
+    """
+    with _SOURCES_LOCK:
+        source = _SOURCES.get(token)
+    if source is not None:
+        return source
+    from distributed import Variable, get_worker, rejoin, secede
+
+    payload = Variable(payload_variable(token), client=get_worker()._get_client()).get(timeout=REPLY_TIMEOUT)
+    try:
+        data = payload.result(timeout=PAYLOAD_WAIT_SECONDS)
+    except TimeoutError:  # being (re)computed, perhaps queued behind this very task: free its thread meanwhile
+        secede()
+        try:
+            data = payload.result(timeout=REPLY_TIMEOUT)
+        finally:
+            rejoin()
+    loaded = load_source(data, execution_id)
+    with _SOURCES_LOCK:
+        source = _SOURCES.setdefault(token, loaded)
+        while len(_SOURCES) > _SOURCE_CACHE_SIZE:
+            _SOURCES.popitem(last=False)
+    return source
+
+
+def run_chunk(token: str, indices: list[int], names: dict | None, checkpoints: dict | None,
               settings: dict, budget: Budget = UNLIMITED) -> tuple[list, list, list[int], float, int, int]:
     """Dask task: run the branches ``indices`` of one batch in order, streaming their records.
 
@@ -365,12 +419,7 @@ def run_chunk(payload: bytes, token: str, indices: list[int], names: dict | None
         done, outcomes, fresh = earlier
         indices = [i for i in indices if i not in set(done)]
         checkpoints = {**(checkpoints or {}), **fresh}
-    with _SOURCES_LOCK:
-        source = _SOURCES.get(token)
-        if source is None:
-            source = _SOURCES[token] = load_source(payload, execution_id)
-            while len(_SOURCES) > _SOURCE_CACHE_SIZE:
-                _SOURCES.popitem(last=False)
+    source = _source(token, execution_id)
     if names:
         source = copy.copy(source)
         source.names = names
@@ -403,5 +452,5 @@ def run_call(payload: bytes) -> Any:
     return func(StepContext(Logger(extra=extra), attempt))
 
 
-__all__ = ["LOG_LEVEL_KEY", "StreamRequest", "load_payload", "log_topic", "records_topic", "run_call",
-           "run_chunk", "start_topic"]
+__all__ = ["LOG_LEVEL_KEY", "StreamRequest", "load_payload", "log_topic", "records_topic", "payload_variable",
+           "run_call", "run_chunk", "start_topic"]

@@ -274,12 +274,10 @@ def test_a_killed_worker_costs_only_its_branch(executor, store_path, tmp_path):
         assert executor.run(handler, store=store_path) == [i * 10 for i in range(6)]
     finally:
         executor.workers_back()
-    assert marker_count(markers, "ran-2") == 2
-    if executor.dask:  # a lost Dask worker costs its whole chunk (docs/dask.md): chunk mates may run again
-        assert all(n >= 1 for n in _counts(markers, "ran", 6) + _counts(markers, "step", 6))
-        return
     assert _counts(markers, "ran", 6) == [2 if i == 2 else 1 for i in range(6)]
     assert _counts(markers, "step", 6) == [1] * 6
+    if executor.dask:  # Dask reports a lost worker, not how it died
+        return
     rec = next(r for r in _ops(store_path, handler) if r.name == "parallel-branch-2")
     message = rec.attempts[0].error["ErrorMessage"]
     assert "killed by SIGKILL" in message, "the exit status reached the crash report"
