@@ -21,9 +21,15 @@ the tasks tell it (starts, streamed records, requests, log lines) in ``backends.
 ``backends.dask_watch`` (``ClusterWatch``).  The dispatcher here holds one of each and
 decides: what to submit, what a finished or failed task means, what a timeout stops.
 
+A batch's code and items are a task of their own (``load_payload``: Dask recomputes it
+when lost); chunks find it through a Dask ``Variable`` (``dask_tasks.payload_variable``),
+not as a graph dependency, which would tie every chunk to the worker that holds it.  Dask
+chunks aim at ``TARGET_CHUNK_SECONDS`` (a task costs scheduler round trips).
+
 Records stream: a running chunk sends them every ``STREAM_FLUSH_SECONDS`` as events, each
-message tagged (task key, run, sequence number); the driver applies each run's messages in
-order and stages them as they come.  Records over ``STREAM_MAX_BYTES`` (big results) are
+message tagged (task key, run, sequence number), its last ones in a confirmed round trip
+before it ends; the driver applies each run's messages in order and stages them as they
+come.  Records over ``STREAM_MAX_BYTES`` (big results) are
 handed off instead: scattered into their worker's memory, passed to the driver through a
 Dask ``Variable``, and their branch waits until the driver fetched them.  So a lost worker
 costs its running branches only.  A task's result carries how many messages it streamed:

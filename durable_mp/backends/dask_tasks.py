@@ -67,10 +67,11 @@ class _StreamingOutbox(Outbox):
 
     Every message names its task's key, its run (Dask may run a task again) and a sequence
     number, so the driver applies one run's messages in the order they were produced
-    (``_RunOrder``), as it does a local worker's pipe.  Records larger than
+    (``dask_stream._RunOrder``), as it does a local worker's pipe.  Records larger than
     ``STREAM_MAX_BYTES`` (big results) do not travel through the scheduler: they are
     handed off (``_hand_off``), and the branch that made them waits until the driver has
-    them, so a lost worker never costs a finished branch.  Only if a hand-off fails
+    them, so a lost worker never costs a finished branch; the last records leave in a
+    confirmed round trip before the task ends (``finish``).  Only if a hand-off fails
     (the scheduler is away) do they, and all later records, wait for the task's result.
     """
 
