@@ -21,22 +21,12 @@ the tasks tell it (starts, streamed records, requests, log lines) in ``backends.
 ``backends.dask_watch`` (``ClusterWatch``).  The dispatcher here holds one of each and
 decides: what to submit, what a finished or failed task means, what a timeout stops.
 
-A batch's code and items are a task of their own (``load_payload``: Dask recomputes it
-when lost); chunks find it through a Dask ``Variable`` (``dask_tasks.payload_variable``),
-not as a graph dependency, which would tie every chunk to the worker that holds it.  Dask
-chunks aim at ``TARGET_CHUNK_SECONDS`` (a task costs scheduler round trips).
-
-Records stream: a running chunk sends them every ``STREAM_FLUSH_SECONDS`` as events, each
-message tagged (task key, run, sequence number), its last ones in a confirmed round trip
-before it ends; the driver applies each run's messages in order and stages them as they
-come.  Records over ``STREAM_MAX_BYTES`` (big results) are
-handed off instead: scattered into their worker's memory, passed to the driver through a
-Dask ``Variable``, and their branch waits until the driver fetched them.  So a lost worker
-costs its running branches only.  A task's result carries how many messages it streamed:
-the driver applies it only after all of them (else the task counts as lost).  Dask runs a
-task again with its original arguments after losing its worker; that run first asks the
-driver for what the earlier runs recorded (finished branches are skipped, the running one
-replays its checkpoints).
+A batch's code and items are a task of their own (Dask recomputes it when lost), which
+chunks find through a Dask ``Variable``: as a graph dependency it would tie every chunk to
+its worker.  Dask chunks aim at ``TARGET_CHUNK_SECONDS``.  Records stream from the running
+chunks (big ones handed off, the last ones confirmed before a task ends), so a lost worker
+costs its running branches only; a task Dask runs again asks the driver what its lost run
+recorded (``dask_tasks.run_chunk``).
 
 What a cluster fault costs (``dask_cluster.fault_of``): a lost worker, a cancelled future, a lost
 dependency, a closed connection or a lost scheduler puts the chunk's unreported branches
@@ -60,7 +50,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
@@ -70,12 +59,14 @@ from durable_mp.backends.dask_cluster import (
     RESTART_SECONDS,
     DaskFault,
     client_for,
+    drop_payload,
     fault_of,
     processing_on,
     restart_worker,
+    submit_payload,
 )
 from durable_mp.backends.dask_stream import WorkerStream
-from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, payload_variable, run_call, run_chunk
+from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, run_call, run_chunk
 from durable_mp.backends.dask_watch import STALL_POLL_SECONDS, ClusterWatch
 from durable_mp.core.records import Attempt, OpStatus
 from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
@@ -83,7 +74,9 @@ from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task, Watch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
-from durable_mp.engine.scheduling import chunk_size, concurrency_limit
+from durable_mp.engine.lifecycle import BranchState
+from durable_mp.engine.protocol import Budget
+from durable_mp.engine.scheduling import chunk_size, concurrency_limit, stop_chunk
 from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import LOGGER_NAME
@@ -98,7 +91,6 @@ FIRST_CHUNK_ITEMS = 4  # before any item time is known
 TARGET_CHUNK_SECONDS = 0.5
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
-PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which wait for it)
 
 
 class DaskDispatcher(Dispatcher):
@@ -126,6 +118,7 @@ class DaskDispatcher(Dispatcher):
         self.restarts: list[threading.Thread] = []  # workers being restarted: a timed-out branch ran there
         self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
         self.futures: dict[Any, Task] = {}
+        self.budgets: dict[Any, Budget] = {}  # future -> the start budget its chunk was sent with
         self.payload_futures: dict[str, Any] = {}
         self.isolate: set[tuple[str, int]] = set()  # branches of a chunk Dask gave up on: they run alone next
 
@@ -151,6 +144,7 @@ class DaskDispatcher(Dispatcher):
         """A task's end, for the driver: its fetch, its stream state and its reply Variables."""
         key = str(future.key)
         self.fetching.pop(future, None)
+        self.budgets.pop(future, None)
         self.by_key.pop(key, None)
         self.stream.forget(key)
 
@@ -167,19 +161,10 @@ class DaskDispatcher(Dispatcher):
         self.stream.resubscribe = True
 
     def _payload(self, batch: BatchRun) -> None:
-        """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost.
-
-        Chunks find it through a Dask ``Variable`` (``dask_tasks.payload_variable``), which
-        also keeps it in the cluster, rather than as a dependency that would tie them to its worker.
-        """
+        """The batch's payload task (``dask_cluster.submit_payload``), submitted again if it was lost."""
         payload = self.payload_futures.get(batch.token)
         if payload is None or payload.status in ("cancelled", "lost", "error"):
-            from distributed import Variable
-
-            payload = self.payload_futures[batch.token] = self.client.submit(
-                load_payload, batch.payload, key=f"durable_mp-payload-{batch.token}-{uuid.uuid4().hex[:8]}",
-                pure=False, priority=PAYLOAD_PRIORITY)
-            Variable(payload_variable(batch.token), client=self.client).set(payload)
+            self.payload_futures[batch.token] = submit_payload(self.client, batch.token, batch.payload)
 
     # -- scheduling ----------------------------------------------------------------------------
     def _fill(self, batch: BatchRun) -> None:
@@ -210,6 +195,7 @@ class DaskDispatcher(Dispatcher):
             future = self.client.submit(run_chunk, batch.token, indices, names, checkpoints, self.settings, budget,
                                         pure=False)
             self.futures[future] = self._new_task(batch, indices, None)  # a deadline once it starts
+            self.budgets[future] = budget
             self.by_key[str(future.key)] = future
             future.add_done_callback(self._woken)
             running += 1
@@ -407,27 +393,31 @@ class DaskDispatcher(Dispatcher):
     def _stop_starting(self, batch: BatchRun) -> None:
         """A submitted chunk carries its start budget; nothing more can be told to a Dask task."""
 
+    def _may_be_running(self, task: Task, budget: Budget | None) -> list[int]:
+        """A cut-short chunk's branch that may have started: its first unreported one, unless the
+        chunk's own outcomes had used up its start budget (``run_chunk`` then started no other)."""
+        if budget is not None and task.batch is not None:
+            failed = sum(1 for i in task.reported if task.batch.branches.state(i) is BranchState.FAILED)
+            if stop_chunk(budget, failed, len(task.reported) - failed):
+                return []
+        return task.unreported()[:1]
+
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         batch.closed = True
         for future, task in list(self.futures.items()):
             if task.batch is not batch:
                 continue
+            budget = self.budgets.get(future)
             future.cancel()
             del self.futures[future]
             self._forget(future)
             if record_started:  # as on the local pool: the one that may be running stays STARTED
-                self.intake.record_started(batch, task, task.unreported()[:1])
+                self.intake.record_started(batch, task, self._may_be_running(task, budget))
         self.isolate = {key for key in self.isolate if key[0] != batch.token}
         self.queued_kills = {key: n for key, n in self.queued_kills.items() if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
         if payload is not None:
-            from distributed import Variable
-
-            payload.release()
-            try:
-                Variable(payload_variable(batch.token), client=self.client).delete()
-            except Exception:  # noqa: BLE001 - the scheduler went away, and its variables with it
-                pass
+            drop_payload(self.client, batch.token, payload)
 
     def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
         data = pickling.dumps((func, attempt, extra))

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from concurrent.futures import CancelledError
 from enum import Enum
 from typing import Any
 
-__all__ = ["CLUSTER_WAIT_KEY", "DaskFault", "client_for", "configured_wait", "fault_of", "restart_worker"]
+__all__ = ["CLUSTER_WAIT_KEY", "DaskFault", "client_for", "configured_wait", "drop_payload", "fault_of",
+           "processing_on", "restart_worker", "submit_payload"]
 
 log = logging.getLogger("durable_mp.dask")
 
 CLUSTER_WAIT_KEY = "durable-mp.cluster-wait"  # Dask config: seconds a run waits for an unavailable cluster
 DEFAULT_CLUSTER_WAIT = 300.0
 DASK_DEFAULT_ALLOWED_FAILURES = 3  # distributed.scheduler.allowed-failures
+PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which wait for it)
 RESTART_SECONDS = 60.0  # a worker restarted through its nanny is back within this (else Dask removes it)
 _INFRASTRUCTURE_NAMES = frozenset({"CommClosedError", "FutureCancelledError", "StreamClosedError"})
 
@@ -114,3 +117,28 @@ def restart_worker(client: Any, address: str, why: str) -> threading.Thread:
     thread = threading.Thread(target=restart, daemon=True, name="durable_mp-dask-restart")
     thread.start()
     return thread
+
+
+def submit_payload(client: Any, token: str, payload: bytes) -> Any:
+    """A batch's payload as a Dask task (Dask recomputes it when lost); chunks find its future through a
+    Dask ``Variable`` (which also keeps it), not as a graph dependency that would tie them to its worker."""
+    from distributed import Variable
+
+    from durable_mp.backends.dask_tasks import load_payload, payload_variable
+
+    future = client.submit(load_payload, payload, key=f"durable_mp-payload-{token}-{uuid.uuid4().hex[:8]}",
+                           pure=False, priority=PAYLOAD_PRIORITY)
+    Variable(payload_variable(token), client=client).set(future)
+    return future
+
+
+def drop_payload(client: Any, token: str, future: Any) -> None:
+    from distributed import Variable
+
+    from durable_mp.backends.dask_tasks import payload_variable
+
+    future.release()
+    try:
+        Variable(payload_variable(token), client=client).delete()
+    except Exception:  # noqa: BLE001 - the scheduler went away, and its variables with it
+        pass

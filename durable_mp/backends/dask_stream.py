@@ -7,7 +7,8 @@ were produced (``_RunOrder``) into the dispatcher's ``Intake``, and answers the 
 among them through a Dask ``Variable`` per request: ``SYNC`` (after a commit),
 ``CALLBACK`` (once the callback is done), ``RERUN`` (what a lost run recorded) and
 ``HAND_OFF`` (big records waiting as a Dask key on their worker: fetched first); and it
-keeps the steps with a timeout each task is running (``WATCH``, ``WATCH_END``).
+keeps the steps with a timeout each task is running (``WATCH``, ``WATCH_END``); a run's
+last message (``END``) gives back the branches it did not start.
 The dispatcher (``backends.dask``) holds one and tells it which tasks are still its own.
 """
 
@@ -20,7 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from durable_mp.backends.dask_tasks import StreamRequest, log_topic, records_topic, start_topic
+from durable_mp.backends.dask_logs import log_topic
+from durable_mp.backends.dask_tasks import StreamRequest, records_topic, start_topic
 from durable_mp.core.records import OpRecord
 from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task, Watch
@@ -151,6 +153,13 @@ class WorkerStream:
             return
         if kind is StreamRequest.WATCH_END:
             self.watches.get(key, {}).pop(pickling.loads(data), None)
+            return
+        if kind is StreamRequest.END:  # from now on only its result may come: none of these is running
+            unstarted = pickling.loads(data)
+            if unstarted:
+                task.indices = [i for i in task.indices if i not in set(unstarted)]
+                if task.batch is not None and not task.batch.closed:
+                    self.intake.return_unstarted(task.batch, unstarted)
             return
         self.store.flush()  # a request's records are committed before it is answered
         if kind is StreamRequest.SYNC:

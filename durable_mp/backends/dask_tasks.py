@@ -20,6 +20,7 @@ from collections import OrderedDict
 from enum import Enum
 from typing import Any
 
+from durable_mp.backends.dask_logs import CURRENT, forward_logs, log_topic
 from durable_mp.core.records import OpRecord, OpStatus, branch_key
 from durable_mp.engine import pickling
 from durable_mp.engine.branch import run_branch
@@ -27,9 +28,7 @@ from durable_mp.engine.payload import load_source
 from durable_mp.engine.protocol import UNLIMITED, Budget
 from durable_mp.engine.scheduling import stop_chunk
 from durable_mp.engine.worker import Outbox
-from durable_mp.engine.worker_process import record_data
 from durable_mp.engine.worker_state import WorkerContextState, WorkerShared
-from durable_mp.logger import LOGGER_NAME
 from durable_mp.types import StepContext
 
 LOG_LEVEL_KEY = "dask_log_level"  # in the settings: the driver's level for ctx.logger
@@ -52,6 +51,7 @@ class StreamRequest(str, Enum):
     HAND_OFF = "hand-off"  # big records wait as a Dask key on this worker: fetch them, then reply
     WATCH = "watch"  # a step with a timeout starts (no reply: the driver restarts the worker if it runs over)
     WATCH_END = "watch-end"  # that step ended (no reply)
+    END = "end"  # the run's last message: the branches it did not start (no reply)
 
 
 def _join(parts: list[Any]) -> Any:
@@ -215,13 +215,14 @@ class _StreamingOutbox(Outbox):
         if not self.request(StreamRequest.SYNC):
             raise _Abandoned()
 
-    def finish(self) -> tuple[list[Any], list[Any], int]:
-        """The records not streamed yet and how many messages were streamed.
+    def finish(self, unstarted: list[int]) -> tuple[list[Any], list[Any], list[int], int]:
+        """End the run: the records and unstarted branches not streamed, and how many messages were.
 
-        The last records go to the scheduler in a round trip before the task ends, not
-        with its result: a worker killed once the task has ended (by the next task, say)
-        costs none of its branches.  Only if that fails (or a hand-off did) do they travel
-        with the result.
+        The last records, and the branches the chunk did not start, go to the scheduler in
+        a round trip before the task ends (an ``END`` message), not with its result: a worker
+        killed once the task has ended (by the next task, say) costs none of its branches,
+        and the driver, reading them in order, never takes an unstarted branch for a running
+        one.  Only if that fails (or a hand-off did) do they travel with the result.
         """
         self.closed = True
         self.pending.set()
@@ -229,12 +230,13 @@ class _StreamingOutbox(Outbox):
             nested, items, _, _ = self._take()
             self.tail_nested += nested
             self.tail_items += items
-            if not self.held and (self.tail_nested or self.tail_items):
+            if not self.held and (self.tail_nested or self.tail_items or unstarted):
                 try:
-                    self._event(StreamRequest.NONE, "", confirmed=True)
+                    self._event(StreamRequest.END, "", pickling.dumps(unstarted), confirmed=True)
+                    unstarted = []
                 except Exception:  # noqa: BLE001 - the scheduler is away: they travel with the result
                     pass
-            return self.tail_nested, self.tail_items, self.sent
+            return self.tail_nested, self.tail_items, unstarted, self.sent
 
     def chunk_done(self, unstarted: list[int], cpu_share: float, seconds: float = 0.0) -> None:
         return None
@@ -266,43 +268,6 @@ class _Abandoned(BaseException):
 def load_payload(payload: bytes) -> bytes:
     """Dask task holding a batch's code and items: its input is in the graph, so Dask can run it again."""
     return payload
-
-
-def log_topic(execution_id: str) -> str:
-    """The Dask event topic that carries an execution's ``ctx.logger`` records from the workers."""
-    return f"durable_mp-log-{execution_id}"
-
-
-class _EventLogHandler(logging.Handler):
-    """On a Dask worker: sends ``ctx.logger`` records to the driver as Dask events (``log_event``).
-
-    A record names its execution (``executionArn``, as ``ctx.logger`` adds to every record);
-    records without one are not durable_mp's and stay in the worker's own log.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        execution = getattr(record, "executionArn", None)
-        if not execution:
-            return
-        try:
-            from distributed import get_worker
-
-            get_worker().log_event(log_topic(execution), record_data(record, getattr(_CURRENT, "index", None)))
-        except Exception:  # noqa: BLE001 - logging must never break a branch
-            pass
-
-
-_CURRENT = threading.local()  # the branch a Dask thread runs (its log records name it)
-_HANDLER_LOCK = threading.Lock()
-
-
-def _forward_logs(level: int) -> None:
-    """Install the event handler on this worker's ``durable_mp`` logger once; log at the driver's level."""
-    logger = logging.getLogger(LOGGER_NAME)
-    with _HANDLER_LOCK:
-        if not any(isinstance(h, _EventLogHandler) for h in logger.handlers):
-            logger.addHandler(_EventLogHandler())
-        logger.setLevel(level)
 
 
 def start_topic(execution_id: str) -> str:
@@ -404,7 +369,7 @@ def run_chunk(token: str, indices: list[int], names: dict | None, checkpoints: d
 
     started = time.monotonic()
     execution_id = settings["execution_id"]
-    _forward_logs(settings.get(LOG_LEVEL_KEY, logging.WARNING))
+    forward_logs(settings.get(LOG_LEVEL_KEY, logging.WARNING))
     worker = get_worker()
     key = str(worker.get_current_task())
     try:
@@ -416,7 +381,7 @@ def run_chunk(token: str, indices: list[int], names: dict | None, checkpoints: d
     if run > 1:
         earlier = outbox.request(StreamRequest.RERUN)
         if earlier is None:  # the driver no longer waits for this task
-            return [], [], [], time.monotonic() - started, run, outbox.finish()[2]
+            return [], [], [], time.monotonic() - started, run, outbox.finish([])[3]
         done, outcomes, fresh = earlier
         indices = [i for i in indices if i not in set(done)]
         checkpoints = {**(checkpoints or {}), **fresh}
@@ -432,7 +397,7 @@ def run_chunk(token: str, indices: list[int], names: dict | None, checkpoints: d
             if stop_chunk(budget, outcomes[0], outcomes[1]):
                 unstarted = list(indices[position:])
                 break
-            _CURRENT.index = index
+            CURRENT.index = index
             state = WorkerContextState(shared, checkpoints.get(index, empty) if checkpoints else empty)
             rec = run_branch(source, index, state.context)
             outbox.add_item(index, rec)
@@ -440,8 +405,8 @@ def run_chunk(token: str, indices: list[int], names: dict | None, checkpoints: d
     except _Abandoned:
         unstarted = []
     finally:
-        _CURRENT.index = None
-    nested, items, sent = outbox.finish()
+        CURRENT.index = None
+    nested, items, unstarted, sent = outbox.finish(unstarted)
     return nested, items, unstarted, time.monotonic() - started, run, sent
 
 
