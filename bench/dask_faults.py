@@ -136,8 +136,8 @@ def plain_run(fault: str, tmp: Path) -> str:
             f"{len(ran) - len(set(ran))} re-run; {took:.1f} s")
 
 
-FAULTS = ["one worker killed", "both workers killed", "one item kills its worker every try (40 items)", "scheduler killed",
-          "no workers (one joins after 3 s)"]
+FAULTS = ["one worker killed", "both workers killed", "one item kills its worker every try (40 items)",
+          "scheduler killed", "no workers (one joins after 3 s)"]
 
 if __name__ == "__main__":
     print(f"{N} items of {SECONDS:g} s, 2 workers x 1 thread, Dask default config, cluster-wait 10 s")

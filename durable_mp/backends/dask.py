@@ -15,20 +15,18 @@
     │                                 │ Variable  │  Variable)                    │
     └─────────────────────────────────┘           └───────────────────────────────┘
 
-What runs inside a Dask task lives in ``backends.dask_tasks``.  Records stream
-(``dask_tasks._StreamingOutbox``): a running chunk sends its records every
-``STREAM_FLUSH_SECONDS`` as events on the execution's records topic, each message tagged
-(task key, run, sequence number); the driver applies each run's messages in order
-(``_DriverStream``) and stages them as they come, so a lost worker costs its running
-branches only.  Messages over ``STREAM_MAX_BYTES`` (big results) wait for the task's
-result, which also carries how many messages were streamed: the driver applies the
-result only after all of them (else the task counts as lost).  Three requests wait for the
-driver's answer, a Dask ``Variable`` per request: ``SYNC`` (an ``AT_MOST_ONCE_PER_RETRY``
-step's STARTED record is committed before its body runs), ``CALLBACK`` (the driver answers
-once the callback is done) and ``RERUN``: Dask runs a task again with its original
-arguments after losing its worker; the task counts its runs on a per-task event topic at
-the scheduler, and a second run first asks the driver for what the earlier runs recorded
-(their finished branches are skipped, the running one replays its checkpoints).
+What runs inside a Dask task lives in ``backends.dask_tasks``; the driver's end of what
+the tasks tell it (starts, streamed records, requests, log lines) in ``backends.dask_stream``
+(``WorkerStream``); whether the cluster can run anything, and the wait while it cannot, in
+``backends.dask_watch`` (``ClusterWatch``).  The dispatcher here holds one of each and
+decides: what to submit, what a finished or failed task means, what a timeout stops.
+
+A batch's code and items are a task of their own (Dask recomputes it when lost), which
+chunks find through a Dask ``Variable``: as a graph dependency it would tie every chunk to
+its worker.  Dask chunks aim at ``TARGET_CHUNK_SECONDS``.  Records stream from the running
+chunks (big ones handed off, the last ones confirmed before a task ends), so a lost worker
+costs its running branches only; a task Dask runs again asks the driver what its lost run
+recorded (``dask_tasks.run_chunk``).
 
 What a cluster fault costs (``dask_cluster.fault_of``): a lost worker, a cancelled future, a lost
 dependency, a closed connection or a lost scheduler puts the chunk's unreported branches
@@ -39,11 +37,12 @@ branch that keeps killing its worker ends FAILED (``max_crash_retries``).  Witho
 scheduler or workers the run waits (Dask config ``durable-mp.cluster-wait``, 300 s), then
 raises ``ClusterUnavailableError`` with the execution RUNNING and resumable.
 
-Differences from the local pool, by the nature of Dask: ``branch_timeout`` cancels the
-task and fails the branch, but a running Dask thread runs to its end, unobserved (so does
-one of a batch that completed early); ``max_worker_memory`` is refused (Dask workers have
-their own limit); steps with a ``timeout`` inside Dask-run branches are refused
-(``ValidationError`` before the body runs: a Dask thread cannot be stopped alone).
+Timeouts: a Dask thread cannot be stopped alone, so a ``branch_timeout`` or a step's
+``timeout`` (in a branch or at the root) that runs out cancels the task and restarts its
+worker through its nanny, as the local pool kills its worker; Dask runs that worker's other
+tasks again, uncharged.  A worker without a nanny is left running the thread (a warning
+says so).  ``max_worker_memory`` is refused (Dask workers have their own limit).  The
+branches still running when their batch completed early run to their end, unobserved.
 """
 
 from __future__ import annotations
@@ -51,40 +50,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
 from durable_mp.backends.dask_cluster import (
     CLUSTER_WAIT_KEY,
-    DASK_DEFAULT_ALLOWED_FAILURES,
+    RESTART_SECONDS,
     DaskFault,
-    _scheduler_allowed_failures,
     client_for,
-    configured_wait,
+    drop_payload,
     fault_of,
+    processing_on,
+    restart_worker,
+    submit_payload,
 )
-from durable_mp.backends.dask_tasks import (
-    LOG_LEVEL_KEY,
-    StreamRequest,
-    load_payload,
-    log_topic,
-    records_topic,
-    run_call,
-    run_chunk,
-    start_topic,
-)
-from durable_mp.core.records import Attempt, OpRecord
+from durable_mp.backends.dask_stream import WorkerStream
+from durable_mp.backends.dask_tasks import LOG_LEVEL_KEY, load_payload, run_call, run_chunk
+from durable_mp.backends.dask_watch import STALL_POLL_SECONDS, ClusterWatch
+from durable_mp.core.records import Attempt, OpStatus
 from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
-from durable_mp.engine.batch_run import Task
+from durable_mp.engine.batch_run import Task, Watch
 from durable_mp.engine.dispatcher import BatchRun, Dispatcher
 from durable_mp.engine.faults import FaultCost, death_cost
 from durable_mp.engine.lifecycle import BranchState
-from durable_mp.engine.scheduling import concurrency_limit
-from durable_mp.exceptions import ClusterUnavailableError, StepTimeoutError, WorkerCrashedError
+from durable_mp.engine.protocol import Budget
+from durable_mp.engine.scheduling import chunk_size, concurrency_limit, stop_chunk
+from durable_mp.exceptions import StepTimeoutError, WorkerCrashedError
 from durable_mp.lambda_service import ErrorObject
 from durable_mp.logger import LOGGER_NAME
 
@@ -92,13 +85,12 @@ log = logging.getLogger("durable_mp.dask")
 
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 FIRST_CHUNK_ITEMS = 4  # before any item time is known
-STALL_POLL_SECONDS = 1.0
-STREAM_POLL_SECONDS = 0.01
+# a Dask task costs scheduler round trips (the local pool's chunk a pipe message): chunks of about this
+# long keep that cost small (Dask's advice: tasks of 100 ms or more); a lost worker costs only its
+# running items, however long its chunk
+TARGET_CHUNK_SECONDS = 0.5
 RESULT_WAIT_SECONDS = 1.0  # a finished task's result is fetched within this, else it is being run again
 START_POLL_SECONDS = 0.05  # how often the driver looks at the cluster while nothing finishes
-THREADS_REFRESH_SECONDS = 5.0  # the workers' thread count is asked of the scheduler at most this often
-STREAM_CATCHUP_SECONDS = 10.0  # how long a finished task's result waits for its streamed messages, then it is lost
-PAYLOAD_PRIORITY = 10  # a batch's payload task runs before its chunks (which depend on it anyway)
 
 
 class DaskDispatcher(Dispatcher):
@@ -116,31 +108,19 @@ class DaskDispatcher(Dispatcher):
                  reconnect: Callable[[str], Any] | None = None, poll_callback: Any = None) -> None:
         super().__init__(store, execution_id, pool=None, max_workers=max_workers, max_worker_memory=None,
                          max_crash_retries=max_crash_retries, progress=progress, poll_callback=poll_callback)
-        self.client = client
-        self.reconnect = reconnect  # a new client to the scheduler's address, once this one gave up
-        self.address: str = getattr(getattr(client, "scheduler", None), "address", None) or ""
-        self.resubscribe = False
         self.settings = {**settings, LOG_LEVEL_KEY: logging.getLogger(LOGGER_NAME).getEffectiveLevel()}
-        self.log_events: deque[dict] = deque()  # ctx.logger records from the workers, re-emitted by the driver
-        self.started: deque[str] = deque()  # keys of tasks that started on a worker, as announced
-        self.streamed: deque[list] = deque()  # records (and requests) streamed by running chunks, as they came
-        self.streams: dict[tuple[str, int], _DriverStream] = {}  # (task key, run) -> its messages, applied in order
+        self.cluster = ClusterWatch(client, execution_id, cluster_wait=cluster_wait, reconnect=reconnect,
+                                    on_client=self._new_client, on_stall=self._stalled)
         self.by_key: dict[str, Any] = {}  # task key -> its future
-        self.replies: dict[str, list[str]] = {}  # task key -> the reply Variables it was sent (deleted at its end)
-        self.wake = threading.Event()  # a future finished or a message was streamed
+        self.stream = WorkerStream(client, execution_id, store, self.intake, self.stats, task_of=self._task_of,
+                                   checkpoints=self._branch_checkpoints, poll_callback=poll_callback)
         self.fetching: dict[Any, float] = {}  # future -> since when its result is being fetched
-        self.callback_waits: dict[tuple[str, str], OpRecord] = {}  # (task key, reply) -> the callback awaited
-        self.starts: dict[str, int] = {}  # task key -> how often it started running
+        self.restarts: list[threading.Thread] = []  # workers being restarted: a timed-out branch ran there
         self.queued_kills: dict[tuple[str, int], int] = {}  # KilledWorker of a branch that never announced a start
-        self.cluster_wait = cluster_wait if cluster_wait is not None else configured_wait()
         self.futures: dict[Any, Task] = {}
+        self.budgets: dict[Any, Budget] = {}  # future -> the start budget its chunk was sent with
         self.payload_futures: dict[str, Any] = {}
         self.isolate: set[tuple[str, int]] = set()  # branches of a chunk Dask gave up on: they run alone next
-        self.nthreads = 0
-        self.nthreads_at = -THREADS_REFRESH_SECONDS
-        self.allowed_failures: int | None = None
-        self.stalled_since: float | None = None  # since when the cluster could not run anything
-        self.stall_reason = ""
 
     first_chunk_items = FIRST_CHUNK_ITEMS
     # skip_time on Dask: sleeps are instant, outcomes count as they arrive (the clock needs the
@@ -148,224 +128,51 @@ class DaskDispatcher(Dispatcher):
     virtual_clock = False
 
     def run_batch(self, spec: Any) -> Any:
-        self._subscribe()
+        self.stream.subscribe()
         try:
             return super().run_batch(spec)
         finally:
-            for topic in self._topics():
-                try:
-                    self.client.unsubscribe_topic(topic)
-                except Exception:  # noqa: BLE001 - the client lost its scheduler
-                    pass
-            self._emit_logs()
-            self.started.clear()
+            self.stream.unsubscribe()
+            while self.restarts:  # as on the local pool, a timed-out branch is stopped before its batch returns
+                self.restarts.pop().join(RESTART_SECONDS)
 
-    def _topics(self) -> dict[str, deque]:
-        return {log_topic(self.execution_id): self.log_events, start_topic(self.execution_id): self.started,
-                records_topic(self.execution_id): self.streamed}
-
-    def _subscribe(self) -> None:
-        """Subscribe to the workers' events; again after a reconnect (a new scheduler knows no subscriptions)."""
-        wake = self.wake
-        for topic, events in self._topics().items():
-            def handler(event: tuple, events: deque = events) -> None:
-                events.append(event[1])
-                wake.set()
-            self.client.subscribe_topic(topic, handler)
-        self.resubscribe = False
-
-    # -- the stream ----------------------------------------------------------------------------
-    def _read_stream(self) -> None:
-        """Apply streamed messages in each run's order; answer the requests among them."""
-        while self.streamed:
-            message = self.streamed.popleft()
-            key, run, seq = message[0], message[1], message[2]
-            future = self.by_key.get(key)
-            if future is None or self.futures.get(future) is None:  # the task ended, timed out or was closed
-                if message[5]:
-                    self._answer(key, message[6], None)
-                continue
-            stream = self.streams.setdefault((key, run), _DriverStream())
-            for ready in stream.ready(seq, message):
-                self._apply(self.futures[future], key, ready)
-
-    def _apply(self, task: Task, key: str, message: list) -> None:
-        _, _, _, nested, items, request, reply, data = message
-        self.intake.stage_nested(nested)
-        items = [item for item in items if item[0] not in task.reported]
-        if items and task.batch is not None and not task.batch.closed:
-            self.intake.finish_items(task, items)
-        if not request:
-            return
-        self.store.flush()  # a request's records are committed before it is answered
-        if StreamRequest(request) is StreamRequest.SYNC:
-            self._answer(key, reply, True)
-            return
-        if StreamRequest(request) is StreamRequest.CALLBACK:
-            self.callback_waits[(key, reply)] = OpRecord.loads(data)
-            self._poll_dask_callbacks()
-            return
-        batch = task.batch  # RERUN: what the earlier runs recorded
-        assert batch is not None
-        done = sorted(task.reported)
-        failed = sum(1 for i in done if batch.branches.state(i) is BranchState.FAILED)
-        fresh = {i: self._branch_checkpoints(batch.spec, i) for i in task.unreported()}
-        self.stats["reruns"] = self.stats.get("reruns", 0) + 1
-        self._answer(key, reply, (done, [failed, len(done) - failed], fresh))
-
-    def _answer(self, key: str, reply: str, value: Any) -> None:
-        from distributed import Variable
-
-        try:
-            Variable(reply, client=self.client).set(pickling.dumps(value))
-        except Exception:  # noqa: BLE001 - the scheduler went away: the task is lost with it
-            return
-        self.replies.setdefault(key, []).append(reply)
-
-    def _poll_dask_callbacks(self) -> None:
-        """Answer the branches that wait for a callback once it is done (``poll_callback`` reads the store)."""
-        for (key, reply), rec in list(self.callback_waits.items()):
-            if key not in self.by_key:
-                del self.callback_waits[(key, reply)]
-                continue
-            assert self.poll_callback is not None, "a dispatcher that runs callbacks needs poll_callback"
-            done = self.poll_callback(self.store, self.execution_id, rec)
-            if done is not None:
-                del self.callback_waits[(key, reply)]
-                self._answer(key, reply, done)
-
-    def _caught_up(self, future: Any, run: int, sent: int) -> bool:
-        """Wait (boundedly) until every message a finished run streamed is applied: its result comes after them."""
-        key = str(future.key)
-        deadline = time.monotonic() + STREAM_CATCHUP_SECONDS
-        while True:
-            self._read_stream()
-            stream = self.streams.get((key, run))
-            if (stream.next if stream else 0) >= sent:
-                return True
-            if time.monotonic() > deadline:
-                log.warning("Dask task %s finished, but %d of its %d streamed messages never came", key,
-                            sent - (stream.next if stream else 0), sent)
-                return False
-            self.wake.wait(STREAM_POLL_SECONDS)
-            self.wake.clear()
+    def _task_of(self, key: str) -> Task | None:
+        future = self.by_key.get(key)
+        return None if future is None else self.futures.get(future)
 
     def _forget(self, future: Any) -> None:
-        """A task's end: drop its stream state and its reply Variables."""
-        from distributed import Variable
-
+        """A task's end, for the driver: its fetch, its stream state and its reply Variables."""
         key = str(future.key)
         self.fetching.pop(future, None)
-        self.starts.pop(key, None)
+        self.budgets.pop(future, None)
         self.by_key.pop(key, None)
-        for stream_key in [k for k in self.streams if k[0] == key]:
-            del self.streams[stream_key]
-        for reply in self.replies.pop(key, []):
-            try:
-                Variable(reply, client=self.client).delete()
-            except Exception:  # noqa: BLE001 - the scheduler went away, and its variables with it
-                pass
+        self.stream.forget(key)
 
-    def _read_starts(self) -> None:
-        """Tasks that said they started: count their runs; a timed chunk's ``branch_timeout`` runs from now."""
-        if not self.started:
-            return
-        by_key = {str(future.key): task for future, task in self.futures.items()}
-        while self.started:
-            key = self.started.popleft()
-            task = by_key.get(key)
-            if task is None or task.batch is None:
-                continue
-            self.starts[key] = self.starts.get(key, 0) + 1
-            timeout = task.batch.spec.branch_timeout
-            if timeout and task.deadline is None:
-                task.deadline = time.monotonic() + timeout
+    @property
+    def client(self) -> Any:
+        return self.cluster.client
 
-    def _emit_logs(self) -> None:
-        events = self.log_events
-        while events:
-            record = logging.makeLogRecord(events.popleft())
-            logging.getLogger(record.name).handle(record)
-
-    # -- the cluster ---------------------------------------------------------------------------
-    def _threads(self, refresh: bool = False) -> int:
-        """Threads of the cluster's workers, asked of the scheduler at most every few seconds (0: none, or away)."""
-        now = time.monotonic()
-        if refresh or now - self.nthreads_at >= THREADS_REFRESH_SECONDS:
-            self.nthreads_at = now
-            try:
-                self.nthreads = sum(self.client.nthreads().values()) if self._connected() else 0
-            except Exception:  # noqa: BLE001 - the scheduler went away meanwhile
-                self.nthreads = 0
-        return self.nthreads
-
-    def _connected(self) -> bool:
-        return getattr(self.client, "status", "running") == "running"
-
-    def _allowed_failures(self) -> int:
-        """How many worker deaths a task survives on this cluster (the scheduler's setting, read once)."""
-        if self.allowed_failures is None:
-            try:
-                self.allowed_failures = int(self.client.run_on_scheduler(_scheduler_allowed_failures))
-            except Exception:  # noqa: BLE001 - the scheduler's own config is unreadable: Dask's default
-                self.allowed_failures = DASK_DEFAULT_ALLOWED_FAILURES
-        return self.allowed_failures
-
-    def _unavailable(self, reason: str) -> None:
-        """The cluster cannot run anything now: wait for it, up to ``cluster_wait`` seconds, then stop resumable."""
-        now = time.monotonic()
-        if self.stalled_since is None or reason != self.stall_reason:
-            if self.stalled_since is None:
-                self.stalled_since = now
-            self.stall_reason = reason
-            log.warning("%s; waiting up to %gs for it (Dask config %r), then the run stops, resumable",
-                        reason, self.cluster_wait, CLUSTER_WAIT_KEY)
-        self.resubscribe = True
-        if now - self.stalled_since > self.cluster_wait:
-            raise ClusterUnavailableError(
-                f"{reason} for {now - self.stalled_since:.0f}s (limit {self.cluster_wait:g}s, Dask config "
-                f"{CLUSTER_WAIT_KEY!r}); execution {self.execution_id!r} stays RUNNING: run it again to resume it")
-        time.sleep(STALL_POLL_SECONDS)
-        if getattr(self.client, "status", "running") in ("closed", "closing"):
-            self._reconnect()
-
-    def _reconnect(self) -> None:
-        """The client gave up reconnecting (``distributed.comm.timeouts.connect``): try a new one, within our wait."""
-        if self.reconnect is None or not self.address:
-            raise ClusterUnavailableError(
-                f"the Dask client gave up reconnecting to the scheduler (distributed.comm.timeouts.connect) and "
-                f"cannot be replaced; execution {self.execution_id!r} stays RUNNING: run it again to resume it")
-        try:
-            client = self.reconnect(self.address)
-        except (OSError, TimeoutError) as exc:
-            log.debug("no scheduler at %s yet: %s", self.address, exc)
-            return
-        log.warning("connected a new Dask client to %s (the old one gave up reconnecting)", self.address)
-        self.client = client
+    def _new_client(self, client: Any) -> None:
+        self.stream.client = client
+        self.stream.resubscribe = True
         self.payload_futures.clear()  # the old client's: gone with it
-        self.resubscribe = True
 
-    def _available(self) -> None:
-        if self.stalled_since is not None:
-            log.warning("the Dask cluster is back after %.0fs", time.monotonic() - self.stalled_since)
-        self.stalled_since = None
+    def _stalled(self) -> None:
+        self.stream.resubscribe = True
 
-    def _payload(self, batch: BatchRun) -> Any:
-        """The batch's payload as a Dask task (recomputable from the graph), submitted again if it was lost."""
+    def _payload(self, batch: BatchRun) -> None:
+        """The batch's payload task (``dask_cluster.submit_payload``), submitted again if it was lost."""
         payload = self.payload_futures.get(batch.token)
         if payload is None or payload.status in ("cancelled", "lost", "error"):
-            payload = self.payload_futures[batch.token] = self.client.submit(
-                load_payload, batch.payload, key=f"durable_mp-payload-{batch.token}-{uuid.uuid4().hex[:8]}",
-                pure=False, priority=PAYLOAD_PRIORITY)
-        return payload
+            self.payload_futures[batch.token] = submit_payload(self.client, batch.token, batch.payload)
 
     # -- scheduling ----------------------------------------------------------------------------
     def _fill(self, batch: BatchRun) -> None:
-        if not batch.queue or not self._connected():
+        if not batch.queue or not self.cluster.connected():
             return
-        if self.resubscribe:
-            self._subscribe()
-        threads = self._threads()
+        if self.stream.resubscribe:
+            self.stream.subscribe()
+        threads = self.cluster.threads()
         if not threads:
             return
         if self.max_workers:  # on Dask: how many of the cluster's threads this run uses at most
@@ -384,87 +191,119 @@ class DaskDispatcher(Dispatcher):
                 indices = self._take_chunk(batch, allowed)
             budget = self._batch_budget(batch, (0, 0))
             names, checkpoints = self._prepare_chunk(batch, indices)
-            future = self.client.submit(run_chunk, self._payload(batch), batch.token, indices, names, checkpoints,
-                                        self.settings, budget, pure=False)
+            self._payload(batch)
+            future = self.client.submit(run_chunk, batch.token, indices, names, checkpoints, self.settings, budget,
+                                        pure=False)
             self.futures[future] = self._new_task(batch, indices, None)  # a deadline once it starts
+            self.budgets[future] = budget
             self.by_key[str(future.key)] = future
             future.add_done_callback(self._woken)
             running += 1
 
+    def _take_chunk(self, batch: BatchRun, allowed: int) -> list[int]:
+        size = chunk_size(len(batch.queue), allowed, batch.item_seconds, is_map=batch.is_map,
+                          has_timeout=batch.spec.branch_timeout is not None, first=self.first_chunk_items,
+                          target=TARGET_CHUNK_SECONDS)
+        return [batch.queue.popleft() for _ in range(size)]
+
     def _pump(self, batch: BatchRun | None) -> None:
         if not self.futures:
             if batch is not None and batch.queue:  # nothing could be submitted
-                self._unavailable("the Dask client is not connected to its scheduler" if not self._connected()
-                                  else "the Dask cluster has no workers")
-                self._threads(refresh=True)
+                cluster = self.cluster
+                cluster.unavailable("the Dask client is not connected to its scheduler" if not cluster.connected()
+                                    else "the Dask cluster has no workers")
+                self.cluster.threads(refresh=True)
                 return
             raise RuntimeError("durable_mp internal error: nothing is running on Dask and nothing can start")
         done = self._wait(self._wait_seconds_dask())
-        self._emit_logs()
-        self._read_starts()
-        self._read_stream()
-        if self.callback_waits:
-            self._poll_dask_callbacks()
+        stream = self.stream
+        stream.emit_logs()
+        stream.read_starts()
+        stream.read()
+        if stream.callback_waits:
+            stream.poll_callbacks()
         if done:
             for future in done:
                 self._settle(future)
         else:
-            self._check_stall()
+            self.cluster.check()
         self._expire_deadlines()
 
     def _woken(self, _future: Any) -> None:
-        self.wake.set()
+        self.stream.wake.set()
 
     def _wait(self, timeout: float) -> list[Any]:
         """Until a future finishes or a message is streamed (a request waits for its answer), at most ``timeout``."""
         deadline = time.monotonic() + timeout
+        wake = self.stream.wake
         while True:
-            self.wake.clear()
+            wake.clear()
             done = [future for future in self.futures if future.done()]
             remaining = deadline - time.monotonic()
-            if done or self.streamed or self.log_events or remaining <= 0:
+            if done or self.stream.pending() or remaining <= 0:
                 return done
-            self.wake.wait(remaining)
+            wake.wait(remaining)
 
     def _wait_seconds_dask(self) -> float:
         now = time.monotonic()
         waits = [STALL_POLL_SECONDS]
-        if self.callback_waits:
+        if self.stream.callback_waits:
             waits.append(CALLBACK_POLL_SECONDS)
         waits.extend(task.deadline - now for task in self.futures.values() if task.deadline is not None)
+        waits.extend(watch.deadline - now for watches in self.stream.watches.values() for watch in watches.values()
+                     if watch.deadline is not None)
         if any(task.deadline is None and task.batch is not None and task.batch.spec.branch_timeout is not None
                for task in self.futures.values()):
             waits.append(START_POLL_SECONDS)  # a timed chunk's start is read soon after it is announced
         return max(0.0, min(waits))
 
-    def _check_stall(self) -> None:
-        """Nothing finished for a while: is the cluster still able to run the tasks?"""
-        if not self._connected():
-            self._unavailable("the Dask client lost its scheduler")
-        elif not self._threads(refresh=True):
-            self._unavailable("the Dask cluster has no workers")
-        else:
-            self._available()
-
     def _expire_deadlines(self) -> None:
-        """``branch_timeout``: cancel the task and fail its branch (a running Dask thread is left to finish)."""
+        """Timeouts: cancel the task and restart its worker (which stops the thread, as the local pool's kill).
+
+        A ``branch_timeout`` fails its branch; a step's ``timeout`` is that attempt's error
+        (an undecided PENDING record: the branch runs again and the step's retry strategy
+        decides).  Its chunk's other unreported branches go back to the queue, uncharged.
+        """
         now = time.monotonic()
         for future, task in list(self.futures.items()):
-            if task.deadline is None or now < task.deadline or task.batch is None:
+            key = str(future.key)
+            watches = self.stream.watches.get(key, {}).values()
+            watch = next((w for w in watches if w.deadline is not None and now >= w.deadline), None)
+            if task.batch is None or (watch is None and (task.deadline is None or now < task.deadline)):
                 continue
+            address = self.stream.where.get(key)
             del self.futures[future]
             self._forget(future)
             future.cancel()
             self.stats["timeouts"] += 1
             batch = task.batch
-            for index in task.unreported():
-                self.intake.fail_item(batch, index, StepTimeoutError(
-                    f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
-                    f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task)"), start=task.started)
+            if watch is not None:
+                why = f"step {watch.record.name!r} exceeded its timeout"
+                self._step_timed_out(batch, task.unreported(), watch, StepTimeoutError(why))
+            else:
+                why = f"branch {task.indices[0]} exceeded its timeout"
+                for index in task.unreported():
+                    self.intake.fail_item(batch, index, StepTimeoutError(
+                        f"branch {index} ({batch.spec.item_name(index)}) exceeded its timeout of "
+                        f"{batch.spec.branch_timeout:g}s (the Dask backend cancelled its task and restarted its "
+                        f"worker)"), start=task.started)
+            if address:
+                self.restarts.append(restart_worker(self.client, address, why))
+
+    def _step_timed_out(self, batch: BatchRun, unreported: list[int], watch: Watch, error: Exception) -> None:
+        """The step's attempt failed with ``error`` (its retry strategy decides when the branch runs again)."""
+        rec = watch.record
+        err = ErrorObject.from_exception(error).to_dict()
+        attempts = (*rec.attempts, Attempt(rec.attempt, watch.started, time.time(), 0, err))
+        self.store.stage(self.execution_id, rec._replace(
+            status=OpStatus.PENDING, error=err, attempts=attempts,
+            extra={"undecided": True, "exc": type(error).__name__}))
+        for index in reversed(unreported):
+            self.supervisor.requeue(batch, index)
 
     def _settle(self, future: Any) -> None:
         task = self.futures.get(future)
-        runs = self.starts.get(str(future.key), 0)
+        runs = self.stream.starts.get(str(future.key), 0)
         if task is None or task.batch is None or task.batch.closed:
             self.futures.pop(future, None)
             self._forget(future)
@@ -475,26 +314,26 @@ class DaskDispatcher(Dispatcher):
             if not isinstance(exc, Exception):
                 raise
             first = self.fetching.setdefault(future, time.monotonic())
-            if isinstance(exc, TimeoutError) and time.monotonic() - first < self.cluster_wait:
+            if isinstance(exc, TimeoutError) and time.monotonic() - first < self.cluster.cluster_wait:
                 # a slow fetch, or its result was lost with a worker and Dask runs the task again (which may
                 # ask the driver for what the lost run recorded): keep serving the stream meanwhile
                 if not future.done():
                     future.add_done_callback(self._woken)
                 return
             self.fetching.pop(future, None)
-            self._read_stream()  # what the task streamed before it was lost is kept
+            self.stream.read()  # what the task streamed before it was lost is kept
             del self.futures[future]
             self._forget(future)
             self._lost(task, exc, runs)
             return
         self.fetching.pop(future, None)
-        caught_up = self._caught_up(future, run, sent)
+        caught_up = self.stream.caught_up(str(future.key), run, sent)
         del self.futures[future]
         self._forget(future)
         if not caught_up:
             self._lost(task, CancelledError("streamed records were lost"), runs)
             return
-        self._available()
+        self.cluster.available()
         batch = task.batch
         self.intake.stage_nested(nested)
         items = [item for item in items if item[0] not in task.reported]
@@ -530,7 +369,7 @@ class DaskDispatcher(Dispatcher):
             self.stats["crashes"] += 1
             # the deaths it was running at (Dask also counts those it sat queued behind): at least one,
             # so a start announcement lost with its worker cannot keep a branch going forever
-            deaths = max(1, min(runs, self._allowed_failures() + 1))
+            deaths = max(1, min(runs, self.cluster.allowed_failures() + 1))
             batch.crashes[index] += deaths
             count = batch.crashes[index]
             batch.crash_log.setdefault(index, []).append(Attempt(
@@ -554,61 +393,54 @@ class DaskDispatcher(Dispatcher):
     def _stop_starting(self, batch: BatchRun) -> None:
         """A submitted chunk carries its start budget; nothing more can be told to a Dask task."""
 
+    def _may_be_running(self, task: Task, budget: Budget | None) -> list[int]:
+        """A cut-short chunk's branch that may have started: its first unreported one, unless the
+        chunk's own outcomes had used up its start budget (``run_chunk`` then started no other)."""
+        if budget is not None and task.batch is not None:
+            failed = sum(1 for i in task.reported if task.batch.branches.state(i) is BranchState.FAILED)
+            if stop_chunk(budget, failed, len(task.reported) - failed):
+                return []
+        return task.unreported()[:1]
+
     def _close_batch(self, batch: BatchRun, *, record_started: bool) -> None:
         batch.closed = True
         for future, task in list(self.futures.items()):
             if task.batch is not batch:
                 continue
+            budget = self.budgets.get(future)
             future.cancel()
             del self.futures[future]
             self._forget(future)
             if record_started:  # as on the local pool: the one that may be running stays STARTED
-                self.intake.record_started(batch, task, task.unreported()[:1])
+                self.intake.record_started(batch, task, self._may_be_running(task, budget))
         self.isolate = {key for key in self.isolate if key[0] != batch.token}
         self.queued_kills = {key: n for key, n in self.queued_kills.items() if key[0] != batch.token}
         payload = self.payload_futures.pop(batch.token, None)
         if payload is not None:
-            payload.release()
+            drop_payload(self.client, batch.token, payload)
 
     def call(self, func: Callable, attempt: int, extra: dict, timeout: float | None) -> Any:
         data = pickling.dumps((func, attempt, extra))
         while True:
-            while not self._connected() or not self._threads():
-                self._unavailable("the Dask cluster cannot run the step (no scheduler, or no workers)")
-                self._threads(refresh=True)
+            while not self.cluster.connected() or not self.cluster.threads():
+                self.cluster.unavailable("the Dask cluster cannot run the step (no scheduler, or no workers)")
+                self.cluster.threads(refresh=True)
             future = self.client.submit(run_call, data, pure=False)
             try:
                 return future.result(timeout=timeout)
             except TimeoutError as exc:
+                address = processing_on(self.client, str(future.key))
                 future.cancel()
+                if address:  # the body is stopped before the handler goes on, as the local pool's kill does
+                    restart_worker(self.client, address, "a step exceeded its timeout").join(RESTART_SECONDS)
                 raise StepTimeoutError(f"step exceeded its timeout of {timeout:g}s (the Dask backend cancelled "
-                                       f"the task; a running Dask thread finishes unobserved)") from exc
+                                       f"the task and restarted its worker)") from exc
             except Exception as exc:
                 if fault_of(exc, 1) is not DaskFault.INFRASTRUCTURE:
                     raise
                 log.warning("Dask task of a step ended with %s: %s; submitting it again", type(exc).__name__, exc)
-                self._check_stall()
+                self.cluster.check()
 
 
-class _DriverStream:
-    """The messages of one run of one task: applied in sequence order (the local pool's ``protocol.Sequence``)."""
-
-    __slots__ = ("next", "waiting")
-
-    def __init__(self) -> None:
-        self.next = 0
-        self.waiting: dict[int, list] = {}
-
-    def ready(self, seq: int, message: list) -> list[list]:
-        """``message`` arrived: the messages that can be applied now, in order."""
-        if seq < self.next:
-            return []
-        self.waiting[seq] = message
-        out = []
-        while self.next in self.waiting:
-            out.append(self.waiting.pop(self.next))
-            self.next += 1
-        return out
-
-
-__all__ = ["DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk", "run_call"]
+__all__ = ["CLUSTER_WAIT_KEY", "DaskDispatcher", "DaskFault", "client_for", "fault_of", "load_payload", "run_chunk",
+           "run_call"]

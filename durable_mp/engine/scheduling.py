@@ -32,13 +32,14 @@ def concurrency_limit(explicit: int | None, max_workers: int | None, ncpu: int, 
 
 
 def chunk_size(queued: int, allowed: int, item_seconds: float | None, *, is_map: bool, has_timeout: bool,
-               first: int = FIRST_CHUNK_ITEMS) -> int:
+               first: int = FIRST_CHUNK_ITEMS, target: float = TARGET_CHUNK_SECONDS) -> int:
     """Items in the next chunk: one branch for parallel and for timed branches; map chunks sized by time.
 
     A chunk should keep a worker busy about ``TARGET_CHUNK_SECONDS`` (per-item cost far
     below a round trip) but never hold more than a 1/``CHUNKS_PER_WORKER`` share of what
     is left, so the tail spreads over every worker.  ``first`` bounds a chunk before any
-    item time is known (smaller where a lost chunk costs all of its items: Dask).
+    item time is known; ``target`` replaces ``TARGET_CHUNK_SECONDS`` where a chunk costs
+    more than a pipe message (a Dask task: scheduler round trips).
     """
     if not is_map or has_timeout or queued <= 1:
         return min(1, queued)
@@ -47,7 +48,7 @@ def chunk_size(queued: int, allowed: int, item_seconds: float | None, *, is_map:
         size = max(1, min(by_share, first))
     else:
         item = max(item_seconds, 1e-7)
-        by_time = int(TARGET_CHUNK_SECONDS / item)
+        by_time = int(target / item)
         at_least = int(MIN_CHUNK_SECONDS / item)
         size = max(1, min(by_time, max(by_share, at_least), MAX_CHUNK_ITEMS))
     return min(size, queued)

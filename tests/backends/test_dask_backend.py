@@ -20,9 +20,11 @@ import pytest
 import dask
 from dask_cluster import ALLOWED_FAILURES, RealCluster
 from procs import leftover_children
+from util import marker_count, marker_counts, wait_until
 
 
 from durable_mp import BatchItemStatus, durable_execution  # noqa: E402
+from durable_mp.bench.markers import mark  # noqa: E402
 from durable_mp.config import (  # noqa: E402
     CompletionConfig,
     MapConfig,
@@ -148,6 +150,50 @@ def test_a_worker_killed_mid_chunk_costs_only_its_running_item(client, workers_b
     lines = ran.read_text().split()
     assert {line: lines.count(line) for line in lines if lines.count(line) > 1} == {"item-2": 2}, \
         "only the killed item ran again, and its finished step did not"
+
+
+def test_a_killed_worker_does_not_rerun_finished_items_whose_results_were_big(client, workers_back, store_path,
+                                                                              tmp_path):
+    """Records over the event limit are handed to the driver as they finish (not held for the chunk's end):
+    the worker is SIGKILLed while item 2 runs, after its chunk mates 0 and 1 and item 2's own big step
+    finished; none of those runs again (counted by marker files), and the result is exact."""
+    markers = str(tmp_path)
+    killed = tmp_path / "killed"
+
+    def _big(i: int) -> bytes:  # about 1 MiB, different for each i: far over what a Dask event carries
+        return i.to_bytes(4, "little") * (2**18)
+
+    def item(c, x, i, xs):
+        mark(markers, f"ran-{i}")
+        data = c.step(lambda _: mark(markers, f"step-{i}") or _big(i), name="big") if i == 2 else _big(i)
+        if i == 2 and not killed.exists():
+            (tmp_path / "pid").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 60
+            while not killed.exists() and time.monotonic() < deadline:  # killed meanwhile: never returns
+                time.sleep(0.02)
+        return data
+
+    def kill_when_item_2_runs():
+        assert wait_until(lambda: (tmp_path / "pid").exists(), 60)
+        pid = int((tmp_path / "pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.touch()
+
+    @durable_execution
+    def handler(event, ctx):
+        return ctx.map(list(range(40)), item).get_results()  # first chunks: 4 items each
+
+    killer = threading.Thread(target=kill_when_item_2_runs, daemon=True)
+    killer.start()
+    try:
+        results = handler.run(None, store=store_path, backend=client)
+    finally:
+        killed.touch()
+        killer.join(60)
+    assert [r == _big(i) for i, r in enumerate(results)] == [True] * 40
+    runs = marker_counts(markers, "ran")
+    assert {i: n for i, n in runs.items() if n != 1} == {2: 2}, "only the killed item ran again"
+    assert marker_count(markers, "step-2") == 1, "its big step, finished before the kill, was replayed"
 
 
 def test_callbacks_in_dask_branches_wait_through_the_driver(client, store_path, tmp_path):

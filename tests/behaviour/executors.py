@@ -23,13 +23,12 @@ class Refused(Enum):
 
     AT_MOST_ONCE_IN_BRANCH = "AT_MOST_ONCE_PER_RETRY steps inside branches"
     CALLBACK_IN_BRANCH = "callbacks inside branches"
-    STEP_TIMEOUT_IN_BRANCH = "step timeouts inside branches"
     MAX_WORKER_MEMORY = "max_worker_memory"
 
 
-# What durable_mp documents as refused on Dask (docs/dask.md): AT_MOST_ONCE steps and callbacks
-# inside branches work there since records stream from the Dask workers.
-DASK_REFUSES = frozenset({Refused.STEP_TIMEOUT_IN_BRANCH, Refused.MAX_WORKER_MEMORY})
+# What durable_mp documents as refused on Dask (docs/dask.md): AT_MOST_ONCE steps, callbacks and
+# step timeouts inside branches work there since records stream from the Dask workers.
+DASK_REFUSES = frozenset({Refused.MAX_WORKER_MEMORY})
 
 
 @dataclass

@@ -51,11 +51,6 @@ HERE = Path(__file__).resolve().parent
 SEEN_BY_WORKER = "as imported"
 
 
-# A known limit of durable_mp on Dask (found by this suite):
-DASK_TIMED_OUT_THREAD = ("branch_timeout on Dask: the timed-out item's thread runs on (docs/dask.md), and its "
-                         "chunk mates, put back in the queue, can wait behind it: the run waited for the item")
-
-
 def _counts(markers, prefix: str, n: int) -> list[int]:
     return [marker_count(markers, f"{prefix}-{i}") for i in range(n)]
 
@@ -282,12 +277,10 @@ def test_a_killed_worker_costs_only_its_branch(executor, store_path, tmp_path):
         assert executor.run(handler, store=store_path) == [i * 10 for i in range(6)]
     finally:
         executor.workers_back()
-    assert marker_count(markers, "ran-2") == 2
-    if executor.dask:  # a lost Dask worker costs its whole chunk (docs/dask.md): chunk mates may run again
-        assert all(n >= 1 for n in _counts(markers, "ran", 6) + _counts(markers, "step", 6))
-        return
     assert _counts(markers, "ran", 6) == [2 if i == 2 else 1 for i in range(6)]
     assert _counts(markers, "step", 6) == [1] * 6
+    if executor.dask:  # Dask reports a lost worker, not how it died
+        return
     rec = next(r for r in _ops(store_path, handler) if r.name == "parallel-branch-2")
     message = rec.attempts[0].error["ErrorMessage"]
     assert "killed by SIGKILL" in message, "the exit status reached the crash report"
@@ -299,7 +292,7 @@ def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_
 
     def item(c, x, i, xs):
         if i == 1:
-            _wait_for(release, 20)  # far past its 1 s timeout; bounded, as a stuck Dask thread costs this long
+            _wait_for(release, 20)  # far past its 1 s timeout (its worker is killed, or on Dask restarted)
             (tmp_path / "slow-ended").touch()
         return x
 
@@ -312,15 +305,15 @@ def test_branch_timeout_fails_the_branch_without_waiting_for_it(executor, store_
         r = executor.run(handler, store=store_path)
         waited = (tmp_path / "slow-ended").exists()
     finally:
-        release.touch()  # a Dask thread cannot be stopped: let it end
+        release.touch()
         executor.workers_back()
     assert r.all[1].status == BatchItemStatus.FAILED
     assert r.all[1].error.type == "durable_mp.exceptions.StepTimeoutError"
     assert "timeout" in r.all[1].error.message
     assert [r.all[0].result, r.all[2].result] == [0, 2]
-    if waited and executor.dask:
-        pytest.xfail(DASK_TIMED_OUT_THREAD)
     assert not waited, "the driver did not wait for the timed-out branch"
+    time.sleep(0.2)  # a body left running would end now that it is released
+    assert not (tmp_path / "slow-ended").exists(), "the timed-out body was stopped with its worker"
 
 
 def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path, request):
@@ -330,19 +323,16 @@ def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path
     def slow(step_ctx):
         mark(str(tmp_path), "slow-ran")
         _wait_for(release, 60)
+        mark(str(tmp_path), "slow-ended")
         return 1
 
-    # At the root the step runs in a local worker that the timeout kills; with a Dask backend a root
-    # step's timeout is not enforced (docs/dask.md: it waits for the body), so only the branch is asked.
-    at_root = not executor.dask
-
+    # At the root the step runs in a worker of its own (a local process, or a Dask task) that the timeout
+    # kills (on Dask: restarts through its nanny), as does the branch's.
     @durable_execution
     def handler(event, ctx):
-        root = None
         try:
-            if at_root:
-                ctx.step(slow, name="root-slow", config=cfg)
-                root = "no timeout"
+            ctx.step(slow, name="root-slow", config=cfg)
+            root = "no timeout"
         except Exception as exc:  # noqa: BLE001
             root = type(exc).__name__ + ": " + str(exc)
         branch = ctx.parallel([lambda c: c.step(slow, name="branch-slow", config=cfg), lambda c: "quick"],
@@ -354,15 +344,14 @@ def test_step_timeout_in_a_branch_and_at_the_root(executor, store_path, tmp_path
         root, status, message, quick = executor.run(handler, store=store_path, skip_time=not executor.dask)
     finally:
         release.touch()
-    if at_root:
-        assert "timeout" in root and "no timeout" not in root
+        executor.workers_back()
+    assert "timeout" in root and "no timeout" not in root
     assert status == BatchItemStatus.FAILED and "timeout" in message
     assert quick == "quick"
-    if executor.refuses(Refused.STEP_TIMEOUT_IN_BRANCH):
-        assert "'branch-slow'" in message and "branch_timeout" in message
-        assert marker_count(tmp_path, "slow-ran") == 0, "the refused step's body never ran"
-    else:
-        assert marker_count(tmp_path, "slow-ran") == 2
+    # at most once each (NO_RETRY); on a loaded machine a body can be stopped before its first line
+    assert marker_count(tmp_path, "slow-ran") <= 2, "no timed-out body ran again"
+    time.sleep(0.2)  # a body left running would end now that it is released
+    assert marker_count(tmp_path, "slow-ended") == 0, "both timed-out bodies were stopped with their workers"
 
 
 def test_memory_limit_ends_the_worker_over_it(executor, store_path):
