@@ -51,7 +51,7 @@ from durable_mp.engine.protocol import (
     WatchStart,
     kind_of,
 )
-from durable_mp.engine.scheduling import stop_chunk
+from durable_mp.engine.scheduling import stop_thresholds
 from durable_mp.engine.worker_process import ForwardHandler, default_signals, die_with_parent
 from durable_mp.engine.worker_state import IDLE, PROGRESS_SHIFT, SLOT_FORMAT, WorkerContextState, WorkerShared
 from durable_mp.exceptions import OrphanedChildException, SerDesError
@@ -60,6 +60,7 @@ from durable_mp.logger import Logger
 from durable_mp.types import StepContext
 
 OUTBOX_FLUSH_SECONDS = 0.005
+_monotonic = time.monotonic
 PAYLOAD_CACHE_SIZE = 4
 SUCCEEDED = OpStatus.SUCCEEDED
 
@@ -189,7 +190,7 @@ class Outbox:
             succeeded.indices.append(index)
             succeeded.records.append(data)
             succeeded.values.append(value)
-        if time.monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
+        if _monotonic() - self.last_send >= OUTBOX_FLUSH_SECONDS:
             self.flush()
         elif not self.pending.is_set():
             self._due()
@@ -319,7 +320,7 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     outbox.task_id = msg.task_id
     checkpoints = msg.checkpoints
     budget: Budget = msg.budget
-    limited = budget.failures is not None or budget.successes is not None
+    fail_stop, success_stop = stop_thresholds(budget)  # ``stop_chunk`` as two comparisons per item
     empty: dict[str, OpRecord] = {}
     wall, cpu = time.monotonic(), time.process_time()
     indices = msg.indices
@@ -327,22 +328,25 @@ def _run_chunk(msg: RunChunk, shared: WorkerShared, outbox: Outbox,
     fresh = WorkerContextState(shared, empty)  # a branch without checkpoints only reads an empty dict
     runner = BranchRunner(source, fresh.context, compact=True)
     fresh_context = runner.make_context
+    run = runner.run
+    add_succeeded = outbox.add_succeeded
     token = msg.token
     progress = msg.task_id << PROGRESS_SHIFT
     for position, index in enumerate(indices):
-        if token in stopped or (limited and stop_chunk(budget, outcomes[0], outcomes[1])):
+        if outcomes[1] >= success_stop or outcomes[0] >= fail_stop or token in stopped:
             unstarted = list(indices[position:])
             break
         current[0] = index
         current[1] = progress + position + 1
-        ckpt = checkpoints.get(index) if checkpoints else None
-        if ckpt:
-            runner.make_context = WorkerContextState(shared, ckpt).context
-        elif runner.make_context is not fresh_context:
-            runner.make_context = fresh_context
-        rec, value = runner.run(index)
+        if checkpoints:
+            ckpt = checkpoints.get(index)
+            if ckpt:
+                runner.make_context = WorkerContextState(shared, ckpt).context
+            elif runner.make_context is not fresh_context:
+                runner.make_context = fresh_context
+        rec, value = run(index)
         if rec.__class__ is bytes:  # a plain success
-            outbox.add_succeeded(index, rec, value)
+            add_succeeded(index, rec, value)
             outcomes[1] += 1
         else:
             outbox.add_item(index, rec)
