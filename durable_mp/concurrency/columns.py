@@ -203,6 +203,11 @@ class RunningColumns:
         return isinstance(index, int) and 0 <= index < len(self.values) and (
             index in self.raw or self._table.states[index] == _SUCCEEDED_STATE)
 
+    def __len__(self) -> int:
+        """How many items have an outcome or a record (``in``)."""
+        states = self._table.states
+        return self._table.count(ItemState.SUCCEEDED) + sum(states[i] != _SUCCEEDED_STATE for i in self.raw)
+
     def __setitem__(self, index: int, record: Any) -> None:
         """A record to decode when the result is built."""
         self.values[index] = None

@@ -14,11 +14,11 @@ from typing import Any
 
 from durable_mp import serdes as _serdes
 from durable_mp.core.nesting import branch_record_parent
-from durable_mp.core.records import OpRecord, OpStatus, OpType, item_prefix, item_record, operation_id
-from durable_mp.core.records import blake2b as _blake2b  # without OpenSSL (core.records)
+from durable_mp.core.records import ItemEncoder, OpRecord, OpStatus, OpType, branch_id_bytes, item_prefix, operation_id
 from durable_mp.core.text import safe_str
 from durable_mp.core.vocabulary import default_item_name, map_item_name
 from durable_mp.engine import result_blobs
+from durable_mp.engine import state as _state
 from durable_mp.engine.protocol import NOT_SENT
 from durable_mp.engine.state import take_slept_seconds
 from durable_mp.exceptions import OrphanedChildException, UnrecoverableError
@@ -69,8 +69,9 @@ def run_branch(source: BranchSource, index: int, make_context: Callable[[str, st
 _PLAIN_SERDES = (type(None), _serdes.DefaultSerDes, _serdes.PickleSerDes)
 _SCALARS = frozenset({int, str, float, bool, type(None)})  # immutable: the value itself can travel too
 _COMPACT_MAX_BYTES = 64 * 1024  # larger results keep their own frame on the wire (``wire.big``)
-# the compact record keeps a name's UTF-8 length in 16 bits; 4 bytes a character at most
-_COMPACT_NAME_CHARS = 0xFFFF // 4
+_COMPACT_NAME_BYTES = 0xFFFF  # the compact record keeps a name's UTF-8 length in 16 bits
+_MAP_ITEM = map_item_name(0)[:-1].encode()  # b"map-item-": a default map item's name before its index
+_time = time.time
 SLEPT_KEY = "slept"  # in a branch record's extra: seconds it slept under skip_time (its virtual duration)
 
 
@@ -93,7 +94,7 @@ class BranchRunner:
     """
 
     __slots__ = ("source", "make_context", "compact", "id_prefix", "parent", "sub_type", "pid",
-                 "default_serdes", "plain_values", "func", "inputs", "record_parent", "sink")
+                 "default_serdes", "plain_values", "func", "inputs", "record_parent", "encoder", "sink")
 
     def __init__(self, source: BranchSource, make_context: Callable[[str, str | None], Any], *,
                  compact: bool) -> None:
@@ -103,6 +104,7 @@ class BranchRunner:
         # operation_id's input, ``f"{parent}-{index}"``, without formatting the parent each time
         self.id_prefix = f"{source.batch_op_id}-".encode() if source.batch_op_id else None
         self.parent, self.sub_type = item_prefix(source.batch_op_id, source.item_sub_type)
+        self.encoder = ItemEncoder(self.parent, self.sub_type)
         self.pid = _pid()
         serdes_class = source.item_serdes.__class__
         self.default_serdes = serdes_class is type(None) or serdes_class is _serdes.DefaultSerDes
@@ -116,12 +118,19 @@ class BranchRunner:
     def run(self, index: int) -> tuple[Any, Any]:
         """Execute branch ``index``: ``(record, value)`` (see the class docstring)."""
         source = self.source
-        op_id = (_blake2b(b"%s%d" % (self.id_prefix, index)).hexdigest()[:64] if self.id_prefix is not None
-                 else operation_id(source.batch_op_id, index))
+        digits = b"%d" % index
+        if self.id_prefix is not None:
+            op = branch_id_bytes(self.id_prefix + digits)
+            op_id = op.decode()
+        else:
+            op_id = operation_id(source.batch_op_id, index)
+            op = op_id.encode()
         func = self.func
-        name = map_item_name(index) if func is not None else source.name(index)
-        start = time.time()
-        take_slept_seconds()  # a fresh count for this branch
+        # a default map item's name is only needed as UTF-8: ``map_item_name(index)`` (a test pins the two)
+        name = None if func is not None else source.name(index)
+        start = _time()
+        if _state.slept_anywhere:
+            take_slept_seconds()  # a fresh count for this branch
         try:
             context = self.make_context(op_id, self.record_parent)
             if func is not None:
@@ -132,39 +141,47 @@ class BranchRunner:
             if text is not None and len(text) <= _COMPACT_MAX_BYTES:
                 payload: Any = text
             else:
+                text = None
                 payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
                                                   execution_id=source.execution_id,
-                                                  what=f"result of branch {index} ({name})")
+                                                  what=f"result of branch {index} ({_named(name, index)})")
                 if isinstance(payload, list) and not (self.sink is not None and self.sink.takes(payload)):
                     payload = snapshot(payload)  # serdes.Parts (a numpy result): copy what may still change
         except OrphanedChildException:
             raise
         except UnrecoverableError as exc:  # non-determinism & co. end the execution, not just the branch
-            return self._record(op_id, name, start, OpStatus.FAILED, exc=exc,
+            return self._record(op_id, _named(name, index), start, OpStatus.FAILED, exc=exc,
                                 extra={"fatal": True, "raise": type(exc).__name__}), None
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a branch fails that branch only, and so does
             # KeyboardInterrupt: branches run in worker processes, whose SIGINT kills them
             # (worker_process.default_signals), so one raised here was raised by the user's code
-            return self._record(op_id, name, start, OpStatus.FAILED, exc=exc), None
-        slept = take_slept_seconds()
+            return self._record(op_id, _named(name, index), start, OpStatus.FAILED, exc=exc), None
+        slept = take_slept_seconds() if _state.slept_anywhere else 0.0
         if slept:  # skip_time: the batch's virtual clock orders the outcome by it; only a full record keeps it
-            return self._record(op_id, name, start, OpStatus.SUCCEEDED, snapshot(payload),
+            return self._record(op_id, _named(name, index), start, OpStatus.SUCCEEDED, snapshot(payload),
                                 extra={SLEPT_KEY: slept}), None
         if self.sink is not None and self.sink.takes(payload):  # written now, as the value was when returned
-            rec = self._record(op_id, name, start, OpStatus.SUCCEEDED, payload)
+            rec = self._record(op_id, _named(name, index), start, OpStatus.SUCCEEDED, payload)
             written = self.sink.write(rec)
             if written is not None:
                 return written, None
             payload = snapshot(payload)  # the write failed: through the pipe after all
-        fits = payload is None or (payload.__class__ is not list and len(payload) <= _COMPACT_MAX_BYTES)
-        if self.compact and fits and len(name) <= _COMPACT_NAME_CHARS:
+        if self.compact:
             try:
-                data = item_record(op_id, self.parent, self.sub_type, name, start, time.time(), self.pid, payload)
-            except (struct.error, UnicodeEncodeError):  # a name that is not UTF-8: the full record
-                pass
-            else:
+                label = _MAP_ITEM + digits if name is None else name.encode()
+                if len(label) > _COMPACT_NAME_BYTES:
+                    raise struct.error("the name is too long for a compact record")
+                if text is not None:  # the usual map result: JSON text of a scalar
+                    data = self.encoder.text(op, label, start, _time(), self.pid, text)
+                elif payload is None or (payload.__class__ is not list and len(payload) <= _COMPACT_MAX_BYTES):
+                    data = self.encoder.record(op, label, start, _time(), self.pid, payload)
+                else:
+                    data = None
+            except (struct.error, UnicodeEncodeError):  # a name that is not UTF-8 or too long: the full record
+                data = None
+            if data is not None:
                 return data, value if value.__class__ in _SCALARS and self.plain_values else NOT_SENT
-        return self._record(op_id, name, start, OpStatus.SUCCEEDED, payload), None
+        return self._record(op_id, _named(name, index), start, OpStatus.SUCCEEDED, payload), None
 
     def _record(self, op_id: str, name: str, start: float, status: str, payload: Any = None,
                 exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> OpRecord:
@@ -176,6 +193,11 @@ class BranchRunner:
                 extra = {**(extra or {}), SLEPT_KEY: slept}
         return OpRecord(op_id, source.batch_op_id, OpType.CONTEXT, source.item_sub_type, name, status,
                         start, time.time(), payload, error, 1, pid=self.pid, extra=extra)
+
+
+def _named(name: str | None, index: int) -> str:
+    """A branch's name: its own, or (None) a map item's default."""
+    return map_item_name(index) if name is None else name
 
 
 _ENGINE_ERROR = "durable_mp.exceptions.DurableExecutionsError"

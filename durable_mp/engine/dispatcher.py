@@ -22,7 +22,6 @@ import os
 import pickle
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
 from typing import Any
 
 from durable_mp.concurrency.models import CompletionReason
@@ -64,7 +63,7 @@ from durable_mp.engine.scheduling import (
     start_budget,
 )
 from durable_mp.engine.supervision import Supervisor
-from durable_mp.engine.wire import big
+from durable_mp.engine.wire import big, wait
 from durable_mp.lambda_service import ErrorObject
 
 MAX_WAIT_SECONDS = 1.0

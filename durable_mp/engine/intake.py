@@ -256,8 +256,11 @@ class Intake:
         began, because the pool is smaller than ``max_concurrency``: STARTED, as the reference reports them."""
         spec, policy = batch.spec, batch.spec.policy
         ended = policy.succeeded_count + policy.failed_count - 1  # before the deciding success
+        admitted = started_by_the_decision(spec.n, ended, spec.max_concurrency)
+        if admitted == spec.n and len(batch.records) >= spec.n:  # every item has its record: nothing to add
+            return
         now = time.time()
-        for index in range(started_by_the_decision(spec.n, ended, spec.max_concurrency)):
+        for index in range(admitted):
             if index not in batch.records:
                 self.record_item(batch, index, started_record(spec.op_id, spec.item_sub_type,
                                                               spec.item_name(index), index, now))

@@ -92,6 +92,20 @@ def stop_chunk(budget: Budget, failures: int, successes: int) -> bool:
             or (budget.successes is not None and successes - budget.seen_successes >= budget.successes))
 
 
+NEVER = 1 << 62  # a threshold no count reaches (an int: compared with ints, faster than math.inf)
+
+
+def stop_thresholds(budget: Budget) -> tuple[int, int]:
+    """``stop_chunk`` as thresholds: it stops once failures or successes reach these (``NEVER``: no limit).
+
+    A worker's counts only grow, so the loop over a chunk compares two numbers per item
+    instead of calling ``stop_chunk`` (a test checks the two agree).
+    """
+    failures = NEVER if budget.failures is None else budget.seen_failures + budget.failures
+    successes = NEVER if budget.successes is None else budget.seen_successes + budget.successes
+    return failures, successes
+
+
 def started_by_the_decision(n: int, ended: int, max_concurrency: int | None) -> int:
     """How many items (the first ones, in index order) a batch had started when successes completed it.
 

@@ -23,12 +23,14 @@ if TYPE_CHECKING:  # annotations only: a worker need not import the spec (and da
 # Seconds this thread slept under skip_time (instantly): its branch's virtual duration,
 # which orders its outcome on the batch's virtual clock (``engine.virtual_clock``).
 _slept = threading.local()
-_slept_here = False  # has any thread of this process slept under skip_time? (spares the hot path two lookups)
+# Has any thread of this process slept under skip_time?  Until one has, every count is zero: the
+# hot path reads it as ``state.slept_anywhere`` (a module attribute: it is rebound) before calling below.
+slept_anywhere = False
 
 
 def take_slept_seconds() -> float:
     """Seconds slept on this thread since the last call (reset to zero)."""
-    if not _slept_here:
+    if not slept_anywhere:
         return 0.0
     seconds: float = getattr(_slept, "seconds", 0.0)
     _slept.seconds = 0.0
@@ -37,8 +39,8 @@ def take_slept_seconds() -> float:
 
 def add_slept_seconds(seconds: float) -> None:
     """Count ``seconds`` of skipped sleep on this thread (a nested batch's virtual duration)."""
-    global _slept_here
-    _slept_here = True
+    global slept_anywhere
+    slept_anywhere = True
     _slept.seconds = getattr(_slept, "seconds", 0.0) + seconds
 
 

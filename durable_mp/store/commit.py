@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable, Iterable, TypeVar
 
 from durable_mp.core.errors import InvariantError
-from durable_mp.core.records import branch_keys
+from durable_mp.core.records import branch_key_list
 from durable_mp.exceptions import CheckpointFailedError
 from durable_mp.store.blobs import BLOB_BYTES
 from durable_mp.store.forward import backwards, refusal
@@ -145,7 +145,7 @@ class GroupCommit:
         """Stage the records of batch items ``indices`` under their ``branch_key``s (keys need no check)."""
         with self.lock:
             group = self._group_for(exec_id, parent_id)
-            keys = list(map(branch_keys, indices))
+            keys = branch_key_list(indices)
             older = self._committing.get((exec_id, parent_id)) if self._committing is not None else None
             if (group and not group.keys().isdisjoint(keys)) or (older and not older.keys().isdisjoint(keys)):
                 for key, data in zip(keys, records, strict=False):  # rare: an item written before

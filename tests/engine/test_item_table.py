@@ -179,6 +179,7 @@ def test_sealed_running_columns_equal_columns_that_kept_their_own_status(replaye
         table.finish(index, {"value": S.SUCCEEDED, "raw_ok": S.SUCCEEDED, "fail": S.FAILED,
                              "abandon": S.ABANDONED}[how])
         assert [i in running for i in range(_N)] == [i in kept for i in range(_N)]
+        assert len(running) == len(kept)  # intake.record_admitted's "every item has its record"
     assert [i in running for i in range(_N)] == [i in kept for i in range(_N)]
     assert running.seal() == kept
 
