@@ -26,6 +26,7 @@ from durable_mp.backends.dask_tasks import StreamRequest, records_topic, start_t
 from durable_mp.core.records import OpRecord
 from durable_mp.engine import pickling
 from durable_mp.engine.batch_run import Task, Watch
+from durable_mp.engine.callback_waits import CallbackWaits
 from durable_mp.engine.intake import Intake
 from durable_mp.engine.lifecycle import BranchState
 
@@ -62,7 +63,10 @@ class WorkerStream:
         self.streamed: deque[list] = deque()  # records (and requests) streamed by running chunks, as they came
         self.runs: dict[tuple[str, int], _RunOrder] = {}  # (task key, run) -> its messages, applied in order
         self.replies: dict[str, list[str]] = {}  # task key -> the reply Variables it was sent (deleted at its end)
-        self.callback_waits: dict[tuple[str, str], OpRecord] = {}  # (task key, reply) -> the callback awaited
+        # keyed by (task key, reply variable); a task gone is no longer waited for
+        self.callback_waits = CallbackWaits(store, execution_id, poll_callback,
+                                            alive=lambda key: self.task_of(key[0]) is not None,
+                                            answer=lambda key, done: self.answer(key[0], key[1], done))
         self.starts: dict[str, int] = {}  # task key -> how often it started running
         self.where: dict[str, str] = {}  # task key -> the worker its last start was announced from
         self.watches: dict[str, dict[int, Watch]] = {}  # task key -> its running steps that have a timeout
@@ -166,7 +170,7 @@ class WorkerStream:
             self.answer(key, reply, True)
             return
         if kind is StreamRequest.CALLBACK:
-            self.callback_waits[(key, reply)] = OpRecord.loads(data)
+            self.callback_waits.add((key, reply), OpRecord.loads(data))
             self.poll_callbacks()
             return
         batch = task.batch  # RERUN: what the earlier runs recorded
@@ -208,15 +212,7 @@ class WorkerStream:
 
     def poll_callbacks(self) -> None:
         """Answer the branches that wait for a callback once it is done (``poll_callback`` reads the store)."""
-        for (key, reply), rec in list(self.callback_waits.items()):
-            if self.task_of(key) is None:
-                del self.callback_waits[(key, reply)]
-                continue
-            assert self.poll_callback is not None, "a dispatcher that runs callbacks needs poll_callback"
-            done = self.poll_callback(self.store, self.execution_id, rec)
-            if done is not None:
-                del self.callback_waits[(key, reply)]
-                self.answer(key, reply, done)
+        self.callback_waits.poll()
 
     def caught_up(self, key: str, run: int, sent: int) -> bool:
         """Wait (boundedly) until every message a finished run streamed is applied: its result comes after them."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pickle
 import struct
 from binascii import hexlify as _hexlify
-from hashlib import blake2b as _blake2b
 from typing import Any, NamedTuple
 
 from durable_mp.core.runs import run_start
@@ -268,7 +267,7 @@ def branch_id_bytes(raw: bytes) -> bytes:
     The first 32 bytes of the digest in hex are the first 64 hex digits ``operation_id``
     keeps; built here without the 128-digit string it slices.  A test pins the equality.
     """
-    return _hexlify(_blake2b(raw).digest()[:32])
+    return _hexlify(blake2b(raw).digest()[:32])
 
 
 def branch_key(index: int) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,7 @@ from durable_mp.core.vocabulary import CALLBACK_POLL_SECONDS
 from durable_mp.engine import pickling
 from durable_mp.engine import progress as _progress
 from durable_mp.engine.batch_run import BatchRun, Task, Watch
+from durable_mp.engine.callback_waits import CallbackWaits, PollCallback
 from durable_mp.engine.failures import NULL_FAILURE_LOG, FailureLog
 from durable_mp.engine.faults import may_have_started
 from durable_mp.engine.intake import Intake
@@ -64,14 +64,12 @@ from durable_mp.engine.scheduling import (
 )
 from durable_mp.engine.supervision import Supervisor
 from durable_mp.engine.wire import big, wait
-from durable_mp.lambda_service import ErrorObject
 
 MAX_WAIT_SECONDS = 1.0
 CHUNK_END_WAIT_SECONDS = 0.05  # a finished batch waits this long for ChunkDone of workers that reported everything
 DEFAULT_MAX_CRASH_RETRIES = 3
 _FAILED_BY_FAILURES = CompletionReason.FAILURE_TOLERANCE_EXCEEDED
 
-PollCallback = Callable[[Any, str, OpRecord], "OpRecord | None"]
 
 
 class Dispatcher:
@@ -94,7 +92,10 @@ class Dispatcher:
         self.progress = progress or _progress.NullProgress()
         self.poll_callback = poll_callback
         self.next_task_id = 0
-        self.callback_waiters: dict[tuple[Worker, int], OpRecord] = {}  # (worker, request id) -> callback
+        # keyed by (worker, request id); a worker gone is no longer waited for
+        self.callbacks = CallbackWaits(store, execution_id, poll_callback,
+                                       alive=lambda key: key[0] in self.pool.workers,
+                                       answer=lambda key, done: self._reply(key[0], Reply(key[1], done)))
         self.intake = Intake(store, execution_id)
         self.supervisor = Supervisor(pool, self.intake, max_worker_memory=max_worker_memory,
                                      max_crash_retries=max_crash_retries)
@@ -173,15 +174,7 @@ class Dispatcher:
                 self.pool.reap(worker)
         while task.result is None:
             self._pump(None)
-        ok, value = task.result
-        if ok:
-            return pickle.loads(value)
-        if isinstance(value, BaseException):
-            raise value
-        if isinstance(value, bytes):
-            raise pickle.loads(value)
-        err, _cls_name = value  # an exception that did not survive pickling: its text, as the reference keeps it
-        raise ErrorObject.from_dict(err).to_exception()
+        return pickling.call_outcome(*task.result)
 
     # -- scheduling -----------------------------------------------------------------------------
     def _running(self, batch: BatchRun) -> list[Worker]:
@@ -361,7 +354,7 @@ class Dispatcher:
             if queued is not None and queued.batch is batch:  # the worker may be into its prefetched chunk too
                 started += queued.indices[:worker.begun(queued.id, len(queued.indices))]
             self.intake.record_started(batch, task, started)
-        self.callback_waiters = {k: v for k, v in self.callback_waiters.items() if k[0] in self.pool.workers}
+        self.callbacks.prune()
 
     # -- the event loop -----------------------------------------------------------------------
     def _pump(self, batch: BatchRun | None) -> None:
@@ -384,14 +377,14 @@ class Dispatcher:
             seen.add(worker.pid)
             if worker.task is not None and worker in self.pool.workers:
                 self._read(worker, worker.pid in exited)
-        if self.callback_waiters:
-            self._poll_callbacks()
+        if self.callbacks:
+            self.callbacks.poll()
         self.supervisor.watchdog(batch)
 
     def _wait_seconds(self, batch: BatchRun | None) -> float:
         now = time.monotonic()
         waits = [MAX_WAIT_SECONDS, *self.supervisor.wake_in(batch, now)]
-        if self.callback_waiters:
+        if self.callbacks:
             waits.append(CALLBACK_POLL_SECONDS)
         if batch is not None and batch.clock:  # skip_time: wake when a held outcome's end comes
             waits.append(batch.clock.seconds_to_next() or 0.0)
@@ -435,8 +428,7 @@ class Dispatcher:
                 record = logging.makeLogRecord(msg.data)
                 logging.getLogger(record.name).handle(record)
             case CallbackWait():
-                self.callback_waiters[(worker, msg.request_id)] = msg.record
-                self._poll_callbacks()
+                self.callbacks.add((worker, msg.request_id), msg.record)
             case CallResult():
                 if task is not None:  # else the call timed out and its worker was killed: a late result
                     task.result = (msg.ok, msg.value)
@@ -453,17 +445,6 @@ class Dispatcher:
         else:
             worker.move(WorkerState.IDLE)
             self.supervisor.recycle(worker)
-
-    def _poll_callbacks(self) -> None:
-        for (worker, request_id), rec in list(self.callback_waiters.items()):
-            if worker not in self.pool.workers:
-                del self.callback_waiters[(worker, request_id)]
-                continue
-            assert self.poll_callback is not None, "a dispatcher that runs callbacks needs poll_callback"
-            done = self.poll_callback(self.store, self.execution_id, rec)
-            if done is not None:
-                del self.callback_waiters[(worker, request_id)]
-                self._reply(worker, Reply(request_id, done))
 
     def _reply(self, worker: Worker, msg: Reply) -> None:
         """Answer a worker's request; a worker that died meanwhile is handled when its sentinel is read."""

@@ -54,3 +54,21 @@ def dumps_out_of_band(obj: Any) -> tuple[bytes, list[memoryview]]:
 
 
 loads: Callable[..., Any] = pickle.loads  # what cloudpickle.loads is
+
+
+def call_outcome(ok: bool, value: Any) -> Any:
+    """What a driver-level step's call in a worker (``CallResult``) returned, or raise what it raised.
+
+    A failure comes as the exception, pickled or not, or, when it did not survive pickling,
+    as its ``ErrorObject`` text (as the reference keeps an error) and class name.
+    """
+    if ok:
+        return pickle.loads(value)
+    if isinstance(value, BaseException):
+        raise value
+    if isinstance(value, bytes):
+        raise pickle.loads(value)
+    err, _cls_name = value
+    from durable_mp.lambda_service import ErrorObject  # driver side only: workers never load it from here
+
+    raise ErrorObject.from_dict(err).to_exception()
