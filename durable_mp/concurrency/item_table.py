@@ -99,18 +99,15 @@ class ItemTable:
 
     def move(self, index: int, to: ItemState) -> None:
         src = self._states[index]
-        if not _LEGAL[src][to]:
-            raise IllegalTransition(f"branch {index}: {ItemState(src).name} -> {to.name}")
-        self._states[index] = to
-        self.counts[src] -= 1
-        self.counts[to] += 1
-        if _SEEN[src][to]:
-            self.changes += 1
+        self._set(index, src, src, to)
 
     def finish(self, index: int, to: ItemState) -> None:
         """A reported outcome: a DISPATCHED branch necessarily ran first (one move on the hot path)."""
         src = self._states[index]
-        via = _S.RUNNING if src == _S.DISPATCHED else src
+        self._set(index, src, _S.RUNNING if src == _S.DISPATCHED else src, to)
+
+    def _set(self, index: int, src: int, via: int, to: ItemState) -> None:
+        """Move ``index`` from ``src`` to ``to`` if ``via -> to`` is legal (``via``: ``src``, or where it passed)."""
         if not _LEGAL[via][to]:
             raise IllegalTransition(f"branch {index}: {ItemState(src).name} -> {to.name}")
         self._states[index] = to

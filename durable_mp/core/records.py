@@ -185,16 +185,20 @@ def item_record(op_id: str, parent: bytes, sub_type: bytes, name: str, start: fl
     ``parent`` and ``sub_type`` come from ``item_prefix``.  ``result`` is the serialized
     payload: ``str`` from a JSON serdes, ``bytes`` from pickle, or None.
     """
-    if result is None:
-        kind, raw = _NONE, b""
-    elif result.__class__ is str:
-        kind, raw = _TEXT, result.encode()  # type: ignore[union-attr]
-    else:
-        kind, raw = _BYTES, result  # type: ignore[assignment]
+    kind, raw = _payload_kind(result)
     op = op_id.encode()
     label = name.encode()
     return b"".join((_ITEM, _ITEM_HEAD.pack(start, end, pid, attempt, len(op), len(parent), len(sub_type),
                                             len(label), kind), op, parent, sub_type, label, raw))
+
+
+def _payload_kind(result: bytes | str | None) -> tuple[int, bytes]:
+    """A compact record's payload: its kind byte and its bytes."""
+    if result is None:
+        return _NONE, b""
+    if result.__class__ is str:
+        return _TEXT, result.encode()  # type: ignore[union-attr]
+    return _BYTES, result  # type: ignore[return-value]
 
 
 class ItemEncoder:
@@ -220,12 +224,7 @@ class ItemEncoder:
     def record(self, op: bytes, label: bytes, start: float, end: float, pid: int, result: bytes | str | None
                ) -> bytes:
         """Any small payload (``item_record``'s ``result``)."""
-        if result is None:
-            kind, raw = _NONE, b""
-        elif result.__class__ is str:
-            kind, raw = _TEXT, result.encode()  # type: ignore[union-attr]
-        else:
-            kind, raw = _BYTES, result  # type: ignore[assignment]
+        kind, raw = _payload_kind(result)
         return b"".join((_ITEM_PACK(_ITEM, start, end, pid, 1, len(op), self._lp, self._ls, len(label), kind), op,
                          self._middle, label, raw))
 
