@@ -138,6 +138,7 @@ class BranchRunner:
             else:
                 value = source.call(context, index)
             text = _serdes.envelope_of(value) if self.default_serdes else None
+            to_sink = False  # written by this worker into the store (engine.result_blobs), not sent
             if text is not None and len(text) <= _COMPACT_MAX_BYTES:
                 payload: Any = text
             else:
@@ -145,7 +146,8 @@ class BranchRunner:
                 payload = _serdes.serialize_parts(source.item_serdes, value, op_id=op_id,
                                                   execution_id=source.execution_id,
                                                   what=f"result of branch {index} ({_named(name, index)})")
-                if isinstance(payload, list) and not (self.sink is not None and self.sink.takes(payload)):
+                to_sink = self.sink is not None and self.sink.takes(payload)
+                if isinstance(payload, list) and not to_sink:
                     payload = snapshot(payload)  # serdes.Parts (a numpy result): copy what may still change
         except OrphanedChildException:
             raise
@@ -158,9 +160,10 @@ class BranchRunner:
             return self._record(op_id, _named(name, index), start, OpStatus.FAILED, exc=exc), None
         slept = take_slept_seconds() if _state.slept_anywhere else 0.0
         if slept:  # skip_time: the batch's virtual clock orders the outcome by it; only a full record keeps it
-            return self._record(op_id, _named(name, index), start, OpStatus.SUCCEEDED, snapshot(payload),
-                                extra={SLEPT_KEY: slept}), None
-        if self.sink is not None and self.sink.takes(payload):  # written now, as the value was when returned
+            return self._record(op_id, _named(name, index), start, OpStatus.SUCCEEDED,
+                                snapshot(payload) if to_sink else payload, extra={SLEPT_KEY: slept}), None
+        if to_sink:  # written now, as the value was when returned
+            assert self.sink is not None
             rec = self._record(op_id, _named(name, index), start, OpStatus.SUCCEEDED, payload)
             written = self.sink.write(rec)
             if written is not None:
